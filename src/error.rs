@@ -1,0 +1,33 @@
+//! The crate's error type: every variant names what was wrong and what was expected.
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("{key} = {value} is not allowed; expected {allowed}")]
+    BadValue {
+        key: String,
+        value: String,
+        allowed: String,
+    },
+    #[error("contradictory settings: {0}")]
+    Contradiction(String),
+    #[error("{path}: {message}")]
+    File { path: String, message: String },
+    #[error("{0}")]
+    Msg(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn bad_value(key: &str, value: impl std::fmt::Display, allowed: &str) -> Self {
+        Self::BadValue {
+            key: key.into(),
+            value: value.to_string(),
+            allowed: allowed.into(),
+        }
+    }
+}

@@ -1,0 +1,728 @@
+//! Reading a diffusers `scheduler_config.json` and building a sampler from it.
+
+use super::ddim::Ddim;
+use super::ddpm::{Ddpm, VarianceType};
+use super::dpm_solver::{DpmSolverPlusPlus, SecondOrderForm};
+use super::euler::{Euler, EulerAncestral, SigmaGrid};
+use super::heun::Heun;
+use super::lms::Lms;
+use super::pc::{Corrector, PredictorCorrector, Predictor};
+use super::pndm::Plms;
+use super::rk45::Rk45;
+use super::sde::{VeSde, VpBeta, VpSde};
+use super::unipc::{BFunction, UniPc};
+use super::{Sampler, X0Clip};
+use crate::error::{Error, Result};
+use crate::schedule::{
+    multistep_timesteps, spaced_timesteps, BetaSchedule, NoiseSchedule, PredictionType,
+    TimestepSpacing,
+};
+use serde_json::{Map, Value};
+use std::path::Path;
+
+/// Every sampler, by the name the command line takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SamplerKind {
+    Ddpm,
+    Ddim,
+    Pndm,
+    Lms,
+    Euler,
+    EulerAncestral,
+    Heun,
+    DpmPp2m,
+    UniPc,
+    Rk45,
+    Sde,
+    Pc,
+    Ald,
+}
+
+impl SamplerKind {
+    pub const ALL: [SamplerKind; 13] = [
+        Self::Ddpm,
+        Self::Ddim,
+        Self::Pndm,
+        Self::Lms,
+        Self::Euler,
+        Self::EulerAncestral,
+        Self::Heun,
+        Self::DpmPp2m,
+        Self::UniPc,
+        Self::Rk45,
+        Self::Sde,
+        Self::Pc,
+        Self::Ald,
+    ];
+
+    pub fn cli_name(self) -> &'static str {
+        match self {
+            Self::Ddpm => "ddpm",
+            Self::Ddim => "ddim",
+            Self::Pndm => "pndm",
+            Self::Lms => "lms",
+            Self::Euler => "euler",
+            Self::EulerAncestral => "euler-a",
+            Self::Heun => "heun",
+            Self::DpmPp2m => "dpmpp-2m",
+            Self::UniPc => "unipc",
+            Self::Rk45 => "rk45",
+            Self::Sde => "sde",
+            Self::Pc => "pc",
+            Self::Ald => "ald",
+        }
+    }
+
+    pub fn allowed_names() -> String {
+        Self::ALL.map(|k| k.cli_name()).join(", ")
+    }
+
+    /// The sampler a command-line name picks.
+    pub fn parse(name: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.cli_name() == name)
+            .ok_or_else(|| Error::bad_value("--sampler", name, &Self::allowed_names()))
+    }
+
+    /// The sampler a diffusers `_class_name` stands for.
+    pub fn from_class_name(class: &str) -> Result<Self> {
+        Ok(match class {
+            "DDPMScheduler" => Self::Ddpm,
+            "DDIMScheduler" => Self::Ddim,
+            "PNDMScheduler" => Self::Pndm,
+            "LMSDiscreteScheduler" => Self::Lms,
+            "EulerDiscreteScheduler" => Self::Euler,
+            "EulerAncestralDiscreteScheduler" => Self::EulerAncestral,
+            "HeunDiscreteScheduler" => Self::Heun,
+            "DPMSolverMultistepScheduler" => Self::DpmPp2m,
+            "UniPCMultistepScheduler" => Self::UniPc,
+            "ScoreSdeVpScheduler" => Self::Sde,
+            "ScoreSdeVeScheduler" => Self::Pc,
+            other => {
+                return Err(Error::bad_value(
+                    "_class_name",
+                    other,
+                    "DDPMScheduler, DDIMScheduler, PNDMScheduler, LMSDiscreteScheduler, \
+                     EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, \
+                     HeunDiscreteScheduler, DPMSolverMultistepScheduler, \
+                     UniPCMultistepScheduler, ScoreSdeVpScheduler, ScoreSdeVeScheduler",
+                ))
+            }
+        })
+    }
+
+    /// Samplers that walk a sigma grid and so can take Karras spacing.
+    pub fn uses_sigmas(self) -> bool {
+        matches!(
+            self,
+            Self::Lms
+                | Self::Euler
+                | Self::EulerAncestral
+                | Self::Heun
+                | Self::DpmPp2m
+                | Self::UniPc
+                | Self::Rk45
+        )
+    }
+
+    fn default_spacing(self) -> TimestepSpacing {
+        match self {
+            Self::Ddpm | Self::Ddim | Self::Pndm => TimestepSpacing::Leading,
+            _ => TimestepSpacing::Linspace,
+        }
+    }
+}
+
+/// Which stochastic process a score-SDE config describes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SdeFamily {
+    /// A discrete DDPM-style schedule (any diffusers discrete scheduler).
+    Discrete,
+    /// `ScoreSdeVpScheduler`: linear beta(t) on continuous t.
+    VpContinuous { beta_min: f64, beta_max: f64 },
+    /// `ScoreSdeVeScheduler`.
+    Ve { sigma_min: f64, sigma_max: f64 },
+}
+
+/// The settings of a diffusers scheduler config that this crate uses. Unknown keys are ignored
+/// (as diffusers does); a known key with a bad value is an error naming it.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    pub class_name: Option<String>,
+    pub num_train_timesteps: usize,
+    pub beta_schedule: BetaSchedule,
+    pub prediction_type: PredictionType,
+    pub timestep_spacing: Option<TimestepSpacing>,
+    pub steps_offset: usize,
+    pub set_alpha_to_one: bool,
+    pub clip_sample: Option<bool>,
+    pub clip_sample_range: f64,
+    pub thresholding: bool,
+    pub dynamic_thresholding_ratio: f64,
+    pub sample_max_value: f64,
+    pub rescale_betas_zero_snr: bool,
+    pub variance_type: VarianceType,
+    pub use_karras_sigmas: bool,
+    pub solver_order: usize,
+    pub second_order_form: SecondOrderForm,
+    pub b_function: BFunction,
+    pub lower_order_final: bool,
+    pub sde: SdeFamily,
+    pub snr: f64,
+    pub correct_steps: usize,
+    pub sampling_eps: Option<f64>,
+}
+
+impl Default for SchedulerConfig {
+    /// The DDPM paper's setup: T = 1000, linear betas from 1e-4 to 0.02, epsilon prediction.
+    fn default() -> Self {
+        Self {
+            class_name: None,
+            num_train_timesteps: 1000,
+            beta_schedule: BetaSchedule::Linear {
+                beta_start: 1e-4,
+                beta_end: 0.02,
+            },
+            prediction_type: PredictionType::Epsilon,
+            timestep_spacing: None,
+            steps_offset: 0,
+            set_alpha_to_one: true,
+            clip_sample: None,
+            clip_sample_range: 1.0,
+            thresholding: false,
+            dynamic_thresholding_ratio: 0.995,
+            sample_max_value: 1.0,
+            rescale_betas_zero_snr: false,
+            variance_type: VarianceType::FixedSmall,
+            use_karras_sigmas: false,
+            solver_order: 2,
+            second_order_form: SecondOrderForm::Midpoint,
+            b_function: BFunction::Bh2,
+            lower_order_final: true,
+            sde: SdeFamily::Discrete,
+            snr: 0.16,
+            correct_steps: 1,
+            sampling_eps: None,
+        }
+    }
+}
+
+/// Typed access to a JSON object whose errors name the key.
+struct Fields<'a>(&'a Map<String, Value>);
+
+impl Fields<'_> {
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.0.get(key).filter(|v| !v.is_null())
+    }
+
+    fn f64(&self, key: &str) -> Result<Option<f64>> {
+        self.get(key)
+            .map(|v| {
+                v.as_f64()
+                    .ok_or_else(|| Error::bad_value(key, v, "a number"))
+            })
+            .transpose()
+    }
+
+    fn usize(&self, key: &str) -> Result<Option<usize>> {
+        self.get(key)
+            .map(|v| {
+                v.as_u64()
+                    .map(|n| n as usize)
+                    .ok_or_else(|| Error::bad_value(key, v, "a non-negative integer"))
+            })
+            .transpose()
+    }
+
+    fn bool(&self, key: &str) -> Result<Option<bool>> {
+        self.get(key)
+            .map(|v| v.as_bool().ok_or_else(|| Error::bad_value(key, v, "true or false")))
+            .transpose()
+    }
+
+    fn str(&self, key: &str) -> Result<Option<&str>> {
+        self.get(key)
+            .map(|v| v.as_str().ok_or_else(|| Error::bad_value(key, v, "a string")))
+            .transpose()
+    }
+
+    /// A string key restricted to `allowed` values.
+    fn choice(&self, key: &str, allowed: &[&str]) -> Result<Option<String>> {
+        match self.str(key)? {
+            None => Ok(None),
+            Some(s) if allowed.contains(&s) => Ok(Some(s.to_string())),
+            Some(s) => Err(Error::bad_value(key, format!("\"{s}\""), &allowed.join(", "))),
+        }
+    }
+
+    /// A boolean key this crate only supports with one value.
+    fn require_bool(&self, key: &str, supported: bool) -> Result<()> {
+        match self.bool(key)? {
+            Some(v) if v != supported => Err(Error::bad_value(
+                key,
+                v,
+                &format!("{supported} (the other setting is not supported)"),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl SchedulerConfig {
+    /// Parses the JSON text of a diffusers scheduler config.
+    pub fn from_json_str(text: &str) -> Result<Self> {
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| Error::Msg(format!("not valid JSON: {e}")))?;
+        let map = value
+            .as_object()
+            .ok_or_else(|| Error::Msg("a scheduler config must be a JSON object".into()))?;
+        Self::from_map(map)
+    }
+
+    /// Reads a `scheduler_config.json`; errors name the file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::File {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Self::from_json_str(&text).map_err(|e| Error::File {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    fn from_map(map: &Map<String, Value>) -> Result<Self> {
+        let f = Fields(map);
+        let mut c = Self::default();
+        c.class_name = f.str("_class_name")?.map(str::to_string);
+        let class_kind = c
+            .class_name
+            .as_deref()
+            .map(SamplerKind::from_class_name)
+            .transpose()?;
+        if let Some(n) = f.usize("num_train_timesteps")? {
+            c.num_train_timesteps = n;
+        }
+        let beta_start = f.f64("beta_start")?.unwrap_or(1e-4);
+        let beta_end = f.f64("beta_end")?.unwrap_or(0.02);
+        let schedule_name = f.choice(
+            "beta_schedule",
+            &["linear", "scaled_linear", "squaredcos_cap_v2"],
+        )?;
+        c.beta_schedule = match schedule_name.as_deref().unwrap_or("linear") {
+            "scaled_linear" => BetaSchedule::ScaledLinear {
+                beta_start,
+                beta_end,
+            },
+            "squaredcos_cap_v2" => BetaSchedule::SquaredCosCapV2,
+            _ => BetaSchedule::Linear {
+                beta_start,
+                beta_end,
+            },
+        };
+        if let Some(v) = f.get("trained_betas") {
+            let betas = v
+                .as_array()
+                .and_then(|a| a.iter().map(Value::as_f64).collect::<Option<Vec<f64>>>())
+                .ok_or_else(|| Error::bad_value("trained_betas", v, "a list of numbers"))?;
+            c.beta_schedule = BetaSchedule::Trained(betas);
+        }
+        if let Some(p) = f.str("prediction_type")? {
+            c.prediction_type = PredictionType::parse(p)?;
+        }
+        if let Some(s) = f.str("timestep_spacing")? {
+            c.timestep_spacing = Some(TimestepSpacing::parse(s)?);
+        }
+        if let Some(v) = f.usize("steps_offset")? {
+            c.steps_offset = v;
+        }
+        // diffusers' default differs by class: DDIM True, PNDM False.
+        c.set_alpha_to_one = f
+            .bool("set_alpha_to_one")?
+            .unwrap_or(class_kind != Some(SamplerKind::Pndm));
+        c.clip_sample = f.bool("clip_sample")?;
+        if let Some(v) = f.f64("clip_sample_range")? {
+            c.clip_sample_range = v;
+        }
+        if let Some(v) = f.bool("thresholding")? {
+            c.thresholding = v;
+        }
+        if let Some(v) = f.f64("dynamic_thresholding_ratio")? {
+            c.dynamic_thresholding_ratio = v;
+        }
+        if let Some(v) = f.f64("sample_max_value")? {
+            c.sample_max_value = v;
+        }
+        if let Some(v) = f.bool("rescale_betas_zero_snr")? {
+            c.rescale_betas_zero_snr = v;
+        }
+        if let Some(v) = f.choice("variance_type", &["fixed_small", "fixed_large"])? {
+            c.variance_type = if v == "fixed_large" {
+                VarianceType::FixedLarge
+            } else {
+                VarianceType::FixedSmall
+            };
+        }
+        if let Some(v) = f.bool("use_karras_sigmas")? {
+            c.use_karras_sigmas = v;
+        }
+        for unsupported in [
+            "use_exponential_sigmas",
+            "use_beta_sigmas",
+            "use_lu_lambdas",
+            "use_flow_sigmas",
+            "use_dynamic_shifting",
+            "euler_at_final",
+        ] {
+            f.require_bool(unsupported, false)?;
+        }
+        let sigma_spacings = ["use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"];
+        let chosen: Vec<&str> = sigma_spacings
+            .into_iter()
+            .filter(|k| f.bool(k).ok().flatten() == Some(true))
+            .collect();
+        if chosen.len() > 1 {
+            return Err(Error::Contradiction(format!(
+                "{} are all true; pick one sigma spacing",
+                chosen.join(" and ")
+            )));
+        }
+        f.choice("interpolation_type", &["linear"])?;
+        f.choice("final_sigmas_type", &["zero"])?;
+        f.choice("timestep_type", &["discrete"])?;
+        if let Some(v) = f.usize("solver_order")? {
+            if !(1..=3).contains(&v) {
+                return Err(Error::bad_value("solver_order", v, "1, 2 or 3"));
+            }
+            c.solver_order = v;
+        }
+        f.choice("algorithm_type", &["dpmsolver++"])?;
+        if let Some(v) = f.choice("solver_type", &["midpoint", "heun", "bh1", "bh2"])? {
+            match (class_kind, v.as_str()) {
+                (Some(SamplerKind::UniPc), "bh1") => c.b_function = BFunction::Bh1,
+                (Some(SamplerKind::UniPc), "bh2") => c.b_function = BFunction::Bh2,
+                (Some(SamplerKind::UniPc), other) => {
+                    return Err(Error::bad_value("solver_type", other, "bh1, bh2 (for UniPC)"))
+                }
+                (_, "heun") => c.second_order_form = SecondOrderForm::Heun,
+                (_, "midpoint") => c.second_order_form = SecondOrderForm::Midpoint,
+                (_, other) => {
+                    return Err(Error::bad_value(
+                        "solver_type",
+                        other,
+                        "midpoint, heun (for DPM-Solver)",
+                    ))
+                }
+            }
+        }
+        if let Some(v) = f.bool("lower_order_final")? {
+            c.lower_order_final = v;
+        }
+        if f.get("disable_corrector")
+            .and_then(Value::as_array)
+            .is_some_and(|a| !a.is_empty())
+        {
+            return Err(Error::bad_value(
+                "disable_corrector",
+                f.get("disable_corrector").expect("checked"),
+                "[] (disabling UniPC's corrector is not supported)",
+            ));
+        }
+        if class_kind == Some(SamplerKind::Pndm) {
+            f.require_bool("skip_prk_steps", true)?;
+        }
+        if let Some(v) = f.f64("snr")? {
+            c.snr = v;
+        }
+        if let Some(v) = f.usize("correct_steps")? {
+            c.correct_steps = v;
+        }
+        c.sampling_eps = f.f64("sampling_eps")?;
+        match class_kind {
+            Some(SamplerKind::Sde) => {
+                c.num_train_timesteps = f.usize("num_train_timesteps")?.unwrap_or(2000);
+                c.sde = SdeFamily::VpContinuous {
+                    beta_min: f.f64("beta_min")?.unwrap_or(0.1),
+                    beta_max: f.f64("beta_max")?.unwrap_or(20.0),
+                };
+            }
+            Some(SamplerKind::Pc) => {
+                c.num_train_timesteps = f.usize("num_train_timesteps")?.unwrap_or(2000);
+                let sigma_min = f.f64("sigma_min")?.unwrap_or(0.01);
+                let sigma_max = f.f64("sigma_max")?.unwrap_or(1348.0);
+                if !(sigma_min > 0.0 && sigma_max > sigma_min) {
+                    return Err(Error::Contradiction(format!(
+                        "sigma_min = {sigma_min} and sigma_max = {sigma_max}: need 0 < sigma_min < sigma_max"
+                    )));
+                }
+                c.sde = SdeFamily::Ve {
+                    sigma_min,
+                    sigma_max,
+                };
+                c.snr = f.f64("snr")?.unwrap_or(0.15);
+            }
+            _ => {}
+        }
+        Ok(c)
+    }
+
+    /// The sampler the config's `_class_name` names, if any.
+    pub fn class_kind(&self) -> Result<Option<SamplerKind>> {
+        self.class_name
+            .as_deref()
+            .map(SamplerKind::from_class_name)
+            .transpose()
+    }
+
+    pub fn noise_schedule(&self) -> Result<NoiseSchedule> {
+        NoiseSchedule::new(
+            &self.beta_schedule,
+            self.num_train_timesteps,
+            self.rescale_betas_zero_snr,
+        )
+    }
+
+    fn x0_clip(&self, kind: SamplerKind) -> X0Clip {
+        // clip_sample defaults to true in diffusers' DDPM and DDIM only.
+        let clip_default = matches!(kind, SamplerKind::Ddpm | SamplerKind::Ddim);
+        if self.thresholding {
+            X0Clip::Threshold {
+                ratio: self.dynamic_thresholding_ratio,
+                max_value: self.sample_max_value,
+            }
+        } else if self.clip_sample.unwrap_or(clip_default) {
+            X0Clip::Clip {
+                range: self.clip_sample_range,
+            }
+        } else {
+            X0Clip::None
+        }
+    }
+}
+
+/// Sampling options given per run rather than per model.
+#[derive(Debug, Clone)]
+pub struct SamplerOptions {
+    /// DDIM's eta (0 deterministic, 1 DDPM-like).
+    pub eta: f64,
+    /// Karras et al. 2022 sigma spacing for the sigma-based samplers.
+    pub karras: bool,
+    /// RK45 tolerances.
+    pub rtol: f64,
+    pub atol: f64,
+    /// Corrector signal-to-noise ratio; `None` takes the config's.
+    pub snr: Option<f64>,
+    /// Corrector iterations per step; `None` takes the config's.
+    pub corrector_steps: Option<usize>,
+}
+
+impl Default for SamplerOptions {
+    fn default() -> Self {
+        Self {
+            eta: 0.0,
+            karras: false,
+            rtol: 1e-4,
+            atol: 1e-4,
+            snr: None,
+            corrector_steps: None,
+        }
+    }
+}
+
+fn as_indices(timesteps: Vec<f64>, n_train: usize) -> Result<Vec<usize>> {
+    timesteps
+        .into_iter()
+        .map(|t| {
+            if t >= 0.0 && (t as usize) < n_train {
+                Ok(t as usize)
+            } else {
+                Err(Error::Contradiction(format!(
+                    "timestep {t} falls outside 0..{n_train}: check steps_offset and timestep_spacing"
+                )))
+            }
+        })
+        .collect()
+}
+
+/// Builds `kind` for `steps` steps from a model's scheduler config.
+pub fn build_sampler(
+    kind: SamplerKind,
+    config: &SchedulerConfig,
+    options: &SamplerOptions,
+    steps: usize,
+) -> Result<Box<dyn Sampler>> {
+    let n_train = config.num_train_timesteps;
+    if steps == 0 || steps > n_train {
+        return Err(Error::bad_value(
+            "steps",
+            steps,
+            &format!("1 to {n_train} (the model's num_train_timesteps)"),
+        ));
+    }
+    if !(options.eta >= 0.0) {
+        return Err(Error::bad_value("eta", options.eta, "a number >= 0"));
+    }
+    if options.eta > 0.0 && kind != SamplerKind::Ddim {
+        return Err(Error::Contradiction(format!(
+            "eta = {} is only used by ddim, not {}",
+            options.eta,
+            kind.cli_name()
+        )));
+    }
+    let karras = options.karras || config.use_karras_sigmas;
+    if options.karras && !kind.uses_sigmas() {
+        return Err(Error::Contradiction(format!(
+            "--karras applies to the sigma-based samplers (lms, euler, euler-a, heun, dpmpp-2m, \
+             unipc, rk45), not {}",
+            kind.cli_name()
+        )));
+    }
+    if !(options.rtol > 0.0 && options.atol > 0.0) {
+        return Err(Error::bad_value(
+            "rtol/atol",
+            format!("{}/{}", options.rtol, options.atol),
+            "positive numbers",
+        ));
+    }
+    let is_sde = matches!(kind, SamplerKind::Sde | SamplerKind::Pc | SamplerKind::Ald);
+    if config.sde != SdeFamily::Discrete && !is_sde {
+        return Err(Error::Contradiction(format!(
+            "a score-SDE scheduler config ({}) drives only sde, pc and ald, not {}",
+            config.class_name.as_deref().unwrap_or("?"),
+            kind.cli_name()
+        )));
+    }
+    if is_sde {
+        return Ok(build_score_sde(kind, config, options, steps)?);
+    }
+    let schedule = config.noise_schedule()?;
+    let spacing = config
+        .timestep_spacing
+        .unwrap_or_else(|| kind.default_spacing());
+    let offset = config.steps_offset;
+    let timesteps = || spaced_timesteps(spacing, n_train, steps, offset);
+    let final_alpha_cumprod = if config.set_alpha_to_one {
+        1.0
+    } else {
+        schedule.alphas_cumprod[0]
+    };
+    let discrete_grid = || SigmaGrid::discrete(&schedule, spacing, steps, offset, karras);
+    let multistep_grid = || {
+        let round = !matches!(config.beta_schedule, BetaSchedule::SquaredCosCapV2);
+        SigmaGrid::from_timesteps(
+            &schedule,
+            multistep_timesteps(spacing, n_train, steps, offset),
+            karras,
+            round,
+        )
+    };
+    Ok(match kind {
+        SamplerKind::Ddpm => Box::new(Ddpm {
+            timesteps: as_indices(timesteps(), n_train)?,
+            variance: config.variance_type,
+            clip: config.x0_clip(kind),
+            schedule,
+        }),
+        SamplerKind::Ddim => Box::new(Ddim {
+            timesteps: as_indices(timesteps(), n_train)?,
+            eta: options.eta,
+            final_alpha_cumprod,
+            clip: config.x0_clip(kind),
+            schedule,
+        }),
+        SamplerKind::Pndm => Box::new(Plms {
+            base_timesteps: as_indices(timesteps(), n_train)?,
+            final_alpha_cumprod,
+            schedule,
+        }),
+        SamplerKind::Lms => Box::new(Lms {
+            grid: discrete_grid(),
+            order: 4,
+        }),
+        SamplerKind::Euler => Box::new(Euler {
+            grid: discrete_grid(),
+        }),
+        SamplerKind::EulerAncestral => Box::new(EulerAncestral {
+            grid: discrete_grid(),
+        }),
+        SamplerKind::Heun => Box::new(Heun {
+            grid: discrete_grid(),
+        }),
+        SamplerKind::DpmPp2m => Box::new(DpmSolverPlusPlus {
+            grid: multistep_grid(),
+            order: config.solver_order.min(2),
+            form: config.second_order_form,
+            lower_order_final: config.lower_order_final,
+        }),
+        SamplerKind::UniPc => Box::new(UniPc {
+            grid: multistep_grid(),
+            order: config.solver_order,
+            b_function: config.b_function,
+            lower_order_final: config.lower_order_final,
+        }),
+        SamplerKind::Rk45 => {
+            let grid = discrete_grid();
+            Box::new(Rk45::new(&grid, schedule, options.rtol, options.atol))
+        }
+        SamplerKind::Sde | SamplerKind::Pc | SamplerKind::Ald => unreachable!("handled above"),
+    })
+}
+
+fn build_score_sde(
+    kind: SamplerKind,
+    config: &SchedulerConfig,
+    options: &SamplerOptions,
+    steps: usize,
+) -> Result<Box<dyn Sampler>> {
+    let (predictor, corrector) = match kind {
+        SamplerKind::Sde => (Predictor::EulerMaruyama, Corrector::None),
+        SamplerKind::Pc => (Predictor::ReverseDiffusion, Corrector::Langevin),
+        _ => (Predictor::None, Corrector::AnnealedLangevin),
+    };
+    let snr = options.snr.unwrap_or(config.snr);
+    if !(snr > 0.0) {
+        return Err(Error::bad_value("snr", snr, "a positive number"));
+    }
+    let corrector_steps = options.corrector_steps.unwrap_or(config.correct_steps);
+    let name = kind.cli_name();
+    Ok(match &config.sde {
+        SdeFamily::Ve {
+            sigma_min,
+            sigma_max,
+        } => Box::new(PredictorCorrector {
+            sde: VeSde {
+                sigma_min: *sigma_min,
+                sigma_max: *sigma_max,
+                sampling_eps: config.sampling_eps.unwrap_or(1e-5),
+            },
+            steps,
+            predictor,
+            corrector,
+            snr,
+            corrector_steps,
+            name,
+        }),
+        family => {
+            let beta = match family {
+                SdeFamily::VpContinuous { beta_min, beta_max } => VpBeta::Linear {
+                    beta_min: *beta_min,
+                    beta_max: *beta_max,
+                },
+                _ => VpBeta::Table(config.noise_schedule()?),
+            };
+            Box::new(PredictorCorrector {
+                sde: VpSde {
+                    beta,
+                    sampling_eps: config.sampling_eps.unwrap_or(1e-3),
+                },
+                steps,
+                predictor,
+                corrector,
+                snr,
+                corrector_steps,
+                name,
+            })
+        }
+    })
+}

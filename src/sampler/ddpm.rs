@@ -1,0 +1,92 @@
+//! DDPM ancestral sampling (Ho et al. 2020, Algorithm 2).
+
+use super::{Callback, Denoiser, NoiseSource, Sampler, StepEvent, X0Clip};
+use crate::schedule::{prediction, NoiseSchedule};
+use crate::tensor_ops::lincomb;
+use candle_core::{Result, Tensor};
+
+/// The variance of p(x_{t-1} | x_t) (DDPM section 3.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VarianceType {
+    /// sigma_t^2 = beta~_t, the posterior variance (DDPM eq. 7): optimal for deterministic x_0.
+    FixedSmall,
+    /// sigma_t^2 = beta_t: optimal for x_0 ~ N(0, I).
+    FixedLarge,
+}
+
+pub struct Ddpm {
+    pub schedule: NoiseSchedule,
+    pub timesteps: Vec<usize>,
+    pub variance: VarianceType,
+    pub clip: X0Clip,
+}
+
+impl Ddpm {
+    fn alpha_bar(&self, t: Option<usize>) -> f64 {
+        t.map_or(1.0, |t| self.schedule.alphas_cumprod[t])
+    }
+}
+
+impl Sampler for Ddpm {
+    fn name(&self) -> &'static str {
+        "ddpm"
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+
+    fn timesteps(&self) -> Vec<f64> {
+        self.timesteps.iter().map(|t| *t as f64).collect()
+    }
+
+    fn sample(
+        &self,
+        model: &mut dyn Denoiser,
+        mut x: Tensor,
+        noise: &mut dyn NoiseSource,
+        callback: &mut Callback,
+    ) -> Result<Tensor> {
+        let kind = model.prediction_type();
+        for (i, &t) in self.timesteps.iter().enumerate() {
+            let prev_t = self.timesteps.get(i + 1).copied();
+            let model_output = model.predict(&x, t as f64)?;
+            let alpha_bar_t = self.alpha_bar(Some(t));
+            let alpha_bar_prev = self.alpha_bar(prev_t);
+            // alpha_t and beta_t of the (possibly strided) step t -> prev_t.
+            let alpha_t = alpha_bar_t / alpha_bar_prev;
+            let beta_t = 1.0 - alpha_t;
+            let x0 = prediction::to_x0(
+                kind,
+                &model_output,
+                &x,
+                alpha_bar_t.sqrt(),
+                (1.0 - alpha_bar_t).sqrt(),
+            )?;
+            let x0 = self.clip.apply(x0)?;
+            // Posterior mean mu~_t(x_t, x_0), DDPM eq. 7.
+            let x0_coeff = alpha_bar_prev.sqrt() * beta_t / (1.0 - alpha_bar_t);
+            let xt_coeff = alpha_t.sqrt() * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t);
+            let mut next = lincomb(&[(x0_coeff, &x0), (xt_coeff, &x)])?;
+            if t > 0 {
+                let variance = match self.variance {
+                    VarianceType::FixedSmall => {
+                        ((1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t) * beta_t).max(1e-20)
+                    }
+                    VarianceType::FixedLarge => beta_t,
+                };
+                let z = noise.randn_like(&x)?;
+                next = (next + z.affine(variance.sqrt(), 0.0)?)?;
+            }
+            x = next;
+            callback(&StepEvent {
+                index: i,
+                total: self.timesteps.len(),
+                t: t as f64,
+                sample: &x,
+                pred_original: Some(&x0),
+            })?;
+        }
+        Ok(x)
+    }
+}

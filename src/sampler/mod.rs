@@ -1,0 +1,139 @@
+//! Samplers: every reverse-process solver of the papers behind one trait.
+//!
+//! A sampler sees the network only as a [`Denoiser`], a function `f(x, t) -> prediction` plus the
+//! kind of prediction it makes. It knows the timesteps and noise levels it will visit; it draws
+//! randomness from a [`NoiseSource`] so that runs are reproducible (and so that the diffusers
+//! fixtures, which record every noise tensor, can be replayed).
+
+pub mod config;
+pub mod ddim;
+pub mod ddpm;
+pub mod dpm_solver;
+pub mod euler;
+pub mod heun;
+pub mod lms;
+pub mod noise;
+pub mod pc;
+pub mod pndm;
+pub mod rk45;
+pub mod sde;
+pub mod unipc;
+
+use candle_core::{Result, Tensor};
+
+pub use crate::schedule::PredictionType;
+pub use config::{build_sampler, SamplerKind, SamplerOptions, SchedulerConfig};
+pub use noise::{NoiseSource, ReplayNoise, SeededNoise};
+
+/// The network as a sampler sees it: `f(x, t)` where `x` is the model input (already scaled by
+/// the sampler where it scales inputs) and `t` is the time label the network was trained with.
+pub trait Denoiser {
+    fn prediction_type(&self) -> PredictionType;
+    fn predict(&mut self, x: &Tensor, t: f64) -> Result<Tensor>;
+}
+
+/// A [`Denoiser`] from a closure.
+pub struct FnDenoiser<F> {
+    pub prediction_type: PredictionType,
+    pub f: F,
+}
+
+impl<F: FnMut(&Tensor, f64) -> Result<Tensor>> Denoiser for FnDenoiser<F> {
+    fn prediction_type(&self) -> PredictionType {
+        self.prediction_type
+    }
+    fn predict(&mut self, x: &Tensor, t: f64) -> Result<Tensor> {
+        (self.f)(x, t)
+    }
+}
+
+/// What a sampler reports after each update of the sample.
+pub struct StepEvent<'a> {
+    /// 0-based index of the update.
+    pub index: usize,
+    /// Number of updates planned (adaptive solvers report their count so far).
+    pub total: usize,
+    /// The time label of the model call that led to this update.
+    pub t: f64,
+    pub sample: &'a Tensor,
+    /// The sampler's estimate of x_0 at this update, where it forms one.
+    pub pred_original: Option<&'a Tensor>,
+}
+
+/// Per-update callback: progress bars, trajectory recording, NaN checks.
+pub type Callback<'a> = dyn FnMut(&StepEvent) -> Result<()> + 'a;
+
+/// A reverse-process solver, configured for a number of steps.
+pub trait Sampler {
+    /// A short name, as on the command line.
+    fn name(&self) -> &'static str;
+
+    /// Standard deviation of the starting noise x_T.
+    fn init_noise_sigma(&self) -> f64;
+
+    /// The time labels the model will be called with, in order (for an adaptive solver: the
+    /// interval's end points only).
+    fn timesteps(&self) -> Vec<f64>;
+
+    /// Runs the reverse process from `x_start`, which must already be scaled by
+    /// [`Sampler::init_noise_sigma`].
+    fn sample(
+        &self,
+        model: &mut dyn Denoiser,
+        x_start: Tensor,
+        noise: &mut dyn NoiseSource,
+        callback: &mut Callback,
+    ) -> Result<Tensor>;
+
+    /// Model evaluations used by the last call to `sample`, for solvers that adapt their steps.
+    fn last_evaluations(&self) -> Option<usize> {
+        None
+    }
+}
+
+/// A callback that does nothing.
+pub fn no_callback() -> impl FnMut(&StepEvent) -> Result<()> {
+    |_| Ok(())
+}
+
+/// Clipping or dynamic thresholding of predicted x_0 (DDPM's `clip_sample`; Saharia et al. 2022,
+/// section 2.3 for dynamic thresholding).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum X0Clip {
+    None,
+    Clip { range: f64 },
+    Threshold { ratio: f64, max_value: f64 },
+}
+
+impl X0Clip {
+    pub fn apply(&self, x0: Tensor) -> Result<Tensor> {
+        match *self {
+            X0Clip::None => Ok(x0),
+            X0Clip::Clip { range } => x0.clamp(-range, range),
+            X0Clip::Threshold { ratio, max_value } => dynamic_threshold(&x0, ratio, max_value),
+        }
+    }
+}
+
+/// Per sample: s = the `ratio` quantile of |x_0|, clamped to [1, max_value]; x_0 <- clamp(x_0, -s, s) / s.
+fn dynamic_threshold(x0: &Tensor, ratio: f64, max_value: f64) -> Result<Tensor> {
+    let shape = x0.shape().clone();
+    let dtype = x0.dtype();
+    let rows: Vec<Vec<f32>> = x0
+        .flatten_from(1)?
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec2()?;
+    let mut out = Vec::with_capacity(rows.iter().map(|r| r.len()).sum());
+    for row in rows {
+        let mut abs: Vec<f64> = row.iter().map(|v| v.abs() as f64).collect();
+        abs.sort_by(|a, b| a.total_cmp(b));
+        // Linear interpolation between order statistics, as torch.quantile.
+        let pos = ratio * (abs.len() - 1) as f64;
+        let low = pos.floor() as usize;
+        let high = (low + 1).min(abs.len() - 1);
+        let q = abs[low] + (pos - low as f64) * (abs[high] - abs[low]);
+        let s = q.clamp(1.0, max_value);
+        out.extend(row.iter().map(|v| ((*v as f64).clamp(-s, s) / s) as f32));
+    }
+    Tensor::from_vec(out, shape, x0.device())?.to_dtype(dtype)
+}

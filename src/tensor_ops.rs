@@ -1,0 +1,35 @@
+//! Small tensor helpers shared by the samplers.
+
+use candle_core::{Result, Tensor};
+
+/// sum_i c_i x_i for scalar coefficients, the shape of every sampler update.
+pub fn lincomb(terms: &[(f64, &Tensor)]) -> Result<Tensor> {
+    let (first, rest) = terms
+        .split_first()
+        .expect("lincomb needs at least one term");
+    let mut acc = first.1.affine(first.0, 0.0)?;
+    for (coeff, x) in rest {
+        if *coeff != 0.0 {
+            acc = (acc + x.affine(*coeff, 0.0)?)?;
+        }
+    }
+    Ok(acc)
+}
+
+/// Euclidean norm of each batch row, averaged over the batch (the `||.||` of Song et al. 2021,
+/// Algorithm 4 and 5).
+pub fn mean_row_norm(x: &Tensor) -> Result<f64> {
+    let batch = x.dim(0)?;
+    let rows = x.flatten_from(1)?.to_dtype(candle_core::DType::F64)?;
+    let norms = rows.sqr()?.sum(1)?.sqrt()?;
+    Ok(norms.sum_all()?.to_scalar::<f64>()? / batch as f64)
+}
+
+/// Largest absolute value of a tensor, as f64.
+pub fn max_abs(x: &Tensor) -> Result<f64> {
+    x.abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_dtype(candle_core::DType::F64)?
+        .to_scalar::<f64>()
+}
