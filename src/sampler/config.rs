@@ -168,6 +168,8 @@ pub struct SchedulerConfig {
     pub second_order_form: SecondOrderForm,
     pub b_function: BFunction,
     pub lower_order_final: bool,
+    /// DPM-Solver: timesteps whose log-SNR falls below this are never visited.
+    pub lambda_min_clipped: f64,
     pub sde: SdeFamily,
     pub snr: f64,
     pub correct_steps: usize,
@@ -200,12 +202,51 @@ impl Default for SchedulerConfig {
             second_order_form: SecondOrderForm::Midpoint,
             b_function: BFunction::Bh2,
             lower_order_final: true,
+            lambda_min_clipped: f64::NEG_INFINITY,
             sde: SdeFamily::Discrete,
             snr: 0.16,
             correct_steps: 1,
             sampling_eps: None,
         }
     }
+}
+
+const NON_FINITE_INF: &str = "\u{0}Infinity";
+const NON_FINITE_NEG_INF: &str = "\u{0}-Infinity";
+
+/// Python's `json.dumps` writes the bare tokens `Infinity`, `-Infinity` and `NaN` (diffusers saves
+/// `lambda_min_clipped: -Infinity`); JSON has no such numbers, so outside strings they become
+/// marked strings that [`Fields::f64`] reads back.
+fn quote_non_finite(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut in_string = false;
+    let mut escaped = false;
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+        } else if c == '"' {
+            in_string = true;
+        } else {
+            let replaced = [("-Infinity", NON_FINITE_NEG_INF), ("Infinity", NON_FINITE_INF), ("NaN", "\u{0}NaN")]
+                .into_iter()
+                .find(|(token, _)| rest.starts_with(token));
+            if let Some((token, marker)) = replaced {
+                out.push_str(&serde_json::to_string(marker).expect("string"));
+                rest = &rest[token.len()..];
+                continue;
+            }
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
 }
 
 /// Typed access to a JSON object whose errors name the key.
@@ -220,6 +261,11 @@ impl Fields<'_> {
         self.get(key)
             .map(|v| {
                 v.as_f64()
+                    .or_else(|| match v.as_str() {
+                        Some(NON_FINITE_INF) => Some(f64::INFINITY),
+                        Some(NON_FINITE_NEG_INF) => Some(f64::NEG_INFINITY),
+                        _ => None,
+                    })
                     .ok_or_else(|| Error::bad_value(key, v, "a number"))
             })
             .transpose()
@@ -272,7 +318,7 @@ impl Fields<'_> {
 impl SchedulerConfig {
     /// Parses the JSON text of a diffusers scheduler config.
     pub fn from_json_str(text: &str) -> Result<Self> {
-        let value: Value = serde_json::from_str(text)
+        let value: Value = serde_json::from_str(&quote_non_finite(text))
             .map_err(|e| Error::Msg(format!("not valid JSON: {e}")))?;
         let map = value
             .as_object()
@@ -415,6 +461,9 @@ impl SchedulerConfig {
                     ))
                 }
             }
+        }
+        if let Some(v) = f.f64("lambda_min_clipped")? {
+            c.lambda_min_clipped = v;
         }
         if let Some(v) = f.bool("lower_order_final")? {
             c.lower_order_final = v;
@@ -608,11 +657,21 @@ pub fn build_sampler(
         schedule.alphas_cumprod[0]
     };
     let discrete_grid = || SigmaGrid::discrete(&schedule, spacing, steps, offset, karras);
-    let multistep_grid = || {
+    let multistep_grid = |clip_lambda: bool| {
         let round = !matches!(config.beta_schedule, BetaSchedule::SquaredCosCapV2);
+        let last_timestep = if clip_lambda {
+            let clipped = schedule
+                .log_snr()
+                .iter()
+                .filter(|l| 0.5 * **l < config.lambda_min_clipped)
+                .count();
+            n_train - clipped
+        } else {
+            n_train
+        };
         SigmaGrid::from_timesteps(
             &schedule,
-            multistep_timesteps(spacing, n_train, steps, offset),
+            multistep_timesteps(spacing, last_timestep, steps, offset),
             karras,
             round,
         )
@@ -650,13 +709,13 @@ pub fn build_sampler(
             grid: discrete_grid(),
         }),
         SamplerKind::DpmPp2m => Box::new(DpmSolverPlusPlus {
-            grid: multistep_grid(),
+            grid: multistep_grid(true),
             order: config.solver_order.min(2),
             form: config.second_order_form,
             lower_order_final: config.lower_order_final,
         }),
         SamplerKind::UniPc => Box::new(UniPc {
-            grid: multistep_grid(),
+            grid: multistep_grid(false),
             order: config.solver_order,
             b_function: config.b_function,
             lower_order_final: config.lower_order_final,

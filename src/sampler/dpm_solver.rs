@@ -44,6 +44,10 @@ impl Sampler for DpmSolverPlusPlus {
         self.grid.timesteps.clone()
     }
 
+    fn sigmas(&self) -> Option<Vec<f64>> {
+        Some(self.grid.sigmas.clone())
+    }
+
     fn sample(
         &self,
         model: &mut dyn Denoiser,

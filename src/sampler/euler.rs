@@ -140,6 +140,10 @@ impl Sampler for Euler {
         self.grid.timesteps.clone()
     }
 
+    fn sigmas(&self) -> Option<Vec<f64>> {
+        Some(self.grid.sigmas.clone())
+    }
+
     fn sample(
         &self,
         model: &mut dyn Denoiser,
@@ -192,6 +196,10 @@ impl Sampler for EulerAncestral {
 
     fn timesteps(&self) -> Vec<f64> {
         self.grid.timesteps.clone()
+    }
+
+    fn sigmas(&self) -> Option<Vec<f64>> {
+        Some(self.grid.sigmas.clone())
     }
 
     fn sample(

@@ -30,6 +30,18 @@ impl Sampler for Heun {
         out
     }
 
+    /// Interleaved like the timesteps: sigma_0, then each later sigma twice, then 0.
+    fn sigmas(&self) -> Option<Vec<f64>> {
+        let s = &self.grid.sigmas;
+        let mut out = vec![s[0]];
+        for sigma in &s[1..s.len() - 1] {
+            out.push(*sigma);
+            out.push(*sigma);
+        }
+        out.push(0.0);
+        Some(out)
+    }
+
     fn sample(
         &self,
         model: &mut dyn Denoiser,

@@ -58,6 +58,10 @@ impl Sampler for Lms {
         self.grid.timesteps.clone()
     }
 
+    fn sigmas(&self) -> Option<Vec<f64>> {
+        Some(self.grid.sigmas.clone())
+    }
+
     fn sample(
         &self,
         model: &mut dyn Denoiser,

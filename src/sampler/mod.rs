@@ -85,6 +85,12 @@ pub trait Sampler {
         callback: &mut Callback,
     ) -> Result<Tensor>;
 
+    /// The VE noise level at each entry of [`Sampler::timesteps`] plus the final one, for the
+    /// samplers that walk a sigma grid.
+    fn sigmas(&self) -> Option<Vec<f64>> {
+        None
+    }
+
     /// Model evaluations used by the last call to `sample`, for solvers that adapt their steps.
     fn last_evaluations(&self) -> Option<usize> {
         None

@@ -183,6 +183,10 @@ impl Sampler for UniPc {
         self.grid.timesteps.clone()
     }
 
+    fn sigmas(&self) -> Option<Vec<f64>> {
+        Some(self.grid.sigmas.clone())
+    }
+
     fn sample(
         &self,
         model: &mut dyn Denoiser,

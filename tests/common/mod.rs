@@ -1,0 +1,81 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use candle_core::{Device, Tensor};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+pub fn fixture_path(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("fixtures")
+        .join(name)
+}
+
+/// The tensors of a safetensors fixture and the JSON object in its `fixtures_json` metadata.
+pub struct Fixture {
+    pub tensors: HashMap<String, Tensor>,
+    pub meta: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Fixture {
+    pub fn load(name: &str) -> Fixture {
+        let path = fixture_path(name);
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).expect("header");
+        let meta_text = header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("fixtures_json").cloned())
+            .expect("fixtures_json metadata");
+        let meta = serde_json::from_str::<serde_json::Value>(&meta_text)
+            .expect("json")
+            .as_object()
+            .expect("object")
+            .clone();
+        let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).expect("tensors");
+        Fixture { tensors, meta }
+    }
+
+    pub fn tensor(&self, key: &str) -> &Tensor {
+        self.tensors
+            .get(key)
+            .unwrap_or_else(|| panic!("fixture has no tensor {key}"))
+    }
+
+    pub fn has(&self, key: &str) -> bool {
+        self.tensors.contains_key(key)
+    }
+
+    pub fn values_f64(&self, key: &str) -> Vec<f64> {
+        self.tensor(key)
+            .to_dtype(candle_core::DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    pub fn meta_str(&self, key: &str) -> &str {
+        self.meta
+            .get(key)
+            .and_then(|v| v.as_str())
+            .unwrap_or_else(|| panic!("fixture metadata has no {key}"))
+    }
+}
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_dtype(candle_core::DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
