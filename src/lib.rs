@@ -1,11 +1,15 @@
 //! `diffuse`: latent diffusion in Rust on candle.
 //!
 //! The crate is organised one concept a module: [`schedule`] holds the noise schedules,
-//! [`sampler`] every reverse-process solver behind one trait.
+//! [`sampler`] every reverse-process solver behind one trait, [`toy`] the 2-D swiss roll of
+//! Sohl-Dickstein et al. 2015, [`cli`] the command line.
 
+pub mod cli;
 pub mod error;
+pub mod runtime;
 pub mod sampler;
 pub mod schedule;
 pub mod tensor_ops;
+pub mod toy;
 
 pub use error::{Error, Result};

@@ -1,3 +1,9 @@
-fn main() {
-    println!("Hello, world!");
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    diffuse::runtime::keep_freed_memory();
+    match diffuse::cli::run(diffuse::cli::Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => diffuse::cli::report(e),
+    }
 }

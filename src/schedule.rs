@@ -92,7 +92,13 @@ pub fn linspace(start: f64, end: f64, n: usize) -> Vec<f64> {
         _ => {
             let step = (end - start) / (n - 1) as f64;
             (0..n)
-                .map(|i| if i == n - 1 { end } else { start + step * i as f64 })
+                .map(|i| {
+                    if i == n - 1 {
+                        end
+                    } else {
+                        start + step * i as f64
+                    }
+                })
                 .collect()
         }
     }
@@ -127,7 +133,11 @@ impl NoiseSchedule {
                 .map(|b| round_f32(b).powi(2))
                 .collect(),
             BetaSchedule::SquaredCosCapV2 => {
-                let alpha_bar = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2).cos().powi(2);
+                let alpha_bar = |t: f64| {
+                    ((t + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2)
+                        .cos()
+                        .powi(2)
+                };
                 (0..n)
                     .map(|i| {
                         let t1 = i as f64 / n as f64;

@@ -125,7 +125,9 @@ fn every_sampler_reproduces_gaussian_data() {
     for (name, kind, options, steps) in runs {
         let (x, evals) = draw(kind, &config, &oracle, &options, steps, 4000, 7);
         let (mean, std) = mean_std(&x);
-        eprintln!("{name:>10}: mean {mean:.4} (want {MU}), std {std:.4} (want {S}), {evals} evaluations");
+        eprintln!(
+            "{name:>10}: mean {mean:.4} (want {MU}), std {std:.4} (want {S}), {evals} evaluations"
+        );
         if (mean - MU).abs() > tol_mean || (std - S).abs() > tol_std {
             failures.push(format!("{name}: mean {mean:.4}, std {std:.4}"));
         }
@@ -163,9 +165,15 @@ fn score_sde_families_reproduce_gaussian_data() {
             let (options, steps) = options_for(kind);
             let (x, evals) = draw(kind, config, oracle, &options, steps, 4000, 3);
             let (mean, std) = mean_std(&x);
-            eprintln!("{name} {}: mean {mean:.4}, std {std:.4}, {evals} evaluations", kind.cli_name());
+            eprintln!(
+                "{name} {}: mean {mean:.4}, std {std:.4}, {evals} evaluations",
+                kind.cli_name()
+            );
             if (mean - MU).abs() > tol_mean || (std - S).abs() > tol_std {
-                failures.push(format!("{name} {}: mean {mean:.4}, std {std:.4}", kind.cli_name()));
+                failures.push(format!(
+                    "{name} {}: mean {mean:.4}, std {std:.4}",
+                    kind.cli_name()
+                ));
             }
         }
     }
@@ -180,7 +188,11 @@ fn ode_error(kind: SamplerKind, steps: usize, options: &SamplerOptions) -> (f64,
     let sampler = build_sampler(kind, &config, options, steps).unwrap();
     let mut noise = SeededNoise::new(11);
     let sigma_max = sampler.init_noise_sigma();
-    let x_start = noise.randn(&[64, 4]).unwrap().affine(sigma_max, 0.0).unwrap();
+    let x_start = noise
+        .randn(&[64, 4])
+        .unwrap()
+        .affine(sigma_max, 0.0)
+        .unwrap();
     // Where the grid stops before its final jump to sigma = 0.
     let schedule = config.noise_schedule().unwrap();
     let sigma_min = schedule.sigma_at(0.0);
@@ -255,5 +267,8 @@ fn rk45_meets_tolerance_with_fewer_evaluations_than_heun() {
     eprintln!(
         "rk45: error {rk_err:.2e} with {rk_evals} evaluations; heun needs {heun_steps} steps,          {heun_evals} evaluations"
     );
-    assert!(rk_evals < heun_evals, "rk45 {rk_evals} vs heun {heun_evals}");
+    assert!(
+        rk_evals < heun_evals,
+        "rk45 {rk_evals} vs heun {heun_evals}"
+    );
 }

@@ -26,7 +26,11 @@ fn rows(t: &Tensor) -> Vec<Tensor> {
 }
 
 fn assert_close_list(name: &str, ours: &[f64], theirs: &[f64], rel: f64) {
-    assert_eq!(ours.len(), theirs.len(), "{name}: lengths {ours:?} vs {theirs:?}");
+    assert_eq!(
+        ours.len(),
+        theirs.len(),
+        "{name}: lengths {ours:?} vs {theirs:?}"
+    );
     for (i, (a, b)) in ours.iter().zip(theirs).enumerate() {
         let tol = rel * b.abs().max(1.0);
         assert!((a - b).abs() <= tol, "{name}[{i}]: ours {a}, diffusers {b}");
@@ -46,7 +50,10 @@ fn run_case(case: &str) {
     let step_kwargs: serde_json::Value =
         serde_json::from_str(fx.meta_str(&format!("{prefix}/step_kwargs"))).unwrap();
     let options = SamplerOptions {
-        eta: step_kwargs.get("eta").and_then(|v| v.as_f64()).unwrap_or(0.0),
+        eta: step_kwargs
+            .get("eta")
+            .and_then(|v| v.as_f64())
+            .unwrap_or(0.0),
         ..Default::default()
     };
     let kind = SamplerKind::from_class_name(class).unwrap();
@@ -55,7 +62,12 @@ fn run_case(case: &str) {
     // Schedule tables.
     if fx.has(&format!("{prefix}/alphas_cumprod")) {
         let ours = config.noise_schedule().unwrap().alphas_cumprod;
-        assert_close_list("alphas_cumprod", &ours, &fx.values_f64(&format!("{prefix}/alphas_cumprod")), 1e-6);
+        assert_close_list(
+            "alphas_cumprod",
+            &ours,
+            &fx.values_f64(&format!("{prefix}/alphas_cumprod")),
+            1e-6,
+        );
     }
     let init_sigma = fx.values_f64(&format!("{prefix}/init_noise_sigma"))[0];
     assert!(
@@ -64,12 +76,22 @@ fn run_case(case: &str) {
         sampler.init_noise_sigma()
     );
     let model_t = fx.values_f64(&format!("{prefix}/model_t"));
-    if kind.uses_sigmas() || matches!(kind, SamplerKind::Ddpm | SamplerKind::Ddim | SamplerKind::Pndm) {
+    if kind.uses_sigmas()
+        || matches!(
+            kind,
+            SamplerKind::Ddpm | SamplerKind::Ddim | SamplerKind::Pndm
+        )
+    {
         let timesteps = fx.values_f64(&format!("{prefix}/timesteps"));
         assert_eq!(sampler.timesteps(), timesteps, "{case}: timesteps");
     }
     if let Some(sigmas) = sampler.sigmas() {
-        assert_close_list("sigmas", &sigmas, &fx.values_f64(&format!("{prefix}/sigmas")), 1e-6);
+        assert_close_list(
+            "sigmas",
+            &sigmas,
+            &fx.values_f64(&format!("{prefix}/sigmas")),
+            1e-6,
+        );
     }
 
     // The trajectory.
@@ -102,9 +124,15 @@ fn run_case(case: &str) {
         trajectory.push(e.sample.clone());
         Ok(())
     };
-    sampler.sample(&mut model, start, &mut noise, &mut record).unwrap();
+    sampler
+        .sample(&mut model, start, &mut noise, &mut record)
+        .unwrap();
     let expected = rows(samples);
-    assert_eq!(trajectory.len(), expected.len() - 1, "{case}: number of steps");
+    assert_eq!(
+        trajectory.len(),
+        expected.len() - 1,
+        "{case}: number of steps"
+    );
     let mut worst: f64 = 0.0;
     for (k, (ours, theirs)) in trajectory.iter().zip(&expected[1..]).enumerate() {
         let err = max_abs_diff(ours, theirs);
@@ -127,7 +155,10 @@ fn run_case(case: &str) {
         .fold(0.0, f64::max);
     for (k, ((x, _), theirs)) in calls.iter().zip(&model_in).enumerate() {
         let err = max_abs_diff(x, theirs);
-        assert!(err <= 1e-5 * in_scale, "{case}: model input {k} differs by {err:e}");
+        assert!(
+            err <= 1e-5 * in_scale,
+            "{case}: model input {k} differs by {err:e}"
+        );
     }
 }
 

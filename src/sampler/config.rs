@@ -6,7 +6,7 @@ use super::dpm_solver::{DpmSolverPlusPlus, SecondOrderForm};
 use super::euler::{Euler, EulerAncestral, SigmaGrid};
 use super::heun::Heun;
 use super::lms::Lms;
-use super::pc::{Corrector, PredictorCorrector, Predictor};
+use super::pc::{Corrector, Predictor, PredictorCorrector};
 use super::pndm::Plms;
 use super::rk45::Rk45;
 use super::sde::{VeSde, VpBeta, VpSde};
@@ -234,9 +234,13 @@ fn quote_non_finite(text: &str) -> String {
         } else if c == '"' {
             in_string = true;
         } else {
-            let replaced = [("-Infinity", NON_FINITE_NEG_INF), ("Infinity", NON_FINITE_INF), ("NaN", "\u{0}NaN")]
-                .into_iter()
-                .find(|(token, _)| rest.starts_with(token));
+            let replaced = [
+                ("-Infinity", NON_FINITE_NEG_INF),
+                ("Infinity", NON_FINITE_INF),
+                ("NaN", "\u{0}NaN"),
+            ]
+            .into_iter()
+            .find(|(token, _)| rest.starts_with(token));
             if let Some((token, marker)) = replaced {
                 out.push_str(&serde_json::to_string(marker).expect("string"));
                 rest = &rest[token.len()..];
@@ -283,13 +287,19 @@ impl Fields<'_> {
 
     fn bool(&self, key: &str) -> Result<Option<bool>> {
         self.get(key)
-            .map(|v| v.as_bool().ok_or_else(|| Error::bad_value(key, v, "true or false")))
+            .map(|v| {
+                v.as_bool()
+                    .ok_or_else(|| Error::bad_value(key, v, "true or false"))
+            })
             .transpose()
     }
 
     fn str(&self, key: &str) -> Result<Option<&str>> {
         self.get(key)
-            .map(|v| v.as_str().ok_or_else(|| Error::bad_value(key, v, "a string")))
+            .map(|v| {
+                v.as_str()
+                    .ok_or_else(|| Error::bad_value(key, v, "a string"))
+            })
             .transpose()
     }
 
@@ -298,7 +308,11 @@ impl Fields<'_> {
         match self.str(key)? {
             None => Ok(None),
             Some(s) if allowed.contains(&s) => Ok(Some(s.to_string())),
-            Some(s) => Err(Error::bad_value(key, format!("\"{s}\""), &allowed.join(", "))),
+            Some(s) => Err(Error::bad_value(
+                key,
+                format!("\"{s}\""),
+                &allowed.join(", "),
+            )),
         }
     }
 
@@ -423,7 +437,11 @@ impl SchedulerConfig {
         ] {
             f.require_bool(unsupported, false)?;
         }
-        let sigma_spacings = ["use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"];
+        let sigma_spacings = [
+            "use_karras_sigmas",
+            "use_exponential_sigmas",
+            "use_beta_sigmas",
+        ];
         let chosen: Vec<&str> = sigma_spacings
             .into_iter()
             .filter(|k| f.bool(k).ok().flatten() == Some(true))
@@ -449,7 +467,11 @@ impl SchedulerConfig {
                 (Some(SamplerKind::UniPc), "bh1") => c.b_function = BFunction::Bh1,
                 (Some(SamplerKind::UniPc), "bh2") => c.b_function = BFunction::Bh2,
                 (Some(SamplerKind::UniPc), other) => {
-                    return Err(Error::bad_value("solver_type", other, "bh1, bh2 (for UniPC)"))
+                    return Err(Error::bad_value(
+                        "solver_type",
+                        other,
+                        "bh1, bh2 (for UniPC)",
+                    ))
                 }
                 (_, "heun") => c.second_order_form = SecondOrderForm::Heun,
                 (_, "midpoint") => c.second_order_form = SecondOrderForm::Midpoint,

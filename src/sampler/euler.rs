@@ -104,16 +104,17 @@ pub fn vp_coefficients(sigma: f64) -> (f64, f64) {
 
 /// Evaluates the network at x_sigma and returns its x_0 estimate D(x_sigma; sigma), the
 /// denoiser of Karras et al. 2022, eq. 2.
-pub fn denoise(
-    model: &mut dyn Denoiser,
-    x: &Tensor,
-    sigma: f64,
-    t: f64,
-) -> Result<Tensor> {
+pub fn denoise(model: &mut dyn Denoiser, x: &Tensor, sigma: f64, t: f64) -> Result<Tensor> {
     let (alpha, sigma_vp) = vp_coefficients(sigma);
     let model_input = x.affine(alpha, 0.0)?;
     let output = model.predict(&model_input, t)?;
-    prediction::to_x0(model.prediction_type(), &output, &model_input, alpha, sigma_vp)
+    prediction::to_x0(
+        model.prediction_type(),
+        &output,
+        &model_input,
+        alpha,
+        sigma_vp,
+    )
 }
 
 /// The probability-flow ODE's slope dx/dsigma = (x - D(x; sigma)) / sigma (Karras et al. 2022,

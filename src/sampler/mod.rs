@@ -27,6 +27,8 @@ pub use noise::{NoiseSource, ReplayNoise, SeededNoise};
 
 /// The network as a sampler sees it: `f(x, t)` where `x` is the model input (already scaled by
 /// the sampler where it scales inputs) and `t` is the time label the network was trained with.
+/// Samplers never differentiate: an implementation over trainable weights should return a
+/// detached tensor, or the sampling chain keeps every step's activations alive.
 pub trait Denoiser {
     fn prediction_type(&self) -> PredictionType;
     fn predict(&mut self, x: &Tensor, t: f64) -> Result<Tensor>;

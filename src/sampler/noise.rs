@@ -26,7 +26,9 @@ impl SeededNoise {
 
     /// `n` standard normal draws.
     pub fn normals(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| StandardNormal.sample(&mut self.rng)).collect()
+        (0..n)
+            .map(|_| StandardNormal.sample(&mut self.rng))
+            .collect()
     }
 
     /// A standard normal f32 tensor of the given shape on the CPU.
@@ -94,4 +96,3 @@ impl NoiseSource for NoNoise {
         candle_core::bail!("this sampler is deterministic but asked for noise")
     }
 }
-

@@ -39,8 +39,8 @@ impl Plms {
         let beta_bar_t = 1.0 - alpha_bar_t;
         let beta_bar_prev = 1.0 - alpha_bar_prev;
         let x_coeff = (alpha_bar_prev / alpha_bar_t).sqrt();
-        let denom = alpha_bar_t * beta_bar_prev.sqrt()
-            + (alpha_bar_t * beta_bar_t * alpha_bar_prev).sqrt();
+        let denom =
+            alpha_bar_t * beta_bar_prev.sqrt() + (alpha_bar_t * beta_bar_t * alpha_bar_prev).sqrt();
         lincomb(&[(x_coeff, x), (-(alpha_bar_prev - alpha_bar_t) / denom, eps)])
     }
 }

@@ -27,10 +27,28 @@ const A: [&[f64]; 6] = [
     &[1.0 / 5.0],
     &[3.0 / 40.0, 9.0 / 40.0],
     &[44.0 / 45.0, -56.0 / 15.0, 32.0 / 9.0],
-    &[19372.0 / 6561.0, -25360.0 / 2187.0, 64448.0 / 6561.0, -212.0 / 729.0],
-    &[9017.0 / 3168.0, -355.0 / 33.0, 46732.0 / 5247.0, 49.0 / 176.0, -5103.0 / 18656.0],
+    &[
+        19372.0 / 6561.0,
+        -25360.0 / 2187.0,
+        64448.0 / 6561.0,
+        -212.0 / 729.0,
+    ],
+    &[
+        9017.0 / 3168.0,
+        -355.0 / 33.0,
+        46732.0 / 5247.0,
+        49.0 / 176.0,
+        -5103.0 / 18656.0,
+    ],
 ];
-const B5: [f64; 6] = [35.0 / 384.0, 0.0, 500.0 / 1113.0, 125.0 / 192.0, -2187.0 / 6784.0, 11.0 / 84.0];
+const B5: [f64; 6] = [
+    35.0 / 384.0,
+    0.0,
+    500.0 / 1113.0,
+    125.0 / 192.0,
+    -2187.0 / 6784.0,
+    11.0 / 84.0,
+];
 /// B5 - B4 over the seven stages (the seventh is the first-same-as-last evaluation).
 const E: [f64; 7] = [
     71.0 / 57600.0,
@@ -79,7 +97,10 @@ impl Rk45 {
 
     /// Root mean square of `e / (atol + rtol max(|y|, |y_new|))`, scipy's error norm.
     fn error_norm(&self, e: &Tensor, y: &Tensor, y_new: &Tensor) -> Result<f64> {
-        let scale = y.abs()?.maximum(&y_new.abs()?)?.affine(self.rtol, self.atol)?;
+        let scale = y
+            .abs()?
+            .maximum(&y_new.abs()?)?
+            .affine(self.rtol, self.atol)?;
         let ratio = (e / scale)?.to_dtype(candle_core::DType::F64)?;
         Ok(ratio.sqr()?.mean_all()?.to_scalar::<f64>()?.sqrt())
     }
@@ -128,7 +149,11 @@ impl Sampler for Rk45 {
         let scale = x.abs()?.affine(self.rtol, self.atol)?;
         let d0 = Self::rms(&(&x / &scale)?)?;
         let d1 = Self::rms(&(&k1 / &scale)?)?;
-        let h0 = if d0 < 1e-5 || d1 < 1e-5 { 1e-6 } else { 0.01 * d0 / d1 };
+        let h0 = if d0 < 1e-5 || d1 < 1e-5 {
+            1e-6
+        } else {
+            0.01 * d0 / d1
+        };
         let x_probe = lincomb(&[(1.0, &x), (direction * h0, &k1)])?;
         let k_probe = self.slope(model, &x_probe, s + direction * h0)?;
         let d2 = Self::rms(&((&k_probe - &k1)? / &scale)?)? / h0;
@@ -157,8 +182,11 @@ impl Sampler for Rk45 {
             let x_new = lincomb(&terms)?;
             let k7 = self.slope(model, &x_new, s + direction * h)?;
             stages.push(k7);
-            let err_terms: Vec<(f64, &Tensor)> =
-                E.iter().zip(&stages).map(|(e, k)| (direction * h * e, k)).collect();
+            let err_terms: Vec<(f64, &Tensor)> = E
+                .iter()
+                .zip(&stages)
+                .map(|(e, k)| (direction * h * e, k))
+                .collect();
             let err = lincomb(&err_terms)?;
             let norm = self.error_norm(&err, &x, &x_new)?;
             if norm <= 1.0 {
@@ -173,7 +201,11 @@ impl Sampler for Rk45 {
                     sample: &x,
                     pred_original: None,
                 })?;
-                let factor = if norm == 0.0 { 10.0 } else { (0.9 * norm.powf(-0.2)).clamp(0.2, 10.0) };
+                let factor = if norm == 0.0 {
+                    10.0
+                } else {
+                    (0.9 * norm.powf(-0.2)).clamp(0.2, 10.0)
+                };
                 h *= factor;
             } else {
                 h *= (0.9 * norm.powf(-0.2)).max(0.2);

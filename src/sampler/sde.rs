@@ -153,7 +153,11 @@ impl VeSde {
     /// The n noise levels of SMLD, geometric from sigma_min to sigma_max.
     fn discrete_sigma(&self, index: usize, n: usize) -> f64 {
         let (lo, hi) = (self.sigma_min.ln(), self.sigma_max.ln());
-        let frac = if n > 1 { index as f64 / (n - 1) as f64 } else { 1.0 };
+        let frac = if n > 1 {
+            index as f64 / (n - 1) as f64
+        } else {
+            1.0
+        };
         (lo + frac * (hi - lo)).exp()
     }
 }

@@ -78,12 +78,7 @@ fn uni_coefficients(rks: &[f64], h: f64, b_function: BFunction) -> UniCoefficien
         factorial *= (p + 1) as f64;
         h_phi_k = h_phi_k / hh - 1.0 / factorial;
     }
-    UniCoefficients {
-        h_phi_1,
-        b_h,
-        r,
-        b,
-    }
+    UniCoefficients { h_phi_1, b_h, r, b }
 }
 
 impl UniPc {

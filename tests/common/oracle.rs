@@ -31,7 +31,10 @@ impl GaussianOracle {
             }
             Labels::VpLinear { beta_min, beta_max } => {
                 let log_alpha_bar = -0.5 * label * label * (beta_max - beta_min) - label * beta_min;
-                ((0.5 * log_alpha_bar).exp(), (1.0 - log_alpha_bar.exp()).sqrt())
+                (
+                    (0.5 * log_alpha_bar).exp(),
+                    (1.0 - log_alpha_bar.exp()).sqrt(),
+                )
             }
             Labels::Ve => (1.0, label),
         }
@@ -53,7 +56,12 @@ impl GaussianOracle {
 
     /// The probability-flow ODE's exact solution in VE form: x_sigma - mu scales with
     /// sqrt(s^2 + sigma^2).
-    pub fn ode_solution(&self, x_start: &Tensor, sigma_start: f64, sigma_end: f64) -> Result<Tensor> {
+    pub fn ode_solution(
+        &self,
+        x_start: &Tensor,
+        sigma_start: f64,
+        sigma_end: f64,
+    ) -> Result<Tensor> {
         let ratio = ((self.s * self.s + sigma_end * sigma_end)
             / (self.s * self.s + sigma_start * sigma_start))
             .sqrt();

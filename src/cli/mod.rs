@@ -1,0 +1,49 @@
+//! The command line: one file a subcommand; `main.rs` and `bin/txt2img.rs` only dispatch.
+
+pub mod sampler_args;
+pub mod toy;
+pub mod txt2img;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "diffuse",
+    version,
+    about = "Latent diffusion in Rust on candle"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate images from a text prompt.
+    Txt2img(txt2img::Txt2imgArgs),
+    /// Toy problems that show the diffusion process at work.
+    Toy(toy::ToyArgs),
+    /// List the samplers and what each is for.
+    Samplers,
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Txt2img(args) => txt2img::run(args),
+        Command::Toy(args) => toy::run(args),
+        Command::Samplers => {
+            for (name, purpose) in sampler_args::SAMPLER_GUIDE {
+                println!("{name:>9}  {purpose}");
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Prints an error as one line and returns the process exit code.
+pub fn report(error: anyhow::Error) -> std::process::ExitCode {
+    let chain: Vec<String> = error.chain().map(|e| e.to_string()).collect();
+    eprintln!("error: {}", chain.join(": "));
+    std::process::ExitCode::from(1)
+}
