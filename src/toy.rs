@@ -169,7 +169,7 @@ pub struct ToyConfig {
 impl Default for ToyConfig {
     fn default() -> Self {
         Self {
-            train_steps: 5000,
+            train_steps: 4000,
             batch_size: 256,
             learning_rate: 3e-3,
             ema_decay: 0.995,
@@ -330,7 +330,8 @@ pub fn to_points(x: &Tensor) -> Result<Vec<[f32; 2]>> {
         .collect())
 }
 
-/// Samples `n` points with `kind`, keeping `snapshots` evenly spaced states of the trajectory.
+/// Samples `n` points with `kind`, keeping the start, the first state at or below each of
+/// `snapshot_timesteps` (largest first), and the result.
 pub fn sample(
     model: &ToyMlp,
     kind: SamplerKind,
@@ -338,7 +339,7 @@ pub fn sample(
     steps: usize,
     n: usize,
     seed: u64,
-    snapshots: usize,
+    snapshot_timesteps: &[f64],
 ) -> crate::Result<ToySamples> {
     let config = toy_scheduler_config();
     let sampler = build_sampler(kind, &config, options, steps)?;
@@ -347,24 +348,21 @@ pub fn sample(
         .randn(&[n, 2])?
         .affine(sampler.init_noise_sigma(), 0.0)?;
     let mut states = vec![x_start.affine(1.0 / sampler.init_noise_sigma(), 0.0)?];
+    let mut pending = snapshot_timesteps.iter().peekable();
     let mut counting = CountingDenoiser {
         inner: model,
         evaluations: 0,
     };
     let mut record = |e: &StepEvent| {
-        states.push(e.sample.clone());
+        if pending.next_if(|target| e.t <= **target).is_some() {
+            states.push(e.sample.clone());
+        }
         Ok(())
     };
     let out = sampler.sample(&mut counting, x_start, &mut noise, &mut record)?;
     let evaluations = counting.evaluations;
-    *states.last_mut().expect("non-empty") = out.clone();
-    let picks: Vec<usize> = (0..snapshots)
-        .map(|i| i * (states.len() - 1) / (snapshots - 1).max(1))
-        .collect();
-    let trajectory = picks
-        .iter()
-        .map(|i| to_points(&states[*i]))
-        .collect::<Result<Vec<_>>>()?;
+    states.push(out.clone());
+    let trajectory = states.iter().map(to_points).collect::<Result<Vec<_>>>()?;
     Ok(ToySamples {
         samples: to_points(&out)?,
         trajectory,

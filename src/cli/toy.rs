@@ -28,7 +28,7 @@ pub struct ToyArgs {
     #[command(flatten)]
     pub tuning: SamplerTuning,
     /// Training steps of the MLP.
-    #[arg(long, default_value_t = 5000)]
+    #[arg(long, default_value_t = 4000)]
     pub train_steps: usize,
     /// Points sampled and compared with the data.
     #[arg(long, default_value_t = 2000)]
@@ -132,7 +132,7 @@ pub fn run(args: ToyArgs) -> anyhow::Result<()> {
                 *steps,
                 args.samples,
                 args.seed.wrapping_add(2000),
-                5,
+                &[200.0, 75.0, 25.0],
             )?;
             let seconds = started.elapsed().as_secs_f64();
             let distance = toy::sliced_wasserstein(&out.samples, &data_a, 256, 0);
@@ -153,6 +153,7 @@ pub fn run(args: ToyArgs) -> anyhow::Result<()> {
         }
     }
 
+    // The reverse row mirrors the forward one: t = 999, 200, 75, 25, 0.
     let forward = toy::forward_trajectory(&schedule, &data_a, &[0, 25, 75, 200, 999], args.seed)?;
     let reverse = picture_trajectory.expect("at least one run");
     let image = toy::scatter_grid(&[forward, reverse], 200);

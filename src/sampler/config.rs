@@ -354,8 +354,10 @@ impl SchedulerConfig {
 
     fn from_map(map: &Map<String, Value>) -> Result<Self> {
         let f = Fields(map);
-        let mut c = Self::default();
-        c.class_name = f.str("_class_name")?.map(str::to_string);
+        let mut c = Self {
+            class_name: f.str("_class_name")?.map(str::to_string),
+            ..Self::default()
+        };
         let class_kind = c
             .class_name
             .as_deref()
@@ -427,16 +429,6 @@ impl SchedulerConfig {
         if let Some(v) = f.bool("use_karras_sigmas")? {
             c.use_karras_sigmas = v;
         }
-        for unsupported in [
-            "use_exponential_sigmas",
-            "use_beta_sigmas",
-            "use_lu_lambdas",
-            "use_flow_sigmas",
-            "use_dynamic_shifting",
-            "euler_at_final",
-        ] {
-            f.require_bool(unsupported, false)?;
-        }
         let sigma_spacings = [
             "use_karras_sigmas",
             "use_exponential_sigmas",
@@ -451,6 +443,16 @@ impl SchedulerConfig {
                 "{} are all true; pick one sigma spacing",
                 chosen.join(" and ")
             )));
+        }
+        for unsupported in [
+            "use_exponential_sigmas",
+            "use_beta_sigmas",
+            "use_lu_lambdas",
+            "use_flow_sigmas",
+            "use_dynamic_shifting",
+            "euler_at_final",
+        ] {
+            f.require_bool(unsupported, false)?;
         }
         f.choice("interpolation_type", &["linear"])?;
         f.choice("final_sigmas_type", &["zero"])?;
@@ -631,7 +633,8 @@ pub fn build_sampler(
             &format!("1 to {n_train} (the model's num_train_timesteps)"),
         ));
     }
-    if !(options.eta >= 0.0) {
+    // Written so that NaN is refused too.
+    if options.eta.is_nan() || options.eta < 0.0 {
         return Err(Error::bad_value("eta", options.eta, "a number >= 0"));
     }
     if options.eta > 0.0 && kind != SamplerKind::Ddim {
@@ -665,7 +668,7 @@ pub fn build_sampler(
         )));
     }
     if is_sde {
-        return Ok(build_score_sde(kind, config, options, steps)?);
+        return build_score_sde(kind, config, options, steps);
     }
     let schedule = config.noise_schedule()?;
     let spacing = config
@@ -762,7 +765,7 @@ fn build_score_sde(
         _ => (Predictor::None, Corrector::AnnealedLangevin),
     };
     let snr = options.snr.unwrap_or(config.snr);
-    if !(snr > 0.0) {
+    if snr.is_nan() || snr <= 0.0 {
         return Err(Error::bad_value("snr", snr, "a positive number"));
     }
     let corrector_steps = options.corrector_steps.unwrap_or(config.correct_steps);

@@ -35,10 +35,11 @@ fn solve(mut a: Vec<Vec<f64>>, mut b: Vec<f64>) -> Vec<f64> {
             .expect("non-empty");
         a.swap(col, pivot);
         b.swap(col, pivot);
+        let pivot_row = a[col].clone();
         for row in col + 1..n {
-            let f = a[row][col] / a[col][col];
-            for k in col..n {
-                a[row][k] -= f * a[col][k];
+            let f = a[row][col] / pivot_row[col];
+            for (entry, pivot_entry) in a[row][col..].iter_mut().zip(&pivot_row[col..]) {
+                *entry -= f * pivot_entry;
             }
             b[row] -= f * b[col];
         }
