@@ -6,10 +6,12 @@
 
 pub mod cli;
 pub mod error;
+pub mod model;
 pub mod runtime;
 pub mod sampler;
 pub mod schedule;
 pub mod tensor_ops;
 pub mod toy;
+pub mod weights;
 
 pub use error::{Error, Result};

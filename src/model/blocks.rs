@@ -1,0 +1,462 @@
+//! Layers shared by the U-Net and the VAE, named as diffusers names them.
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::{
+    conv2d, group_norm, linear, linear_no_bias, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder,
+};
+
+/// Layer normalisation over the last dimension (Ba et al. 2016), composed from elementary ops
+/// so that it has a backward pass (candle's fused `LayerNorm` has none).
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            bias: vb.get(dim, "bias")?,
+            eps,
+        })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?;
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centred = x.broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        normed
+            .to_dtype(dtype)?
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
+    }
+}
+
+pub fn conv3x3(
+    cin: usize,
+    cout: usize,
+    stride: usize,
+    padding: usize,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    conv2d(
+        cin,
+        cout,
+        3,
+        Conv2dConfig {
+            stride,
+            padding,
+            ..Default::default()
+        },
+        vb,
+    )
+}
+
+pub fn conv1x1(cin: usize, cout: usize, vb: VarBuilder) -> Result<Conv2d> {
+    conv2d(cin, cout, 1, Default::default(), vb)
+}
+
+/// Multi-head scaled dot-product attention, softmax(Q K^T / sqrt(d)) V (Vaswani et al. 2017,
+/// eq. 1), as diffusers' `Attention` with `to_q`, `to_k`, `to_v`, `to_out.0`.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+    head_dim: usize,
+    /// Compute scores in f32 even for half-precision weights (SD 2.x's `upcast_attention`).
+    upcast: bool,
+}
+
+impl Attention {
+    /// `context_dim` is the key/value input width (cross-attention), `None` for self-attention;
+    /// `qkv_bias` is true for the VAE's attention, false in the U-Net's transformers.
+    pub fn new(
+        dim: usize,
+        context_dim: Option<usize>,
+        heads: usize,
+        head_dim: usize,
+        qkv_bias: bool,
+        upcast: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let inner = heads * head_dim;
+        let kv_in = context_dim.unwrap_or(dim);
+        let proj = |i: usize, name: &str| {
+            if qkv_bias {
+                linear(i, inner, vb.pp(name))
+            } else {
+                linear_no_bias(i, inner, vb.pp(name))
+            }
+        };
+        Ok(Self {
+            to_q: proj(dim, "to_q")?,
+            to_k: proj(kv_in, "to_k")?,
+            to_v: proj(kv_in, "to_v")?,
+            to_out: linear(inner, dim, vb.pp("to_out.0"))?,
+            heads,
+            head_dim,
+            upcast,
+        })
+    }
+
+    /// (B, N, heads * d) -> (B * heads, N, d)
+    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, n, _) = x.dims3()?;
+        x.reshape((b, n, self.heads, self.head_dim))?
+            .transpose(1, 2)?
+            .reshape((b * self.heads, n, self.head_dim))
+    }
+
+    /// `x`: (B, N, dim); `context`: (B, M, context_dim) or `None`.
+    pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let context = context.unwrap_or(x);
+        let (b, n, _) = x.dims3()?;
+        let q = self.split_heads(&self.to_q.forward(x)?)?;
+        let k = self.split_heads(&self.to_k.forward(context)?)?;
+        let v = self.split_heads(&self.to_v.forward(context)?)?;
+        let dtype = q.dtype();
+        let (q, k) = if self.upcast {
+            (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
+        } else {
+            (q, k)
+        };
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let weights = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(dtype)?;
+        let out = weights
+            .matmul(&v)?
+            .reshape((b, self.heads, n, self.head_dim))?
+            .transpose(1, 2)?
+            .reshape((b, n, self.heads * self.head_dim))?;
+        self.to_out.forward(&out)
+    }
+}
+
+/// The transformer's feed-forward with a GELU-gated linear unit (Shazeer 2020), `ff.net.0.proj`
+/// and `ff.net.2`.
+#[derive(Debug, Clone)]
+pub struct GegluFeedForward {
+    proj_in: Linear,
+    proj_out: Linear,
+}
+
+impl GegluFeedForward {
+    pub fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
+        let inner = 4 * dim;
+        Ok(Self {
+            proj_in: linear(dim, 2 * inner, vb.pp("net.0.proj"))?,
+            proj_out: linear(inner, dim, vb.pp("net.2"))?,
+        })
+    }
+}
+
+impl Module for GegluFeedForward {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.proj_in.forward(x)?;
+        let half = h.dim(D::Minus1)? / 2;
+        let hidden = h.narrow(D::Minus1, 0, half)?;
+        let gate = h.narrow(D::Minus1, half, half)?;
+        self.proj_out.forward(&(hidden * gate.gelu_erf()?)?)
+    }
+}
+
+/// Self-attention, cross-attention and feed-forward, each pre-normed with a residual
+/// (diffusers' `BasicTransformerBlock`).
+#[derive(Debug, Clone)]
+pub struct BasicTransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff: GegluFeedForward,
+}
+
+impl BasicTransformerBlock {
+    pub fn new(
+        dim: usize,
+        heads: usize,
+        context_dim: usize,
+        upcast: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let head_dim = dim / heads;
+        Ok(Self {
+            norm1: LayerNorm::new(dim, 1e-5, vb.pp("norm1"))?,
+            attn1: Attention::new(dim, None, heads, head_dim, false, upcast, vb.pp("attn1"))?,
+            norm2: LayerNorm::new(dim, 1e-5, vb.pp("norm2"))?,
+            attn2: Attention::new(
+                dim,
+                Some(context_dim),
+                heads,
+                head_dim,
+                false,
+                upcast,
+                vb.pp("attn2"),
+            )?,
+            norm3: LayerNorm::new(dim, 1e-5, vb.pp("norm3"))?,
+            ff: GegluFeedForward::new(dim, vb.pp("ff"))?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
+        let x = (self
+            .attn2
+            .forward(&self.norm2.forward(&x)?, Some(context))?
+            + &x)?;
+        self.ff.forward(&self.norm3.forward(&x)?)? + &x
+    }
+}
+
+/// Input and output projections of a `Transformer2DModel`: 1x1 convolutions, or linear layers
+/// on the flattened pixels (`use_linear_projection`, SD 2.x).
+#[derive(Debug, Clone)]
+enum Projection {
+    Conv(Conv2d),
+    Linear(Linear),
+}
+
+/// diffusers' `Transformer2DModel`: group norm, projection in, transformer blocks over the
+/// pixels as tokens, projection out, residual.
+#[derive(Debug, Clone)]
+pub struct Transformer2D {
+    norm: GroupNorm,
+    proj_in: Projection,
+    blocks: Vec<BasicTransformerBlock>,
+    proj_out: Projection,
+}
+
+pub struct TransformerSettings {
+    pub heads: usize,
+    pub layers: usize,
+    pub context_dim: usize,
+    pub groups: usize,
+    pub linear_projection: bool,
+    pub upcast: bool,
+}
+
+impl Transformer2D {
+    pub fn new(channels: usize, s: &TransformerSettings, vb: VarBuilder) -> Result<Self> {
+        let projection = |name: &str| -> Result<Projection> {
+            Ok(if s.linear_projection {
+                Projection::Linear(linear(channels, channels, vb.pp(name))?)
+            } else {
+                Projection::Conv(conv1x1(channels, channels, vb.pp(name))?)
+            })
+        };
+        let blocks = (0..s.layers)
+            .map(|i| {
+                BasicTransformerBlock::new(
+                    channels,
+                    s.heads,
+                    s.context_dim,
+                    s.upcast,
+                    vb.pp(format!("transformer_blocks.{i}")),
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            norm: group_norm(s.groups, channels, 1e-6, vb.pp("norm"))?,
+            proj_in: projection("proj_in")?,
+            blocks,
+            proj_out: projection("proj_out")?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let residual = x;
+        let normed = self.norm.forward(x)?;
+        let to_tokens =
+            |t: &Tensor| -> Result<Tensor> { t.permute((0, 2, 3, 1))?.reshape((b, h * w, c)) };
+        let mut tokens = match &self.proj_in {
+            Projection::Conv(conv) => to_tokens(&conv.forward(&normed)?)?,
+            Projection::Linear(lin) => lin.forward(&to_tokens(&normed)?)?,
+        };
+        for block in &self.blocks {
+            tokens = block.forward(&tokens, context)?;
+        }
+        let to_image =
+            |t: &Tensor| -> Result<Tensor> { t.reshape((b, h, w, c))?.permute((0, 3, 1, 2)) };
+        let out = match &self.proj_out {
+            Projection::Conv(conv) => conv.forward(&to_image(&tokens)?.contiguous()?)?,
+            Projection::Linear(lin) => to_image(&lin.forward(&tokens)?)?,
+        };
+        out + residual
+    }
+}
+
+/// diffusers' `ResnetBlock2D` (DDPM's residual block, Ho et al. 2020, appendix B): two
+/// GroupNorm-SiLU-conv stages with the time embedding added between them.
+#[derive(Debug, Clone)]
+pub struct ResnetBlock2D {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Option<Linear>,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
+    output_scale_factor: f64,
+}
+
+pub struct ResnetSettings {
+    pub groups: usize,
+    pub eps: f64,
+    pub temb_channels: Option<usize>,
+    pub output_scale_factor: f64,
+}
+
+impl ResnetBlock2D {
+    pub fn new(cin: usize, cout: usize, s: &ResnetSettings, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            norm1: group_norm(s.groups, cin, s.eps, vb.pp("norm1"))?,
+            conv1: conv3x3(cin, cout, 1, 1, vb.pp("conv1"))?,
+            time_emb_proj: s
+                .temb_channels
+                .map(|t| linear(t, cout, vb.pp("time_emb_proj")))
+                .transpose()?,
+            norm2: group_norm(s.groups, cout, s.eps, vb.pp("norm2"))?,
+            conv2: conv3x3(cout, cout, 1, 1, vb.pp("conv2"))?,
+            conv_shortcut: if cin != cout {
+                Some(conv1x1(cin, cout, vb.pp("conv_shortcut"))?)
+            } else {
+                None
+            },
+            output_scale_factor: s.output_scale_factor,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
+        let mut h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
+            let t = proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
+            h = h.broadcast_add(&t)?;
+        }
+        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let shortcut = match &self.conv_shortcut {
+            Some(conv) => conv.forward(x)?,
+            None => x.clone(),
+        };
+        let out = (shortcut + h)?;
+        if self.output_scale_factor == 1.0 {
+            Ok(out)
+        } else {
+            out.affine(1.0 / self.output_scale_factor, 0.0)
+        }
+    }
+}
+
+/// Stride-2 3x3 convolution (`downsamplers.0.conv`). With padding 0 (the VAE) diffusers pads
+/// one pixel on the right and bottom only.
+#[derive(Debug, Clone)]
+pub struct Downsample2D {
+    conv: Conv2d,
+    asymmetric_pad: bool,
+}
+
+impl Downsample2D {
+    pub fn new(channels: usize, padding: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            conv: conv3x3(channels, channels, 2, padding, vb.pp("conv"))?,
+            asymmetric_pad: padding == 0,
+        })
+    }
+}
+
+impl Module for Downsample2D {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.asymmetric_pad {
+            let x = x
+                .pad_with_zeros(D::Minus1, 0, 1)?
+                .pad_with_zeros(D::Minus2, 0, 1)?;
+            self.conv.forward(&x)
+        } else {
+            self.conv.forward(x)
+        }
+    }
+}
+
+/// Nearest-neighbour 2x upsampling as a reshape and broadcast (its gradient is a sum, with no
+/// convolution), for (B, C, H, W).
+pub fn upsample_nearest_2x(x: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    x.reshape((b, c, h, 1, w, 1))?
+        .broadcast_as((b, c, h, 2, w, 2))?
+        .reshape((b, c, 2 * h, 2 * w))
+}
+
+/// Nearest-neighbour resize to (out_h, out_w), index = floor(i * in / out) as PyTorch's
+/// `interpolate(mode="nearest")`.
+pub fn upsample_nearest_to(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    if out_h == 2 * h && out_w == 2 * w {
+        return upsample_nearest_2x(x);
+    }
+    let rows: Vec<u32> = (0..out_h).map(|i| (i * h / out_h) as u32).collect();
+    let cols: Vec<u32> = (0..out_w).map(|i| (i * w / out_w) as u32).collect();
+    let rows = Tensor::new(rows.as_slice(), x.device())?;
+    let cols = Tensor::new(cols.as_slice(), x.device())?;
+    x.index_select(&rows, 2)?.index_select(&cols, 3)
+}
+
+/// Nearest 2x upsampling then a 3x3 convolution (`upsamplers.0.conv`).
+#[derive(Debug, Clone)]
+pub struct Upsample2D {
+    conv: Conv2d,
+}
+
+impl Upsample2D {
+    pub fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            conv: conv3x3(channels, channels, 1, 1, vb.pp("conv"))?,
+        })
+    }
+
+    /// `size`: the spatial size to reach when it is not exactly double (odd skip sizes).
+    pub fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let (oh, ow) = size.unwrap_or((2 * h, 2 * w));
+        self.conv.forward(&upsample_nearest_to(x, oh, ow)?)
+    }
+}
+
+/// Sinusoidal timestep features (DDPM, after Vaswani et al. 2017, section 3.5), as diffusers'
+/// `Timesteps`: exponent -ln(10000) i / (half - freq_shift), [sin, cos] or flipped.
+pub fn timestep_features(
+    timesteps: &Tensor,
+    dim: usize,
+    flip_sin_to_cos: bool,
+    freq_shift: f64,
+) -> Result<Tensor> {
+    let half = dim / 2;
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| (-(10000f64.ln()) * i as f64 / (half as f64 - freq_shift)).exp() as f32)
+        .collect();
+    let freqs = Tensor::from_vec(freqs, (1, half), timesteps.device())?;
+    let args = timesteps
+        .to_dtype(DType::F32)?
+        .unsqueeze(1)?
+        .broadcast_mul(&freqs)?;
+    let (sin, cos) = (args.sin()?, args.cos()?);
+    let emb = if flip_sin_to_cos {
+        Tensor::cat(&[cos, sin], D::Minus1)?
+    } else {
+        Tensor::cat(&[sin, cos], D::Minus1)?
+    };
+    if dim % 2 == 1 {
+        emb.pad_with_zeros(D::Minus1, 0, 1)
+    } else {
+        Ok(emb)
+    }
+}

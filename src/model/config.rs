@@ -1,0 +1,407 @@
+//! The diffusers `config.json` of each model, read with serde; values this crate cannot honour are
+//! errors that name the key and the value.
+
+use crate::error::{Error, Result};
+use serde::Deserialize;
+use std::path::Path;
+
+/// A value diffusers accepts either once for all blocks or per block.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum PerBlock {
+    One(usize),
+    Many(Vec<usize>),
+}
+
+impl PerBlock {
+    /// The value for each of `n` blocks; errors name `key` when a list has the wrong length.
+    pub fn expand(&self, n: usize, key: &str) -> Result<Vec<usize>> {
+        match self {
+            PerBlock::One(v) => Ok(vec![*v; n]),
+            PerBlock::Many(v) if v.len() == n => Ok(v.clone()),
+            PerBlock::Many(v) => Err(Error::Contradiction(format!(
+                "{key} has {} entries but there are {n} blocks",
+                v.len()
+            ))),
+        }
+    }
+}
+
+fn default_groups() -> usize {
+    32
+}
+fn default_norm_eps() -> f64 {
+    1e-5
+}
+fn default_true() -> bool {
+    true
+}
+fn default_one() -> f64 {
+    1.0
+}
+fn default_padding() -> usize {
+    1
+}
+fn default_silu() -> String {
+    "silu".into()
+}
+fn default_layers() -> PerBlock {
+    PerBlock::One(1)
+}
+
+/// `UNet2DConditionModel`'s config (the keys SD 1.x, 2.x and Turbo use, and the pixel-DDPM ones).
+#[derive(Debug, Clone, Deserialize)]
+pub struct UNetConfig {
+    #[serde(default = "four")]
+    pub in_channels: usize,
+    #[serde(default = "four")]
+    pub out_channels: usize,
+    pub block_out_channels: Vec<usize>,
+    pub down_block_types: Vec<String>,
+    pub up_block_types: Vec<String>,
+    #[serde(default = "two")]
+    pub layers_per_block: usize,
+    #[serde(default)]
+    pub attention_head_dim: Option<PerBlock>,
+    #[serde(default)]
+    pub num_attention_heads: Option<PerBlock>,
+    #[serde(default)]
+    pub cross_attention_dim: Option<usize>,
+    #[serde(default = "default_groups")]
+    pub norm_num_groups: usize,
+    #[serde(default = "default_norm_eps")]
+    pub norm_eps: f64,
+    #[serde(default = "default_true")]
+    pub flip_sin_to_cos: bool,
+    #[serde(default)]
+    pub freq_shift: f64,
+    #[serde(default)]
+    pub use_linear_projection: bool,
+    #[serde(default)]
+    pub upcast_attention: bool,
+    #[serde(default = "default_layers")]
+    pub transformer_layers_per_block: PerBlock,
+    #[serde(default = "default_one")]
+    pub mid_block_scale_factor: f64,
+    #[serde(default = "default_padding")]
+    pub downsample_padding: usize,
+    #[serde(default = "default_silu")]
+    pub act_fn: String,
+    #[serde(default)]
+    pub center_input_sample: bool,
+    #[serde(default)]
+    pub num_class_embeds: Option<usize>,
+    #[serde(default)]
+    pub class_embed_type: Option<String>,
+    #[serde(default)]
+    pub mid_block_type: Option<String>,
+    #[serde(default)]
+    pub time_embedding_type: Option<String>,
+    #[serde(default)]
+    pub resnet_time_scale_shift: Option<String>,
+    #[serde(default)]
+    pub addition_embed_type: Option<String>,
+    #[serde(default)]
+    pub encoder_hid_dim: Option<usize>,
+    #[serde(default)]
+    pub only_cross_attention: Option<serde_json::Value>,
+    #[serde(default)]
+    pub dual_cross_attention: Option<bool>,
+    #[serde(default)]
+    pub conv_in_kernel: Option<usize>,
+    #[serde(default)]
+    pub conv_out_kernel: Option<usize>,
+    #[serde(default)]
+    pub resnet_out_scale_factor: Option<f64>,
+    #[serde(default)]
+    pub time_cond_proj_dim: Option<usize>,
+    #[serde(default)]
+    pub sample_size: Option<usize>,
+}
+
+fn four() -> usize {
+    4
+}
+fn two() -> usize {
+    2
+}
+fn three() -> usize {
+    3
+}
+
+/// `AutoencoderKL`'s config.
+#[derive(Debug, Clone, Deserialize)]
+pub struct VaeConfig {
+    #[serde(default = "three")]
+    pub in_channels: usize,
+    #[serde(default = "three")]
+    pub out_channels: usize,
+    pub block_out_channels: Vec<usize>,
+    pub down_block_types: Vec<String>,
+    pub up_block_types: Vec<String>,
+    #[serde(default = "two")]
+    pub layers_per_block: usize,
+    #[serde(default = "four")]
+    pub latent_channels: usize,
+    #[serde(default = "default_groups")]
+    pub norm_num_groups: usize,
+    #[serde(default = "default_silu")]
+    pub act_fn: String,
+    #[serde(default = "default_scaling")]
+    pub scaling_factor: f64,
+    #[serde(default)]
+    pub shift_factor: Option<f64>,
+    #[serde(default = "default_true")]
+    pub use_quant_conv: bool,
+    #[serde(default = "default_true")]
+    pub use_post_quant_conv: bool,
+    #[serde(default = "default_true")]
+    pub mid_block_add_attention: bool,
+    #[serde(default)]
+    pub sample_size: Option<usize>,
+}
+
+fn default_scaling() -> f64 {
+    0.18215
+}
+
+/// `CLIPTextModel`'s config (transformers).
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClipTextConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default = "default_positions")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_quick_gelu")]
+    pub hidden_act: String,
+    #[serde(default = "default_norm_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default)]
+    pub projection_dim: Option<usize>,
+}
+
+fn default_positions() -> usize {
+    77
+}
+fn default_quick_gelu() -> String {
+    "quick_gelu".into()
+}
+
+/// Reads and parses a JSON config; errors name the file.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::File {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    serde_json::from_str(&text).map_err(|e| Error::File {
+        path: path.display().to_string(),
+        message: format!("not a valid config: {e}"),
+    })
+}
+
+pub(crate) fn unsupported(key: &str, value: impl std::fmt::Display, allowed: &str) -> Error {
+    Error::bad_value(key, value, allowed)
+}
+
+impl UNetConfig {
+    /// Checks the settings this implementation does not cover.
+    pub fn validate(&self) -> Result<()> {
+        let n = self.block_out_channels.len();
+        if n == 0 {
+            return Err(unsupported(
+                "block_out_channels",
+                "[]",
+                "at least one block",
+            ));
+        }
+        if self.down_block_types.len() != n || self.up_block_types.len() != n {
+            return Err(Error::Contradiction(format!(
+                "block_out_channels has {n} entries, down_block_types {} and up_block_types {}",
+                self.down_block_types.len(),
+                self.up_block_types.len()
+            )));
+        }
+        for t in &self.down_block_types {
+            if !matches!(t.as_str(), "CrossAttnDownBlock2D" | "DownBlock2D") {
+                return Err(unsupported(
+                    "down_block_types",
+                    t,
+                    "CrossAttnDownBlock2D, DownBlock2D",
+                ));
+            }
+        }
+        for t in &self.up_block_types {
+            if !matches!(t.as_str(), "CrossAttnUpBlock2D" | "UpBlock2D") {
+                return Err(unsupported(
+                    "up_block_types",
+                    t,
+                    "CrossAttnUpBlock2D, UpBlock2D",
+                ));
+            }
+        }
+        if let Some(m) = &self.mid_block_type {
+            if !matches!(m.as_str(), "UNetMidBlock2DCrossAttn" | "UNetMidBlock2D") {
+                return Err(unsupported(
+                    "mid_block_type",
+                    m,
+                    "UNetMidBlock2DCrossAttn, UNetMidBlock2D",
+                ));
+            }
+        }
+        if self.act_fn != "silu" {
+            return Err(unsupported("act_fn", &self.act_fn, "silu"));
+        }
+        let checks: [(&str, bool, String, &str); 9] = [
+            (
+                "time_embedding_type",
+                self.time_embedding_type
+                    .as_deref()
+                    .is_some_and(|v| v != "positional"),
+                format!("{:?}", self.time_embedding_type),
+                "positional",
+            ),
+            (
+                "resnet_time_scale_shift",
+                self.resnet_time_scale_shift
+                    .as_deref()
+                    .is_some_and(|v| v != "default"),
+                format!("{:?}", self.resnet_time_scale_shift),
+                "default",
+            ),
+            (
+                "addition_embed_type",
+                self.addition_embed_type.is_some(),
+                format!("{:?}", self.addition_embed_type),
+                "null",
+            ),
+            (
+                "encoder_hid_dim",
+                self.encoder_hid_dim.is_some(),
+                format!("{:?}", self.encoder_hid_dim),
+                "null",
+            ),
+            (
+                "class_embed_type",
+                self.class_embed_type.is_some(),
+                format!("{:?}", self.class_embed_type),
+                "null (use num_class_embeds)",
+            ),
+            (
+                "dual_cross_attention",
+                self.dual_cross_attention == Some(true),
+                "true".into(),
+                "false",
+            ),
+            (
+                "only_cross_attention",
+                self.only_cross_attention
+                    .as_ref()
+                    .is_some_and(|v| v != &serde_json::Value::Bool(false)),
+                format!("{:?}", self.only_cross_attention),
+                "false",
+            ),
+            (
+                "conv_in_kernel",
+                self.conv_in_kernel.is_some_and(|k| k != 3)
+                    || self.conv_out_kernel.is_some_and(|k| k != 3),
+                format!("{:?}/{:?}", self.conv_in_kernel, self.conv_out_kernel),
+                "3",
+            ),
+            (
+                "time_cond_proj_dim",
+                self.time_cond_proj_dim.is_some(),
+                format!("{:?}", self.time_cond_proj_dim),
+                "null",
+            ),
+        ];
+        for (key, bad, value, allowed) in checks {
+            if bad {
+                return Err(unsupported(key, value, allowed));
+            }
+        }
+        if self.resnet_out_scale_factor.is_some_and(|f| f != 1.0) {
+            return Err(unsupported(
+                "resnet_out_scale_factor",
+                format!("{:?}", self.resnet_out_scale_factor),
+                "1.0",
+            ));
+        }
+        let has_cross = self
+            .down_block_types
+            .iter()
+            .any(|t| t.starts_with("CrossAttn"));
+        if has_cross && self.cross_attention_dim.is_none() {
+            return Err(Error::Contradiction(
+                "cross-attention blocks need cross_attention_dim".into(),
+            ));
+        }
+        for (i, c) in self.block_out_channels.iter().enumerate() {
+            if c % self.norm_num_groups != 0 {
+                return Err(Error::Contradiction(format!(
+                    "block_out_channels[{i}] = {c} is not divisible by norm_num_groups = {}",
+                    self.norm_num_groups
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Attention heads per down block. diffusers' historical naming: in SD 1.x/2.x configs
+    /// `attention_head_dim` holds the number of heads when `num_attention_heads` is absent.
+    pub fn heads(&self) -> Result<Vec<usize>> {
+        let n = self.block_out_channels.len();
+        match (&self.num_attention_heads, &self.attention_head_dim) {
+            (Some(h), _) => h.expand(n, "num_attention_heads"),
+            (None, Some(h)) => h.expand(n, "attention_head_dim"),
+            (None, None) => Ok(vec![8; n]),
+        }
+    }
+}
+
+impl VaeConfig {
+    pub fn validate(&self) -> Result<()> {
+        for t in &self.down_block_types {
+            if t != "DownEncoderBlock2D" {
+                return Err(unsupported("down_block_types", t, "DownEncoderBlock2D"));
+            }
+        }
+        for t in &self.up_block_types {
+            if t != "UpDecoderBlock2D" {
+                return Err(unsupported("up_block_types", t, "UpDecoderBlock2D"));
+            }
+        }
+        if self.act_fn != "silu" {
+            return Err(unsupported("act_fn", &self.act_fn, "silu"));
+        }
+        if self.block_out_channels.len() != self.down_block_types.len()
+            || self.block_out_channels.len() != self.up_block_types.len()
+        {
+            return Err(Error::Contradiction(
+                "block_out_channels, down_block_types and up_block_types differ in length".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl ClipTextConfig {
+    pub fn validate(&self) -> Result<()> {
+        if !matches!(self.hidden_act.as_str(), "quick_gelu" | "gelu") {
+            return Err(unsupported(
+                "hidden_act",
+                &self.hidden_act,
+                "quick_gelu, gelu",
+            ));
+        }
+        if self.hidden_size % self.num_attention_heads != 0 {
+            return Err(Error::Contradiction(format!(
+                "hidden_size = {} is not divisible by num_attention_heads = {}",
+                self.hidden_size, self.num_attention_heads
+            )));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,157 @@
+//! The CLIP text encoder (Radford et al. 2021) as transformers' `CLIPTextModel`: token and
+//! position embeddings, pre-norm transformer layers under a causal mask, a final layer norm.
+
+use super::blocks::LayerNorm;
+use super::config::ClipTextConfig;
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::{embedding, linear, Embedding, Linear, VarBuilder};
+
+#[derive(Debug, Clone)]
+struct ClipAttention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    heads: usize,
+}
+
+impl ClipAttention {
+    fn new(c: &ClipTextConfig, vb: VarBuilder) -> Result<Self> {
+        let d = c.hidden_size;
+        Ok(Self {
+            q_proj: linear(d, d, vb.pp("q_proj"))?,
+            k_proj: linear(d, d, vb.pp("k_proj"))?,
+            v_proj: linear(d, d, vb.pp("v_proj"))?,
+            out_proj: linear(d, d, vb.pp("out_proj"))?,
+            heads: c.num_attention_heads,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (b, n, d) = x.dims3()?;
+        let head_dim = d / self.heads;
+        let split = |t: Tensor| -> Result<Tensor> {
+            t.reshape((b, n, self.heads, head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = split((self.q_proj.forward(x)? * (1.0 / (head_dim as f64).sqrt()))?)?;
+        let k = split(self.k_proj.forward(x)?)?;
+        let v = split(self.v_proj.forward(x)?)?;
+        let scores = q.matmul(&k.t()?)?.broadcast_add(mask)?;
+        let weights = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let out = weights.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
+        self.out_proj.forward(&out)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct ClipLayer {
+    layer_norm1: LayerNorm,
+    self_attn: ClipAttention,
+    layer_norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    quick_gelu: bool,
+}
+
+impl ClipLayer {
+    fn new(c: &ClipTextConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            layer_norm1: LayerNorm::new(c.hidden_size, c.layer_norm_eps, vb.pp("layer_norm1"))?,
+            self_attn: ClipAttention::new(c, vb.pp("self_attn"))?,
+            layer_norm2: LayerNorm::new(c.hidden_size, c.layer_norm_eps, vb.pp("layer_norm2"))?,
+            fc1: linear(c.hidden_size, c.intermediate_size, vb.pp("mlp.fc1"))?,
+            fc2: linear(c.intermediate_size, c.hidden_size, vb.pp("mlp.fc2"))?,
+            quick_gelu: c.hidden_act == "quick_gelu",
+        })
+    }
+
+    fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let x = (self
+            .self_attn
+            .forward(&self.layer_norm1.forward(x)?, mask)?
+            + x)?;
+        let h = self.fc1.forward(&self.layer_norm2.forward(&x)?)?;
+        // quick_gelu(x) = x sigmoid(1.702 x), CLIP's approximation of GELU.
+        let h = if self.quick_gelu {
+            (&h * candle_nn::ops::sigmoid(&(&h * 1.702)?)?)?
+        } else {
+            h.gelu_erf()?
+        };
+        self.fc2.forward(&h)? + x
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ClipTextModel {
+    pub config: ClipTextConfig,
+    token_embedding: Embedding,
+    position_embedding: Embedding,
+    layers: Vec<ClipLayer>,
+    final_layer_norm: LayerNorm,
+}
+
+impl ClipTextModel {
+    /// `vb` at the checkpoint root. transformers 4.x saves the weights under `text_model.`,
+    /// 5.x at the root; both load.
+    pub fn new(config: ClipTextConfig, vb: VarBuilder) -> crate::Result<Self> {
+        config.validate()?;
+        let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
+            vb.pp("text_model")
+        } else {
+            vb
+        };
+        let c = &config;
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| ClipLayer::new(c, vb.pp(format!("encoder.layers.{i}"))))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            token_embedding: embedding(
+                c.vocab_size,
+                c.hidden_size,
+                vb.pp("embeddings.token_embedding"),
+            )?,
+            position_embedding: embedding(
+                c.max_position_embeddings,
+                c.hidden_size,
+                vb.pp("embeddings.position_embedding"),
+            )?,
+            layers,
+            final_layer_norm: LayerNorm::new(
+                c.hidden_size,
+                c.layer_norm_eps,
+                vb.pp("final_layer_norm"),
+            )?,
+            config,
+        })
+    }
+
+    /// -inf above the diagonal: token i attends to tokens 0..=i only.
+    fn causal_mask(n: usize, device: &Device) -> Result<Tensor> {
+        let values: Vec<f32> = (0..n)
+            .flat_map(|i| (0..n).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        Tensor::from_vec(values, (n, n), device)
+    }
+
+    /// Token ids (B, N) to `last_hidden_state` (B, N, hidden).
+    pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (_, n) = input_ids.dims2()?;
+        let positions = Tensor::arange(0u32, n as u32, input_ids.device())?;
+        let x = self
+            .token_embedding
+            .forward(input_ids)?
+            .broadcast_add(&self.position_embedding.forward(&positions)?)?;
+        let mask = Self::causal_mask(n, input_ids.device())?.to_dtype(x.dtype())?;
+        let mut h = x;
+        for layer in &self.layers {
+            h = layer.forward(&h, &mask)?;
+        }
+        self.final_layer_norm.forward(&h)
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.token_embedding.embeddings().dtype()
+    }
+}
