@@ -11,6 +11,7 @@ pub mod runtime;
 pub mod sampler;
 pub mod schedule;
 pub mod tensor_ops;
+pub mod tokenizer;
 pub mod toy;
 pub mod weights;
 

@@ -1,0 +1,107 @@
+//! The CLIP BPE tokenizer as Stable Diffusion feeds it: bos + tokens + eos, truncated to the
+//! model's 77 positions and padded with the folder's pad token (`<|endoftext|>` in SD 1.x, `!`
+//! in SD 2.x).
+
+use crate::error::{Error, Result};
+use std::path::Path;
+
+pub struct ClipTokenizer {
+    tokenizer: tokenizers::Tokenizer,
+    pub max_length: usize,
+    pub pad_id: u32,
+    pub eos_id: u32,
+}
+
+/// The ids of one prompt, padded to `max_length`.
+pub struct Encoded {
+    pub ids: Vec<u32>,
+    /// Tokens (with bos/eos) before truncation; more than `max_length` means some were dropped.
+    pub untruncated_len: usize,
+}
+
+fn file_error(path: &Path, message: impl Into<String>) -> Error {
+    Error::File {
+        path: path.display().to_string(),
+        message: message.into(),
+    }
+}
+
+/// A special token as `special_tokens_map.json` writes it: a string or `{"content": ...}`.
+fn token_text(value: &serde_json::Value) -> Option<String> {
+    value
+        .as_str()
+        .map(str::to_string)
+        .or_else(|| value.get("content")?.as_str().map(str::to_string))
+}
+
+impl ClipTokenizer {
+    /// Loads `tokenizer.json` from a diffusers `tokenizer/` folder, and the pad token and
+    /// maximum length from its `special_tokens_map.json` / `tokenizer_config.json`.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let json = dir.join("tokenizer.json");
+        if !json.exists() {
+            return Err(file_error(
+                &json,
+                "missing: the tokenizer folder needs tokenizer.json (the fast tokenizer format)",
+            ));
+        }
+        let tokenizer = tokenizers::Tokenizer::from_file(&json)
+            .map_err(|e| file_error(&json, format!("not a valid tokenizer: {e}")))?;
+        let mut settings = serde_json::Map::new();
+        for name in ["tokenizer_config.json", "special_tokens_map.json"] {
+            let path = dir.join(name);
+            if let Ok(text) = std::fs::read_to_string(&path) {
+                let value: serde_json::Value = serde_json::from_str(&text)
+                    .map_err(|e| file_error(&path, format!("not valid JSON: {e}")))?;
+                if let Some(map) = value.as_object() {
+                    settings.extend(map.clone());
+                }
+            }
+        }
+        let token_id = |key: &str, default: &str| -> Result<u32> {
+            let text = settings
+                .get(key)
+                .and_then(token_text)
+                .unwrap_or_else(|| default.to_string());
+            tokenizer.token_to_id(&text).ok_or_else(|| {
+                file_error(&json, format!("{key} {text:?} is not in the vocabulary"))
+            })
+        };
+        let max_length = settings
+            .get("model_max_length")
+            .and_then(|v| v.as_u64())
+            .filter(|n| *n >= 2 && *n <= 4096)
+            .unwrap_or(77) as usize;
+        Ok(Self {
+            pad_id: token_id("pad_token", "<|endoftext|>")?,
+            eos_id: token_id("eos_token", "<|endoftext|>")?,
+            tokenizer,
+            max_length,
+        })
+    }
+
+    /// bos + BPE tokens + eos, without padding (what `tokenizer(text).input_ids` gives).
+    pub fn encode_unpadded(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| Error::Msg(format!("cannot tokenize {text:?}: {e}")))?
+            .get_ids()
+            .to_vec())
+    }
+
+    /// Truncated to `max_length` (keeping the final eos) and padded with `pad_id`.
+    pub fn encode(&self, text: &str) -> Result<Encoded> {
+        let mut ids = self.encode_unpadded(text)?;
+        let untruncated_len = ids.len();
+        if ids.len() > self.max_length {
+            ids.truncate(self.max_length - 1);
+            ids.push(self.eos_id);
+        }
+        ids.resize(self.max_length, self.pad_id);
+        Ok(Encoded {
+            ids,
+            untruncated_len,
+        })
+    }
+}
