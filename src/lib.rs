@@ -6,7 +6,9 @@
 
 pub mod cli;
 pub mod error;
+pub mod image_io;
 pub mod model;
+pub mod pipeline;
 pub mod runtime;
 pub mod sampler;
 pub mod schedule;

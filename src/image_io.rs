@@ -1,0 +1,66 @@
+//! PNG output with the generation parameters in a `parameters` tEXt chunk, as the AUTOMATIC1111
+//! web UI writes them.
+
+use crate::error::{Error, Result};
+use candle_core::{DType, Tensor};
+use std::path::Path;
+
+/// (3, H, W) in [0, 1] to 8-bit RGB rows: round(255 x), as diffusers' `numpy_to_pil`.
+pub fn to_rgb8(image: &Tensor) -> Result<(u32, u32, Vec<u8>)> {
+    let (c, h, w) = image.dims3()?;
+    if c != 3 {
+        return Err(Error::Msg(format!(
+            "expected a (3, H, W) image, got {:?}",
+            image.dims()
+        )));
+    }
+    let hwc: Vec<f32> = image
+        .to_dtype(DType::F32)?
+        .permute((1, 2, 0))?
+        .flatten_all()?
+        .to_vec1()?;
+    let bytes = hwc
+        .iter()
+        .map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
+        .collect();
+    Ok((w as u32, h as u32, bytes))
+}
+
+/// Writes a PNG; `parameters` goes into a tEXt chunk named `parameters`. The file is written
+/// to a temporary name and renamed, so a failure never leaves half an image.
+pub fn save_png(image: &Tensor, path: &Path, parameters: Option<&str>) -> Result<()> {
+    let (w, h, bytes) = to_rgb8(image)?;
+    let io_error = |e: &dyn std::fmt::Display| Error::File {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    };
+    let tmp = path.with_extension("png.partial");
+    {
+        let file = std::fs::File::create(&tmp).map_err(|e| io_error(&e))?;
+        let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), w, h);
+        encoder.set_color(png::ColorType::Rgb);
+        encoder.set_depth(png::BitDepth::Eight);
+        if let Some(text) = parameters {
+            encoder
+                .add_text_chunk("parameters".to_string(), text.to_string())
+                .map_err(|e| io_error(&e))?;
+        }
+        let mut writer = encoder.write_header().map_err(|e| io_error(&e))?;
+        writer.write_image_data(&bytes).map_err(|e| io_error(&e))?;
+        writer.finish().map_err(|e| io_error(&e))?;
+    }
+    std::fs::rename(&tmp, path).map_err(|e| io_error(&e))
+}
+
+/// The AUTOMATIC1111 `parameters` text: prompt, `Negative prompt: ...`, then one line of
+/// `Key: value` pairs.
+pub fn a1111_parameters(prompt: &str, negative: &str, settings: &[(&str, String)]) -> String {
+    let mut text = prompt.to_string();
+    if !negative.is_empty() {
+        text.push_str(&format!("\nNegative prompt: {negative}"));
+    }
+    let pairs: Vec<String> = settings.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+    text.push('\n');
+    text.push_str(&pairs.join(", "));
+    text
+}

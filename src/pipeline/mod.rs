@@ -1,0 +1,190 @@
+//! Pipelines: a Stable Diffusion model folder loaded as one bundle, classifier-free guidance,
+//! and txt2img.
+
+pub mod guidance;
+pub mod txt2img;
+
+use crate::error::{Error, Result};
+use crate::model::config::{read_json, ClipTextConfig, UNetConfig, VaeConfig};
+use crate::model::text::ClipTextModel;
+use crate::model::unet::UNet2DConditionModel;
+use crate::model::vae::AutoencoderKL;
+use crate::sampler::SchedulerConfig;
+use crate::tokenizer::ClipTokenizer;
+use candle_core::{DType, Device, Tensor};
+use std::path::{Path, PathBuf};
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Dtype of the text encoder and U-Net.
+    pub dtype: DType,
+    /// Dtype of the VAE: f32 unless asked, since f16 SD VAEs overflow to black images.
+    pub vae_dtype: DType,
+    pub device: Device,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            dtype: DType::F32,
+            vae_dtype: DType::F32,
+            device: Device::Cpu,
+        }
+    }
+}
+
+/// A Stable Diffusion pipeline folder in the diffusers layout, loaded.
+pub struct StableDiffusion {
+    pub root: PathBuf,
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextModel,
+    pub unet: UNet2DConditionModel,
+    pub vae: AutoencoderKL,
+    pub scheduler: SchedulerConfig,
+    pub options: LoadOptions,
+}
+
+fn file_error(path: &Path, message: impl Into<String>) -> Error {
+    Error::File {
+        path: path.display().to_string(),
+        message: message.into(),
+    }
+}
+
+/// The weights file of a component folder: `<stem>.safetensors`, or the fp16 variant.
+fn weights_file(dir: &Path, stem: &str) -> Result<PathBuf> {
+    for name in [
+        format!("{stem}.safetensors"),
+        format!("{stem}.fp16.safetensors"),
+    ] {
+        let path = dir.join(&name);
+        if path.exists() {
+            return Ok(path);
+        }
+    }
+    for pickle in [format!("{stem}.bin"), format!("{stem}.ckpt")] {
+        let path = dir.join(&pickle);
+        if path.exists() {
+            return crate::weights::check_safetensors(&path).map(|_| path);
+        }
+    }
+    Err(file_error(
+        &dir.join(format!("{stem}.safetensors")),
+        "missing: each component folder needs its safetensors weights",
+    ))
+}
+
+impl StableDiffusion {
+    /// Loads `model_index.json`, `tokenizer/`, `text_encoder/`, `unet/`, `vae/`, `scheduler/`.
+    pub fn load_dir(root: &Path, options: LoadOptions) -> Result<Self> {
+        let index_path = root.join("model_index.json");
+        let index: serde_json::Value = read_json(&index_path)?;
+        let class = index
+            .get("_class_name")
+            .and_then(|v| v.as_str())
+            .unwrap_or("");
+        if !matches!(
+            class,
+            "StableDiffusionPipeline" | "StableDiffusionImg2ImgPipeline"
+        ) {
+            return Err(file_error(
+                &index_path,
+                format!(
+                    "_class_name = {class:?} is not a model type this crate runs; expected \
+                     StableDiffusionPipeline (SD 1.x, 2.x, Turbo)"
+                ),
+            ));
+        }
+        let tokenizer = ClipTokenizer::from_dir(&root.join("tokenizer"))?;
+        let device = &options.device;
+        let text_dir = root.join("text_encoder");
+        let text_config: ClipTextConfig = read_json(&text_dir.join("config.json"))?;
+        let text_weights = weights_file(&text_dir, "model")?;
+        let text_encoder = ClipTextModel::new(
+            text_config,
+            crate::weights::var_builder(&[&text_weights], options.dtype, device)?,
+        )
+        .map_err(|e| file_error(&text_weights, e.to_string()))?;
+        let unet_dir = root.join("unet");
+        let unet_config: UNetConfig = read_json(&unet_dir.join("config.json"))?;
+        let unet_weights = weights_file(&unet_dir, "diffusion_pytorch_model")?;
+        let unet = UNet2DConditionModel::new(
+            unet_config,
+            crate::weights::var_builder(&[&unet_weights], options.dtype, device)?,
+        )
+        .map_err(|e| file_error(&unet_weights, e.to_string()))?;
+        let vae_dir = root.join("vae");
+        let vae_config: VaeConfig = read_json(&vae_dir.join("config.json"))?;
+        let vae_weights = weights_file(&vae_dir, "diffusion_pytorch_model")?;
+        let vae = AutoencoderKL::new(
+            vae_config,
+            crate::weights::var_builder(&[&vae_weights], options.vae_dtype, device)?,
+        )
+        .map_err(|e| file_error(&vae_weights, e.to_string()))?;
+        let scheduler =
+            SchedulerConfig::from_file(&root.join("scheduler").join("scheduler_config.json"))?;
+        Ok(Self {
+            root: root.to_path_buf(),
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            scheduler,
+            options,
+        })
+    }
+
+    /// Text states (1, 77, D) of one prompt; also whether it was truncated.
+    pub fn encode_prompt(&self, prompt: &str) -> Result<(Tensor, bool)> {
+        let encoded = self.tokenizer.encode(prompt)?;
+        let truncated = encoded.untruncated_len > self.tokenizer.max_length;
+        let ids = Tensor::new(encoded.ids.as_slice(), &self.options.device)?.unsqueeze(0)?;
+        Ok((self.text_encoder.forward(&ids)?, truncated))
+    }
+
+    /// Latent channels and the pixel-per-latent factor of the VAE.
+    pub fn latent_shape(&self, width: usize, height: usize) -> (usize, usize, usize) {
+        let factor = 1 << (self.vae.config.block_out_channels.len() - 1);
+        (
+            self.vae.config.latent_channels,
+            height / factor,
+            width / factor,
+        )
+    }
+
+    pub fn vae_scale_factor(&self) -> usize {
+        1 << (self.vae.config.block_out_channels.len() - 1)
+    }
+
+    /// Latents (scaled, as the U-Net sees them) to images in [0, 1], (B, 3, H, W), f32.
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        let c = &self.vae.config;
+        let mut z = latents
+            .to_dtype(self.options.vae_dtype)?
+            .affine(1.0 / c.scaling_factor, 0.0)?;
+        if let Some(shift) = c.shift_factor {
+            z = z.affine(1.0, shift)?;
+        }
+        let image = self.vae.decode(&z)?.to_dtype(DType::F32)?;
+        Ok(image.affine(0.5, 0.5)?.clamp(0.0, 1.0)?)
+    }
+
+    /// Images in [0, 1] (B, 3, H, W) to scaled latents: the posterior mean, or a draw from it
+    /// when `noise` is given.
+    pub fn encode_image(&self, image: &Tensor, noise: Option<&Tensor>) -> Result<Tensor> {
+        let c = &self.vae.config;
+        let posterior = self
+            .vae
+            .encode(&image.to_dtype(self.options.vae_dtype)?.affine(2.0, -1.0)?)?;
+        let mut z = match noise {
+            Some(n) => posterior.sample(&n.to_dtype(self.options.vae_dtype)?)?,
+            None => posterior.mean,
+        };
+        if let Some(shift) = c.shift_factor {
+            z = z.affine(1.0, -shift)?;
+        }
+        Ok(z.affine(c.scaling_factor, 0.0)?
+            .to_dtype(self.options.dtype)?)
+    }
+}

@@ -1,0 +1,133 @@
+//! Text to image: encode the prompt and the negative prompt, draw (or take) latents, run any
+//! sampler on the guided U-Net, decode with the VAE.
+
+use super::guidance::GuidedUNet;
+use super::StableDiffusion;
+use crate::error::{Error, Result};
+use crate::sampler::{Callback, Sampler, SeededNoise, StepEvent};
+use candle_core::{DType, Tensor};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct Txt2ImgRequest {
+    pub prompt: String,
+    pub negative: String,
+    pub guidance: f64,
+    pub guidance_rescale: f64,
+    pub width: usize,
+    pub height: usize,
+    pub num_images: usize,
+    pub seed: u64,
+    /// Unscaled starting latents (B, C, h, w), as diffusers' `latents=`: multiplied by the
+    /// sampler's init noise sigma. They fix the batch and the size.
+    pub latents: Option<Tensor>,
+}
+
+pub struct Txt2ImgOutput {
+    /// (B, 3, H, W) in [0, 1].
+    pub images: Tensor,
+    /// Final latents, before the VAE scaling is undone.
+    pub latents: Tensor,
+    pub prompt_truncated: bool,
+    pub text_time: Duration,
+    pub step_times: Vec<Duration>,
+    pub decode_time: Duration,
+}
+
+/// Checks the size: positive multiples of 8 (the VAE's factor in SD).
+pub fn check_size(width: usize, height: usize, factor: usize) -> Result<()> {
+    for (name, v) in [("width", width), ("height", height)] {
+        if v == 0 || v % factor != 0 {
+            return Err(Error::bad_value(
+                &format!("--{name}"),
+                v,
+                &format!("a positive multiple of {factor}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Fails on the first non-finite value in the latents, naming the step.
+fn check_finite(event: &StepEvent) -> candle_core::Result<()> {
+    let total = event
+        .sample
+        .to_dtype(DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()?;
+    if !total.is_finite() {
+        candle_core::bail!(
+            "the latents became NaN or infinite at step {} (t = {}); try f32, another sampler or fewer guidance",
+            event.index + 1,
+            event.t
+        )
+    }
+    Ok(())
+}
+
+pub fn txt2img(
+    sd: &StableDiffusion,
+    sampler: &dyn Sampler,
+    request: &Txt2ImgRequest,
+    on_step: &mut Callback,
+) -> Result<Txt2ImgOutput> {
+    let device = &sd.options.device;
+    let started = Instant::now();
+    let (cond, truncated) = sd.encode_prompt(&request.prompt)?;
+    let (uncond, _) = sd.encode_prompt(&request.negative)?;
+    let text_time = started.elapsed();
+
+    let mut noise = SeededNoise::new(request.seed);
+    let latents = match &request.latents {
+        Some(l) => {
+            let (c, _, _) = sd.latent_shape(request.width, request.height);
+            if l.rank() != 4 || l.dim(1)? != c {
+                return Err(Error::Msg(format!(
+                    "latents have shape {:?}; expected [N, {c}, h, w]",
+                    l.dims()
+                )));
+            }
+            l.to_device(device)?.to_dtype(DType::F32)?
+        }
+        None => {
+            check_size(request.width, request.height, sd.vae_scale_factor())?;
+            let (c, h, w) = sd.latent_shape(request.width, request.height);
+            noise
+                .randn(&[request.num_images, c, h, w])?
+                .to_device(device)?
+        }
+    };
+    let batch = latents.dim(0)?;
+    let context = Tensor::cat(
+        &[uncond.repeat((batch, 1, 1))?, cond.repeat((batch, 1, 1))?],
+        0,
+    )?;
+    let mut model = GuidedUNet {
+        unet: &sd.unet,
+        context,
+        guidance: request.guidance,
+        guidance_rescale: request.guidance_rescale,
+        prediction_type: sd.scheduler.prediction_type,
+        dtype: sd.options.dtype,
+    };
+    let x_start = latents.affine(sampler.init_noise_sigma(), 0.0)?;
+    let mut step_times = Vec::new();
+    let mut last = Instant::now();
+    let mut callback = |event: &StepEvent| {
+        check_finite(event)?;
+        step_times.push(last.elapsed());
+        last = Instant::now();
+        on_step(event)
+    };
+    let final_latents = sampler.sample(&mut model, x_start, &mut noise, &mut callback)?;
+    let decode_start = Instant::now();
+    let images = sd.decode(&final_latents)?;
+    Ok(Txt2ImgOutput {
+        images,
+        latents: final_latents,
+        prompt_truncated: truncated,
+        text_time,
+        step_times,
+        decode_time: decode_start.elapsed(),
+    })
+}

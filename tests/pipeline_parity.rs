@@ -1,0 +1,91 @@
+//! Whole txt2img runs against diffusers' StableDiffusionPipeline on the tiny fixture: DDIM and
+//! Euler, 4 steps, guidance 7.5, the recorded starting latents.
+
+mod common;
+
+use common::{fixture_path, max_abs_diff, Fixture};
+use diffuse::pipeline::txt2img::{txt2img, Txt2ImgRequest};
+use diffuse::pipeline::{LoadOptions, StableDiffusion};
+use diffuse::sampler::{build_sampler, SamplerKind, SamplerOptions, SchedulerConfig, StepEvent};
+use diffuse::tensor_ops::max_abs;
+
+fn run_case(case: &str) {
+    let fx = Fixture::load("model_reference.safetensors");
+    let sd = StableDiffusion::load_dir(&fixture_path("tiny-sd"), LoadOptions::default()).unwrap();
+    let call: serde_json::Value =
+        serde_json::from_str(fx.meta_str(&format!("{case}/call"))).unwrap();
+    let config =
+        SchedulerConfig::from_json_str(fx.meta_str(&format!("{case}/scheduler_config"))).unwrap();
+    let kind = SamplerKind::from_class_name(call["scheduler"].as_str().unwrap()).unwrap();
+    let options = SamplerOptions {
+        eta: call["call_kwargs"]["eta"].as_f64().unwrap_or(0.0),
+        ..Default::default()
+    };
+    let steps = call["steps"].as_u64().unwrap() as usize;
+    let sampler = build_sampler(kind, &config, &options, steps).unwrap();
+    assert_eq!(
+        sampler.timesteps(),
+        fx.values_f64(&format!("{case}/timesteps"))
+    );
+
+    let prompt = call["prompt"].as_str().unwrap();
+    let negative = call["negative_prompt"].as_str().unwrap();
+    let (cond, _) = sd.encode_prompt(prompt).unwrap();
+    let (uncond, _) = sd.encode_prompt(negative).unwrap();
+    assert!(max_abs_diff(&cond, fx.tensor(&format!("{case}/prompt_embeds"))) < 1e-4);
+    assert!(
+        max_abs_diff(
+            &uncond,
+            fx.tensor(&format!("{case}/negative_prompt_embeds"))
+        ) < 1e-4
+    );
+
+    let request = Txt2ImgRequest {
+        prompt: prompt.into(),
+        negative: negative.into(),
+        guidance: call["guidance_scale"].as_f64().unwrap(),
+        guidance_rescale: 0.0,
+        width: 128,
+        height: 128,
+        num_images: 1,
+        seed: 0,
+        latents: Some(fx.tensor(&format!("{case}/latents_in")).clone()),
+    };
+    let mut steps_seen = Vec::new();
+    let mut record = |e: &StepEvent| {
+        steps_seen.push(e.sample.clone());
+        Ok(())
+    };
+    let out = txt2img(&sd, sampler.as_ref(), &request, &mut record).unwrap();
+    let expected_steps = fx.tensor(&format!("{case}/step_latents"));
+    for (i, ours) in steps_seen.iter().enumerate() {
+        let theirs = expected_steps.get(i).unwrap();
+        let scale = max_abs(&theirs).unwrap().max(1.0);
+        let err = max_abs_diff(ours, &theirs);
+        eprintln!("{case} step {i}: {err:.2e} (max |latent| {scale:.1})");
+        assert!(err <= 1e-3 * scale, "{case} step {i}: {err:e}");
+    }
+    let final_expected = fx.tensor(&format!("{case}/final_latents"));
+    let scale = max_abs(final_expected).unwrap().max(1.0);
+    assert!(max_abs_diff(&out.latents, final_expected) <= 1e-3 * scale);
+
+    // Images: NHWC in the fixture, NCHW here; within 1e-3 as floats and 1 LSB as 8-bit.
+    let ours = out.images.permute((0, 2, 3, 1)).unwrap();
+    let theirs = fx.tensor(&format!("{case}/image"));
+    let err = max_abs_diff(&ours, theirs);
+    eprintln!("{case} image: {err:.2e}");
+    assert!(err <= 1e-3, "{case} image differs by {err:e}");
+    let ours_u8 = (ours * 255.0).unwrap().round().unwrap();
+    let theirs_u8 = (theirs * 255.0).unwrap().round().unwrap();
+    assert!(max_abs_diff(&ours_u8, &theirs_u8) <= 1.0);
+}
+
+#[test]
+fn ddim_pipeline_matches_diffusers() {
+    run_case("pipe_ddim");
+}
+
+#[test]
+fn euler_pipeline_matches_diffusers() {
+    run_case("pipe_euler");
+}
