@@ -23,9 +23,10 @@ pub const SAMPLER_GUIDE: [(&str, &str); 13] = [
 
 #[derive(Debug, Clone, Args)]
 pub struct SamplerArgs {
-    /// Sampler: ddpm, ddim, pndm, lms, euler, euler-a, heun, dpmpp-2m, unipc, rk45, sde, pc, ald.
-    #[arg(long, default_value = "ddim")]
-    pub sampler: String,
+    /// Sampler: ddpm, ddim, pndm, lms, euler, euler-a, heun, dpmpp-2m, unipc, rk45, sde, pc, ald
+    /// (default: the one the model's scheduler config names).
+    #[arg(long)]
+    pub sampler: Option<String>,
     /// Number of sampling steps (for rk45: the grid it starts from; its steps adapt).
     #[arg(long, default_value_t = 50)]
     pub steps: usize,
@@ -73,8 +74,12 @@ impl SamplerTuning {
 }
 
 impl SamplerArgs {
-    pub fn kind(&self) -> crate::Result<SamplerKind> {
-        SamplerKind::parse(&self.sampler)
+    /// The sampler asked for, else the config's `_class_name`, else DDIM.
+    pub fn kind(&self, config: &SchedulerConfig) -> crate::Result<SamplerKind> {
+        match &self.sampler {
+            Some(name) => SamplerKind::parse(name),
+            None => Ok(config.class_kind()?.unwrap_or(SamplerKind::Ddim)),
+        }
     }
 
     /// The scheduler config to use: the file given, else the model's.
@@ -89,6 +94,11 @@ impl SamplerArgs {
     }
 
     pub fn build(&self, config: &SchedulerConfig) -> crate::Result<Box<dyn Sampler>> {
-        build_sampler(self.kind()?, config, &self.tuning.options(), self.steps)
+        build_sampler(
+            self.kind(config)?,
+            config,
+            &self.tuning.options(),
+            self.steps,
+        )
     }
 }

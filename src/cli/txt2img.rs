@@ -1,21 +1,254 @@
-//! `txt2img`: text to PNG. The model code lands with the Stable Diffusion pipeline; until then
-//! the command checks its arguments and says plainly that it cannot generate yet.
+//! `txt2img` (and `diffuse txt2img`): prompts to PNGs.
 
 use super::sampler_args::SamplerArgs;
+use crate::image_io::{a1111_parameters, save_png};
+use crate::pipeline::txt2img::{txt2img, Txt2ImgRequest};
+use crate::pipeline::{LoadOptions, StableDiffusion};
+use anyhow::{bail, Context};
+use candle_core::DType;
 use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 #[derive(Debug, Clone, Args)]
 pub struct Txt2imgArgs {
     /// The prompt.
     pub prompt: Option<String>,
+    /// A text file with one prompt per line (blank lines skipped).
+    #[arg(long)]
+    pub prompts_file: Option<PathBuf>,
+    /// A diffusers pipeline folder (default: the embedded model in weights/).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// What to steer away from (classifier-free guidance's unconditional prompt).
+    #[arg(long, default_value = "")]
+    pub negative: String,
+    /// Classifier-free guidance scale; at or below 1 guidance is off.
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance: f64,
+    /// Guidance rescale phi (Lin et al. 2023), 0 to 1.
+    #[arg(long, default_value_t = 0.0)]
+    pub guidance_rescale: f64,
     #[command(flatten)]
     pub sampler: SamplerArgs,
+    /// Seed of the starting noise (default: a random one, printed and stored in the PNG).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Width in pixels, a multiple of 8 (default: the model's native size).
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Height in pixels, a multiple of 8 (default: the model's native size).
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// Images per prompt.
+    #[arg(long, default_value_t = 1)]
+    pub num_images: usize,
+    /// A safetensors file with tensor `latents` [N, 4, h, w]: diffusers' `latents=`.
+    #[arg(long)]
+    pub latents: Option<PathBuf>,
+    /// Output PNG; numbered (name-1.png, ...) when there are several images.
+    #[arg(long, short, default_value = "txt2img.png")]
+    pub output: PathBuf,
+    /// Weights dtype of the text encoder and U-Net: f32, f16, bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// VAE dtype (f32 by default: f16 SD VAEs overflow to black images).
+    #[arg(long, default_value = "f32")]
+    pub vae_dtype: String,
+}
+
+fn parse_dtype(flag: &str, name: &str) -> anyhow::Result<DType> {
+    Ok(match name {
+        "f32" => DType::F32,
+        "f16" => DType::F16,
+        "bf16" => DType::BF16,
+        other => bail!("{flag} = {other} is not allowed; expected f32, f16 or bf16"),
+    })
+}
+
+fn model_dir(model: Option<&str>) -> anyhow::Result<PathBuf> {
+    match model {
+        Some(m) => {
+            let path = PathBuf::from(m);
+            if path.is_dir() {
+                Ok(path)
+            } else {
+                bail!("--model {m}: no such folder (a diffusers pipeline folder with model_index.json)")
+            }
+        }
+        None => {
+            let embedded = Path::new(env!("CARGO_MANIFEST_DIR")).join("weights");
+            if embedded.join("model_index.json").exists() {
+                eprintln!("using the embedded default model in {}", embedded.display());
+                Ok(embedded)
+            } else {
+                bail!(
+                    "there is no embedded default model yet (weights/model_index.json); \
+                     give --model with a diffusers pipeline folder"
+                )
+            }
+        }
+    }
+}
+
+fn prompts(args: &Txt2imgArgs) -> anyhow::Result<Vec<String>> {
+    let list = match (&args.prompt, &args.prompts_file) {
+        (Some(_), Some(_)) => bail!("give a prompt or --prompts-file, not both"),
+        (Some(p), None) => vec![p.clone()],
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect(),
+        (None, None) => {
+            bail!("no prompt: give one, e.g. txt2img \"a photo of a cat\", or --prompts-file")
+        }
+    };
+    if list.iter().all(|p| p.trim().is_empty()) {
+        bail!("the prompt is empty");
+    }
+    Ok(list)
+}
+
+fn numbered(output: &Path, index: usize, total: usize) -> PathBuf {
+    if total == 1 {
+        return output.to_path_buf();
+    }
+    let stem = output
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("image");
+    output.with_file_name(format!("{stem}-{}.png", index + 1))
 }
 
 pub fn run(args: Txt2imgArgs) -> anyhow::Result<()> {
-    args.sampler.kind()?;
-    anyhow::bail!(
-        "txt2img is not yet available: the Stable Diffusion pipeline (text encoder, U-Net, VAE) \
-         has not landed; `diffuse toy swiss-roll` runs the samplers today"
-    )
+    // Check everything cheap before loading weights.
+    let prompts = prompts(&args)?;
+    let options = LoadOptions {
+        dtype: parse_dtype("--dtype", &args.dtype)?,
+        vae_dtype: parse_dtype("--vae-dtype", &args.vae_dtype)?,
+        ..Default::default()
+    };
+    if let Some(name) = &args.sampler.sampler {
+        crate::sampler::SamplerKind::parse(name)?;
+    }
+    anyhow::ensure!(
+        args.num_images >= 1,
+        "--num-images = 0 is not allowed; expected at least 1"
+    );
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&args.guidance_rescale),
+        "--guidance-rescale = {} is not allowed; expected 0 to 1",
+        args.guidance_rescale
+    );
+    let dir = model_dir(args.model.as_deref())?;
+    let latents = match &args.latents {
+        Some(path) => Some(
+            candle_core::safetensors::load(path, &candle_core::Device::Cpu)
+                .with_context(|| format!("reading {}", path.display()))?
+                .remove("latents")
+                .with_context(|| format!("{}: no tensor named `latents`", path.display()))?,
+        ),
+        None => None,
+    };
+
+    let load_start = Instant::now();
+    let sd = StableDiffusion::load_dir(&dir, options)?;
+    eprintln!(
+        "loaded {} in {:.2} s",
+        dir.display(),
+        load_start.elapsed().as_secs_f64()
+    );
+    let scheduler = args.sampler.scheduler_config(sd.scheduler.clone())?;
+    let kind = args.sampler.kind(&scheduler)?;
+    let sampler = args.sampler.build(&scheduler)?;
+    let factor = sd.vae_scale_factor();
+    let native = sd.unet.config.sample_size.unwrap_or(64) * factor;
+    let (mut width, mut height) = (args.width.unwrap_or(native), args.height.unwrap_or(native));
+    if let Some(l) = &latents {
+        // The latents fix the size, as in diffusers.
+        (height, width) = (l.dim(2)? * factor, l.dim(3)? * factor);
+    }
+    crate::pipeline::txt2img::check_size(width, height, factor)?;
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+            % 1_000_000_007
+    });
+
+    let total_images = prompts.len()
+        * latents
+            .as_ref()
+            .map_or(args.num_images, |l| l.dim(0).unwrap_or(1));
+    let mut written = 0;
+    for (p_index, prompt) in prompts.iter().enumerate() {
+        let prompt_seed = seed.wrapping_add(p_index as u64);
+        let request = Txt2ImgRequest {
+            prompt: prompt.clone(),
+            negative: args.negative.clone(),
+            guidance: args.guidance,
+            guidance_rescale: args.guidance_rescale,
+            width,
+            height,
+            num_images: args.num_images,
+            seed: prompt_seed,
+            latents: latents.clone(),
+        };
+        let bar = ProgressBar::new(sampler.timesteps().len() as u64);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{msg} {bar:30} {pos}/{len} [{elapsed} < {eta}, {per_sec}]",
+            )
+            .expect("valid template"),
+        );
+        bar.set_message(kind.cli_name());
+        let mut on_step = |_: &crate::sampler::StepEvent| {
+            bar.inc(1);
+            Ok(())
+        };
+        let out = txt2img(&sd, sampler.as_ref(), &request, &mut on_step)?;
+        bar.finish_and_clear();
+        if out.prompt_truncated {
+            eprintln!(
+                "warning: the prompt is longer than {} tokens and was truncated",
+                sd.tokenizer.max_length
+            );
+        }
+        let settings = vec![
+            ("Steps", args.sampler.steps.to_string()),
+            ("Sampler", kind.cli_name().to_string()),
+            ("CFG scale", args.guidance.to_string()),
+            ("Seed", prompt_seed.to_string()),
+            ("Size", format!("{width}x{height}")),
+            (
+                "Model",
+                dir.file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or("model")
+                    .to_string(),
+            ),
+        ];
+        let parameters = a1111_parameters(prompt, &args.negative, &settings);
+        for i in 0..out.images.dim(0)? {
+            let path = numbered(&args.output, written, total_images);
+            save_png(&out.images.get(i)?, &path, Some(&parameters))?;
+            println!("{}", path.display());
+            written += 1;
+        }
+        let mean_step = out.step_times.iter().map(|d| d.as_secs_f64()).sum::<f64>()
+            / out.step_times.len().max(1) as f64;
+        eprintln!(
+            "text encoding {:.3} s, {:.3} s per step (mean of {}), decoding {:.3} s, seed {prompt_seed}",
+            out.text_time.as_secs_f64(),
+            mean_step,
+            out.step_times.len(),
+            out.decode_time.as_secs_f64()
+        );
+    }
+    Ok(())
 }
