@@ -55,3 +55,106 @@ pub fn var_builder(paths: &[&Path], dtype: DType, device: &Device) -> Result<Var
     // read-only.
     unsafe { VarBuilder::from_mmaped_safetensors(paths, dtype, device) }.map_err(Error::from)
 }
+
+/// A safetensors backend that names the file in every error, checks shapes against what the
+/// model asks for, and records which tensors were used so that unexpected ones can be reported.
+struct CheckedSafetensors {
+    inner: candle_core::safetensors::MmapedSafetensors,
+    file: String,
+    used: std::sync::Mutex<std::collections::BTreeSet<String>>,
+}
+
+struct SharedChecked(std::sync::Arc<CheckedSafetensors>);
+
+impl candle_nn::var_builder::SimpleBackend for SharedChecked {
+    fn get(
+        &self,
+        shape: candle_core::Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        let this = &self.0;
+        let Ok(view) = this.inner.get(name) else {
+            candle_core::bail!(
+                "{}: missing tensor {name} (the config needs shape {:?})",
+                this.file,
+                shape.dims()
+            )
+        };
+        if view.shape() != shape.dims() {
+            candle_core::bail!(
+                "{}: tensor {name} has shape {:?}, the config needs {:?}",
+                this.file,
+                view.shape(),
+                shape.dims()
+            )
+        }
+        this.used.lock().expect("lock").insert(name.to_string());
+        this.inner.load(name, dev)?.to_dtype(dtype)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        self.0.used.lock().expect("lock").insert(name.to_string());
+        self.0.inner.load(name, dev)?.to_dtype(dtype)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.inner.get(name).is_ok()
+    }
+}
+
+/// Builds a model from one safetensors file and refuses files with tensors the model does not
+/// use (a checkpoint for another configuration), naming them. Buffers that hold no weights
+/// (`position_ids`) are allowed.
+pub fn load_checked<T>(
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+    build: impl FnOnce(VarBuilder) -> Result<T>,
+) -> Result<T> {
+    check_safetensors(path)?;
+    // SAFETY: checked above to be a complete safetensors file; mapped read-only.
+    let inner = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }
+        .map_err(|e| file_error(path, e.to_string()))?;
+    let checked = std::sync::Arc::new(CheckedSafetensors {
+        inner,
+        file: path.display().to_string(),
+        used: Default::default(),
+    });
+    let vb = VarBuilder::from_backend(
+        Box::new(SharedChecked(checked.clone())),
+        dtype,
+        device.clone(),
+    );
+    let model = build(vb)?;
+    let used = checked.used.lock().expect("lock");
+    let unexpected: Vec<String> = checked
+        .inner
+        .tensors()
+        .into_iter()
+        .map(|(name, _)| name)
+        .filter(|name| !used.contains(name) && !name.ends_with("position_ids"))
+        .collect();
+    if !unexpected.is_empty() {
+        let mut sorted = unexpected.clone();
+        sorted.sort();
+        let shown: Vec<&str> = sorted.iter().take(5).map(String::as_str).collect();
+        return Err(file_error(
+            path,
+            format!(
+                "has {} tensors the config does not use ({}{}): is it for another model configuration?",
+                sorted.len(),
+                shown.join(", "),
+                if sorted.len() > 5 { ", ..." } else { "" }
+            ),
+        ));
+    }
+    Ok(model)
+}

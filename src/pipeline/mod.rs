@@ -11,6 +11,7 @@ use crate::model::unet::UNet2DConditionModel;
 use crate::model::vae::AutoencoderKL;
 use crate::sampler::SchedulerConfig;
 use crate::tokenizer::ClipTokenizer;
+use crate::weights::load_checked;
 use candle_core::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};
 
@@ -101,27 +102,21 @@ impl StableDiffusion {
         let text_dir = root.join("text_encoder");
         let text_config: ClipTextConfig = read_json(&text_dir.join("config.json"))?;
         let text_weights = weights_file(&text_dir, "model")?;
-        let text_encoder = ClipTextModel::new(
-            text_config,
-            crate::weights::var_builder(&[&text_weights], options.dtype, device)?,
-        )
-        .map_err(|e| file_error(&text_weights, e.to_string()))?;
+        let text_encoder = load_checked(&text_weights, options.dtype, device, |vb| {
+            ClipTextModel::new(text_config, vb)
+        })?;
         let unet_dir = root.join("unet");
         let unet_config: UNetConfig = read_json(&unet_dir.join("config.json"))?;
         let unet_weights = weights_file(&unet_dir, "diffusion_pytorch_model")?;
-        let unet = UNet2DConditionModel::new(
-            unet_config,
-            crate::weights::var_builder(&[&unet_weights], options.dtype, device)?,
-        )
-        .map_err(|e| file_error(&unet_weights, e.to_string()))?;
+        let unet = load_checked(&unet_weights, options.dtype, device, |vb| {
+            UNet2DConditionModel::new(unet_config, vb)
+        })?;
         let vae_dir = root.join("vae");
         let vae_config: VaeConfig = read_json(&vae_dir.join("config.json"))?;
         let vae_weights = weights_file(&vae_dir, "diffusion_pytorch_model")?;
-        let vae = AutoencoderKL::new(
-            vae_config,
-            crate::weights::var_builder(&[&vae_weights], options.vae_dtype, device)?,
-        )
-        .map_err(|e| file_error(&vae_weights, e.to_string()))?;
+        let vae = load_checked(&vae_weights, options.vae_dtype, device, |vb| {
+            AutoencoderKL::new(vae_config, vb)
+        })?;
         let scheduler =
             SchedulerConfig::from_file(&root.join("scheduler").join("scheduler_config.json"))?;
         Ok(Self {

@@ -1,0 +1,169 @@
+//! A damaged or mismatched model folder gives an error naming the file or tensor, never a panic.
+
+mod common;
+
+use candle_core::{Device, Tensor};
+use common::fixture_path;
+use diffuse::pipeline::{LoadOptions, StableDiffusion};
+use std::path::{Path, PathBuf};
+
+/// A private copy of the tiny-sd folder to damage.
+fn copy_fixture(name: &str) -> PathBuf {
+    let dst = std::env::temp_dir().join(format!("diffuse-weights-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dst);
+    copy_dir(&fixture_path("tiny-sd"), &dst);
+    dst
+}
+
+fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for entry in std::fs::read_dir(src).unwrap() {
+        let entry = entry.unwrap();
+        let target = dst.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+fn load_error(dir: &Path) -> String {
+    let result = StableDiffusion::load_dir(dir, LoadOptions::default());
+    std::fs::remove_dir_all(dir).ok();
+    match result {
+        Ok(_) => panic!("loading a damaged folder succeeded"),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn unet_file(dir: &Path) -> PathBuf {
+    dir.join("unet").join("diffusion_pytorch_model.safetensors")
+}
+
+fn rewrite_unet(dir: &Path, edit: impl FnOnce(&mut std::collections::HashMap<String, Tensor>)) {
+    let path = unet_file(dir);
+    let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    edit(&mut tensors);
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+}
+
+#[test]
+fn truncated_weights_are_named() {
+    let dir = copy_fixture("truncated");
+    let path = unet_file(&dir);
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let err = load_error(&dir);
+    assert!(
+        err.contains("diffusion_pytorch_model.safetensors") && err.contains("truncated"),
+        "{err}"
+    );
+}
+
+#[test]
+fn non_safetensors_file_is_named() {
+    let dir = copy_fixture("garbage");
+    std::fs::write(unet_file(&dir), b"this is not a safetensors file at all").unwrap();
+    let err = load_error(&dir);
+    assert!(
+        err.contains("diffusion_pytorch_model.safetensors")
+            && err.contains("not a valid safetensors"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_tensor_is_named_with_its_shape() {
+    let dir = copy_fixture("missing");
+    rewrite_unet(&dir, |t| {
+        t.remove("conv_out.weight");
+    });
+    let err = load_error(&dir);
+    assert!(
+        err.contains("missing tensor conv_out.weight") && err.contains("[4, 16, 3, 3]"),
+        "{err}"
+    );
+}
+
+#[test]
+fn wrong_shape_names_both_shapes() {
+    let dir = copy_fixture("shape");
+    rewrite_unet(&dir, |t| {
+        t.insert(
+            "conv_in.weight".into(),
+            Tensor::zeros((16, 3, 3, 3), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        );
+    });
+    let err = load_error(&dir);
+    assert!(
+        err.contains("conv_in.weight")
+            && err.contains("[16, 3, 3, 3]")
+            && err.contains("[16, 4, 3, 3]"),
+        "{err}"
+    );
+}
+
+#[test]
+fn extra_tensors_are_listed() {
+    let dir = copy_fixture("extra");
+    rewrite_unet(&dir, |t| {
+        t.insert(
+            "lora.extra.weight".into(),
+            Tensor::zeros(3, candle_core::DType::F32, &Device::Cpu).unwrap(),
+        );
+    });
+    let err = load_error(&dir);
+    assert!(
+        err.contains("lora.extra.weight") && err.contains("1 tensors"),
+        "{err}"
+    );
+}
+
+#[test]
+fn pickle_checkpoints_are_refused() {
+    let dir = copy_fixture("pickle");
+    let path = unet_file(&dir);
+    std::fs::rename(&path, path.with_extension("bin")).unwrap();
+    let err = load_error(&dir);
+    assert!(err.contains("pickle"), "{err}");
+}
+
+#[test]
+fn unknown_model_type_is_refused() {
+    let dir = copy_fixture("class");
+    let index = dir.join("model_index.json");
+    let text = std::fs::read_to_string(&index)
+        .unwrap()
+        .replace("StableDiffusionPipeline", "FluxPipeline");
+    std::fs::write(&index, text).unwrap();
+    let err = load_error(&dir);
+    assert!(
+        err.contains("FluxPipeline") && err.contains("model_index.json"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unsupported_config_values_name_the_key() {
+    let dir = copy_fixture("config");
+    let config = dir.join("unet").join("config.json");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "\"resnet_time_scale_shift\": \"default\"",
+        "\"resnet_time_scale_shift\": \"scale_shift\"",
+    );
+    std::fs::write(&config, text).unwrap();
+    let err = load_error(&dir);
+    assert!(
+        err.contains("resnet_time_scale_shift") && err.contains("scale_shift"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_tokenizer_is_named() {
+    let dir = copy_fixture("tokenizer");
+    std::fs::remove_file(dir.join("tokenizer").join("tokenizer.json")).unwrap();
+    let err = load_error(&dir);
+    assert!(err.contains("tokenizer.json"), "{err}");
+}
