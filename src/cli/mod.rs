@@ -1,5 +1,6 @@
 //! The command line: one file a subcommand; `main.rs` and `bin/txt2img.rs` only dispatch.
 
+pub mod bench;
 pub mod sampler_args;
 pub mod toy;
 pub mod txt2img;
@@ -25,6 +26,8 @@ pub enum Command {
     Toy(toy::ToyArgs),
     /// List the samplers and what each is for.
     Samplers,
+    /// Time a model component with random weights of real shapes.
+    Bench(bench::BenchArgs),
 }
 
 /// Runs a parsed command line.
@@ -32,6 +35,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Txt2img(args) => txt2img::run(args),
         Command::Toy(args) => toy::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Samplers => {
             for (name, purpose) in sampler_args::SAMPLER_GUIDE {
                 println!("{name:>9}  {purpose}");

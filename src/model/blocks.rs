@@ -28,6 +28,10 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if !(x.track_op() || self.weight.track_op() || self.bias.track_op()) {
+            // Inference: candle's fused kernel (it has no backward, and none is needed).
+            return candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32);
+        }
         let dtype = x.dtype();
         let x = x.to_dtype(DType::F32)?;
         let mean = x.mean_keepdim(D::Minus1)?;
@@ -38,6 +42,16 @@ impl Module for LayerNorm {
             .to_dtype(dtype)?
             .broadcast_mul(&self.weight)?
             .broadcast_add(&self.bias)
+    }
+}
+
+/// Softmax over the last dimension: composed of elementary ops (with a backward pass) when a
+/// gradient can flow, candle's fused kernel (which has none) in inference.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if x.track_op() {
+        candle_nn::ops::softmax(x, D::Minus1)
+    } else {
+        candle_nn::ops::softmax_last_dim(x)
     }
 }
 
@@ -134,7 +148,7 @@ impl Attention {
         };
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?;
-        let weights = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(dtype)?;
+        let weights = softmax_last_dim(&scores)?.to_dtype(dtype)?;
         let out = weights
             .matmul(&v)?
             .reshape((b, self.heads, n, self.head_dim))?

@@ -3,7 +3,7 @@
 
 use super::blocks::LayerNorm;
 use super::config::ClipTextConfig;
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{embedding, linear, Embedding, Linear, VarBuilder};
 
 #[derive(Debug, Clone)]
@@ -39,7 +39,7 @@ impl ClipAttention {
         let k = split(self.k_proj.forward(x)?)?;
         let v = split(self.v_proj.forward(x)?)?;
         let scores = q.matmul(&k.t()?)?.broadcast_add(mask)?;
-        let weights = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let weights = super::blocks::softmax_last_dim(&scores)?;
         let out = weights.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
         self.out_proj.forward(&out)
     }

@@ -3,7 +3,7 @@
 
 use super::blocks::{conv1x1, conv3x3, Downsample2D, ResnetBlock2D, ResnetSettings, Upsample2D};
 use super::config::VaeConfig;
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::{group_norm, linear, Conv2d, GroupNorm, Linear, VarBuilder};
 
 /// The VAE's mid-block attention: one head over all channels, with biases and a group norm
@@ -39,7 +39,7 @@ impl VaeAttention {
         let k = self.to_k.forward(&tokens)?;
         let v = self.to_v.forward(&tokens)?;
         let scores = (q.matmul(&k.t()?)? * (1.0 / (c as f64).sqrt()))?;
-        let attended = candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(&v)?;
+        let attended = super::blocks::softmax_last_dim(&scores)?.matmul(&v)?;
         let out = self
             .to_out
             .forward(&attended)?
