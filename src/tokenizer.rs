@@ -26,6 +26,63 @@ fn file_error(path: &Path, message: impl Into<String>) -> Error {
     }
 }
 
+/// The CLIP tokenizer from the slow format (`vocab.json` + `merges.txt`, what SD 1.x/2.x repos
+/// ship): the BPE model with CLIP's normaliser (NFC, whitespace runs to one space, lower case),
+/// its word-splitting pattern, byte-level encoding, `</w>` word ends, and bos/eos added.
+fn from_vocab_and_merges(dir: &Path) -> Result<tokenizers::Tokenizer> {
+    let vocab_path = dir.join("vocab.json");
+    let merges_path = dir.join("merges.txt");
+    for path in [&vocab_path, &merges_path] {
+        if !path.exists() {
+            return Err(file_error(
+                path,
+                "missing: the tokenizer folder needs tokenizer.json, or vocab.json and merges.txt",
+            ));
+        }
+    }
+    let read =
+        |path: &Path| std::fs::read_to_string(path).map_err(|e| file_error(path, e.to_string()));
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&read(&vocab_path)?)
+            .map_err(|e| file_error(&vocab_path, format!("not a JSON object of token ids: {e}")))?;
+    let merges_text = read(&merges_path)?;
+    let merges: Vec<&str> = merges_text
+        .lines()
+        .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
+        .collect();
+    let id = |token: &str| -> Result<u64> {
+        vocab
+            .get(token)
+            .and_then(|v| v.as_u64())
+            .ok_or_else(|| file_error(&vocab_path, format!("has no {token}")))
+    };
+    let (bos, eos) = (id("<|startoftext|>")?, id("<|endoftext|>")?);
+    let spec = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [
+            {"id": bos, "content": "<|startoftext|>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": true, "special": true},
+            {"id": eos, "content": "<|endoftext|>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": true, "special": true}
+        ],
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "NFC"},
+            {"type": "Replace", "pattern": {"Regex": "\\s+"}, "content": " "},
+            {"type": "Lowercase"}
+        ]},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": "'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+"}, "behavior": "Removed", "invert": true},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}
+        ]},
+        "post_processor": {"type": "RobertaProcessing", "sep": ["<|endoftext|>", eos], "cls": ["<|startoftext|>", bos], "trim_offsets": false, "add_prefix_space": false},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": "<|endoftext|>", "continuing_subword_prefix": "", "end_of_word_suffix": "</w>", "fuse_unk": false, "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": merges}
+    });
+    spec.to_string()
+        .parse::<tokenizers::Tokenizer>()
+        .map_err(|e| file_error(&merges_path, format!("cannot build the BPE tokenizer: {e}")))
+}
+
 /// A special token as `special_tokens_map.json` writes it: a string or `{"content": ...}`.
 fn token_text(value: &serde_json::Value) -> Option<String> {
     value
@@ -39,14 +96,12 @@ impl ClipTokenizer {
     /// maximum length from its `special_tokens_map.json` / `tokenizer_config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let json = dir.join("tokenizer.json");
-        if !json.exists() {
-            return Err(file_error(
-                &json,
-                "missing: the tokenizer folder needs tokenizer.json (the fast tokenizer format)",
-            ));
-        }
-        let tokenizer = tokenizers::Tokenizer::from_file(&json)
-            .map_err(|e| file_error(&json, format!("not a valid tokenizer: {e}")))?;
+        let tokenizer = if json.exists() {
+            tokenizers::Tokenizer::from_file(&json)
+                .map_err(|e| file_error(&json, format!("not a valid tokenizer: {e}")))?
+        } else {
+            from_vocab_and_merges(dir)?
+        };
         let mut settings = serde_json::Map::new();
         for name in ["tokenizer_config.json", "special_tokens_map.json"] {
             let path = dir.join(name);

@@ -69,3 +69,24 @@ fn missing_tokenizer_file_is_named() {
         .to_string();
     assert!(err.contains("tokenizer.json"), "{err}");
 }
+
+/// SD 1.x/2.x repos ship only vocab.json and merges.txt: the tokenizer built from them gives the
+/// same ids as tokenizer.json on every case.
+#[test]
+fn slow_format_folder_matches_the_fast_tokenizer() {
+    let fast = tokenizer();
+    let slow = ClipTokenizer::from_dir(&fixture_path("clip-tokenizer-slow")).unwrap();
+    let cases: Vec<serde_json::Value> = serde_json::from_str(
+        &std::fs::read_to_string(fixture_path("tokenizer_cases.json")).unwrap(),
+    )
+    .unwrap();
+    for case in cases {
+        let text = case["text"].as_str().unwrap();
+        assert_eq!(
+            slow.encode(text).unwrap().ids,
+            fast.encode(text).unwrap().ids,
+            "{text:?}"
+        );
+    }
+    assert_eq!(slow.pad_id, 49407);
+}

@@ -76,8 +76,15 @@ fn parse_dtype(name: &str) -> anyhow::Result<DType> {
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(args.size >= 8 && args.size % 8 == 0, "--size = {} is not allowed; expected a positive multiple of 8", args.size);
-    anyhow::ensure!(args.runs >= 1, "--runs = 0 is not allowed; expected at least 1");
+    anyhow::ensure!(
+        args.size >= 8 && args.size % 8 == 0,
+        "--size = {} is not allowed; expected a positive multiple of 8",
+        args.size
+    );
+    anyhow::ensure!(
+        args.runs >= 1,
+        "--runs = 0 is not allowed; expected at least 1"
+    );
     let dtype = parse_dtype(&args.dtype)?;
     let device = Device::Cpu;
     let config_text = match &args.config {
@@ -93,10 +100,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let varmap = VarMap::new();
     match args.component {
         Component::Unet => {
-            UNet2DConditionModel::new(serde_json::from_str(&config_text)?, VarBuilder::from_varmap(&varmap, dtype, &device))?;
+            UNet2DConditionModel::new(
+                serde_json::from_str(&config_text)?,
+                VarBuilder::from_varmap(&varmap, dtype, &device),
+            )?;
         }
         Component::VaeDecode => {
-            AutoencoderKL::new(serde_json::from_str(&config_text)?, VarBuilder::from_varmap(&varmap, dtype, &device))?;
+            AutoencoderKL::new(
+                serde_json::from_str(&config_text)?,
+                VarBuilder::from_varmap(&varmap, dtype, &device),
+            )?;
         }
     }
     let weights: std::collections::HashMap<String, Tensor> = varmap
@@ -116,8 +129,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             let context_dim = config.cross_attention_dim.unwrap_or(768);
             let channels = config.in_channels;
             let unet = UNet2DConditionModel::new(config, vb)?;
-            let x = Tensor::randn(0f32, 1., (2, channels, latent, latent), &device)?.to_dtype(dtype)?;
-            let context = Tensor::randn(0f32, 1., (2, 77, context_dim), &device)?.to_dtype(dtype)?;
+            let x =
+                Tensor::randn(0f32, 1., (2, channels, latent, latent), &device)?.to_dtype(dtype)?;
+            let context =
+                Tensor::randn(0f32, 1., (2, 77, context_dim), &device)?.to_dtype(dtype)?;
             let t = Tensor::new(&[500f32, 500.], &device)?;
             Box::new(move || unet.forward(&x, &t, Some(&context), None))
         }
@@ -125,7 +140,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             let config: VaeConfig = serde_json::from_str(&config_text)?;
             let channels = config.latent_channels;
             let vae = AutoencoderKL::new(config, vb)?;
-            let z = Tensor::randn(0f32, 1., (1, channels, latent, latent), &device)?.to_dtype(dtype)?;
+            let z =
+                Tensor::randn(0f32, 1., (1, channels, latent, latent), &device)?.to_dtype(dtype)?;
             Box::new(move || vae.decode(&z))
         }
     };

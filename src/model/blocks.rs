@@ -30,7 +30,12 @@ impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if !(x.track_op() || self.weight.track_op() || self.bias.track_op()) {
             // Inference: candle's fused kernel (it has no backward, and none is needed).
-            return candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32);
+            return candle_nn::ops::layer_norm(
+                &x.contiguous()?,
+                &self.weight,
+                &self.bias,
+                self.eps as f32,
+            );
         }
         let dtype = x.dtype();
         let x = x.to_dtype(DType::F32)?;
