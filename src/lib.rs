@@ -6,6 +6,7 @@
 
 pub mod cli;
 pub mod error;
+pub mod hub;
 pub mod image_io;
 pub mod model;
 pub mod pipeline;

@@ -40,7 +40,7 @@ fn check_all_gradients(
                     .unwrap()
             })
             .unwrap_or(0.0);
-        if !(norm > 0.0) {
+        if norm.is_nan() || norm <= 0.0 {
             dead.push(name.clone());
         }
     }

@@ -77,7 +77,7 @@ fn parse_dtype(name: &str) -> anyhow::Result<DType> {
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
-        args.size >= 8 && args.size % 8 == 0,
+        args.size >= 8 && args.size.is_multiple_of(8),
         "--size = {} is not allowed; expected a positive multiple of 8",
         args.size
     );

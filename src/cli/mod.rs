@@ -21,7 +21,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Generate images from a text prompt.
-    Txt2img(txt2img::Txt2imgArgs),
+    Txt2img(Box<txt2img::Txt2imgArgs>),
     /// Toy problems that show the diffusion process at work.
     Toy(toy::ToyArgs),
     /// List the samplers and what each is for.
@@ -33,7 +33,7 @@ pub enum Command {
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Txt2img(args) => txt2img::run(args),
+        Command::Txt2img(args) => txt2img::run(*args),
         Command::Toy(args) => toy::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Samplers => {

@@ -27,9 +27,10 @@ pub struct SamplerArgs {
     /// (default: the one the model's scheduler config names).
     #[arg(long)]
     pub sampler: Option<String>,
-    /// Number of sampling steps (for rk45: the grid it starts from; its steps adapt).
-    #[arg(long, default_value_t = 50)]
-    pub steps: usize,
+    /// Number of sampling steps (for rk45: the grid it starts from; its steps adapt); default
+    /// 50, or the model preset's.
+    #[arg(long)]
+    pub steps: Option<usize>,
     #[command(flatten)]
     pub tuning: SamplerTuning,
     /// A diffusers scheduler_config.json that overrides the model's.
@@ -93,12 +94,8 @@ impl SamplerArgs {
         }
     }
 
-    pub fn build(&self, config: &SchedulerConfig) -> crate::Result<Box<dyn Sampler>> {
-        build_sampler(
-            self.kind(config)?,
-            config,
-            &self.tuning.options(),
-            self.steps,
-        )
+    /// Builds the sampler for `steps` steps (the caller resolves the default).
+    pub fn build(&self, config: &SchedulerConfig, steps: usize) -> crate::Result<Box<dyn Sampler>> {
+        build_sampler(self.kind(config)?, config, &self.tuning.options(), steps)
     }
 }

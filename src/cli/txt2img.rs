@@ -18,15 +18,20 @@ pub struct Txt2imgArgs {
     /// A text file with one prompt per line (blank lines skipped).
     #[arg(long)]
     pub prompts_file: Option<PathBuf>,
-    /// A diffusers pipeline folder (default: the embedded model in weights/).
+    /// A diffusers pipeline folder, a hub id (owner/name) or a short name: sd15, sd21,
+    /// sd21-base, sd-turbo (default: the embedded model in weights/).
     #[arg(long)]
     pub model: Option<String>,
+    /// Download the `fp16` weight variant of a hub model.
+    #[arg(long)]
+    pub variant: Option<String>,
     /// What to steer away from (classifier-free guidance's unconditional prompt).
     #[arg(long, default_value = "")]
     pub negative: String,
-    /// Classifier-free guidance scale; at or below 1 guidance is off.
-    #[arg(long, default_value_t = 7.5)]
-    pub guidance: f64,
+    /// Classifier-free guidance scale; at or below 1 guidance is off (default 7.5, or the
+    /// model preset's).
+    #[arg(long)]
+    pub guidance: Option<f64>,
     /// Guidance rescale phi (Lin et al. 2023), 0 to 1.
     #[arg(long, default_value_t = 0.0)]
     pub guidance_rescale: f64,
@@ -67,16 +72,9 @@ fn parse_dtype(flag: &str, name: &str) -> anyhow::Result<DType> {
     })
 }
 
-fn model_dir(model: Option<&str>) -> anyhow::Result<PathBuf> {
+fn model_dir(model: Option<&str>, fp16: bool) -> anyhow::Result<PathBuf> {
     match model {
-        Some(m) => {
-            let path = PathBuf::from(m);
-            if path.is_dir() {
-                Ok(path)
-            } else {
-                bail!("--model {m}: no such folder (a diffusers pipeline folder with model_index.json)")
-            }
-        }
+        Some(m) => Ok(crate::hub::resolve(m, fp16)?),
         None => {
             let embedded = Path::new(env!("CARGO_MANIFEST_DIR")).join("weights");
             if embedded.join("model_index.json").exists() {
@@ -144,7 +142,15 @@ pub fn run(args: Txt2imgArgs) -> anyhow::Result<()> {
         "--guidance-rescale = {} is not allowed; expected 0 to 1",
         args.guidance_rescale
     );
-    let dir = model_dir(args.model.as_deref())?;
+    let fp16 = match args.variant.as_deref() {
+        None => false,
+        Some("fp16") => true,
+        Some(other) => bail!("--variant = {other} is not allowed; expected fp16"),
+    };
+    let preset = args.model.as_deref().and_then(crate::hub::preset);
+    let guidance = args.guidance.or(preset.map(|p| p.guidance)).unwrap_or(7.5);
+    let steps = args.sampler.steps.or(preset.map(|p| p.steps)).unwrap_or(50);
+    let dir = model_dir(args.model.as_deref(), fp16)?;
     let latents = match &args.latents {
         Some(path) => Some(
             candle_core::safetensors::load(path, &candle_core::Device::Cpu)
@@ -164,9 +170,11 @@ pub fn run(args: Txt2imgArgs) -> anyhow::Result<()> {
     );
     let scheduler = args.sampler.scheduler_config(sd.scheduler.clone())?;
     let kind = args.sampler.kind(&scheduler)?;
-    let sampler = args.sampler.build(&scheduler)?;
+    let sampler = args.sampler.build(&scheduler, steps)?;
     let factor = sd.vae_scale_factor();
-    let native = sd.unet.config.sample_size.unwrap_or(64) * factor;
+    let native = preset.map_or(sd.unet.config.sample_size.unwrap_or(64) * factor, |p| {
+        p.size
+    });
     let (mut width, mut height) = (args.width.unwrap_or(native), args.height.unwrap_or(native));
     if let Some(l) = &latents {
         // The latents fix the size, as in diffusers.
@@ -191,7 +199,7 @@ pub fn run(args: Txt2imgArgs) -> anyhow::Result<()> {
         let request = Txt2ImgRequest {
             prompt: prompt.clone(),
             negative: args.negative.clone(),
-            guidance: args.guidance,
+            guidance,
             guidance_rescale: args.guidance_rescale,
             width,
             height,
@@ -220,9 +228,9 @@ pub fn run(args: Txt2imgArgs) -> anyhow::Result<()> {
             );
         }
         let settings = vec![
-            ("Steps", args.sampler.steps.to_string()),
+            ("Steps", steps.to_string()),
             ("Sampler", kind.cli_name().to_string()),
-            ("CFG scale", args.guidance.to_string()),
+            ("CFG scale", guidance.to_string()),
             ("Seed", prompt_seed.to_string()),
             ("Size", format!("{width}x{height}")),
             (

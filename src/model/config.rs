@@ -396,7 +396,7 @@ impl ClipTextConfig {
                 "quick_gelu, gelu",
             ));
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(Error::Contradiction(format!(
                 "hidden_size = {} is not divisible by num_attention_heads = {}",
                 self.hidden_size, self.num_attention_heads
