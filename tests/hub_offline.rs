@@ -4,23 +4,8 @@
 
 mod common;
 
-use common::{fixture_path, Fixture};
-use std::collections::HashMap;
-use std::path::Path;
+use common::{copy_dir, fixture_path, write_fixture_latents};
 use std::process::Command;
-
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for entry in std::fs::read_dir(src).unwrap() {
-        let entry = entry.unwrap();
-        let target = dst.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
 
 #[test]
 fn hub_ids_load_from_the_cache_offline() {
@@ -34,14 +19,8 @@ fn hub_ids_load_from_the_cache_offline() {
         &repo.join("snapshots").join("0123abcd"),
     );
 
-    let fx = Fixture::load("model_reference.safetensors");
     let latents_path = home.join("latents.safetensors");
-    let latents = fx.tensor("pipe_ddim/latents_in").clone();
-    candle_core::safetensors::save(
-        &HashMap::from([("latents".to_string(), latents)]),
-        &latents_path,
-    )
-    .unwrap();
+    write_fixture_latents(&latents_path);
     let run = |model: &str| {
         Command::new(env!("CARGO_BIN_EXE_txt2img"))
             .env("HF_HOME", &home)

@@ -3,8 +3,7 @@
 
 mod common;
 
-use common::{fixture_path, Fixture};
-use std::collections::HashMap;
+use common::{fixture_path, write_fixture_latents, Fixture};
 use std::process::Command;
 
 fn temp_dir(name: &str) -> std::path::PathBuf {
@@ -18,12 +17,7 @@ fn txt2img_reproduces_the_diffusers_image() {
     let fx = Fixture::load("model_reference.safetensors");
     let dir = temp_dir("txt2img");
     let latents_path = dir.join("latents.safetensors");
-    let latents = fx.tensor("pipe_ddim/latents_in").clone();
-    candle_core::safetensors::save(
-        &HashMap::from([("latents".to_string(), latents)]),
-        &latents_path,
-    )
-    .unwrap();
+    write_fixture_latents(&latents_path);
     let png_path = dir.join("cat.png");
     let out = Command::new(env!("CARGO_BIN_EXE_txt2img"))
         .arg("--model")

@@ -3,7 +3,7 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use common::fixture_path;
+use common::{copy_dir, fixture_path};
 use diffuse::pipeline::{LoadOptions, StableDiffusion};
 use std::path::{Path, PathBuf};
 
@@ -13,19 +13,6 @@ fn copy_fixture(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dst);
     copy_dir(&fixture_path("tiny-sd"), &dst);
     dst
-}
-
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for entry in std::fs::read_dir(src).unwrap() {
-        let entry = entry.unwrap();
-        let target = dst.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }
 
 fn load_error(dir: &Path) -> String {

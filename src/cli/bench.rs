@@ -4,8 +4,7 @@
 use crate::model::config::{UNetConfig, VaeConfig};
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::vae::AutoencoderKL;
-use anyhow::bail;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
@@ -66,15 +65,6 @@ pub fn peak_rss_mb() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-fn parse_dtype(name: &str) -> anyhow::Result<DType> {
-    Ok(match name {
-        "f32" => DType::F32,
-        "f16" => DType::F16,
-        "bf16" => DType::BF16,
-        other => bail!("--dtype = {other} is not allowed; expected f32, f16 or bf16"),
-    })
-}
-
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.size >= 8 && args.size.is_multiple_of(8),
@@ -85,7 +75,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.runs >= 1,
         "--runs = 0 is not allowed; expected at least 1"
     );
-    let dtype = parse_dtype(&args.dtype)?;
+    let dtype = super::parse_dtype("--dtype", &args.dtype)?;
     let device = Device::Cpu;
     let config_text = match &args.config {
         Some(path) => std::fs::read_to_string(path)?,

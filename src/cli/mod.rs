@@ -45,6 +45,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// A `--dtype`-style flag's value.
+pub fn parse_dtype(flag: &str, name: &str) -> anyhow::Result<candle_core::DType> {
+    use candle_core::DType;
+    Ok(match name {
+        "f32" => DType::F32,
+        "f16" => DType::F16,
+        "bf16" => DType::BF16,
+        other => anyhow::bail!("{flag} = {other} is not allowed; expected f32, f16 or bf16"),
+    })
+}
+
 /// Prints an error as one line and returns the process exit code.
 pub fn report(error: anyhow::Error) -> std::process::ExitCode {
     let chain: Vec<String> = error.chain().map(|e| e.to_string()).collect();

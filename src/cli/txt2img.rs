@@ -5,7 +5,6 @@ use crate::image_io::{a1111_parameters, save_png};
 use crate::pipeline::txt2img::{txt2img, Txt2ImgRequest};
 use crate::pipeline::{LoadOptions, StableDiffusion};
 use anyhow::{bail, Context};
-use candle_core::DType;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
@@ -63,15 +62,6 @@ pub struct Txt2imgArgs {
     pub vae_dtype: String,
 }
 
-fn parse_dtype(flag: &str, name: &str) -> anyhow::Result<DType> {
-    Ok(match name {
-        "f32" => DType::F32,
-        "f16" => DType::F16,
-        "bf16" => DType::BF16,
-        other => bail!("{flag} = {other} is not allowed; expected f32, f16 or bf16"),
-    })
-}
-
 fn model_dir(model: Option<&str>, fp16: bool) -> anyhow::Result<PathBuf> {
     match model {
         Some(m) => Ok(crate::hub::resolve(m, fp16)?),
@@ -126,8 +116,8 @@ pub fn run(args: Txt2imgArgs) -> anyhow::Result<()> {
     // Check everything cheap before loading weights.
     let prompts = prompts(&args)?;
     let options = LoadOptions {
-        dtype: parse_dtype("--dtype", &args.dtype)?,
-        vae_dtype: parse_dtype("--vae-dtype", &args.vae_dtype)?,
+        dtype: super::parse_dtype("--dtype", &args.dtype)?,
+        vae_dtype: super::parse_dtype("--vae-dtype", &args.vae_dtype)?,
         ..Default::default()
     };
     if let Some(name) = &args.sampler.sampler {

@@ -80,3 +80,25 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
         .unwrap()
 }
 pub mod oracle;
+
+/// Copies a folder tree (fixtures into a private temporary copy).
+pub fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for entry in std::fs::read_dir(src).unwrap() {
+        let entry = entry.unwrap();
+        let target = dst.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// Writes the fixture's `pipe_ddim/latents_in` as a `--latents` file (tensor `latents`).
+pub fn write_fixture_latents(path: &Path) {
+    let fx = Fixture::load("model_reference.safetensors");
+    let latents = fx.tensor("pipe_ddim/latents_in").clone();
+    candle_core::safetensors::save(&HashMap::from([("latents".to_string(), latents)]), path)
+        .unwrap();
+}
