@@ -64,3 +64,33 @@ pub fn a1111_parameters(prompt: &str, negative: &str, settings: &[(&str, String)
     text.push_str(&pairs.join(", "));
     text
 }
+
+/// Reads an image (PNG, JPEG, WebP; gray, RGBA and 16-bit become 8-bit RGB) as (3, H, W) in
+/// [0, 1], resized with Lanczos filtering to `size` when given. Errors name the file.
+pub fn load_image(path: &Path, size: Option<(u32, u32)>) -> Result<Tensor> {
+    let img = image::ImageReader::open(path)
+        .and_then(|r| r.with_guessed_format())
+        .map_err(|e| Error::File {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?
+        .decode()
+        .map_err(|e| Error::File {
+            path: path.display().to_string(),
+            message: format!("not a readable image: {e}"),
+        })?
+        .to_rgb8();
+    let img = match size {
+        Some((w, h)) if (w, h) != img.dimensions() => {
+            image::imageops::resize(&img, w, h, image::imageops::FilterType::Lanczos3)
+        }
+        _ => img,
+    };
+    let (w, h) = img.dimensions();
+    let data: Vec<f32> = img.into_raw().iter().map(|v| *v as f32 / 255.0).collect();
+    Ok(
+        Tensor::from_vec(data, (h as usize, w as usize, 3), &candle_core::Device::Cpu)?
+            .permute((2, 0, 1))?
+            .contiguous()?,
+    )
+}

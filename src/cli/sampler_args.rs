@@ -70,6 +70,7 @@ impl SamplerTuning {
             atol: self.atol,
             snr: self.snr,
             corrector_steps: self.corrector_steps,
+            ..Default::default()
         }
     }
 }
@@ -94,8 +95,18 @@ impl SamplerArgs {
         }
     }
 
-    /// Builds the sampler for `steps` steps (the caller resolves the default).
-    pub fn build(&self, config: &SchedulerConfig, steps: usize) -> crate::Result<Box<dyn Sampler>> {
-        build_sampler(self.kind(config)?, config, &self.tuning.options(), steps)
+    /// Builds the sampler for `steps` steps (the caller resolves the default), running the
+    /// last `strength` of them (1 for text-to-image).
+    pub fn build(
+        &self,
+        config: &SchedulerConfig,
+        steps: usize,
+        strength: f64,
+    ) -> crate::Result<Box<dyn Sampler>> {
+        let options = SamplerOptions {
+            strength,
+            ..self.tuning.options()
+        };
+        build_sampler(self.kind(config)?, config, &options, steps)
     }
 }

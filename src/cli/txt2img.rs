@@ -2,7 +2,7 @@
 
 use super::sampler_args::SamplerArgs;
 use crate::image_io::{a1111_parameters, save_png};
-use crate::pipeline::txt2img::{txt2img, Txt2ImgRequest};
+use crate::pipeline::txt2img::{img2img, txt2img, Txt2ImgRequest};
 use crate::pipeline::{LoadOptions, StableDiffusion};
 use anyhow::{bail, Context};
 use clap::Args;
@@ -51,6 +51,13 @@ pub struct Txt2imgArgs {
     /// A safetensors file with tensor `latents` [N, 4, h, w]: diffusers' `latents=`.
     #[arg(long)]
     pub latents: Option<PathBuf>,
+    /// Start from this image instead of noise (img2img; PNG, JPEG or WebP, resized to the size).
+    #[arg(long)]
+    pub init_image: Option<PathBuf>,
+    /// With --init-image: how much of the schedule runs, in (0, 1]; higher departs further
+    /// from the image.
+    #[arg(long, default_value_t = 0.75)]
+    pub strength: f64,
     /// Output PNG; numbered (name-1.png, ...) when there are several images.
     #[arg(long, short, default_value = "txt2img.png")]
     pub output: PathBuf,
@@ -160,7 +167,16 @@ pub fn run(args: Txt2imgArgs) -> anyhow::Result<()> {
     );
     let scheduler = args.sampler.scheduler_config(sd.scheduler.clone())?;
     let kind = args.sampler.kind(&scheduler)?;
-    let sampler = args.sampler.build(&scheduler, steps)?;
+    let strength = if args.init_image.is_some() {
+        args.strength
+    } else {
+        1.0
+    };
+    anyhow::ensure!(
+        args.init_image.is_none() || args.latents.is_none(),
+        "give --init-image or --latents, not both"
+    );
+    let sampler = args.sampler.build(&scheduler, steps, strength)?;
     let factor = sd.vae_scale_factor();
     let native = preset.map_or(sd.unet.config.sample_size.unwrap_or(64) * factor, |p| {
         p.size
@@ -170,6 +186,22 @@ pub fn run(args: Txt2imgArgs) -> anyhow::Result<()> {
         // The latents fix the size, as in diffusers.
         (height, width) = (l.dim(2)? * factor, l.dim(3)? * factor);
     }
+    let init_image = match &args.init_image {
+        Some(path) => {
+            // Without an explicit size the image's own, rounded down to a multiple of 8.
+            let image = crate::image_io::load_image(path, None)?;
+            let (_, h, w) = image.dims3()?;
+            if args.width.is_none() && args.height.is_none() {
+                (width, height) = ((w / factor) * factor, (h / factor) * factor);
+            }
+            crate::pipeline::txt2img::check_size(width, height, factor)?;
+            Some(crate::image_io::load_image(
+                path,
+                Some((width as u32, height as u32)),
+            )?)
+        }
+        None => None,
+    };
     crate::pipeline::txt2img::check_size(width, height, factor)?;
     let seed = args.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
@@ -209,7 +241,10 @@ pub fn run(args: Txt2imgArgs) -> anyhow::Result<()> {
             bar.inc(1);
             Ok(())
         };
-        let out = txt2img(&sd, sampler.as_ref(), &request, &mut on_step)?;
+        let out = match &init_image {
+            Some(image) => img2img(&sd, sampler.as_ref(), &request, image, &mut on_step)?,
+            None => txt2img(&sd, sampler.as_ref(), &request, &mut on_step)?,
+        };
         bar.finish_and_clear();
         if out.prompt_truncated {
             eprintln!(
@@ -217,7 +252,7 @@ pub fn run(args: Txt2imgArgs) -> anyhow::Result<()> {
                 sd.tokenizer.max_length
             );
         }
-        let settings = vec![
+        let mut settings = vec![
             ("Steps", steps.to_string()),
             ("Sampler", kind.cli_name().to_string()),
             ("CFG scale", guidance.to_string()),
@@ -231,6 +266,9 @@ pub fn run(args: Txt2imgArgs) -> anyhow::Result<()> {
                     .to_string(),
             ),
         ];
+        if init_image.is_some() {
+            settings.push(("Denoising strength", strength.to_string()));
+        }
         let parameters = a1111_parameters(prompt, &args.negative, &settings);
         for i in 0..out.images.dim(0)? {
             let path = numbered(&args.output, written, total_images);

@@ -131,3 +131,67 @@ pub fn txt2img(
         decode_time: decode_start.elapsed(),
     })
 }
+
+/// Image to image (SDEdit, Meng et al. 2022): the init image's latents are noised to the first
+/// step the sampler keeps (built with `strength` < 1) and denoised from there.
+pub fn img2img(
+    sd: &StableDiffusion,
+    sampler: &dyn Sampler,
+    request: &Txt2ImgRequest,
+    init_image: &Tensor,
+    on_step: &mut Callback,
+) -> Result<Txt2ImgOutput> {
+    let device = &sd.options.device;
+    let started = Instant::now();
+    let (cond, truncated) = sd.encode_prompt(&request.prompt)?;
+    let (uncond, _) = sd.encode_prompt(&request.negative)?;
+    let text_time = started.elapsed();
+    let mut noise = SeededNoise::new(request.seed);
+    let image = init_image.to_device(device)?.unsqueeze(0)?;
+    let (_, _, h, w) = image.dims4()?;
+    check_size(w, h, sd.vae_scale_factor())?;
+    let batch = request.num_images;
+    let mut starts = Vec::with_capacity(batch);
+    for _ in 0..batch {
+        // A draw from the encoder's posterior, then forward noise, as diffusers does.
+        let (c, lh, lw) = sd.latent_shape(w, h);
+        let posterior_noise = noise.randn(&[1, c, lh, lw])?.to_device(device)?;
+        let latents = sd
+            .encode_image(&image, Some(&posterior_noise))?
+            .to_dtype(DType::F32)?;
+        let forward_noise = noise.randn(&[1, c, lh, lw])?.to_device(device)?;
+        starts.push(sampler.add_noise(&latents, &forward_noise)?);
+    }
+    let x_start = Tensor::cat(&starts, 0)?;
+    let context = Tensor::cat(
+        &[uncond.repeat((batch, 1, 1))?, cond.repeat((batch, 1, 1))?],
+        0,
+    )?;
+    let mut model = GuidedUNet {
+        unet: &sd.unet,
+        context,
+        guidance: request.guidance,
+        guidance_rescale: request.guidance_rescale,
+        prediction_type: sd.scheduler.prediction_type,
+        dtype: sd.options.dtype,
+    };
+    let mut step_times = Vec::new();
+    let mut last = Instant::now();
+    let mut callback = |event: &StepEvent| {
+        check_finite(event)?;
+        step_times.push(last.elapsed());
+        last = Instant::now();
+        on_step(event)
+    };
+    let final_latents = sampler.sample(&mut model, x_start, &mut noise, &mut callback)?;
+    let decode_start = Instant::now();
+    let images = sd.decode(&final_latents)?;
+    Ok(Txt2ImgOutput {
+        images,
+        latents: final_latents,
+        prompt_truncated: truncated,
+        text_time,
+        step_times,
+        decode_time: decode_start.elapsed(),
+    })
+}

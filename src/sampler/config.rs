@@ -588,6 +588,10 @@ pub struct SamplerOptions {
     pub snr: Option<f64>,
     /// Corrector iterations per step; `None` takes the config's.
     pub corrector_steps: Option<usize>,
+    /// Image-to-image strength in (0, 1]: the fraction of the steps that run, the first
+    /// `steps - floor(steps * strength)` being skipped (diffusers' `get_timesteps`). 1 starts
+    /// from pure noise.
+    pub strength: f64,
 }
 
 impl Default for SamplerOptions {
@@ -599,6 +603,7 @@ impl Default for SamplerOptions {
             atol: 1e-4,
             snr: None,
             corrector_steps: None,
+            strength: 1.0,
         }
     }
 }
@@ -644,6 +649,15 @@ pub fn build_sampler(
             kind.cli_name()
         )));
     }
+    if !(options.strength > 0.0 && options.strength <= 1.0) {
+        return Err(Error::bad_value(
+            "strength",
+            options.strength,
+            "a number in (0, 1]",
+        ));
+    }
+    // Steps that run: floor(steps * strength), at least one.
+    let skip = steps - ((steps as f64 * options.strength) as usize).clamp(1, steps);
     let karras = options.karras || config.use_karras_sigmas;
     if options.karras && !kind.uses_sigmas() {
         return Err(Error::Contradiction(format!(
@@ -667,21 +681,33 @@ pub fn build_sampler(
             kind.cli_name()
         )));
     }
-    if is_sde {
-        return build_score_sde(kind, config, options, steps);
+    if is_sde || kind == SamplerKind::Rk45 {
+        if skip > 0 {
+            return Err(Error::Contradiction(format!(
+                "strength = {} (image-to-image) is not supported by {}; use ddpm, ddim, pndm, \
+                 lms, euler, euler-a, heun, dpmpp-2m or unipc",
+                options.strength,
+                kind.cli_name()
+            )));
+        }
+        if is_sde {
+            return build_score_sde(kind, config, options, steps);
+        }
     }
     let schedule = config.noise_schedule()?;
     let spacing = config
         .timestep_spacing
         .unwrap_or_else(|| kind.default_spacing());
     let offset = config.steps_offset;
-    let timesteps = || spaced_timesteps(spacing, n_train, steps, offset);
+    let timesteps = || spaced_timesteps(spacing, n_train, steps, offset)[skip..].to_vec();
+    let stride = n_train / steps;
     let final_alpha_cumprod = if config.set_alpha_to_one {
         1.0
     } else {
         schedule.alphas_cumprod[0]
     };
-    let discrete_grid = || SigmaGrid::discrete(&schedule, spacing, steps, offset, karras);
+    let discrete_grid =
+        || SigmaGrid::discrete(&schedule, spacing, steps, offset, karras).skip(skip);
     let multistep_grid = |clip_lambda: bool| {
         let round = !matches!(config.beta_schedule, BetaSchedule::SquaredCosCapV2);
         let last_timestep = if clip_lambda {
@@ -700,6 +726,7 @@ pub fn build_sampler(
             karras,
             round,
         )
+        .skip(skip)
     };
     Ok(match kind {
         SamplerKind::Ddpm => Box::new(Ddpm {
@@ -710,6 +737,7 @@ pub fn build_sampler(
         }),
         SamplerKind::Ddim => Box::new(Ddim {
             timesteps: as_indices(timesteps(), n_train)?,
+            stride,
             eta: options.eta,
             final_alpha_cumprod,
             clip: config.x0_clip(kind),
@@ -717,6 +745,7 @@ pub fn build_sampler(
         }),
         SamplerKind::Pndm => Box::new(Plms {
             base_timesteps: as_indices(timesteps(), n_train)?,
+            stride,
             final_alpha_cumprod,
             schedule,
         }),

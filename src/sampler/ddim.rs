@@ -8,6 +8,9 @@ use candle_core::{Result, Tensor};
 pub struct Ddim {
     pub schedule: NoiseSchedule,
     pub timesteps: Vec<usize>,
+    /// Training steps between inference steps, T / steps (kept when an img2img run drops the
+    /// first steps).
+    pub stride: usize,
     /// eta = 0: deterministic DDIM; eta = 1: DDPM's posterior variance.
     pub eta: f64,
     /// alpha_bar used after the last step: 1 (`set_alpha_to_one`) or alpha_bar_0.
@@ -28,6 +31,11 @@ impl Sampler for Ddim {
         self.timesteps.iter().map(|t| *t as f64).collect()
     }
 
+    fn add_noise(&self, x0: &Tensor, noise: &Tensor) -> Result<Tensor> {
+        let alpha_bar = self.schedule.alphas_cumprod[self.timesteps[0]];
+        lincomb(&[(alpha_bar.sqrt(), x0), ((1.0 - alpha_bar).sqrt(), noise)])
+    }
+
     fn sample(
         &self,
         model: &mut dyn Denoiser,
@@ -36,8 +44,7 @@ impl Sampler for Ddim {
         callback: &mut Callback,
     ) -> Result<Tensor> {
         let kind = model.prediction_type();
-        let n_train = self.schedule.num_train_timesteps();
-        let stride = n_train / self.timesteps.len();
+        let stride = self.stride;
         for (i, &t) in self.timesteps.iter().enumerate() {
             let model_output = model.predict(&x, t as f64)?;
             let alpha_bar_t = self.schedule.alphas_cumprod[t];

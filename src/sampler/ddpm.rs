@@ -40,6 +40,11 @@ impl Sampler for Ddpm {
         self.timesteps.iter().map(|t| *t as f64).collect()
     }
 
+    fn add_noise(&self, x0: &Tensor, noise: &Tensor) -> Result<Tensor> {
+        let alpha_bar = self.schedule.alphas_cumprod[self.timesteps[0]];
+        lincomb(&[(alpha_bar.sqrt(), x0), ((1.0 - alpha_bar).sqrt(), noise)])
+    }
+
     fn sample(
         &self,
         model: &mut dyn Denoiser,

@@ -48,6 +48,10 @@ impl Sampler for DpmSolverPlusPlus {
         Some(self.grid.sigmas.clone())
     }
 
+    fn add_noise(&self, x0: &Tensor, noise: &Tensor) -> Result<Tensor> {
+        self.grid.add_noise_vp(x0, noise)
+    }
+
     fn sample(
         &self,
         model: &mut dyn Denoiser,

@@ -94,6 +94,24 @@ impl SigmaGrid {
     pub fn steps(&self) -> usize {
         self.timesteps.len()
     }
+
+    /// The grid without its first `n` steps (image-to-image runs start part-way).
+    pub fn skip(mut self, n: usize) -> Self {
+        self.timesteps.drain(..n);
+        self.sigmas.drain(..n);
+        self
+    }
+
+    /// x_0 + sigma_0 eps: the VE-form sample at the grid's first noise level.
+    pub fn add_noise_ve(&self, x0: &Tensor, noise: &Tensor) -> Result<Tensor> {
+        lincomb(&[(1.0, x0), (self.sigmas[0], noise)])
+    }
+
+    /// alpha x_0 + sigma eps at the first noise level, for samplers that work on VP samples.
+    pub fn add_noise_vp(&self, x0: &Tensor, noise: &Tensor) -> Result<Tensor> {
+        let (alpha, sigma) = vp_coefficients(self.sigmas[0]);
+        lincomb(&[(alpha, x0), (sigma, noise)])
+    }
 }
 
 /// The VP view of noise level sigma: (alpha_t, sigma_t) = (1, sigma) / sqrt(1 + sigma^2).
@@ -143,6 +161,10 @@ impl Sampler for Euler {
 
     fn sigmas(&self) -> Option<Vec<f64>> {
         Some(self.grid.sigmas.clone())
+    }
+
+    fn add_noise(&self, x0: &Tensor, noise: &Tensor) -> Result<Tensor> {
+        self.grid.add_noise_ve(x0, noise)
     }
 
     fn sample(
@@ -201,6 +223,10 @@ impl Sampler for EulerAncestral {
 
     fn sigmas(&self) -> Option<Vec<f64>> {
         Some(self.grid.sigmas.clone())
+    }
+
+    fn add_noise(&self, x0: &Tensor, noise: &Tensor) -> Result<Tensor> {
+        self.grid.add_noise_ve(x0, noise)
     }
 
     fn sample(

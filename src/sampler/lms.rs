@@ -62,6 +62,10 @@ impl Sampler for Lms {
         Some(self.grid.sigmas.clone())
     }
 
+    fn add_noise(&self, x0: &Tensor, noise: &Tensor) -> Result<Tensor> {
+        self.grid.add_noise_ve(x0, noise)
+    }
+
     fn sample(
         &self,
         model: &mut dyn Denoiser,

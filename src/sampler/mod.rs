@@ -93,6 +93,12 @@ pub trait Sampler {
         None
     }
 
+    /// Noises clean `x0` to the first timestep this sampler visits, q(x_t | x_0) (DDPM eq. 4, or
+    /// x_0 + sigma eps in VE form): the start of image-to-image runs (SDEdit, Meng et al. 2022).
+    fn add_noise(&self, _x0: &Tensor, _noise: &Tensor) -> Result<Tensor> {
+        candle_core::bail!("the {} sampler cannot start from an image", self.name())
+    }
+
     /// Model evaluations used by the last call to `sample`, for solvers that adapt their steps.
     fn last_evaluations(&self) -> Option<usize> {
         None

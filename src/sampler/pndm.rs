@@ -11,6 +11,8 @@ pub struct Plms {
     pub schedule: NoiseSchedule,
     /// Inference timesteps, largest first, before the repeated second entry is inserted.
     pub base_timesteps: Vec<usize>,
+    /// Training steps between inference steps, T / steps.
+    pub stride: usize,
     pub final_alpha_cumprod: f64,
 }
 
@@ -58,6 +60,11 @@ impl Sampler for Plms {
         self.call_timesteps().iter().map(|t| *t as f64).collect()
     }
 
+    fn add_noise(&self, x0: &Tensor, noise: &Tensor) -> Result<Tensor> {
+        let alpha_bar = self.schedule.alphas_cumprod[self.base_timesteps[0]];
+        lincomb(&[(alpha_bar.sqrt(), x0), ((1.0 - alpha_bar).sqrt(), noise)])
+    }
+
     fn sample(
         &self,
         model: &mut dyn Denoiser,
@@ -66,7 +73,7 @@ impl Sampler for Plms {
         callback: &mut Callback,
     ) -> Result<Tensor> {
         let kind = model.prediction_type();
-        let stride = (self.schedule.num_train_timesteps() / self.base_timesteps.len()) as i64;
+        let stride = self.stride as i64;
         let calls = self.call_timesteps();
         let mut eps_history: Vec<Tensor> = Vec::new();
         let mut warmup_start: Option<Tensor> = None;
