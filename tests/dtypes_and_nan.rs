@@ -51,7 +51,8 @@ fn half_precision_images_stay_close_to_float32() {
     let fx = Fixture::load("model_reference.safetensors");
     let latents = fx.tensor("pipe_ddim/latents_in").clone();
     let reference = run(DType::F32, latents.clone()).unwrap();
-    for dtype in [DType::F16] {
+    {
+        let dtype = DType::F16;
         let image = run(dtype, latents.clone()).unwrap();
         let max = max_abs_diff(&image, &reference);
         let mean = (&image - &reference)
@@ -75,10 +76,7 @@ fn nan_latents_are_reported_with_the_step() {
     let fx = Fixture::load("model_reference.safetensors");
     let latents = fx.tensor("pipe_ddim/latents_in");
     let nan = (latents * f64::NAN).unwrap();
-    let err = run(DType::F32, nan)
-        .err()
-        .expect("NaN must fail")
-        .to_string();
+    let err = run(DType::F32, nan).expect_err("NaN must fail").to_string();
     assert!(err.contains("NaN") && err.contains("step 1"), "{err}");
 }
 
@@ -87,8 +85,7 @@ fn bf16_on_the_cpu_is_refused_with_the_reason() {
     let fx = Fixture::load("model_reference.safetensors");
     let latents = fx.tensor("pipe_ddim/latents_in").clone();
     let err = run(DType::BF16, latents)
-        .err()
-        .expect("bf16 must fail")
+        .expect_err("bf16 must fail")
         .to_string();
     assert!(err.contains("bf16") && err.contains("f16"), "{err}");
 }
