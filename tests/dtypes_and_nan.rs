@@ -44,15 +44,15 @@ fn run(dtype: DType, latents: candle_core::Tensor) -> diffuse::Result<candle_cor
     Ok(out.images)
 }
 
-/// f16 keeps 11 bits of mantissa (relative error 2^-11 per op); over a 4-step pipeline the
-/// image stays within 0.05 of float32's everywhere and within 0.01 on average.
+/// The tolerance scales with the unit roundoff: 2^-11 for f16, 2^-8 (8x more) for bf16; guidance
+/// 7.5 amplifies the difference between the two halves of each step. Measured: f16 max 0.0068
+/// mean 0.0009, bf16 max 0.11 mean 0.0094.
 #[test]
 fn half_precision_images_stay_close_to_float32() {
     let fx = Fixture::load("model_reference.safetensors");
     let latents = fx.tensor("pipe_ddim/latents_in").clone();
     let reference = run(DType::F32, latents.clone()).unwrap();
-    {
-        let dtype = DType::F16;
+    for (dtype, max_tol, mean_tol) in [(DType::F16, 0.02, 0.002), (DType::BF16, 0.16, 0.016)] {
         let image = run(dtype, latents.clone()).unwrap();
         let max = max_abs_diff(&image, &reference);
         let mean = (&image - &reference)
@@ -65,7 +65,7 @@ fn half_precision_images_stay_close_to_float32() {
             .unwrap();
         eprintln!("{dtype:?}: max {max:.4}, mean {mean:.5}");
         assert!(
-            max < 0.05 && mean < 0.01,
+            max < max_tol && (mean as f64) < mean_tol,
             "{dtype:?}: max {max}, mean {mean}"
         );
     }
@@ -78,14 +78,4 @@ fn nan_latents_are_reported_with_the_step() {
     let nan = (latents * f64::NAN).unwrap();
     let err = run(DType::F32, nan).expect_err("NaN must fail").to_string();
     assert!(err.contains("NaN") && err.contains("step 1"), "{err}");
-}
-
-#[test]
-fn bf16_on_the_cpu_is_refused_with_the_reason() {
-    let fx = Fixture::load("model_reference.safetensors");
-    let latents = fx.tensor("pipe_ddim/latents_in").clone();
-    let err = run(DType::BF16, latents)
-        .expect_err("bf16 must fail")
-        .to_string();
-    assert!(err.contains("bf16") && err.contains("f16"), "{err}");
 }

@@ -2,7 +2,7 @@
 
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{
-    conv2d, group_norm, linear, linear_no_bias, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder,
+    conv2d, group_norm, linear, linear_no_bias, Conv2dConfig, GroupNorm, Linear, VarBuilder,
 };
 
 /// Layer normalisation over the last dimension (Ba et al. 2016), composed from elementary ops
@@ -60,6 +60,25 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// A 2-D convolution. candle 0.11's CPU convolution has no bf16 kernel, so bf16 inputs are
+/// convolved in f32 (weights widened per call) and narrowed back.
+#[derive(Debug, Clone)]
+pub struct Conv2d(candle_nn::Conv2d);
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.dtype() != DType::BF16 || !x.device().is_cpu() {
+            return self.0.forward(x);
+        }
+        let weight = self.0.weight().to_dtype(DType::F32)?;
+        let bias = self.0.bias().map(|b| b.to_dtype(DType::F32)).transpose()?;
+        let widened = candle_nn::Conv2d::new(weight, bias, *self.0.config());
+        widened
+            .forward(&x.to_dtype(DType::F32)?)?
+            .to_dtype(DType::BF16)
+    }
+}
+
 pub fn conv3x3(
     cin: usize,
     cout: usize,
@@ -78,10 +97,11 @@ pub fn conv3x3(
         },
         vb,
     )
+    .map(Conv2d)
 }
 
 pub fn conv1x1(cin: usize, cout: usize, vb: VarBuilder) -> Result<Conv2d> {
-    conv2d(cin, cout, 1, Default::default(), vb)
+    conv2d(cin, cout, 1, Default::default(), vb).map(Conv2d)
 }
 
 /// Multi-head scaled dot-product attention, softmax(Q K^T / sqrt(d)) V (Vaswani et al. 2017,

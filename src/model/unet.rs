@@ -1,13 +1,14 @@
 //! diffusers' `UNet2DConditionModel`: the SD 1.x/2.x denoiser, and with no cross-attention
 //! blocks (and optionally a class embedding) the pixel-space DDPM U-Net.
 
+use super::blocks::Conv2d;
 use super::blocks::{
     conv3x3, timestep_features, Downsample2D, ResnetBlock2D, ResnetSettings, Transformer2D,
     TransformerSettings, Upsample2D,
 };
 use super::config::UNetConfig;
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{embedding, group_norm, linear, Conv2d, Embedding, GroupNorm, Linear, VarBuilder};
+use candle_nn::{embedding, group_norm, linear, Embedding, GroupNorm, Linear, VarBuilder};
 
 #[derive(Debug, Clone)]
 struct DownBlock {

@@ -1,10 +1,11 @@
 //! diffusers' `AutoencoderKL` (Rombach et al. 2022, section 3 and appendix G): a convolutional
 //! encoder to a diagonal Gaussian over latents, and a decoder back to pixels.
 
+use super::blocks::Conv2d;
 use super::blocks::{conv1x1, conv3x3, Downsample2D, ResnetBlock2D, ResnetSettings, Upsample2D};
 use super::config::VaeConfig;
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{group_norm, linear, Conv2d, GroupNorm, Linear, VarBuilder};
+use candle_nn::{group_norm, linear, GroupNorm, Linear, VarBuilder};
 
 /// The VAE's mid-block attention: one head over all channels, with biases and a group norm
 /// (`attentions.0.{group_norm, to_q, to_k, to_v, to_out.0}`).

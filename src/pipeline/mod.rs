@@ -79,15 +79,6 @@ fn weights_file(dir: &Path, stem: &str) -> Result<PathBuf> {
 impl StableDiffusion {
     /// Loads `model_index.json`, `tokenizer/`, `text_encoder/`, `unet/`, `vae/`, `scheduler/`.
     pub fn load_dir(root: &Path, options: LoadOptions) -> Result<Self> {
-        if options.device.is_cpu()
-            && (options.dtype == DType::BF16 || options.vae_dtype == DType::BF16)
-        {
-            return Err(Error::bad_value(
-                "--dtype",
-                "bf16",
-                "f32 or f16 on the CPU (candle 0.11's CPU convolution has no bf16 kernel)",
-            ));
-        }
         let index_path = root.join("model_index.json");
         let index: serde_json::Value = read_json(&index_path)?;
         let class = index
