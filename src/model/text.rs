@@ -3,7 +3,7 @@
 
 use super::blocks::LayerNorm;
 use super::config::ClipTextConfig;
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::{embedding, linear, Embedding, Linear, VarBuilder};
 
 #[derive(Debug, Clone)]
@@ -149,9 +149,5 @@ impl ClipTextModel {
             h = layer.forward(&h, &mask)?;
         }
         self.final_layer_norm.forward(&h)
-    }
-
-    pub fn dtype(&self) -> DType {
-        self.token_embedding.embeddings().dtype()
     }
 }

@@ -105,11 +105,6 @@ pub trait Sampler {
     }
 }
 
-/// A callback that does nothing.
-pub fn no_callback() -> impl FnMut(&StepEvent) -> Result<()> {
-    |_| Ok(())
-}
-
 /// Clipping or dynamic thresholding of predicted x_0 (DDPM's `clip_sample`; Saharia et al. 2022,
 /// section 2.3 for dynamic thresholding).
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -87,12 +87,3 @@ impl NoiseSource for ReplayNoise {
         t.to_dtype(like.dtype())
     }
 }
-
-/// A source that must never be asked: for deterministic samplers in tests.
-pub struct NoNoise;
-
-impl NoiseSource for NoNoise {
-    fn randn_like(&mut self, _like: &Tensor) -> Result<Tensor> {
-        candle_core::bail!("this sampler is deterministic but asked for noise")
-    }
-}
