@@ -1,0 +1,34 @@
+//! `diffuse bench` as a smoke test only (never timed): one tiny run per component whose last
+//! line is the JSON the benchmark scripts read.
+
+mod common;
+
+use common::fixture_path;
+use std::process::Command;
+
+#[test]
+fn bench_prints_its_json_summary() {
+    for (component, config) in [("unet", "unet"), ("vae-decode", "vae")] {
+        let out = Command::new(env!("CARGO_BIN_EXE_diffuse"))
+            .args([
+                "bench", component, "--size", "64", "--runs", "1", "--json", "--config",
+            ])
+            .arg(fixture_path("tiny-sd").join(config).join("config.json"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let json: serde_json::Value =
+            serde_json::from_str(stdout.trim().lines().last().unwrap()).unwrap();
+        for key in ["median_s", "min_s", "max_s", "peak_rss_mb"] {
+            assert!(
+                json[key].as_f64().is_some_and(|v| v >= 0.0),
+                "{component}: {key} in {json}"
+            );
+        }
+    }
+}
