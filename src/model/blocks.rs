@@ -432,6 +432,11 @@ impl Module for Downsample2D {
 /// convolution), for (B, C, H, W).
 pub fn upsample_nearest_2x(x: &Tensor) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
+    if !x.track_op() {
+        // Inference: candle's kernel writes the output in one pass (its backward is a grouped
+        // convolution, which is why training takes the reshape path).
+        return x.upsample_nearest2d(2 * h, 2 * w);
+    }
     x.reshape((b, c, h, 1, w, 1))?
         .broadcast_as((b, c, h, 2, w, 2))?
         .reshape((b, c, 2 * h, 2 * w))
