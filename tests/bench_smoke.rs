@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::fixture_path;
+use common::{fixture_path, last_json_line};
 use std::process::Command;
 
 #[test]
@@ -21,9 +21,7 @@ fn bench_prints_its_json_summary() {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let stdout = String::from_utf8(out.stdout).unwrap();
-        let json: serde_json::Value =
-            serde_json::from_str(stdout.trim().lines().last().unwrap()).unwrap();
+        let json = last_json_line(&out.stdout);
         for key in ["median_s", "min_s", "max_s", "peak_rss_mb"] {
             assert!(
                 json[key].as_f64().is_some_and(|v| v >= 0.0),

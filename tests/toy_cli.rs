@@ -1,6 +1,9 @@
 //! `diffuse toy swiss-roll --json`: its last line is one JSON object with the distances, and it
 //! writes the trajectory picture.
 
+mod common;
+
+use common::last_json_line;
 use std::process::Command;
 
 #[test]
@@ -33,9 +36,7 @@ fn swiss_roll_json_reports_distances_and_writes_the_picture() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    let last = stdout.trim().lines().last().unwrap();
-    let json: serde_json::Value = serde_json::from_str(last).unwrap();
+    let json = last_json_line(&out.stdout);
     let distance = json["distance"].as_f64().unwrap();
     let data_distance = json["data_distance"].as_f64().unwrap();
     assert!(distance.is_finite() && distance > 0.0);

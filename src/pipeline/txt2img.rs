@@ -65,6 +65,73 @@ fn check_finite(event: &StepEvent) -> candle_core::Result<()> {
     Ok(())
 }
 
+/// The prompt and negative prompt encoded once, with the time it took.
+struct EncodedPrompts {
+    cond: Tensor,
+    uncond: Tensor,
+    truncated: bool,
+    text_time: Duration,
+}
+
+fn encode_prompts(sd: &StableDiffusion, request: &Txt2ImgRequest) -> Result<EncodedPrompts> {
+    let started = Instant::now();
+    let (cond, truncated) = sd.encode_prompt(&request.prompt)?;
+    let (uncond, _) = sd.encode_prompt(&request.negative)?;
+    Ok(EncodedPrompts {
+        cond,
+        uncond,
+        truncated,
+        text_time: started.elapsed(),
+    })
+}
+
+/// The part txt2img and img2img share: guided sampling from `x_start`, then decoding.
+fn denoise_and_decode(
+    sd: &StableDiffusion,
+    sampler: &dyn Sampler,
+    request: &Txt2ImgRequest,
+    prompts: EncodedPrompts,
+    x_start: Tensor,
+    noise: &mut SeededNoise,
+    on_step: &mut Callback,
+) -> Result<Txt2ImgOutput> {
+    let batch = x_start.dim(0)?;
+    let context = Tensor::cat(
+        &[
+            prompts.uncond.repeat((batch, 1, 1))?,
+            prompts.cond.repeat((batch, 1, 1))?,
+        ],
+        0,
+    )?;
+    let mut model = GuidedUNet {
+        unet: &sd.unet,
+        context,
+        guidance: request.guidance,
+        guidance_rescale: request.guidance_rescale,
+        prediction_type: sd.scheduler.prediction_type,
+        dtype: sd.options.dtype,
+    };
+    let mut step_times = Vec::new();
+    let mut last = Instant::now();
+    let mut callback = |event: &StepEvent| {
+        check_finite(event)?;
+        step_times.push(last.elapsed());
+        last = Instant::now();
+        on_step(event)
+    };
+    let final_latents = sampler.sample(&mut model, x_start, noise, &mut callback)?;
+    let decode_start = Instant::now();
+    let images = sd.decode(&final_latents)?;
+    Ok(Txt2ImgOutput {
+        images,
+        latents: final_latents,
+        prompt_truncated: prompts.truncated,
+        text_time: prompts.text_time,
+        step_times,
+        decode_time: decode_start.elapsed(),
+    })
+}
+
 pub fn txt2img(
     sd: &StableDiffusion,
     sampler: &dyn Sampler,
@@ -72,11 +139,7 @@ pub fn txt2img(
     on_step: &mut Callback,
 ) -> Result<Txt2ImgOutput> {
     let device = &sd.options.device;
-    let started = Instant::now();
-    let (cond, truncated) = sd.encode_prompt(&request.prompt)?;
-    let (uncond, _) = sd.encode_prompt(&request.negative)?;
-    let text_time = started.elapsed();
-
+    let prompts = encode_prompts(sd, request)?;
     let mut noise = SeededNoise::new(request.seed);
     let latents = match &request.latents {
         Some(l) => {
@@ -97,39 +160,8 @@ pub fn txt2img(
                 .to_device(device)?
         }
     };
-    let batch = latents.dim(0)?;
-    let context = Tensor::cat(
-        &[uncond.repeat((batch, 1, 1))?, cond.repeat((batch, 1, 1))?],
-        0,
-    )?;
-    let mut model = GuidedUNet {
-        unet: &sd.unet,
-        context,
-        guidance: request.guidance,
-        guidance_rescale: request.guidance_rescale,
-        prediction_type: sd.scheduler.prediction_type,
-        dtype: sd.options.dtype,
-    };
     let x_start = latents.affine(sampler.init_noise_sigma(), 0.0)?;
-    let mut step_times = Vec::new();
-    let mut last = Instant::now();
-    let mut callback = |event: &StepEvent| {
-        check_finite(event)?;
-        step_times.push(last.elapsed());
-        last = Instant::now();
-        on_step(event)
-    };
-    let final_latents = sampler.sample(&mut model, x_start, &mut noise, &mut callback)?;
-    let decode_start = Instant::now();
-    let images = sd.decode(&final_latents)?;
-    Ok(Txt2ImgOutput {
-        images,
-        latents: final_latents,
-        prompt_truncated: truncated,
-        text_time,
-        step_times,
-        decode_time: decode_start.elapsed(),
-    })
+    denoise_and_decode(sd, sampler, request, prompts, x_start, &mut noise, on_step)
 }
 
 /// Image to image (SDEdit, Meng et al. 2022): the init image's latents are noised to the first
@@ -142,19 +174,15 @@ pub fn img2img(
     on_step: &mut Callback,
 ) -> Result<Txt2ImgOutput> {
     let device = &sd.options.device;
-    let started = Instant::now();
-    let (cond, truncated) = sd.encode_prompt(&request.prompt)?;
-    let (uncond, _) = sd.encode_prompt(&request.negative)?;
-    let text_time = started.elapsed();
+    let prompts = encode_prompts(sd, request)?;
     let mut noise = SeededNoise::new(request.seed);
     let image = init_image.to_device(device)?.unsqueeze(0)?;
     let (_, _, h, w) = image.dims4()?;
     check_size(w, h, sd.vae_scale_factor())?;
-    let batch = request.num_images;
-    let mut starts = Vec::with_capacity(batch);
-    for _ in 0..batch {
+    let (c, lh, lw) = sd.latent_shape(w, h);
+    let mut starts = Vec::with_capacity(request.num_images);
+    for _ in 0..request.num_images {
         // A draw from the encoder's posterior, then forward noise, as diffusers does.
-        let (c, lh, lw) = sd.latent_shape(w, h);
         let posterior_noise = noise.randn(&[1, c, lh, lw])?.to_device(device)?;
         let latents = sd
             .encode_image(&image, Some(&posterior_noise))?
@@ -163,35 +191,5 @@ pub fn img2img(
         starts.push(sampler.add_noise(&latents, &forward_noise)?);
     }
     let x_start = Tensor::cat(&starts, 0)?;
-    let context = Tensor::cat(
-        &[uncond.repeat((batch, 1, 1))?, cond.repeat((batch, 1, 1))?],
-        0,
-    )?;
-    let mut model = GuidedUNet {
-        unet: &sd.unet,
-        context,
-        guidance: request.guidance,
-        guidance_rescale: request.guidance_rescale,
-        prediction_type: sd.scheduler.prediction_type,
-        dtype: sd.options.dtype,
-    };
-    let mut step_times = Vec::new();
-    let mut last = Instant::now();
-    let mut callback = |event: &StepEvent| {
-        check_finite(event)?;
-        step_times.push(last.elapsed());
-        last = Instant::now();
-        on_step(event)
-    };
-    let final_latents = sampler.sample(&mut model, x_start, &mut noise, &mut callback)?;
-    let decode_start = Instant::now();
-    let images = sd.decode(&final_latents)?;
-    Ok(Txt2ImgOutput {
-        images,
-        latents: final_latents,
-        prompt_truncated: truncated,
-        text_time,
-        step_times,
-        decode_time: decode_start.elapsed(),
-    })
+    denoise_and_decode(sd, sampler, request, prompts, x_start, &mut noise, on_step)
 }

@@ -102,3 +102,10 @@ pub fn write_fixture_latents(path: &Path) {
     candle_core::safetensors::save(&HashMap::from([("latents".to_string(), latents)]), path)
         .unwrap();
 }
+
+/// The JSON object a `--json` command prints as its last line.
+pub fn last_json_line(stdout: &[u8]) -> serde_json::Value {
+    let text = String::from_utf8_lossy(stdout);
+    let last = text.trim().lines().last().expect("some output");
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("last line is not JSON ({e}): {last}"))
+}
