@@ -5,12 +5,13 @@ use crate::error::{Error, Result};
 use candle_core::{DType, Tensor};
 use std::path::Path;
 
-/// (3, H, W) in [0, 1] to 8-bit RGB rows: round(255 x), as diffusers' `numpy_to_pil`.
+/// (3, H, W) or (1, H, W) in [0, 1] to 8-bit RGB or gray rows: round(255 x), as diffusers'
+/// `numpy_to_pil`.
 pub fn to_rgb8(image: &Tensor) -> Result<(u32, u32, Vec<u8>)> {
     let (c, h, w) = image.dims3()?;
-    if c != 3 {
+    if c != 3 && c != 1 {
         return Err(Error::Msg(format!(
-            "expected a (3, H, W) image, got {:?}",
+            "expected a (3, H, W) or (1, H, W) image, got {:?}",
             image.dims()
         )));
     }
@@ -30,6 +31,11 @@ pub fn to_rgb8(image: &Tensor) -> Result<(u32, u32, Vec<u8>)> {
 /// to a temporary name and renamed, so a failure never leaves half an image.
 pub fn save_png(image: &Tensor, path: &Path, parameters: Option<&str>) -> Result<()> {
     let (w, h, bytes) = to_rgb8(image)?;
+    let color = if image.dim(0)? == 1 {
+        png::ColorType::Grayscale
+    } else {
+        png::ColorType::Rgb
+    };
     let io_error = |e: &dyn std::fmt::Display| Error::File {
         path: path.display().to_string(),
         message: e.to_string(),
@@ -38,7 +44,7 @@ pub fn save_png(image: &Tensor, path: &Path, parameters: Option<&str>) -> Result
     {
         let file = std::fs::File::create(&tmp).map_err(|e| io_error(&e))?;
         let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), w, h);
-        encoder.set_color(png::ColorType::Rgb);
+        encoder.set_color(color);
         encoder.set_depth(png::BitDepth::Eight);
         if let Some(text) = parameters {
             encoder

@@ -5,9 +5,11 @@
 //! Sohl-Dickstein et al. 2015, [`cli`] the command line.
 
 pub mod cli;
+pub mod data;
 pub mod error;
 pub mod hub;
 pub mod image_io;
+pub mod likelihood;
 pub mod model;
 pub mod pipeline;
 pub mod runtime;
@@ -16,6 +18,7 @@ pub mod schedule;
 pub mod tensor_ops;
 pub mod tokenizer;
 pub mod toy;
+pub mod train;
 pub mod weights;
 
 pub use error::{Error, Result};

@@ -6,7 +6,7 @@ use crate::sampler::{
     build_sampler, Denoiser, PredictionType, SamplerKind, SamplerOptions, SchedulerConfig,
     SeededNoise, StepEvent,
 };
-use crate::schedule::NoiseSchedule;
+use crate::schedule::{q_sample, NoiseSchedule};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{linear, AdamW, Linear, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use rand::Rng;
@@ -186,26 +186,6 @@ pub fn toy_scheduler_config() -> SchedulerConfig {
         clip_sample: Some(false),
         ..Default::default()
     }
-}
-
-/// x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (DDPM eq. 4) for per-row timesteps.
-pub fn q_sample(
-    schedule: &NoiseSchedule,
-    x0: &Tensor,
-    timesteps: &[usize],
-    eps: &Tensor,
-) -> Result<Tensor> {
-    let n = timesteps.len();
-    let coeff = |f: &dyn Fn(f64) -> f64| -> Result<Tensor> {
-        let v: Vec<f32> = timesteps
-            .iter()
-            .map(|t| f(schedule.alphas_cumprod[*t]) as f32)
-            .collect();
-        Tensor::from_vec(v, (n, 1), x0.device())
-    };
-    let a = coeff(&|ab| ab.sqrt())?;
-    let s = coeff(&|ab| (1.0 - ab).sqrt())?;
-    x0.broadcast_mul(&a)? + eps.broadcast_mul(&s)?
 }
 
 const EMA_EVERY: usize = 10;

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod sampler_args;
 pub mod toy;
+pub mod train;
 pub mod txt2img;
 
 use clap::{Parser, Subcommand};
@@ -28,6 +29,8 @@ pub enum Command {
     Samplers,
     /// Time a model component with random weights of real shapes.
     Bench(bench::BenchArgs),
+    /// Train a pixel-space DDPM from a TOML config.
+    Train(train::TrainArgs),
 }
 
 /// Runs a parsed command line.
@@ -36,6 +39,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Txt2img(args) => txt2img::run(*args),
         Command::Toy(args) => toy::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Train(args) => train::run(args),
         Command::Samplers => {
             for (name, purpose) in sampler_args::SAMPLER_GUIDE {
                 println!("{name:>9}  {purpose}");

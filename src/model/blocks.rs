@@ -67,6 +67,24 @@ pub struct Conv2d(candle_nn::Conv2d);
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let config = self.0.config();
+        if (x.track_op() || self.0.weight().track_op())
+            && x.device().is_cpu()
+            && config.groups == 1
+            && config.dilation == 1
+            && x.dtype() == DType::F32
+        {
+            // Training: candle 0.11's CPU conv2d backward computes the input gradient with a
+            // direct transposed-convolution loop and the kernel gradient as a convolution whose
+            // kernel is the whole feature map; unfolding here makes both plain matrix products.
+            return super::im2col::conv2d_unfolded(
+                x,
+                self.0.weight(),
+                self.0.bias(),
+                config.stride,
+                config.padding,
+            );
+        }
         if x.dtype() != DType::BF16 || !x.device().is_cpu() {
             return self.0.forward(x);
         }

@@ -8,6 +8,7 @@
 
 pub mod blocks;
 pub mod config;
+pub mod im2col;
 pub mod text;
 pub mod unet;
 pub mod vae;

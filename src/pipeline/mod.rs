@@ -2,6 +2,7 @@
 //! and txt2img.
 
 pub mod guidance;
+pub mod pixel;
 pub mod txt2img;
 
 use crate::error::{Error, Result};

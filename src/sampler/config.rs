@@ -419,11 +419,14 @@ impl SchedulerConfig {
         if let Some(v) = f.bool("rescale_betas_zero_snr")? {
             c.rescale_betas_zero_snr = v;
         }
-        if let Some(v) = f.choice("variance_type", &["fixed_small", "fixed_large"])? {
-            c.variance_type = if v == "fixed_large" {
-                VarianceType::FixedLarge
-            } else {
-                VarianceType::FixedSmall
+        if let Some(v) = f.choice(
+            "variance_type",
+            &["fixed_small", "fixed_large", "learned_range"],
+        )? {
+            c.variance_type = match v.as_str() {
+                "fixed_large" => VarianceType::FixedLarge,
+                "learned_range" => VarianceType::LearnedRange,
+                _ => VarianceType::FixedSmall,
             };
         }
         if let Some(v) = f.bool("use_karras_sigmas")? {

@@ -12,6 +12,36 @@ pub enum VarianceType {
     FixedSmall,
     /// sigma_t^2 = beta_t: optimal for x_0 ~ N(0, I).
     FixedLarge,
+    /// The model outputs twice the channels: the prediction, then v in [-1, 1] that sets
+    /// log sigma_t^2 = (v + 1)/2 log beta_t + (1 - v)/2 log beta~_t (Nichol & Dhariwal 2021, eq. 15).
+    LearnedRange,
+}
+
+impl VarianceType {
+    /// Whether the model's output carries the variance channels after the prediction.
+    pub fn is_learned(self) -> bool {
+        self == VarianceType::LearnedRange
+    }
+}
+
+/// Splits a learned-variance model output (B, 2C, ...) into the prediction and v.
+pub fn split_learned_variance(output: &Tensor) -> Result<(Tensor, Tensor)> {
+    let channels = output.dim(1)? / 2;
+    Ok((
+        output.narrow(1, 0, channels)?,
+        output.narrow(1, channels, channels)?,
+    ))
+}
+
+/// log sigma_t^2 of eq. 15 for the model's v in [-1, 1], with the posterior's log variance
+/// `log_posterior_variance` (log beta~_t, clipped at t = 0 as improved-diffusion does) and log beta_t.
+pub fn learned_log_variance(
+    v: &Tensor,
+    log_posterior_variance: f64,
+    log_beta: f64,
+) -> Result<Tensor> {
+    let frac = v.affine(0.5, 0.5)?;
+    frac.affine(log_beta - log_posterior_variance, log_posterior_variance)
 }
 
 pub struct Ddpm {
@@ -56,6 +86,12 @@ impl Sampler for Ddpm {
         for (i, &t) in self.timesteps.iter().enumerate() {
             let prev_t = self.timesteps.get(i + 1).copied();
             let model_output = model.predict(&x, t as f64)?;
+            let (model_output, learned) = if self.variance.is_learned() {
+                let (prediction, v) = split_learned_variance(&model_output)?;
+                (prediction, Some(v))
+            } else {
+                (model_output, None)
+            };
             let alpha_bar_t = self.alpha_bar(Some(t));
             let alpha_bar_prev = self.alpha_bar(prev_t);
             // alpha_t and beta_t of the (possibly strided) step t -> prev_t.
@@ -74,14 +110,21 @@ impl Sampler for Ddpm {
             let xt_coeff = alpha_t.sqrt() * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t);
             let mut next = lincomb(&[(x0_coeff, &x0), (xt_coeff, &x)])?;
             if t > 0 {
-                let variance = match self.variance {
-                    VarianceType::FixedSmall => {
-                        ((1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t) * beta_t).max(1e-20)
-                    }
-                    VarianceType::FixedLarge => beta_t,
-                };
+                let posterior_variance = (1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t) * beta_t;
                 let z = noise.randn_like(&x)?;
-                next = (next + z.affine(variance.sqrt(), 0.0)?)?;
+                let scaled = match (self.variance, &learned) {
+                    (VarianceType::LearnedRange, Some(v)) => {
+                        let log_variance = learned_log_variance(
+                            v,
+                            posterior_variance.max(1e-20).ln(),
+                            beta_t.ln(),
+                        )?;
+                        (z * log_variance.affine(0.5, 0.0)?.exp()?)?
+                    }
+                    (VarianceType::FixedLarge, _) => z.affine(beta_t.sqrt(), 0.0)?,
+                    _ => z.affine(posterior_variance.max(1e-20).sqrt(), 0.0)?,
+                };
+                next = (next + scaled)?;
             }
             x = next;
             callback(&StepEvent {

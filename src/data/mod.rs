@@ -1,0 +1,3 @@
+//! Datasets: the IDX files of MNIST and Fashion-MNIST.
+
+pub mod idx;

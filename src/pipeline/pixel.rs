@@ -1,0 +1,270 @@
+//! Pixel-space DDPM (Ho et al. 2020): the U-Net on images directly, no autoencoder, no text; an
+//! optional class label. Loaded from a training checkpoint or a shipped weights file, both of
+//! which carry their training config as metadata.
+
+use crate::error::{Error, Result};
+use crate::model::config::UNetConfig;
+use crate::model::unet::UNet2DConditionModel;
+use crate::sampler::config::{build_sampler, SamplerKind, SamplerOptions};
+use crate::sampler::noise::SeededNoise;
+use crate::sampler::{Denoiser, SchedulerConfig, StepEvent};
+use crate::schedule::PredictionType;
+use crate::train::checkpoint;
+use crate::train::config::{Conditioning, TrainConfig};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Metadata key of the TOML training config in checkpoints and weights files.
+pub const CONFIG_KEY: &str = "diffuse.train_config";
+
+/// A trained pixel-space model.
+pub struct PixelDiffusion {
+    pub config: TrainConfig,
+    pub scheduler: SchedulerConfig,
+    pub unet: UNet2DConditionModel,
+}
+
+/// Which weights of a checkpoint to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightsChoice {
+    /// The exponential moving average when the file has one (what DDPM samples from).
+    Ema,
+    /// The raw optimiser weights.
+    Raw,
+}
+
+impl PixelDiffusion {
+    /// Builds the model of `config` from `weights` (names as the U-Net asks for them). A missing
+    /// tensor or a tensor of another shape is an error that names it.
+    pub fn from_tensors(
+        config: TrainConfig,
+        weights: HashMap<String, Tensor>,
+        device: &Device,
+    ) -> Result<Self> {
+        let unet_config = config.unet_config()?;
+        let scheduler = config.scheduler_config()?;
+        check_names(&unet_config, &weights)?;
+        let vb = VarBuilder::from_tensors(weights, DType::F32, device);
+        let unet = UNet2DConditionModel::new(unet_config, vb)?;
+        Ok(Self {
+            config,
+            scheduler,
+            unet,
+        })
+    }
+
+    /// Loads a checkpoint written by `diffuse train` or a weights file such as
+    /// `weights/ddpm-mnist.safetensors`.
+    pub fn load(path: &Path, choice: WeightsChoice, device: &Device) -> Result<Self> {
+        let loaded = checkpoint::load(path, device)?;
+        let toml = loaded.meta(path, CONFIG_KEY)?;
+        let config = TrainConfig::from_toml_str(toml).map_err(|e| Error::File {
+            path: path.display().to_string(),
+            message: format!("its training config is not valid: {e}"),
+        })?;
+        let ema = loaded.with_prefix("ema.");
+        let weights = if choice == WeightsChoice::Ema && !ema.is_empty() {
+            ema
+        } else {
+            loaded.with_prefix("model.")
+        };
+        if weights.is_empty() {
+            return Err(Error::File {
+                path: path.display().to_string(),
+                message: "holds no model.* or ema.* tensors".into(),
+            });
+        }
+        let weights = weights
+            .into_iter()
+            .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?)))
+            .collect::<Result<HashMap<_, _>>>()?;
+        Self::from_tensors(config, weights, device).map_err(|e| Error::File {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    pub fn prediction_type(&self) -> Result<PredictionType> {
+        PredictionType::parse(&self.config.diffusion.prediction_type)
+    }
+
+    pub fn image_shape(&self) -> (usize, usize, usize) {
+        let m = &self.config.model;
+        (m.channels, m.image_size, m.image_size)
+    }
+
+    pub fn num_classes(&self) -> Option<usize> {
+        match self.config.model.conditioning {
+            Conditioning::Class => self.config.model.num_classes,
+            Conditioning::None => None,
+        }
+    }
+
+    /// The raw network output (prediction, then the variance channels for a learned variance)
+    /// at integer-or-fractional timesteps `t` (one per row).
+    pub fn forward(&self, x: &Tensor, t: &Tensor, labels: Option<&Tensor>) -> Result<Tensor> {
+        Ok(self.unet.forward(x, t, None, labels)?)
+    }
+
+    /// Draws `n` images with `sampler` in `steps` steps; `labels` (one per image) for
+    /// class-conditional models. Returns (n, C, H, W) in [-1, 1].
+    #[allow(clippy::too_many_arguments)]
+    pub fn sample(
+        &self,
+        kind: SamplerKind,
+        options: &SamplerOptions,
+        steps: usize,
+        n: usize,
+        labels: Option<&[u32]>,
+        seed: u64,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Tensor> {
+        let labels = self.check_labels(labels, n)?;
+        let sampler = build_sampler(kind, &self.scheduler, options, steps)?;
+        let (c, h, w) = self.image_shape();
+        let mut noise = SeededNoise::new(seed);
+        let device = self.unet_device();
+        let x_start = noise
+            .randn(&[n, c, h, w])?
+            .to_device(&device)?
+            .affine(sampler.init_noise_sigma(), 0.0)?;
+        let mut denoiser = PixelDenoiser {
+            model: self,
+            labels: labels.as_ref(),
+            keep_variance: kind == SamplerKind::Ddpm && self.scheduler.variance_type.is_learned(),
+            prediction_type: self.prediction_type()?,
+        };
+        let mut callback = |e: &StepEvent| {
+            progress(e.index + 1, e.total);
+            Ok(())
+        };
+        let out = sampler.sample(&mut denoiser, x_start, &mut noise, &mut callback)?;
+        Ok(out.clamp(-1f32, 1f32)?)
+    }
+
+    fn unet_device(&self) -> Device {
+        Device::Cpu
+    }
+
+    /// The labels as a tensor, checked against the model's classes.
+    pub fn check_labels(&self, labels: Option<&[u32]>, n: usize) -> Result<Option<Tensor>> {
+        match (self.num_classes(), labels) {
+            (None, None) => Ok(None),
+            (None, Some(_)) => Err(Error::Msg(
+                "this model is unconditional: it takes no class labels".into(),
+            )),
+            (Some(k), None) => Err(Error::Msg(format!(
+                "this model is class-conditional: give a class in 0..{k}"
+            ))),
+            (Some(k), Some(labels)) => {
+                if labels.len() != n {
+                    return Err(Error::Msg(format!(
+                        "{} labels for {n} images",
+                        labels.len()
+                    )));
+                }
+                if let Some(bad) = labels.iter().find(|l| **l as usize >= k) {
+                    return Err(Error::bad_value(
+                        "class",
+                        bad,
+                        &format!("a class in 0..{k}"),
+                    ));
+                }
+                Ok(Some(Tensor::new(labels, &self.unet_device())?))
+            }
+        }
+    }
+}
+
+/// Compares `weights` with the tensors the config's U-Net has, naming the first missing, extra or
+/// wrongly shaped one (a checkpoint from another model shape).
+fn check_names(config: &UNetConfig, weights: &HashMap<String, Tensor>) -> Result<()> {
+    let varmap = candle_nn::VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    UNet2DConditionModel::new(config.clone(), vb)?;
+    for (name, var) in crate::train::named_vars(&varmap) {
+        match weights.get(&name) {
+            None => {
+                return Err(Error::Msg(format!(
+                    "missing tensor {name} (the config needs shape {:?})",
+                    var.dims()
+                )))
+            }
+            Some(t) if t.dims() != var.dims() => {
+                return Err(Error::Msg(format!(
+                    "tensor {name} has shape {:?}, the config needs {:?}",
+                    t.dims(),
+                    var.dims()
+                )))
+            }
+            Some(_) => {}
+        }
+    }
+    let known = varmap.data().lock().expect("VarMap lock");
+    let mut extra: Vec<&String> = weights.keys().filter(|k| !known.contains_key(*k)).collect();
+    extra.sort();
+    if let Some(first) = extra.first() {
+        return Err(Error::Msg(format!(
+            "{} tensors the config does not use (first: {first}): is it for another model shape?",
+            extra.len()
+        )));
+    }
+    Ok(())
+}
+
+/// The model as the samplers see it: f(x, t), with the variance channels dropped for every
+/// sampler except DDPM's ancestral one, which uses them.
+pub struct PixelDenoiser<'a> {
+    pub model: &'a PixelDiffusion,
+    pub labels: Option<&'a Tensor>,
+    pub keep_variance: bool,
+    pub prediction_type: PredictionType,
+}
+
+impl Denoiser for PixelDenoiser<'_> {
+    fn prediction_type(&self) -> PredictionType {
+        self.prediction_type
+    }
+
+    fn predict(&mut self, x: &Tensor, t: f64) -> candle_core::Result<Tensor> {
+        let batch = x.dim(0)?;
+        let t = Tensor::full(t as f32, batch, x.device())?;
+        let out = self.model.unet.forward(x, &t, None, self.labels)?.detach();
+        if self.model.scheduler.variance_type.is_learned() && !self.keep_variance {
+            out.narrow(1, 0, x.dim(1)?)
+        } else {
+            Ok(out)
+        }
+    }
+}
+
+/// Tiles (n, C, H, W) images in [-1, 1] into one (C, rows H, cols W) image in [0, 1], `cols`
+/// across, with 2-pixel gaps.
+pub fn grid(images: &Tensor, cols: usize) -> Result<Tensor> {
+    let (n, c, h, w) = images.dims4()?;
+    let cols = cols.max(1).min(n.max(1));
+    let rows = n.div_ceil(cols);
+    let gap = 2;
+    let (gh, gw) = (rows * (h + gap) - gap, cols * (w + gap) - gap);
+    let values = images
+        .affine(0.5, 0.5)?
+        .clamp(0f32, 1f32)?
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let mut out = vec![0.0f32; c * gh * gw];
+    for i in 0..n {
+        let (r, col) = (i / cols, i % cols);
+        for ch in 0..c {
+            for y in 0..h {
+                for x in 0..w {
+                    out[ch * gh * gw + (r * (h + gap) + y) * gw + col * (w + gap) + x] =
+                        values[((i * c + ch) * h + y) * w + x];
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(out, (c, gh, gw), &Device::Cpu)?)
+}

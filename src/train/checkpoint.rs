@@ -1,0 +1,208 @@
+//! Checkpoints: one safetensors file of named tensors with string metadata (the step, the
+//! config), written atomically: to a temporary file beside the target, synced, then renamed, so a
+//! kill mid-write leaves the previous checkpoint intact.
+
+use crate::error::{Error, Result};
+use crate::weights::check_safetensors;
+use candle_core::{DType, Device, Tensor};
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::Path;
+
+fn file_error(path: &Path, message: impl Into<String>) -> Error {
+    Error::File {
+        path: path.display().to_string(),
+        message: message.into(),
+    }
+}
+
+fn safetensors_dtype(dtype: DType) -> Result<safetensors::Dtype> {
+    Ok(match dtype {
+        DType::F32 => safetensors::Dtype::F32,
+        DType::F16 => safetensors::Dtype::F16,
+        DType::BF16 => safetensors::Dtype::BF16,
+        DType::F64 => safetensors::Dtype::F64,
+        DType::U32 => safetensors::Dtype::U32,
+        DType::I64 => safetensors::Dtype::I64,
+        DType::U8 => safetensors::Dtype::U8,
+        other => return Err(Error::Msg(format!("cannot save {other:?} tensors"))),
+    })
+}
+
+fn tensor_bytes(tensor: &Tensor) -> Result<Vec<u8>> {
+    let flat = tensor.flatten_all()?;
+    Ok(match tensor.dtype() {
+        DType::F32 => flat
+            .to_vec1::<f32>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::F16 => flat
+            .to_vec1::<half::f16>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::BF16 => flat
+            .to_vec1::<half::bf16>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::F64 => flat
+            .to_vec1::<f64>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::U32 => flat
+            .to_vec1::<u32>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::I64 => flat
+            .to_vec1::<i64>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::U8 => flat.to_vec1::<u8>()?,
+        other => return Err(Error::Msg(format!("cannot save {other:?} tensors"))),
+    })
+}
+
+/// Writes `tensors` and `metadata` to `path` atomically.
+pub fn save(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, t)| tensor_bytes(t))
+        .collect::<Result<_>>()?;
+    let mut views = Vec::with_capacity(tensors.len());
+    for ((name, tensor), data) in tensors.iter().zip(&bytes) {
+        let view = safetensors::tensor::TensorView::new(
+            safetensors_dtype(tensor.dtype())?,
+            tensor.dims().to_vec(),
+            data,
+        )
+        .map_err(|e| Error::Msg(format!("tensor {name}: {e}")))?;
+        views.push((name.clone(), view));
+    }
+    let metadata: HashMap<String, String> = metadata.clone().into_iter().collect();
+    let serialized = safetensors::serialize(views, Some(metadata))
+        .map_err(|e| file_error(path, e.to_string()))?;
+    write_atomically(path, &serialized)
+}
+
+/// Writes `bytes` to a temporary file in `path`'s folder, syncs it, and renames it over `path`.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| file_error(dir, e.to_string()))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| -> std::io::Result<()> {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    result.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        file_error(path, format!("could not be written: {e}"))
+    })
+}
+
+/// A checkpoint read back: every tensor, and the metadata.
+pub struct Loaded {
+    pub tensors: HashMap<String, Tensor>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl Loaded {
+    /// The tensors whose names start with `prefix`, with the prefix removed.
+    pub fn with_prefix(&self, prefix: &str) -> HashMap<String, Tensor> {
+        self.tensors
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix(prefix).map(|n| (n.to_string(), v.clone())))
+            .collect()
+    }
+
+    /// A metadata value, or an error naming the file and key.
+    pub fn meta(&self, path: &Path, key: &str) -> Result<&str> {
+        self.metadata
+            .get(key)
+            .map(String::as_str)
+            .ok_or_else(|| file_error(path, format!("has no \"{key}\" metadata entry")))
+    }
+}
+
+/// Reads a whole checkpoint (complete-file check first, so a truncated one is named).
+pub fn load(path: &Path, device: &Device) -> Result<Loaded> {
+    check_safetensors(path)?;
+    let bytes = std::fs::read(path).map_err(|e| file_error(path, e.to_string()))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| file_error(path, format!("not a valid safetensors file: {e}")))?;
+    let metadata: BTreeMap<String, String> = header
+        .metadata()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    let tensors = candle_core::safetensors::load_buffer(&bytes, device)
+        .map_err(|e| file_error(path, e.to_string()))?;
+    Ok(Loaded { tensors, metadata })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_atomic_overwrite() {
+        let dir = std::env::temp_dir().join(format!("diffuse-ckpt-{}", std::process::id()));
+        let path = dir.join("c.safetensors");
+        let a = Tensor::arange(0f32, 6.0, &Device::Cpu)
+            .unwrap()
+            .reshape((2, 3))
+            .unwrap();
+        let labels = Tensor::new(&[3u32, 4], &Device::Cpu).unwrap();
+        let meta = BTreeMap::from([("step".to_string(), "7".to_string())]);
+        save(
+            &path,
+            &[("model.a".into(), a.clone()), ("labels".into(), labels)],
+            &meta,
+        )
+        .unwrap();
+        let loaded = load(&path, &Device::Cpu).unwrap();
+        assert_eq!(loaded.meta(&path, "step").unwrap(), "7");
+        assert!(loaded.meta(&path, "config").is_err());
+        let model = loaded.with_prefix("model.");
+        assert_eq!(
+            model["a"].to_vec2::<f32>().unwrap(),
+            a.to_vec2::<f32>().unwrap()
+        );
+        // A truncated file is refused by name.
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 4]).unwrap();
+        let err = load(&path, &Device::Cpu).err().unwrap().to_string();
+        assert!(err.contains("truncated"), "{err}");
+        // No temporary files are left behind.
+        let leftovers: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .contains("tmp")
+            })
+            .collect();
+        assert!(leftovers.is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

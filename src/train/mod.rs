@@ -1,0 +1,87 @@
+//! Training: the optimiser, the weight average, checkpoints, and the pixel-space DDPM loop.
+
+pub mod checkpoint;
+pub mod config;
+pub mod optim;
+pub mod pixel;
+pub mod plot;
+
+use crate::sampler::noise::SeededNoise;
+use candle_core::{Tensor, Var};
+use candle_nn::VarMap;
+use rand::Rng;
+
+/// The VarMap's variables sorted by name (a VarMap is a HashMap, whose order changes between
+/// runs; every loop over parameters that touches an RNG or a file goes through this order).
+pub fn named_vars(varmap: &VarMap) -> Vec<(String, Var)> {
+    let mut named: Vec<(String, Var)> = varmap
+        .data()
+        .lock()
+        .expect("VarMap lock")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    named
+}
+
+/// Re-initialises every variable from a seeded RNG (candle's initialisers draw from an unseeded
+/// one): weights uniform in +-1/sqrt(fan_in) (PyTorch's default for linear and conv layers),
+/// biases zero, normalisation scales one, and the layers named in `zero_init` zero, as
+/// improved-diffusion does for each residual branch's last conv and the output conv so that every
+/// block starts as the identity.
+pub fn seeded_init(
+    named: &[(String, Var)],
+    seed: u64,
+    zero_init: &dyn Fn(&str) -> bool,
+) -> candle_core::Result<()> {
+    let mut rng = SeededNoise::new(seed);
+    for (name, var) in named {
+        let fan_in = (var.elem_count() / var.dims().first().copied().unwrap_or(1).max(1)).max(1);
+        let bound = if var.rank() == 1 {
+            0.0
+        } else {
+            (1.0 / fan_in as f64).sqrt()
+        };
+        // Every variable draws, whatever its rule, so adding a rule never shifts the others.
+        let mut values: Vec<f32> = (0..var.elem_count())
+            .map(|_| ((rng.rng().random::<f64>() * 2.0 - 1.0) * bound) as f32)
+            .collect();
+        let is_norm_scale = var.rank() == 1 && name.ends_with("weight");
+        if is_norm_scale {
+            values.fill(1.0);
+        } else if zero_init(name) {
+            values.fill(0.0);
+        }
+        var.set(&Tensor::from_vec(values, var.shape(), var.device())?)?;
+    }
+    Ok(())
+}
+
+/// Exponential moving average of the weights (DDPM appendix B), with the warm-up
+/// decay_k = min(decay, (1 + k)/(10 + k)) so that the average is useful early in short runs.
+#[derive(Debug, Clone)]
+pub struct Ema {
+    pub decay: f64,
+    pub average: Vec<Tensor>,
+}
+
+impl Ema {
+    pub fn new(decay: f64, vars: &[(String, Var)]) -> Self {
+        Self {
+            decay,
+            average: vars.iter().map(|(_, v)| v.as_tensor().detach()).collect(),
+        }
+    }
+
+    /// Folds in the weights after optimiser step `step` (0-based).
+    pub fn update(&mut self, vars: &[(String, Var)], step: usize) -> candle_core::Result<()> {
+        let k = step as f64;
+        let decay = self.decay.min((1.0 + k) / (10.0 + k));
+        for (average, (_, var)) in self.average.iter_mut().zip(vars) {
+            *average = (average.affine(decay, 0.0)?
+                + var.as_tensor().detach().affine(1.0 - decay, 0.0)?)?;
+        }
+        Ok(())
+    }
+}

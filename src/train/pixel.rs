@@ -1,0 +1,336 @@
+//! The pixel-space DDPM training step (Ho et al. 2020, Algorithm 1; with the learned variance
+//! and hybrid loss of Nichol & Dhariwal 2021 when configured), and its checkpoints.
+//!
+//! Every random draw of step k comes from an RNG seeded by (seed, k): the batch, the timesteps,
+//! the noise and the flips. A run resumed from step k's checkpoint therefore takes exactly the
+//! steps the uninterrupted run would have taken.
+
+use super::checkpoint;
+use super::config::{Loss, TrainConfig};
+use super::optim::{clip_factor, grad_norm, warmup_lr, AdamW, AdamWParams};
+use super::{named_vars, seeded_init, Ema};
+use crate::data::idx::LabelledImages;
+use crate::error::{Error, Result};
+use crate::likelihood::DiffusionTables;
+use crate::model::unet::UNet2DConditionModel;
+use crate::pipeline::pixel::{PixelDiffusion, CONFIG_KEY};
+use crate::sampler::noise::SeededNoise;
+use crate::schedule::{q_sample, NoiseSchedule, PredictionType};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use rand::Rng;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+/// Metadata key of the number of completed optimiser steps.
+pub const STEP_KEY: &str = "diffuse.step";
+
+/// What one step measured.
+#[derive(Debug, Clone, Copy)]
+pub struct StepStats {
+    pub loss: f64,
+    pub mse: f64,
+    pub vb_bits: f64,
+    pub grad_norm: f64,
+    pub learning_rate: f64,
+}
+
+pub struct PixelTrainer {
+    pub config: TrainConfig,
+    pub schedule: NoiseSchedule,
+    tables: DiffusionTables,
+    unet: UNet2DConditionModel,
+    _varmap: VarMap,
+    names: Vec<String>,
+    vars: Vec<Var>,
+    named: Vec<(String, Var)>,
+    optimizer: AdamW,
+    ema: Ema,
+    /// Completed optimiser steps.
+    pub step: usize,
+}
+
+/// Residual branches' last convs and the output conv start at zero (improved-diffusion's
+/// `zero_module`), so that the untrained network is the identity plus a zero prediction.
+fn zero_init(name: &str) -> bool {
+    name == "conv_out.weight" || name == "conv_out.bias" || name.ends_with("conv2.weight")
+}
+
+fn step_seed(seed: u64, step: usize) -> u64 {
+    seed ^ (step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+impl PixelTrainer {
+    /// A fresh model initialised from `config.train.seed`.
+    pub fn new(config: TrainConfig) -> Result<Self> {
+        config.validate()?;
+        let device = Device::Cpu;
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
+        let unet = UNet2DConditionModel::new(config.unet_config()?, vb)?;
+        let named = named_vars(&varmap);
+        seeded_init(&named, config.train.seed, &zero_init)?;
+        let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
+        let optimizer = AdamW::new(
+            &vars,
+            AdamWParams {
+                weight_decay: config.train.weight_decay,
+                ..Default::default()
+            },
+        )?;
+        let ema = Ema::new(config.train.ema_decay, &named);
+        let schedule = config.scheduler_config()?.noise_schedule()?;
+        Ok(Self {
+            tables: DiffusionTables::new(&schedule),
+            schedule,
+            unet,
+            _varmap: varmap,
+            names: named.iter().map(|(n, _)| n.clone()).collect(),
+            vars,
+            named,
+            optimizer,
+            ema,
+            step: 0,
+            config,
+        })
+    }
+
+    /// Continues from a checkpoint written by [`PixelTrainer::save`]. The checkpoint's config
+    /// must describe the same model and diffusion process as `config` (the number of steps and
+    /// the logging may differ).
+    pub fn resume(config: TrainConfig, path: &Path) -> Result<Self> {
+        let mut trainer = Self::new(config)?;
+        let loaded = checkpoint::load(path, &Device::Cpu)?;
+        let file_error = |message: String| Error::File {
+            path: path.display().to_string(),
+            message,
+        };
+        let saved = TrainConfig::from_toml_str(loaded.meta(path, CONFIG_KEY)?)
+            .map_err(|e| file_error(format!("its training config is not valid: {e}")))?;
+        if saved.model != trainer.config.model || saved.diffusion != trainer.config.diffusion {
+            return Err(file_error(
+                "was trained with another [model] or [diffusion] section than this config".into(),
+            ));
+        }
+        trainer.step = loaded
+            .meta(path, STEP_KEY)?
+            .parse()
+            .map_err(|e| file_error(format!("{STEP_KEY} is not a step count: {e}")))?;
+        let get = |key: String, like: &Var| -> Result<Tensor> {
+            let t = loaded
+                .tensors
+                .get(&key)
+                .ok_or_else(|| file_error(format!("missing tensor {key}")))?;
+            if t.dims() != like.dims() {
+                return Err(file_error(format!(
+                    "tensor {key} has shape {:?}, the config needs {:?}",
+                    t.dims(),
+                    like.dims()
+                )));
+            }
+            Ok(t.clone())
+        };
+        for (i, (name, var)) in trainer.named.iter().enumerate() {
+            var.set(&get(format!("model.{name}"), var)?)?;
+            trainer.ema.average[i] = get(format!("ema.{name}"), var)?;
+            trainer.optimizer.first_moments[i] = get(format!("optim.m.{name}"), var)?;
+            trainer.optimizer.second_moments[i] = get(format!("optim.v.{name}"), var)?;
+        }
+        trainer.optimizer.updates = trainer.step;
+        Ok(trainer)
+    }
+
+    pub fn parameter_count(&self) -> usize {
+        self.vars.iter().map(|v| v.elem_count()).sum()
+    }
+
+    /// One optimiser step on a batch drawn from `data`.
+    pub fn train_step(&mut self, data: &LabelledImages) -> Result<StepStats> {
+        let cfg = &self.config;
+        let batch = cfg.train.batch_size;
+        let n_train = self.schedule.num_train_timesteps();
+        let mut rng = SeededNoise::new(step_seed(cfg.train.seed, self.step));
+        let indices: Vec<usize> = (0..batch)
+            .map(|_| rng.rng().random_range(0..data.len()))
+            .collect();
+        let timesteps: Vec<usize> = (0..batch)
+            .map(|_| rng.rng().random_range(0..n_train))
+            .collect();
+        let device = Device::Cpu;
+        let mut x0 = data.batch(&indices, &device)?;
+        if cfg.data.random_flip {
+            let flips: Vec<bool> = (0..batch).map(|_| rng.rng().random_bool(0.5)).collect();
+            let rows = (0..batch)
+                .map(|i| {
+                    let row = x0.narrow(0, i, 1)?;
+                    if flips[i] {
+                        row.flip(&[3])
+                    } else {
+                        Ok(row)
+                    }
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            x0 = Tensor::cat(&rows, 0)?;
+        }
+        let eps = rng.randn(x0.dims())?;
+        let xt = q_sample(&self.schedule, &x0, &timesteps, &eps)?;
+        let labels = match cfg.model.num_classes {
+            Some(_) => Some(data.label_batch(&indices, &device)?),
+            None => None,
+        };
+        let t = Tensor::from_vec(
+            timesteps.iter().map(|t| *t as f32).collect::<Vec<_>>(),
+            batch,
+            &device,
+        )?;
+        let output = self.unet.forward(&xt, &t, None, labels.as_ref())?;
+        let channels = x0.dim(1)?;
+        let prediction = output.narrow(1, 0, channels)?;
+        let target = match PredictionType::parse(&cfg.diffusion.prediction_type)? {
+            PredictionType::Epsilon => eps.clone(),
+            PredictionType::Sample => x0.clone(),
+            PredictionType::VPrediction => {
+                // v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0 (Salimans & Ho 2022).
+                let ab: Vec<f64> = timesteps
+                    .iter()
+                    .map(|t| self.schedule.alphas_cumprod[*t])
+                    .collect();
+                let a =
+                    crate::schedule::per_row(ab.iter().map(|a| a.sqrt() as f32).collect(), &x0)?;
+                let s = crate::schedule::per_row(
+                    ab.iter().map(|a| (1.0 - a).sqrt() as f32).collect(),
+                    &x0,
+                )?;
+                (eps.broadcast_mul(&a)? - x0.broadcast_mul(&s)?)?
+            }
+            PredictionType::Score => {
+                return Err(Error::bad_value(
+                    "diffusion.prediction_type",
+                    "score",
+                    "epsilon, sample or v_prediction",
+                ))
+            }
+        };
+        // L_simple, DDPM eq. 14.
+        let mse = (prediction - &target)?.sqr()?.mean_all()?;
+        let (loss, vb_value) = if cfg.diffusion.loss == Loss::Hybrid {
+            // The bound's term with the mean's gradient stopped: it trains only the variance
+            // (Nichol & Dhariwal, section 3.1). lambda T L_t estimates lambda L_vlb.
+            let frozen = Tensor::cat(
+                &[
+                    output.narrow(1, 0, channels)?.detach(),
+                    output.narrow(1, channels, channels)?,
+                ],
+                1,
+            )?;
+            let (mean, log_variance) = self.tables.p_mean_variance(
+                &frozen,
+                &xt,
+                &timesteps,
+                self.schedule_variance()?,
+                false,
+            )?;
+            let vb = self
+                .tables
+                .vb_term_bits(&x0, &xt, &timesteps, &mean, &log_variance)?
+                .mean_all()?;
+            let weight = cfg.diffusion.vlb_weight * n_train as f64;
+            let value = vb.to_scalar::<f32>()? as f64;
+            ((&mse + vb.affine(weight, 0.0)?)?, value)
+        } else {
+            (mse.clone(), 0.0)
+        };
+        let loss_value = loss.to_scalar::<f32>()? as f64;
+        if !loss_value.is_finite() {
+            return Err(Error::Msg(format!(
+                "the loss became {loss_value} at step {}; stopping without saving, so the last checkpoint stays the last good one",
+                self.step + 1
+            )));
+        }
+        let grads = loss.backward()?;
+        let norm = grad_norm(&self.vars, &grads)?;
+        if !norm.is_finite() {
+            return Err(Error::Msg(format!(
+                "the gradient norm became {norm} at step {}; stopping without saving",
+                self.step + 1
+            )));
+        }
+        let lr = warmup_lr(cfg.train.learning_rate, self.step, cfg.train.warmup_steps);
+        self.optimizer.step(
+            &self.vars,
+            &grads,
+            lr,
+            clip_factor(norm, cfg.train.grad_clip),
+        )?;
+        self.ema.update(&self.named, self.step)?;
+        self.step += 1;
+        Ok(StepStats {
+            loss: loss_value,
+            mse: mse.to_scalar::<f32>()? as f64,
+            vb_bits: vb_value,
+            grad_norm: norm,
+            learning_rate: lr,
+        })
+    }
+
+    fn schedule_variance(&self) -> Result<crate::sampler::ddpm::VarianceType> {
+        Ok(self.config.scheduler_config()?.variance_type)
+    }
+
+    fn metadata(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            (CONFIG_KEY.to_string(), self.config.to_toml()),
+            (STEP_KEY.to_string(), self.step.to_string()),
+            ("format".to_string(), "diffuse-pixel-ddpm".to_string()),
+        ])
+    }
+
+    /// The full training state: weights, their average, AdamW's moments, the step.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut tensors = Vec::with_capacity(4 * self.names.len());
+        for (i, name) in self.names.iter().enumerate() {
+            tensors.push((format!("model.{name}"), self.vars[i].as_tensor().detach()));
+            tensors.push((format!("ema.{name}"), self.ema.average[i].clone()));
+            tensors.push((
+                format!("optim.m.{name}"),
+                self.optimizer.first_moments[i].clone(),
+            ));
+            tensors.push((
+                format!("optim.v.{name}"),
+                self.optimizer.second_moments[i].clone(),
+            ));
+        }
+        checkpoint::save(path, &tensors, &self.metadata())
+    }
+
+    /// The averaged weights alone, in `dtype` (what `diffuse sample` and `eval` need).
+    pub fn save_weights(&self, path: &Path, dtype: DType) -> Result<()> {
+        let tensors = self
+            .names
+            .iter()
+            .zip(&self.ema.average)
+            .map(|(name, t)| Ok((format!("ema.{name}"), t.to_dtype(dtype)?)))
+            .collect::<Result<Vec<_>>>()?;
+        checkpoint::save(path, &tensors, &self.metadata())
+    }
+
+    /// The averaged weights as a model to sample from.
+    pub fn ema_model(&self) -> Result<PixelDiffusion> {
+        let weights: HashMap<String, Tensor> = self
+            .names
+            .iter()
+            .cloned()
+            .zip(self.ema.average.iter().cloned())
+            .collect();
+        PixelDiffusion::from_tensors(self.config.clone(), weights, &Device::Cpu)
+    }
+
+    /// The current raw weights by name (for tests and comparisons).
+    pub fn weights(&self) -> Vec<(String, Tensor)> {
+        self.names
+            .iter()
+            .cloned()
+            .zip(self.vars.iter().map(|v| v.as_tensor().detach()))
+            .collect()
+    }
+}
