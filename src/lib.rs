@@ -9,6 +9,7 @@ pub mod data;
 pub mod error;
 pub mod hub;
 pub mod image_io;
+pub mod judge;
 pub mod likelihood;
 pub mod model;
 pub mod pipeline;

@@ -1,5 +1,8 @@
 use clap::Parser;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     diffuse::runtime::keep_freed_memory();
     match diffuse::cli::run(diffuse::cli::Cli::parse()) {

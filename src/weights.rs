@@ -28,6 +28,9 @@ pub fn check_safetensors(path: &Path) -> Result<()> {
     // SAFETY: the map is read-only and dropped before returning; a concurrent truncation by
     // another process is the only hazard, as with any mmap.
     let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| file_error(path, e.to_string()))?;
+    if let Some(message) = truncation(&mmap) {
+        return Err(file_error(path, message));
+    }
     let (header_len, metadata) = safetensors::SafeTensors::read_metadata(&mmap)
         .map_err(|e| file_error(path, format!("not a valid safetensors file: {e}")))?;
     let data_len = mmap.len() - 8 - header_len;
@@ -44,6 +47,35 @@ pub fn check_safetensors(path: &Path) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Says how a safetensors file is cut short, reading only its length prefix and JSON header
+/// (the safetensors crate reports a short file as merely "incomplete metadata").
+fn truncation(bytes: &[u8]) -> Option<String> {
+    let prefix: [u8; 8] = bytes.get(..8)?.try_into().ok()?;
+    let header_len = u64::from_le_bytes(prefix) as usize;
+    // Longer than the format allows (100 MB): not a safetensors file at all.
+    if header_len > 100_000_000 {
+        return None;
+    }
+    let Some(header) = bytes.get(8..8usize.saturating_add(header_len)) else {
+        return Some(format!(
+            "is truncated: its header needs {header_len} bytes, the file has {}",
+            bytes.len().saturating_sub(8)
+        ));
+    };
+    let json: serde_json::Value = serde_json::from_slice(header).ok()?;
+    let needed = json
+        .as_object()?
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .filter_map(|(_, v)| v.get("data_offsets")?.get(1)?.as_u64())
+        .max()
+        .unwrap_or(0) as usize;
+    let data_len = bytes.len() - 8 - header_len;
+    (needed > data_len).then(|| {
+        format!("is truncated: its header needs {needed} bytes of tensor data, the file has {data_len}")
+    })
 }
 
 /// A memory-mapped [`VarBuilder`] over safetensors files, converting to `dtype`.

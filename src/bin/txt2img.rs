@@ -1,6 +1,9 @@
 //! `txt2img ...` is `diffuse txt2img ...`.
 use clap::Parser;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "txt2img",

@@ -224,7 +224,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         }
         if step % config.train.checkpoint_every == 0 || step == total {
             save_all(&trainer, &out_dir)?;
-            loss_curve_png(&read_losses(&csv_path), &out_dir.join("loss.png"))?;
+            // The curve is a convenience beside the CSV: a drawing failure must not stop training.
+            if let Err(e) = loss_curve_png(&read_losses(&csv_path), &out_dir.join("loss.png")) {
+                bar.suspend(|| eprintln!("warning: {e}"));
+            }
         }
         if config.train.sample_every > 0 && (step % config.train.sample_every == 0 || step == total)
         {

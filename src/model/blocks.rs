@@ -1,8 +1,9 @@
 //! Layers shared by the U-Net and the VAE, named as diffusers names them.
 
+pub use super::norm::{group_norm, GroupNorm};
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{
-    conv2d, group_norm, linear, linear_no_bias, Conv2dConfig, GroupNorm, Linear, VarBuilder,
+    conv2d, linear, linear_no_bias, Conv2dConfig, Linear, VarBuilder,
 };
 
 /// Layer normalisation over the last dimension (Ba et al. 2016), composed from elementary ops

@@ -34,40 +34,32 @@ impl Unfold {
         )
     }
 
-    /// The output positions `o` of one axis whose input `o stride + k - padding` lies inside
-    /// `0..size`, as a range.
-    fn valid(&self, k: usize, size: usize, out: usize) -> std::ops::Range<usize> {
-        let (s, p) = (self.stride, self.padding);
-        let first = p.saturating_sub(k).div_ceil(s);
-        // o s + k - p <= size - 1  <=>  o <= (size - 1 + p - k) / s
-        let last = (size + p)
-            .checked_sub(k + 1)
-            .map(|v| v / s + 1)
-            .unwrap_or(0);
-        first.min(out)..last.min(out).max(first.min(out))
-    }
-
-    /// Calls `f(tap, output offset, input offset, run length)` for every run of one plane's taps
-    /// whose inputs lie inside the image; along x, consecutive outputs read every stride-th input.
-    fn for_each_run(
+    /// Calls `f(patch index, input offset)` for every tap of output pixel (oy, ox) whose input
+    /// lies inside the (C, H, W) image; padding taps are skipped (they stay zero).
+    fn for_each_tap(
         &self,
-        height: usize,
-        width: usize,
-        mut f: impl FnMut(usize, usize, usize, usize),
+        (c, h, w): (usize, usize, usize),
+        (oy, ox): (usize, usize),
+        mut f: impl FnMut(usize, usize),
     ) {
-        let (out_h, out_w) = self.out_size(height, width);
+        let taps = self.kernel_h * self.kernel_w;
         for ky in 0..self.kernel_h {
-            let rows = self.valid(ky, height, out_h);
+            let Some(iy) = (oy * self.stride + ky).checked_sub(self.padding) else {
+                continue;
+            };
+            if iy >= h {
+                continue;
+            }
             for kx in 0..self.kernel_w {
-                let cols = self.valid(kx, width, out_w);
-                if cols.is_empty() {
+                let Some(ix) = (ox * self.stride + kx).checked_sub(self.padding) else {
+                    continue;
+                };
+                if ix >= w {
                     continue;
                 }
                 let tap = ky * self.kernel_w + kx;
-                for oy in rows.clone() {
-                    let iy = oy * self.stride + ky - self.padding;
-                    let ix = cols.start * self.stride + kx - self.padding;
-                    f(tap, oy * out_w + cols.start, iy * width + ix, cols.len());
+                for channel in 0..c {
+                    f(channel * taps + tap, (channel * h + iy) * w + ix);
                 }
             }
         }
@@ -98,19 +90,15 @@ impl CustomOp1 for Unfold {
         let (out_h, out_w) = self.out_size(h, w);
         let taps = self.kernel_h * self.kernel_w;
         let patch = c * taps;
-        let stride = self.stride;
         let mut out = vec![0f32; b * out_h * out_w * patch];
+        // One output row per pixel, written front to back; the reads stay within a few image
+        // rows of each channel.
         out.par_chunks_mut(out_h * out_w * patch)
             .zip(input.par_chunks(c * h * w))
             .for_each(|(rows, image)| {
-                for channel in 0..c {
-                    let plane = &image[channel * h * w..][..h * w];
-                    self.for_each_run(h, w, |tap, dst, src, len| {
-                        let column = channel * taps + tap;
-                        for i in 0..len {
-                            rows[(dst + i) * patch + column] = plane[src + i * stride];
-                        }
-                    });
+                for (pixel, row) in rows.chunks_mut(patch).enumerate() {
+                    let at = (pixel / out_w, pixel % out_w);
+                    self.for_each_tap((c, h, w), at, |column, src| row[column] = image[src]);
                 }
             });
         Ok((
@@ -143,20 +131,15 @@ impl CustomOp1 for Fold {
         let (out_h, out_w) = self.unfold.out_size(h, w);
         let taps = self.unfold.kernel_h * self.unfold.kernel_w;
         let patch = c * taps;
-        let stride = self.unfold.stride;
         let mut image = vec![0f32; b * c * h * w];
         image
             .par_chunks_mut(c * h * w)
             .zip(columns.par_chunks(out_h * out_w * patch))
             .for_each(|(planes, rows)| {
-                for channel in 0..c {
-                    let plane = &mut planes[channel * h * w..][..h * w];
-                    self.unfold.for_each_run(h, w, |tap, src, dst, len| {
-                        let column = channel * taps + tap;
-                        for i in 0..len {
-                            plane[dst + i * stride] += rows[(src + i) * patch + column];
-                        }
-                    });
+                for (pixel, row) in rows.chunks(patch).enumerate() {
+                    let at = (pixel / out_w, pixel % out_w);
+                    self.unfold
+                        .for_each_tap((c, h, w), at, |column, dst| planes[dst] += row[column]);
                 }
             });
         Ok((CpuStorage::F32(image), Shape::from((b, c, h, w))))

@@ -8,7 +8,8 @@ use super::blocks::{
 };
 use super::config::UNetConfig;
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{embedding, group_norm, linear, Embedding, GroupNorm, Linear, VarBuilder};
+use super::norm::{group_norm, GroupNorm};
+use candle_nn::{embedding, linear, Embedding, Linear, VarBuilder};
 
 #[derive(Debug, Clone)]
 struct DownBlock {

@@ -15,7 +15,7 @@ pub fn loss_curve_png(points: &[(usize, f64)], path: &Path) -> Result<()> {
     if finite.len() < 2 {
         return Ok(());
     }
-    let tmp = path.with_extension("png.partial");
+    let tmp = path.with_extension("partial.png");
     let draw_error = |e: &dyn std::fmt::Display| Error::File {
         path: path.display().to_string(),
         message: format!("could not draw the loss curve: {e}"),

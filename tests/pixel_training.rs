@@ -1,0 +1,245 @@
+//! Pixel-DDPM training: resume equality, checkpoint errors, NaN handling, and the CLI's files.
+
+mod common;
+
+use candle_core::Device;
+use diffuse::data::idx::{LabelledImages, Split};
+use diffuse::train::config::TrainConfig;
+use diffuse::train::pixel::PixelTrainer;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("diffuse-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A 12-image, 8x8 IDX dataset with two classes (bright left or right half).
+fn write_dataset(dir: &Path) {
+    let (n, size) = (12u32, 8u32);
+    let mut pixels = Vec::new();
+    let mut labels = Vec::new();
+    for i in 0..n {
+        let label = (i % 2) as u8;
+        labels.push(label);
+        for _y in 0..size {
+            for x in 0..size {
+                let bright = (x < size / 2) == (label == 0);
+                pixels.push(if bright { 200 + i as u8 } else { 10 });
+            }
+        }
+    }
+    let write = |name: &str, magic: u32, dims: &[u32], body: &[u8]| {
+        let mut bytes = magic.to_be_bytes().to_vec();
+        for d in dims {
+            bytes.extend(d.to_be_bytes());
+        }
+        bytes.extend(body);
+        let file = std::fs::File::create(dir.join(name)).unwrap();
+        let mut gz = flate2::write::GzEncoder::new(file, flate2::Compression::fast());
+        gz.write_all(&bytes).unwrap();
+        gz.finish().unwrap();
+    };
+    for split in ["train", "t10k"] {
+        write(
+            &format!("{split}-images-idx3-ubyte.gz"),
+            0x803,
+            &[n, size, size],
+            &pixels,
+        );
+        write(&format!("{split}-labels-idx1-ubyte.gz"), 0x801, &[n], &labels);
+    }
+}
+
+fn tiny_config(data: &Path, out: &Path, extra: &str) -> String {
+    format!(
+        r#"
+[data]
+path = "{}"
+[model]
+autoencoder = "none"
+conditioning = "class"
+num_classes = 2
+image_size = 8
+block_out_channels = [8, 16]
+layers_per_block = 1
+norm_num_groups = 4
+[diffusion]
+num_train_timesteps = 50
+{extra}
+[train]
+steps = 6
+batch_size = 4
+learning_rate = 0.001
+warmup_steps = 2
+ema_decay = 0.9
+seed = 3
+out_dir = "{}"
+checkpoint_every = 3
+sample_every = 0
+log_every = 1
+"#,
+        data.display(),
+        out.display()
+    )
+}
+
+fn max_weight_diff(a: &PixelTrainer, b: &PixelTrainer) -> f64 {
+    a.weights()
+        .iter()
+        .zip(b.weights())
+        .map(|((na, ta), (nb, tb))| {
+            assert_eq!(na, &nb);
+            common::max_abs_diff(ta, &tb)
+        })
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn interrupted_and_resumed_run_ends_with_the_same_weights() {
+    for extra in [
+        "",
+        "schedule = \"cosine\"\nvariance = \"learned_range\"\nloss = \"hybrid\"",
+    ] {
+        let dir = temp_dir("resume");
+        write_dataset(&dir);
+        let config = TrainConfig::from_toml_str(&tiny_config(&dir, &dir, extra)).unwrap();
+        let data = LabelledImages::load(&dir, Split::Train).unwrap();
+
+        let mut straight = PixelTrainer::new(config.clone()).unwrap();
+        for _ in 0..6 {
+            straight.train_step(&data).unwrap();
+        }
+
+        let mut first = PixelTrainer::new(config.clone()).unwrap();
+        for _ in 0..3 {
+            first.train_step(&data).unwrap();
+        }
+        let checkpoint = dir.join("checkpoint.safetensors");
+        first.save(&checkpoint).unwrap();
+        drop(first);
+        let mut resumed = PixelTrainer::resume(config.clone(), &checkpoint).unwrap();
+        assert_eq!(resumed.step, 3);
+        for _ in 0..3 {
+            resumed.train_step(&data).unwrap();
+        }
+        assert_eq!(
+            max_weight_diff(&straight, &resumed),
+            0.0,
+            "weights differ after resume ({extra})"
+        );
+        // The averaged weights too: sampling from both gives identical images.
+        let a = straight.ema_model().unwrap();
+        let b = resumed.ema_model().unwrap();
+        let sample = |m: &diffuse::pipeline::pixel::PixelDiffusion| {
+            m.sample(
+                diffuse::sampler::SamplerKind::Ddpm,
+                &Default::default(),
+                10,
+                2,
+                Some(&[0, 1]),
+                5,
+                &mut |_, _| {},
+            )
+            .unwrap()
+        };
+        assert_eq!(common::max_abs_diff(&sample(&a), &sample(&b)), 0.0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[test]
+fn checkpoint_of_another_shape_is_refused_by_tensor_name() {
+    let dir = temp_dir("shape");
+    write_dataset(&dir);
+    let config = TrainConfig::from_toml_str(&tiny_config(&dir, &dir, "")).unwrap();
+    let trainer = PixelTrainer::new(config.clone()).unwrap();
+    let checkpoint = dir.join("checkpoint.safetensors");
+    trainer.save(&checkpoint).unwrap();
+    let wider = TrainConfig::from_toml_str(
+        &tiny_config(&dir, &dir, "").replace("[8, 16]", "[8, 24]"),
+    )
+    .unwrap();
+    // Resuming with another [model] section is refused before any tensor is read.
+    let err = PixelTrainer::resume(wider.clone(), &checkpoint).err().unwrap().to_string();
+    assert!(err.contains("[model]"), "{err}");
+    // Loading the weights into another shape names the tensor.
+    let mut weights: std::collections::HashMap<String, candle_core::Tensor> =
+        trainer.weights().into_iter().collect();
+    let err = diffuse::pipeline::pixel::PixelDiffusion::from_tensors(
+        wider,
+        weights.clone(),
+        &Device::Cpu,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("down_blocks.1"), "{err}");
+    weights.remove("conv_in.weight");
+    let err =
+        diffuse::pipeline::pixel::PixelDiffusion::from_tensors(config, weights, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+    assert!(err.contains("conv_in.weight"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn train_cli_writes_checkpoint_csv_curve_and_refuses_to_overwrite() {
+    let dir = temp_dir("cli");
+    write_dataset(&dir);
+    let out = dir.join("run");
+    let config_path = dir.join("tiny.toml");
+    std::fs::write(
+        &config_path,
+        tiny_config(&dir, &out, "").replace("sample_every = 0", "sample_every = 6"),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_diffuse"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let config = config_path.to_str().unwrap();
+    let first = run(&["train", "--config", config, "--steps", "3", "--json"]);
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let summary = common::last_json_line(&first.stdout);
+    assert_eq!(summary["steps"], 3);
+    for file in ["checkpoint.safetensors", "model.safetensors", "loss.csv", "loss.png"] {
+        assert!(out.join(file).is_file(), "{file} missing");
+    }
+    // A second run without --resume refuses and leaves the checkpoint alone.
+    let before = std::fs::read(out.join("checkpoint.safetensors")).unwrap();
+    let again = run(&["train", "--config", config, "--steps", "3"]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--resume"));
+    assert_eq!(before, std::fs::read(out.join("checkpoint.safetensors")).unwrap());
+    // --resume continues to the new total; the CSV has one row per step, no repeats.
+    let resumed = run(&["train", "--config", config, "--resume", "--json"]);
+    assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
+    assert_eq!(common::last_json_line(&resumed.stdout)["steps"], 6);
+    let csv = std::fs::read_to_string(out.join("loss.csv")).unwrap();
+    let steps: Vec<usize> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(steps, vec![1, 2, 3, 4, 5, 6]);
+    assert!(out.join("samples-0000006.png").is_file());
+    // A truncated checkpoint is named on resume, and nothing is overwritten.
+    let bytes = std::fs::read(out.join("checkpoint.safetensors")).unwrap();
+    std::fs::write(out.join("checkpoint.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
+    let broken = run(&["train", "--config", config, "--resume", "--steps", "8"]);
+    assert!(!broken.status.success());
+    let err = String::from_utf8_lossy(&broken.stderr);
+    assert!(err.contains("checkpoint.safetensors") && err.contains("truncated"), "{err}");
+    // A missing data folder stops before any work.
+    let missing = run(&["train", "--config", config, "--data", "/nonexistent", "--out-dir", dir.join("other").to_str().unwrap()]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("missing"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
