@@ -120,11 +120,7 @@ impl Verdict {
     /// The fraction predicted as `labels` (the class each image was asked to be).
     pub fn accuracy(&self, labels: &[u32]) -> Result<f64> {
         let predicted = self.predicted()?;
-        let hits = predicted
-            .iter()
-            .zip(labels)
-            .filter(|(p, l)| p == l)
-            .count();
+        let hits = predicted.iter().zip(labels).filter(|(p, l)| p == l).count();
         Ok(hits as f64 / labels.len().max(1) as f64)
     }
 }
@@ -163,12 +159,11 @@ impl FeatureStats {
     /// `mu` and `sigma` of a judge's `test_stats.safetensors`.
     pub fn load(path: &Path) -> Result<Self> {
         crate::weights::check_safetensors(path)?;
-        let tensors = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| {
-            Error::File {
+        let tensors =
+            candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| Error::File {
                 path: path.display().to_string(),
                 message: e.to_string(),
-            }
-        })?;
+            })?;
         let get = |name: &str| {
             tensors.get(name).ok_or_else(|| Error::File {
                 path: path.display().to_string(),

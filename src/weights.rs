@@ -74,7 +74,9 @@ fn truncation(bytes: &[u8]) -> Option<String> {
         .unwrap_or(0) as usize;
     let data_len = bytes.len() - 8 - header_len;
     (needed > data_len).then(|| {
-        format!("is truncated: its header needs {needed} bytes of tensor data, the file has {data_len}")
+        format!(
+            "is truncated: its header needs {needed} bytes of tensor data, the file has {data_len}"
+        )
     })
 }
 

@@ -49,7 +49,12 @@ fn write_dataset(dir: &Path) {
             &[n, size, size],
             &pixels,
         );
-        write(&format!("{split}-labels-idx1-ubyte.gz"), 0x801, &[n], &labels);
+        write(
+            &format!("{split}-labels-idx1-ubyte.gz"),
+            0x801,
+            &[n],
+            &labels,
+        );
     }
 }
 
@@ -158,12 +163,14 @@ fn checkpoint_of_another_shape_is_refused_by_tensor_name() {
     let trainer = PixelTrainer::new(config.clone()).unwrap();
     let checkpoint = dir.join("checkpoint.safetensors");
     trainer.save(&checkpoint).unwrap();
-    let wider = TrainConfig::from_toml_str(
-        &tiny_config(&dir, &dir, "").replace("[8, 16]", "[8, 24]"),
-    )
-    .unwrap();
+    let wider =
+        TrainConfig::from_toml_str(&tiny_config(&dir, &dir, "").replace("[8, 16]", "[8, 24]"))
+            .unwrap();
     // Resuming with another [model] section is refused before any tensor is read.
-    let err = PixelTrainer::resume(wider.clone(), &checkpoint).err().unwrap().to_string();
+    let err = PixelTrainer::resume(wider.clone(), &checkpoint)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("[model]"), "{err}");
     // Loading the weights into another shape names the tensor.
     let mut weights: std::collections::HashMap<String, candle_core::Tensor> =
@@ -178,11 +185,10 @@ fn checkpoint_of_another_shape_is_refused_by_tensor_name() {
     .to_string();
     assert!(err.contains("down_blocks.1"), "{err}");
     weights.remove("conv_in.weight");
-    let err =
-        diffuse::pipeline::pixel::PixelDiffusion::from_tensors(config, weights, &Device::Cpu)
-            .err()
-            .unwrap()
-            .to_string();
+    let err = diffuse::pipeline::pixel::PixelDiffusion::from_tensors(config, weights, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("conv_in.weight"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -206,10 +212,19 @@ fn train_cli_writes_checkpoint_csv_curve_and_refuses_to_overwrite() {
     };
     let config = config_path.to_str().unwrap();
     let first = run(&["train", "--config", config, "--steps", "3", "--json"]);
-    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
     let summary = common::last_json_line(&first.stdout);
     assert_eq!(summary["steps"], 3);
-    for file in ["checkpoint.safetensors", "model.safetensors", "loss.csv", "loss.png"] {
+    for file in [
+        "checkpoint.safetensors",
+        "model.safetensors",
+        "loss.csv",
+        "loss.png",
+    ] {
         assert!(out.join(file).is_file(), "{file} missing");
     }
     // A second run without --resume refuses and leaves the checkpoint alone.
@@ -217,10 +232,17 @@ fn train_cli_writes_checkpoint_csv_curve_and_refuses_to_overwrite() {
     let again = run(&["train", "--config", config, "--steps", "3"]);
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("--resume"));
-    assert_eq!(before, std::fs::read(out.join("checkpoint.safetensors")).unwrap());
+    assert_eq!(
+        before,
+        std::fs::read(out.join("checkpoint.safetensors")).unwrap()
+    );
     // --resume continues to the new total; the CSV has one row per step, no repeats.
     let resumed = run(&["train", "--config", config, "--resume", "--json"]);
-    assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
     assert_eq!(common::last_json_line(&resumed.stdout)["steps"], 6);
     let csv = std::fs::read_to_string(out.join("loss.csv")).unwrap();
     let steps: Vec<usize> = csv
@@ -232,13 +254,28 @@ fn train_cli_writes_checkpoint_csv_curve_and_refuses_to_overwrite() {
     assert!(out.join("samples-0000006.png").is_file());
     // A truncated checkpoint is named on resume, and nothing is overwritten.
     let bytes = std::fs::read(out.join("checkpoint.safetensors")).unwrap();
-    std::fs::write(out.join("checkpoint.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
+    std::fs::write(
+        out.join("checkpoint.safetensors"),
+        &bytes[..bytes.len() / 2],
+    )
+    .unwrap();
     let broken = run(&["train", "--config", config, "--resume", "--steps", "8"]);
     assert!(!broken.status.success());
     let err = String::from_utf8_lossy(&broken.stderr);
-    assert!(err.contains("checkpoint.safetensors") && err.contains("truncated"), "{err}");
+    assert!(
+        err.contains("checkpoint.safetensors") && err.contains("truncated"),
+        "{err}"
+    );
     // A missing data folder stops before any work.
-    let missing = run(&["train", "--config", config, "--data", "/nonexistent", "--out-dir", dir.join("other").to_str().unwrap()]);
+    let missing = run(&[
+        "train",
+        "--config",
+        config,
+        "--data",
+        "/nonexistent",
+        "--out-dir",
+        dir.join("other").to_str().unwrap(),
+    ]);
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("missing"));
     std::fs::remove_dir_all(&dir).unwrap();

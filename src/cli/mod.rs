@@ -1,6 +1,8 @@
 //! The command line: one file a subcommand; `main.rs` and `bin/txt2img.rs` only dispatch.
 
 pub mod bench;
+pub mod eval;
+pub mod sample;
 pub mod sampler_args;
 pub mod toy;
 pub mod train;
@@ -31,6 +33,10 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Train a pixel-space DDPM from a TOML config.
     Train(train::TrainArgs),
+    /// Draw images from a trained pixel-space model.
+    Sample(sample::SampleArgs),
+    /// Likelihood (bound and ODE) and judged sample quality of a trained pixel-space model.
+    Eval(eval::EvalArgs),
 }
 
 /// Runs a parsed command line.
@@ -40,6 +46,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Toy(args) => toy::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Train(args) => train::run(args),
+        Command::Sample(args) => sample::run(args),
+        Command::Eval(args) => eval::run(args),
         Command::Samplers => {
             for (name, purpose) in sampler_args::SAMPLER_GUIDE {
                 println!("{name:>9}  {purpose}");

@@ -2,9 +2,7 @@
 
 pub use super::norm::{group_norm, GroupNorm};
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{
-    conv2d, linear, linear_no_bias, Conv2dConfig, Linear, VarBuilder,
-};
+use candle_nn::{conv2d, linear, linear_no_bias, Conv2dConfig, Linear, VarBuilder};
 
 /// Layer normalisation over the last dimension (Ba et al. 2016), composed from elementary ops
 /// so that it has a backward pass (candle's fused `LayerNorm` has none).

@@ -300,10 +300,15 @@ mod tests {
         .unwrap()
         .forward(&x)
         .unwrap();
-        let ours = GroupNorm::new(weight.as_tensor().clone(), bias.as_tensor().clone(), 4, 1e-5)
-            .unwrap()
-            .forward(&x)
-            .unwrap();
+        let ours = GroupNorm::new(
+            weight.as_tensor().clone(),
+            bias.as_tensor().clone(),
+            4,
+            1e-5,
+        )
+        .unwrap()
+        .forward(&x)
+        .unwrap();
         assert!(max_diff(&ours, &reference) < 1e-5);
         let probe = seeded(&[3, 8, 5, 4], 4);
         let g_ref = (&reference * &probe)

@@ -7,8 +7,8 @@ use super::blocks::{
     TransformerSettings, Upsample2D,
 };
 use super::config::UNetConfig;
-use candle_core::{Module, Result, Tensor};
 use super::norm::{group_norm, GroupNorm};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::{embedding, linear, Embedding, Linear, VarBuilder};
 
 #[derive(Debug, Clone)]

@@ -4,8 +4,8 @@
 use super::blocks::Conv2d;
 use super::blocks::{conv1x1, conv3x3, Downsample2D, ResnetBlock2D, ResnetSettings, Upsample2D};
 use super::config::VaeConfig;
-use candle_core::{Module, Result, Tensor};
 use super::norm::{group_norm, GroupNorm};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::{linear, Linear, VarBuilder};
 
 /// The VAE's mid-block attention: one head over all channels, with biases and a group norm

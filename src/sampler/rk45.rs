@@ -94,7 +94,16 @@ impl Rk45 {
         let x0 = denoise(model, x, sigma, self.schedule.timestep_for_sigma(sigma))?;
         x - x0
     }
+}
 
+/// RK45's error tolerances.
+#[derive(Debug, Clone, Copy)]
+pub struct Tolerance {
+    pub rtol: f64,
+    pub atol: f64,
+}
+
+impl Tolerance {
     /// Root mean square of `e / (atol + rtol max(|y|, |y_new|))`, scipy's error norm.
     fn error_norm(&self, e: &Tensor, y: &Tensor, y_new: &Tensor) -> Result<f64> {
         let scale = y
@@ -104,14 +113,93 @@ impl Rk45 {
         let ratio = (e / scale)?.to_dtype(candle_core::DType::F64)?;
         Ok(ratio.sqr()?.mean_all()?.to_scalar::<f64>()?.sqrt())
     }
+}
 
-    fn rms(x: &Tensor) -> Result<f64> {
-        Ok(x.to_dtype(candle_core::DType::F64)?
-            .sqr()?
-            .mean_all()?
-            .to_scalar::<f64>()?
-            .sqrt())
+fn rms(x: &Tensor) -> Result<f64> {
+    Ok(x.to_dtype(candle_core::DType::F64)?
+        .sqr()?
+        .mean_all()?
+        .to_scalar::<f64>()?
+        .sqrt())
+}
+
+/// Integrates dy/ds = f(y, s) from `span.0` to `span.1` (either direction) with adaptive
+/// Dormand-Prince RK5(4) and scipy's step control; `on_step(index, s, y)` sees each accepted
+/// step. Shared by the probability-flow sampler and the ODE likelihood.
+pub fn dormand_prince(
+    f: &mut dyn FnMut(&Tensor, f64) -> Result<Tensor>,
+    mut y: Tensor,
+    (mut s, s_end): (f64, f64),
+    tol: Tolerance,
+    on_step: &mut dyn FnMut(usize, f64, &Tensor) -> Result<()>,
+) -> Result<Tensor> {
+    let direction = if s_end < s { -1.0 } else { 1.0 };
+    let remaining = |s: f64| direction * (s_end - s);
+    let mut k1 = f(&y, s)?;
+    // Initial step as Hairer, Norsett & Wanner, section II.4 (scipy's select_initial_step).
+    let scale = y.abs()?.affine(tol.rtol, tol.atol)?;
+    let d0 = rms(&(&y / &scale)?)?;
+    let d1 = rms(&(&k1 / &scale)?)?;
+    let h0 = if d0 < 1e-5 || d1 < 1e-5 {
+        1e-6
+    } else {
+        0.01 * d0 / d1
+    };
+    let y_probe = lincomb(&[(1.0, &y), (direction * h0, &k1)])?;
+    let k_probe = f(&y_probe, s + direction * h0)?;
+    let d2 = rms(&((&k_probe - &k1)? / &scale)?)? / h0;
+    let h1 = if d1.max(d2) <= 1e-15 {
+        (h0 * 1e-3).max(1e-6)
+    } else {
+        (0.01 / d1.max(d2)).powf(1.0 / 5.0)
+    };
+    let mut h = (100.0 * h0).min(h1).min(remaining(s));
+    let mut accepted = 0;
+    while remaining(s) > 1e-12 {
+        h = h.min(remaining(s));
+        let mut stages: Vec<Tensor> = vec![k1.clone()];
+        for stage in 1..6 {
+            let mut terms: Vec<(f64, &Tensor)> = vec![(1.0, &y)];
+            for (a, k) in A[stage].iter().zip(&stages) {
+                terms.push((direction * h * a, k));
+            }
+            let y_stage = lincomb(&terms)?;
+            stages.push(f(&y_stage, s + direction * h * C[stage])?);
+        }
+        let mut terms: Vec<(f64, &Tensor)> = vec![(1.0, &y)];
+        for (b, k) in B5.iter().zip(&stages) {
+            terms.push((direction * h * b, k));
+        }
+        let y_new = lincomb(&terms)?;
+        let k7 = f(&y_new, s + direction * h)?;
+        stages.push(k7);
+        let err_terms: Vec<(f64, &Tensor)> = E
+            .iter()
+            .zip(&stages)
+            .map(|(e, k)| (direction * h * e, k))
+            .collect();
+        let err = lincomb(&err_terms)?;
+        let norm = tol.error_norm(&err, &y, &y_new)?;
+        if norm <= 1.0 {
+            s += direction * h;
+            y = y_new;
+            k1 = stages.pop().expect("seven stages");
+            accepted += 1;
+            on_step(accepted - 1, s, &y)?;
+            let factor = if norm == 0.0 {
+                10.0
+            } else {
+                (0.9 * norm.powf(-0.2)).clamp(0.2, 10.0)
+            };
+            h *= factor;
+        } else {
+            h *= (0.9 * norm.powf(-0.2)).max(0.2);
+        }
+        if !h.is_finite() || h < 1e-10 {
+            candle_core::bail!("rk45 step size underflow at s = {s}")
+        }
     }
+    Ok(y)
 }
 
 impl Sampler for Rk45 {
@@ -137,83 +225,32 @@ impl Sampler for Rk45 {
     fn sample(
         &self,
         model: &mut dyn Denoiser,
-        mut x: Tensor,
+        x: Tensor,
         _noise: &mut dyn NoiseSource,
         callback: &mut Callback,
     ) -> Result<Tensor> {
         self.evaluations.set(0);
-        let (mut s, s_end) = (self.sigma_max.ln(), self.sigma_min.ln());
-        let direction = -1.0;
-        let mut k1 = self.slope(model, &x, s)?;
-        // Initial step as Hairer, Norsett & Wanner, section II.4 (scipy's select_initial_step).
-        let scale = x.abs()?.affine(self.rtol, self.atol)?;
-        let d0 = Self::rms(&(&x / &scale)?)?;
-        let d1 = Self::rms(&(&k1 / &scale)?)?;
-        let h0 = if d0 < 1e-5 || d1 < 1e-5 {
-            1e-6
-        } else {
-            0.01 * d0 / d1
+        let mut slope = |x: &Tensor, s: f64| self.slope(model, x, s);
+        let mut on_step = |index: usize, s: f64, x: &Tensor| {
+            callback(&StepEvent {
+                index,
+                total: index + 1,
+                t: self.schedule.timestep_for_sigma(s.exp()),
+                sample: x,
+                pred_original: None,
+            })
         };
-        let x_probe = lincomb(&[(1.0, &x), (direction * h0, &k1)])?;
-        let k_probe = self.slope(model, &x_probe, s + direction * h0)?;
-        let d2 = Self::rms(&((&k_probe - &k1)? / &scale)?)? / h0;
-        let h1 = if d1.max(d2) <= 1e-15 {
-            (h0 * 1e-3).max(1e-6)
-        } else {
-            (0.01 / d1.max(d2)).powf(1.0 / 5.0)
+        let tolerance = Tolerance {
+            rtol: self.rtol,
+            atol: self.atol,
         };
-        let mut h = (100.0 * h0).min(h1).min(s - s_end);
-        let mut accepted = 0;
-        while s - s_end > 1e-12 {
-            h = h.min(s - s_end);
-            let mut stages: Vec<Tensor> = vec![k1.clone()];
-            for stage in 1..6 {
-                let mut terms: Vec<(f64, &Tensor)> = vec![(1.0, &x)];
-                for (a, k) in A[stage].iter().zip(&stages) {
-                    terms.push((direction * h * a, k));
-                }
-                let y_stage = lincomb(&terms)?;
-                stages.push(self.slope(model, &y_stage, s + direction * h * C[stage])?);
-            }
-            let mut terms: Vec<(f64, &Tensor)> = vec![(1.0, &x)];
-            for (b, k) in B5.iter().zip(&stages) {
-                terms.push((direction * h * b, k));
-            }
-            let x_new = lincomb(&terms)?;
-            let k7 = self.slope(model, &x_new, s + direction * h)?;
-            stages.push(k7);
-            let err_terms: Vec<(f64, &Tensor)> = E
-                .iter()
-                .zip(&stages)
-                .map(|(e, k)| (direction * h * e, k))
-                .collect();
-            let err = lincomb(&err_terms)?;
-            let norm = self.error_norm(&err, &x, &x_new)?;
-            if norm <= 1.0 {
-                s -= h;
-                x = x_new;
-                k1 = stages.pop().expect("seven stages");
-                accepted += 1;
-                callback(&StepEvent {
-                    index: accepted - 1,
-                    total: accepted,
-                    t: self.schedule.timestep_for_sigma(s.exp()),
-                    sample: &x,
-                    pred_original: None,
-                })?;
-                let factor = if norm == 0.0 {
-                    10.0
-                } else {
-                    (0.9 * norm.powf(-0.2)).clamp(0.2, 10.0)
-                };
-                h *= factor;
-            } else {
-                h *= (0.9 * norm.powf(-0.2)).max(0.2);
-            }
-            if !h.is_finite() || h < 1e-10 {
-                candle_core::bail!("rk45 step size underflow at sigma = {}", s.exp())
-            }
-        }
+        let x = dormand_prince(
+            &mut slope,
+            x,
+            (self.sigma_max.ln(), self.sigma_min.ln()),
+            tolerance,
+            &mut on_step,
+        )?;
         // Final denoising step from sigma_min (the reference implementation's `denoise=True`).
         let n = self.evaluations.get();
         self.evaluations.set(n + 1);
