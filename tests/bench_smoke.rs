@@ -8,12 +8,22 @@ use std::process::Command;
 
 #[test]
 fn bench_prints_its_json_summary() {
-    for (component, config) in [("unet", "unet"), ("vae-decode", "vae")] {
+    // The training benchmark runs the repository's MNIST config at batch 2.
+    let mnist = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/ddpm-mnist.toml");
+    for (component, config) in [
+        ("unet", fixture_path("tiny-sd").join("unet/config.json")),
+        (
+            "vae-decode",
+            fixture_path("tiny-sd").join("vae/config.json"),
+        ),
+        ("train-pixel", mnist),
+    ] {
         let out = Command::new(env!("CARGO_BIN_EXE_diffuse"))
             .args([
-                "bench", component, "--size", "64", "--runs", "1", "--json", "--config",
+                "bench", component, "--size", "64", "--runs", "1", "--json", "--batch", "2",
+                "--config",
             ])
-            .arg(fixture_path("tiny-sd").join(config).join("config.json"))
+            .arg(config)
             .output()
             .unwrap();
         assert!(

@@ -16,6 +16,9 @@ pub enum Component {
     Unet,
     /// One VAE decode.
     VaeDecode,
+    /// One pixel-DDPM training step (forward, backward, AdamW, EMA) of a `diffuse train`
+    /// config (configs/ddpm-mnist.toml by default) on random images.
+    TrainPixel,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -31,9 +34,13 @@ pub struct BenchArgs {
     /// f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
-    /// A diffusers config.json to benchmark instead of SD 1.5's.
+    /// A diffusers config.json to benchmark instead of SD 1.5's (train-pixel: a TOML training
+    /// config).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// train-pixel: the batch size (default: the config's).
+    #[arg(long)]
+    pub batch: Option<usize>,
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
@@ -65,7 +72,107 @@ pub fn peak_rss_mb() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// The MNIST training config, so the training benchmark needs no files.
+const DDPM_MNIST: &str = include_str!("../../configs/ddpm-mnist.toml");
+
+/// Times `runs` calls of `step` after one warm-up call and prints (and with `json`, emits)
+/// median, min, max and the peak memory.
+fn time_runs(
+    label: &str,
+    runs: usize,
+    json: serde_json::Value,
+    step: &mut dyn FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    step()?; // warm-up
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let start = Instant::now();
+        step()?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    let mut sorted = times.clone();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    let median = sorted[sorted.len() / 2];
+    let (min, max) = (sorted[0], sorted[sorted.len() - 1]);
+    let peak = peak_rss_mb();
+    println!(
+        "{label}: median {median:.3} s, min {min:.3} s, max {max:.3} s over {runs} runs, peak RSS {peak:.0} MiB"
+    );
+    if let serde_json::Value::Object(mut fields) = json {
+        fields.insert("runs".into(), times.into());
+        fields.insert("median_s".into(), median.into());
+        fields.insert("min_s".into(), min.into());
+        fields.insert("max_s".into(), max.into());
+        fields.insert("peak_rss_mb".into(), peak.into());
+        println!("{}", serde_json::Value::Object(fields));
+    }
+    Ok(())
+}
+
+/// One training step of the pixel DDPM on random 8-bit images of the config's shape.
+fn bench_train_pixel(args: &BenchArgs) -> anyhow::Result<()> {
+    use crate::data::idx::LabelledImages;
+    use crate::train::config::TrainConfig;
+    use crate::train::pixel::PixelTrainer;
+    use rand::Rng;
+    let mut config = match &args.config {
+        Some(path) => TrainConfig::from_file(path)?,
+        None => TrainConfig::from_toml_str(DDPM_MNIST)?,
+    };
+    if let Some(batch) = args.batch {
+        anyhow::ensure!(batch > 0, "--batch = 0 is not allowed; expected at least 1");
+        config.train.batch_size = batch;
+    }
+    let size = config.model.image_size;
+    let count = 256;
+    let mut rng = crate::sampler::SeededNoise::new(0);
+    let images = LabelledImages {
+        pixels: (0..count * size * size * config.model.channels)
+            .map(|_| rng.rng().random::<u8>())
+            .collect(),
+        labels: (0..count)
+            .map(|i| (i % config.model.num_classes.unwrap_or(1)) as u8)
+            .collect(),
+        height: size,
+        width: size,
+    };
+    let batch = config.train.batch_size;
+    let mut trainer = PixelTrainer::new(config)?;
+    let params = trainer.parameter_count();
+    eprintln!(
+        "pixel DDPM training step: {:.2} M parameters, batch {batch} of {size}x{size}",
+        params as f64 / 1e6
+    );
+    let json = serde_json::json!({
+        "component": "TrainPixel",
+        "size": size,
+        "batch": batch,
+        "dtype": "f32",
+        "parameters": params,
+    });
+    time_runs(
+        &format!("TrainPixel batch {batch} {size}x{size} f32"),
+        args.runs,
+        if args.json {
+            json
+        } else {
+            serde_json::Value::Null
+        },
+        &mut || {
+            trainer.train_step(&images)?;
+            Ok(())
+        },
+    )
+}
+
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if let Component::TrainPixel = args.component {
+        anyhow::ensure!(
+            args.runs >= 1,
+            "--runs = 0 is not allowed; expected at least 1"
+        );
+        return bench_train_pixel(&args);
+    }
     anyhow::ensure!(
         args.size >= 8 && args.size.is_multiple_of(8),
         "--size = {} is not allowed; expected a positive multiple of 8",
@@ -82,6 +189,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         None => match args.component {
             Component::Unet => SD15_UNET.to_string(),
             Component::VaeDecode => SD15_VAE.to_string(),
+            Component::TrainPixel => unreachable!("handled above"),
         },
     };
     // Random weights are drawn into training variables, then handed over as plain tensors:
@@ -101,6 +209,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 VarBuilder::from_varmap(&varmap, dtype, &device),
             )?;
         }
+        Component::TrainPixel => unreachable!("handled above"),
     }
     let weights: std::collections::HashMap<String, Tensor> = varmap
         .data()
@@ -134,6 +243,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 Tensor::randn(0f32, 1., (1, channels, latent, latent), &device)?.to_dtype(dtype)?;
             Box::new(move || vae.decode(&z))
         }
+        Component::TrainPixel => unreachable!("handled above"),
     };
     eprintln!(
         "{:?} at {size}x{size}: {:.1} M parameters, built in {:.1} s",
@@ -142,37 +252,26 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         build_start.elapsed().as_secs_f64(),
         size = args.size
     );
-    step()?; // warm-up
-    let mut times = Vec::with_capacity(args.runs);
-    for _ in 0..args.runs {
-        let start = Instant::now();
-        step()?;
-        times.push(start.elapsed().as_secs_f64());
-    }
-    let mut sorted = times.clone();
-    sorted.sort_by(|a, b| a.total_cmp(b));
-    let median = sorted[sorted.len() / 2];
-    let (min, max) = (sorted[0], sorted[sorted.len() - 1]);
-    let peak = peak_rss_mb();
-    println!(
-        "{:?} {}x{} {}: median {median:.3} s, min {min:.3} s, max {max:.3} s over {} runs, peak RSS {peak:.0} MiB",
-        args.component, args.size, args.size, args.dtype, args.runs
-    );
-    if args.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "component": format!("{:?}", args.component),
-                "size": args.size,
-                "dtype": args.dtype,
-                "runs": times,
-                "median_s": median,
-                "min_s": min,
-                "max_s": max,
-                "peak_rss_mb": peak,
-                "parameters": params,
-            })
-        );
-    }
-    Ok(())
+    let json = serde_json::json!({
+        "component": format!("{:?}", args.component),
+        "size": args.size,
+        "dtype": args.dtype,
+        "parameters": params,
+    });
+    time_runs(
+        &format!(
+            "{:?} {}x{} {}",
+            args.component, args.size, args.size, args.dtype
+        ),
+        args.runs,
+        if args.json {
+            json
+        } else {
+            serde_json::Value::Null
+        },
+        &mut || {
+            step()?;
+            Ok(())
+        },
+    )
 }
