@@ -252,6 +252,79 @@ fn train_cli_writes_checkpoint_csv_curve_and_refuses_to_overwrite() {
         .collect();
     assert_eq!(steps, vec![1, 2, 3, 4, 5, 6]);
     assert!(out.join("samples-0000006.png").is_file());
+    // Sampling writes a grid and one gray PNG per image; class 5 of a 2-class model is refused.
+    let weights = out.join("model.safetensors");
+    let weights = weights.to_str().unwrap();
+    let grid = dir.join("grid.png");
+    let images = dir.join("images");
+    let sampled = run(&[
+        "sample",
+        "--checkpoint",
+        weights,
+        "--steps",
+        "5",
+        "-n",
+        "3",
+        "--grid",
+        grid.to_str().unwrap(),
+        "--out-dir",
+        images.to_str().unwrap(),
+        "--class",
+        "1",
+    ]);
+    assert!(
+        sampled.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sampled.stderr)
+    );
+    let one = image::open(images.join("00002.png")).unwrap();
+    assert_eq!(
+        (one.width(), one.height(), one.color()),
+        (8, 8, image::ColorType::L8)
+    );
+    assert!(grid.is_file());
+    let refused = run(&[
+        "sample",
+        "--checkpoint",
+        weights,
+        "--grid",
+        grid.to_str().unwrap(),
+        "--class",
+        "5",
+    ]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("class"));
+    // Eval reports both likelihood routes (8x8 images have no judge, so no sampling).
+    let eval = run(&[
+        "eval",
+        "--checkpoint",
+        weights,
+        "--subset",
+        "4",
+        "--ode-subset",
+        "2",
+        "--ode-tolerance",
+        "1e-3",
+        "--samples",
+        "0",
+        "--json",
+    ]);
+    assert!(
+        eval.status.success(),
+        "{}",
+        String::from_utf8_lossy(&eval.stderr)
+    );
+    let report = common::last_json_line(&eval.stdout);
+    for key in ["vlb_bits_per_dim", "ode_bits_per_dim"] {
+        let bits = report[key].as_f64().unwrap();
+        // An untrained model is poor, but its bound is finite and positive.
+        assert!(bits.is_finite() && bits > 0.0, "{key} = {bits}");
+    }
+    let terms = &report["vlb_terms"];
+    let parts = ["prior", "kl", "decoder"].map(|k| terms[k].as_f64().unwrap());
+    assert!(
+        (parts.iter().sum::<f64>() - report["vlb_bits_per_dim"].as_f64().unwrap()).abs() < 1e-9
+    );
     // A truncated checkpoint is named on resume, and nothing is overwritten.
     let bytes = std::fs::read(out.join("checkpoint.safetensors")).unwrap();
     std::fs::write(
@@ -278,5 +351,47 @@ fn train_cli_writes_checkpoint_csv_curve_and_refuses_to_overwrite() {
     ]);
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("missing"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Ctrl-C (SIGINT) mid-run saves the step reached, and --resume continues from it.
+#[test]
+fn interrupt_saves_a_checkpoint_that_resumes() {
+    let dir = temp_dir("sigint");
+    write_dataset(&dir);
+    let out = dir.join("run");
+    let config_path = dir.join("tiny.toml");
+    std::fs::write(
+        &config_path,
+        tiny_config(&dir, &out, "")
+            .replace("steps = 6", "steps = 100000")
+            .replace("checkpoint_every = 3", "checkpoint_every = 100000"),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_diffuse"))
+        .args(["train", "--config", config_path.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until a few steps are logged, then interrupt.
+    let csv = out.join("loss.csv");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while std::fs::read_to_string(&csv).map_or(0, |t| t.lines().count()) < 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "training never logged a step"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // SAFETY: sends SIGINT to the child process this test spawned.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    let config =
+        TrainConfig::from_toml_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    let resumed = PixelTrainer::resume(config, &out.join("checkpoint.safetensors")).unwrap();
+    assert!(resumed.step >= 3, "saved at step {}", resumed.step);
     std::fs::remove_dir_all(&dir).unwrap();
 }
