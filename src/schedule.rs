@@ -404,6 +404,32 @@ pub mod prediction {
     }
 }
 
+/// One value per batch row as a (B, 1, ..., 1) tensor that broadcasts against `like`.
+pub fn per_row(values: Vec<f32>, like: &Tensor) -> candle_core::Result<Tensor> {
+    let mut shape = vec![1usize; like.rank()];
+    shape[0] = values.len();
+    Tensor::from_vec(values, shape, like.device())?.to_dtype(like.dtype())
+}
+
+/// x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (DDPM eq. 4), one timestep per row.
+pub fn q_sample(
+    schedule: &NoiseSchedule,
+    x0: &Tensor,
+    timesteps: &[usize],
+    eps: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let coeff = |f: &dyn Fn(f64) -> f64| {
+        let values = timesteps
+            .iter()
+            .map(|t| f(schedule.alphas_cumprod[*t]) as f32)
+            .collect();
+        per_row(values, x0)
+    };
+    let signal = coeff(&|ab| ab.sqrt())?;
+    let noise = coeff(&|ab| (1.0 - ab).sqrt())?;
+    x0.broadcast_mul(&signal)? + eps.broadcast_mul(&noise)?
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -481,30 +507,4 @@ mod tests {
             assert!((back - t).abs() < 1e-3, "{t} -> {back}");
         }
     }
-}
-
-/// One value per batch row as a (B, 1, ..., 1) tensor that broadcasts against `like`.
-pub fn per_row(values: Vec<f32>, like: &Tensor) -> candle_core::Result<Tensor> {
-    let mut shape = vec![1usize; like.rank()];
-    shape[0] = values.len();
-    Tensor::from_vec(values, shape, like.device())?.to_dtype(like.dtype())
-}
-
-/// x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (DDPM eq. 4), one timestep per row.
-pub fn q_sample(
-    schedule: &NoiseSchedule,
-    x0: &Tensor,
-    timesteps: &[usize],
-    eps: &Tensor,
-) -> candle_core::Result<Tensor> {
-    let coeff = |f: &dyn Fn(f64) -> f64| {
-        let values = timesteps
-            .iter()
-            .map(|t| f(schedule.alphas_cumprod[*t]) as f32)
-            .collect();
-        per_row(values, x0)
-    };
-    let signal = coeff(&|ab| ab.sqrt())?;
-    let noise = coeff(&|ab| (1.0 - ab).sqrt())?;
-    x0.broadcast_mul(&signal)? + eps.broadcast_mul(&noise)?
 }

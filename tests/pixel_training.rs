@@ -368,7 +368,7 @@ fn interrupt_saves_a_checkpoint_that_resumes() {
             .replace("checkpoint_every = 3", "checkpoint_every = 100000"),
     )
     .unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_diffuse"))
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_diffuse"))
         .args(["train", "--config", config_path.to_str().unwrap()])
         .stderr(std::process::Stdio::piped())
         .spawn()

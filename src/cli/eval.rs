@@ -110,9 +110,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let needs_data = args.subset > 0 || args.ode_subset > 0;
     let test = if needs_data {
         Some(
-            LabelledImages::load(&data_dir, Split::Test).with_context(|| {
-                format!("the test split (give --data if the config's path does not apply here)")
-            })?,
+            LabelledImages::load(&data_dir, Split::Test)
+                .context("the test split (give --data if the config's path does not apply here)")?,
         )
     } else {
         None
