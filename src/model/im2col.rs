@@ -165,15 +165,122 @@ pub fn conv2d_unfolded(
     };
     let (out_h, out_w) = unfold.out_size(h, w);
     let columns = x.contiguous()?.apply_op1(unfold)?;
-    // (B Ho Wo, K) x (K, O) -> (B, Ho, Wo, O) -> (B, O, Ho, Wo).
-    let out = columns
-        .matmul(&weight.reshape((o, c * kh * kw))?.t()?)?
-        .reshape((b, out_h, out_w, o))?
-        .permute((0, 3, 1, 2))?;
-    match bias {
-        // The broadcast add writes a contiguous result, so the permute costs no extra pass.
-        Some(bias) => out.broadcast_add(&bias.reshape((1, o, 1, 1))?),
-        None => out.contiguous(),
+    // (B Ho Wo, K) x (K, O) -> (B Ho Wo, O), then to (B, O, Ho, Wo) with the bias added.
+    let pixels_by_channel = columns.matmul(&weight.reshape((o, c * kh * kw))?.t()?)?;
+    let bias = match bias {
+        Some(bias) => bias.clone(),
+        None => Tensor::zeros(o, pixels_by_channel.dtype(), pixels_by_channel.device())?,
+    };
+    pixels_by_channel
+        .apply_op2(
+            &bias,
+            ChannelsFirst {
+                batch: b,
+                spatial: out_h * out_w,
+            },
+        )?
+        .reshape((b, o, out_h, out_w))
+}
+
+/// (B HW, C) channels-last rows to (B, C, HW) with a per-channel bias added, in one pass. Its
+/// backward transposes the gradient back and sums it per channel for the bias directly;
+/// as a permute plus a broadcast add, candle would reduce over the batch and spatial axes with
+/// a strided sum, several times slower.
+#[derive(Debug, Clone, Copy)]
+struct ChannelsFirst {
+    batch: usize,
+    spatial: usize,
+}
+
+/// The backward of [`ChannelsFirst`] on (B, C, HW): [(B HW, C) gradient, (C) bias gradient].
+#[derive(Debug, Clone, Copy)]
+struct ChannelsFirstBackward {
+    batch: usize,
+    spatial: usize,
+}
+
+impl candle_core::CustomOp2 for ChannelsFirst {
+    fn name(&self) -> &'static str {
+        "channels-first-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        rows: &CpuStorage,
+        rows_layout: &Layout,
+        bias: &CpuStorage,
+        bias_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let rows = f32_input(rows, rows_layout, "channels-first")?;
+        let bias = f32_input(bias, bias_layout, "channels-first")?;
+        let (hw, c) = (self.spatial, bias.len());
+        let mut out = vec![0f32; self.batch * c * hw];
+        out.par_chunks_mut(c * hw)
+            .zip(rows.par_chunks(hw * c))
+            .for_each(|(planes, rows)| {
+                for (channel, plane) in planes.chunks_mut(hw).enumerate() {
+                    let b = bias[channel];
+                    for (p, v) in plane.iter_mut().enumerate() {
+                        *v = rows[p * c + channel] + b;
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), Shape::from((self.batch, c, hw))))
+    }
+
+    fn bwd(
+        &self,
+        _rows: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let c = bias.dim(0)?;
+        let n = self.batch * self.spatial * c;
+        let both = grad
+            .contiguous()?
+            .apply_op1_no_bwd(&ChannelsFirstBackward {
+                batch: self.batch,
+                spatial: self.spatial,
+            })?;
+        let grad_rows = both
+            .narrow(0, 0, n)?
+            .reshape((self.batch * self.spatial, c))?;
+        let grad_bias = both.narrow(0, n, c)?;
+        Ok((Some(grad_rows), Some(grad_bias)))
+    }
+}
+
+impl CustomOp1 for ChannelsFirstBackward {
+    fn name(&self) -> &'static str {
+        "channels-first-bias-backward"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let grad = f32_input(storage, layout, "channels-first backward")?;
+        let hw = self.spatial;
+        let c = grad.len() / (self.batch * hw);
+        let mut out = vec![0f32; self.batch * hw * c + c];
+        let (rows, bias) = out.split_at_mut(self.batch * hw * c);
+        let partial: Vec<Vec<f64>> = rows
+            .par_chunks_mut(hw * c)
+            .zip(grad.par_chunks(c * hw))
+            .map(|(rows, planes)| {
+                let mut sums = vec![0f64; c];
+                for (channel, plane) in planes.chunks(hw).enumerate() {
+                    for (p, v) in plane.iter().enumerate() {
+                        rows[p * c + channel] = *v;
+                        sums[channel] += *v as f64;
+                    }
+                }
+                sums
+            })
+            .collect();
+        for (channel, total) in bias.iter_mut().enumerate() {
+            *total = partial.iter().map(|s| s[channel]).sum::<f64>() as f32;
+        }
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(len)))
     }
 }
 
