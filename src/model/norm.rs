@@ -41,30 +41,64 @@ impl GroupNorm {
     }
 }
 
-impl Module for GroupNorm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let fused = x.device().is_cpu()
+impl GroupNorm {
+    fn fused(&self, x: &Tensor) -> bool {
+        x.device().is_cpu()
             && x.dtype() == DType::F32
             && self.weight.dtype() == DType::F32
-            && x.rank() >= 3;
-        if !fused {
-            return self.fallback.forward(x);
-        }
+            && x.rank() >= 3
+    }
+
+    fn apply(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
         x.contiguous()?.apply_op3(
             &self.weight,
             &self.bias,
             FusedGroupNorm {
                 groups: self.groups,
                 eps: self.eps,
+                silu,
             },
         )
     }
+
+    /// silu(group_norm(x)), the pre-activation of every resnet conv, in one pass (and one pass
+    /// backward) where the op is fused.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        if self.fused(x) {
+            self.apply(x, true)
+        } else {
+            self.fallback.forward(x)?.silu()
+        }
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.fused(x) {
+            self.apply(x, false)
+        } else {
+            self.fallback.forward(x)
+        }
+    }
+}
+
+/// x sigma(x).
+fn silu(h: f32) -> f32 {
+    h / (1.0 + (-h).exp())
+}
+
+/// d silu / dh = sigma(h) (1 + h (1 - sigma(h))).
+fn silu_derivative(h: f32) -> f32 {
+    let sigma = 1.0 / (1.0 + (-h).exp());
+    sigma * (1.0 + h * (1.0 - sigma))
 }
 
 #[derive(Debug, Clone, Copy)]
 struct FusedGroupNorm {
     groups: usize,
     eps: f64,
+    /// Apply SiLU to the normalised output.
+    silu: bool,
 }
 
 /// The shape of one call: batch, channels, values per channel.
@@ -148,8 +182,14 @@ impl CustomOp3 for FusedGroupNorm {
                 {
                     let scale = rstd * weight[first_channel + k];
                     let shift = bias[first_channel + k] - mean * scale;
-                    for (y, v) in y.iter_mut().zip(v) {
-                        *y = v * scale + shift;
+                    if self.silu {
+                        for (y, v) in y.iter_mut().zip(v) {
+                            *y = silu(v * scale + shift);
+                        }
+                    } else {
+                        for (y, v) in y.iter_mut().zip(v) {
+                            *y = v * scale + shift;
+                        }
                     }
                 }
             });
@@ -160,7 +200,7 @@ impl CustomOp3 for FusedGroupNorm {
         &self,
         x: &Tensor,
         weight: &Tensor,
-        _bias: &Tensor,
+        bias: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -170,6 +210,7 @@ impl CustomOp3 for FusedGroupNorm {
                 &x.contiguous()?.flatten_all()?,
                 &grad.contiguous()?.flatten_all()?,
                 &weight.contiguous()?,
+                &bias.contiguous()?,
             ],
             0,
         )?
@@ -185,8 +226,9 @@ impl CustomOp3 for FusedGroupNorm {
     }
 }
 
-/// The backward pass on [x, dy, weight] flattened into one buffer; returns [dx, dweight, dbias].
-/// With xhat = (x - mean) rstd and g = dy * weight:
+/// The backward pass on [x, dy, weight, bias] flattened into one buffer; returns [dx, dweight,
+/// dbias]. With SiLU fused, dy is first multiplied by silu'(xhat weight + bias). Then with
+/// xhat = (x - mean) rstd and g = dy * weight:
 /// dx = rstd (g - mean(g) - xhat mean(g xhat)) over each group, dweight = sum dy xhat,
 /// dbias = sum dy over batch and positions.
 struct GroupNormBackward {
@@ -204,7 +246,8 @@ impl CustomOp1 for GroupNormBackward {
         let data = contiguous_f32(storage, layout, "the backward input")?;
         let n = self.shape.elem_count();
         let (x, rest) = data.split_at(n);
-        let (dy, weight) = rest.split_at(n);
+        let (dy, rest) = rest.split_at(n);
+        let (weight, bias) = rest.split_at(g.channels);
         let groups = self.norm.groups;
         let per_group = g.channels / groups;
         let group_len = per_group * g.spatial;
@@ -216,9 +259,25 @@ impl CustomOp1 for GroupNormBackward {
             .enumerate()
             .for_each(|(index, (dx, sums))| {
                 let values = &x[index * group_len..][..group_len];
-                let grads = &dy[index * group_len..][..group_len];
                 let (mean, rstd) = self.norm.moments(values);
                 let first_channel = (index % groups) * per_group;
+                let incoming = &dy[index * group_len..][..group_len];
+                // Through the SiLU first: dL/dh with h = xhat weight + bias.
+                let through_silu: Vec<f32>;
+                let grads: &[f32] = if self.norm.silu {
+                    through_silu = incoming
+                        .iter()
+                        .enumerate()
+                        .map(|(i, d)| {
+                            let c = first_channel + i / g.spatial;
+                            let h = (values[i] - mean) * rstd * weight[c] + bias[c];
+                            d * silu_derivative(h)
+                        })
+                        .collect();
+                    &through_silu
+                } else {
+                    incoming
+                };
                 let (mut sum_g, mut sum_g_xhat) = (0f64, 0f64);
                 for k in 0..per_group {
                     let w = weight[first_channel + k] as f64;
@@ -326,6 +385,34 @@ mod tests {
         for var in [&x, &weight, &bias] {
             let d = max_diff(g_ours.get(var).unwrap(), g_ref.get(var).unwrap());
             assert!(d < 1e-4, "{d}");
+        }
+        // With SiLU fused: the same as candle-nn's GroupNorm followed by candle's silu.
+        let reference = reference.silu().unwrap();
+        let ours = GroupNorm::new(
+            weight.as_tensor().clone(),
+            bias.as_tensor().clone(),
+            4,
+            1e-5,
+        )
+        .unwrap()
+        .forward_silu(&x)
+        .unwrap();
+        assert!(max_diff(&ours, &reference) < 1e-5);
+        let g_ref = (&reference * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g_ours = (&ours * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for var in [&x, &weight, &bias] {
+            let d = max_diff(g_ours.get(var).unwrap(), g_ref.get(var).unwrap());
+            assert!(d < 1e-4, "silu: {d}");
         }
         let _ = Device::Cpu;
     }

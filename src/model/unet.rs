@@ -292,7 +292,6 @@ impl UNet2DConditionModel {
                 h = up.forward(&h, size)?;
             }
         }
-        self.conv_out
-            .forward(&self.conv_norm_out.forward(&h)?.silu()?)
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(&h)?)
     }
 }

@@ -146,8 +146,7 @@ impl Encoder {
             }
         }
         let h = self.mid.forward(&h)?;
-        self.conv_out
-            .forward(&self.conv_norm_out.forward(&h)?.silu()?)
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(&h)?)
     }
 }
 
@@ -211,8 +210,7 @@ impl Decoder {
                 h = u.forward(&h, None)?;
             }
         }
-        self.conv_out
-            .forward(&self.conv_norm_out.forward(&h)?.silu()?)
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(&h)?)
     }
 }
 
