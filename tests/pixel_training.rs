@@ -395,3 +395,41 @@ fn interrupt_saves_a_checkpoint_that_resumes() {
     assert!(resumed.step >= 3, "saved at step {}", resumed.step);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A diverging run (absurd learning rate) stops with the step at which the loss stopped being
+/// finite, and leaves the last checkpoint written before it untouched.
+#[test]
+fn nan_loss_stops_and_keeps_the_last_checkpoint() {
+    let dir = temp_dir("nan");
+    write_dataset(&dir);
+    let out = dir.join("run");
+    let config_path = dir.join("tiny.toml");
+    std::fs::write(
+        &config_path,
+        tiny_config(&dir, &out, "")
+            .replace("learning_rate = 0.001", "learning_rate = 1e30")
+            .replace("warmup_steps = 2", "warmup_steps = 0")
+            .replace("checkpoint_every = 3", "checkpoint_every = 1")
+            .replace("steps = 6", "steps = 50"),
+    )
+    .unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_diffuse"))
+        .args(["train", "--config", config_path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("at step"), "{stderr}");
+    let failed_at: usize = stderr
+        .split("at step ")
+        .nth(1)
+        .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|s| s.parse().ok())
+        .unwrap();
+    // The checkpoint on disk is the last one before the failing step, and it loads.
+    let config =
+        TrainConfig::from_toml_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    let resumed = PixelTrainer::resume(config, &out.join("checkpoint.safetensors")).unwrap();
+    assert_eq!(resumed.step, failed_at - 1, "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
