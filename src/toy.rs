@@ -210,26 +210,8 @@ pub fn train(
     // candle's initialisers draw from its own unseeded RNG; re-initialise from ours, visiting
     // the parameters by name (the VarMap is a HashMap, whose order changes between runs).
     let model = ToyMlp::new(vb, config.hidden, config.depth, 32)?;
-    let mut named: Vec<(String, candle_core::Var)> = varmap
-        .data()
-        .lock()
-        .expect("VarMap lock")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    named.sort_by(|a, b| a.0.cmp(&b.0));
-    for (_, var) in &named {
-        let fan_in = var.dims().last().copied().unwrap_or(1).max(1);
-        let bound = if var.rank() == 1 {
-            0.0
-        } else {
-            (1.0 / fan_in as f64).sqrt()
-        };
-        let values: Vec<f32> = (0..var.elem_count())
-            .map(|_| ((noise.rng().random::<f64>() * 2.0 - 1.0) * bound) as f32)
-            .collect();
-        var.set(&Tensor::from_vec(values, var.shape(), &device)?)?;
-    }
+    let named = crate::train::named_vars(&varmap);
+    crate::train::seeded_init(&named, &mut noise, &|_| false)?;
     let mut optimizer = AdamW::new(
         varmap.all_vars(),
         ParamsAdamW {

@@ -309,18 +309,8 @@ mod tests {
                 .unwrap();
             let ours = conv2d_unfolded(&x, &weight, Some(&bias), stride, padding).unwrap();
             assert_eq!(ours.dims(), reference.dims());
-            let diff = |a: &Tensor, b: &Tensor| {
-                (a - b)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-            };
+            let diff =
+                |a: &Tensor, b: &Tensor| crate::tensor_ops::max_abs(&(a - b).unwrap()).unwrap();
             assert!(diff(&ours, &reference) < 1e-5);
             let probe = seeded(ours.dims(), 4);
             let g_ref = (&reference * &probe)

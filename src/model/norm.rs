@@ -330,17 +330,8 @@ mod tests {
             .unwrap()
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        crate::tensor_ops::max_abs(&(a - b).unwrap()).unwrap()
     }
 
     /// Forward values and all three gradients equal candle-nn's composed GroupNorm.

@@ -32,10 +32,9 @@ pub fn named_vars(varmap: &VarMap) -> Vec<(String, Var)> {
 /// block starts as the identity.
 pub fn seeded_init(
     named: &[(String, Var)],
-    seed: u64,
+    rng: &mut SeededNoise,
     zero_init: &dyn Fn(&str) -> bool,
 ) -> candle_core::Result<()> {
-    let mut rng = SeededNoise::new(seed);
     for (name, var) in named {
         let fan_in = (var.elem_count() / var.dims().first().copied().unwrap_or(1).max(1)).max(1);
         let bound = if var.rank() == 1 {

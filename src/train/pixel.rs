@@ -69,7 +69,7 @@ impl PixelTrainer {
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
         let unet = UNet2DConditionModel::new(config.unet_config()?, vb)?;
         let named = named_vars(&varmap);
-        seeded_init(&named, config.train.seed, &zero_init)?;
+        seeded_init(&named, &mut SeededNoise::new(config.train.seed), &zero_init)?;
         let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
         let optimizer = AdamW::new(
             &vars,
