@@ -22,3 +22,40 @@ pub fn keep_freed_memory() {
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
     }
 }
+
+/// Per-op driver overheads of candle 0.11's CUDA backend, removed once when the device is made.
+/// Every tensor op allocates its output from the stream's memory pool and frees its inputs'
+/// temporaries; by default the pool hands all free memory back to the driver at each
+/// synchronisation (a loss read-back every step), and every allocation creates two CUDA events
+/// for cross-stream tracking. This program uses one stream, so tracking is not needed, and the
+/// pool may keep what it has.
+#[cfg(feature = "cuda")]
+pub fn tune_cuda(device: &candle_core::Device) -> candle_core::Result<()> {
+    use candle_core::cuda::cudarc::driver::{result, sys};
+    let candle_core::Device::Cuda(cuda) = device else {
+        return Ok(());
+    };
+    // SAFETY: every tensor of this process lives on the device's one stream, so no use can
+    // race a free across streams (the condition candle documents for turning tracking off).
+    unsafe { cuda.disable_event_tracking() };
+    let stream = cuda.cuda_stream();
+    let mut keep_all = u64::MAX;
+    // SAFETY: the device handle comes from a live context; the attribute takes a u64 value.
+    unsafe {
+        let pool = result::device::get_default_mem_pool(stream.context().cu_device())
+            .map_err(candle_core::Error::wrap)?;
+        result::mem_pool::set_attribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut keep_all as *mut u64 as *mut std::ffi::c_void,
+        )
+        .map_err(candle_core::Error::wrap)?;
+    }
+    Ok(())
+}
+
+/// Without CUDA support there is nothing to tune.
+#[cfg(not(feature = "cuda"))]
+pub fn tune_cuda(_device: &candle_core::Device) -> candle_core::Result<()> {
+    Ok(())
+}

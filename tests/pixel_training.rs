@@ -9,6 +9,14 @@ use diffuse::train::pixel::PixelTrainer;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+/// Runs the `diffuse` binary with `args`.
+fn run(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_diffuse"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("diffuse-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -113,19 +121,19 @@ fn interrupted_and_resumed_run_ends_with_the_same_weights() {
         let config = TrainConfig::from_toml_str(&tiny_config(&dir, &dir, extra)).unwrap();
         let data = LabelledImages::load(&dir, Split::Train).unwrap();
 
-        let mut straight = PixelTrainer::new(config.clone()).unwrap();
+        let mut straight = PixelTrainer::new(config.clone(), &Device::Cpu).unwrap();
         for _ in 0..6 {
             straight.train_step(&data).unwrap();
         }
 
-        let mut first = PixelTrainer::new(config.clone()).unwrap();
+        let mut first = PixelTrainer::new(config.clone(), &Device::Cpu).unwrap();
         for _ in 0..3 {
             first.train_step(&data).unwrap();
         }
         let checkpoint = dir.join("checkpoint.safetensors");
         first.save(&checkpoint).unwrap();
         drop(first);
-        let mut resumed = PixelTrainer::resume(config.clone(), &checkpoint).unwrap();
+        let mut resumed = PixelTrainer::resume(config.clone(), &checkpoint, &Device::Cpu).unwrap();
         assert_eq!(resumed.step, 3);
         for _ in 0..3 {
             resumed.train_step(&data).unwrap();
@@ -160,14 +168,14 @@ fn checkpoint_of_another_shape_is_refused_by_tensor_name() {
     let dir = temp_dir("shape");
     write_dataset(&dir);
     let config = TrainConfig::from_toml_str(&tiny_config(&dir, &dir, "")).unwrap();
-    let trainer = PixelTrainer::new(config.clone()).unwrap();
+    let trainer = PixelTrainer::new(config.clone(), &Device::Cpu).unwrap();
     let checkpoint = dir.join("checkpoint.safetensors");
     trainer.save(&checkpoint).unwrap();
     let wider =
         TrainConfig::from_toml_str(&tiny_config(&dir, &dir, "").replace("[8, 16]", "[8, 24]"))
             .unwrap();
     // Resuming with another [model] section is refused before any tensor is read.
-    let err = PixelTrainer::resume(wider.clone(), &checkpoint)
+    let err = PixelTrainer::resume(wider.clone(), &checkpoint, &Device::Cpu)
         .err()
         .unwrap()
         .to_string();
@@ -204,12 +212,6 @@ fn train_cli_writes_checkpoint_csv_curve_and_refuses_to_overwrite() {
         tiny_config(&dir, &out, "").replace("sample_every = 0", "sample_every = 6"),
     )
     .unwrap();
-    let run = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_diffuse"))
-            .args(args)
-            .output()
-            .unwrap()
-    };
     let config = config_path.to_str().unwrap();
     let first = run(&["train", "--config", config, "--steps", "3", "--json"]);
     assert!(
@@ -391,7 +393,8 @@ fn interrupt_saves_a_checkpoint_that_resumes() {
     assert!(stderr.contains("interrupted"), "{stderr}");
     let config =
         TrainConfig::from_toml_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
-    let resumed = PixelTrainer::resume(config, &out.join("checkpoint.safetensors")).unwrap();
+    let resumed =
+        PixelTrainer::resume(config, &out.join("checkpoint.safetensors"), &Device::Cpu).unwrap();
     assert!(resumed.step >= 3, "saved at step {}", resumed.step);
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -429,7 +432,50 @@ fn nan_loss_stops_and_keeps_the_last_checkpoint() {
     // The checkpoint on disk is the last one before the failing step, and it loads.
     let config =
         TrainConfig::from_toml_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
-    let resumed = PixelTrainer::resume(config, &out.join("checkpoint.safetensors")).unwrap();
+    let resumed =
+        PixelTrainer::resume(config, &out.join("checkpoint.safetensors"), &Device::Cpu).unwrap();
     assert_eq!(resumed.step, failed_at - 1, "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn time_limit_stops_after_the_step_it_runs_out_in_and_saves() {
+    let dir = temp_dir("time-limit");
+    write_dataset(&dir);
+    let out = dir.join("run");
+    let config_path = dir.join("tiny.toml");
+    std::fs::write(&config_path, tiny_config(&dir, &out, "")).unwrap();
+    let config = config_path.to_str().unwrap();
+    let refused = run(&["train", "--config", config, "--time-limit", "0"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--time-limit = 0 is not allowed"));
+    assert!(
+        !out.exists(),
+        "a refused run must not create its output folder"
+    );
+    // A limit far shorter than one step: exactly one step runs, is saved, and the run succeeds.
+    let limited = run(&[
+        "train",
+        "--config",
+        config,
+        "--steps",
+        "50",
+        "--time-limit",
+        "0.000001",
+        "--json",
+    ]);
+    assert!(
+        limited.status.success(),
+        "{}",
+        String::from_utf8_lossy(&limited.stderr)
+    );
+    assert_eq!(common::last_json_line(&limited.stdout)["steps"], 1);
+    let resumed = PixelTrainer::resume(
+        TrainConfig::from_file(&config_path).unwrap(),
+        &out.join("checkpoint.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(resumed.step, 1);
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -4,7 +4,7 @@
 use crate::model::config::{UNetConfig, VaeConfig};
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::vae::AutoencoderKL;
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use candle_nn::{VarBuilder, VarMap};
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
@@ -41,6 +41,9 @@ pub struct BenchArgs {
     /// train-pixel: the batch size (default: the config's).
     #[arg(long)]
     pub batch: Option<usize>,
+    /// Where to run: cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
@@ -137,7 +140,7 @@ fn bench_train_pixel(args: &BenchArgs) -> anyhow::Result<()> {
         width: size,
     };
     let batch = config.train.batch_size;
-    let mut trainer = PixelTrainer::new(config)?;
+    let mut trainer = PixelTrainer::new(config, &super::parse_device(&args.device)?)?;
     let params = trainer.parameter_count();
     eprintln!(
         "pixel DDPM training step: {:.2} M parameters, batch {batch} of {size}x{size}",
@@ -183,7 +186,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "--runs = 0 is not allowed; expected at least 1"
     );
     let dtype = super::parse_dtype("--dtype", &args.dtype)?;
-    let device = Device::Cpu;
+    let device = super::parse_device(&args.device)?;
     let config_text = match &args.config {
         Some(path) => std::fs::read_to_string(path)?,
         None => match args.component {
@@ -271,6 +274,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         },
         &mut || {
             step()?;
+            // GPU kernels run asynchronously: the time counts only once they have finished.
+            device.synchronize()?;
             Ok(())
         },
     )

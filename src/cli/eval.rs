@@ -18,6 +18,9 @@ use std::time::Instant;
 
 #[derive(Debug, Clone, Args)]
 pub struct EvalArgs {
+    /// Where to run: cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// A checkpoint or weights file from `diffuse train`.
     #[arg(long)]
     pub checkpoint: PathBuf,
@@ -99,7 +102,7 @@ fn fd_floor(judge: &Path, n: usize) -> Option<f64> {
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
-    let device = Device::Cpu;
+    let device = super::parse_device(&args.device)?;
     let model = PixelDiffusion::load(&args.checkpoint, WeightsChoice::Ema, &device)?;
     let data_dir = args
         .data
@@ -220,7 +223,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             .clone()
             .or_else(|| judge_dir(&name))
             .with_context(|| format!("no judge found for dataset \"{name}\": give --judge DIR"))?;
-        let judge = Judge::load(&judge_path, &device)?;
+        // The judge runs on the CPU, where its parity with the reference outputs is tested.
+        let judge = Judge::load(&judge_path, &Device::Cpu)?;
         let reference = FeatureStats::load(&judge_path.join("test_stats.safetensors"))?;
         let kind = SamplerKind::parse(&args.sampler)?;
         let labels = labels_for(&model, None, args.samples);
@@ -246,7 +250,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
                 true,
             )?;
             let seconds = start.elapsed().as_secs_f64();
-            let verdict = judge.score(&images)?;
+            let verdict = judge.score(&images.to_device(&Device::Cpu)?)?;
             let fd = frechet_distance(&FeatureStats::from_features(&verdict.features)?, &reference);
             let histogram = verdict.histogram()?;
             let floor = fd_floor(&judge_path, args.samples);

@@ -68,9 +68,52 @@ pub fn parse_dtype(flag: &str, name: &str) -> anyhow::Result<candle_core::DType>
     })
 }
 
+/// A `--device` flag's value: `cpu`, `cuda` or `cuda:N`.
+pub fn parse_device(name: &str) -> anyhow::Result<candle_core::Device> {
+    use candle_core::Device;
+    let ordinal = match name {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => 0,
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => n,
+            _ => anyhow::bail!("--device = {other} is not allowed; expected cpu, cuda or cuda:N"),
+        },
+    };
+    if !cfg!(feature = "cuda") {
+        anyhow::bail!(
+            "--device = {name}: this binary was built without CUDA; rebuild with `cargo build --release --features cuda`"
+        );
+    }
+    let device =
+        Device::new_cuda(ordinal).map_err(|e| anyhow::anyhow!("--device = {name}: {e}"))?;
+    crate::runtime::tune_cuda(&device).map_err(|e| anyhow::anyhow!("--device = {name}: {e}"))?;
+    Ok(device)
+}
+
 /// Prints an error as one line and returns the process exit code.
 pub fn report(error: anyhow::Error) -> std::process::ExitCode {
     let chain: Vec<String> = error.chain().map(|e| e.to_string()).collect();
     eprintln!("error: {}", chain.join(": "));
     std::process::ExitCode::from(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_flag_names_what_it_accepts() {
+        assert!(parse_device("cpu").unwrap().is_cpu());
+        let err = parse_device("gpu").unwrap_err().to_string();
+        assert!(
+            err.contains("--device = gpu") && err.contains("cuda:N"),
+            "{err}"
+        );
+        let err = parse_device("cuda:x").unwrap_err().to_string();
+        assert!(err.contains("cuda:x"), "{err}");
+        if !cfg!(feature = "cuda") {
+            let err = parse_device("cuda:1").unwrap_err().to_string();
+            assert!(err.contains("--features cuda"), "{err}");
+        }
+    }
 }

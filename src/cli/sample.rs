@@ -5,13 +5,16 @@ use super::sampler_args::SamplerTuning;
 use crate::pipeline::pixel::{grid, PixelDiffusion, WeightsChoice};
 use crate::sampler::SamplerKind;
 use anyhow::Context;
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 
 #[derive(Debug, Clone, Args)]
 pub struct SampleArgs {
+    /// Where to run: cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// A checkpoint or weights file from `diffuse train` (e.g. weights/ddpm-mnist.safetensors).
     #[arg(long)]
     pub checkpoint: PathBuf,
@@ -109,7 +112,11 @@ pub fn run(args: SampleArgs) -> anyhow::Result<()> {
     } else {
         WeightsChoice::Ema
     };
-    let model = PixelDiffusion::load(&args.checkpoint, choice, &Device::Cpu)?;
+    let model = PixelDiffusion::load(
+        &args.checkpoint,
+        choice,
+        &super::parse_device(&args.device)?,
+    )?;
     let kind = SamplerKind::parse(&args.sampler)?;
     let labels = labels_for(&model, args.class, args.num);
     let start = std::time::Instant::now();

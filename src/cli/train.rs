@@ -18,6 +18,9 @@ use std::time::Instant;
 
 #[derive(Debug, Clone, Args)]
 pub struct TrainArgs {
+    /// Where to run: cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// The TOML training config (configs/ddpm-mnist.toml, configs/ddpm-fashion.toml).
     #[arg(long)]
     pub config: PathBuf,
@@ -33,6 +36,10 @@ pub struct TrainArgs {
     /// Continue from OUT_DIR/checkpoint.safetensors.
     #[arg(long)]
     pub resume: bool,
+    /// Stop after this many minutes of training (saving as at the last step), whatever
+    /// train.steps says; `--resume` goes on from there.
+    #[arg(long)]
+    pub time_limit: Option<f64>,
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
@@ -117,6 +124,15 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         anyhow::ensure!(steps > 0, "--steps = 0 is not allowed; expected at least 1");
         config.train.steps = steps;
     }
+    let time_limit = match args.time_limit {
+        Some(minutes) if !(minutes > 0.0 && minutes.is_finite()) => {
+            anyhow::bail!(
+                "--time-limit = {minutes} is not allowed; expected a positive number of minutes"
+            )
+        }
+        Some(minutes) => Some(std::time::Duration::from_secs_f64(minutes * 60.0)),
+        None => None,
+    };
     config.validate()?;
     let out_dir = config.train.out_dir.clone();
     let checkpoint = out_dir.join(CHECKPOINT_FILE);
@@ -145,12 +161,13 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         }
     }
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let device = super::parse_device(&args.device)?;
     let mut trainer = if args.resume {
-        let trainer = PixelTrainer::resume(config.clone(), &checkpoint)?;
+        let trainer = PixelTrainer::resume(config.clone(), &checkpoint, &device)?;
         eprintln!("resuming {} at step {}", checkpoint.display(), trainer.step);
         trainer
     } else {
-        PixelTrainer::new(config.clone())?
+        PixelTrainer::new(config.clone(), &device)?
     };
     let csv_path = out_dir.join(LOSS_CSV);
     if args.resume {
@@ -205,7 +222,9 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         last = Some(stats);
         window.push(stats);
         let step = trainer.step;
-        if step % config.train.log_every == 0 || step == total {
+        let out_of_time = time_limit.is_some_and(|limit| start.elapsed() >= limit);
+        let last_step = step == total || out_of_time;
+        if step % config.train.log_every == 0 || last_step {
             let mean =
                 |f: fn(&StepStats) -> f64| window.iter().map(f).sum::<f64>() / window.len() as f64;
             writeln!(
@@ -222,20 +241,23 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             bar.set_message(format!("{:.4}", mean(|s| s.loss)));
             window.clear();
         }
-        if step % config.train.checkpoint_every == 0 || step == total {
+        if step % config.train.checkpoint_every == 0 || last_step {
             save_all(&trainer, &out_dir)?;
             // The curve is a convenience beside the CSV: a drawing failure must not stop training.
             if let Err(e) = loss_curve_png(&read_losses(&csv_path), &out_dir.join("loss.png")) {
                 bar.suspend(|| eprintln!("warning: {e}"));
             }
         }
-        if config.train.sample_every > 0 && (step % config.train.sample_every == 0 || step == total)
-        {
+        if config.train.sample_every > 0 && (step % config.train.sample_every == 0 || last_step) {
             bar.suspend(|| -> anyhow::Result<()> {
                 sample_grid(&trainer, &out_dir.join(format!("samples-{step:07}.png")))
             })?;
         }
         bar.set_position(step as u64);
+        if out_of_time {
+            bar.suspend(|| eprintln!("time limit reached at step {step}; saved"));
+            break;
+        }
     }
     bar.finish();
     let seconds = start.elapsed().as_secs_f64();

@@ -84,6 +84,19 @@ impl Module for Conv2d {
                 config.padding,
             );
         }
+        if (x.track_op() || self.0.weight().track_op())
+            && !x.device().is_cpu()
+            && config.groups == 1
+            && config.dilation == 1
+        {
+            return super::im2col::conv2d_taps(
+                x,
+                self.0.weight(),
+                self.0.bias(),
+                config.stride,
+                config.padding,
+            );
+        }
         if x.dtype() != DType::BF16 || !x.device().is_cpu() {
             return self.0.forward(x);
         }

@@ -27,6 +27,17 @@ struct Fold {
 }
 
 impl Unfold {
+    /// The geometry of a convolution with `weight` (O, C, kh, kw).
+    fn for_kernel(weight: &Tensor, stride: usize, padding: usize) -> Result<Self> {
+        let (_, _, kernel_h, kernel_w) = weight.dims4()?;
+        Ok(Self {
+            kernel_h,
+            kernel_w,
+            stride,
+            padding,
+        })
+    }
+
     fn out_size(&self, height: usize, width: usize) -> (usize, usize) {
         (
             (height + 2 * self.padding - self.kernel_h) / self.stride + 1,
@@ -157,12 +168,7 @@ pub fn conv2d_unfolded(
 ) -> Result<Tensor> {
     let (b, _, h, w) = x.dims4()?;
     let (o, c, kh, kw) = weight.dims4()?;
-    let unfold = Unfold {
-        kernel_h: kh,
-        kernel_w: kw,
-        stride,
-        padding,
-    };
+    let unfold = Unfold::for_kernel(weight, stride, padding)?;
     let (out_h, out_w) = unfold.out_size(h, w);
     let columns = x.contiguous()?.apply_op1(unfold)?;
     // (B Ho Wo, K) x (K, O) -> (B Ho Wo, O), then to (B, O, Ho, Wo) with the bias added.
@@ -180,6 +186,60 @@ pub fn conv2d_unfolded(
             },
         )?
         .reshape((b, o, out_h, out_w))
+}
+
+/// conv2d(x, weight) + bias with the unfolding made of shifted views stacked (one per kernel tap)
+/// and one batched matrix product: only ops that every candle backend has, forward and backward.
+/// Used for training on GPUs, where candle 0.11 computes conv2d's input gradient with a direct
+/// transposed-convolution kernel instead of a matrix product.
+pub fn conv2d_taps(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let (o, _, kh, kw) = weight.dims4()?;
+    let unfold = Unfold::for_kernel(weight, stride, padding)?;
+    let (out_h, out_w) = unfold.out_size(h, w);
+    // Tap (ky, kx) reads rows ky, ky + s, ..., so the padded image needs ky + s Ho rows; the
+    // extra zero rows at the far edge are never read for a real output.
+    let extra_h = (kh - 1 + stride * out_h).saturating_sub(h + 2 * padding);
+    let extra_w = (kw - 1 + stride * out_w).saturating_sub(w + 2 * padding);
+    let padded = x
+        .pad_with_zeros(2, padding, padding + extra_h)?
+        .pad_with_zeros(3, padding, padding + extra_w)?;
+    let mut taps = Vec::with_capacity(kh * kw);
+    for ky in 0..kh {
+        for kx in 0..kw {
+            let tap = padded
+                .narrow(2, ky, stride * out_h)?
+                .narrow(3, kx, stride * out_w)?;
+            let tap = if stride == 1 {
+                tap
+            } else {
+                tap.reshape((b, c, out_h, stride, out_w, stride))?
+                    .narrow(3, 0, 1)?
+                    .narrow(5, 0, 1)?
+                    .reshape((b, c, out_h, out_w))?
+            };
+            taps.push(tap);
+        }
+    }
+    // (B, C, kh kw, Ho, Wo): the row order (c, ky, kx) of the flattened kernel.
+    let columns = Tensor::stack(&taps, 2)?.reshape((b, c * kh * kw, out_h * out_w))?;
+    let kernel = weight
+        .reshape((1, o, c * kh * kw))?
+        .broadcast_as((b, o, c * kh * kw))?;
+    let out = kernel
+        .contiguous()?
+        .matmul(&columns)?
+        .reshape((b, o, out_h, out_w))?;
+    match bias {
+        Some(bias) => out.broadcast_add(&bias.reshape((1, o, 1, 1))?),
+        None => Ok(out),
+    }
 }
 
 /// (B HW, C) channels-last rows to (B, C, HW) with a per-channel bias added, in one pass. Its
@@ -294,44 +354,59 @@ mod tests {
         noise.randn(shape).unwrap()
     }
 
-    /// Forward values and both gradients equal candle's own conv2d, for stride 1 and 2 and
-    /// odd sizes.
+    type Conv = fn(&Tensor, &Tensor, Option<&Tensor>, usize, usize) -> Result<Tensor>;
+
+    /// Forward values and all three gradients of both unfolded convolutions equal candle's own
+    /// conv2d, for stride 1 and 2, odd and even sizes, 3x3 and 1x1 kernels.
     #[test]
     fn matches_candle_conv2d_forward_and_backward() {
-        for (stride, padding, size) in [(1, 1, 7), (2, 1, 7), (2, 1, 8), (1, 0, 5)] {
-            let x = Var::from_tensor(&seeded(&[2, 3, size, size], 1)).unwrap();
-            let weight = Var::from_tensor(&seeded(&[4, 3, 3, 3], 2)).unwrap();
-            let bias = Var::from_tensor(&seeded(&[4], 3)).unwrap();
-            let reference = x
-                .conv2d(&weight, padding, stride, 1, 1)
-                .unwrap()
-                .broadcast_add(&bias.reshape((1, 4, 1, 1)).unwrap())
-                .unwrap();
-            let ours = conv2d_unfolded(&x, &weight, Some(&bias), stride, padding).unwrap();
-            assert_eq!(ours.dims(), reference.dims());
-            let diff =
-                |a: &Tensor, b: &Tensor| crate::tensor_ops::max_abs(&(a - b).unwrap()).unwrap();
-            assert!(diff(&ours, &reference) < 1e-5);
-            let probe = seeded(ours.dims(), 4);
-            let g_ref = (&reference * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let g_ours = (&ours * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            for var in [&x, &weight, &bias] {
-                let (a, b) = (g_ours.get(var).unwrap(), g_ref.get(var).unwrap());
-                assert!(
-                    diff(a, b) < 1e-4,
-                    "stride {stride} size {size}: {}",
-                    diff(a, b)
-                );
+        let variants: [(&str, Conv); 2] = [
+            ("conv2d_unfolded", conv2d_unfolded),
+            ("conv2d_taps", conv2d_taps),
+        ];
+        let cases = [
+            (3, 1, 1, 7),
+            (3, 2, 1, 7),
+            (3, 2, 1, 8),
+            (3, 1, 0, 5),
+            (1, 1, 0, 6),
+        ];
+        for (name, conv) in variants {
+            for (kernel, stride, padding, size) in cases {
+                let x = Var::from_tensor(&seeded(&[2, 3, size, size], 1)).unwrap();
+                let weight = Var::from_tensor(&seeded(&[4, 3, kernel, kernel], 2)).unwrap();
+                let bias = Var::from_tensor(&seeded(&[4], 3)).unwrap();
+                let reference = x
+                    .conv2d(&weight, padding, stride, 1, 1)
+                    .unwrap()
+                    .broadcast_add(&bias.reshape((1, 4, 1, 1)).unwrap())
+                    .unwrap();
+                let ours = conv(&x, &weight, Some(&bias), stride, padding).unwrap();
+                assert_eq!(ours.dims(), reference.dims(), "{name}");
+                let diff =
+                    |a: &Tensor, b: &Tensor| crate::tensor_ops::max_abs(&(a - b).unwrap()).unwrap();
+                assert!(diff(&ours, &reference) < 1e-5, "{name}");
+                let probe = seeded(ours.dims(), 4);
+                let g_ref = (&reference * &probe)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let g_ours = (&ours * &probe)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                for var in [&x, &weight, &bias] {
+                    let (a, b) = (g_ours.get(var).unwrap(), g_ref.get(var).unwrap());
+                    assert!(
+                        diff(a, b) < 1e-4,
+                        "{name} kernel {kernel} stride {stride} size {size}: {}",
+                        diff(a, b)
+                    );
+                }
             }
         }
         let _ = Device::Cpu;

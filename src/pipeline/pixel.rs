@@ -24,6 +24,7 @@ pub struct PixelDiffusion {
     pub config: TrainConfig,
     pub scheduler: SchedulerConfig,
     pub unet: UNet2DConditionModel,
+    device: Device,
 }
 
 /// Which weights of a checkpoint to use.
@@ -52,6 +53,7 @@ impl PixelDiffusion {
             config,
             scheduler,
             unet,
+            device: device.clone(),
         })
     }
 
@@ -145,7 +147,7 @@ impl PixelDiffusion {
     }
 
     fn unet_device(&self) -> Device {
-        Device::Cpu
+        self.device.clone()
     }
 
     /// The labels as a tensor, checked against the model's classes.
@@ -209,7 +211,7 @@ impl PixelDiffusion {
         let mut kl = vec![0f64; batch];
         let mut decoder = vec![0f64; batch];
         for t in 0..tables.num_timesteps() {
-            let eps = noise.randn(x0.dims())?;
+            let eps = noise.randn(x0.dims())?.to_device(x0.device())?;
             let timesteps = vec![t; batch];
             let xt = crate::schedule::q_sample(&schedule, x0, &timesteps, &eps)?;
             let t_tensor = Tensor::full(t as f32, batch, x0.device())?;

@@ -85,17 +85,19 @@ impl AdamW {
 
 /// The global L2 norm of the gradients of `vars` (absent gradients count as zero).
 pub fn grad_norm(vars: &[Var], grads: &GradStore) -> Result<f64> {
-    let mut total = 0.0;
-    for var in vars {
-        if let Some(g) = grads.get(var) {
-            total += g
-                .to_dtype(DType::F64)?
-                .sqr()?
-                .sum_all()?
-                .to_scalar::<f64>()?;
-        }
+    // One read-back for all the parameters: on a GPU each read waits for the queue to drain.
+    let squares = vars
+        .iter()
+        .filter_map(|var| grads.get(var))
+        .map(|g| g.to_dtype(DType::F64)?.sqr()?.sum_all())
+        .collect::<Result<Vec<_>>>()?;
+    if squares.is_empty() {
+        return Ok(0.0);
     }
-    Ok(total.sqrt())
+    Ok(Tensor::stack(&squares, 0)?
+        .sum_all()?
+        .to_scalar::<f64>()?
+        .sqrt())
 }
 
 /// The factor that scales a gradient of norm `norm` down to `max_norm` (1 when under it or when

@@ -46,6 +46,7 @@ pub struct PixelTrainer {
     named: Vec<(String, Var)>,
     optimizer: AdamW,
     ema: Ema,
+    device: Device,
     /// Completed optimiser steps.
     pub step: usize,
 }
@@ -61,10 +62,11 @@ fn step_seed(seed: u64, step: usize) -> u64 {
 }
 
 impl PixelTrainer {
-    /// A fresh model initialised from `config.train.seed`.
-    pub fn new(config: TrainConfig) -> Result<Self> {
+    /// A fresh model on `device`, initialised from `config.train.seed` (the same draws on every
+    /// device: they are made on the CPU).
+    pub fn new(config: TrainConfig, device: &Device) -> Result<Self> {
         config.validate()?;
-        let device = Device::Cpu;
+        let device = device.clone();
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
         let unet = UNet2DConditionModel::new(config.unet_config()?, vb)?;
@@ -90,6 +92,7 @@ impl PixelTrainer {
             named,
             optimizer,
             ema,
+            device,
             step: 0,
             config,
         })
@@ -98,9 +101,9 @@ impl PixelTrainer {
     /// Continues from a checkpoint written by [`PixelTrainer::save`]. The checkpoint's config
     /// must describe the same model and diffusion process as `config` (the number of steps and
     /// the logging may differ).
-    pub fn resume(config: TrainConfig, path: &Path) -> Result<Self> {
-        let mut trainer = Self::new(config)?;
-        let loaded = checkpoint::load(path, &Device::Cpu)?;
+    pub fn resume(config: TrainConfig, path: &Path, device: &Device) -> Result<Self> {
+        let mut trainer = Self::new(config, device)?;
+        let loaded = checkpoint::load(path, device)?;
         let file_error = |message: String| Error::File {
             path: path.display().to_string(),
             message,
@@ -156,8 +159,9 @@ impl PixelTrainer {
         let timesteps: Vec<usize> = (0..batch)
             .map(|_| rng.rng().random_range(0..n_train))
             .collect();
-        let device = Device::Cpu;
-        let mut x0 = data.batch(&indices, &device)?;
+        let device = self.device.clone();
+        // The batch is assembled (and flipped) on the CPU, then moved once.
+        let mut x0 = data.batch(&indices, &Device::Cpu)?;
         if cfg.data.random_flip {
             let flips: Vec<bool> = (0..batch).map(|_| rng.rng().random_bool(0.5)).collect();
             let rows = (0..batch)
@@ -172,7 +176,8 @@ impl PixelTrainer {
                 .collect::<candle_core::Result<Vec<_>>>()?;
             x0 = Tensor::cat(&rows, 0)?;
         }
-        let eps = rng.randn(x0.dims())?;
+        let x0 = x0.to_device(&device)?;
+        let eps = rng.randn(x0.dims())?.to_device(&device)?;
         let xt = q_sample(&self.schedule, &x0, &timesteps, &eps)?;
         let labels = match cfg.model.num_classes {
             Some(_) => Some(data.label_batch(&indices, &device)?),
@@ -322,7 +327,7 @@ impl PixelTrainer {
             .cloned()
             .zip(self.ema.average.iter().cloned())
             .collect();
-        PixelDiffusion::from_tensors(self.config.clone(), weights, &Device::Cpu)
+        PixelDiffusion::from_tensors(self.config.clone(), weights, &self.device)
     }
 
     /// The current raw weights by name (for tests and comparisons).
