@@ -40,3 +40,42 @@ fn bench_prints_its_json_summary() {
         }
     }
 }
+
+#[test]
+fn train_ops_bench_names_each_op_with_a_time() {
+    let mnist = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/ddpm-mnist.toml");
+    let out = Command::new(env!("CARGO_BIN_EXE_diffuse"))
+        .args([
+            "bench",
+            "train-ops",
+            "--runs",
+            "1",
+            "--batch",
+            "2",
+            "--json",
+            "--config",
+        ])
+        .arg(mnist)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json = last_json_line(&out.stdout);
+    let timings = json["median_ms"].as_object().unwrap();
+    assert!(timings.len() >= 9, "{json}");
+    assert!(
+        timings
+            .values()
+            .all(|v| v.as_f64().is_some_and(|ms| ms > 0.0)),
+        "{json}"
+    );
+    // The plain-text lines come before the JSON, one per op.
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("group norm + SiLU forward+backward: "),
+        "{text}"
+    );
+}

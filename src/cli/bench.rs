@@ -19,6 +19,8 @@ pub enum Component {
     /// One pixel-DDPM training step (forward, backward, AdamW, EMA) of a `diffuse train`
     /// config (configs/ddpm-mnist.toml by default) on random images.
     TrainPixel,
+    /// The op kinds of that training step one at a time, at its first level's shape.
+    TrainOps,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -112,12 +114,9 @@ fn time_runs(
     Ok(())
 }
 
-/// One training step of the pixel DDPM on random 8-bit images of the config's shape.
-fn bench_train_pixel(args: &BenchArgs) -> anyhow::Result<()> {
-    use crate::data::idx::LabelledImages;
+/// The training config of `--config` (configs/ddpm-mnist.toml by default) with `--batch`.
+fn pixel_config(args: &BenchArgs) -> anyhow::Result<crate::train::config::TrainConfig> {
     use crate::train::config::TrainConfig;
-    use crate::train::pixel::PixelTrainer;
-    use rand::Rng;
     let mut config = match &args.config {
         Some(path) => TrainConfig::from_file(path)?,
         None => TrainConfig::from_toml_str(DDPM_MNIST)?,
@@ -126,6 +125,15 @@ fn bench_train_pixel(args: &BenchArgs) -> anyhow::Result<()> {
         anyhow::ensure!(batch > 0, "--batch = 0 is not allowed; expected at least 1");
         config.train.batch_size = batch;
     }
+    Ok(config)
+}
+
+/// One training step of the pixel DDPM on random 8-bit images of the config's shape.
+fn bench_train_pixel(args: &BenchArgs) -> anyhow::Result<()> {
+    use crate::data::idx::LabelledImages;
+    use crate::train::pixel::PixelTrainer;
+    use rand::Rng;
+    let config = pixel_config(args)?;
     let size = config.model.image_size;
     let count = 256;
     let mut rng = crate::sampler::SeededNoise::new(0);
@@ -169,11 +177,15 @@ fn bench_train_pixel(args: &BenchArgs) -> anyhow::Result<()> {
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    if let Component::TrainPixel = args.component {
+    if let Component::TrainPixel | Component::TrainOps = args.component {
         anyhow::ensure!(
             args.runs >= 1,
             "--runs = 0 is not allowed; expected at least 1"
         );
+        if let Component::TrainOps = args.component {
+            let device = super::parse_device(&args.device)?;
+            return super::bench_ops::run(&pixel_config(&args)?, &device, args.runs, args.json);
+        }
         return bench_train_pixel(&args);
     }
     anyhow::ensure!(
@@ -192,7 +204,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         None => match args.component {
             Component::Unet => SD15_UNET.to_string(),
             Component::VaeDecode => SD15_VAE.to_string(),
-            Component::TrainPixel => unreachable!("handled above"),
+            Component::TrainPixel | Component::TrainOps => unreachable!("handled above"),
         },
     };
     // Random weights are drawn into training variables, then handed over as plain tensors:
@@ -212,7 +224,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 VarBuilder::from_varmap(&varmap, dtype, &device),
             )?;
         }
-        Component::TrainPixel => unreachable!("handled above"),
+        Component::TrainPixel | Component::TrainOps => unreachable!("handled above"),
     }
     let weights: std::collections::HashMap<String, Tensor> = varmap
         .data()
@@ -246,7 +258,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 Tensor::randn(0f32, 1., (1, channels, latent, latent), &device)?.to_dtype(dtype)?;
             Box::new(move || vae.decode(&z))
         }
-        Component::TrainPixel => unreachable!("handled above"),
+        Component::TrainPixel | Component::TrainOps => unreachable!("handled above"),
     };
     eprintln!(
         "{:?} at {size}x{size}: {:.1} M parameters, built in {:.1} s",

@@ -1,6 +1,7 @@
 //! The command line: one file a subcommand; `main.rs` and `bin/txt2img.rs` only dispatch.
 
 pub mod bench;
+pub mod bench_ops;
 pub mod eval;
 pub mod sample;
 pub mod sampler_args;
