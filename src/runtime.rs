@@ -23,12 +23,13 @@ pub fn keep_freed_memory() {
     }
 }
 
-/// Per-op driver overheads of candle 0.11's CUDA backend, removed once when the device is made.
-/// Every tensor op allocates its output from the stream's memory pool and frees its inputs'
-/// temporaries; by default the pool hands all free memory back to the driver at each
-/// synchronisation (a loss read-back every step), and every allocation creates two CUDA events
-/// for cross-stream tracking. This program uses one stream, so tracking is not needed, and the
-/// pool may keep what it has.
+/// Settings of candle 0.11's CUDA backend, made once when the device is made. Every tensor op
+/// allocates its output from the stream's memory pool; by default the pool hands all free memory
+/// back to the driver at each synchronisation (a loss read-back every step), and every
+/// allocation creates two CUDA events for cross-stream tracking. This program uses one stream,
+/// so tracking is not needed, and the pool may keep what it has. f32 matrix products may use
+/// TF32 tensor cores, as PyTorch's convolutions do by default (10-bit mantissa inputs, f32
+/// accumulation).
 #[cfg(feature = "cuda")]
 pub fn tune_cuda(device: &candle_core::Device) -> candle_core::Result<()> {
     use candle_core::cuda::cudarc::driver::{result, sys};
@@ -38,6 +39,7 @@ pub fn tune_cuda(device: &candle_core::Device) -> candle_core::Result<()> {
     // SAFETY: every tensor of this process lives on the device's one stream, so no use can
     // race a free across streams (the condition candle documents for turning tracking off).
     unsafe { cuda.disable_event_tracking() };
+    candle_core::cuda::set_gemm_reduced_precision_f32(true);
     let stream = cuda.cuda_stream();
     let mut keep_all = u64::MAX;
     // SAFETY: the device handle comes from a live context; the attribute takes a u64 value.
