@@ -45,33 +45,90 @@ impl Unfold {
         )
     }
 
-    /// Calls `f(patch index, input offset)` for every tap of output pixel (oy, ox) whose input
-    /// lies inside the (C, H, W) image; padding taps are skipped (they stay zero).
-    fn for_each_tap(
+    /// The first input column of output column `ox` (negative inside the left padding).
+    fn first_column(&self, ox: usize) -> isize {
+        (ox * self.stride) as isize - self.padding as isize
+    }
+
+    /// The input row that kernel row `ky` of output row `oy` reads, if it is inside the image.
+    fn input_row(&self, oy: usize, ky: usize, height: usize) -> Option<usize> {
+        (oy * self.stride + ky)
+            .checked_sub(self.padding)
+            .filter(|iy| *iy < height)
+    }
+
+    /// The output row whose kernel row `ky` reads input row `iy`, if there is one.
+    fn output_row(&self, iy: usize, ky: usize, out_h: usize) -> Option<usize> {
+        let offset = (iy + self.padding).checked_sub(ky)?;
+        (offset % self.stride == 0)
+            .then_some(offset / self.stride)
+            .filter(|oy| *oy < out_h)
+    }
+
+    /// Calls `f(input column, patch offset, length)` for the runs of pixel `ox`'s kernel row
+    /// that lie inside an image `width` wide, in units of pixels: one run of `kernel_w` pixels
+    /// in the interior, shorter at the edges where the padding taps are skipped.
+    fn row_run(&self, ox: usize, width: usize, mut f: impl FnMut(usize, usize, usize)) {
+        let first = self.first_column(ox);
+        let skip = (-first).max(0) as usize;
+        let end = (first + self.kernel_w as isize).min(width as isize);
+        if end > first + skip as isize {
+            f(
+                (first + skip as isize) as usize,
+                skip,
+                (end - first) as usize - skip,
+            );
+        }
+    }
+
+    /// Writes output row `oy` of one channels-last (H, W, C) image as Wo patch rows of
+    /// (ky, kx, c). A kernel row of a patch is one contiguous run of the input row, so each is a
+    /// single copy; taps in the padding stay zero.
+    fn unfold_row(
         &self,
-        (c, h, w): (usize, usize, usize),
-        (oy, ox): (usize, usize),
-        mut f: impl FnMut(usize, usize),
+        image: &[f32],
+        (h, w, c): (usize, usize, usize),
+        oy: usize,
+        rows: &mut [f32],
     ) {
-        let taps = self.kernel_h * self.kernel_w;
-        for ky in 0..self.kernel_h {
-            let Some(iy) = (oy * self.stride + ky).checked_sub(self.padding) else {
-                continue;
-            };
-            if iy >= h {
-                continue;
-            }
-            for kx in 0..self.kernel_w {
-                let Some(ix) = (ox * self.stride + kx).checked_sub(self.padding) else {
+        let patch = self.kernel_h * self.kernel_w * c;
+        for (ox, row) in rows.chunks_exact_mut(patch).enumerate() {
+            for ky in 0..self.kernel_h {
+                let Some(iy) = self.input_row(oy, ky, h) else {
                     continue;
                 };
-                if ix >= w {
-                    continue;
-                }
-                let tap = ky * self.kernel_w + kx;
-                for channel in 0..c {
-                    f(channel * taps + tap, (channel * h + iy) * w + ix);
-                }
+                let kernel_row = &mut row[ky * self.kernel_w * c..][..self.kernel_w * c];
+                self.row_run(ox, w, |ix, kx, len| {
+                    kernel_row[kx * c..(kx + len) * c]
+                        .copy_from_slice(&image[(iy * w + ix) * c..][..len * c]);
+                });
+            }
+        }
+    }
+
+    /// The adjoint of [`Self::unfold_row`] for input row `iy` of one image: adds back every patch
+    /// entry that read a pixel of `target` (W, C). `rows` are all the patch rows of the image.
+    fn fold_row(
+        &self,
+        rows: &[f32],
+        (h, w, c): (usize, usize, usize),
+        iy: usize,
+        target: &mut [f32],
+    ) {
+        let (out_h, out_w) = self.out_size(h, w);
+        let patch = self.kernel_h * self.kernel_w * c;
+        for ky in 0..self.kernel_h {
+            let Some(oy) = self.output_row(iy, ky, out_h) else {
+                continue;
+            };
+            for ox in 0..out_w {
+                let kernel_row = &rows[(oy * out_w + ox) * patch + ky * self.kernel_w * c..];
+                self.row_run(ox, w, |ix, kx, len| {
+                    let sums = &mut target[ix * c..(ix + len) * c];
+                    for (sum, value) in sums.iter_mut().zip(&kernel_row[kx * c..(kx + len) * c]) {
+                        *sum += value;
+                    }
+                });
             }
         }
     }
@@ -92,25 +149,22 @@ impl CustomOp1 for Unfold {
         "unfold"
     }
 
-    /// (B, C, H, W) -> (B Ho Wo, C kh kw): one row per output pixel, its patch ordered
-    /// (c, ky, kx) as a conv kernel flattens. With the pixels as the long side of the matrix
-    /// product, the gemm crate runs about twice as fast as with the transposed layout.
+    /// Channels-last (B, H, W, C) -> (B Ho Wo, kh kw C): one row per output pixel, its patch
+    /// ordered (ky, kx, c) as a channels-last kernel flattens. With the pixels as the long side of
+    /// the matrix product, the gemm crate runs about twice as fast as with the transposed layout.
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (b, c, h, w) = layout.shape().dims4()?;
+        let (b, h, w, c) = layout.shape().dims4()?;
         let input = f32_input(storage, layout, "unfold")?;
         let (out_h, out_w) = self.out_size(h, w);
-        let taps = self.kernel_h * self.kernel_w;
-        let patch = c * taps;
+        let patch = self.kernel_h * self.kernel_w * c;
         let mut out = vec![0f32; b * out_h * out_w * patch];
-        // One output row per pixel, written front to back; the reads stay within a few image
-        // rows of each channel.
-        out.par_chunks_mut(out_h * out_w * patch)
-            .zip(input.par_chunks(c * h * w))
-            .for_each(|(rows, image)| {
-                for (pixel, row) in rows.chunks_mut(patch).enumerate() {
-                    let at = (pixel / out_w, pixel % out_w);
-                    self.for_each_tap((c, h, w), at, |column, src| row[column] = image[src]);
-                }
+        // One task per output row of one image, so that a single image still uses every core.
+        out.par_chunks_mut(out_w * patch)
+            .enumerate()
+            .for_each(|(index, rows)| {
+                let (image, oy) = (index / out_h, index % out_h);
+                let image = &input[image * h * w * c..][..h * w * c];
+                self.unfold_row(image, (h, w, c), oy, rows);
             });
         Ok((
             CpuStorage::F32(out),
@@ -119,7 +173,7 @@ impl CustomOp1 for Unfold {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let (batch, channels, height, width) = arg.dims4()?;
+        let (batch, height, width, channels) = arg.dims4()?;
         let fold = Fold {
             unfold: *self,
             batch,
@@ -136,24 +190,23 @@ impl CustomOp1 for Fold {
         "fold"
     }
 
+    /// (B Ho Wo, kh kw C) patch rows -> channels-last (B, H, W, C), overlapping taps summed.
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let columns = f32_input(storage, layout, "fold")?;
         let (b, c, h, w) = (self.batch, self.channels, self.height, self.width);
         let (out_h, out_w) = self.unfold.out_size(h, w);
-        let taps = self.unfold.kernel_h * self.unfold.kernel_w;
-        let patch = c * taps;
-        let mut image = vec![0f32; b * c * h * w];
+        let per_image = out_h * out_w * self.unfold.kernel_h * self.unfold.kernel_w * c;
+        let mut image = vec![0f32; b * h * w * c];
+        // One task per input row: no two tasks write the same pixel.
         image
-            .par_chunks_mut(c * h * w)
-            .zip(columns.par_chunks(out_h * out_w * patch))
-            .for_each(|(planes, rows)| {
-                for (pixel, row) in rows.chunks(patch).enumerate() {
-                    let at = (pixel / out_w, pixel % out_w);
-                    self.unfold
-                        .for_each_tap((c, h, w), at, |column, dst| planes[dst] += row[column]);
-                }
+            .par_chunks_mut(w * c)
+            .enumerate()
+            .for_each(|(index, target)| {
+                let (batch_index, iy) = (index / h, index % h);
+                let rows = &columns[batch_index * per_image..][..per_image];
+                self.unfold.fold_row(rows, (h, w, c), iy, target);
             });
-        Ok((CpuStorage::F32(image), Shape::from((b, c, h, w))))
+        Ok((CpuStorage::F32(image), Shape::from((b, h, w, c))))
     }
 }
 
@@ -170,9 +223,17 @@ pub fn conv2d_unfolded(
     let (o, c, kh, kw) = weight.dims4()?;
     let unfold = Unfold::for_kernel(weight, stride, padding)?;
     let (out_h, out_w) = unfold.out_size(h, w);
-    let columns = x.contiguous()?.apply_op1(unfold)?;
+    // Channels last, so that every kernel row of a patch is one contiguous run of the input and
+    // a 1x1 convolution needs no unfolding at all.
+    let channels_last = x.permute((0, 2, 3, 1))?.contiguous()?;
+    let columns = if kh == 1 && kw == 1 && stride == 1 && padding == 0 {
+        channels_last.reshape((b * h * w, c))?
+    } else {
+        channels_last.apply_op1(unfold)?
+    };
     // (B Ho Wo, K) x (K, O) -> (B Ho Wo, O), then to (B, O, Ho, Wo) with the bias added.
-    let pixels_by_channel = columns.matmul(&weight.reshape((o, c * kh * kw))?.t()?)?;
+    let kernel = weight.permute((0, 2, 3, 1))?.reshape((o, kh * kw * c))?;
+    let pixels_by_channel = columns.matmul(&kernel.t()?)?;
     let bias = match bias {
         Some(bias) => bias.clone(),
         None => Tensor::zeros(o, pixels_by_channel.dtype(), pixels_by_channel.device())?,
