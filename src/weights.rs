@@ -95,7 +95,30 @@ pub fn var_builder(paths: &[&Path], dtype: DType, device: &Device) -> Result<Var
 struct CheckedSafetensors {
     inner: candle_core::safetensors::MmapedSafetensors,
     file: String,
+    attachments: Attachments,
     used: std::sync::Mutex<std::collections::BTreeSet<String>>,
+}
+
+/// What a LoRA adds to a model while it loads: updates merged into the weights they name, or
+/// adapter matrices (`<module>.lora_A.weight`, `lora_B.weight`) that
+/// [`crate::model::lora::LoraLinear`] applies on the fly.
+#[derive(Debug, Default, Clone)]
+pub struct Attachments {
+    pub deltas: std::collections::HashMap<String, candle_core::Tensor>,
+    pub adapters: std::collections::HashMap<String, candle_core::Tensor>,
+}
+
+/// The shape of every tensor in a safetensors file, from its header.
+pub fn tensor_shapes(path: &Path) -> Result<std::collections::HashMap<String, Vec<usize>>> {
+    check_safetensors(path)?;
+    // SAFETY: checked above to be a complete safetensors file; mapped read-only.
+    let file = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }
+        .map_err(|e| file_error(path, e.to_string()))?;
+    Ok(file
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| (name, view.shape().to_vec()))
+        .collect())
 }
 
 struct SharedChecked(std::sync::Arc<CheckedSafetensors>);
@@ -126,7 +149,12 @@ impl candle_nn::var_builder::SimpleBackend for SharedChecked {
             )
         }
         this.used.lock().expect("lock").insert(name.to_string());
-        this.inner.load(name, dev)?.to_dtype(dtype)
+        let weight = this.inner.load(name, dev)?;
+        match this.attachments.deltas.get(name) {
+            // The merge in f32, so that a half-precision model gets the update rounded once.
+            Some(delta) => (weight.to_dtype(DType::F32)? + delta.to_device(dev)?)?.to_dtype(dtype),
+            None => weight.to_dtype(dtype),
+        }
     }
 
     fn get_unchecked(
@@ -136,11 +164,14 @@ impl candle_nn::var_builder::SimpleBackend for SharedChecked {
         dev: &Device,
     ) -> candle_core::Result<candle_core::Tensor> {
         self.0.used.lock().expect("lock").insert(name.to_string());
-        self.0.inner.load(name, dev)?.to_dtype(dtype)
+        match self.0.attachments.adapters.get(name) {
+            Some(adapter) => adapter.to_device(dev)?.to_dtype(dtype),
+            None => self.0.inner.load(name, dev)?.to_dtype(dtype),
+        }
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.0.inner.get(name).is_ok()
+        self.0.attachments.adapters.contains_key(name) || self.0.inner.get(name).is_ok()
     }
 }
 
@@ -153,6 +184,18 @@ pub fn load_checked<T>(
     device: &Device,
     build: impl FnOnce(VarBuilder) -> Result<T>,
 ) -> Result<T> {
+    load_checked_with(path, dtype, device, Attachments::default(), build)
+}
+
+/// [`load_checked`] with LoRA updates merged or adapters attached; an update or adapter the
+/// model never asks for is an error that names it.
+pub fn load_checked_with<T>(
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+    attachments: Attachments,
+    build: impl FnOnce(VarBuilder) -> Result<T>,
+) -> Result<T> {
     check_safetensors(path)?;
     // SAFETY: checked above to be a complete safetensors file; mapped read-only.
     let inner = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }
@@ -160,6 +203,7 @@ pub fn load_checked<T>(
     let checked = std::sync::Arc::new(CheckedSafetensors {
         inner,
         file: path.display().to_string(),
+        attachments,
         used: Default::default(),
     });
     let vb = VarBuilder::from_backend(
@@ -176,6 +220,23 @@ pub fn load_checked<T>(
         .map(|(name, _)| name)
         .filter(|name| !used.contains(name) && !name.ends_with("position_ids"))
         .collect();
+    let unused_lora: Vec<&String> = checked
+        .attachments
+        .deltas
+        .keys()
+        .chain(checked.attachments.adapters.keys())
+        .filter(|name| !used.contains(*name))
+        .collect();
+    if let Some(name) = unused_lora.first() {
+        return Err(file_error(
+            path,
+            format!(
+                "the model never reads {name}, which a LoRA adapts ({} such in all); LoRA applies \
+                 to weights the model loads",
+                unused_lora.len()
+            ),
+        ));
+    }
     if !unexpected.is_empty() {
         let mut sorted = unexpected.clone();
         sorted.sort();

@@ -64,6 +64,10 @@ pub struct Txt2imgArgs {
     /// Weights dtype of the text encoder and U-Net: f32, f16, bf16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// A LoRA file to merge into the model, FILE or FILE:SCALE (repeatable): diffusers/PEFT
+    /// layout (as `diffuse finetune` writes) or kohya's `lora_unet_...` layout.
+    #[arg(long = "lora", value_name = "FILE[:SCALE]")]
+    pub loras: Vec<String>,
     /// VAE dtype (f32 by default: f16 SD VAEs overflow to black images).
     #[arg(long, default_value = "f32")]
     pub vae_dtype: String,
@@ -125,8 +129,16 @@ pub fn run(args: Txt2imgArgs) -> anyhow::Result<()> {
     let options = LoadOptions {
         dtype: super::parse_dtype("--dtype", &args.dtype)?,
         vae_dtype: super::parse_dtype("--vae-dtype", &args.vae_dtype)?,
+        loras: args
+            .loras
+            .iter()
+            .map(|arg| crate::model::lora::parse_lora_arg(arg))
+            .collect::<crate::Result<_>>()?,
         ..Default::default()
     };
+    for (path, _) in &options.loras {
+        anyhow::ensure!(path.is_file(), "--lora {}: no such file", path.display());
+    }
     if let Some(name) = &args.sampler.sampler {
         crate::sampler::SamplerKind::parse(name)?;
     }

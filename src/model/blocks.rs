@@ -1,5 +1,6 @@
 //! Layers shared by the U-Net and the VAE, named as diffusers names them.
 
+use super::lora::LoraLinear;
 pub use super::norm::{group_norm, GroupNorm};
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{conv2d, linear, linear_no_bias, Conv2dConfig, Linear, VarBuilder};
@@ -135,13 +136,14 @@ pub fn conv1x1(cin: usize, cout: usize, vb: VarBuilder) -> Result<Conv2d> {
 }
 
 /// Multi-head scaled dot-product attention, softmax(Q K^T / sqrt(d)) V (Vaswani et al. 2017,
-/// eq. 1), as diffusers' `Attention` with `to_q`, `to_k`, `to_v`, `to_out.0`.
+/// eq. 1), as diffusers' `Attention` with `to_q`, `to_k`, `to_v`, `to_out.0`. Each projection
+/// takes a LoRA adapter when the weights offer one (see [`LoraLinear`]).
 #[derive(Debug, Clone)]
 pub struct Attention {
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
-    to_out: Linear,
+    to_q: LoraLinear,
+    to_k: LoraLinear,
+    to_v: LoraLinear,
+    to_out: LoraLinear,
     heads: usize,
     head_dim: usize,
     /// Compute scores in f32 even for half-precision weights (SD 2.x's `upcast_attention`).
@@ -163,17 +165,20 @@ impl Attention {
         let inner = heads * head_dim;
         let kv_in = context_dim.unwrap_or(dim);
         let proj = |i: usize, name: &str| {
-            if qkv_bias {
-                linear(i, inner, vb.pp(name))
+            let vb = vb.pp(name);
+            let base = if qkv_bias {
+                linear(i, inner, vb.clone())?
             } else {
-                linear_no_bias(i, inner, vb.pp(name))
-            }
+                linear_no_bias(i, inner, vb.clone())?
+            };
+            LoraLinear::new(base, &vb)
         };
+        let out_vb = vb.pp("to_out.0");
         Ok(Self {
             to_q: proj(dim, "to_q")?,
             to_k: proj(kv_in, "to_k")?,
             to_v: proj(kv_in, "to_v")?,
-            to_out: linear(inner, dim, vb.pp("to_out.0"))?,
+            to_out: LoraLinear::new(linear(inner, dim, out_vb.clone())?, &out_vb)?,
             heads,
             head_dim,
             upcast,

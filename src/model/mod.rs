@@ -9,6 +9,7 @@
 pub mod blocks;
 pub mod config;
 pub mod im2col;
+pub mod lora;
 pub mod norm;
 pub mod text;
 pub mod unet;

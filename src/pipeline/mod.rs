@@ -7,12 +7,13 @@ pub mod txt2img;
 
 use crate::error::{Error, Result};
 use crate::model::config::{read_json, ClipTextConfig, UNetConfig, VaeConfig};
+use crate::model::lora::{add_deltas, Component, LoraFile};
 use crate::model::text::ClipTextModel;
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::vae::AutoencoderKL;
 use crate::sampler::SchedulerConfig;
 use crate::tokenizer::ClipTokenizer;
-use crate::weights::load_checked;
+use crate::weights::{load_checked, load_checked_with, tensor_shapes, Attachments};
 use candle_core::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};
 
@@ -24,6 +25,8 @@ pub struct LoadOptions {
     /// Dtype of the VAE: f32 unless asked, since f16 SD VAEs overflow to black images.
     pub vae_dtype: DType,
     pub device: Device,
+    /// LoRA files merged into the text encoder and U-Net, each with its multiplier.
+    pub loras: Vec<(PathBuf, f64)>,
 }
 
 impl Default for LoadOptions {
@@ -32,6 +35,7 @@ impl Default for LoadOptions {
             dtype: DType::F32,
             vae_dtype: DType::F32,
             device: Device::Cpu,
+            loras: Vec::new(),
         }
     }
 }
@@ -77,6 +81,32 @@ fn weights_file(dir: &Path, stem: &str) -> Result<PathBuf> {
     ))
 }
 
+/// The merged updates of `loras` for (text encoder, U-Net).
+fn lora_updates(
+    loras: &[(PathBuf, f64)],
+    text_weights: &Path,
+    unet_weights: &Path,
+) -> Result<(Attachments, Attachments)> {
+    let (mut text, mut unet) = (Attachments::default(), Attachments::default());
+    if loras.is_empty() {
+        return Ok((text, unet));
+    }
+    let text_shapes = tensor_shapes(text_weights)?;
+    let unet_shapes = tensor_shapes(unet_weights)?;
+    for (path, multiplier) in loras {
+        let file = LoraFile::load(path)?;
+        add_deltas(
+            &mut text.deltas,
+            file.deltas(Component::TextEncoder, &text_shapes, *multiplier)?,
+        )?;
+        add_deltas(
+            &mut unet.deltas,
+            file.deltas(Component::Unet, &unet_shapes, *multiplier)?,
+        )?;
+    }
+    Ok((text, unet))
+}
+
 impl StableDiffusion {
     /// Loads `model_index.json`, `tokenizer/`, `text_encoder/`, `unet/`, `vae/`, `scheduler/`.
     pub fn load_dir(root: &Path, options: LoadOptions) -> Result<Self> {
@@ -103,13 +133,15 @@ impl StableDiffusion {
         let text_dir = root.join("text_encoder");
         let text_config: ClipTextConfig = read_json(&text_dir.join("config.json"))?;
         let text_weights = weights_file(&text_dir, "model")?;
-        let text_encoder = load_checked(&text_weights, options.dtype, device, |vb| {
-            ClipTextModel::new(text_config, vb)
-        })?;
         let unet_dir = root.join("unet");
         let unet_config: UNetConfig = read_json(&unet_dir.join("config.json"))?;
         let unet_weights = weights_file(&unet_dir, "diffusion_pytorch_model")?;
-        let unet = load_checked(&unet_weights, options.dtype, device, |vb| {
+        let loras = lora_updates(&options.loras, &text_weights, &unet_weights)?;
+        let text_encoder =
+            load_checked_with(&text_weights, options.dtype, device, loras.0, |vb| {
+                ClipTextModel::new(text_config, vb)
+            })?;
+        let unet = load_checked_with(&unet_weights, options.dtype, device, loras.1, |vb| {
             UNet2DConditionModel::new(unet_config, vb)
         })?;
         let vae_dir = root.join("vae");
