@@ -430,6 +430,37 @@ pub fn q_sample(
     x0.broadcast_mul(&signal)? + eps.broadcast_mul(&noise)?
 }
 
+/// What a model trained with `prediction` learns to output at x_t = q_sample(x_0, eps, t): eps,
+/// x_0, or v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0 (Salimans & Ho 2022, section 4).
+pub fn training_target(
+    schedule: &NoiseSchedule,
+    prediction: PredictionType,
+    x0: &Tensor,
+    eps: &Tensor,
+    timesteps: &[usize],
+) -> Result<Tensor> {
+    Ok(match prediction {
+        PredictionType::Epsilon => eps.clone(),
+        PredictionType::Sample => x0.clone(),
+        PredictionType::VPrediction => {
+            let alphas: Vec<f64> = timesteps
+                .iter()
+                .map(|t| schedule.alphas_cumprod[*t])
+                .collect();
+            let signal = per_row(alphas.iter().map(|a| a.sqrt() as f32).collect(), x0)?;
+            let noise = per_row(alphas.iter().map(|a| (1.0 - a).sqrt() as f32).collect(), x0)?;
+            (eps.broadcast_mul(&signal)? - x0.broadcast_mul(&noise)?)?
+        }
+        PredictionType::Score => {
+            return Err(Error::bad_value(
+                "prediction_type",
+                "score",
+                "epsilon, sample or v_prediction for training",
+            ))
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -297,3 +297,74 @@ fn txt2img_merges_a_kohya_lora_with_its_scale() {
     assert!(stderr.contains("missing.safetensors"), "{stderr}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Every adapter matrix gets a non-zero gradient through the U-Net (B is random here: at its
+/// usual zero start A's gradient is zero by construction).
+#[test]
+fn every_lora_adapter_gets_a_gradient() {
+    let (config, weights) = unet_files();
+    let config: UNetConfig = read_json(&config).unwrap();
+    let context_dim = config.cross_attention_dim.expect("a cross-attention U-Net");
+    let in_channels = config.in_channels;
+    let vars: Vec<(String, candle_core::Var)> = random_adapters(&weights)
+        .into_iter()
+        .flat_map(|(module, (down, up))| {
+            [
+                (
+                    format!("{module}.{DOWN}"),
+                    candle_core::Var::from_tensor(&down).unwrap(),
+                ),
+                (
+                    format!("{module}.{UP}"),
+                    candle_core::Var::from_tensor(&up).unwrap(),
+                ),
+            ]
+        })
+        .collect();
+    let attachments = Attachments {
+        deltas: HashMap::new(),
+        adapters: vars
+            .iter()
+            .map(|(name, var)| (name.clone(), var.as_tensor().clone()))
+            .collect(),
+    };
+    let unet = load_checked_with(&weights, DType::F32, &Device::Cpu, attachments, |vb| {
+        UNet2DConditionModel::new(config, vb)
+    })
+    .unwrap();
+    let mut noise = SeededNoise::new(2);
+    // 16x16 leaves 2x2 tokens at the mid block: with one token, self-attention is constant
+    // (softmax over one key) and its q and k get no gradient by construction.
+    let x = noise.randn(&[1, in_channels, 16, 16]).unwrap();
+    let context = noise.randn(&[1, 5, context_dim]).unwrap();
+    let t = Tensor::new(&[300f32], &Device::Cpu).unwrap();
+    let loss = unet
+        .forward(&x, &t, Some(&context), None)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap();
+    let grads = loss.backward().unwrap();
+    let dead: Vec<&String> = vars
+        .iter()
+        .filter(|(_, var)| {
+            grads.get(var.as_tensor()).is_none_or(|g| {
+                g.abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    == 0.0
+            })
+        })
+        .map(|(name, _)| name)
+        .collect();
+    assert!(
+        dead.is_empty(),
+        "{} of {} adapters got no gradient: {dead:?}",
+        dead.len(),
+        vars.len()
+    );
+}

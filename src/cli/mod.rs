@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod bench_ops;
 pub mod eval;
+pub mod finetune;
 pub mod sample;
 pub mod sampler_args;
 pub mod toy;
@@ -38,6 +39,8 @@ pub enum Command {
     Sample(sample::SampleArgs),
     /// Likelihood (bound and ODE) and judged sample quality of a trained pixel-space model.
     Eval(eval::EvalArgs),
+    /// Fine-tune a Stable Diffusion U-Net on a folder of captioned images (full or LoRA).
+    Finetune(Box<finetune::FinetuneArgs>),
 }
 
 /// Runs a parsed command line.
@@ -49,6 +52,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(args) => train::run(args),
         Command::Sample(args) => sample::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Finetune(args) => finetune::run(*args),
         Command::Samplers => {
             for (name, purpose) in sampler_args::SAMPLER_GUIDE {
                 println!("{name:>9}  {purpose}");

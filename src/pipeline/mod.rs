@@ -59,7 +59,7 @@ fn file_error(path: &Path, message: impl Into<String>) -> Error {
 }
 
 /// The weights file of a component folder: `<stem>.safetensors`, or the fp16 variant.
-fn weights_file(dir: &Path, stem: &str) -> Result<PathBuf> {
+pub fn weights_file(dir: &Path, stem: &str) -> Result<PathBuf> {
     for name in [
         format!("{stem}.safetensors"),
         format!("{stem}.fp16.safetensors"),

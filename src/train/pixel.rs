@@ -191,31 +191,13 @@ impl PixelTrainer {
         let output = self.unet.forward(&xt, &t, None, labels.as_ref())?;
         let channels = x0.dim(1)?;
         let prediction = output.narrow(1, 0, channels)?;
-        let target = match PredictionType::parse(&cfg.diffusion.prediction_type)? {
-            PredictionType::Epsilon => eps.clone(),
-            PredictionType::Sample => x0.clone(),
-            PredictionType::VPrediction => {
-                // v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0 (Salimans & Ho 2022).
-                let ab: Vec<f64> = timesteps
-                    .iter()
-                    .map(|t| self.schedule.alphas_cumprod[*t])
-                    .collect();
-                let a =
-                    crate::schedule::per_row(ab.iter().map(|a| a.sqrt() as f32).collect(), &x0)?;
-                let s = crate::schedule::per_row(
-                    ab.iter().map(|a| (1.0 - a).sqrt() as f32).collect(),
-                    &x0,
-                )?;
-                (eps.broadcast_mul(&a)? - x0.broadcast_mul(&s)?)?
-            }
-            PredictionType::Score => {
-                return Err(Error::bad_value(
-                    "diffusion.prediction_type",
-                    "score",
-                    "epsilon, sample or v_prediction",
-                ))
-            }
-        };
+        let target = crate::schedule::training_target(
+            &self.schedule,
+            PredictionType::parse(&cfg.diffusion.prediction_type)?,
+            &x0,
+            &eps,
+            &timesteps,
+        )?;
         // L_simple, DDPM eq. 14.
         let mse = (prediction - &target)?.sqr()?.mean_all()?;
         let (loss, vb_value) = if cfg.diffusion.loss == Loss::Hybrid {
