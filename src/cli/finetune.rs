@@ -8,6 +8,8 @@ use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(Debug, Clone, Args)]
@@ -48,6 +50,13 @@ pub struct FinetuneArgs {
     /// Skip images without a caption instead of stopping.
     #[arg(long)]
     pub skip_uncaptioned: bool,
+    /// Save <out>/checkpoint.safetensors (trainable weights, optimiser state, step) this often,
+    /// and on Ctrl-C.
+    #[arg(long, default_value_t = 100)]
+    pub checkpoint_every: usize,
+    /// Continue from <out>/checkpoint.safetensors (same settings) up to --steps.
+    #[arg(long)]
+    pub resume: bool,
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
@@ -103,8 +112,25 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
         tuner.trainable_parameters() as f64 / 1e6,
         tuner.examples()
     );
+    let checkpoint = args.out.join("checkpoint.safetensors");
     let loss_before = tuner.denoising_loss()?;
+    if args.resume {
+        anyhow::ensure!(
+            checkpoint.exists(),
+            "--resume: {} does not exist (nothing to continue)",
+            checkpoint.display()
+        );
+        tuner.resume_from(&checkpoint)?;
+        eprintln!("resuming at step {}", tuner.step);
+    }
+    let interrupted = Arc::new(AtomicBool::new(false));
+    {
+        let flag = interrupted.clone();
+        // A second handler cannot be installed (tests call run twice); the first one stays.
+        let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
+    }
     let bar = ProgressBar::new(args.steps as u64);
+    bar.set_position(tuner.step.min(args.steps) as u64);
     bar.set_style(
         ProgressStyle::with_template(
             "{bar:30} {pos}/{len} loss {msg} [{elapsed_precise} < {eta_precise}, {per_sec}]",
@@ -113,8 +139,21 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
     );
     let start = Instant::now();
     let mut recent = Vec::new();
-    for _ in 0..args.steps {
+    let first_step = tuner.step;
+    while tuner.step < args.steps {
         recent.push(tuner.train_step()?);
+        if interrupted.load(Ordering::SeqCst) {
+            bar.suspend(|| eprintln!("interrupted: saving step {}", tuner.step));
+            tuner.save_checkpoint(&checkpoint)?;
+            anyhow::bail!(
+                "interrupted at step {}; {} is saved, continue with --resume",
+                tuner.step,
+                checkpoint.display()
+            );
+        }
+        if args.checkpoint_every > 0 && tuner.step % args.checkpoint_every == 0 {
+            tuner.save_checkpoint(&checkpoint)?;
+        }
         if recent.len() > 20 {
             recent.remove(0);
         }
@@ -125,13 +164,15 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
         bar.inc(1);
     }
     bar.finish();
+    tuner.save_checkpoint(&checkpoint)?;
+    let steps_run = (tuner.step - first_step).max(1);
     let seconds = start.elapsed().as_secs_f64();
     let loss_after = tuner.denoising_loss()?;
     let output = tuner.write_output(&root, &args.out)?;
     eprintln!(
         "denoising loss {loss_before:.5} -> {loss_after:.5} ({:+.1}%), {:.2} s a step; wrote {}{}",
         100.0 * (loss_after / loss_before - 1.0),
-        seconds / args.steps as f64,
+        seconds / steps_run as f64,
         output.display(),
         if skipped.is_empty() {
             String::new()
@@ -146,7 +187,7 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
                 "loss_before": loss_before,
                 "loss_after": loss_after,
                 "steps": args.steps,
-                "seconds_per_step": seconds / args.steps as f64,
+                "seconds_per_step": seconds / steps_run as f64,
                 "images": tuner.examples(),
                 "trainable_parameters": tuner.trainable_parameters(),
                 "mode": if lora { "lora" } else { "full" },

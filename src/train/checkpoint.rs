@@ -132,6 +132,24 @@ impl Loaded {
             .collect()
     }
 
+    /// The tensor `key`, which must have the shape `dims`; errors name the file and tensor.
+    pub fn tensor_like(&self, path: &Path, key: &str, dims: &[usize]) -> Result<Tensor> {
+        let tensor = self
+            .tensors
+            .get(key)
+            .ok_or_else(|| file_error(path, format!("missing tensor {key}")))?;
+        if tensor.dims() != dims {
+            return Err(file_error(
+                path,
+                format!(
+                    "tensor {key} has shape {:?}, the model needs {dims:?}",
+                    tensor.dims()
+                ),
+            ));
+        }
+        Ok(tensor.clone())
+    }
+
     /// A metadata value, or an error naming the file and key.
     pub fn meta(&self, path: &Path, key: &str) -> Result<&str> {
         self.metadata

@@ -254,6 +254,88 @@ impl FineTuner {
         Ok(value)
     }
 
+    /// The settings a resumed run must share with the run that saved (the step count may grow).
+    fn identity(&self) -> String {
+        let s = &self.settings;
+        format!(
+            "mode={} resolution={} lr={} warmup={} batch={} clip={} seed={} images={}",
+            match self.trainable {
+                Trainable::Lora { rank } => format!("lora-{rank}"),
+                Trainable::Full => "full".into(),
+            },
+            s.resolution,
+            s.learning_rate,
+            s.warmup_steps,
+            s.batch_size,
+            s.grad_clip,
+            s.seed,
+            self.examples()
+        )
+    }
+
+    /// Writes the trainable weights, AdamW's moments and the step to `path` atomically.
+    pub fn save_checkpoint(&self, path: &Path) -> Result<()> {
+        let mut tensors = Vec::with_capacity(3 * self.named.len());
+        for (i, (name, var)) in self.named.iter().enumerate() {
+            tensors.push((format!("param.{name}"), var.as_tensor().detach()));
+            tensors.push((
+                format!("optim.m.{name}"),
+                self.optimizer.first_moments[i].clone(),
+            ));
+            tensors.push((
+                format!("optim.v.{name}"),
+                self.optimizer.second_moments[i].clone(),
+            ));
+        }
+        let metadata = BTreeMap::from([
+            ("format".to_string(), "diffuse-finetune".to_string()),
+            ("settings".to_string(), self.identity()),
+            ("step".to_string(), self.step.to_string()),
+        ]);
+        checkpoint::save(path, &tensors, &metadata)
+    }
+
+    /// Continues from [`Self::save_checkpoint`]'s file. Every step draws from (seed, step), so a
+    /// resumed run ends with the weights of an uninterrupted one. A checkpoint of other settings
+    /// or another model is refused, naming what differs.
+    pub fn resume_from(&mut self, path: &Path) -> Result<()> {
+        let loaded = checkpoint::load(path, self.latents.device())?;
+        let saved = loaded.meta(path, "settings")?;
+        if saved != self.identity() {
+            return Err(Error::File {
+                path: path.display().to_string(),
+                message: format!(
+                    "was saved with other settings ({saved}) than this run ({}); resume with the same ones",
+                    self.identity()
+                ),
+            });
+        }
+        self.step = loaded
+            .meta(path, "step")?
+            .parse()
+            .map_err(|e| Error::File {
+                path: path.display().to_string(),
+                message: format!("step is not a step count: {e}"),
+            })?;
+        for (i, (name, var)) in self.named.iter().enumerate() {
+            var.set(&loaded.tensor_like(path, &format!("param.{name}"), var.dims())?)?;
+            self.optimizer.first_moments[i] =
+                loaded.tensor_like(path, &format!("optim.m.{name}"), var.dims())?;
+            self.optimizer.second_moments[i] =
+                loaded.tensor_like(path, &format!("optim.v.{name}"), var.dims())?;
+        }
+        self.optimizer.updates = self.step;
+        Ok(())
+    }
+
+    /// The trainable weights by name (for tests and comparisons).
+    pub fn weights(&self) -> Vec<(String, Tensor)> {
+        self.named
+            .iter()
+            .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
+            .collect()
+    }
+
     /// Writes the result where `txt2img` takes it: the LoRA as one safetensors file in the
     /// diffusers/PEFT layout (`<out>/pytorch_lora_weights.safetensors`, for `--lora`), or the
     /// whole model as a diffusers folder with the U-Net replaced (`<out>`, for `--model`).

@@ -119,20 +119,7 @@ impl PixelTrainer {
             .meta(path, STEP_KEY)?
             .parse()
             .map_err(|e| file_error(format!("{STEP_KEY} is not a step count: {e}")))?;
-        let get = |key: String, like: &Var| -> Result<Tensor> {
-            let t = loaded
-                .tensors
-                .get(&key)
-                .ok_or_else(|| file_error(format!("missing tensor {key}")))?;
-            if t.dims() != like.dims() {
-                return Err(file_error(format!(
-                    "tensor {key} has shape {:?}, the config needs {:?}",
-                    t.dims(),
-                    like.dims()
-                )));
-            }
-            Ok(t.clone())
-        };
+        let get = |key: String, like: &Var| loaded.tensor_like(path, &key, like.dims());
         for (i, (name, var)) in trainer.named.iter().enumerate() {
             var.set(&get(format!("model.{name}"), var)?)?;
             trainer.ema.average[i] = get(format!("ema.{name}"), var)?;

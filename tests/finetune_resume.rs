@@ -1,0 +1,81 @@
+//! A fine-tune interrupted, saved and resumed ends with exactly the weights of an uninterrupted
+//! one (LoRA and full); a checkpoint saved with other settings is refused, naming them.
+
+mod common;
+
+use common::fixture_path;
+use diffuse::data::folder::{FolderOptions, ImageFolder};
+use diffuse::pipeline::{LoadOptions, StableDiffusion};
+use diffuse::train::finetune::{FineTuner, FinetuneSettings};
+use image::{DynamicImage, ImageBuffer, Rgb};
+use std::path::PathBuf;
+
+fn folder() -> (PathBuf, ImageFolder) {
+    let dir = std::env::temp_dir().join(format!("diffuse-ft-resume-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, colour) in [("a", [200u8, 40, 40]), ("b", [40, 40, 200])] {
+        let image = ImageBuffer::from_fn(40, 32, |x, _| {
+            if x % 8 < 4 {
+                Rgb(colour)
+            } else {
+                Rgb([255, 255, 255])
+            }
+        });
+        DynamicImage::ImageRgb8(image)
+            .save(dir.join(format!("{name}.png")))
+            .unwrap();
+        std::fs::write(dir.join(format!("{name}.txt")), format!("stripes {name}")).unwrap();
+    }
+    let scanned = ImageFolder::scan(&dir, &FolderOptions::default()).unwrap();
+    (dir, scanned)
+}
+
+fn settings(lora_rank: Option<usize>) -> FinetuneSettings {
+    FinetuneSettings {
+        resolution: 32,
+        lora_rank,
+        learning_rate: 1e-3,
+        warmup_steps: 2,
+        batch_size: 2,
+        grad_clip: 1.0,
+        seed: 5,
+    }
+}
+
+#[test]
+fn resumed_finetune_equals_uninterrupted_one() {
+    let root = fixture_path("tiny-sd");
+    let sd = StableDiffusion::load_dir(&root, LoadOptions::default()).unwrap();
+    let (dir, data) = folder();
+    let unet_dir = root.join("unet");
+    for rank in [Some(2), None] {
+        let (mut straight, _) = FineTuner::new(&sd, &unet_dir, &data, settings(rank)).unwrap();
+        for _ in 0..4 {
+            straight.train_step().unwrap();
+        }
+        let (mut first, _) = FineTuner::new(&sd, &unet_dir, &data, settings(rank)).unwrap();
+        for _ in 0..2 {
+            first.train_step().unwrap();
+        }
+        let checkpoint = dir.join("checkpoint.safetensors");
+        first.save_checkpoint(&checkpoint).unwrap();
+        let (mut resumed, _) = FineTuner::new(&sd, &unet_dir, &data, settings(rank)).unwrap();
+        resumed.resume_from(&checkpoint).unwrap();
+        assert_eq!(resumed.step, 2);
+        for _ in 0..2 {
+            resumed.train_step().unwrap();
+        }
+        for ((name, a), (_, b)) in straight.weights().iter().zip(resumed.weights()) {
+            let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+            let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(a, b, "{rank:?}: {name} differs after resuming");
+        }
+
+        let mut other = settings(rank);
+        other.seed = 6;
+        let (mut mismatched, _) = FineTuner::new(&sd, &unet_dir, &data, other).unwrap();
+        let err = mismatched.resume_from(&checkpoint).unwrap_err().to_string();
+        assert!(err.contains("seed=5") && err.contains("seed=6"), "{err}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
