@@ -5,7 +5,7 @@
 //! or v for v-prediction models).
 
 use super::checkpoint;
-use super::optim::{clip_factor, grad_norm, warmup_lr, AdamW, AdamWParams};
+use super::optim::{clip_factor, warmup_lr, AdamW, AdamWParams};
 use crate::data::folder::{load_square, ImageFolder, Skipped};
 use crate::error::{Error, Result};
 use crate::model::config::{read_json, UNetConfig};
@@ -232,21 +232,7 @@ impl FineTuner {
         shape[0] = s.batch_size;
         let noise = rng.randn(&shape)?.to_device(self.latents.device())?;
         let loss = self.loss(&indices, &timesteps, &noise)?;
-        let value = loss.to_scalar::<f32>()? as f64;
-        if !value.is_finite() {
-            return Err(Error::Msg(format!(
-                "the loss became {value} at step {}; stopping without saving",
-                self.step + 1
-            )));
-        }
-        let grads = loss.backward()?;
-        let norm = grad_norm(&self.vars, &grads)?;
-        if !norm.is_finite() {
-            return Err(Error::Msg(format!(
-                "the gradient norm became {norm} at step {}; stopping without saving",
-                self.step + 1
-            )));
-        }
+        let (value, grads, norm) = super::checked_backward(&loss, &self.vars, self.step)?;
         let lr = warmup_lr(s.learning_rate, self.step, s.warmup_steps);
         self.optimizer
             .step(&self.vars, &grads, lr, clip_factor(norm, s.grad_clip))?;

@@ -58,6 +58,32 @@ pub fn seeded_init(
     Ok(())
 }
 
+/// The loss's value, its gradients and their global norm; a non-finite loss or norm at step
+/// `step` (0-based) is an error before anything is updated, so the last checkpoint stays the
+/// last good one.
+pub fn checked_backward(
+    loss: &Tensor,
+    vars: &[Var],
+    step: usize,
+) -> crate::Result<(f64, candle_core::backprop::GradStore, f64)> {
+    let value = loss.to_scalar::<f32>()? as f64;
+    if !value.is_finite() {
+        return Err(crate::Error::Msg(format!(
+            "the loss became {value} at step {}; stopping without saving, so the last checkpoint stays the last good one",
+            step + 1
+        )));
+    }
+    let grads = loss.backward()?;
+    let norm = optim::grad_norm(vars, &grads)?;
+    if !norm.is_finite() {
+        return Err(crate::Error::Msg(format!(
+            "the gradient norm became {norm} at step {}; stopping without saving",
+            step + 1
+        )));
+    }
+    Ok((value, grads, norm))
+}
+
 /// Exponential moving average of the weights (DDPM appendix B), with the warm-up
 /// decay_k = min(decay, (1 + k)/(10 + k)) so that the average is useful early in short runs.
 #[derive(Debug, Clone)]

@@ -7,7 +7,7 @@
 
 use super::checkpoint;
 use super::config::{Loss, TrainConfig};
-use super::optim::{clip_factor, grad_norm, warmup_lr, AdamW, AdamWParams};
+use super::optim::{clip_factor, warmup_lr, AdamW, AdamWParams};
 use super::{named_vars, seeded_init, Ema};
 use crate::data::idx::LabelledImages;
 use crate::error::{Error, Result};
@@ -214,21 +214,7 @@ impl PixelTrainer {
         } else {
             (mse.clone(), 0.0)
         };
-        let loss_value = loss.to_scalar::<f32>()? as f64;
-        if !loss_value.is_finite() {
-            return Err(Error::Msg(format!(
-                "the loss became {loss_value} at step {}; stopping without saving, so the last checkpoint stays the last good one",
-                self.step + 1
-            )));
-        }
-        let grads = loss.backward()?;
-        let norm = grad_norm(&self.vars, &grads)?;
-        if !norm.is_finite() {
-            return Err(Error::Msg(format!(
-                "the gradient norm became {norm} at step {}; stopping without saving",
-                self.step + 1
-            )));
-        }
+        let (loss_value, grads, norm) = super::checked_backward(&loss, &self.vars, self.step)?;
         let lr = warmup_lr(cfg.train.learning_rate, self.step, cfg.train.warmup_steps);
         self.optimizer.step(
             &self.vars,
