@@ -711,7 +711,8 @@ impl GradStore {
                 entry.insert(sum);
             }
             Entry::Vacant(entry) => {
-                entry.insert(grad.clone());
+                // Stored contiguous, as the sum used to be: some backward ops (index_add) need it.
+                entry.insert(grad.contiguous()?);
             }
         }
         Ok(())
