@@ -63,11 +63,7 @@ fn finetune(data: &Path, out: &Path, extra: &[&str]) -> serde_json::Value {
         .args(extra)
         .output()
         .unwrap();
-    assert!(
-        result.status.success(),
-        "{}",
-        String::from_utf8_lossy(&result.stderr)
-    );
+    common::assert_success(&result);
     last_json_line(&result.stdout)
 }
 
@@ -84,11 +80,7 @@ fn txt2img(extra: &[&str], model: &Path, output: &Path) {
         .arg("red stripes")
         .output()
         .unwrap();
-    assert!(
-        result.status.success(),
-        "{}",
-        String::from_utf8_lossy(&result.stderr)
-    );
+    common::assert_success(&result);
     assert!(output.exists());
 }
 

@@ -229,11 +229,7 @@ fn txt2img_pixels(dir: &Path, name: &str, extra: &[String]) -> Vec<u8> {
         .arg("a photo of a cat")
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
     image::open(&output).unwrap().to_rgb8().into_raw()
 }
 

@@ -261,18 +261,15 @@ impl FineTuner {
 
     /// Writes the trainable weights, AdamW's moments and the step to `path` atomically.
     pub fn save_checkpoint(&self, path: &Path) -> Result<()> {
-        let mut tensors = Vec::with_capacity(3 * self.named.len());
-        for (i, (name, var)) in self.named.iter().enumerate() {
-            tensors.push((format!("param.{name}"), var.as_tensor().detach()));
-            tensors.push((
-                format!("optim.m.{name}"),
-                self.optimizer.first_moments[i].clone(),
-            ));
-            tensors.push((
-                format!("optim.v.{name}"),
-                self.optimizer.second_moments[i].clone(),
-            ));
-        }
+        let mut tensors: Vec<(String, Tensor)> = self
+            .named
+            .iter()
+            .map(|(name, var)| (format!("param.{name}"), var.as_tensor().detach()))
+            .collect();
+        tensors.extend(
+            self.optimizer
+                .moment_tensors(self.named.iter().map(|(n, _)| n.as_str())),
+        );
         let metadata = BTreeMap::from([
             ("format".to_string(), "diffuse-finetune".to_string()),
             ("settings".to_string(), self.identity()),

@@ -83,6 +83,25 @@ impl AdamW {
     }
 }
 
+impl AdamW {
+    /// The moments as checkpoint entries `optim.m.<name>` and `optim.v.<name>`, `names` in the
+    /// variables' order.
+    pub fn moment_tensors<'a>(
+        &self,
+        names: impl Iterator<Item = &'a str>,
+    ) -> Vec<(String, Tensor)> {
+        names
+            .enumerate()
+            .flat_map(|(i, name)| {
+                [
+                    (format!("optim.m.{name}"), self.first_moments[i].clone()),
+                    (format!("optim.v.{name}"), self.second_moments[i].clone()),
+                ]
+            })
+            .collect()
+    }
+}
+
 /// The global L2 norm of the gradients of `vars` (absent gradients count as zero).
 pub fn grad_norm(vars: &[Var], grads: &GradStore) -> Result<f64> {
     // One read-back for all the parameters: on a GPU each read waits for the queue to drain.

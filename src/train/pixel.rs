@@ -251,15 +251,11 @@ impl PixelTrainer {
         for (i, name) in self.names.iter().enumerate() {
             tensors.push((format!("model.{name}"), self.vars[i].as_tensor().detach()));
             tensors.push((format!("ema.{name}"), self.ema.average[i].clone()));
-            tensors.push((
-                format!("optim.m.{name}"),
-                self.optimizer.first_moments[i].clone(),
-            ));
-            tensors.push((
-                format!("optim.v.{name}"),
-                self.optimizer.second_moments[i].clone(),
-            ));
         }
+        tensors.extend(
+            self.optimizer
+                .moment_tensors(self.names.iter().map(String::as_str)),
+        );
         checkpoint::save(path, &tensors, &self.metadata())
     }
 

@@ -109,3 +109,12 @@ pub fn last_json_line(stdout: &[u8]) -> serde_json::Value {
     let last = text.trim().lines().last().expect("some output");
     serde_json::from_str(last).unwrap_or_else(|e| panic!("last line is not JSON ({e}): {last}"))
 }
+
+/// Asserts that a finished command succeeded, showing its stderr otherwise.
+pub fn assert_success(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
