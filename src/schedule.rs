@@ -430,6 +430,32 @@ pub fn q_sample(
     x0.broadcast_mul(&signal)? + eps.broadcast_mul(&noise)?
 }
 
+/// Min-SNR-gamma loss weights (Hang et al. 2023): each timestep's loss counts as if it were
+/// the x_0-space loss weighted by min(SNR_t, gamma), SNR_t = alpha_bar_t / (1 - alpha_bar_t),
+/// which caps the weight of the nearly clean steps that otherwise dominate training. In the
+/// model's own target space that is min(SNR, gamma) / SNR for epsilon, min(SNR, gamma) /
+/// (SNR + 1) for v and min(SNR, gamma) for x_0 (as diffusers' training scripts use it).
+pub fn min_snr_weights(
+    schedule: &NoiseSchedule,
+    prediction: PredictionType,
+    gamma: f64,
+    timesteps: &[usize],
+) -> Vec<f64> {
+    timesteps
+        .iter()
+        .map(|t| {
+            let alpha_bar = schedule.alphas_cumprod[*t];
+            let snr = alpha_bar / (1.0 - alpha_bar);
+            let capped = snr.min(gamma);
+            match prediction {
+                PredictionType::VPrediction => capped / (snr + 1.0),
+                PredictionType::Sample => capped,
+                PredictionType::Epsilon | PredictionType::Score => capped / snr,
+            }
+        })
+        .collect()
+}
+
 /// What a model trained with `prediction` learns to output at x_t = q_sample(x_0, eps, t): eps,
 /// x_0, or v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0 (Salimans & Ho 2022, section 4).
 pub fn training_target(

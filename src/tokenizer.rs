@@ -5,6 +5,7 @@
 use crate::error::{Error, Result};
 use std::path::Path;
 
+#[derive(Clone)]
 pub struct ClipTokenizer {
     tokenizer: tokenizers::Tokenizer,
     pub max_length: usize,

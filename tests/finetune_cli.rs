@@ -18,8 +18,8 @@ fn temp_dir(name: &str) -> PathBuf {
 
 /// Four 48x40 pictures (stripes and a disc in different colours) with captions, and one file
 /// that only claims to be a PNG.
-fn small_folder() -> PathBuf {
-    let dir = temp_dir("data");
+fn small_folder(name: &str) -> PathBuf {
+    let dir = temp_dir(name);
     let pictures: [(&str, [u8; 3], &str); 4] = [
         ("red", [220, 30, 30], "red stripes"),
         ("green", [30, 200, 40], "a green disc"),
@@ -86,7 +86,7 @@ fn txt2img(extra: &[&str], model: &Path, output: &Path) {
 
 #[test]
 fn lora_and_full_finetunes_lower_the_loss_and_load_in_txt2img() {
-    let data = small_folder();
+    let data = small_folder("data");
     let out = temp_dir("out");
 
     let lora = finetune(
@@ -99,6 +99,12 @@ fn lora_and_full_finetunes_lower_the_loss_and_load_in_txt2img() {
             "60",
             "--learning-rate",
             "3e-3",
+            "--checkpoint-every",
+            "30",
+            "--validation-prompt",
+            "red stripes",
+            "--validation-steps",
+            "2",
         ],
     );
     let (before, after) = (
@@ -110,6 +116,17 @@ fn lora_and_full_finetunes_lower_the_loss_and_load_in_txt2img() {
     let skipped = lora["skipped"].as_array().unwrap();
     assert_eq!(skipped.len(), 1, "{skipped:?}");
     assert!(skipped[0]["file"].as_str().unwrap().ends_with("fake.png"));
+    // Validation images before training, at the checkpoint and at the end; one CSV row a step.
+    for step in [0, 30, 60] {
+        let path = out.join(format!("lora/validation/step-{step:06}-0.png"));
+        let image = image::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert_eq!((image.width(), image.height()), (32, 32));
+    }
+    let csv = std::fs::read_to_string(out.join("lora/loss.csv")).unwrap();
+    let rows: Vec<&str> = csv.lines().skip(1).collect();
+    assert_eq!(rows.len(), 60, "{csv}");
+    assert!(rows[59].starts_with("60,"), "{}", rows[59]);
+    assert!(out.join("lora/loss.png").exists());
     let lora_file = PathBuf::from(lora["output"].as_str().unwrap());
     txt2img(
         &["--lora", lora_file.to_str().unwrap()],
@@ -158,4 +175,48 @@ fn a_folder_without_usable_images_stops_before_any_work() {
     );
     assert!(!out.exists(), "nothing is written");
     std::fs::remove_dir_all(&data).ok();
+}
+
+/// Options come from a TOML file, the command line wins, and an unknown key is named.
+#[test]
+fn a_config_file_gives_the_options_and_flags_override_it() {
+    let data = small_folder("config-data");
+    let out = temp_dir("config");
+    let config = out.join("finetune.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "model = {:?}\ndata = {:?}\nlora_rank = 2\nsteps = 50\nresolution = 32\n",
+            fixture_path("tiny-sd").display().to_string(),
+            data.display().to_string()
+        ),
+    )
+    .unwrap();
+    let result = Command::new(env!("CARGO_BIN_EXE_diffuse"))
+        .args(["finetune", "--config"])
+        .arg(&config)
+        .arg("--out")
+        .arg(out.join("run"))
+        .args(["--steps", "2", "--json"])
+        .output()
+        .unwrap();
+    common::assert_success(&result);
+    let json = last_json_line(&result.stdout);
+    assert_eq!(json["steps"], 2, "the flag wins over the file");
+    assert_eq!(json["mode"], "lora", "the file's lora_rank is used");
+
+    std::fs::write(&config, "lora_rnk = 2\n").unwrap();
+    let result = Command::new(env!("CARGO_BIN_EXE_diffuse"))
+        .args(["finetune", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(!result.status.success());
+    assert!(
+        stderr.contains("lora_rnk") && stderr.contains("finetune.toml"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&data).ok();
+    std::fs::remove_dir_all(&out).ok();
 }

@@ -30,8 +30,17 @@ fn folder() -> (PathBuf, ImageFolder) {
     (dir, scanned)
 }
 
+/// LoRA runs with every option of the step on (feed-forward adapters, accumulation, min-SNR,
+/// noise offset, flips, EMA), so resuming is checked with each piece of state they add.
 fn settings(lora_rank: Option<usize>) -> FinetuneSettings {
+    let lora = lora_rank.is_some();
     FinetuneSettings {
+        lora_feed_forward: lora,
+        gradient_accumulation: if lora { 2 } else { 1 },
+        min_snr_gamma: lora.then_some(5.0),
+        noise_offset: if lora { 0.1 } else { 0.0 },
+        ema_decay: lora.then_some(0.9),
+        random_flip: lora,
         resolution: 32,
         lora_rank,
         learning_rate: 1e-3,
@@ -61,11 +70,16 @@ fn resumed_finetune_equals_uninterrupted_one() {
         first.save_checkpoint(&checkpoint).unwrap();
         let (mut resumed, _) = FineTuner::new(&sd, &unet_dir, &data, settings(rank)).unwrap();
         resumed.resume_from(&checkpoint).unwrap();
-        assert_eq!(resumed.step, 2);
+        assert_eq!(resumed.step(), 2);
         for _ in 0..2 {
             resumed.train_step().unwrap();
         }
-        for ((name, a), (_, b)) in straight.weights().iter().zip(resumed.weights()) {
+        let all = |t: &FineTuner| {
+            let mut weights = t.weights().unwrap();
+            weights.extend(t.trainer.output_weights().unwrap());
+            weights
+        };
+        for ((name, a), (_, b)) in all(&straight).iter().zip(all(&resumed)) {
             let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
             let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
             assert_eq!(a, b, "{rank:?}: {name} differs after resuming");

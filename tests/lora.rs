@@ -26,7 +26,8 @@ fn unet_files() -> (PathBuf, PathBuf) {
     )
 }
 
-/// Random A and B for every attention projection of the U-Net, keyed by module path.
+/// Random A and B for every attention projection and feed-forward layer of the U-Net's
+/// transformer blocks, keyed by module path.
 fn random_adapters(weights: &Path) -> BTreeMap<String, (Tensor, Tensor)> {
     let mut noise = SeededNoise::new(7);
     let mut adapters = BTreeMap::new();
@@ -37,9 +38,16 @@ fn random_adapters(weights: &Path) -> BTreeMap<String, (Tensor, Tensor)> {
         let Some(module) = name.strip_suffix(".weight") else {
             continue;
         };
-        let projection = ["to_q", "to_k", "to_v", "to_out.0"]
-            .iter()
-            .any(|p| module.ends_with(&format!(".{p}")));
+        let projection = [
+            "to_q",
+            "to_k",
+            "to_v",
+            "to_out.0",
+            "ff.net.0.proj",
+            "ff.net.2",
+        ]
+        .iter()
+        .any(|p| module.ends_with(&format!(".{p}")));
         if !projection || !module.contains(".transformer_blocks.") {
             continue;
         }

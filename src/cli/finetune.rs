@@ -4,46 +4,79 @@
 use crate::data::folder::{FolderOptions, ImageFolder, MissingCaption};
 use crate::pipeline::{LoadOptions, StableDiffusion};
 use crate::train::finetune::{FineTuner, FinetuneSettings};
+use crate::train::plot::{loss_curve_png, read_losses, trim_csv};
 use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use std::path::PathBuf;
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-#[derive(Debug, Clone, Args)]
+/// Every option is a flag and a key of the `--config` TOML file (the flag's name with
+/// underscores; `validation_prompts` is a list); a flag given on the command line wins.
+#[derive(Debug, Clone, Default, Args, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct FinetuneArgs {
+    /// A TOML file holding any of these options (configs/finetune-example.toml).
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
     /// The model to start from: a diffusers folder, a hub id or a short name (sd15, sd-turbo...).
     #[arg(long)]
-    pub model: String,
+    pub model: Option<String>,
     /// The folder of images with captions (metadata.jsonl or <stem>.txt).
     #[arg(long)]
-    pub data: PathBuf,
+    pub data: Option<PathBuf>,
     /// Where the result goes: <out>/pytorch_lora_weights.safetensors for LoRA, a whole diffusers
-    /// folder for a full fine-tune.
+    /// folder for a full fine-tune; loss.csv, loss.png, validation/ and the checkpoint beside.
     #[arg(long)]
-    pub out: PathBuf,
+    pub out: Option<PathBuf>,
     /// Train LoRA adapters of this rank on the attention projections instead of every weight.
     #[arg(long)]
     pub lora_rank: Option<usize>,
+    /// LoRA adapters on the transformer feed-forward layers too.
+    #[arg(long)]
+    pub lora_feed_forward: bool,
     /// Training size in pixels, square (default: the model's native size).
     #[arg(long)]
     pub resolution: Option<u32>,
-    #[arg(long, default_value_t = 200)]
-    pub steps: usize,
-    /// Peak learning rate (default 1e-4 for LoRA, 1e-5 for a full fine-tune).
+    /// Mirror each image left-right with probability 1/2 at every step.
+    #[arg(long)]
+    pub random_flip: bool,
+    /// Optimiser steps [default: 200].
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Peak learning rate [default: 1e-4 for LoRA, 1e-5 for a full fine-tune].
     #[arg(long)]
     pub learning_rate: Option<f64>,
-    #[arg(long, default_value_t = 0)]
-    pub warmup_steps: usize,
-    #[arg(long, default_value_t = 1)]
-    pub batch_size: usize,
-    /// Gradient-norm clipping (0 turns it off).
-    #[arg(long, default_value_t = 1.0)]
-    pub grad_clip: f64,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    /// Linear learning-rate warm-up steps [default: 0].
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
+    /// Images per forward pass [default: 1].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Forward passes per optimiser step (effective batch = batch size x this) [default: 1].
+    #[arg(long)]
+    pub gradient_accumulation: Option<usize>,
+    /// Gradient-norm clipping, 0 turns it off [default: 1].
+    #[arg(long)]
+    pub grad_clip: Option<f64>,
+    /// Min-SNR-gamma loss weighting (5 is the paper's choice) [default: off].
+    #[arg(long)]
+    pub min_snr_gamma: Option<f64>,
+    /// Noise offset (0.05 to 0.1 is usual) [default: 0].
+    #[arg(long)]
+    pub noise_offset: Option<f64>,
+    /// Keep an exponential moving average of the weights with this decay (e.g. 0.999) and write
+    /// it as the output [default: off].
+    #[arg(long)]
+    pub ema_decay: Option<f64>,
+    /// [default: 0]
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// One caption for every image (DreamBooth-style instance prompt), instead of their own.
     #[arg(long)]
     pub caption: Option<String>,
@@ -51,24 +84,98 @@ pub struct FinetuneArgs {
     #[arg(long)]
     pub skip_uncaptioned: bool,
     /// Save <out>/checkpoint.safetensors (trainable weights, optimiser state, step) this often,
-    /// and on Ctrl-C.
-    #[arg(long, default_value_t = 100)]
-    pub checkpoint_every: usize,
+    /// and on Ctrl-C [default: 100].
+    #[arg(long)]
+    pub checkpoint_every: Option<usize>,
+    /// A prompt to draw a validation image of, before training, every --validation-every steps
+    /// and at the end (<out>/validation/step-<step>-<k>.png); repeatable.
+    #[arg(long = "validation-prompt")]
+    pub validation_prompts: Vec<String>,
+    /// [default: --checkpoint-every]
+    #[arg(long)]
+    pub validation_every: Option<usize>,
+    /// Sampler steps of a validation image [default: 20].
+    #[arg(long)]
+    pub validation_steps: Option<usize>,
+    /// Guidance scale of a validation image [default: 7.5].
+    #[arg(long)]
+    pub validation_guidance: Option<f64>,
     /// Continue from <out>/checkpoint.safetensors (same settings) up to --steps.
     #[arg(long)]
+    #[serde(skip)]
     pub resume: bool,
     /// Print one JSON object as the last line.
     #[arg(long)]
+    #[serde(skip)]
     pub json: bool,
 }
 
+impl FinetuneArgs {
+    /// The options of the `--config` file with the command line's on top (a flag counts as
+    /// given when it is set, true, or names at least one value).
+    pub fn merged(self) -> anyhow::Result<Self> {
+        let Some(path) = self.config.clone() else {
+            return Ok(self);
+        };
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let file: Self =
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let mut merged = serde_json::to_value(file)?;
+        let given = serde_json::to_value(&self)?;
+        if let (Some(merged), Some(given)) = (merged.as_object_mut(), given.as_object()) {
+            for (key, value) in given {
+                let unset = value.is_null()
+                    || *value == serde_json::Value::Bool(false)
+                    || value.as_array().is_some_and(|a| a.is_empty());
+                if !unset {
+                    merged.insert(key.clone(), value.clone());
+                }
+            }
+        }
+        let mut merged: Self = serde_json::from_value(merged)?;
+        merged.config = self.config;
+        merged.resume = self.resume;
+        merged.json = self.json;
+        Ok(merged)
+    }
+}
+
+/// A required option: the flag or the config key.
+fn required<T: Clone>(value: &Option<T>, flag: &str) -> anyhow::Result<T> {
+    value.clone().ok_or_else(|| {
+        anyhow::anyhow!(
+            "--{flag} is required (or `{}` in the --config file)",
+            flag.replace('-', "_")
+        )
+    })
+}
+
+const CSV_HEADER: &str = "step,loss,grad_norm,learning_rate,seconds";
+
+/// Redraws the loss curve from the CSV; a failure is reported, never fatal.
+fn draw_curve(csv: &Path, out: &Path) {
+    if let Err(e) = loss_curve_png(&read_losses(csv), &out.join("loss.png")) {
+        eprintln!("warning: the loss curve was not drawn: {e}");
+    }
+}
+
 pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
+    let args = args.merged()?;
+    let model = required(&args.model, "model")?;
+    let data_dir = required(&args.data, "data")?;
+    let out = required(&args.out, "out")?;
+    let steps = args.steps.unwrap_or(200);
+    anyhow::ensure!(steps > 0, "--steps = 0 is not allowed; expected at least 1");
+    let checkpoint_every = args.checkpoint_every.unwrap_or(100);
+    let validation_every = args.validation_every.unwrap_or(checkpoint_every);
+    let validation_steps = args.validation_steps.unwrap_or(20);
     anyhow::ensure!(
-        args.steps > 0,
-        "--steps = 0 is not allowed; expected at least 1"
+        validation_steps > 0,
+        "--validation-steps = 0 is not allowed; expected at least 1"
     );
     let folder = ImageFolder::scan(
-        &args.data,
+        &data_dir,
         &FolderOptions {
             caption: args.caption.clone(),
             missing_caption: if args.skip_uncaptioned {
@@ -78,7 +185,7 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
             },
         },
     )?;
-    let root = crate::hub::resolve(&args.model, false)?;
+    let root = crate::hub::resolve(&model, false)?;
     let sd = StableDiffusion::load_dir(&root, LoadOptions::default())
         .with_context(|| format!("loading {}", root.display()))?;
     let resolution = match args.resolution {
@@ -86,14 +193,24 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
         None => (sd.unet.config.sample_size.unwrap_or(64) * sd.vae_scale_factor()) as u32,
     };
     let lora = args.lora_rank.is_some();
+    anyhow::ensure!(
+        lora || !args.lora_feed_forward,
+        "--lora-feed-forward needs --lora-rank (a full fine-tune trains the feed-forward anyway)"
+    );
     let settings = FinetuneSettings {
         resolution,
         lora_rank: args.lora_rank,
+        lora_feed_forward: args.lora_feed_forward,
         learning_rate: args.learning_rate.unwrap_or(if lora { 1e-4 } else { 1e-5 }),
-        warmup_steps: args.warmup_steps,
-        batch_size: args.batch_size,
-        grad_clip: args.grad_clip,
-        seed: args.seed,
+        warmup_steps: args.warmup_steps.unwrap_or(0),
+        batch_size: args.batch_size.unwrap_or(1),
+        gradient_accumulation: args.gradient_accumulation.unwrap_or(1),
+        grad_clip: args.grad_clip.unwrap_or(1.0),
+        min_snr_gamma: args.min_snr_gamma,
+        noise_offset: args.noise_offset.unwrap_or(0.0),
+        ema_decay: args.ema_decay,
+        random_flip: args.random_flip,
+        seed: args.seed.unwrap_or(0),
     };
     eprintln!(
         "encoding {} images at {resolution}x{resolution} ({} skipped while scanning, {} other files ignored)",
@@ -102,6 +219,8 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
         folder.ignored
     );
     let (mut tuner, decode_skipped) = FineTuner::new(&sd, &root.join("unet"), &folder, settings)?;
+    // The tuner holds the pipeline with its own U-Net; the loaded one is no longer needed.
+    drop(sd);
     let skipped: Vec<_> = folder.skipped.iter().chain(&decode_skipped).collect();
     for s in &skipped {
         eprintln!("skipped {}: {}", s.path.display(), s.reason);
@@ -109,10 +228,12 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
     eprintln!(
         "{} fine-tuning: {:.2} M trainable parameters on {} images",
         if lora { "LoRA" } else { "full" },
-        tuner.trainable_parameters() as f64 / 1e6,
+        tuner.trainer.trainable_parameters() as f64 / 1e6,
         tuner.examples()
     );
-    let checkpoint = args.out.join("checkpoint.safetensors");
+    let checkpoint = out.join("checkpoint.safetensors");
+    let csv_path = out.join("loss.csv");
+    let validation_dir = out.join("validation");
     let loss_before = tuner.denoising_loss()?;
     if args.resume {
         anyhow::ensure!(
@@ -121,7 +242,31 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
             checkpoint.display()
         );
         tuner.resume_from(&checkpoint)?;
-        eprintln!("resuming at step {}", tuner.step);
+        eprintln!("resuming at step {}", tuner.step());
+        trim_csv(&csv_path, tuner.step())?;
+    } else {
+        std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+        std::fs::write(&csv_path, format!("{CSV_HEADER}\n"))
+            .with_context(|| format!("writing {}", csv_path.display()))?;
+    }
+    let mut csv = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&csv_path)
+        .with_context(|| format!("opening {}", csv_path.display()))?;
+    let validate = |tuner: &FineTuner| -> anyhow::Result<()> {
+        let paths = tuner.validation_images(
+            &args.validation_prompts,
+            validation_steps,
+            args.validation_guidance.unwrap_or(7.5),
+            &validation_dir,
+        )?;
+        for path in paths {
+            eprintln!("validation image {}", path.display());
+        }
+        Ok(())
+    };
+    if !args.resume {
+        validate(&tuner)?;
     }
     let interrupted = Arc::new(AtomicBool::new(false));
     {
@@ -129,30 +274,48 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
         // A second handler cannot be installed (tests call run twice); the first one stays.
         let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
     }
-    let bar = ProgressBar::new(args.steps as u64);
-    bar.set_position(tuner.step.min(args.steps) as u64);
+    let bar = ProgressBar::new(steps as u64);
+    bar.set_position(tuner.step().min(steps) as u64);
     bar.set_style(
         ProgressStyle::with_template(
             "{bar:30} {pos}/{len} loss {msg} [{elapsed_precise} < {eta_precise}, {per_sec}]",
         )
         .expect("progress template"),
     );
-    let start = Instant::now();
+    let mut training_time = Duration::ZERO;
     let mut recent = Vec::new();
-    let first_step = tuner.step;
-    while tuner.step < args.steps {
-        recent.push(tuner.train_step()?);
+    let first_step = tuner.step();
+    while tuner.step() < steps {
+        let started = Instant::now();
+        let stats = tuner.train_step()?;
+        training_time += started.elapsed();
+        writeln!(
+            csv,
+            "{},{:.6},{:.4},{:.3e},{:.1}",
+            tuner.step(),
+            stats.loss,
+            stats.grad_norm,
+            stats.learning_rate,
+            training_time.as_secs_f64()
+        )?;
+        recent.push(stats.loss);
         if interrupted.load(Ordering::SeqCst) {
-            bar.suspend(|| eprintln!("interrupted: saving step {}", tuner.step));
+            bar.suspend(|| eprintln!("interrupted: saving step {}", tuner.step()));
             tuner.save_checkpoint(&checkpoint)?;
+            draw_curve(&csv_path, &out);
             anyhow::bail!(
                 "interrupted at step {}; {} is saved, continue with --resume",
-                tuner.step,
+                tuner.step(),
                 checkpoint.display()
             );
         }
-        if args.checkpoint_every > 0 && tuner.step % args.checkpoint_every == 0 {
+        let last = tuner.step() == steps;
+        if checkpoint_every > 0 && tuner.step() % checkpoint_every == 0 && !last {
             tuner.save_checkpoint(&checkpoint)?;
+            draw_curve(&csv_path, &out);
+        }
+        if validation_every > 0 && tuner.step() % validation_every == 0 && !last {
+            bar.suspend(|| validate(&tuner))?;
         }
         if recent.len() > 20 {
             recent.remove(0);
@@ -165,10 +328,12 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
     }
     bar.finish();
     tuner.save_checkpoint(&checkpoint)?;
-    let steps_run = (tuner.step - first_step).max(1);
-    let seconds = start.elapsed().as_secs_f64();
+    draw_curve(&csv_path, &out);
+    validate(&tuner)?;
+    let steps_run = (tuner.step() - first_step).max(1);
+    let seconds = training_time.as_secs_f64();
     let loss_after = tuner.denoising_loss()?;
-    let output = tuner.write_output(&root, &args.out)?;
+    let output = tuner.write_output(&root, &out)?;
     eprintln!(
         "denoising loss {loss_before:.5} -> {loss_after:.5} ({:+.1}%), {:.2} s a step; wrote {}{}",
         100.0 * (loss_after / loss_before - 1.0),
@@ -186,18 +351,51 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
             serde_json::json!({
                 "loss_before": loss_before,
                 "loss_after": loss_after,
-                "steps": args.steps,
+                "steps": steps,
                 "seconds_per_step": seconds / steps_run as f64,
                 "images": tuner.examples(),
-                "trainable_parameters": tuner.trainable_parameters(),
+                "trainable_parameters": tuner.trainer.trainable_parameters(),
                 "mode": if lora { "lora" } else { "full" },
                 "skipped": skipped.iter().map(|s| serde_json::json!({
                     "file": s.path.display().to_string(),
                     "reason": s.reason,
                 })).collect::<Vec<_>>(),
                 "output": output.display().to_string(),
+                "loss_csv": csv_path.display().to_string(),
             })
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_config_holds_only_known_keys() {
+        let config: FinetuneArgs =
+            toml::from_str(include_str!("../../configs/finetune-example.toml")).unwrap();
+        assert_eq!(config.lora_rank, Some(4));
+        assert_eq!(config.validation_prompts.len(), 1);
+    }
+
+    #[test]
+    fn flags_override_the_file_and_unset_flags_keep_it() {
+        let dir = std::env::temp_dir().join(format!("diffuse-ft-merge-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("config.toml");
+        std::fs::write(&path, "steps = 50\nseed = 3\nrandom_flip = true\n").unwrap();
+        let given = FinetuneArgs {
+            config: Some(path),
+            steps: Some(7),
+            json: true,
+            ..Default::default()
+        };
+        let merged = given.merged().unwrap();
+        assert_eq!(merged.steps, Some(7));
+        assert_eq!(merged.seed, Some(3));
+        assert!(merged.random_flip && merged.json);
+        std::fs::remove_dir_all(&dir).ok();
+    }
 }

@@ -6,7 +6,7 @@ use crate::pipeline::pixel::grid;
 use crate::sampler::{SamplerKind, SamplerOptions};
 use crate::train::config::TrainConfig;
 use crate::train::pixel::{PixelTrainer, StepStats};
-use crate::train::plot::loss_curve_png;
+use crate::train::plot::{loss_curve_png, read_losses, trim_csv};
 use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -50,39 +50,6 @@ pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 const LOSS_CSV: &str = "loss.csv";
 const CSV_HEADER: &str = "step,loss,mse,vb_bits,grad_norm,learning_rate,seconds";
-
-/// Keeps the CSV rows of steps up to `step` (a resumed run rewrites what came after its
-/// checkpoint, so the log never holds two rows for one step).
-fn trim_csv(path: &Path, step: usize) -> anyhow::Result<()> {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return Ok(());
-    };
-    let kept: Vec<&str> = text
-        .lines()
-        .filter(|line| {
-            line.split(',')
-                .next()
-                .and_then(|s| s.parse::<usize>().ok())
-                .is_none_or(|s| s <= step)
-        })
-        .collect();
-    crate::train::checkpoint::write_atomically(path, (kept.join("\n") + "\n").as_bytes())?;
-    Ok(())
-}
-
-/// (step, loss) pairs of the CSV, for the curve.
-fn read_losses(path: &Path) -> Vec<(usize, f64)> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|line| {
-            let mut fields = line.split(',');
-            let step = fields.next()?.parse().ok()?;
-            let loss = fields.next()?.parse().ok()?;
-            Some((step, loss))
-        })
-        .collect()
-}
 
 fn save_all(trainer: &PixelTrainer, out_dir: &Path) -> anyhow::Result<()> {
     trainer.save(&out_dir.join(CHECKPOINT_FILE))?;

@@ -219,19 +219,20 @@ impl Attention {
 }
 
 /// The transformer's feed-forward with a GELU-gated linear unit (Shazeer 2020), `ff.net.0.proj`
-/// and `ff.net.2`.
+/// and `ff.net.2`; each takes a LoRA adapter when the weights offer one.
 #[derive(Debug, Clone)]
 pub struct GegluFeedForward {
-    proj_in: Linear,
-    proj_out: Linear,
+    proj_in: LoraLinear,
+    proj_out: LoraLinear,
 }
 
 impl GegluFeedForward {
     pub fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
         let inner = 4 * dim;
+        let (in_vb, out_vb) = (vb.pp("net.0.proj"), vb.pp("net.2"));
         Ok(Self {
-            proj_in: linear(dim, 2 * inner, vb.pp("net.0.proj"))?,
-            proj_out: linear(inner, dim, vb.pp("net.2"))?,
+            proj_in: LoraLinear::new(linear(dim, 2 * inner, in_vb.clone())?, &in_vb)?,
+            proj_out: LoraLinear::new(linear(inner, dim, out_vb.clone())?, &out_vb)?,
         })
     }
 }

@@ -40,7 +40,9 @@ impl Default for LoadOptions {
     }
 }
 
-/// A Stable Diffusion pipeline folder in the diffusers layout, loaded.
+/// A Stable Diffusion pipeline folder in the diffusers layout, loaded. Cloning shares the
+/// weights.
+#[derive(Clone)]
 pub struct StableDiffusion {
     pub root: PathBuf,
     pub tokenizer: ClipTokenizer,

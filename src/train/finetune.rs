@@ -6,91 +6,219 @@
 
 use super::checkpoint;
 use super::optim::{clip_factor, warmup_lr, AdamW, AdamWParams};
+use super::Ema;
 use crate::data::folder::{load_square, ImageFolder, Skipped};
 use crate::error::{Error, Result};
 use crate::model::config::{read_json, UNetConfig};
 use crate::model::lora::{DOWN, META_ALPHA, META_RANK, UP};
 use crate::model::unet::UNet2DConditionModel;
+use crate::pipeline::txt2img::{txt2img, Txt2ImgRequest};
 use crate::pipeline::StableDiffusion;
-use crate::sampler::SeededNoise;
-use crate::schedule::{q_sample, training_target, NoiseSchedule, PredictionType};
+use crate::sampler::{build_sampler, SamplerKind, SamplerOptions, SeededNoise};
+use crate::schedule::{min_snr_weights, q_sample, training_target, NoiseSchedule, PredictionType};
 use crate::weights::{load_checked_with, tensor_shapes, Attachments};
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use rand::Rng;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// How to fine-tune.
-#[derive(Debug, Clone)]
+/// How to fine-tune, every default resolved.
+#[derive(Debug, Clone, PartialEq)]
 pub struct FinetuneSettings {
     /// Square training size in pixels.
     pub resolution: u32,
     /// LoRA rank; `None` trains every U-Net weight.
     pub lora_rank: Option<usize>,
+    /// LoRA adapters on the transformer feed-forward layers too, not only the attention.
+    pub lora_feed_forward: bool,
     pub learning_rate: f64,
     pub warmup_steps: usize,
+    /// Images in one forward pass.
     pub batch_size: usize,
+    /// Forward passes whose gradients add up to one optimiser step: the effective batch is
+    /// `batch_size * gradient_accumulation` at the memory of `batch_size`.
+    pub gradient_accumulation: usize,
     pub grad_clip: f64,
+    /// Min-SNR-gamma loss weighting (Hang et al. 2023; 5 is their choice); `None` is plain MSE.
+    pub min_snr_gamma: Option<f64>,
+    /// Scale of a per-image, per-channel constant added to the noise (Guttenberg 2023's "noise
+    /// offset"), which lets the model change an image's mean brightness; 0 is off.
+    pub noise_offset: f64,
+    /// Decay of an exponential moving average of the trained weights, which is then what the
+    /// output and the validation images use; `None` is off.
+    pub ema_decay: Option<f64>,
+    /// Each step sees every image mirrored left-right with probability 1/2 (both latents are
+    /// encoded up front).
+    pub random_flip: bool,
     pub seed: u64,
 }
 
+impl Default for FinetuneSettings {
+    fn default() -> Self {
+        Self {
+            resolution: 512,
+            lora_rank: None,
+            lora_feed_forward: false,
+            learning_rate: 1e-5,
+            warmup_steps: 0,
+            batch_size: 1,
+            gradient_accumulation: 1,
+            grad_clip: 1.0,
+            min_snr_gamma: None,
+            noise_offset: 0.0,
+            ema_decay: None,
+            random_flip: false,
+            seed: 0,
+        }
+    }
+}
+
 /// The trainable U-Net: its LoRA adapters, or all its weights.
+#[derive(Debug, Clone, Copy)]
 enum Trainable {
     Lora { rank: usize },
     Full,
 }
 
-pub struct FineTuner {
-    unet: UNet2DConditionModel,
+/// What the U-Net trains on, encoded once: (N, C, h, w) scaled latents (and those of the
+/// mirrored images when flipping) and (N, 77, D) caption states.
+pub struct TrainingData {
+    pub latents: Tensor,
+    pub latents_flipped: Option<Tensor>,
+    pub text: Tensor,
+}
+
+impl TrainingData {
+    pub fn len(&self) -> usize {
+        self.latents.dim(0).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One optimiser step's figures.
+#[derive(Debug, Clone, Copy)]
+pub struct StepStats {
+    /// The (weighted) loss, averaged over the accumulated passes.
+    pub loss: f64,
+    pub grad_norm: f64,
+    pub learning_rate: f64,
+}
+
+/// The U-Net, its trainable variables, the optimiser and the weight average: everything a
+/// training step needs apart from the data. It knows nothing of images, text or files of
+/// images, so the benchmark runs it on random latents.
+pub struct UnetTrainer {
+    pub unet: UNet2DConditionModel,
     /// Trainable variables by name: `<module>.lora_A.weight`/`lora_B.weight`, or weight names.
     named: Vec<(String, Var)>,
     vars: Vec<Var>,
     trainable: Trainable,
     optimizer: AdamW,
+    ema: Option<Ema>,
     schedule: NoiseSchedule,
     prediction: PredictionType,
-    /// (N, C, h, w) scaled latents and (N, 77, D) caption states of the training images.
-    latents: Tensor,
-    text: Tensor,
     settings: FinetuneSettings,
     pub step: usize,
 }
 
-/// Whether a U-Net weight gets a LoRA adapter: the transformer blocks' attention projections,
-/// as diffusers' and kohya's default targets.
-pub fn is_lora_target(weight_name: &str) -> bool {
-    weight_name.contains(".transformer_blocks.")
-        && ["to_q", "to_k", "to_v", "to_out.0"]
-            .iter()
-            .any(|p| weight_name.ends_with(&format!(".{p}.weight")))
+/// A fine-tune of a Stable Diffusion model: the trainer, the encoded folder, and the pipeline
+/// (with the trained U-Net in it) for validation images.
+pub struct FineTuner {
+    pub trainer: UnetTrainer,
+    pub data: TrainingData,
+    pipeline: StableDiffusion,
 }
 
-impl FineTuner {
-    /// Encodes every image of `folder` (skipping, and returning, those that fail to decode) and
-    /// builds the trainable U-Net from `unet_dir` of the model `sd` was loaded from.
-    pub fn new(
-        sd: &StableDiffusion,
-        unet_dir: &Path,
-        folder: &ImageFolder,
-        settings: FinetuneSettings,
-    ) -> Result<(Self, Vec<Skipped>)> {
-        if settings.batch_size == 0 {
-            return Err(Error::bad_value("--batch-size", 0, "at least 1"));
+/// Whether a U-Net weight gets a LoRA adapter: the transformer blocks' attention projections
+/// (diffusers' and kohya's default targets), and with `feed_forward` their feed-forward layers.
+pub fn is_lora_target(weight_name: &str, feed_forward: bool) -> bool {
+    let attention = ["to_q", "to_k", "to_v", "to_out.0"];
+    let ff = ["ff.net.0.proj", "ff.net.2"];
+    let ends = |names: &[&str]| {
+        names
+            .iter()
+            .any(|p| weight_name.ends_with(&format!(".{p}.weight")))
+    };
+    weight_name.contains(".transformer_blocks.")
+        && (ends(&attention) || (feed_forward && ends(&ff)))
+}
+
+/// The checks every caller of the trainer needs, naming the flag at fault.
+fn check_settings(settings: &FinetuneSettings) -> Result<()> {
+    if settings.batch_size == 0 {
+        return Err(Error::bad_value("--batch-size", 0, "at least 1"));
+    }
+    if settings.gradient_accumulation == 0 {
+        return Err(Error::bad_value("--gradient-accumulation", 0, "at least 1"));
+    }
+    if settings.lora_rank == Some(0) {
+        return Err(Error::bad_value("--lora-rank", 0, "at least 1"));
+    }
+    if let Some(gamma) = settings.min_snr_gamma {
+        if !(gamma > 0.0 && gamma.is_finite()) {
+            return Err(Error::bad_value(
+                "--min-snr-gamma",
+                gamma,
+                "a positive number",
+            ));
         }
+    }
+    if !(settings.noise_offset >= 0.0 && settings.noise_offset.is_finite()) {
+        return Err(Error::bad_value(
+            "--noise-offset",
+            settings.noise_offset,
+            "0 or a positive number",
+        ));
+    }
+    if let Some(decay) = settings.ema_decay {
+        if !(0.0..1.0).contains(&decay) {
+            return Err(Error::bad_value("--ema-decay", decay, "a number in [0, 1)"));
+        }
+    }
+    if !(settings.learning_rate > 0.0 && settings.learning_rate.is_finite()) {
+        return Err(Error::bad_value(
+            "--learning-rate",
+            settings.learning_rate,
+            "a positive number",
+        ));
+    }
+    Ok(())
+}
+
+/// The image mirrored left-right: (C, H, W) with the last axis reversed.
+pub fn mirror(image: &Tensor) -> Result<Tensor> {
+    let width = image.dim(candle_core::D::Minus1)?;
+    let reversed: Vec<u32> = (0..width as u32).rev().collect();
+    let index = Tensor::from_vec(reversed, width, image.device())?;
+    Ok(image.index_select(&index, image.rank() - 1)?)
+}
+
+impl TrainingData {
+    /// Encodes every image of `folder` at `resolution` with the pipeline's VAE and text encoder;
+    /// images that fail to decode are skipped and returned.
+    pub fn encode(
+        sd: &StableDiffusion,
+        folder: &ImageFolder,
+        resolution: u32,
+        random_flip: bool,
+    ) -> Result<(Self, Vec<Skipped>)> {
         let device = sd.options.device.clone();
         let factor = sd.vae_scale_factor() as u32;
-        if settings.resolution == 0 || !settings.resolution.is_multiple_of(factor) {
+        if resolution == 0 || !resolution.is_multiple_of(factor) {
             return Err(Error::bad_value(
                 "--resolution",
-                settings.resolution,
+                resolution,
                 &format!("a positive multiple of {factor} (the VAE's downsampling)"),
             ));
         }
         let mut skipped = Vec::new();
-        let (mut latents, mut text) = (Vec::new(), Vec::new());
+        let (mut latents, mut flipped, mut text) = (Vec::new(), Vec::new(), Vec::new());
         for example in &folder.examples {
-            let image = match load_square(&example.path, settings.resolution, &device) {
+            let image = match load_square(&example.path, resolution, &device) {
                 Ok(image) => image,
                 Err(e) => {
                     skipped.push(Skipped {
@@ -101,6 +229,9 @@ impl FineTuner {
                 }
             };
             latents.push(sd.encode_image(&image.unsqueeze(0)?, None)?);
+            if random_flip {
+                flipped.push(sd.encode_image(&mirror(&image)?.unsqueeze(0)?, None)?);
+            }
             text.push(sd.encode_prompt(&example.caption)?.0);
         }
         if latents.is_empty() {
@@ -109,16 +240,160 @@ impl FineTuner {
                 message: "no image could be decoded".into(),
             });
         }
-        let latents = Tensor::cat(&latents, 0)?.to_dtype(DType::F32)?.detach();
-        let text = Tensor::cat(&text, 0)?.to_dtype(DType::F32)?.detach();
+        let stack = |parts: &[Tensor]| -> Result<Tensor> {
+            Ok(Tensor::cat(parts, 0)?.to_dtype(DType::F32)?.detach())
+        };
+        let data = Self {
+            latents: stack(&latents)?,
+            latents_flipped: if random_flip {
+                Some(stack(&flipped)?)
+            } else {
+                None
+            },
+            text: stack(&text)?,
+        };
+        Ok((data, skipped))
+    }
+}
 
+impl FineTuner {
+    /// Encodes every image of `folder` (skipping, and returning, those that fail to decode) and
+    /// builds the trainable U-Net from `unet_dir` of the model `sd` was loaded from. The tuner
+    /// keeps a copy of `sd` that shares its weights, with the trained U-Net in place of
+    /// `sd.unet`: drop `sd` afterwards and its U-Net's memory is returned.
+    pub fn new(
+        sd: &StableDiffusion,
+        unet_dir: &Path,
+        folder: &ImageFolder,
+        settings: FinetuneSettings,
+    ) -> Result<(Self, Vec<Skipped>)> {
+        check_settings(&settings)?;
+        let (data, skipped) =
+            TrainingData::encode(sd, folder, settings.resolution, settings.random_flip)?;
         let config: UNetConfig = read_json(&unet_dir.join("config.json"))?;
         let weights = crate::pipeline::weights_file(unet_dir, "diffusion_pytorch_model")?;
+        let trainer = UnetTrainer::new(
+            config,
+            &weights,
+            settings,
+            sd.scheduler.noise_schedule()?,
+            sd.scheduler.prediction_type,
+            &sd.options.device,
+        )?;
+        let mut pipeline = sd.clone();
+        pipeline.unet = trainer.unet.clone();
+        Ok((
+            Self {
+                trainer,
+                data,
+                pipeline,
+            },
+            skipped,
+        ))
+    }
+
+    pub fn step(&self) -> usize {
+        self.trainer.step
+    }
+
+    pub fn examples(&self) -> usize {
+        self.data.len()
+    }
+
+    pub fn train_step(&mut self) -> Result<StepStats> {
+        self.trainer.train_step(&self.data)
+    }
+
+    pub fn denoising_loss(&self) -> Result<f64> {
+        self.trainer.denoising_loss(&self.data)
+    }
+
+    pub fn save_checkpoint(&self, path: &Path) -> Result<()> {
+        self.trainer.save_checkpoint(path, self.examples())
+    }
+
+    pub fn resume_from(&mut self, path: &Path) -> Result<()> {
+        self.trainer.resume_from(path, self.examples())
+    }
+
+    pub fn weights(&self) -> Result<Vec<(String, Tensor)>> {
+        self.trainer.weights()
+    }
+
+    pub fn write_output(&self, model_root: &Path, out: &Path) -> Result<PathBuf> {
+        self.trainer.write_output(model_root, out)
+    }
+
+    /// One image per prompt from the weights the output will hold (the average when there is
+    /// one), with the model's own sampler, fixed seed and `steps` steps at `guidance`, written as
+    /// `<dir>/step-<step>-<k>.png`.
+    pub fn validation_images(
+        &self,
+        prompts: &[String],
+        steps: usize,
+        guidance: f64,
+        dir: &Path,
+    ) -> Result<Vec<PathBuf>> {
+        if prompts.is_empty() {
+            return Ok(Vec::new());
+        }
+        std::fs::create_dir_all(dir).map_err(|e| Error::File {
+            path: dir.display().to_string(),
+            message: e.to_string(),
+        })?;
+        let scheduler = &self.pipeline.scheduler;
+        let kind = scheduler.class_kind()?.unwrap_or(SamplerKind::Ddim);
+        let sampler = build_sampler(kind, scheduler, &SamplerOptions::default(), steps)?;
+        let size = self.trainer.settings.resolution as usize;
+        self.trainer.with_output_weights(|| {
+            let mut paths = Vec::with_capacity(prompts.len());
+            for (k, prompt) in prompts.iter().enumerate() {
+                let request = Txt2ImgRequest {
+                    prompt: prompt.clone(),
+                    negative: String::new(),
+                    guidance,
+                    guidance_rescale: 0.0,
+                    width: size,
+                    height: size,
+                    num_images: 1,
+                    seed: self.trainer.settings.seed,
+                    latents: None,
+                };
+                let output = txt2img(&self.pipeline, sampler.as_ref(), &request, &mut |_| Ok(()))?;
+                let path = dir.join(format!("step-{:06}-{k}.png", self.trainer.step));
+                crate::image_io::save_png(&output.images.get(0)?, &path, Some(prompt))?;
+                paths.push(path);
+            }
+            Ok(paths)
+        })
+    }
+}
+
+/// One step's random draws for `count` images, in a fixed order from the step's own seed.
+struct StepDraws {
+    indices: Vec<usize>,
+    timesteps: Vec<usize>,
+    flips: Vec<bool>,
+    noise: Tensor,
+}
+
+impl UnetTrainer {
+    /// The U-Net of `config` from the weights file `weights`, with LoRA adapters (A uniform,
+    /// B zero, so it starts as the base model) or every weight trainable.
+    pub fn new(
+        config: UNetConfig,
+        weights: &Path,
+        settings: FinetuneSettings,
+        schedule: NoiseSchedule,
+        prediction: PredictionType,
+        device: &Device,
+    ) -> Result<Self> {
+        check_settings(&settings)?;
         let mut rng = SeededNoise::new(settings.seed);
         let (unet, named, trainable) = match settings.lora_rank {
-            Some(0) => return Err(Error::bad_value("--lora-rank", 0, "at least 1")),
             Some(rank) => {
-                let named = init_adapters(&weights, rank, &mut rng, &device)?;
+                let named =
+                    init_adapters(weights, rank, settings.lora_feed_forward, &mut rng, device)?;
                 let attachments = Attachments {
                     deltas: Default::default(),
                     adapters: named
@@ -126,16 +401,16 @@ impl FineTuner {
                         .map(|(name, var)| (name.clone(), var.as_tensor().clone()))
                         .collect(),
                 };
-                let unet = load_checked_with(&weights, DType::F32, &device, attachments, |vb| {
+                let unet = load_checked_with(weights, DType::F32, device, attachments, |vb| {
                     UNet2DConditionModel::new(config, vb)
                 })?;
                 (unet, named, Trainable::Lora { rank })
             }
             None => {
                 let mut varmap = VarMap::new();
-                let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
+                let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
                 let unet = UNet2DConditionModel::new(config, vb)?;
-                varmap.load(&weights).map_err(|e| Error::File {
+                varmap.load(weights).map_err(|e| Error::File {
                     path: weights.display().to_string(),
                     message: e.to_string(),
                 })?;
@@ -144,108 +419,207 @@ impl FineTuner {
         };
         let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
         let optimizer = AdamW::new(&vars, AdamWParams::default())?;
-        let schedule = sd.scheduler.noise_schedule()?;
-        let prediction = sd.scheduler.prediction_type;
-        Ok((
-            Self {
-                unet,
-                named,
-                vars,
-                trainable,
-                optimizer,
-                schedule,
-                prediction,
-                latents,
-                text,
-                settings,
-                step: 0,
-            },
-            skipped,
-        ))
-    }
-
-    pub fn examples(&self) -> usize {
-        self.latents.dim(0).unwrap_or(0)
+        let ema = match settings.ema_decay {
+            Some(decay) => Some(Ema::new(decay, &named)?),
+            None => None,
+        };
+        Ok(Self {
+            unet,
+            named,
+            vars,
+            trainable,
+            optimizer,
+            ema,
+            schedule,
+            prediction,
+            settings,
+            step: 0,
+        })
     }
 
     pub fn trainable_parameters(&self) -> usize {
         self.vars.iter().map(|v| v.elem_count()).sum()
     }
 
-    /// The denoising loss of images `indices` at the given timesteps and noise.
-    fn loss(&self, indices: &[usize], timesteps: &[usize], noise: &Tensor) -> Result<Tensor> {
-        let ids = Tensor::from_vec(
-            indices.iter().map(|i| *i as u32).collect::<Vec<_>>(),
-            indices.len(),
-            self.latents.device(),
-        )?;
-        let x0 = self.latents.index_select(&ids, 0)?;
-        let context = self.text.index_select(&ids, 0)?;
-        let xt = q_sample(&self.schedule, &x0, timesteps, noise)?;
+    pub fn is_lora(&self) -> bool {
+        matches!(self.trainable, Trainable::Lora { .. })
+    }
+
+    /// The denoising loss of latents `x0` under captions `context` at the given timesteps and
+    /// noise: the mean squared error against the prediction type's target, each image weighted
+    /// by `weights` when given.
+    fn loss(
+        &self,
+        x0: &Tensor,
+        context: &Tensor,
+        timesteps: &[usize],
+        noise: &Tensor,
+        weights: Option<&[f64]>,
+    ) -> Result<Tensor> {
+        let xt = q_sample(&self.schedule, x0, timesteps, noise)?;
         let t = Tensor::from_vec(
             timesteps.iter().map(|t| *t as f32).collect::<Vec<_>>(),
             timesteps.len(),
             x0.device(),
         )?;
-        let prediction = self.unet.forward(&xt, &t, Some(&context), None)?;
-        let target = training_target(&self.schedule, self.prediction, &x0, noise, timesteps)?;
-        Ok((prediction - target)?.sqr()?.mean_all()?)
+        let prediction = self.unet.forward(&xt, &t, Some(context), None)?;
+        let target = training_target(&self.schedule, self.prediction, x0, noise, timesteps)?;
+        let per_image = (prediction - target)?.sqr()?.flatten_from(1)?.mean(1)?;
+        Ok(match weights {
+            None => per_image.mean_all()?,
+            Some(w) => {
+                let w = Tensor::from_vec(
+                    w.iter().map(|v| *v as f32).collect::<Vec<_>>(),
+                    w.len(),
+                    x0.device(),
+                )?;
+                (per_image * w)?.mean_all()?
+            }
+        })
     }
 
-    /// The denoising loss on every training image at four fixed timesteps (spread over the
-    /// schedule) with fixed noise, the same draws whenever it is called: the before/after
-    /// figure of a run.
-    pub fn denoising_loss(&self) -> Result<f64> {
+    /// The unweighted denoising loss on every training image at four fixed timesteps (spread
+    /// over the schedule) with fixed noise, the same draws whenever it is called: the
+    /// before/after figure of a run.
+    pub fn denoising_loss(&self, data: &TrainingData) -> Result<f64> {
         let n_train = self.schedule.num_train_timesteps();
-        let n = self.examples();
+        let n = data.len();
         let mut total = 0.0;
         let quantiles = [0.1, 0.35, 0.6, 0.85];
         for (k, q) in quantiles.iter().enumerate() {
-            let indices: Vec<usize> = (0..n).collect();
             let timesteps = vec![((q * n_train as f64) as usize).min(n_train - 1); n];
             let mut rng = SeededNoise::new(0x5eed_0000 + k as u64);
             let noise = rng
-                .randn(self.latents.dims())?
-                .to_device(self.latents.device())?;
+                .randn(data.latents.dims())?
+                .to_device(data.latents.device())?;
             total += self
-                .loss(&indices, &timesteps, &noise)?
+                .loss(&data.latents, &data.text, &timesteps, &noise, None)?
                 .detach()
                 .to_scalar::<f32>()? as f64;
         }
         Ok(total / quantiles.len() as f64)
     }
 
-    /// One optimiser step on a random batch; returns the batch loss.
-    pub fn train_step(&mut self) -> Result<f64> {
+    /// The images, timesteps, flips and noise of this step's `count` images.
+    fn draw(&self, data: &TrainingData, count: usize) -> Result<StepDraws> {
         let s = &self.settings;
         let n_train = self.schedule.num_train_timesteps();
         let mut rng = SeededNoise::new(
             s.seed ^ (0x9e37_79b9_7f4a_7c15u64.wrapping_mul(self.step as u64 + 1)),
         );
-        let indices: Vec<usize> = (0..s.batch_size)
-            .map(|_| rng.rng().random_range(0..self.examples()))
+        let indices: Vec<usize> = (0..count)
+            .map(|_| rng.rng().random_range(0..data.len()))
             .collect();
-        let timesteps: Vec<usize> = (0..s.batch_size)
+        let timesteps: Vec<usize> = (0..count)
             .map(|_| rng.rng().random_range(0..n_train))
             .collect();
-        let mut shape = self.latents.dims().to_vec();
-        shape[0] = s.batch_size;
-        let noise = rng.randn(&shape)?.to_device(self.latents.device())?;
-        let loss = self.loss(&indices, &timesteps, &noise)?;
-        let (value, grads, norm) = super::checked_backward(&loss, &self.vars, self.step)?;
-        let lr = warmup_lr(s.learning_rate, self.step, s.warmup_steps);
-        self.optimizer
-            .step(&self.vars, &grads, lr, clip_factor(norm, s.grad_clip))?;
+        let mut shape = data.latents.dims().to_vec();
+        shape[0] = count;
+        let mut noise = rng.randn(&shape)?;
+        let flips = if data.latents_flipped.is_some() {
+            (0..count).map(|_| rng.rng().random_bool(0.5)).collect()
+        } else {
+            vec![false; count]
+        };
+        if s.noise_offset > 0.0 {
+            noise = offset_noise(
+                &noise,
+                &rng.randn(&[count, shape[1], 1, 1])?,
+                s.noise_offset,
+            )?;
+        }
+        Ok(StepDraws {
+            indices,
+            timesteps,
+            flips,
+            noise: noise.to_device(data.latents.device())?,
+        })
+    }
+
+    /// One optimiser step: `gradient_accumulation` passes of `batch_size` images each, their
+    /// gradients summed (each pass's loss divided by the number of passes, so the step equals
+    /// one pass over all the images at once).
+    pub fn train_step(&mut self, data: &TrainingData) -> Result<StepStats> {
+        let (batch, passes) = (
+            self.settings.batch_size,
+            self.settings.gradient_accumulation,
+        );
+        let draws = self.draw(data, batch * passes)?;
+        let mut total_loss = 0.0;
+        let mut summed: Option<candle_core::backprop::GradStore> = None;
+        for pass in 0..passes {
+            let range = pass * batch..(pass + 1) * batch;
+            let rows = |source: &Tensor, flipped: Option<&Tensor>| -> Result<Tensor> {
+                let mut picked = Vec::with_capacity(batch);
+                for i in range.clone() {
+                    let from = match flipped {
+                        Some(f) if draws.flips[i] => f,
+                        _ => source,
+                    };
+                    picked.push(from.narrow(0, draws.indices[i], 1)?);
+                }
+                Ok(Tensor::cat(&picked, 0)?)
+            };
+            let x0 = rows(&data.latents, data.latents_flipped.as_ref())?;
+            let context = rows(&data.text, None)?;
+            let timesteps = &draws.timesteps[range.clone()];
+            let noise = draws.noise.narrow(0, range.start, batch)?;
+            let weights = self
+                .settings
+                .min_snr_gamma
+                .map(|gamma| min_snr_weights(&self.schedule, self.prediction, gamma, timesteps));
+            let loss = self
+                .loss(&x0, &context, timesteps, &noise, weights.as_deref())?
+                .affine(1.0 / passes as f64, 0.0)?;
+            let (value, grads) = super::checked_loss_backward(&loss, self.step)?;
+            total_loss += value;
+            summed = Some(match summed {
+                None => grads,
+                Some(mut sum) => {
+                    for var in &self.vars {
+                        if let Some(g) = grads.get(var) {
+                            let added = match sum.get(var) {
+                                Some(s) => (s + g)?,
+                                None => g.clone(),
+                            };
+                            sum.insert(var, added);
+                        }
+                    }
+                    sum
+                }
+            });
+        }
+        let grads = summed.expect("at least one pass");
+        let norm = super::checked_grad_norm(&self.vars, &grads, self.step)?;
+        let lr = warmup_lr(
+            self.settings.learning_rate,
+            self.step,
+            self.settings.warmup_steps,
+        );
+        self.optimizer.step(
+            &self.vars,
+            &grads,
+            lr,
+            clip_factor(norm, self.settings.grad_clip),
+        )?;
+        if let Some(ema) = &mut self.ema {
+            ema.update(&self.named, self.step)?;
+        }
         self.step += 1;
-        Ok(value)
+        Ok(StepStats {
+            loss: total_loss,
+            grad_norm: norm,
+            learning_rate: lr,
+        })
     }
 
     /// The settings a resumed run must share with the run that saved (the step count may grow).
-    fn identity(&self) -> String {
+    fn identity(&self, examples: usize) -> String {
         let s = &self.settings;
         format!(
-            "mode={} resolution={} lr={} warmup={} batch={} clip={} seed={} images={}",
+            "mode={} resolution={} lr={} warmup={} batch={} accumulation={} clip={} min_snr_gamma={:?} noise_offset={} ema={:?} flip={} seed={} images={}",
             match self.trainable {
+                Trainable::Lora { rank } if s.lora_feed_forward => format!("lora-{rank}+ff"),
                 Trainable::Lora { rank } => format!("lora-{rank}"),
                 Trainable::Full => "full".into(),
             },
@@ -253,26 +627,40 @@ impl FineTuner {
             s.learning_rate,
             s.warmup_steps,
             s.batch_size,
+            s.gradient_accumulation,
             s.grad_clip,
+            s.min_snr_gamma,
+            s.noise_offset,
+            s.ema_decay,
+            s.random_flip,
             s.seed,
-            self.examples()
+            examples
         )
     }
 
-    /// Writes the trainable weights, AdamW's moments and the step to `path` atomically.
-    pub fn save_checkpoint(&self, path: &Path) -> Result<()> {
+    /// Writes the trainable weights, their average, AdamW's moments and the step to `path`
+    /// atomically.
+    pub fn save_checkpoint(&self, path: &Path, examples: usize) -> Result<()> {
         let mut tensors: Vec<(String, Tensor)> = self
             .named
             .iter()
             .map(|(name, var)| (format!("param.{name}"), var.as_tensor().detach()))
             .collect();
+        if let Some(ema) = &self.ema {
+            tensors.extend(
+                self.named
+                    .iter()
+                    .zip(&ema.average)
+                    .map(|((name, _), average)| (format!("ema.{name}"), average.clone())),
+            );
+        }
         tensors.extend(
             self.optimizer
                 .moment_tensors(self.named.iter().map(|(n, _)| n.as_str())),
         );
         let metadata = BTreeMap::from([
             ("format".to_string(), "diffuse-finetune".to_string()),
-            ("settings".to_string(), self.identity()),
+            ("settings".to_string(), self.identity(examples)),
             ("step".to_string(), self.step.to_string()),
         ]);
         checkpoint::save(path, &tensors, &metadata)
@@ -281,15 +669,15 @@ impl FineTuner {
     /// Continues from [`Self::save_checkpoint`]'s file. Every step draws from (seed, step), so a
     /// resumed run ends with the weights of an uninterrupted one. A checkpoint of other settings
     /// or another model is refused, naming what differs.
-    pub fn resume_from(&mut self, path: &Path) -> Result<()> {
-        let loaded = checkpoint::load(path, self.latents.device())?;
+    pub fn resume_from(&mut self, path: &Path, examples: usize) -> Result<()> {
+        let loaded = checkpoint::load(path, &self.vars[0].device().clone())?;
         let saved = loaded.meta(path, "settings")?;
-        if saved != self.identity() {
+        if saved != self.identity(examples) {
             return Err(Error::File {
                 path: path.display().to_string(),
                 message: format!(
                     "was saved with other settings ({saved}) than this run ({}); resume with the same ones",
-                    self.identity()
+                    self.identity(examples)
                 ),
             });
         }
@@ -302,6 +690,9 @@ impl FineTuner {
             })?;
         for (i, (name, var)) in self.named.iter().enumerate() {
             var.set(&loaded.tensor_like(path, &format!("param.{name}"), var.dims())?)?;
+            if let Some(ema) = &mut self.ema {
+                ema.average[i] = loaded.tensor_like(path, &format!("ema.{name}"), var.dims())?;
+            }
             self.optimizer.first_moments[i] =
                 loaded.tensor_like(path, &format!("optim.m.{name}"), var.dims())?;
             self.optimizer.second_moments[i] =
@@ -311,25 +702,54 @@ impl FineTuner {
         Ok(())
     }
 
-    /// The trainable weights by name (for tests and comparisons).
-    pub fn weights(&self) -> Vec<(String, Tensor)> {
+    /// A copy of the trainable weights by name (a copy: the variables change in place).
+    pub fn weights(&self) -> Result<Vec<(String, Tensor)>> {
         self.named
             .iter()
-            .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
+            .map(|(name, var)| Ok((name.clone(), var.as_tensor().copy()?)))
             .collect()
+    }
+
+    /// What the output holds: the weight average when there is one, else the weights.
+    pub fn output_weights(&self) -> Result<Vec<(String, Tensor)>> {
+        match &self.ema {
+            Some(ema) => Ok(self
+                .named
+                .iter()
+                .zip(&ema.average)
+                .map(|((name, _), average)| (name.clone(), average.clone()))
+                .collect()),
+            None => self.weights(),
+        }
+    }
+
+    /// Runs `f` with the output weights in the U-Net, then puts the trained ones back.
+    fn with_output_weights<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let Some(ema) = &self.ema else {
+            return f();
+        };
+        let trained = self.weights()?;
+        for ((_, var), average) in self.named.iter().zip(&ema.average) {
+            var.set(average)?;
+        }
+        let result = f();
+        for ((_, var), (_, value)) in self.named.iter().zip(&trained) {
+            var.set(value)?;
+        }
+        result
     }
 
     /// Writes the result where `txt2img` takes it: the LoRA as one safetensors file in the
     /// diffusers/PEFT layout (`<out>/pytorch_lora_weights.safetensors`, for `--lora`), or the
     /// whole model as a diffusers folder with the U-Net replaced (`<out>`, for `--model`).
     pub fn write_output(&self, model_root: &Path, out: &Path) -> Result<PathBuf> {
+        let weights = self.output_weights()?;
         match self.trainable {
             Trainable::Lora { rank } => {
                 let path = out.join("pytorch_lora_weights.safetensors");
-                let tensors: Vec<(String, Tensor)> = self
-                    .named
-                    .iter()
-                    .map(|(name, var)| (format!("unet.{name}"), var.as_tensor().detach()))
+                let tensors: Vec<(String, Tensor)> = weights
+                    .into_iter()
+                    .map(|(name, value)| (format!("unet.{name}"), value))
                     .collect();
                 // alpha = rank: the adapters were trained at scale 1.
                 let metadata = BTreeMap::from([
@@ -342,14 +762,9 @@ impl FineTuner {
             }
             Trainable::Full => {
                 copy_model_folder(model_root, out)?;
-                let tensors: Vec<(String, Tensor)> = self
-                    .named
-                    .iter()
-                    .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
-                    .collect();
                 checkpoint::save(
                     &out.join("unet").join("diffusion_pytorch_model.safetensors"),
-                    &tensors,
+                    &weights,
                     &BTreeMap::from([("format".to_string(), "pt".to_string())]),
                 )?;
                 Ok(out.to_path_buf())
@@ -358,18 +773,25 @@ impl FineTuner {
     }
 }
 
+/// Noise plus `scale` times a per-image, per-channel constant: `noise + scale * offsets`, the
+/// (B, C, 1, 1) `offsets` broadcast over each channel's pixels.
+pub fn offset_noise(noise: &Tensor, offsets: &Tensor, scale: f64) -> Result<Tensor> {
+    Ok(noise.broadcast_add(&offsets.affine(scale, 0.0)?)?)
+}
+
 /// A (r, in) A initialised uniform in +-1/sqrt(in) (PEFT's Kaiming-uniform default) and a zero
 /// (out, r) B for every LoRA target of the U-Net weights file, so training starts at the base
 /// model exactly.
 fn init_adapters(
     weights: &Path,
     rank: usize,
+    feed_forward: bool,
     rng: &mut SeededNoise,
-    device: &candle_core::Device,
+    device: &Device,
 ) -> Result<Vec<(String, Var)>> {
     let mut targets: Vec<(String, Vec<usize>)> = tensor_shapes(weights)?
         .into_iter()
-        .filter(|(name, shape)| is_lora_target(name) && shape.len() == 2)
+        .filter(|(name, shape)| is_lora_target(name, feed_forward) && shape.len() == 2)
         .collect();
     targets.sort();
     if targets.is_empty() {

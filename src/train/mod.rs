@@ -66,6 +66,17 @@ pub fn checked_backward(
     vars: &[Var],
     step: usize,
 ) -> crate::Result<(f64, candle_core::backprop::GradStore, f64)> {
+    let (value, grads) = checked_loss_backward(loss, step)?;
+    let norm = checked_grad_norm(vars, &grads, step)?;
+    Ok((value, grads, norm))
+}
+
+/// The loss's value and its gradients, or an error naming step `step` (0-based) when the loss
+/// is not finite.
+pub fn checked_loss_backward(
+    loss: &Tensor,
+    step: usize,
+) -> crate::Result<(f64, candle_core::backprop::GradStore)> {
     let value = loss.to_scalar::<f32>()? as f64;
     if !value.is_finite() {
         return Err(crate::Error::Msg(format!(
@@ -73,15 +84,23 @@ pub fn checked_backward(
             step + 1
         )));
     }
-    let grads = loss.backward()?;
-    let norm = optim::grad_norm(vars, &grads)?;
+    Ok((value, loss.backward()?))
+}
+
+/// The global gradient norm, or an error naming step `step` (0-based) when it is not finite.
+pub fn checked_grad_norm(
+    vars: &[Var],
+    grads: &candle_core::backprop::GradStore,
+    step: usize,
+) -> crate::Result<f64> {
+    let norm = optim::grad_norm(vars, grads)?;
     if !norm.is_finite() {
         return Err(crate::Error::Msg(format!(
             "the gradient norm became {norm} at step {}; stopping without saving",
             step + 1
         )));
     }
-    Ok((value, grads, norm))
+    Ok(norm)
 }
 
 /// Exponential moving average of the weights (DDPM appendix B), with the warm-up
@@ -93,11 +112,16 @@ pub struct Ema {
 }
 
 impl Ema {
-    pub fn new(decay: f64, vars: &[(String, Var)]) -> Self {
-        Self {
+    /// Starts at the current weights: copies, since a variable's storage is updated in place
+    /// and a detached view of it would follow the training.
+    pub fn new(decay: f64, vars: &[(String, Var)]) -> candle_core::Result<Self> {
+        Ok(Self {
             decay,
-            average: vars.iter().map(|(_, v)| v.as_tensor().detach()).collect(),
-        }
+            average: vars
+                .iter()
+                .map(|(_, v)| v.as_tensor().copy())
+                .collect::<candle_core::Result<_>>()?,
+        })
     }
 
     /// Folds in the weights after optimiser step `step` (0-based).

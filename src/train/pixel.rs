@@ -80,7 +80,7 @@ impl PixelTrainer {
                 ..Default::default()
             },
         )?;
-        let ema = Ema::new(config.train.ema_decay, &named);
+        let ema = Ema::new(config.train.ema_decay, &named)?;
         let schedule = config.scheduler_config()?.noise_schedule()?;
         Ok(Self {
             tables: DiffusionTables::new(&schedule),

@@ -1,4 +1,4 @@
-//! The loss curve as a PNG (plotters; no font backend is compiled in, so the chart carries a
+//! The loss log (a CSV) and its curve as a PNG (plotters; no font backend is compiled in, so the chart carries a
 //! grid but no axis labels: the CSV beside it holds the numbers).
 
 use crate::error::{Error, Result};
@@ -46,6 +46,39 @@ pub fn loss_curve_png(points: &[(usize, f64)], path: &Path) -> Result<()> {
         root.present().map_err(|e| draw_error(&e))?;
     }
     std::fs::rename(&tmp, path).map_err(|e| draw_error(&e))
+}
+
+/// Keeps the CSV rows of steps up to `step` (a resumed run rewrites what came after its
+/// checkpoint, so the log never holds two rows for one step).
+pub fn trim_csv(path: &Path, step: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|line| {
+            line.split(',')
+                .next()
+                .and_then(|s| s.parse::<usize>().ok())
+                .is_none_or(|s| s <= step)
+        })
+        .collect();
+    crate::train::checkpoint::write_atomically(path, (kept.join("\n") + "\n").as_bytes())?;
+    Ok(())
+}
+
+/// (step, loss) pairs of a loss CSV (step first, loss second), for the curve.
+pub fn read_losses(path: &Path) -> Vec<(usize, f64)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split(',');
+            let step = fields.next()?.parse().ok()?;
+            let loss = fields.next()?.parse().ok()?;
+            Some((step, loss))
+        })
+        .collect()
 }
 
 #[cfg(test)]
