@@ -38,6 +38,10 @@ fn bench_prints_its_json_summary() {
             fixture_path("tiny-sd").join("vae/config.json"),
         ),
         ("train-pixel", mnist_config()),
+        (
+            "finetune-lora",
+            fixture_path("tiny-sd").join("unet/config.json"),
+        ),
     ] {
         let stdout = bench(
             &[

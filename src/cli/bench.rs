@@ -21,6 +21,10 @@ pub enum Component {
     TrainPixel,
     /// The op kinds of that training step one at a time, at its first level's shape.
     TrainOps,
+    /// One LoRA fine-tuning step (U-Net forward and backward, AdamW) of `diffuse finetune` at
+    /// --size pixels, batch --batch (default 1), rank --lora-rank, on random latents and
+    /// caption states, with random weights of SD 1.5's U-Net (or --config).
+    FinetuneLora,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -46,6 +50,9 @@ pub struct BenchArgs {
     /// Where to run: cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// finetune-lora: the adapters' rank.
+    #[arg(long, default_value_t = 4)]
+    pub lora_rank: usize,
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
@@ -176,27 +183,118 @@ fn bench_train_pixel(args: &BenchArgs) -> anyhow::Result<()> {
     )
 }
 
+/// One LoRA fine-tuning step on random data. The random U-Net weights go through a temporary
+/// safetensors file, since the trainer loads its base weights from one as `finetune` does.
+fn bench_finetune_lora(args: &BenchArgs) -> anyhow::Result<()> {
+    use crate::train::finetune::{FinetuneSettings, TrainingData, UnetTrainer};
+    let device = super::parse_device(&args.device)?;
+    let batch = args.batch.unwrap_or(1);
+    anyhow::ensure!(batch > 0, "--batch = 0 is not allowed; expected at least 1");
+    let config_text = match &args.config {
+        Some(path) => std::fs::read_to_string(path)?,
+        None => SD15_UNET.to_string(),
+    };
+    let config: UNetConfig = serde_json::from_str(&config_text)?;
+    let context_dim = config.cross_attention_dim.unwrap_or(768);
+    let channels = config.in_channels;
+    let build_start = Instant::now();
+    let dir = std::env::temp_dir().join(format!("diffuse-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let weights = dir.join("unet.safetensors");
+    {
+        let varmap = VarMap::new();
+        UNet2DConditionModel::new(
+            config.clone(),
+            VarBuilder::from_varmap(&varmap, candle_core::DType::F32, &device),
+        )?;
+        varmap.save(&weights)?;
+    }
+    let settings = FinetuneSettings {
+        resolution: args.size as u32,
+        lora_rank: Some(args.lora_rank),
+        learning_rate: 1e-4,
+        ..Default::default()
+    };
+    let schedule = crate::schedule::NoiseSchedule::new(
+        &crate::schedule::BetaSchedule::ScaledLinear {
+            beta_start: 0.00085,
+            beta_end: 0.012,
+        },
+        1000,
+        false,
+    )?;
+    let trainer = UnetTrainer::new(
+        config,
+        &weights,
+        settings,
+        schedule,
+        crate::schedule::PredictionType::Epsilon,
+        &device,
+    );
+    std::fs::remove_dir_all(&dir).ok();
+    let mut trainer = trainer?;
+    let latent = args.size / 8;
+    let data = TrainingData {
+        latents: Tensor::randn(0f32, 1., (batch, channels, latent, latent), &device)?,
+        latents_flipped: None,
+        text: Tensor::randn(0f32, 1., (batch, 77, context_dim), &device)?,
+    };
+    let params = trainer.trainable_parameters();
+    eprintln!(
+        "LoRA fine-tuning step at {size}x{size}, batch {batch}, rank {}: {:.2} M trainable parameters, built in {:.1} s",
+        args.lora_rank,
+        params as f64 / 1e6,
+        build_start.elapsed().as_secs_f64(),
+        size = args.size
+    );
+    let json = serde_json::json!({
+        "component": "FinetuneLora",
+        "size": args.size,
+        "batch": batch,
+        "lora_rank": args.lora_rank,
+        "dtype": "f32",
+        "trainable_parameters": params,
+    });
+    time_runs(
+        &format!(
+            "FinetuneLora batch {batch} {}x{} rank {} f32",
+            args.size, args.size, args.lora_rank
+        ),
+        args.runs,
+        if args.json {
+            json
+        } else {
+            serde_json::Value::Null
+        },
+        &mut || {
+            trainer.train_step(&data)?;
+            device.synchronize()?;
+            Ok(())
+        },
+    )
+}
+
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    if let Component::TrainPixel | Component::TrainOps = args.component {
-        anyhow::ensure!(
-            args.runs >= 1,
-            "--runs = 0 is not allowed; expected at least 1"
-        );
-        if let Component::TrainOps = args.component {
+    anyhow::ensure!(
+        args.runs >= 1,
+        "--runs = 0 is not allowed; expected at least 1"
+    );
+    match args.component {
+        Component::TrainPixel => return bench_train_pixel(&args),
+        Component::TrainOps => {
             let device = super::parse_device(&args.device)?;
             return super::bench_ops::run(&pixel_config(&args)?, &device, args.runs, args.json);
         }
-        return bench_train_pixel(&args);
+        Component::Unet | Component::VaeDecode | Component::FinetuneLora => {}
     }
     anyhow::ensure!(
         args.size >= 8 && args.size.is_multiple_of(8),
         "--size = {} is not allowed; expected a positive multiple of 8",
         args.size
     );
-    anyhow::ensure!(
-        args.runs >= 1,
-        "--runs = 0 is not allowed; expected at least 1"
-    );
+    if let Component::FinetuneLora = args.component {
+        return bench_finetune_lora(&args);
+    }
     let dtype = super::parse_dtype("--dtype", &args.dtype)?;
     let device = super::parse_device(&args.device)?;
     let config_text = match &args.config {
@@ -204,7 +302,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         None => match args.component {
             Component::Unet => SD15_UNET.to_string(),
             Component::VaeDecode => SD15_VAE.to_string(),
-            Component::TrainPixel | Component::TrainOps => unreachable!("handled above"),
+            Component::TrainPixel | Component::TrainOps | Component::FinetuneLora => {
+                unreachable!("handled above")
+            }
         },
     };
     // Random weights are drawn into training variables, then handed over as plain tensors:
@@ -224,7 +324,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 VarBuilder::from_varmap(&varmap, dtype, &device),
             )?;
         }
-        Component::TrainPixel | Component::TrainOps => unreachable!("handled above"),
+        Component::TrainPixel | Component::TrainOps | Component::FinetuneLora => {
+            unreachable!("handled above")
+        }
     }
     let weights: std::collections::HashMap<String, Tensor> = varmap
         .data()
@@ -258,7 +360,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 Tensor::randn(0f32, 1., (1, channels, latent, latent), &device)?.to_dtype(dtype)?;
             Box::new(move || vae.decode(&z))
         }
-        Component::TrainPixel | Component::TrainOps => unreachable!("handled above"),
+        Component::TrainPixel | Component::TrainOps | Component::FinetuneLora => {
+            unreachable!("handled above")
+        }
     };
     eprintln!(
         "{:?} at {size}x{size}: {:.1} M parameters, built in {:.1} s",
