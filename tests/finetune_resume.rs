@@ -1,5 +1,6 @@
 //! A fine-tune interrupted, saved and resumed ends with exactly the weights of an uninterrupted
-//! one (LoRA and full); a checkpoint saved with other settings is refused, naming them.
+//! one (LoRA and full); a checkpoint saved with other settings, or truncated, is refused,
+//! naming it.
 
 mod common;
 
@@ -90,6 +91,15 @@ fn resumed_finetune_equals_uninterrupted_one() {
         let (mut mismatched, _) = FineTuner::new(&sd, &unet_dir, &data, other).unwrap();
         let err = mismatched.resume_from(&checkpoint).unwrap_err().to_string();
         assert!(err.contains("seed=5") && err.contains("seed=6"), "{err}");
+
+        // A truncated checkpoint is refused by name, and the tuner is left as it was.
+        let bytes = std::fs::read(&checkpoint).unwrap();
+        let truncated = dir.join("truncated.safetensors");
+        std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+        let (mut fresh, _) = FineTuner::new(&sd, &unet_dir, &data, settings(rank)).unwrap();
+        let err = fresh.resume_from(&truncated).unwrap_err().to_string();
+        assert!(err.contains("truncated.safetensors"), "{err}");
+        assert_eq!(fresh.step(), 0);
     }
     std::fs::remove_dir_all(&dir).ok();
 }
