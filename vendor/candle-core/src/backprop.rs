@@ -164,6 +164,12 @@ impl Tensor {
 
     pub fn backward(&self) -> Result<GradStore> {
         let sorted_nodes = self.sorted_nodes();
+        // The nodes that lead to a variable: only their gradients are wanted. Constants such as
+        // frozen weights get none, which saves their gradients' memory and, for the matrix
+        // products and convolutions below, their computation.
+        let tracked: std::collections::HashSet<TensorId> =
+            sorted_nodes.iter().map(|node| node.id()).collect();
+        let needs_grad = |tensor: &Tensor| tracked.contains(&tensor.id());
         let mut grads = GradStore::new();
         grads.insert(self, self.ones_like()?.contiguous()?);
         for node in sorted_nodes.iter() {
@@ -183,24 +189,24 @@ impl Tensor {
             if let Some(op) = node.op() {
                 match op {
                     Op::Binary(lhs, rhs, BinaryOp::Add) => {
-                        grads.accumulate(lhs, &grad)?;
-                        grads.accumulate(rhs, &grad)?;
+                        grads.accumulate(&tracked, lhs, &grad)?;
+                        grads.accumulate(&tracked, rhs, &grad)?;
                     }
                     Op::Binary(lhs, rhs, BinaryOp::Sub) => {
-                        grads.accumulate(lhs, &grad)?;
-                        grads.accumulate(rhs, &(grad).neg()?)?;
+                        grads.accumulate(&tracked, lhs, &grad)?;
+                        grads.accumulate(&tracked, rhs, &(grad).neg()?)?;
                     }
                     Op::Binary(lhs, rhs, BinaryOp::Mul) => {
                         let lhs_grad = grad.mul(rhs)?;
-                        grads.accumulate(lhs, &lhs_grad)?;
+                        grads.accumulate(&tracked, lhs, &lhs_grad)?;
                         let rhs_grad = grad.mul(lhs)?;
-                        grads.accumulate(rhs, &rhs_grad)?;
+                        grads.accumulate(&tracked, rhs, &rhs_grad)?;
                     }
                     Op::Binary(lhs, rhs, BinaryOp::Div) => {
                         let lhs_grad = grad.div(rhs)?;
-                        grads.accumulate(lhs, &lhs_grad)?;
+                        grads.accumulate(&tracked, lhs, &lhs_grad)?;
                         let rhs_grad = grad.mul(lhs)?.div(&rhs.sqr()?)?;
-                        grads.accumulate(rhs, &(rhs_grad).neg()?)?;
+                        grads.accumulate(&tracked, rhs, &(rhs_grad).neg()?)?;
                     }
                     Op::Binary(lhs, rhs, BinaryOp::Minimum)
                     | Op::Binary(lhs, rhs, BinaryOp::Maximum) => {
@@ -210,17 +216,17 @@ impl Tensor {
                         // If both masks are 1 one the same point, we want to scale the
                         // gradient by 0.5 rather than 1.
                         let lhs_grad = mask_lhs.mul(&grad)?.div(&(&mask_rhs + 1.)?)?;
-                        grads.accumulate(lhs, &lhs_grad)?;
+                        grads.accumulate(&tracked, lhs, &lhs_grad)?;
 
                         let rhs_grad = mask_rhs.mul(&grad)?.div(&(&mask_lhs + 1.)?)?;
-                        grads.accumulate(rhs, &rhs_grad)?;
+                        grads.accumulate(&tracked, rhs, &rhs_grad)?;
                     }
                     Op::WhereCond(pred, t, f) => {
                         let zeros = grad.zeros_like()?;
-                                                let t_grad = pred.where_cond(&grad, &zeros)?;
-                        grads.accumulate(t, &t_grad)?;
-                                                let f_grad = pred.where_cond(&zeros, &grad)?;
-                        grads.accumulate(f, &f_grad)?;
+                        let t_grad = pred.where_cond(&grad, &zeros)?;
+                        grads.accumulate(&tracked, t, &t_grad)?;
+                        let f_grad = pred.where_cond(&zeros, &grad)?;
+                        grads.accumulate(&tracked, f, &f_grad)?;
                     }
                     Op::Conv1D {
                         arg,
@@ -244,20 +250,20 @@ impl Tensor {
                             *dilation,
                             /* groups */ 1,
                         )?;
-                        grads.accumulate(arg, &grad_arg)?;
+                        grads.accumulate(&tracked, arg, &grad_arg)?;
 
                         let grad_kernel = arg
                             .transpose(0, 1)?
                             .conv1d(&grad.transpose(0, 1)?, *padding, *dilation, *stride, 1)?
                             .transpose(0, 1)?;
-                                                let (_, _, k0) = kernel.dims3()?;
+                        let (_, _, k0) = kernel.dims3()?;
                         let (_, _, g_k0) = grad_kernel.dims3()?;
                         let grad_kernel = if g_k0 != k0 {
                             grad_kernel.narrow(2, 0, k0)?
                         } else {
                             grad_kernel
                         };
-                        grads.accumulate(kernel, &grad_kernel)?;
+                        grads.accumulate(&tracked, kernel, &grad_kernel)?;
                     }
                     Op::Conv2D {
                         arg,
@@ -268,32 +274,35 @@ impl Tensor {
                     } => {
                         // The output height for conv_transpose2d is:
                         // (i_h - 1) * stride - 2 * padding + dilation * (k_h - 1) + out_padding + 1
-                        let grad_h = grad.dim(2)?;
-                        let k_h = kernel.dim(2)?;
-                        let out_size =
-                            (grad_h - 1) * stride + dilation * (k_h - 1) + 1 - 2 * padding;
-                        let out_padding = arg.dim(2)? - out_size;
-                        let grad_arg = grad.conv_transpose2d(
-                            kernel,
-                            *padding,
-                            out_padding,
-                            *stride,
-                            *dilation,
-                        )?;
-                        grads.accumulate(arg, &grad_arg)?;
-
-                        let grad_kernel = arg
-                            .transpose(0, 1)?
-                            .conv2d(&grad.transpose(0, 1)?, *padding, *dilation, *stride, 1)?
-                            .transpose(0, 1)?;
-                                                let (_, _, k0, k1) = kernel.dims4()?;
-                        let (_, _, g_k0, g_k1) = grad_kernel.dims4()?;
-                        let grad_kernel = if g_k0 != k0 || g_k1 != k1 {
-                            grad_kernel.narrow(2, 0, k0)?.narrow(3, 0, k1)?
-                        } else {
-                            grad_kernel
-                        };
-                        grads.accumulate(kernel, &grad_kernel)?;
+                        if needs_grad(arg) {
+                            let grad_h = grad.dim(2)?;
+                            let k_h = kernel.dim(2)?;
+                            let out_size =
+                                (grad_h - 1) * stride + dilation * (k_h - 1) + 1 - 2 * padding;
+                            let out_padding = arg.dim(2)? - out_size;
+                            let grad_arg = grad.conv_transpose2d(
+                                kernel,
+                                *padding,
+                                out_padding,
+                                *stride,
+                                *dilation,
+                            )?;
+                            grads.accumulate(&tracked, arg, &grad_arg)?;
+                        }
+                        if needs_grad(kernel) {
+                            let grad_kernel = arg
+                                .transpose(0, 1)?
+                                .conv2d(&grad.transpose(0, 1)?, *padding, *dilation, *stride, 1)?
+                                .transpose(0, 1)?;
+                            let (_, _, k0, k1) = kernel.dims4()?;
+                            let (_, _, g_k0, g_k1) = grad_kernel.dims4()?;
+                            let grad_kernel = if g_k0 != k0 || g_k1 != k1 {
+                                grad_kernel.narrow(2, 0, k0)?.narrow(3, 0, k1)?
+                            } else {
+                                grad_kernel
+                            };
+                            grads.accumulate(&tracked, kernel, &grad_kernel)?;
+                        }
                     }
                     Op::ConvTranspose1D { .. } => Err(Error::BackwardNotSupported {
                         op: "conv-transpose1d",
@@ -307,20 +316,20 @@ impl Tensor {
                         output_padding: _output_padding,
                     } => {
                         let grad_arg = grad.conv2d(kernel, *padding, *stride, *dilation, 1)?;
-                        grads.accumulate(arg, &grad_arg)?;
+                        grads.accumulate(&tracked, arg, &grad_arg)?;
 
                         let grad_kernel = grad
                             .transpose(0, 1)?
                             .conv2d(&arg.transpose(0, 1)?, *padding, *dilation, *stride, 1)?
                             .transpose(0, 1)?;
-                                                let (_, _, k0, k1) = kernel.dims4()?;
+                        let (_, _, k0, k1) = kernel.dims4()?;
                         let (_, _, g_k0, g_k1) = grad_kernel.dims4()?;
                         let grad_kernel = if g_k0 != k0 || g_k1 != k1 {
                             grad_kernel.narrow(2, 0, k0)?.narrow(3, 0, k1)?
                         } else {
                             grad_kernel
                         };
-                        grads.accumulate(kernel, &grad_kernel)?;
+                        grads.accumulate(&tracked, kernel, &grad_kernel)?;
                     }
                     Op::AvgPool2D {
                         arg,
@@ -334,7 +343,7 @@ impl Tensor {
                         let grad_arg = grad.upsample_nearest2d(h, w)?;
                         let grad_arg =
                             (grad_arg * (1f64 / (kernel_size.0 * kernel_size.1) as f64))?;
-                        grads.accumulate(arg, &grad_arg)?;
+                        grads.accumulate(&tracked, arg, &grad_arg)?;
                     }
                     Op::MaxPool2D {
                         arg,
@@ -353,7 +362,7 @@ impl Tensor {
                         let mask = arg.eq(&node_upsampled)?.to_dtype(arg.dtype())?;
                         let avg = mask.avg_pool2d_with_stride(*kernel_size, *stride)?;
                         let grad_arg = ((grad * avg)?.upsample_nearest2d(h, w)? * mask)?;
-                        grads.accumulate(arg, &grad_arg)?;
+                        grads.accumulate(&tracked, arg, &grad_arg)?;
                     }
                     Op::UpsampleNearest1D { arg, target_size } => {
                         let (_n, c, size) = arg.dims3()?;
@@ -392,35 +401,35 @@ impl Tensor {
                         crate::bail!("backward not supported for upsample_bilinear2d")
                     }
                     Op::SliceScatter0(lhs, rhs, start_rhs) => {
-                                                let rhs_grad = grad.narrow(0, *start_rhs, rhs.dim(0)?)?;
-                        grads.accumulate(rhs, &rhs_grad)?;
+                        let rhs_grad = grad.narrow(0, *start_rhs, rhs.dim(0)?)?;
+                        grads.accumulate(&tracked, rhs, &rhs_grad)?;
 
-                                                let lhs_grad = grad.slice_scatter0(&rhs.zeros_like()?, *start_rhs)?;
-                        grads.accumulate(lhs, &lhs_grad)?;
+                        let lhs_grad = grad.slice_scatter0(&rhs.zeros_like()?, *start_rhs)?;
+                        grads.accumulate(&tracked, lhs, &lhs_grad)?;
                     }
                     Op::Gather(arg, indexes, dim) => {
                         let sum_grad = grads.or_insert(arg)?;
                         *sum_grad = sum_grad.scatter_add(indexes, &grad, *dim)?;
                     }
                     Op::Scatter(init, indexes, src, dim) => {
-                        grads.accumulate(init, &grad)?;
+                        grads.accumulate(&tracked, init, &grad)?;
 
                         let src_grad = grad.gather(indexes, *dim)?;
-                        grads.accumulate(src, &src_grad)?;
+                        grads.accumulate(&tracked, src, &src_grad)?;
                     }
                     Op::ScatterAdd(init, indexes, src, dim) => {
-                                                let mask = init.ones_like()?;
+                        let mask = init.ones_like()?;
                         let mask = mask.scatter(indexes, &mask.zeros_like()?, *dim)?;
-                        grads.accumulate(init, &grad.mul(&mask)?)?;
+                        grads.accumulate(&tracked, init, &grad.mul(&mask)?)?;
 
                         let src_grad = grad.gather(indexes, *dim)?;
-                        grads.accumulate(src, &src_grad)?;
+                        grads.accumulate(&tracked, src, &src_grad)?;
                     }
                     Op::IndexAdd(init, indexes, src, dim) => {
-                        grads.accumulate(init, &grad)?;
+                        grads.accumulate(&tracked, init, &grad)?;
 
                         let src_grad = grad.index_select(indexes, *dim)?;
-                        grads.accumulate(src, &src_grad)?;
+                        grads.accumulate(&tracked, src, &src_grad)?;
                     }
                     Op::IndexSelect(arg, indexes, dim) => {
                         let sum_grad = grads.or_insert(arg)?;
@@ -432,18 +441,21 @@ impl Tensor {
                         // Skipping checks, the op went ok, we can skip
                         // the matmul size checks for now.
 
-                        let lhs_grad = grad.matmul(&rhs.t()?)?;
-                        grads.accumulate(lhs, &lhs_grad)?;
-
-                        let rhs_grad = lhs.t()?.matmul(&grad)?;
-                        grads.accumulate(rhs, &rhs_grad)?;
+                        if needs_grad(lhs) {
+                            let lhs_grad = grad.matmul(&rhs.t()?)?;
+                            grads.accumulate(&tracked, lhs, &lhs_grad)?;
+                        }
+                        if needs_grad(rhs) {
+                            let rhs_grad = lhs.t()?.matmul(&grad)?;
+                            grads.accumulate(&tracked, rhs, &rhs_grad)?;
+                        }
                     }
                     Op::Cat(args, dim) => {
                         let mut start_idx = 0;
                         for arg in args {
                             let len = arg.dims()[*dim];
                             let arg_grad = grad.narrow(*dim, start_idx, len)?;
-                            grads.accumulate(arg, &arg_grad)?;
+                            grads.accumulate(&tracked, arg, &arg_grad)?;
                             start_idx += len;
                         }
                     }
@@ -467,61 +479,61 @@ impl Tensor {
                         for _i in 0..left_dims {
                             arg_grad = arg_grad.squeeze(0)?
                         }
-                        grads.accumulate(arg, &arg_grad.broadcast_as(arg.dims())?)?;
+                        grads.accumulate(&tracked, arg, &arg_grad.broadcast_as(arg.dims())?)?;
                     }
                     Op::Reduce(arg, ReduceOp::Sum, reduced_dims) => {
                         let grad = broadcast_back(arg, &grad, reduced_dims)?;
-                        grads.accumulate(arg, &grad)?;
+                        grads.accumulate(&tracked, arg, &grad)?;
                     }
                     Op::Reduce(arg, ReduceOp::Max, reduced_dims) => {
                         let node = broadcast_back(arg, node, reduced_dims)?;
                         let grad = broadcast_back(arg, &grad, reduced_dims)?;
                         let grad = node.eq(arg)?.to_dtype(grad.dtype())?.mul(&grad)?;
-                        grads.accumulate(arg, &grad.broadcast_as(arg.dims())?)?;
+                        grads.accumulate(&tracked, arg, &grad.broadcast_as(arg.dims())?)?;
                     }
                     Op::Reduce(arg, ReduceOp::Min, reduced_dims) => {
                         let node = broadcast_back(arg, node, reduced_dims)?;
                         let grad = broadcast_back(arg, &grad, reduced_dims)?;
                         let grad = node.eq(arg)?.to_dtype(grad.dtype())?.mul(&grad)?;
-                        grads.accumulate(arg, &grad.broadcast_as(arg.dims())?)?;
+                        grads.accumulate(&tracked, arg, &grad.broadcast_as(arg.dims())?)?;
                     }
                     Op::ToDType(arg) => {
-                        grads.accumulate(arg, &grad.to_dtype(arg.dtype())?)?
+                        grads.accumulate(&tracked, arg, &grad.to_dtype(arg.dtype())?)?
                     }
                     Op::Copy(arg) => {
-                                                grads.accumulate(arg, &grad)?;
+                        grads.accumulate(&tracked, arg, &grad)?;
                     }
                     Op::Affine { arg, mul, .. } => {
                         let arg_grad = grad.affine(*mul, 0.)?;
-                        grads.accumulate(arg, &arg_grad)?
+                        grads.accumulate(&tracked, arg, &arg_grad)?
                     }
                     Op::Unary(arg, UnaryOp::Log) => {
-                                                grads.accumulate(arg, &(grad / arg)?)?;
+                        grads.accumulate(&tracked, arg, &(grad / arg)?)?;
                     }
                     Op::Unary(arg, UnaryOp::Sin) => {
-                        grads.accumulate(arg, &(&grad * arg.cos())?)?
+                        grads.accumulate(&tracked, arg, &(&grad * arg.cos())?)?
                     }
                     Op::Unary(arg, UnaryOp::Cos) => {
-                                                grads.accumulate(arg, &(&(&grad * arg.sin())?).neg()?)?;
+                        grads.accumulate(&tracked, arg, &(&(&grad * arg.sin())?).neg()?)?;
                     }
                     Op::Unary(arg, UnaryOp::Tanh) => {
-                                                let minus_dtanh = (node.sqr()? - 1.)?;
-                        grads.accumulate(arg, &(&(&grad * &minus_dtanh)?).neg()?)?;
+                        let minus_dtanh = (node.sqr()? - 1.)?;
+                        grads.accumulate(&tracked, arg, &(&(&grad * &minus_dtanh)?).neg()?)?;
                     }
                     Op::Unary(arg, UnaryOp::Abs) => {
-                                                let ones = arg.ones_like()?;
+                        let ones = arg.ones_like()?;
                         let abs_grad = arg.ge(&arg.zeros_like()?)?.where_cond(&ones, &ones.neg()?);
-                        grads.accumulate(arg, &(&grad * abs_grad)?)?;
+                        grads.accumulate(&tracked, arg, &(&grad * abs_grad)?)?;
                     }
                     Op::Unary(arg, UnaryOp::Exp) => {
-                        grads.accumulate(arg, &(&grad * *node)?)?
+                        grads.accumulate(&tracked, arg, &(&grad * *node)?)?
                     }
                     Op::Unary(arg, UnaryOp::Neg) => {
-                                                grads.accumulate(arg, &(&grad).neg()?)?;
+                        grads.accumulate(&tracked, arg, &(&grad).neg()?)?;
                     }
                     Op::Unary(arg, UnaryOp::Recip) => {
-                                                let grad = (grad / arg.sqr()?)?;
-                        grads.accumulate(arg, &(&grad).neg()?)?;
+                        let grad = (grad / arg.sqr()?)?;
+                        grads.accumulate(&tracked, arg, &(&grad).neg()?)?;
                     }
                     &Op::Narrow(ref arg, dim, start_idx, len) => {
                         let arg_dims = arg.dims();
@@ -546,7 +558,7 @@ impl Tensor {
                             (None, Some(r)) => Tensor::cat(&[&grad, &r], dim)?,
                             (Some(l), Some(r)) => Tensor::cat(&[&l, &grad, &r], dim)?,
                         };
-                        grads.accumulate(arg, &arg_grad)?
+                        grads.accumulate(&tracked, arg, &arg_grad)?
                     }
                     Op::Unary(_, UnaryOp::Floor)
                     | Op::Unary(_, UnaryOp::Round)
@@ -556,90 +568,90 @@ impl Tensor {
                     | Op::Cmp(_, _) => {}
                     Op::Reshape(arg) => {
                         let arg_grad = grad.reshape(arg.dims())?;
-                        grads.accumulate(arg, &arg_grad)?
+                        grads.accumulate(&tracked, arg, &arg_grad)?
                     }
                     Op::Unary(_, UnaryOp::Ceil) => Err(Error::BackwardNotSupported { op: "ceil" })?,
                     Op::Unary(arg, UnaryOp::Gelu) => {
-                                                let cube = arg.powf(3.)?;
+                        let cube = arg.powf(3.)?;
                         let tanh = (0.0356774 * &cube + (0.797885 * arg)?)?.tanh()?;
                         let gelu_grad = (((0.5 * &tanh)?
                             + (0.0535161 * cube + (0.398942 * arg)?)? * (1. - tanh.powf(2.)?))?
                             + 0.5)?;
-                        grads.accumulate(arg, &(&grad * gelu_grad)?)?;
+                        grads.accumulate(&tracked, arg, &(&grad * gelu_grad)?)?;
                     }
                     Op::Unary(arg, UnaryOp::Erf) => {
-                                                // d/dx erf(x) = 2/sqrt(pi) * e^(-x^2)
+                        // d/dx erf(x) = 2/sqrt(pi) * e^(-x^2)
                         let erf_grad =
                             (2. / std::f64::consts::PI.sqrt()) * (arg.sqr()?.neg()?).exp()?;
-                        grads.accumulate(arg, &(&grad * erf_grad)?)?;
+                        grads.accumulate(&tracked, arg, &(&grad * erf_grad)?)?;
                     }
                     Op::Unary(arg, UnaryOp::GeluErf) => {
-                                                // d/dx gelu_erf(x) = 0.5 + 0.398942 e^(-x^2/2) x + 0.5 erf(x/sqrt(2))
+                        // d/dx gelu_erf(x) = 0.5 + 0.398942 e^(-x^2/2) x + 0.5 erf(x/sqrt(2))
                         let neg_half_square = (arg.sqr()?.neg()? / 2.)?;
                         let scaled_exp_arg = (0.398942 * neg_half_square.exp()? * arg)?;
                         let arg_scaled_sqrt = (arg / 2f64.sqrt())?;
                         let erf_scaled_sqrt = (0.5 * arg_scaled_sqrt.erf()?)?;
                         let gelu_erf_grad = (0.5 + scaled_exp_arg + erf_scaled_sqrt)?;
-                        grads.accumulate(arg, &(&grad * gelu_erf_grad)?)?;
+                        grads.accumulate(&tracked, arg, &(&grad * gelu_erf_grad)?)?;
                     }
                     Op::Unary(arg, UnaryOp::Relu) => {
-                                                let relu_grad = arg.ge(&arg.zeros_like()?)?.to_dtype(arg.dtype())?;
-                        grads.accumulate(arg, &(&grad * relu_grad)?)?;
+                        let relu_grad = arg.ge(&arg.zeros_like()?)?.to_dtype(arg.dtype())?;
+                        grads.accumulate(&tracked, arg, &(&grad * relu_grad)?)?;
                     }
                     Op::Unary(arg, UnaryOp::Silu) => {
-                                                // d/dx silu = sigmoid(x) * (1 + x * (1 - sigmoid(x))) = sigmoid(x) * (1 - node) + node
+                        // d/dx silu = sigmoid(x) * (1 + x * (1 - sigmoid(x))) = sigmoid(x) * (1 - node) + node
                         let sigmoid_arg = (arg.neg()?.exp()? + 1.)?.recip()?;
                         let silu_grad = &sigmoid_arg * (1. - *node) + *node;
-                        grads.accumulate(arg, &(&grad * silu_grad)?)?;
+                        grads.accumulate(&tracked, arg, &(&grad * silu_grad)?)?;
                     }
                     Op::Elu(arg, alpha) => {
                         // d/dx elu(x) = 1 for x > 0, alpha * e^x for x <= 0
-                                                let zeros = arg.zeros_like()?;
+                        let zeros = arg.zeros_like()?;
                         let positive_mask = arg.gt(&zeros)?.to_dtype(arg.dtype())?;
                         let negative_mask = arg.le(&zeros)?.to_dtype(arg.dtype())?;
                         // node == alpha * (e^x - 1) for x <= 0, reuse it
                         let negative_exp_mask = (negative_mask * (*node + *alpha))?;
                         let combined_mask = (positive_mask + negative_exp_mask)?;
-                        grads.accumulate(arg, &(grad * combined_mask)?)?;
+                        grads.accumulate(&tracked, arg, &(grad * combined_mask)?)?;
                     }
                     Op::Powf(arg, e) => {
                         let arg_grad = (&(grad * arg.powf(e - 1.)?)? * *e)?;
-                        grads.accumulate(arg, &arg_grad)?
+                        grads.accumulate(&tracked, arg, &arg_grad)?
                     }
                     Op::CustomOp1(arg, c) => {
                         if let Some(arg_grad) = c.bwd(arg, node, &grad)? {
-                                                        grads.accumulate(arg, &arg_grad)?;
+                            grads.accumulate(&tracked, arg, &arg_grad)?;
                         }
                     }
                     Op::CustomOp2(arg1, arg2, c) => {
                         let (arg_grad1, arg_grad2) = c.bwd(arg1, arg2, node, &grad)?;
                         if let Some(arg_grad1) = arg_grad1 {
-                            grads.accumulate(arg1, &arg_grad1)?
+                            grads.accumulate(&tracked, arg1, &arg_grad1)?
                         }
                         if let Some(arg_grad2) = arg_grad2 {
-                                                        grads.accumulate(arg2, &arg_grad2)?;
+                            grads.accumulate(&tracked, arg2, &arg_grad2)?;
                         }
                     }
                     Op::CustomOp3(arg1, arg2, arg3, c) => {
                         let (arg_grad1, arg_grad2, arg_grad3) =
                             c.bwd(arg1, arg2, arg3, node, &grad)?;
                         if let Some(arg_grad1) = arg_grad1 {
-                            grads.accumulate(arg1, &arg_grad1)?
+                            grads.accumulate(&tracked, arg1, &arg_grad1)?
                         }
                         if let Some(arg_grad2) = arg_grad2 {
-                                                        grads.accumulate(arg2, &arg_grad2)?;
+                            grads.accumulate(&tracked, arg2, &arg_grad2)?;
                         }
                         if let Some(arg_grad3) = arg_grad3 {
-                            grads.accumulate(arg3, &arg_grad3)?
+                            grads.accumulate(&tracked, arg3, &arg_grad3)?
                         }
                     }
                     Op::Unary(arg, UnaryOp::Sqr) => {
                         let arg_grad = arg.mul(&grad)?.affine(2., 0.)?;
-                        grads.accumulate(arg, &arg_grad)?
+                        grads.accumulate(&tracked, arg, &arg_grad)?
                     }
                     Op::Unary(arg, UnaryOp::Sqrt) => {
                         let arg_grad = grad.div(node)?.affine(0.5, 0.)?;
-                        grads.accumulate(arg, &arg_grad)?
+                        grads.accumulate(&tracked, arg, &arg_grad)?
                     }
                     Op::ToDevice(arg) => {
                         let sum_grad = grads.or_insert(arg)?;
@@ -648,7 +660,7 @@ impl Tensor {
                     }
                     Op::Transpose(arg, dim1, dim2) => {
                         let arg_grad = grad.transpose(*dim1, *dim2)?;
-                                                grads.accumulate(arg, &arg_grad)?;
+                        grads.accumulate(&tracked, arg, &arg_grad)?;
                     }
                     Op::Permute(arg, dims) => {
                         let mut inv_dims = vec![0; dims.len()];
@@ -656,7 +668,7 @@ impl Tensor {
                             inv_dims[dim_idx] = i
                         }
                         let arg_grad = grad.permute(inv_dims)?;
-                                                grads.accumulate(arg, &arg_grad)?;
+                        grads.accumulate(&tracked, arg, &arg_grad)?;
                     }
                 };
             }
@@ -704,7 +716,16 @@ impl GradStore {
     /// insert a tensor of zeroes, with the same shape and type as the given tensors and return it
     /// Adds `grad` to the gradient of `tensor`; the first gradient is stored as it is instead of
     /// being added to a fresh tensor of zeros (one allocation and two passes saved per node).
-    fn accumulate(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
+    /// A tensor outside `tracked` (it leads to no variable) gets no gradient at all.
+    fn accumulate(
+        &mut self,
+        tracked: &std::collections::HashSet<TensorId>,
+        tensor: &Tensor,
+        grad: &Tensor,
+    ) -> Result<()> {
+        if !tracked.contains(&tensor.id()) {
+            return Ok(());
+        }
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
                 let sum = entry.get().add(grad)?;
