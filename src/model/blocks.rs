@@ -207,10 +207,18 @@ impl Attention {
             (q, k)
         };
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?;
-        let weights = softmax_last_dim(&scores)?.to_dtype(dtype)?;
-        let out = weights
-            .matmul(&v)?
+        let training = q.track_op() || k.track_op() || v.track_op();
+        let per_head = if training
+            && q.device().is_cpu()
+            && q.dtype() == DType::F32
+            && v.dtype() == DType::F32
+        {
+            super::attention::memory_efficient_attention(&q, &k, &v, scale)?
+        } else {
+            let scores = (q.matmul(&k.t()?)? * scale)?;
+            softmax_last_dim(&scores)?.to_dtype(dtype)?.matmul(&v)?
+        };
+        let out = per_head
             .reshape((b, self.heads, n, self.head_dim))?
             .transpose(1, 2)?
             .reshape((b, n, self.heads * self.head_dim))?;

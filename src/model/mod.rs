@@ -4,8 +4,10 @@
 //!
 //! Every op used on a trainable path has a backward pass in candle: softmax and layer norm are
 //! composed from elementary ops (candle's fused versions have none), nearest upsampling is a
-//! reshape and broadcast.
+//! reshape and broadcast; attention (`attention`), convolutions (`im2col`) and group norm
+//! (`norm`) have their own ops with a backward pass on the CPU.
 
+pub mod attention;
 pub mod blocks;
 pub mod config;
 pub mod im2col;
