@@ -6,7 +6,6 @@ use candle_core::Device;
 use diffuse::data::idx::{LabelledImages, Split};
 use diffuse::train::config::TrainConfig;
 use diffuse::train::pixel::PixelTrainer;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Runs the `diffuse` binary with `args`.
@@ -24,46 +23,9 @@ fn temp_dir(name: &str) -> PathBuf {
     dir
 }
 
-/// A 12-image, 8x8 IDX dataset with two classes (bright left or right half).
+/// The 12-image, 8x8 two-class IDX dataset of the tests.
 fn write_dataset(dir: &Path) {
-    let (n, size) = (12u32, 8u32);
-    let mut pixels = Vec::new();
-    let mut labels = Vec::new();
-    for i in 0..n {
-        let label = (i % 2) as u8;
-        labels.push(label);
-        for _y in 0..size {
-            for x in 0..size {
-                let bright = (x < size / 2) == (label == 0);
-                pixels.push(if bright { 200 + i as u8 } else { 10 });
-            }
-        }
-    }
-    let write = |name: &str, magic: u32, dims: &[u32], body: &[u8]| {
-        let mut bytes = magic.to_be_bytes().to_vec();
-        for d in dims {
-            bytes.extend(d.to_be_bytes());
-        }
-        bytes.extend(body);
-        let file = std::fs::File::create(dir.join(name)).unwrap();
-        let mut gz = flate2::write::GzEncoder::new(file, flate2::Compression::fast());
-        gz.write_all(&bytes).unwrap();
-        gz.finish().unwrap();
-    };
-    for split in ["train", "t10k"] {
-        write(
-            &format!("{split}-images-idx3-ubyte.gz"),
-            0x803,
-            &[n, size, size],
-            &pixels,
-        );
-        write(
-            &format!("{split}-labels-idx1-ubyte.gz"),
-            0x801,
-            &[n],
-            &labels,
-        );
-    }
+    common::write_idx_dataset(dir, 12, 8);
 }
 
 fn tiny_config(data: &Path, out: &Path, extra: &str) -> String {

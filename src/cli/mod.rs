@@ -8,6 +8,7 @@ pub mod sample;
 pub mod sampler_args;
 pub mod toy;
 pub mod train;
+pub mod train_vae;
 pub mod txt2img;
 
 use clap::{Parser, Subcommand};
@@ -35,6 +36,8 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Train a pixel-space DDPM from a TOML config.
     Train(train::TrainArgs),
+    /// Train the latent autoencoder (KL VAE) of a small latent diffusion model.
+    TrainVae(train_vae::TrainVaeArgs),
     /// Draw images from a trained pixel-space model.
     Sample(sample::SampleArgs),
     /// Likelihood (bound and ODE) and judged sample quality of a trained pixel-space model.
@@ -50,6 +53,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Toy(args) => toy::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Train(args) => train::run(args),
+        Command::TrainVae(args) => train_vae::run(args),
         Command::Sample(args) => sample::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Finetune(args) => finetune::run(*args),

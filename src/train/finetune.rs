@@ -706,7 +706,7 @@ impl UnetTrainer {
     pub fn weights(&self) -> Result<Vec<(String, Tensor)>> {
         self.named
             .iter()
-            .map(|(name, var)| Ok((name.clone(), var.as_tensor().copy()?)))
+            .map(|(name, var)| Ok((name.clone(), var.as_tensor().copy()?.detach())))
             .collect()
     }
 

@@ -6,6 +6,7 @@ pub mod finetune;
 pub mod optim;
 pub mod pixel;
 pub mod plot;
+pub mod vae;
 
 use crate::sampler::noise::SeededNoise;
 use candle_core::{Tensor, Var};
@@ -113,13 +114,15 @@ pub struct Ema {
 
 impl Ema {
     /// Starts at the current weights: copies, since a variable's storage is updated in place
-    /// and a detached view of it would follow the training.
+    /// and a detached view of it would follow the training; detached, since a copy of a
+    /// variable is part of its graph, and so would every average after it be (the graph would
+    /// grow each step, and a model built from the average would take the training paths).
     pub fn new(decay: f64, vars: &[(String, Var)]) -> candle_core::Result<Self> {
         Ok(Self {
             decay,
             average: vars
                 .iter()
-                .map(|(_, v)| v.as_tensor().copy())
+                .map(|(_, v)| Ok(v.as_tensor().copy()?.detach()))
                 .collect::<candle_core::Result<_>>()?,
         })
     }

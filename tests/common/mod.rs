@@ -118,3 +118,47 @@ pub fn assert_success(out: &std::process::Output) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// An `n`-image, `size`x`size` IDX dataset (train and t10k alike, gzipped) with two classes:
+/// a bright left or right half.
+pub fn write_idx_dataset(dir: &Path, n: u32, size: u32) {
+    use std::io::Write;
+    std::fs::create_dir_all(dir).unwrap();
+    let mut pixels = Vec::new();
+    let mut labels = Vec::new();
+    for i in 0..n {
+        let label = (i % 2) as u8;
+        labels.push(label);
+        for _y in 0..size {
+            for x in 0..size {
+                let bright = (x < size / 2) == (label == 0);
+                pixels.push(if bright { 200 + i as u8 } else { 10 });
+            }
+        }
+    }
+    let write = |name: &str, magic: u32, dims: &[u32], body: &[u8]| {
+        let mut bytes = magic.to_be_bytes().to_vec();
+        for d in dims {
+            bytes.extend(d.to_be_bytes());
+        }
+        bytes.extend(body);
+        let file = std::fs::File::create(dir.join(name)).unwrap();
+        let mut gz = flate2::write::GzEncoder::new(file, flate2::Compression::fast());
+        gz.write_all(&bytes).unwrap();
+        gz.finish().unwrap();
+    };
+    for split in ["train", "t10k"] {
+        write(
+            &format!("{split}-images-idx3-ubyte.gz"),
+            0x803,
+            &[n, size, size],
+            &pixels,
+        );
+        write(
+            &format!("{split}-labels-idx1-ubyte.gz"),
+            0x801,
+            &[n],
+            &labels,
+        );
+    }
+}

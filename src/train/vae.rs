@@ -1,0 +1,504 @@
+//! Training the KL-regularised autoencoder of latent diffusion (Rombach et al. 2022, section 3.1
+//! and appendix G) on small gray images: the reconstruction loss plus a small KL term that keeps
+//! the latent posterior near N(0, I). The perceptual and adversarial terms of the paper are left
+//! out; at 28x28 a pixel loss reconstructs digits and clothes well.
+//!
+//! Every random draw of step k comes from an RNG seeded by (seed, k), so a resumed run takes the
+//! steps an uninterrupted one would have taken.
+
+use super::checkpoint;
+use super::optim::{clip_factor, warmup_lr, AdamW, AdamWParams};
+use super::{named_vars, seeded_init};
+use crate::data::idx::{LabelledImages, Split};
+use crate::error::{Error, Result};
+use crate::model::config::VaeConfig;
+use crate::model::vae::AutoencoderKL;
+use crate::sampler::noise::SeededNoise;
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Metadata keys of a VAE training checkpoint.
+const CONFIG_KEY: &str = "diffuse.vae_train_config";
+const STEP_KEY: &str = "diffuse.step";
+
+/// `diffuse train-vae`'s TOML config. Unknown keys are errors that name the key.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VaeTrainConfig {
+    pub data: VaeDataConfig,
+    pub model: VaeModelConfig,
+    pub train: VaeOptimConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VaeDataConfig {
+    /// MNIST-layout IDX folders whose training images are pooled (same image size each).
+    pub paths: Vec<PathBuf>,
+    /// Images are padded with black to this square size (a multiple of the downsampling).
+    pub image_size: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VaeModelConfig {
+    #[serde(default = "one")]
+    pub channels: usize,
+    /// One entry a level; each level after the first halves the size.
+    pub block_out_channels: Vec<usize>,
+    #[serde(default = "one")]
+    pub layers_per_block: usize,
+    #[serde(default = "four")]
+    pub latent_channels: usize,
+    #[serde(default = "eight")]
+    pub norm_num_groups: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VaeOptimConfig {
+    pub steps: usize,
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    #[serde(default)]
+    pub warmup_steps: usize,
+    #[serde(default = "grad_clip")]
+    pub grad_clip: f64,
+    /// Weight of the KL term against the per-pixel L1 loss, both per image (LDM's 1e-6).
+    #[serde(default = "kl_weight")]
+    pub kl_weight: f64,
+    #[serde(default)]
+    pub seed: u64,
+    pub out_dir: PathBuf,
+    #[serde(default = "every_500")]
+    pub checkpoint_every: usize,
+    #[serde(default = "every_50")]
+    pub log_every: usize,
+}
+
+fn one() -> usize {
+    1
+}
+fn four() -> usize {
+    4
+}
+fn eight() -> usize {
+    8
+}
+fn grad_clip() -> f64 {
+    1.0
+}
+fn kl_weight() -> f64 {
+    1e-6
+}
+fn every_500() -> usize {
+    500
+}
+fn every_50() -> usize {
+    50
+}
+
+impl VaeTrainConfig {
+    pub fn from_toml_str(text: &str) -> Result<Self> {
+        let config: Self = toml::from_str(text).map_err(|e| Error::Msg(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::File {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Self::from_toml_str(&text).map_err(|e| Error::File {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a VaeTrainConfig always serialises")
+    }
+
+    /// The downsampling factor: 2 per level after the first.
+    pub fn downsampling(&self) -> usize {
+        1 << self.model.block_out_channels.len().saturating_sub(1)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let m = &self.model;
+        if m.block_out_channels.is_empty() {
+            return Err(Error::bad_value(
+                "model.block_out_channels",
+                "[]",
+                "at least one level",
+            ));
+        }
+        if let Some(c) = m
+            .block_out_channels
+            .iter()
+            .find(|c| m.norm_num_groups == 0 || **c % m.norm_num_groups != 0)
+        {
+            return Err(Error::Contradiction(format!(
+                "model.block_out_channels has {c}, not a multiple of model.norm_num_groups = {}",
+                m.norm_num_groups
+            )));
+        }
+        let size = self.data.image_size;
+        if size == 0 || !size.is_multiple_of(self.downsampling()) {
+            return Err(Error::Contradiction(format!(
+                "data.image_size = {size} is not a positive multiple of the downsampling {} (2 per level of model.block_out_channels after the first)",
+                self.downsampling()
+            )));
+        }
+        if self.data.paths.is_empty() {
+            return Err(Error::bad_value("data.paths", "[]", "at least one folder"));
+        }
+        let t = &self.train;
+        if t.steps == 0 || t.batch_size == 0 {
+            return Err(Error::bad_value(
+                "train.steps and train.batch_size",
+                0,
+                "at least 1",
+            ));
+        }
+        if !(t.learning_rate > 0.0 && t.learning_rate.is_finite()) {
+            return Err(Error::bad_value(
+                "train.learning_rate",
+                t.learning_rate,
+                "a positive number",
+            ));
+        }
+        if !(t.kl_weight >= 0.0 && t.kl_weight.is_finite()) {
+            return Err(Error::bad_value(
+                "train.kl_weight",
+                t.kl_weight,
+                "0 or a positive number",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The diffusers `vae/config.json` of this model, with `scaling_factor`.
+    pub fn diffusers_config(&self, scaling_factor: f64) -> serde_json::Value {
+        let m = &self.model;
+        let levels = m.block_out_channels.len();
+        serde_json::json!({
+            "_class_name": "AutoencoderKL",
+            "in_channels": m.channels,
+            "out_channels": m.channels,
+            "latent_channels": m.latent_channels,
+            "block_out_channels": m.block_out_channels,
+            "down_block_types": vec!["DownEncoderBlock2D"; levels],
+            "up_block_types": vec!["UpDecoderBlock2D"; levels],
+            "layers_per_block": m.layers_per_block,
+            "norm_num_groups": m.norm_num_groups,
+            "act_fn": "silu",
+            "sample_size": self.data.image_size,
+            "scaling_factor": scaling_factor,
+        })
+    }
+
+    pub fn vae_config(&self) -> Result<VaeConfig> {
+        serde_json::from_value(self.diffusers_config(1.0))
+            .map_err(|e| Error::Msg(format!("the VAE config: {e}")))
+    }
+}
+
+/// The training images of every folder, pooled; all must share one size.
+pub fn load_pooled(paths: &[PathBuf], split: Split) -> Result<LabelledImages> {
+    let mut pooled: Option<LabelledImages> = None;
+    for path in paths {
+        let part = LabelledImages::load(path, split)?;
+        pooled = Some(match pooled {
+            None => part,
+            Some(mut all) => {
+                if (all.height, all.width) != (part.height, part.width) {
+                    return Err(Error::File {
+                        path: path.display().to_string(),
+                        message: format!(
+                            "images are {}x{}, but the folders before have {}x{}",
+                            part.height, part.width, all.height, all.width
+                        ),
+                    });
+                }
+                all.pixels.extend_from_slice(&part.pixels);
+                all.labels.extend_from_slice(&part.labels);
+                all
+            }
+        });
+    }
+    pooled.ok_or_else(|| Error::bad_value("data.paths", "[]", "at least one folder"))
+}
+
+/// (B, C, h, w) images in [-1, 1] padded with black (-1) to `size` x `size`, centred.
+pub fn pad_to(images: &Tensor, size: usize) -> Result<Tensor> {
+    let (_, _, h, w) = images.dims4()?;
+    if h > size || w > size {
+        return Err(Error::Msg(format!(
+            "images are {h}x{w}, larger than data.image_size = {size}"
+        )));
+    }
+    let (top, left) = ((size - h) / 2, (size - w) / 2);
+    let shifted = (images + 1.0)?
+        .pad_with_zeros(2, top, size - h - top)?
+        .pad_with_zeros(3, left, size - w - left)?;
+    Ok((shifted - 1.0)?)
+}
+
+/// What one step measured.
+#[derive(Debug, Clone, Copy)]
+pub struct VaeStepStats {
+    pub loss: f64,
+    /// Mean absolute error per pixel.
+    pub reconstruction: f64,
+    /// KL(q(z|x) || N(0, I)) per image, in nats.
+    pub kl: f64,
+    pub grad_norm: f64,
+    pub learning_rate: f64,
+}
+
+pub struct VaeTrainer {
+    pub config: VaeTrainConfig,
+    vae: AutoencoderKL,
+    _varmap: VarMap,
+    named: Vec<(String, Var)>,
+    vars: Vec<Var>,
+    optimizer: AdamW,
+    device: Device,
+    pub step: usize,
+}
+
+fn step_seed(seed: u64, step: usize) -> u64 {
+    seed ^ (step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+impl VaeTrainer {
+    pub fn new(config: VaeTrainConfig, device: &Device) -> Result<Self> {
+        config.validate()?;
+        let varmap = VarMap::new();
+        let vae = AutoencoderKL::new(
+            config.vae_config()?,
+            VarBuilder::from_varmap(&varmap, DType::F32, device),
+        )?;
+        let named = named_vars(&varmap);
+        seeded_init(&named, &mut SeededNoise::new(config.train.seed), &|_| false)?;
+        let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
+        let optimizer = AdamW::new(&vars, AdamWParams::default())?;
+        Ok(Self {
+            config,
+            vae,
+            _varmap: varmap,
+            named,
+            vars,
+            optimizer,
+            device: device.clone(),
+            step: 0,
+        })
+    }
+
+    pub fn parameter_count(&self) -> usize {
+        self.vars.iter().map(|v| v.elem_count()).sum()
+    }
+
+    /// The images at `indices`, padded, on the trainer's device.
+    fn images(&self, data: &LabelledImages, indices: &[usize]) -> Result<Tensor> {
+        pad_to(
+            &data.batch(indices, &Device::Cpu)?,
+            self.config.data.image_size,
+        )?
+        .to_device(&self.device)
+        .map_err(Into::into)
+    }
+
+    /// Mean per-pixel L1 of the reconstruction from a posterior draw, and the KL per image.
+    fn losses(&self, x: &Tensor, noise: &Tensor) -> Result<(Tensor, Tensor)> {
+        let posterior = self.vae.encode(x)?;
+        let z = posterior.sample(noise)?;
+        let reconstruction = (self.vae.decode(&z)? - x)?.abs()?.mean_all()?;
+        // KL(N(mu, sigma^2) || N(0, 1)) = 0.5 (mu^2 + sigma^2 - 1 - log sigma^2) per latent value.
+        let kl_values =
+            ((posterior.mean.sqr()? + posterior.logvar.exp()?)? - 1.0 - &posterior.logvar)?
+                .affine(0.5, 0.0)?;
+        let batch = x.dim(0)?;
+        let kl = (kl_values.sum_all()? / batch as f64)?;
+        Ok((reconstruction, kl))
+    }
+
+    /// One optimiser step on a batch drawn from `data`: loss = L1 + kl_weight KL / pixels, the
+    /// paper's sum-per-image losses divided by the pixel count.
+    pub fn train_step(&mut self, data: &LabelledImages) -> Result<VaeStepStats> {
+        let t = &self.config.train;
+        let mut rng = SeededNoise::new(step_seed(t.seed, self.step));
+        let indices: Vec<usize> = (0..t.batch_size)
+            .map(|_| rng.rng().random_range(0..data.len()))
+            .collect();
+        let x = self.images(data, &indices)?;
+        let size = self.config.data.image_size;
+        let latent = size / self.config.downsampling();
+        let noise = rng
+            .randn(&[
+                t.batch_size,
+                self.config.model.latent_channels,
+                latent,
+                latent,
+            ])?
+            .to_device(&self.device)?;
+        let (reconstruction, kl) = self.losses(&x, &noise)?;
+        let pixels = (self.config.model.channels * size * size) as f64;
+        let loss = (&reconstruction + kl.affine(t.kl_weight / pixels, 0.0)?)?;
+        let (value, grads, norm) = super::checked_backward(&loss, &self.vars, self.step)?;
+        let lr = warmup_lr(t.learning_rate, self.step, t.warmup_steps);
+        self.optimizer
+            .step(&self.vars, &grads, lr, clip_factor(norm, t.grad_clip))?;
+        self.step += 1;
+        Ok(VaeStepStats {
+            loss: value,
+            reconstruction: reconstruction.to_scalar::<f32>()? as f64,
+            kl: kl.to_scalar::<f32>()? as f64,
+            grad_norm: norm,
+            learning_rate: lr,
+        })
+    }
+
+    /// Reconstructions of `images` (B, C, H, W in [-1, 1], padded) from the posterior means.
+    pub fn reconstruct(&self, images: &Tensor) -> Result<Tensor> {
+        let posterior = self.vae.encode(&images.detach())?;
+        Ok(self.vae.decode(&posterior.mean)?.detach())
+    }
+
+    /// Mean per-pixel L1 and PSNR (dB, images in [-1, 1] taken as [0, 1]) of the reconstructions
+    /// of the first `n` images of `data`.
+    pub fn evaluate(&self, data: &LabelledImages, n: usize) -> Result<(f64, f64)> {
+        let n = n.min(data.len());
+        let (mut l1, mut squared) = (0.0, 0.0);
+        for start in (0..n).step_by(100) {
+            let indices: Vec<usize> = (start..n.min(start + 100)).collect();
+            let x = self.images(data, &indices)?;
+            let error = (self.reconstruct(&x)?.clamp(-1f32, 1f32)? - &x)?;
+            let count = indices.len() as f64;
+            l1 += error.abs()?.mean_all()?.to_scalar::<f32>()? as f64 * count;
+            squared += error.sqr()?.mean_all()?.to_scalar::<f32>()? as f64 * count;
+        }
+        let (l1, mse) = (l1 / n as f64, squared / n as f64);
+        // On [0, 1] the squared error is a quarter of that on [-1, 1].
+        Ok((l1, 10.0 * (1.0 / (mse / 4.0)).log10()))
+    }
+
+    /// 1 / standard deviation of the posterior means of up to 1000 images: the factor that gives
+    /// the diffusion model latents of unit variance (LDM section 4.3.2).
+    pub fn scaling_factor(&self, data: &LabelledImages) -> Result<f64> {
+        let n = data.len().min(1000);
+        let mut means = Vec::new();
+        for start in (0..n).step_by(100) {
+            let indices: Vec<usize> = (start..n.min(start + 100)).collect();
+            means.push(
+                self.vae
+                    .encode(&self.images(data, &indices)?)?
+                    .mean
+                    .detach()
+                    .flatten_all()?,
+            );
+        }
+        let all = Tensor::cat(&means, 0)?.to_dtype(DType::F64)?;
+        let mean = all.mean_all()?.to_scalar::<f64>()?;
+        let variance = all
+            .affine(1.0, -mean)?
+            .sqr()?
+            .mean_all()?
+            .to_scalar::<f64>()?;
+        Ok(1.0 / variance.sqrt().max(1e-8))
+    }
+
+    fn metadata(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            (CONFIG_KEY.to_string(), self.config.to_toml()),
+            (STEP_KEY.to_string(), self.step.to_string()),
+            ("format".to_string(), "diffuse-vae".to_string()),
+        ])
+    }
+
+    /// Weights, AdamW's moments and the step, atomically.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut tensors: Vec<(String, Tensor)> = self
+            .named
+            .iter()
+            .map(|(name, var)| (format!("model.{name}"), var.as_tensor().detach()))
+            .collect();
+        tensors.extend(
+            self.optimizer
+                .moment_tensors(self.named.iter().map(|(n, _)| n.as_str())),
+        );
+        checkpoint::save(path, &tensors, &self.metadata())
+    }
+
+    /// Continues from [`Self::save`]'s file; a checkpoint of another model is refused.
+    pub fn resume(config: VaeTrainConfig, path: &Path, device: &Device) -> Result<Self> {
+        let mut trainer = Self::new(config, device)?;
+        let loaded = checkpoint::load(path, device)?;
+        let saved = VaeTrainConfig::from_toml_str(loaded.meta(path, CONFIG_KEY)?).map_err(|e| {
+            Error::File {
+                path: path.display().to_string(),
+                message: format!("its training config is not valid: {e}"),
+            }
+        })?;
+        if saved.model != trainer.config.model || saved.data != trainer.config.data {
+            return Err(Error::File {
+                path: path.display().to_string(),
+                message: "was trained with another [model] or [data] section than this config"
+                    .into(),
+            });
+        }
+        trainer.step = loaded
+            .meta(path, STEP_KEY)?
+            .parse()
+            .map_err(|e| Error::File {
+                path: path.display().to_string(),
+                message: format!("{STEP_KEY} is not a step count: {e}"),
+            })?;
+        for (i, (name, var)) in trainer.named.iter().enumerate() {
+            var.set(&loaded.tensor_like(path, &format!("model.{name}"), var.dims())?)?;
+            trainer.optimizer.first_moments[i] =
+                loaded.tensor_like(path, &format!("optim.m.{name}"), var.dims())?;
+            trainer.optimizer.second_moments[i] =
+                loaded.tensor_like(path, &format!("optim.v.{name}"), var.dims())?;
+        }
+        trainer.optimizer.updates = trainer.step;
+        Ok(trainer)
+    }
+
+    /// Writes `<dir>/config.json` and `<dir>/diffusion_pytorch_model.safetensors`: the diffusers
+    /// layout that the pipelines load as a `vae/` folder.
+    pub fn write_diffusers(&self, dir: &Path, scaling_factor: f64) -> Result<()> {
+        let io = |e: std::io::Error| Error::File {
+            path: dir.display().to_string(),
+            message: e.to_string(),
+        };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let config = serde_json::to_string_pretty(&self.config.diffusers_config(scaling_factor))
+            .map_err(|e| Error::Msg(e.to_string()))?;
+        checkpoint::write_atomically(&dir.join("config.json"), config.as_bytes())?;
+        let tensors: Vec<(String, Tensor)> = self
+            .named
+            .iter()
+            .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
+            .collect();
+        checkpoint::save(
+            &dir.join("diffusion_pytorch_model.safetensors"),
+            &tensors,
+            &BTreeMap::from([("format".to_string(), "pt".to_string())]),
+        )
+    }
+
+    /// The current weights by name (copies).
+    pub fn weights(&self) -> Result<Vec<(String, Tensor)>> {
+        self.named
+            .iter()
+            .map(|(name, var)| Ok((name.clone(), var.as_tensor().copy()?.detach())))
+            .collect()
+    }
+}
