@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::fixture_path;
+use common::{fixture_path, max_abs_diff};
 use diffuse::data::folder::{FolderOptions, ImageFolder};
 use diffuse::pipeline::{LoadOptions, StableDiffusion};
 use diffuse::sampler::SeededNoise;
@@ -35,19 +35,6 @@ fn folder(name: &str) -> (PathBuf, ImageFolder) {
     }
     let scanned = ImageFolder::scan(&dir, &FolderOptions::default()).unwrap();
     (dir, scanned)
-}
-
-fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 #[test]
