@@ -95,7 +95,7 @@ pub fn judge_dir(name: &str) -> Option<PathBuf> {
 }
 
 /// The judge's best-achievable Fréchet distance for `n` training images (reference.json).
-fn fd_floor(judge: &Path, n: usize) -> Option<f64> {
+pub fn fd_floor(judge: &Path, n: usize) -> Option<f64> {
     let text = std::fs::read_to_string(judge.join("reference.json")).ok()?;
     let json: serde_json::Value = serde_json::from_str(&text).ok()?;
     json.get(format!("fd_train{n}_subset_vs_test"))?.as_f64()

@@ -3,11 +3,14 @@
 pub mod bench;
 pub mod bench_ops;
 pub mod eval;
+pub mod eval_txt2img;
 pub mod finetune;
 pub mod sample;
 pub mod sampler_args;
 pub mod toy;
 pub mod train;
+pub mod train_ldm;
+pub mod train_loop;
 pub mod train_vae;
 pub mod txt2img;
 
@@ -34,7 +37,7 @@ pub enum Command {
     Samplers,
     /// Time a model component with random weights of real shapes.
     Bench(bench::BenchArgs),
-    /// Train a pixel-space DDPM from a TOML config.
+    /// Train a pixel-space DDPM, or a text-to-image latent model, from a TOML config.
     Train(train::TrainArgs),
     /// Train the latent autoencoder (KL VAE) of a small latent diffusion model.
     TrainVae(train_vae::TrainVaeArgs),
@@ -42,6 +45,8 @@ pub enum Command {
     Sample(sample::SampleArgs),
     /// Likelihood (bound and ODE) and judged sample quality of a trained pixel-space model.
     Eval(eval::EvalArgs),
+    /// Prompt following of a text-to-image model trained on labelled datasets, by their judges.
+    EvalTxt2img(eval_txt2img::EvalTxt2imgArgs),
     /// Fine-tune a Stable Diffusion U-Net on a folder of captioned images (full or LoRA).
     Finetune(Box<finetune::FinetuneArgs>),
 }
@@ -56,6 +61,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::TrainVae(args) => train_vae::run(args),
         Command::Sample(args) => sample::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::EvalTxt2img(args) => eval_txt2img::run(args),
         Command::Finetune(args) => finetune::run(*args),
         Command::Samplers => {
             for (name, purpose) in sampler_args::SAMPLER_GUIDE {

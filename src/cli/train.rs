@@ -1,20 +1,16 @@
-//! `diffuse train --config configs/ddpm-mnist.toml`: pixel-space DDPM training with progress,
-//! a loss CSV and curve, sample grids, atomic checkpoints, Ctrl-C saving and `--resume`.
+//! `diffuse train --config configs/ddpm-mnist.toml`: pixel-space DDPM training in the shared
+//! loop (`train_loop`: progress, loss CSV and curve, sample grids, atomic checkpoints, Ctrl-C
+//! saving, `--resume`). A config with `model.autoencoder = "vae"` goes to `train_ldm`.
 
+use super::train_loop::{check_fresh_start, run_loop, time_limit, LoopSettings, TrainingRun};
 use crate::data::idx::{LabelledImages, Split};
 use crate::pipeline::pixel::grid;
 use crate::sampler::{SamplerKind, SamplerOptions};
 use crate::train::config::TrainConfig;
-use crate::train::pixel::{PixelTrainer, StepStats};
-use crate::train::plot::{loss_curve_png, read_losses, trim_csv};
+use crate::train::pixel::PixelTrainer;
 use anyhow::Context;
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Instant;
 
 #[derive(Debug, Clone, Args)]
 pub struct TrainArgs {
@@ -48,13 +44,37 @@ pub struct TrainArgs {
 /// File names inside the output folder.
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
-const LOSS_CSV: &str = "loss.csv";
 const CSV_HEADER: &str = "step,loss,mse,vb_bits,grad_norm,learning_rate,seconds";
 
-fn save_all(trainer: &PixelTrainer, out_dir: &Path) -> anyhow::Result<()> {
-    trainer.save(&out_dir.join(CHECKPOINT_FILE))?;
-    trainer.save_weights(&out_dir.join(WEIGHTS_FILE), candle_core::DType::F32)?;
-    Ok(())
+struct PixelRun {
+    trainer: PixelTrainer,
+    data: LabelledImages,
+    out_dir: PathBuf,
+}
+
+impl TrainingRun for PixelRun {
+    fn step(&self) -> usize {
+        self.trainer.step
+    }
+
+    fn train_step(&mut self) -> anyhow::Result<Vec<f64>> {
+        let s = self.trainer.train_step(&self.data)?;
+        Ok(vec![s.loss, s.mse, s.vb_bits, s.grad_norm, s.learning_rate])
+    }
+
+    fn save(&mut self) -> anyhow::Result<()> {
+        self.trainer.save(&self.out_dir.join(CHECKPOINT_FILE))?;
+        self.trainer
+            .save_weights(&self.out_dir.join(WEIGHTS_FILE), candle_core::DType::F32)?;
+        Ok(())
+    }
+
+    fn sample(&mut self, step: usize) -> anyhow::Result<()> {
+        sample_grid(
+            &self.trainer,
+            &self.out_dir.join(format!("samples-{step:07}.png")),
+        )
+    }
 }
 
 /// 64 samples from the averaged weights (DDIM, 50 steps, fixed seed), labelled 0, 1, 2, ...
@@ -79,8 +99,27 @@ fn sample_grid(trainer: &PixelTrainer, path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether a training config describes a latent model (`model.autoencoder = "vae"`).
+fn is_latent_config(text: &str) -> bool {
+    toml::from_str::<toml::Value>(text)
+        .ok()
+        .and_then(|v| {
+            v.get("model")?
+                .get("autoencoder")?
+                .as_str()
+                .map(|a| a == "vae")
+        })
+        .unwrap_or(false)
+}
+
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
-    let mut config = TrainConfig::from_file(&args.config)?;
+    let text = std::fs::read_to_string(&args.config)
+        .with_context(|| format!("reading {}", args.config.display()))?;
+    if is_latent_config(&text) {
+        return super::train_ldm::run(args, &text);
+    }
+    let mut config =
+        TrainConfig::from_toml_str(&text).with_context(|| format!("{}", args.config.display()))?;
     if let Some(data) = args.data {
         config.data.path = data;
     }
@@ -91,24 +130,11 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         anyhow::ensure!(steps > 0, "--steps = 0 is not allowed; expected at least 1");
         config.train.steps = steps;
     }
-    let time_limit = match args.time_limit {
-        Some(minutes) if !(minutes > 0.0 && minutes.is_finite()) => {
-            anyhow::bail!(
-                "--time-limit = {minutes} is not allowed; expected a positive number of minutes"
-            )
-        }
-        Some(minutes) => Some(std::time::Duration::from_secs_f64(minutes * 60.0)),
-        None => None,
-    };
+    let limit = time_limit(args.time_limit)?;
     config.validate()?;
     let out_dir = config.train.out_dir.clone();
     let checkpoint = out_dir.join(CHECKPOINT_FILE);
-    if !args.resume && checkpoint.exists() {
-        anyhow::bail!(
-            "{} already exists: pass --resume to continue it, or choose another --out-dir (nothing was overwritten)",
-            checkpoint.display()
-        );
-    }
+    check_fresh_start(&checkpoint, args.resume)?;
     // Data first: a bad file stops the run before any work.
     let data = LabelledImages::load(&config.data.path, Split::Train)?;
     anyhow::ensure!(
@@ -129,33 +155,14 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let device = super::parse_device(&args.device)?;
-    let mut trainer = if args.resume {
+    let trainer = if args.resume {
         let trainer = PixelTrainer::resume(config.clone(), &checkpoint, &device)?;
         eprintln!("resuming {} at step {}", checkpoint.display(), trainer.step);
         trainer
     } else {
         PixelTrainer::new(config.clone(), &device)?
     };
-    let csv_path = out_dir.join(LOSS_CSV);
-    if args.resume {
-        trim_csv(&csv_path, trainer.step)?;
-    } else {
-        std::fs::write(&csv_path, format!("{CSV_HEADER}\n"))
-            .with_context(|| format!("writing {}", csv_path.display()))?;
-    }
     std::fs::write(out_dir.join("config.toml"), config.to_toml())?;
-    let mut csv = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&csv_path)
-        .with_context(|| format!("opening {}", csv_path.display()))?;
-
-    let interrupted = Arc::new(AtomicBool::new(false));
-    {
-        let flag = interrupted.clone();
-        // A second handler cannot be installed in one process (tests call run twice): the
-        // first stays in charge, which is fine since it only sets a flag.
-        let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
-    }
     let total = config.train.steps;
     eprintln!(
         "training {} parameters on {} images ({}x{}), {} steps of batch {}",
@@ -166,69 +173,26 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         total,
         config.train.batch_size
     );
-    let bar = ProgressBar::new(total as u64).with_position(trainer.step as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} loss {msg} {per_sec} eta {eta}")
-            .expect("valid template"),
-    );
-    let start = Instant::now();
-    let first_step = trainer.step;
-    let mut window: Vec<StepStats> = Vec::new();
-    let mut last = None;
-    while trainer.step < total {
-        if interrupted.load(Ordering::SeqCst) {
-            bar.suspend(|| eprintln!("interrupted: saving step {}", trainer.step));
-            save_all(&trainer, &out_dir)?;
-            bar.abandon();
-            anyhow::bail!(
-                "interrupted at step {}; the checkpoint is saved, continue with --resume",
-                trainer.step
-            );
-        }
-        let stats = trainer.train_step(&data)?;
-        last = Some(stats);
-        window.push(stats);
-        let step = trainer.step;
-        let out_of_time = time_limit.is_some_and(|limit| start.elapsed() >= limit);
-        let last_step = step == total || out_of_time;
-        if step % config.train.log_every == 0 || last_step {
-            let mean =
-                |f: fn(&StepStats) -> f64| window.iter().map(f).sum::<f64>() / window.len() as f64;
-            writeln!(
-                csv,
-                "{step},{:.6},{:.6},{:.6},{:.4},{:.3e},{:.1}",
-                mean(|s| s.loss),
-                mean(|s| s.mse),
-                mean(|s| s.vb_bits),
-                mean(|s| s.grad_norm),
-                stats.learning_rate,
-                start.elapsed().as_secs_f64()
-            )?;
-            csv.flush()?;
-            bar.set_message(format!("{:.4}", mean(|s| s.loss)));
-            window.clear();
-        }
-        if step % config.train.checkpoint_every == 0 || last_step {
-            save_all(&trainer, &out_dir)?;
-            // The curve is a convenience beside the CSV: a drawing failure must not stop training.
-            if let Err(e) = loss_curve_png(&read_losses(&csv_path), &out_dir.join("loss.png")) {
-                bar.suspend(|| eprintln!("warning: {e}"));
-            }
-        }
-        if config.train.sample_every > 0 && (step % config.train.sample_every == 0 || last_step) {
-            bar.suspend(|| -> anyhow::Result<()> {
-                sample_grid(&trainer, &out_dir.join(format!("samples-{step:07}.png")))
-            })?;
-        }
-        bar.set_position(step as u64);
-        if out_of_time {
-            bar.suspend(|| eprintln!("time limit reached at step {step}; saved"));
-            break;
-        }
-    }
-    bar.finish();
-    let seconds = start.elapsed().as_secs_f64();
-    let steps_run = trainer.step - first_step;
+    let parameters = trainer.parameter_count();
+    let mut run = PixelRun {
+        trainer,
+        data,
+        out_dir: out_dir.clone(),
+    };
+    let summary = run_loop(
+        &mut run,
+        &LoopSettings {
+            out_dir: out_dir.clone(),
+            total_steps: total,
+            log_every: config.train.log_every,
+            checkpoint_every: config.train.checkpoint_every,
+            sample_every: config.train.sample_every,
+            time_limit: limit,
+            csv_header: CSV_HEADER,
+            resume: args.resume,
+        },
+    )?;
+    let (seconds, steps_run) = (summary.seconds, summary.steps_run);
     eprintln!(
         "{} steps in {seconds:.1} s ({:.2} steps/s); weights: {}",
         steps_run,
@@ -237,12 +201,12 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     );
     if args.json {
         let summary = serde_json::json!({
-            "steps": trainer.step,
+            "steps": run.trainer.step,
             "steps_run": steps_run,
             "seconds": seconds,
             "steps_per_second": steps_run as f64 / seconds.max(1e-9),
-            "final_loss": last.map(|s| s.loss),
-            "parameters": trainer.parameter_count(),
+            "final_loss": summary.final_loss,
+            "parameters": parameters,
             "checkpoint": out_dir.join(CHECKPOINT_FILE),
             "weights": out_dir.join(WEIGHTS_FILE),
         });

@@ -1,19 +1,15 @@
-//! `diffuse train-vae --config configs/tiny-vae.toml`: trains the latent autoencoder with a
-//! progress bar, a loss CSV and curve, atomic checkpoints, Ctrl-C saving and `--resume`, and
+//! `diffuse train-vae --config configs/tiny-vae.toml`: trains the latent autoencoder in the
+//! shared loop (`train_loop`: progress, loss CSV and curve, atomic checkpoints, Ctrl-C saving,
+//! `--resume`), and
 //! writes it in the diffusers `vae/` layout with its latent scaling factor.
 
-use crate::data::idx::Split;
+use super::train_loop::{check_fresh_start, run_loop, time_limit, LoopSettings, TrainingRun};
+use crate::data::idx::{LabelledImages, Split};
 use crate::pipeline::pixel::grid;
-use crate::train::plot::{loss_curve_png, read_losses, trim_csv};
 use crate::train::vae::{load_pooled, VaeTrainConfig, VaeTrainer};
 use anyhow::Context;
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
-use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Instant;
 
 #[derive(Debug, Clone, Args)]
 pub struct TrainVaeArgs {
@@ -42,6 +38,33 @@ pub struct TrainVaeArgs {
 
 const CSV_HEADER: &str = "step,loss,l1,kl,grad_norm,learning_rate,seconds";
 
+struct VaeRun {
+    trainer: VaeTrainer,
+    data: LabelledImages,
+    checkpoint: PathBuf,
+}
+
+impl TrainingRun for VaeRun {
+    fn step(&self) -> usize {
+        self.trainer.step
+    }
+
+    fn train_step(&mut self) -> anyhow::Result<Vec<f64>> {
+        let s = self.trainer.train_step(&self.data)?;
+        Ok(vec![
+            s.loss,
+            s.reconstruction,
+            s.kl,
+            s.grad_norm,
+            s.learning_rate,
+        ])
+    }
+
+    fn save(&mut self) -> anyhow::Result<()> {
+        Ok(self.trainer.save(&self.checkpoint)?)
+    }
+}
+
 pub fn run(args: TrainVaeArgs) -> anyhow::Result<()> {
     let mut config = VaeTrainConfig::from_file(&args.config)?;
     if let Some(dir) = args.out_dir {
@@ -51,50 +74,22 @@ pub fn run(args: TrainVaeArgs) -> anyhow::Result<()> {
         anyhow::ensure!(steps > 0, "--steps = 0 is not allowed; expected at least 1");
         config.train.steps = steps;
     }
-    let time_limit = match args.time_limit {
-        Some(minutes) if !(minutes > 0.0 && minutes.is_finite()) => anyhow::bail!(
-            "--time-limit = {minutes} is not allowed; expected a positive number of minutes"
-        ),
-        Some(minutes) => Some(std::time::Duration::from_secs_f64(minutes * 60.0)),
-        None => None,
-    };
+    let limit = time_limit(args.time_limit)?;
     let out_dir = config.train.out_dir.clone();
     let checkpoint = out_dir.join("checkpoint.safetensors");
-    if !args.resume && checkpoint.exists() {
-        anyhow::bail!(
-            "{} already exists: pass --resume to continue it, or choose another --out-dir (nothing was overwritten)",
-            checkpoint.display()
-        );
-    }
+    check_fresh_start(&checkpoint, args.resume)?;
     // Data first: a bad file stops the run before any work.
     let train = load_pooled(&config.data.paths, Split::Train)?;
     let test = load_pooled(&config.data.paths, Split::Test)?;
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let device = super::parse_device(&args.device)?;
-    let mut trainer = if args.resume {
+    let trainer = if args.resume {
         let trainer = VaeTrainer::resume(config.clone(), &checkpoint, &device)?;
         eprintln!("resuming {} at step {}", checkpoint.display(), trainer.step);
         trainer
     } else {
         VaeTrainer::new(config.clone(), &device)?
     };
-    let csv_path = out_dir.join("loss.csv");
-    if args.resume {
-        trim_csv(&csv_path, trainer.step)?;
-    } else {
-        std::fs::write(&csv_path, format!("{CSV_HEADER}\n"))
-            .with_context(|| format!("writing {}", csv_path.display()))?;
-    }
-    let mut csv = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&csv_path)
-        .with_context(|| format!("opening {}", csv_path.display()))?;
-    let interrupted = Arc::new(AtomicBool::new(false));
-    {
-        let flag = interrupted.clone();
-        // A second handler cannot be installed in one process; the first one stays.
-        let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
-    }
     let total = config.train.steps;
     eprintln!(
         "training a {:.2} M-parameter VAE on {} images ({}x{} padded to {s}x{s}), {total} steps of batch {}",
@@ -105,56 +100,30 @@ pub fn run(args: TrainVaeArgs) -> anyhow::Result<()> {
         config.train.batch_size,
         s = config.data.image_size,
     );
-    let bar = ProgressBar::new(total as u64).with_position(trainer.step as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} loss {msg} {per_sec} eta {eta}")
-            .expect("valid template"),
-    );
-    let start = Instant::now();
-    let first_step = trainer.step;
-    let mut last = None;
-    while trainer.step < total {
-        if interrupted.load(Ordering::SeqCst) {
-            trainer.save(&checkpoint)?;
-            bar.abandon();
-            anyhow::bail!(
-                "interrupted at step {}; the checkpoint is saved, continue with --resume",
-                trainer.step
-            );
-        }
-        let stats = trainer.train_step(&train)?;
-        last = Some(stats);
-        let step = trainer.step;
-        let out_of_time = time_limit.is_some_and(|limit| start.elapsed() >= limit);
-        let last_step = step == total || out_of_time;
-        if step % config.train.log_every == 0 || last_step {
-            writeln!(
-                csv,
-                "{step},{:.6},{:.6},{:.3},{:.4},{:.3e},{:.1}",
-                stats.loss,
-                stats.reconstruction,
-                stats.kl,
-                stats.grad_norm,
-                stats.learning_rate,
-                start.elapsed().as_secs_f64()
-            )?;
-            bar.set_message(format!("{:.4}", stats.loss));
-        }
-        if step % config.train.checkpoint_every == 0 || last_step {
-            trainer.save(&checkpoint)?;
-            if let Err(e) = loss_curve_png(&read_losses(&csv_path), &out_dir.join("loss.png")) {
-                bar.suspend(|| eprintln!("warning: the loss curve was not drawn: {e}"));
-            }
-        }
-        bar.set_position(step as u64);
-        if out_of_time {
-            bar.suspend(|| eprintln!("time limit reached at step {step}; saved"));
-            break;
-        }
-    }
-    bar.finish();
-    let seconds = start.elapsed().as_secs_f64();
-    let steps_run = trainer.step - first_step;
+    let mut run = VaeRun {
+        trainer,
+        data: train,
+        checkpoint: checkpoint.clone(),
+    };
+    let summary = run_loop(
+        &mut run,
+        &LoopSettings {
+            out_dir: out_dir.clone(),
+            total_steps: total,
+            log_every: config.train.log_every,
+            checkpoint_every: config.train.checkpoint_every,
+            sample_every: 0,
+            time_limit: limit,
+            csv_header: CSV_HEADER,
+            resume: args.resume,
+        },
+    )?;
+    let VaeRun {
+        trainer,
+        data: train,
+        ..
+    } = run;
+    let (seconds, steps_run) = (summary.seconds, summary.steps_run);
     let (l1, psnr) = trainer.evaluate(&test, 1000)?;
     let scaling_factor = trainer.scaling_factor(&train)?;
     let vae_dir = out_dir.join("vae");
@@ -186,8 +155,7 @@ pub fn run(args: TrainVaeArgs) -> anyhow::Result<()> {
                 "steps": trainer.step,
                 "steps_run": steps_run,
                 "seconds": seconds,
-                "final_loss": last.map(|s| s.loss),
-                "final_kl": last.map(|s| s.kl),
+                "final_loss": summary.final_loss,
                 "test_l1": l1,
                 "test_psnr_db": psnr,
                 "scaling_factor": scaling_factor,

@@ -73,20 +73,30 @@ pub struct Txt2imgArgs {
     pub vae_dtype: String,
 }
 
+/// The embedded default model: the diffusers folder `weights/` of this crate.
+pub fn embedded_model_dir() -> anyhow::Result<PathBuf> {
+    let embedded = Path::new(env!("CARGO_MANIFEST_DIR")).join("weights");
+    if !embedded.join("model_index.json").exists() {
+        bail!(
+            "the embedded default model is missing ({} has no model_index.json); \
+             give --model with a diffusers pipeline folder",
+            embedded.display()
+        )
+    }
+    Ok(embedded)
+}
+
 fn model_dir(model: Option<&str>, fp16: bool) -> anyhow::Result<PathBuf> {
     match model {
         Some(m) => Ok(crate::hub::resolve(m, fp16)?),
         None => {
-            let embedded = Path::new(env!("CARGO_MANIFEST_DIR")).join("weights");
-            if embedded.join("model_index.json").exists() {
-                eprintln!("using the embedded default model in {}", embedded.display());
-                Ok(embedded)
-            } else {
-                bail!(
-                    "there is no embedded default model yet (weights/model_index.json); \
-                     give --model with a diffusers pipeline folder"
-                )
-            }
+            let embedded = embedded_model_dir()?;
+            eprintln!(
+                "using the embedded default model in {} (20 classes of digits and clothes at \
+                 32x32; --model sd15 or sd-turbo for real pictures)",
+                embedded.display()
+            );
+            Ok(embedded)
         }
     }
 }

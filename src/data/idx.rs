@@ -26,7 +26,7 @@ pub enum Split {
 }
 
 impl Split {
-    fn stem(self) -> &'static str {
+    pub fn stem(self) -> &'static str {
         match self {
             Split::Train => "train",
             Split::Test => "t10k",

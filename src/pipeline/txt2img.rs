@@ -193,3 +193,35 @@ pub fn img2img(
     let x_start = Tensor::cat(&starts, 0)?;
     denoise_and_decode(sd, sampler, request, prompts, x_start, &mut noise, on_step)
 }
+
+/// `per_prompt` images for each of `prompts` (seed `seed + k` for prompt k), DDIM-style sampler
+/// `sampler`, guidance `guidance`: (prompts x per_prompt, C, H, W) in [0, 1], prompt-major. The
+/// model's native size.
+pub fn sample_prompts(
+    sd: &StableDiffusion,
+    sampler: &dyn Sampler,
+    prompts: &[String],
+    per_prompt: usize,
+    guidance: f64,
+    seed: u64,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Tensor> {
+    let size = sd.unet.config.sample_size.unwrap_or(64) * sd.vae_scale_factor();
+    let mut images = Vec::with_capacity(prompts.len());
+    for (k, prompt) in prompts.iter().enumerate() {
+        let request = Txt2ImgRequest {
+            prompt: prompt.clone(),
+            negative: String::new(),
+            guidance,
+            guidance_rescale: 0.0,
+            width: size,
+            height: size,
+            num_images: per_prompt,
+            seed: seed.wrapping_add(k as u64),
+            latents: None,
+        };
+        images.push(txt2img(sd, sampler, &request, &mut |_| Ok(()))?.images);
+        progress(k + 1, prompts.len());
+    }
+    Ok(Tensor::cat(&images, 0)?)
+}

@@ -59,6 +59,8 @@ pub struct ModelConfig {
 pub enum ScheduleKind {
     /// DDPM's linear betas.
     Linear,
+    /// Linear in sqrt(beta) (LDM, Stable Diffusion).
+    ScaledLinear,
     /// Nichol & Dhariwal 2021, eq. 17.
     Cosine,
 }
@@ -335,6 +337,7 @@ impl TrainConfig {
         let d = &self.diffusion;
         let beta_schedule = match d.schedule {
             ScheduleKind::Linear => "linear",
+            ScheduleKind::ScaledLinear => "scaled_linear",
             ScheduleKind::Cosine => "squaredcos_cap_v2",
         };
         let variance_type = match d.variance {

@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod finetune;
+pub mod ldm;
 pub mod optim;
 pub mod pixel;
 pub mod plot;
