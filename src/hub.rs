@@ -47,6 +47,16 @@ pub const PRESETS: [Preset; 4] = [
     },
 ];
 
+/// The embedded default model in `weights/` (trained by `configs/tiny-ldm.toml`): 32x32, 20
+/// DDIM steps, guidance 4 (the settings its model card measures).
+pub const EMBEDDED: Preset = Preset {
+    name: "embedded",
+    repo: "weights/",
+    size: 32,
+    steps: 20,
+    guidance: 4.0,
+};
+
 pub fn preset(name_or_repo: &str) -> Option<&'static Preset> {
     PRESETS
         .iter()

@@ -36,6 +36,10 @@ pub struct TrainArgs {
     /// train.steps says; `--resume` goes on from there.
     #[arg(long)]
     pub time_limit: Option<f64>,
+    /// Text-to-image configs: the dtype of the pipeline folder's text encoder and U-Net
+    /// (f32, f16 or bf16; the training state stays f32).
+    #[arg(long, default_value = "f32")]
+    pub pipeline_dtype: String,
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,

@@ -27,6 +27,7 @@ struct LdmRun {
     trainer: LdmTrainer,
     data: LatentData,
     out_dir: PathBuf,
+    pipeline_dtype: DType,
 }
 
 /// Samples from the pipeline folder just written: `per_class` images of every class's own
@@ -74,7 +75,7 @@ impl TrainingRun for LdmRun {
     fn save(&mut self) -> anyhow::Result<()> {
         self.trainer.save(&self.out_dir.join(CHECKPOINT_FILE))?;
         self.trainer
-            .write_pipeline(&self.out_dir.join(PIPELINE_DIR), DType::F32)?;
+            .write_pipeline(&self.out_dir.join(PIPELINE_DIR), self.pipeline_dtype)?;
         Ok(())
     }
 
@@ -104,6 +105,7 @@ pub fn run(args: TrainArgs, config_text: &str) -> anyhow::Result<()> {
         config.train.steps = steps;
     }
     let limit = time_limit(args.time_limit)?;
+    let pipeline_dtype = super::parse_dtype("--pipeline-dtype", &args.pipeline_dtype)?;
     config.validate()?;
     let out_dir = config.train.out_dir.clone();
     let checkpoint = out_dir.join(CHECKPOINT_FILE);
@@ -146,6 +148,7 @@ pub fn run(args: TrainArgs, config_text: &str) -> anyhow::Result<()> {
         trainer,
         data,
         out_dir: out_dir.clone(),
+        pipeline_dtype,
     };
     let summary = run_loop(
         &mut run,
@@ -161,6 +164,11 @@ pub fn run(args: TrainArgs, config_text: &str) -> anyhow::Result<()> {
         },
     )?;
     let pipeline = out_dir.join(PIPELINE_DIR);
+    if summary.steps_run == 0 {
+        // Nothing trained (resumed at the last step): the pipeline is still written, so that
+        // `--resume --pipeline-dtype f16` exports a finished run.
+        run.trainer.write_pipeline(&pipeline, pipeline_dtype)?;
+    }
     eprintln!(
         "{} steps in {:.1} s ({:.2} steps/s); pipeline: {}",
         summary.steps_run,

@@ -124,7 +124,7 @@ pub fn run_loop(run: &mut dyn TrainingRun, settings: &LoopSettings) -> anyhow::R
             .time_limit
             .is_some_and(|limit| start.elapsed() >= limit);
         let last_step = step == total || out_of_time;
-        if step % settings.log_every.max(1) == 0 || last_step {
+        if step.is_multiple_of(settings.log_every.max(1)) || last_step {
             let columns = window[0].len();
             let means: Vec<f64> = (0..columns)
                 .map(|c| window.iter().map(|row| row[c]).sum::<f64>() / window.len() as f64)
@@ -141,14 +141,14 @@ pub fn run_loop(run: &mut dyn TrainingRun, settings: &LoopSettings) -> anyhow::R
             final_loss = Some(means[0]);
             window.clear();
         }
-        if step % settings.checkpoint_every == 0 || last_step {
+        if step.is_multiple_of(settings.checkpoint_every) || last_step {
             run.save()?;
             // The curve is a convenience beside the CSV: a drawing failure must not stop training.
             if let Err(e) = loss_curve_png(&read_losses(&csv_path), &out_dir.join("loss.png")) {
                 bar.suspend(|| eprintln!("warning: the loss curve was not drawn: {e}"));
             }
         }
-        if settings.sample_every > 0 && (step % settings.sample_every == 0 || last_step) {
+        if settings.sample_every > 0 && (step.is_multiple_of(settings.sample_every) || last_step) {
             bar.suspend(|| run.sample(step))?;
         }
         bar.set_position(step as u64);

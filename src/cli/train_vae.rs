@@ -1,7 +1,6 @@
 //! `diffuse train-vae --config configs/tiny-vae.toml`: trains the latent autoencoder in the
 //! shared loop (`train_loop`: progress, loss CSV and curve, atomic checkpoints, Ctrl-C saving,
-//! `--resume`), and
-//! writes it in the diffusers `vae/` layout with its latent scaling factor.
+//! `--resume`), and writes it in the diffusers `vae/` layout with its latent scaling factor.
 
 use super::train_loop::{check_fresh_start, run_loop, time_limit, LoopSettings, TrainingRun};
 use crate::data::idx::{LabelledImages, Split};

@@ -166,7 +166,10 @@ pub fn run(args: Txt2imgArgs) -> anyhow::Result<()> {
         Some("fp16") => true,
         Some(other) => bail!("--variant = {other} is not allowed; expected fp16"),
     };
-    let preset = args.model.as_deref().and_then(crate::hub::preset);
+    let preset = match args.model.as_deref() {
+        Some(model) => crate::hub::preset(model),
+        None => Some(&crate::hub::EMBEDDED),
+    };
     let guidance = args.guidance.or(preset.map(|p| p.guidance)).unwrap_or(7.5);
     let steps = args.sampler.steps.or(preset.map(|p| p.steps)).unwrap_or(50);
     let dir = model_dir(args.model.as_deref(), fp16)?;

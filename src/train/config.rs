@@ -218,22 +218,31 @@ fn log_every() -> usize {
     50
 }
 
+/// A TOML document as a config struct (unknown keys are errors that name the key, through each
+/// struct's `deny_unknown_fields`).
+pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T> {
+    toml::from_str(text).map_err(|e| Error::Msg(e.to_string()))
+}
+
+/// Reads the config file at `path` with `parse`, naming the file in any error.
+pub fn read_config<T>(path: &Path, parse: impl Fn(&str) -> Result<T>) -> Result<T> {
+    let file_error = |message: String| Error::File {
+        path: path.display().to_string(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| file_error(e.to_string()))?;
+    parse(&text).map_err(|e| file_error(e.to_string()))
+}
+
 impl TrainConfig {
     pub fn from_toml_str(text: &str) -> Result<Self> {
-        let config: Self = toml::from_str(text).map_err(|e| Error::Msg(e.to_string()))?;
+        let config: Self = parse_toml(text)?;
         config.validate()?;
         Ok(config)
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::File {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })?;
-        Self::from_toml_str(&text).map_err(|e| Error::File {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })
+        read_config(path, Self::from_toml_str)
     }
 
     pub fn to_toml(&self) -> String {

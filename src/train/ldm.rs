@@ -122,7 +122,7 @@ fn groups() -> usize {
 
 impl LdmTrainConfig {
     pub fn from_toml_str(text: &str) -> Result<Self> {
-        let config: Self = toml::from_str(text).map_err(|e| Error::Msg(e.to_string()))?;
+        let config: Self = super::config::parse_toml(text)?;
         config.validate()?;
         Ok(config)
     }
@@ -144,7 +144,7 @@ impl LdmTrainConfig {
                 "a fraction in [0, 1)",
             ));
         }
-        if m.text_heads == 0 || m.text_hidden_size % m.text_heads != 0 {
+        if m.text_heads == 0 || !m.text_hidden_size.is_multiple_of(m.text_heads) {
             return Err(Error::Contradiction(format!(
                 "model.text_hidden_size = {} is not a multiple of model.text_heads = {}",
                 m.text_hidden_size, m.text_heads

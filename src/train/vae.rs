@@ -104,20 +104,13 @@ fn every_50() -> usize {
 
 impl VaeTrainConfig {
     pub fn from_toml_str(text: &str) -> Result<Self> {
-        let config: Self = toml::from_str(text).map_err(|e| Error::Msg(e.to_string()))?;
+        let config: Self = super::config::parse_toml(text)?;
         config.validate()?;
         Ok(config)
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::File {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })?;
-        Self::from_toml_str(&text).map_err(|e| Error::File {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })
+        super::config::read_config(path, Self::from_toml_str)
     }
 
     pub fn to_toml(&self) -> String {

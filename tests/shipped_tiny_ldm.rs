@@ -1,0 +1,96 @@
+//! The embedded default text-to-image model in weights/ draws what it is asked for: the README's
+//! first command (`txt2img "a photo of a sneaker"` with no --model) uses it and writes sneakers,
+//! and a few samples of every one of its 20 class captions are judged the prompted class by the
+//! public judges. Fixed seeds, so the verdicts are the same on every run.
+
+mod common;
+
+use candle_core::{Device, Tensor};
+use common::fixture_path;
+use diffuse::cli::eval_txt2img::judge_view;
+use diffuse::data::captions::{ClassCaptions, EXTRA_TEMPLATES};
+use diffuse::judge::Judge;
+use diffuse::pipeline::txt2img::sample_prompts;
+use diffuse::pipeline::{LoadOptions, StableDiffusion};
+use diffuse::sampler::{build_sampler, SamplerKind, SamplerOptions};
+use std::path::Path;
+
+fn weights() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("weights")
+}
+
+#[test]
+fn txt2img_without_a_model_draws_a_sneaker_with_the_embedded_one() {
+    let dir = std::env::temp_dir().join(format!("diffuse-embedded-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let output = dir.join("sneaker.png");
+    let result = std::process::Command::new(env!("CARGO_BIN_EXE_txt2img"))
+        .args(["a photo of a sneaker", "--seed", "7", "--num-images", "4"])
+        .arg("--output")
+        .arg(&output)
+        .output()
+        .unwrap();
+    common::assert_success(&result);
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(stderr.contains("embedded default model"), "{stderr}");
+    let images: Vec<Tensor> = (1..=4)
+        .map(|k| {
+            let png =
+                diffuse::image_io::load_image(&dir.join(format!("sneaker-{k}.png")), None).unwrap();
+            assert_eq!(png.dims(), &[3, 32, 32]);
+            png.narrow(0, 0, 1).unwrap()
+        })
+        .collect();
+    let judged = judge_view(&Tensor::stack(&images, 0).unwrap()).unwrap();
+    let judge = Judge::load(&fixture_path("judges/fashion-mnist"), &Device::Cpu).unwrap();
+    let verdict = judge.score(&judged).unwrap();
+    // Fashion-MNIST's class 7 is the sneaker.
+    assert!(
+        verdict.accuracy(&[7, 7, 7, 7]).unwrap() >= 0.75,
+        "judged {:?}",
+        verdict.predicted().unwrap()
+    );
+}
+
+#[test]
+fn every_class_caption_is_drawn_as_its_class() {
+    let sd = StableDiffusion::load_dir(&weights(), LoadOptions::default()).unwrap();
+    let sampler = build_sampler(
+        SamplerKind::Ddim,
+        &sd.scheduler,
+        &SamplerOptions::default(),
+        20,
+    )
+    .unwrap();
+    let per_prompt = 4;
+    for (k, name) in ["mnist", "fashion-mnist"].iter().enumerate() {
+        let captions = ClassCaptions::load(
+            &fixture_path(&format!("classes/{name}.json")),
+            EXTRA_TEMPLATES,
+        )
+        .unwrap();
+        let prompts: Vec<String> = (0..10).map(|c| captions.primary(c).to_string()).collect();
+        let images = sample_prompts(
+            &sd,
+            sampler.as_ref(),
+            &prompts,
+            per_prompt,
+            4.0,
+            100 * k as u64,
+            &mut |_, _| {},
+        )
+        .unwrap();
+        let judge = Judge::load(&fixture_path(&format!("judges/{name}")), &Device::Cpu).unwrap();
+        let verdict = judge.score(&judge_view(&images).unwrap()).unwrap();
+        let labels: Vec<u32> = (0..10u32)
+            .flat_map(|c| std::iter::repeat_n(c, per_prompt))
+            .collect();
+        let accuracy = verdict.accuracy(&labels).unwrap();
+        // The model card's figure is measured on 1000 images a dataset; 40 leave room for misses.
+        assert!(
+            accuracy >= 0.85,
+            "{name}: {accuracy} of the images judged the prompted class: {:?}",
+            verdict.predicted().unwrap()
+        );
+    }
+}
