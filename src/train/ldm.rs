@@ -447,10 +447,6 @@ fn zero_init(name: &str) -> bool {
             || name.starts_with("unet.conv_out."))
 }
 
-fn step_seed(seed: u64, step: usize) -> u64 {
-    seed ^ (step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-}
-
 impl LdmTrainer {
     /// A fresh text encoder and U-Net for latents of `latent_dims` (C, h, w), initialised from
     /// `config.train.seed`.
@@ -553,7 +549,7 @@ impl LdmTrainer {
         let cfg = &self.config;
         let batch = cfg.train.batch_size;
         let n_train = self.schedule.num_train_timesteps();
-        let mut rng = SeededNoise::new(step_seed(cfg.train.seed, self.step));
+        let mut rng = SeededNoise::new(super::step_seed(cfg.train.seed, self.step));
         let indices: Vec<usize> = (0..batch)
             .map(|_| rng.rng().random_range(0..data.len()))
             .collect();

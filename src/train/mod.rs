@@ -14,6 +14,12 @@ use candle_core::{Tensor, Var};
 use candle_nn::VarMap;
 use rand::Rng;
 
+/// The RNG seed of step `step` (0-based) of a run seeded `seed`: every draw of a step comes from
+/// it, so a resumed run takes the steps an uninterrupted one would have taken.
+pub fn step_seed(seed: u64, step: usize) -> u64 {
+    seed ^ (step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
 /// The VarMap's variables sorted by name (a VarMap is a HashMap, whose order changes between
 /// runs; every loop over parameters that touches an RNG or a file goes through this order).
 pub fn named_vars(varmap: &VarMap) -> Vec<(String, Var)> {

@@ -57,10 +57,6 @@ fn zero_init(name: &str) -> bool {
     name == "conv_out.weight" || name == "conv_out.bias" || name.ends_with("conv2.weight")
 }
 
-fn step_seed(seed: u64, step: usize) -> u64 {
-    seed ^ (step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-}
-
 impl PixelTrainer {
     /// A fresh model on `device`, initialised from `config.train.seed` (the same draws on every
     /// device: they are made on the CPU).
@@ -139,7 +135,7 @@ impl PixelTrainer {
         let cfg = &self.config;
         let batch = cfg.train.batch_size;
         let n_train = self.schedule.num_train_timesteps();
-        let mut rng = SeededNoise::new(step_seed(cfg.train.seed, self.step));
+        let mut rng = SeededNoise::new(super::step_seed(cfg.train.seed, self.step));
         let indices: Vec<usize> = (0..batch)
             .map(|_| rng.rng().random_range(0..data.len()))
             .collect();

@@ -266,10 +266,6 @@ pub struct VaeTrainer {
     pub step: usize,
 }
 
-fn step_seed(seed: u64, step: usize) -> u64 {
-    seed ^ (step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-}
-
 impl VaeTrainer {
     pub fn new(config: VaeTrainConfig, device: &Device) -> Result<Self> {
         config.validate()?;
@@ -326,7 +322,7 @@ impl VaeTrainer {
     /// paper's sum-per-image losses divided by the pixel count.
     pub fn train_step(&mut self, data: &LabelledImages) -> Result<VaeStepStats> {
         let t = &self.config.train;
-        let mut rng = SeededNoise::new(step_seed(t.seed, self.step));
+        let mut rng = SeededNoise::new(super::step_seed(t.seed, self.step));
         let indices: Vec<usize> = (0..t.batch_size)
             .map(|_| rng.rng().random_range(0..data.len()))
             .collect();
