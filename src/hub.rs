@@ -14,6 +14,8 @@ pub struct Preset {
     pub steps: usize,
     /// Classifier-free guidance scale (at or below 1: off).
     pub guidance: f64,
+    /// The noise levels (sigma) where guidance applies, when not all of them.
+    pub guidance_interval: Option<(f64, f64)>,
 }
 
 pub const PRESETS: [Preset; 4] = [
@@ -23,6 +25,7 @@ pub const PRESETS: [Preset; 4] = [
         size: 512,
         steps: 50,
         guidance: 7.5,
+        guidance_interval: None,
     },
     Preset {
         name: "sd21",
@@ -30,6 +33,7 @@ pub const PRESETS: [Preset; 4] = [
         size: 768,
         steps: 50,
         guidance: 7.5,
+        guidance_interval: None,
     },
     Preset {
         name: "sd21-base",
@@ -37,6 +41,7 @@ pub const PRESETS: [Preset; 4] = [
         size: 512,
         steps: 50,
         guidance: 7.5,
+        guidance_interval: None,
     },
     Preset {
         name: "sd-turbo",
@@ -44,6 +49,7 @@ pub const PRESETS: [Preset; 4] = [
         size: 512,
         steps: 1,
         guidance: 0.0,
+        guidance_interval: None,
     },
 ];
 
@@ -55,6 +61,7 @@ pub const EMBEDDED: Preset = Preset {
     size: 32,
     steps: 20,
     guidance: 4.0,
+    guidance_interval: None,
 };
 
 pub fn preset(name_or_repo: &str) -> Option<&'static Preset> {

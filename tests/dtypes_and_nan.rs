@@ -15,6 +15,7 @@ fn request(latents: candle_core::Tensor) -> Txt2ImgRequest {
         negative: String::new(),
         guidance: 7.5,
         guidance_rescale: 0.0,
+        guidance_interval: None,
         width: 128,
         height: 128,
         num_images: 1,

@@ -45,6 +45,7 @@ fn run_case(case: &str) {
         negative: negative.into(),
         guidance: call["guidance_scale"].as_f64().unwrap(),
         guidance_rescale: 0.0,
+        guidance_interval: None,
         width: 128,
         height: 128,
         num_images: 1,

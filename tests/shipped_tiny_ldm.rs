@@ -10,7 +10,7 @@ use common::fixture_path;
 use diffuse::cli::eval_txt2img::judge_view;
 use diffuse::data::captions::{ClassCaptions, EXTRA_TEMPLATES};
 use diffuse::judge::Judge;
-use diffuse::pipeline::txt2img::sample_prompts;
+use diffuse::pipeline::txt2img::{sample_prompts, PromptGuidance};
 use diffuse::pipeline::{LoadOptions, StableDiffusion};
 use diffuse::sampler::{build_sampler, SamplerKind, SamplerOptions};
 use std::path::Path;
@@ -75,7 +75,10 @@ fn every_class_caption_is_drawn_as_its_class() {
             sampler.as_ref(),
             &prompts,
             per_prompt,
-            4.0,
+            PromptGuidance {
+                scale: 4.0,
+                interval: None,
+            },
             100 * k as u64,
             &mut |_, _| {},
         )

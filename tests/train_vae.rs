@@ -155,5 +155,65 @@ fn bad_vae_configs_are_named() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("norm_num_groups = 3"), "{err}");
+    let err = VaeTrainConfig::from_toml_str(&tiny_config(&data, &dir, "train_encoder = false"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("train.init"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A decoder-only fine-tune starts from the given VAE, leaves its encoder (hence the latents a
+/// diffusion model saw) bit-identical, and changes the decoder; it resumes like a full run.
+#[test]
+fn decoder_only_fine_tuning_keeps_the_encoder() {
+    let dir = temp_dir("decoder");
+    common::write_idx_dataset(&dir.join("data"), 12, 8);
+    let data = LabelledImages::load(&dir.join("data"), Split::Train).unwrap();
+    let config = VaeTrainConfig::from_toml_str(&tiny_config(&dir.join("data"), &dir, "")).unwrap();
+    let mut base = VaeTrainer::new(config, &Device::Cpu).unwrap();
+    for _ in 0..3 {
+        base.train_step(&data).unwrap();
+    }
+    base.write_diffusers(&dir.join("vae"), 1.0).unwrap();
+    let extra = format!(
+        "init = \"{}\"\ntrain_encoder = false",
+        dir.join("vae").display()
+    );
+    let config =
+        VaeTrainConfig::from_toml_str(&tiny_config(&dir.join("data"), &dir, &extra)).unwrap();
+    let mut tuned = VaeTrainer::new(config.clone(), &Device::Cpu).unwrap();
+    assert!(tuned.parameter_count() < base.parameter_count());
+    for _ in 0..2 {
+        tuned.train_step(&data).unwrap();
+    }
+    let checkpoint = dir.join("checkpoint.safetensors");
+    tuned.save(&checkpoint).unwrap();
+    let mut resumed = VaeTrainer::resume(config, &checkpoint, &Device::Cpu).unwrap();
+    for _ in 0..2 {
+        tuned.train_step(&data).unwrap();
+        resumed.train_step(&data).unwrap();
+    }
+    let values =
+        |t: &candle_core::Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+    let mut decoder_changed = false;
+    for (((name, before), (_, after)), (_, again)) in base
+        .weights()
+        .unwrap()
+        .iter()
+        .zip(tuned.weights().unwrap())
+        .zip(resumed.weights().unwrap())
+    {
+        assert_eq!(
+            values(&after),
+            values(&again),
+            "{name} differs after resuming"
+        );
+        if name.starts_with("decoder.") || name.starts_with("post_quant_conv.") {
+            decoder_changed |= values(before) != values(&after);
+        } else {
+            assert_eq!(values(before), values(&after), "{name} changed");
+        }
+    }
+    assert!(decoder_changed);
     std::fs::remove_dir_all(&dir).ok();
 }

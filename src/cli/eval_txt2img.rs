@@ -5,11 +5,13 @@
 
 use super::eval::{fd_floor, judge_dir};
 use crate::data::captions::{ClassCaptions, EXTRA_TEMPLATES};
+use crate::data::idx::{LabelledImages, Split};
 use crate::judge::{frechet_distance, FeatureStats, Judge};
 use crate::pipeline::pixel::class_columns_grid;
-use crate::pipeline::txt2img::sample_prompts;
+use crate::pipeline::txt2img::{sample_prompts, PromptGuidance};
 use crate::pipeline::{LoadOptions, StableDiffusion};
 use crate::sampler::{build_sampler, SamplerKind, SamplerOptions};
+use crate::train::vae::pad_to;
 use anyhow::Context;
 use candle_core::{Device, Tensor};
 use clap::Args;
@@ -38,6 +40,14 @@ pub struct EvalTxt2imgArgs {
     pub steps: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Guide only where the noise level sigma is in (LOW, HIGH] (Kynkäänniemi et al. 2024), e.g.
+    /// `0.3,5`; default everywhere.
+    #[arg(long, value_parser = super::txt2img::parse_interval)]
+    pub guidance_interval: Option<(f64, f64)>,
+    /// Also judge the VAE's reconstructions of as many test images (the Fréchet distance no
+    /// model on these latents can beat): the folder holding each dataset's IDX files.
+    #[arg(long)]
+    pub reconstruction_data: Option<PathBuf>,
     /// Also write a grid of the first 8 images of every class, one class a column.
     #[arg(long)]
     pub grid: Option<PathBuf>,
@@ -70,6 +80,32 @@ pub fn judge_view(images: &Tensor) -> anyhow::Result<Tensor> {
         .narrow(2, (h - 28) / 2, 28)?
         .narrow(3, (w - 28) / 2, 28)?
         .affine(2.0, -1.0)?)
+}
+
+/// The Fréchet distance between the judge features of the VAE's reconstructions (posterior
+/// means) of the first `n` test images and the test set.
+fn reconstruction_fd(
+    sd: &StableDiffusion,
+    data_dir: &Path,
+    judge: &Judge,
+    reference: &FeatureStats,
+    n: usize,
+) -> anyhow::Result<f64> {
+    let data = LabelledImages::load(data_dir, Split::Test)?;
+    let size = sd.unet.config.sample_size.unwrap_or(64) * sd.vae_scale_factor();
+    let mut features = Vec::new();
+    for start in (0..n.min(data.len())).step_by(100) {
+        let indices: Vec<usize> = (start..n.min(data.len()).min(start + 100)).collect();
+        let images = pad_to(&data.batch(&indices, &Device::Cpu)?, size)?.affine(0.5, 0.5)?;
+        let latents = sd.encode_image(&images, None)?;
+        let decoded = sd.decode(&latents)?;
+        features.push(judge.score(&judge_view(&decoded)?)?.features);
+    }
+    let features = Tensor::cat(&features, 0)?;
+    Ok(frechet_distance(
+        &FeatureStats::from_features(&features)?,
+        reference,
+    ))
 }
 
 pub fn run(args: EvalTxt2imgArgs) -> anyhow::Result<()> {
@@ -118,7 +154,10 @@ pub fn run(args: EvalTxt2imgArgs) -> anyhow::Result<()> {
             sampler.as_ref(),
             &prompts,
             args.per_prompt,
-            args.guidance,
+            PromptGuidance {
+                scale: args.guidance,
+                interval: args.guidance_interval,
+            },
             seed,
             &mut |done, _| bar.set_position(done as u64),
         )?;
@@ -141,12 +180,22 @@ pub fn run(args: EvalTxt2imgArgs) -> anyhow::Result<()> {
         let n = images.dim(0)?;
         let fd = frechet_distance(&FeatureStats::from_features(&verdict.features)?, &reference);
         let floor = fd_floor(&judge_path, n);
+        let reconstruction = match &args.reconstruction_data {
+            Some(root) => Some(reconstruction_fd(
+                &sd,
+                &root.join(name),
+                &judge,
+                &reference,
+                n,
+            )?),
+            None => None,
+        };
         all_hits += (accuracy * n as f64).round() as usize;
         all_total += n;
         eprintln!(
             "{name}: {n} images ({} per caption, guidance {}, {} {} steps, {seconds:.1} s): \
              drawn as the prompted class {:.1}% (worst class {:.0}%), Fréchet distance {fd:.2} \
-             (floor {}), classes {:?}",
+             (floor {}{}), classes {:?}",
             args.per_prompt,
             args.guidance,
             args.sampler,
@@ -154,6 +203,7 @@ pub fn run(args: EvalTxt2imgArgs) -> anyhow::Result<()> {
             100.0 * accuracy,
             100.0 * per_class.iter().cloned().fold(f64::INFINITY, f64::min),
             floor.map_or("n/a".into(), |f| format!("{f:.2}")),
+            reconstruction.map_or(String::new(), |r| format!(", VAE reconstructions {r:.2}")),
             verdict.histogram()?
         );
         per_dataset.push(serde_json::json!({
@@ -164,6 +214,7 @@ pub fn run(args: EvalTxt2imgArgs) -> anyhow::Result<()> {
             "fd": fd,
             "fd_floor": floor,
             "fd_over_floor": floor.map(|f| fd / f),
+            "vae_reconstruction_fd": reconstruction,
             "class_histogram": verdict.histogram()?,
             "mean_confidence": verdict.mean_confidence()?,
             "sampling_seconds": seconds,
@@ -185,6 +236,10 @@ pub fn run(args: EvalTxt2imgArgs) -> anyhow::Result<()> {
     report.insert("model".into(), dir.display().to_string().into());
     report.insert("load_seconds".into(), load_seconds.into());
     report.insert("guidance".into(), args.guidance.into());
+    report.insert(
+        "guidance_interval".into(),
+        serde_json::json!(args.guidance_interval.map(|(low, high)| [low, high])),
+    );
     report.insert("sampler".into(), args.sampler.clone().into());
     report.insert("steps".into(), args.steps.into());
     report.insert("per_prompt".into(), args.per_prompt.into());

@@ -6,7 +6,7 @@ use super::train::TrainArgs;
 use super::train_loop::{check_fresh_start, run_loop, time_limit, LoopSettings, TrainingRun};
 use crate::data::idx::Split;
 use crate::pipeline::pixel::class_columns_grid;
-use crate::pipeline::txt2img::sample_prompts;
+use crate::pipeline::txt2img::{sample_prompts, PromptGuidance};
 use crate::pipeline::{LoadOptions, StableDiffusion};
 use crate::sampler::{build_sampler, SamplerKind, SamplerOptions};
 use crate::train::ldm::{LatentData, LdmTrainConfig, LdmTrainer};
@@ -50,7 +50,10 @@ fn class_grid(
         sampler.as_ref(),
         captions,
         per_class,
-        GRID_GUIDANCE,
+        PromptGuidance {
+            scale: GRID_GUIDANCE,
+            interval: None,
+        },
         0,
         &mut |_, _| {},
     )?;

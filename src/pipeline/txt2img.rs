@@ -1,7 +1,7 @@
 //! Text to image: encode the prompt and the negative prompt, draw (or take) latents, run any
 //! sampler on the guided U-Net, decode with the VAE.
 
-use super::guidance::GuidedUNet;
+use super::guidance::{GuidanceInterval, GuidedUNet};
 use super::StableDiffusion;
 use crate::error::{Error, Result};
 use crate::sampler::{Callback, Sampler, SeededNoise, StepEvent};
@@ -14,6 +14,9 @@ pub struct Txt2ImgRequest {
     pub negative: String,
     pub guidance: f64,
     pub guidance_rescale: f64,
+    /// Guide only where sigma(t) is in (low, high] (Kynkäänniemi et al. 2024); None: at every
+    /// step.
+    pub guidance_interval: Option<(f64, f64)>,
     pub width: usize,
     pub height: usize,
     pub num_images: usize,
@@ -108,6 +111,14 @@ fn denoise_and_decode(
         context,
         guidance: request.guidance,
         guidance_rescale: request.guidance_rescale,
+        interval: match request.guidance_interval {
+            Some((sigma_low, sigma_high)) => Some(GuidanceInterval {
+                sigma_low,
+                sigma_high,
+                sigmas: sd.scheduler.noise_schedule()?.sigmas(),
+            }),
+            None => None,
+        },
         prediction_type: sd.scheduler.prediction_type,
         dtype: sd.options.dtype,
     };
@@ -194,6 +205,13 @@ pub fn img2img(
     denoise_and_decode(sd, sampler, request, prompts, x_start, &mut noise, on_step)
 }
 
+/// Classifier-free guidance for [`sample_prompts`]: the scale and the noise band it acts in.
+#[derive(Debug, Clone, Copy)]
+pub struct PromptGuidance {
+    pub scale: f64,
+    pub interval: Option<(f64, f64)>,
+}
+
 /// `per_prompt` images for each of `prompts` (seed `seed + k` for prompt k), DDIM-style sampler
 /// `sampler`, guidance `guidance`: (prompts x per_prompt, C, H, W) in [0, 1], prompt-major. The
 /// model's native size.
@@ -202,7 +220,7 @@ pub fn sample_prompts(
     sampler: &dyn Sampler,
     prompts: &[String],
     per_prompt: usize,
-    guidance: f64,
+    guidance: PromptGuidance,
     seed: u64,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Tensor> {
@@ -212,8 +230,9 @@ pub fn sample_prompts(
         let request = Txt2ImgRequest {
             prompt: prompt.clone(),
             negative: String::new(),
-            guidance,
+            guidance: guidance.scale,
             guidance_rescale: 0.0,
+            guidance_interval: guidance.interval,
             width: size,
             height: size,
             num_images: per_prompt,

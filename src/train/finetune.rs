@@ -353,6 +353,7 @@ impl FineTuner {
                     negative: String::new(),
                     guidance,
                     guidance_rescale: 0.0,
+                    guidance_interval: None,
                     width: size,
                     height: size,
                     num_images: 1,
