@@ -217,3 +217,52 @@ fn decoder_only_fine_tuning_keeps_the_encoder() {
     assert!(decoder_changed);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// With a patch discriminator: its verdicts count from `adversarial_start`, both hinge losses are
+/// logged, and a resumed run (discriminator and its optimiser included) ends with the weights of
+/// an uninterrupted one.
+#[test]
+fn adversarial_vae_training_resumes_exactly() {
+    let dir = temp_dir("adversarial");
+    common::write_idx_dataset(&dir.join("data"), 12, 8);
+    let data = LabelledImages::load(&dir.join("data"), Split::Train).unwrap();
+    let extra = "adversarial_weight = 0.1\nadversarial_start = 1\ndiscriminator_channels = 4";
+    let config =
+        VaeTrainConfig::from_toml_str(&tiny_config(&dir.join("data"), &dir, extra)).unwrap();
+    let mut straight = VaeTrainer::new(config.clone(), &Device::Cpu).unwrap();
+    let stats: Vec<_> = (0..4)
+        .map(|_| straight.train_step(&data).unwrap())
+        .collect();
+    assert_eq!(stats[0].adversarial, 0.0);
+    assert!(stats[1..].iter().all(|s| s.adversarial != 0.0));
+    assert!(stats.iter().all(|s| s.discriminator > 0.0));
+
+    let mut first = VaeTrainer::new(config.clone(), &Device::Cpu).unwrap();
+    for _ in 0..2 {
+        first.train_step(&data).unwrap();
+    }
+    let checkpoint = dir.join("checkpoint.safetensors");
+    first.save(&checkpoint).unwrap();
+    let mut resumed = VaeTrainer::resume(config, &checkpoint, &Device::Cpu).unwrap();
+    let resumed_stats: Vec<_> = (0..2).map(|_| resumed.train_step(&data).unwrap()).collect();
+    assert_eq!(resumed_stats[1].discriminator, stats[3].discriminator);
+    for ((name, a), (_, b)) in straight
+        .weights()
+        .unwrap()
+        .iter()
+        .zip(resumed.weights().unwrap())
+    {
+        let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(a, b, "{name} differs after resuming");
+    }
+
+    let bad = tiny_config(
+        &dir.join("data"),
+        &dir,
+        "adversarial_weight = 0.1\ndiscriminator_channels = 3",
+    );
+    let err = VaeTrainConfig::from_toml_str(&bad).unwrap_err().to_string();
+    assert!(err.contains("train.discriminator_channels = 3"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -35,7 +35,8 @@ pub struct TrainVaeArgs {
     pub json: bool,
 }
 
-const CSV_HEADER: &str = "step,loss,l1,kl,grad_norm,learning_rate,seconds";
+const CSV_HEADER: &str =
+    "step,loss,l1,kl,adversarial,discriminator,grad_norm,learning_rate,seconds";
 
 struct VaeRun {
     trainer: VaeTrainer,
@@ -54,6 +55,8 @@ impl TrainingRun for VaeRun {
             s.loss,
             s.reconstruction,
             s.kl,
+            s.adversarial,
+            s.discriminator,
             s.grad_norm,
             s.learning_rate,
         ])

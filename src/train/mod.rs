@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod discriminator;
 pub mod finetune;
 pub mod ldm;
 pub mod optim;

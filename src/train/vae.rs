@@ -7,6 +7,7 @@
 //! steps an uninterrupted one would have taken.
 
 use super::checkpoint;
+use super::discriminator::{discriminator_hinge_loss, generator_hinge_loss, PatchDiscriminator};
 use super::optim::{clip_factor, warmup_lr, AdamW, AdamWParams};
 use super::{named_vars, seeded_init};
 use crate::data::idx::{LabelledImages, Split};
@@ -81,6 +82,17 @@ pub struct VaeOptimConfig {
     /// Diffusion's ft-MSE decoders were made this way).
     #[serde(default = "yes")]
     pub train_encoder: bool,
+    /// Weight of the adversarial term (the decoder's hinge loss against a patch discriminator,
+    /// LDM appendix G) beside the per-pixel L1; 0 trains no discriminator.
+    #[serde(default)]
+    pub adversarial_weight: f64,
+    /// The step from which the decoder sees the adversarial term; the discriminator learns from
+    /// the first step, so it is not random when its verdicts start to count (LDM's disc_start).
+    #[serde(default)]
+    pub adversarial_start: usize,
+    /// Channels of the discriminator's first layer (twice as many in its second).
+    #[serde(default = "discriminator_channels")]
+    pub discriminator_channels: usize,
     pub out_dir: PathBuf,
     #[serde(default = "every_500")]
     pub checkpoint_every: usize,
@@ -88,6 +100,9 @@ pub struct VaeOptimConfig {
     pub log_every: usize,
 }
 
+fn discriminator_channels() -> usize {
+    32
+}
 fn yes() -> bool {
     true
 }
@@ -182,6 +197,22 @@ impl VaeTrainConfig {
                 "train.train_encoder = false needs train.init (the VAE whose encoder is kept)"
                     .into(),
             ));
+        }
+        if !(t.adversarial_weight >= 0.0 && t.adversarial_weight.is_finite()) {
+            return Err(Error::bad_value(
+                "train.adversarial_weight",
+                t.adversarial_weight,
+                "0 or a positive number",
+            ));
+        }
+        if t.adversarial_weight > 0.0
+            && (t.discriminator_channels == 0
+                || !(2 * t.discriminator_channels).is_multiple_of(m.norm_num_groups))
+        {
+            return Err(Error::Contradiction(format!(
+                "train.discriminator_channels = {} doubled is not a positive multiple of model.norm_num_groups = {}",
+                t.discriminator_channels, m.norm_num_groups
+            )));
         }
         if !(t.kl_weight >= 0.0 && t.kl_weight.is_finite()) {
             return Err(Error::bad_value(
@@ -287,6 +318,10 @@ pub struct VaeStepStats {
     pub reconstruction: f64,
     /// KL(q(z|x) || N(0, I)) per image, in nats.
     pub kl: f64,
+    /// The decoder's hinge loss -E[D(x_hat)] (0 without a discriminator).
+    pub adversarial: f64,
+    /// The discriminator's hinge loss (0 without one; 2 is chance, 0 a perfect critic).
+    pub discriminator: f64,
     pub grad_norm: f64,
     pub learning_rate: f64,
 }
@@ -301,8 +336,55 @@ pub struct VaeTrainer {
     trainable: Vec<(String, Var)>,
     vars: Vec<Var>,
     optimizer: AdamW,
+    adversary: Option<Adversary>,
     device: Device,
     pub step: usize,
+}
+
+/// The patch discriminator with its weights and optimiser.
+struct Adversary {
+    net: PatchDiscriminator,
+    _varmap: VarMap,
+    named: Vec<(String, Var)>,
+    vars: Vec<Var>,
+    optimizer: AdamW,
+}
+
+/// Checkpoint prefix of the discriminator's weights.
+const DISCRIMINATOR_PREFIX: &str = "discriminator.";
+/// Mixed into the seed of the discriminator's initial weights.
+const DISCRIMINATOR_SEED_SALT: u64 = 0xD15C_0000_0000_0001;
+
+impl Adversary {
+    fn new(config: &VaeTrainConfig, device: &Device) -> Result<Self> {
+        let varmap = VarMap::new();
+        let net = PatchDiscriminator::new(
+            config.model.channels,
+            config.train.discriminator_channels,
+            config.model.norm_num_groups,
+            VarBuilder::from_varmap(&varmap, DType::F32, device),
+        )?;
+        let named = named_vars(&varmap);
+        // Its own stream, so adding a discriminator leaves the autoencoder's start unchanged.
+        let seed = config.train.seed ^ DISCRIMINATOR_SEED_SALT;
+        seeded_init(&named, &mut SeededNoise::new(seed), &|_| false)?;
+        let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
+        let optimizer = AdamW::new(&vars, AdamWParams::default())?;
+        Ok(Self {
+            net,
+            _varmap: varmap,
+            named,
+            vars,
+            optimizer,
+        })
+    }
+
+    fn checkpoint_names(&self) -> Vec<String> {
+        self.named
+            .iter()
+            .map(|(name, _)| format!("{DISCRIMINATOR_PREFIX}{name}"))
+            .collect()
+    }
 }
 
 impl VaeTrainer {
@@ -325,6 +407,11 @@ impl VaeTrainer {
             .collect();
         let vars: Vec<Var> = trainable.iter().map(|(_, v)| v.clone()).collect();
         let optimizer = AdamW::new(&vars, AdamWParams::default())?;
+        let adversary = if config.train.adversarial_weight > 0.0 {
+            Some(Adversary::new(&config, device)?)
+        } else {
+            None
+        };
         Ok(Self {
             config,
             vae,
@@ -333,6 +420,7 @@ impl VaeTrainer {
             trainable,
             vars,
             optimizer,
+            adversary,
             device: device.clone(),
             step: 0,
         })
@@ -352,26 +440,29 @@ impl VaeTrainer {
         .map_err(Into::into)
     }
 
-    /// Mean per-pixel L1 of the reconstruction from a posterior draw, and the KL per image.
-    fn losses(&self, x: &Tensor, noise: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// The reconstruction from a posterior draw, its mean per-pixel L1, and the KL per image.
+    fn losses(&self, x: &Tensor, noise: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let posterior = self.vae.encode(x)?;
         let mut z = posterior.sample(noise)?;
         if !self.config.train.train_encoder {
             // A frozen encoder: no backward pass through it.
             z = z.detach();
         }
-        let reconstruction = (self.vae.decode(&z)? - x)?.abs()?.mean_all()?;
+        let decoded = self.vae.decode(&z)?;
+        let reconstruction = (&decoded - x)?.abs()?.mean_all()?;
         // KL(N(mu, sigma^2) || N(0, 1)) = 0.5 (mu^2 + sigma^2 - 1 - log sigma^2) per latent value.
         let kl_values =
             ((posterior.mean.sqr()? + posterior.logvar.exp()?)? - 1.0 - &posterior.logvar)?
                 .affine(0.5, 0.0)?;
         let batch = x.dim(0)?;
         let kl = (kl_values.sum_all()? / batch as f64)?;
-        Ok((reconstruction, kl))
+        Ok((decoded, reconstruction, kl))
     }
 
-    /// One optimiser step on a batch drawn from `data`: loss = L1 + kl_weight KL / pixels, the
-    /// paper's sum-per-image losses divided by the pixel count.
+    /// One optimiser step on a batch drawn from `data`: loss = L1 + kl_weight KL / pixels (the
+    /// paper's sum-per-image losses divided by the pixel count) + adversarial_weight times the
+    /// decoder's hinge loss once past `adversarial_start`; then one discriminator step on the same
+    /// images and their reconstructions.
     pub fn train_step(&mut self, data: &LabelledImages) -> Result<VaeStepStats> {
         let t = &self.config.train;
         let mut rng = SeededNoise::new(super::step_seed(t.seed, self.step));
@@ -389,18 +480,44 @@ impl VaeTrainer {
                 latent,
             ])?
             .to_device(&self.device)?;
-        let (reconstruction, kl) = self.losses(&x, &noise)?;
+        let (decoded, reconstruction, kl) = self.losses(&x, &noise)?;
         let pixels = (self.config.model.channels * size * size) as f64;
-        let loss = (&reconstruction + kl.affine(t.kl_weight / pixels, 0.0)?)?;
+        let mut loss = (&reconstruction + kl.affine(t.kl_weight / pixels, 0.0)?)?;
+        let mut adversarial = 0.0;
+        if let Some(adversary) = &self.adversary {
+            if self.step >= t.adversarial_start {
+                let term = generator_hinge_loss(&adversary.net.forward(&decoded)?)?;
+                adversarial = term.to_scalar::<f32>()? as f64;
+                loss = (loss + term.affine(t.adversarial_weight, 0.0)?)?;
+            }
+        }
         let (value, grads, norm) = super::checked_backward(&loss, &self.vars, self.step)?;
         let lr = warmup_lr(t.learning_rate, self.step, t.warmup_steps);
         self.optimizer
             .step(&self.vars, &grads, lr, clip_factor(norm, t.grad_clip))?;
+        let mut discriminator = 0.0;
+        if let Some(adversary) = &mut self.adversary {
+            let d_loss = discriminator_hinge_loss(
+                &adversary.net.forward(&x)?,
+                &adversary.net.forward(&decoded.detach())?,
+            )?;
+            let (d_value, d_grads, d_norm) =
+                super::checked_backward(&d_loss, &adversary.vars, self.step)?;
+            adversary.optimizer.step(
+                &adversary.vars,
+                &d_grads,
+                lr,
+                clip_factor(d_norm, t.grad_clip),
+            )?;
+            discriminator = d_value;
+        }
         self.step += 1;
         Ok(VaeStepStats {
             loss: value,
             reconstruction: reconstruction.to_scalar::<f32>()? as f64,
             kl: kl.to_scalar::<f32>()? as f64,
+            adversarial,
+            discriminator,
             grad_norm: norm,
             learning_rate: lr,
         })
@@ -474,6 +591,17 @@ impl VaeTrainer {
             self.optimizer
                 .moment_tensors(self.trainable.iter().map(|(n, _)| n.as_str())),
         );
+        if let Some(adversary) = &self.adversary {
+            let names = adversary.checkpoint_names();
+            for (name, (_, var)) in names.iter().zip(&adversary.named) {
+                tensors.push((format!("model.{name}"), var.as_tensor().detach()));
+            }
+            tensors.extend(
+                adversary
+                    .optimizer
+                    .moment_tensors(names.iter().map(String::as_str)),
+            );
+        }
         checkpoint::save(path, &tensors, &self.metadata())
     }
 
@@ -511,6 +639,17 @@ impl VaeTrainer {
                 loaded.tensor_like(path, &format!("optim.v.{name}"), var.dims())?;
         }
         trainer.optimizer.updates = trainer.step;
+        if let Some(adversary) = &mut trainer.adversary {
+            let names = adversary.checkpoint_names();
+            for (i, (name, (_, var))) in names.iter().zip(&adversary.named).enumerate() {
+                var.set(&loaded.tensor_like(path, &format!("model.{name}"), var.dims())?)?;
+                adversary.optimizer.first_moments[i] =
+                    loaded.tensor_like(path, &format!("optim.m.{name}"), var.dims())?;
+                adversary.optimizer.second_moments[i] =
+                    loaded.tensor_like(path, &format!("optim.v.{name}"), var.dims())?;
+            }
+            adversary.optimizer.updates = trainer.step;
+        }
         Ok(trainer)
     }
 
