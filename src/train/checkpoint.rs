@@ -150,6 +150,21 @@ impl Loaded {
         Ok(tensor.clone())
     }
 
+    /// The step count stored under the metadata key `key`.
+    pub fn step(&self, path: &Path, key: &str) -> Result<usize> {
+        self.meta(path, key)?
+            .parse()
+            .map_err(|e| file_error(path, format!("{key} is not a step count: {e}")))
+    }
+
+    /// Sets each of `named` from its tensor `model.<name>`.
+    pub fn restore_vars(&self, path: &Path, named: &[(String, candle_core::Var)]) -> Result<()> {
+        for (name, var) in named {
+            var.set(&self.tensor_like(path, &format!("model.{name}"), var.dims())?)?;
+        }
+        Ok(())
+    }
+
     /// A metadata value, or an error naming the file and key.
     pub fn meta(&self, path: &Path, key: &str) -> Result<&str> {
         self.metadata

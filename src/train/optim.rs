@@ -100,6 +100,27 @@ impl AdamW {
             })
             .collect()
     }
+
+    /// Reads back what [`Self::moment_tensors`] wrote, for `names` in the variables' order, and
+    /// the update count `step` (the bias corrections depend on it); errors name the file and
+    /// tensor.
+    pub fn restore<'a>(
+        &mut self,
+        loaded: &super::checkpoint::Loaded,
+        path: &std::path::Path,
+        names: impl Iterator<Item = &'a str>,
+        vars: &[Var],
+        step: usize,
+    ) -> crate::Result<()> {
+        for (i, (name, var)) in names.zip(vars).enumerate() {
+            self.first_moments[i] =
+                loaded.tensor_like(path, &format!("optim.m.{name}"), var.dims())?;
+            self.second_moments[i] =
+                loaded.tensor_like(path, &format!("optim.v.{name}"), var.dims())?;
+        }
+        self.updates = step;
+        Ok(())
+    }
 }
 
 /// The global L2 norm of the gradients of `vars` (absent gradients count as zero).

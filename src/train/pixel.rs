@@ -111,18 +111,19 @@ impl PixelTrainer {
                 "was trained with another [model] or [diffusion] section than this config".into(),
             ));
         }
-        trainer.step = loaded
-            .meta(path, STEP_KEY)?
-            .parse()
-            .map_err(|e| file_error(format!("{STEP_KEY} is not a step count: {e}")))?;
-        let get = |key: String, like: &Var| loaded.tensor_like(path, &key, like.dims());
+        trainer.step = loaded.step(path, STEP_KEY)?;
+        loaded.restore_vars(path, &trainer.named)?;
         for (i, (name, var)) in trainer.named.iter().enumerate() {
-            var.set(&get(format!("model.{name}"), var)?)?;
-            trainer.ema.average[i] = get(format!("ema.{name}"), var)?;
-            trainer.optimizer.first_moments[i] = get(format!("optim.m.{name}"), var)?;
-            trainer.optimizer.second_moments[i] = get(format!("optim.v.{name}"), var)?;
+            trainer.ema.average[i] =
+                loaded.tensor_like(path, &format!("ema.{name}"), var.dims())?;
         }
-        trainer.optimizer.updates = trainer.step;
+        trainer.optimizer.restore(
+            &loaded,
+            path,
+            trainer.named.iter().map(|(name, _)| name.as_str()),
+            &trainer.vars,
+            trainer.step,
+        )?;
         Ok(trainer)
     }
 

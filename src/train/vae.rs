@@ -622,33 +622,27 @@ impl VaeTrainer {
                     .into(),
             });
         }
-        trainer.step = loaded
-            .meta(path, STEP_KEY)?
-            .parse()
-            .map_err(|e| Error::File {
-                path: path.display().to_string(),
-                message: format!("{STEP_KEY} is not a step count: {e}"),
-            })?;
-        for (name, var) in &trainer.named {
-            var.set(&loaded.tensor_like(path, &format!("model.{name}"), var.dims())?)?;
-        }
-        for (i, (name, var)) in trainer.trainable.iter().enumerate() {
-            trainer.optimizer.first_moments[i] =
-                loaded.tensor_like(path, &format!("optim.m.{name}"), var.dims())?;
-            trainer.optimizer.second_moments[i] =
-                loaded.tensor_like(path, &format!("optim.v.{name}"), var.dims())?;
-        }
-        trainer.optimizer.updates = trainer.step;
+        trainer.step = loaded.step(path, STEP_KEY)?;
+        loaded.restore_vars(path, &trainer.named)?;
+        trainer.optimizer.restore(
+            &loaded,
+            path,
+            trainer.trainable.iter().map(|(name, _)| name.as_str()),
+            &trainer.vars,
+            trainer.step,
+        )?;
         if let Some(adversary) = &mut trainer.adversary {
             let names = adversary.checkpoint_names();
-            for (i, (name, (_, var))) in names.iter().zip(&adversary.named).enumerate() {
+            for (name, (_, var)) in names.iter().zip(&adversary.named) {
                 var.set(&loaded.tensor_like(path, &format!("model.{name}"), var.dims())?)?;
-                adversary.optimizer.first_moments[i] =
-                    loaded.tensor_like(path, &format!("optim.m.{name}"), var.dims())?;
-                adversary.optimizer.second_moments[i] =
-                    loaded.tensor_like(path, &format!("optim.v.{name}"), var.dims())?;
             }
-            adversary.optimizer.updates = trainer.step;
+            adversary.optimizer.restore(
+                &loaded,
+                path,
+                names.iter().map(String::as_str),
+                &adversary.vars,
+                trainer.step,
+            )?;
         }
         Ok(trainer)
     }
