@@ -2,7 +2,9 @@
 //! loop (`train_loop`: progress, loss CSV and curve, sample grids, atomic checkpoints, Ctrl-C
 //! saving, `--resume`). A config with `model.autoencoder = "vae"` goes to `train_ldm`.
 
-use super::train_loop::{check_fresh_start, run_loop, time_limit, LoopSettings, TrainingRun};
+use super::train_loop::{
+    apply_overrides, check_fresh_start, run_loop, time_limit, LoopSettings, TrainingRun,
+};
 use crate::data::idx::{LabelledImages, Split};
 use crate::pipeline::pixel::grid;
 use crate::sampler::{SamplerKind, SamplerOptions};
@@ -127,13 +129,12 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     if let Some(data) = args.data {
         config.data.path = data;
     }
-    if let Some(dir) = args.out_dir {
-        config.train.out_dir = dir;
-    }
-    if let Some(steps) = args.steps {
-        anyhow::ensure!(steps > 0, "--steps = 0 is not allowed; expected at least 1");
-        config.train.steps = steps;
-    }
+    apply_overrides(
+        &mut config.train.out_dir,
+        &mut config.train.steps,
+        args.out_dir,
+        args.steps,
+    )?;
     let limit = time_limit(args.time_limit)?;
     config.validate()?;
     let out_dir = config.train.out_dir.clone();

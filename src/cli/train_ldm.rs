@@ -3,7 +3,9 @@
 //! shared training loop; the averaged weights are written as a diffusers pipeline folder.
 
 use super::train::TrainArgs;
-use super::train_loop::{check_fresh_start, run_loop, time_limit, LoopSettings, TrainingRun};
+use super::train_loop::{
+    apply_overrides, check_fresh_start, run_loop, time_limit, LoopSettings, TrainingRun,
+};
 use crate::data::idx::Split;
 use crate::pipeline::pixel::class_columns_grid;
 use crate::pipeline::txt2img::{sample_prompts, PromptGuidance};
@@ -100,13 +102,12 @@ pub fn run(args: TrainArgs, config_text: &str) -> anyhow::Result<()> {
         args.data.is_none(),
         "--data names one folder; a text-to-image config lists its folders in data.paths"
     );
-    if let Some(dir) = args.out_dir {
-        config.train.out_dir = dir;
-    }
-    if let Some(steps) = args.steps {
-        anyhow::ensure!(steps > 0, "--steps = 0 is not allowed; expected at least 1");
-        config.train.steps = steps;
-    }
+    apply_overrides(
+        &mut config.train.out_dir,
+        &mut config.train.steps,
+        args.out_dir,
+        args.steps,
+    )?;
     let limit = time_limit(args.time_limit)?;
     let pipeline_dtype = super::parse_dtype("--pipeline-dtype", &args.pipeline_dtype)?;
     config.validate()?;

@@ -44,6 +44,24 @@ pub struct LoopSummary {
     pub final_loss: Option<f64>,
 }
 
+/// The command line's `--out-dir` and `--steps` over a config's `train.out_dir` and
+/// `train.steps`; `--steps 0` is refused.
+pub fn apply_overrides(
+    out_dir: &mut PathBuf,
+    steps: &mut usize,
+    cli_out_dir: Option<PathBuf>,
+    cli_steps: Option<usize>,
+) -> anyhow::Result<()> {
+    if let Some(dir) = cli_out_dir {
+        *out_dir = dir;
+    }
+    if let Some(n) = cli_steps {
+        anyhow::ensure!(n > 0, "--steps = 0 is not allowed; expected at least 1");
+        *steps = n;
+    }
+    Ok(())
+}
+
 /// `--time-limit` minutes as a duration, refusing zero, negative and non-finite values.
 pub fn time_limit(minutes: Option<f64>) -> anyhow::Result<Option<Duration>> {
     match minutes {

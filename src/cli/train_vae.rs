@@ -2,7 +2,9 @@
 //! shared loop (`train_loop`: progress, loss CSV and curve, atomic checkpoints, Ctrl-C saving,
 //! `--resume`), and writes it in the diffusers `vae/` layout with its latent scaling factor.
 
-use super::train_loop::{check_fresh_start, run_loop, time_limit, LoopSettings, TrainingRun};
+use super::train_loop::{
+    apply_overrides, check_fresh_start, run_loop, time_limit, LoopSettings, TrainingRun,
+};
 use crate::data::idx::{LabelledImages, Split};
 use crate::pipeline::pixel::grid;
 use crate::train::vae::{load_pooled, VaeTrainConfig, VaeTrainer};
@@ -69,13 +71,12 @@ impl TrainingRun for VaeRun {
 
 pub fn run(args: TrainVaeArgs) -> anyhow::Result<()> {
     let mut config = VaeTrainConfig::from_file(&args.config)?;
-    if let Some(dir) = args.out_dir {
-        config.train.out_dir = dir;
-    }
-    if let Some(steps) = args.steps {
-        anyhow::ensure!(steps > 0, "--steps = 0 is not allowed; expected at least 1");
-        config.train.steps = steps;
-    }
+    apply_overrides(
+        &mut config.train.out_dir,
+        &mut config.train.steps,
+        args.out_dir,
+        args.steps,
+    )?;
     let limit = time_limit(args.time_limit)?;
     let out_dir = config.train.out_dir.clone();
     let checkpoint = out_dir.join("checkpoint.safetensors");
