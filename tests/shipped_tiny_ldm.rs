@@ -9,6 +9,7 @@ use candle_core::{Device, Tensor};
 use common::fixture_path;
 use diffuse::cli::eval_txt2img::judge_view;
 use diffuse::data::captions::{ClassCaptions, EXTRA_TEMPLATES};
+use diffuse::hub::EMBEDDED;
 use diffuse::judge::Judge;
 use diffuse::pipeline::txt2img::{sample_prompts, PromptGuidance};
 use diffuse::pipeline::{LoadOptions, StableDiffusion};
@@ -59,7 +60,7 @@ fn every_class_caption_is_drawn_as_its_class() {
         SamplerKind::Ddim,
         &sd.scheduler,
         &SamplerOptions::default(),
-        20,
+        EMBEDDED.steps,
     )
     .unwrap();
     let per_prompt = 4;
@@ -76,8 +77,8 @@ fn every_class_caption_is_drawn_as_its_class() {
             &prompts,
             per_prompt,
             PromptGuidance {
-                scale: 4.0,
-                interval: None,
+                scale: EMBEDDED.guidance,
+                interval: EMBEDDED.guidance_interval,
             },
             100 * k as u64,
             &mut |_, _| {},
@@ -89,9 +90,12 @@ fn every_class_caption_is_drawn_as_its_class() {
             .flat_map(|c| std::iter::repeat_n(c, per_prompt))
             .collect();
         let accuracy = verdict.accuracy(&labels).unwrap();
-        // The model card's figure is measured on 1000 images a dataset; 40 leave room for misses.
+        // The model card measures 98.4% (MNIST) and 84.6% (Fashion-MNIST, whose shirts the
+        // model draws as t-shirts and pullovers) on 1,000 images a dataset with these settings;
+        // 40 leave room for a few more misses.
+        let least = if *name == "mnist" { 0.9 } else { 0.7 };
         assert!(
-            accuracy >= 0.85,
+            accuracy >= least,
             "{name}: {accuracy} of the images judged the prompted class: {:?}",
             verdict.predicted().unwrap()
         );

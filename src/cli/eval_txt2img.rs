@@ -31,8 +31,9 @@ pub struct EvalTxt2imgArgs {
     /// Images per class caption.
     #[arg(long, default_value_t = 100)]
     pub per_prompt: usize,
-    /// Classifier-free guidance scale.
-    #[arg(long, default_value_t = 4.0)]
+    /// Classifier-free guidance scale (the embedded model's card: 3, with --guidance-interval
+    /// 0.3,2).
+    #[arg(long, default_value_t = 3.0)]
     pub guidance: f64,
     #[arg(long, default_value = "ddim")]
     pub sampler: String,
