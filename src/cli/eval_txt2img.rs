@@ -45,8 +45,8 @@ pub struct EvalTxt2imgArgs {
     /// `0.3,5`; default everywhere.
     #[arg(long, value_parser = super::txt2img::parse_interval)]
     pub guidance_interval: Option<(f64, f64)>,
-    /// Also judge the VAE's reconstructions of as many test images (the Fréchet distance no
-    /// model on these latents can beat): the folder holding each dataset's IDX files.
+    /// Also judge the VAE's reconstructions of as many test images (roughly the Fréchet distance
+    /// a model drawing through this VAE can reach): the folder holding each dataset's IDX files.
     #[arg(long)]
     pub reconstruction_data: Option<PathBuf>,
     /// Also write a grid of the first 8 images of every class, one class a column.
