@@ -525,16 +525,13 @@ impl LdmTrainer {
             ));
         }
         trainer.step = loaded.step(path, STEP_KEY)?;
-        loaded.restore_vars(path, &trainer.named)?;
-        for (i, (name, var)) in trainer.named.iter().enumerate() {
-            trainer.ema.average[i] =
-                loaded.tensor_like(path, &format!("ema.{name}"), var.dims())?;
-        }
-        trainer.optimizer.restore(
+        super::restore_averaged(
             &loaded,
             path,
-            trainer.named.iter().map(|(name, _)| name.as_str()),
+            &trainer.named,
             &trainer.vars,
+            &mut trainer.ema,
+            &mut trainer.optimizer,
             trainer.step,
         )?;
         Ok(trainer)

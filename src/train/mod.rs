@@ -112,6 +112,30 @@ pub fn checked_grad_norm(
     Ok(norm)
 }
 
+/// Restores what the pixel and latent trainers checkpoint: each variable (`model.<name>`), its
+/// weight average (`ema.<name>`) and its AdamW moments, at step `step`.
+pub fn restore_averaged(
+    loaded: &checkpoint::Loaded,
+    path: &std::path::Path,
+    named: &[(String, Var)],
+    vars: &[Var],
+    ema: &mut Ema,
+    optimizer: &mut optim::AdamW,
+    step: usize,
+) -> crate::Result<()> {
+    loaded.restore_vars(path, named)?;
+    for (i, (name, var)) in named.iter().enumerate() {
+        ema.average[i] = loaded.tensor_like(path, &format!("ema.{name}"), var.dims())?;
+    }
+    optimizer.restore(
+        loaded,
+        path,
+        named.iter().map(|(name, _)| name.as_str()),
+        vars,
+        step,
+    )
+}
+
 /// Exponential moving average of the weights (DDPM appendix B), with the warm-up
 /// decay_k = min(decay, (1 + k)/(10 + k)) so that the average is useful early in short runs.
 #[derive(Debug, Clone)]
