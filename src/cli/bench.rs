@@ -58,19 +58,12 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
-/// SD 1.5's U-Net (stable-diffusion-v1-5, unet/config.json).
-pub const SD15_UNET: &str = r#"{"in_channels": 4, "out_channels": 4, "sample_size": 64,
-  "block_out_channels": [320, 640, 1280, 1280],
-  "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-  "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-  "layers_per_block": 2, "attention_head_dim": 8, "cross_attention_dim": 768, "norm_num_groups": 32}"#;
+/// SD 1.5's U-Net (stable-diffusion-v1-5, unet/config.json); benches/pytorch_reference.py
+/// builds its PyTorch counterpart from the same file.
+pub const SD15_UNET: &str = include_str!("../../configs/sd15/unet.json");
 
 /// SD 1.5's VAE (vae/config.json).
-pub const SD15_VAE: &str = r#"{"in_channels": 3, "out_channels": 3, "latent_channels": 4,
-  "block_out_channels": [128, 256, 512, 512],
-  "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
-  "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
-  "layers_per_block": 2, "norm_num_groups": 32, "scaling_factor": 0.18215}"#;
+pub const SD15_VAE: &str = include_str!("../../configs/sd15/vae.json");
 
 /// A memory figure of this process from `/proc/self/status` in MiB (0 where there is none).
 fn status_mb(key: &str) -> f64 {

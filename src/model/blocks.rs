@@ -60,8 +60,12 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// A 2-D convolution. candle 0.11's CPU convolution has no bf16 kernel, so bf16 inputs are
-/// convolved in f32 (weights widened per call) and narrowed back.
+/// A 2-D convolution, routed by what candle 0.11 does slowly. On the CPU, inference multiplies
+/// in place (`conv_gemm`: candle re-lays out input and kernel on one thread at every call, and
+/// has no bf16 kernel, so bf16 is widened per call) and training unfolds (`im2col`: candle's
+/// backward computes the input gradient with a direct transposed-convolution loop and the kernel
+/// gradient as a convolution whose kernel is the whole feature map). On GPUs, training stacks
+/// shifted views (`conv2d_taps`, for the same input gradient); inference is candle's own.
 #[derive(Debug, Clone)]
 pub struct Conv2d(candle_nn::Conv2d);
 
@@ -69,62 +73,50 @@ impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let config = self.0.config();
         let training = x.track_op() || self.0.weight().track_op();
-        if (training || small_product(x, self.0.weight(), config)?)
-            && x.device().is_cpu()
-            && config.groups == 1
-            && config.dilation == 1
-            && x.dtype() == DType::F32
-        {
-            // Training: candle 0.11's CPU conv2d backward computes the input gradient with a
-            // direct transposed-convolution loop and the kernel gradient as a convolution whose
-            // kernel is the whole feature map; unfolding here makes both plain matrix products.
-            // Inference of small convolutions: see `small_product`.
-            return super::im2col::conv2d_unfolded(
-                x,
-                self.0.weight(),
-                self.0.bias(),
-                config.stride,
-                config.padding,
-            );
-        }
-        if training && !x.device().is_cpu() && config.groups == 1 && config.dilation == 1 {
-            return super::im2col::conv2d_taps(
-                x,
-                self.0.weight(),
-                self.0.bias(),
-                config.stride,
-                config.padding,
-            );
-        }
-        if x.dtype() != DType::BF16 || !x.device().is_cpu() {
+        let (weight, bias) = (self.0.weight(), self.0.bias());
+        let (stride, padding) = (config.stride, config.padding);
+        if config.groups != 1 || config.dilation != 1 {
             return self.0.forward(x);
         }
-        let weight = self.0.weight().to_dtype(DType::F32)?;
-        let bias = self.0.bias().map(|b| b.to_dtype(DType::F32)).transpose()?;
-        let widened = candle_nn::Conv2d::new(weight, bias, *self.0.config());
-        widened
-            .forward(&x.to_dtype(DType::F32)?)?
-            .to_dtype(DType::BF16)
+        match (x.device().is_cpu(), training, x.dtype()) {
+            (true, false, DType::F32) => conv2d_in_place(x, weight, bias, stride, padding),
+            (true, true, DType::F32) => {
+                super::im2col::conv2d_unfolded(x, weight, bias, stride, padding)
+            }
+            (true, _, DType::BF16) => {
+                let widen = |t: &Tensor| t.to_dtype(DType::F32);
+                let bias = bias.map(widen).transpose()?;
+                let wide = (widen(x)?, widen(weight)?, bias.as_ref());
+                let out = if training {
+                    super::im2col::conv2d_unfolded(&wide.0, &wide.1, wide.2, stride, padding)?
+                } else {
+                    conv2d_in_place(&wide.0, &wide.1, wide.2, stride, padding)?
+                };
+                out.to_dtype(DType::BF16)
+            }
+            (false, true, _) => super::im2col::conv2d_taps(x, weight, bias, stride, padding),
+            _ => self.0.forward(x),
+        }
     }
 }
 
-/// Below this many multiply-adds per image, candle 0.11's CPU convolution (one matrix product per
-/// image and 512-pixel tile) spends more in small-product overhead than in arithmetic, and one
-/// product over the whole batch (the unfolded convolution) is faster; above it, candle's tiles
-/// are. Measured on this 2-core machine: the embedded model (8x8 latents, 64 channels, batch
-/// 64) 0.55-0.63 s a step against 0.66-0.67 s all tiled, its VAE decode 0.29-0.34 s against
-/// 0.55-0.60 s; SD 1.5's U-Net at 256 (batch 2, 320-1280 channels, nearly all above the line)
-/// 7.6 s against 7.5-7.8 s all tiled, where unfolding every convolution took 9.1 s.
-const UNFOLD_BELOW_MACS_PER_IMAGE: usize = 1 << 26;
-
-/// Whether one image's share of the convolution is small enough for the unfolded path.
-fn small_product(x: &Tensor, weight: &Tensor, config: &Conv2dConfig) -> Result<bool> {
-    let (_, _, h, w) = x.dims4()?;
-    let (c_out, c_in, kernel_h, kernel_w) = weight.dims4()?;
-    let out_h = (h + 2 * config.padding).saturating_sub(kernel_h) / config.stride + 1;
-    let out_w = (w + 2 * config.padding).saturating_sub(kernel_w) / config.stride + 1;
-    let macs = c_out * c_in * kernel_h * kernel_w * out_h * out_w;
-    Ok(macs < UNFOLD_BELOW_MACS_PER_IMAGE)
+/// f32 CPU inference convolution through [`super::conv_gemm::Conv2dGemm`].
+fn conv2d_in_place(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let bias = match bias {
+        Some(bias) => bias.clone(),
+        None => Tensor::zeros(weight.dim(0)?, DType::F32, x.device())?,
+    };
+    x.contiguous()?.apply_op3_no_bwd(
+        &weight.contiguous()?,
+        &bias,
+        &super::conv_gemm::Conv2dGemm { stride, padding },
+    )
 }
 
 pub fn conv3x3(

@@ -1,0 +1,175 @@
+#!/usr/bin/env python3
+"""PyTorch + diffusers counterparts of `diffuse bench`, for side-by-side tables (benches/compare.sh).
+
+The same model shapes as `diffuse bench`: SD 1.5's U-Net and VAE from configs/sd15/*.json with
+random weights, and the pixel-DDPM U-Net of a `diffuse train` TOML config. Each run prints one
+JSON object as its last line with median_s, min_s, max_s and peak_rss_mb, like `diffuse bench
+--json`. Needs torch and diffusers (pip install torch diffusers); no download.
+
+    python benches/pytorch_reference.py unet --size 256 --runs 3
+    python benches/pytorch_reference.py vae-decode --size 512 --runs 2
+    python benches/pytorch_reference.py train-pixel --runs 5
+    python benches/pytorch_reference.py unet --size 512 --dtype bf16
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import time
+import tomllib
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D
+
+ROOT = Path(__file__).resolve().parent.parent
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+
+
+def load_config(path):
+    config = json.loads(Path(path).read_text())
+    config.pop("_class_name", None)
+    return config
+
+
+def time_runs(runs, step):
+    """Median, min and max of `runs` calls after one warm-up call, in seconds."""
+    step()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def unet_step(args):
+    config = load_config(args.config or ROOT / "configs/sd15/unet.json")
+    model = UNet2DConditionModel(**config).eval().to(DTYPES[args.dtype])
+    latent = args.size // 8
+    x = torch.randn(2, config["in_channels"], latent, latent, dtype=DTYPES[args.dtype])
+    context = torch.randn(2, 77, config.get("cross_attention_dim", 768), dtype=DTYPES[args.dtype])
+    t = torch.tensor([500.0, 500.0])
+
+    def step():
+        with torch.inference_mode():
+            model(x, t, encoder_hidden_states=context)
+
+    return model, step
+
+
+def vae_decode(args):
+    config = load_config(args.config or ROOT / "configs/sd15/vae.json")
+    model = AutoencoderKL(**config).eval().to(DTYPES[args.dtype])
+    latent = args.size // 8
+    z = torch.randn(1, config["latent_channels"], latent, latent, dtype=DTYPES[args.dtype])
+
+    def step():
+        with torch.inference_mode():
+            model.decode(z)
+
+    return model, step
+
+
+def pixel_unet(config):
+    """The pixel-DDPM U-Net of a `diffuse train` config, as `TrainConfig::unet_config` builds it:
+    DownBlock2D/UpBlock2D throughout and a mid block of two residual blocks without attention
+    (diffusers' own "UNetMidBlock2D" mid block in this class has one)."""
+    m = config["model"]
+    channels = m["block_out_channels"]
+    learned = config["diffusion"].get("variance") == "learned_range"
+    model = UNet2DConditionModel(
+        sample_size=m["image_size"],
+        in_channels=m["channels"],
+        out_channels=2 * m["channels"] if learned else m["channels"],
+        block_out_channels=channels,
+        down_block_types=["DownBlock2D"] * len(channels),
+        up_block_types=["UpBlock2D"] * len(channels),
+        mid_block_type=None,
+        layers_per_block=m["layers_per_block"],
+        norm_num_groups=m["norm_num_groups"],
+        num_class_embeds=m.get("num_classes"),
+    )
+    model.mid_block = UNetMidBlock2D(
+        in_channels=channels[-1],
+        temb_channels=4 * channels[0],
+        num_layers=1,
+        resnet_groups=m["norm_num_groups"],
+        add_attention=False,
+    )
+    return model
+
+
+def train_pixel(args):
+    """One step of `diffuse train`'s recipe: random timesteps, noised images, L_simple, backward,
+    gradient clipping, AdamW and the EMA update."""
+    config = tomllib.loads(Path(args.config or ROOT / "configs/ddpm-mnist.toml").read_text())
+    model = pixel_unet(config).train()
+    train = config["train"]
+    batch = args.batch or train["batch_size"]
+    size, channels = config["model"]["image_size"], config["model"]["channels"]
+    classes = config["model"].get("num_classes")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train["learning_rate"])
+    ema = [p.detach().clone() for p in model.parameters()]
+    betas = torch.linspace(1e-4, 0.02, 1000)
+    alphas_cumprod = torch.cumprod(1 - betas, 0)
+
+    def step():
+        images = torch.rand(batch, channels, size, size) * 2 - 1
+        t = torch.randint(0, 1000, (batch,))
+        noise = torch.randn_like(images)
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * images + (1 - a).sqrt() * noise
+        labels = torch.randint(0, classes, (batch,)) if classes else None
+        prediction = model(noisy, t, encoder_hidden_states=None, class_labels=labels).sample
+        loss = torch.nn.functional.mse_loss(prediction, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), train["grad_clip"])
+        optimizer.step()
+        with torch.no_grad():
+            for average, p in zip(ema, model.parameters()):
+                average.lerp_(p, 1 - train["ema_decay"])
+
+    return model, step
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("component", choices=["unet", "vae-decode", "train-pixel"])
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--dtype", choices=list(DTYPES), default="f32")
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--config")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    build = {"unet": unet_step, "vae-decode": vae_decode, "train-pixel": train_pixel}
+    model, step = build[args.component](args)
+    parameters = sum(p.numel() for p in model.parameters())
+    times = time_runs(args.runs, step)
+    result = {
+        "implementation": f"pytorch {torch.__version__}",
+        "component": args.component,
+        "size": args.size,
+        "dtype": args.dtype,
+        "threads": args.threads,
+        "parameters": parameters,
+        "runs": times,
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        # ru_maxrss is in KiB on Linux.
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
