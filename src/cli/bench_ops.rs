@@ -3,7 +3,7 @@
 //! device shows up by name instead of inside one step time.
 
 use crate::model::blocks::upsample_nearest_2x;
-use crate::model::im2col::{conv2d_taps, conv2d_unfolded};
+use crate::model::im2col::conv2d_taps;
 use crate::model::norm::GroupNorm;
 use crate::sampler::SeededNoise;
 use crate::train::config::TrainConfig;
@@ -70,7 +70,7 @@ pub fn run(config: &TrainConfig, device: &Device, runs: usize, json: bool) -> an
         usize,
         usize,
     ) -> candle_core::Result<Tensor> = if device.is_cpu() {
-        conv2d_unfolded
+        crate::model::conv_gemm::conv2d
     } else {
         conv2d_taps
     };
@@ -89,7 +89,7 @@ pub fn run(config: &TrainConfig, device: &Device, runs: usize, json: bool) -> an
             Box::new(|| backward(&x.conv2d(&weight, 1, 1, 1, 1)?)),
         ),
         (
-            "conv3x3 forward+backward (unfolded, as training runs)",
+            "conv3x3 forward+backward (as training runs)",
             Box::new(|| backward(&unfolded(&x, &weight, Some(&bias), 1, 1)?)),
         ),
         (

@@ -60,12 +60,11 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// A 2-D convolution, routed by what candle 0.11 does slowly. On the CPU, inference multiplies
-/// in place (`conv_gemm`: candle re-lays out input and kernel on one thread at every call, and
-/// has no bf16 kernel, so bf16 is widened per call) and training unfolds (`im2col`: candle's
-/// backward computes the input gradient with a direct transposed-convolution loop and the kernel
-/// gradient as a convolution whose kernel is the whole feature map). On GPUs, training stacks
-/// shifted views (`conv2d_taps`, for the same input gradient); inference is candle's own.
+/// A 2-D convolution, routed around what candle 0.11 does slowly. On the CPU it is matrix
+/// products in place (`conv_gemm`), forward and backward: candle re-lays out input and kernel on
+/// one thread at every call, computes the input gradient with a direct transposed-convolution
+/// loop, and has no bf16 kernel (bf16 is widened per call). On GPUs, training stacks shifted
+/// views (`im2col::conv2d_taps`, for the same input gradient); inference is candle's own.
 #[derive(Debug, Clone)]
 pub struct Conv2d(candle_nn::Conv2d);
 
@@ -79,44 +78,23 @@ impl Module for Conv2d {
             return self.0.forward(x);
         }
         match (x.device().is_cpu(), training, x.dtype()) {
-            (true, false, DType::F32) => conv2d_in_place(x, weight, bias, stride, padding),
-            (true, true, DType::F32) => {
-                super::im2col::conv2d_unfolded(x, weight, bias, stride, padding)
-            }
+            (true, _, DType::F32) => super::conv_gemm::conv2d(x, weight, bias, stride, padding),
             (true, _, DType::BF16) => {
                 let widen = |t: &Tensor| t.to_dtype(DType::F32);
                 let bias = bias.map(widen).transpose()?;
-                let wide = (widen(x)?, widen(weight)?, bias.as_ref());
-                let out = if training {
-                    super::im2col::conv2d_unfolded(&wide.0, &wide.1, wide.2, stride, padding)?
-                } else {
-                    conv2d_in_place(&wide.0, &wide.1, wide.2, stride, padding)?
-                };
-                out.to_dtype(DType::BF16)
+                super::conv_gemm::conv2d(
+                    &widen(x)?,
+                    &widen(weight)?,
+                    bias.as_ref(),
+                    stride,
+                    padding,
+                )?
+                .to_dtype(DType::BF16)
             }
             (false, true, _) => super::im2col::conv2d_taps(x, weight, bias, stride, padding),
             _ => self.0.forward(x),
         }
     }
-}
-
-/// f32 CPU inference convolution through [`super::conv_gemm::Conv2dGemm`].
-fn conv2d_in_place(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: Option<&Tensor>,
-    stride: usize,
-    padding: usize,
-) -> Result<Tensor> {
-    let bias = match bias {
-        Some(bias) => bias.clone(),
-        None => Tensor::zeros(weight.dim(0)?, DType::F32, x.device())?,
-    };
-    x.contiguous()?.apply_op3_no_bwd(
-        &weight.contiguous()?,
-        &bias,
-        &super::conv_gemm::Conv2dGemm { stride, padding },
-    )
 }
 
 pub fn conv3x3(

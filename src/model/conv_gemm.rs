@@ -1,24 +1,28 @@
-//! Inference 2-D convolution on the CPU as matrix products written straight into the NCHW output.
+//! 2-D convolution on the CPU as matrix products in the NCHW layout, forward and backward.
 //!
 //! A convolution is `out[o, p] = bias[o] + sum_k weight[o, k] * columns[k, p]` with `k` running
 //! over (input channel, kernel row, kernel column) and `p` over output pixels (im2col). The
-//! weight of a PyTorch-layout kernel (O, C, kh, kw) already is that (O, C kh kw) matrix, and the
-//! product's rows are the output's channel planes, so nothing but the columns is ever copied:
-//! the product adds into an output that starts as the bias, one band of output rows at a time.
+//! weight of a PyTorch-layout kernel (O, C, kh, kw) already is that (O, C kh kw) matrix and the
+//! product's rows are the output's channel planes, so only the columns are ever built, one band
+//! of output rows at a time and never kept: the backward pass builds them again. Its gradients
+//! are the two other products, `dweight = dout columns^T` and `dcolumns = weight^T dout`, whose
+//! columns fold back onto the input (col2im).
+//!
 //! candle 0.11's CPU convolution instead re-lays the input out channels-last and re-flattens the
-//! kernel on one thread at every call, gathers its columns element by element, and copies the
-//! product into place; perf of SD 1.5's U-Net step puts those at about a quarter of its time.
+//! kernel on one thread at every call, gathers its columns element by element and copies the
+//! product into place (perf of SD 1.5's U-Net step: about a quarter of its time), and its
+//! backward pass computes the input gradient with a direct transposed-convolution loop.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-/// Columns of one band of output rows are at most this many floats (16 MiB): enough pixels for
-/// the matrix product to run at full speed, few enough that a 512x512 VAE layer does not build
-/// a gigabyte of columns at once.
+/// Columns of one band are at most this many floats (16 MiB): enough pixels for the matrix
+/// product to run at full speed, few enough that a 512x512 VAE layer does not build a gigabyte
+/// of columns at once.
 const COLUMN_BAND_FLOATS: usize = 1 << 22;
 
 /// conv2d(x, weight) + bias for f32 CPU tensors, square stride and padding, dilation 1, one
-/// group; `apply_op3_no_bwd(x, weight, bias)` (inference only: it has no backward pass).
+/// group: `x.apply_op3(weight, bias, Conv2dGemm { .. })`, with a backward pass.
 #[derive(Debug, Clone, Copy)]
 pub struct Conv2dGemm {
     pub stride: usize,
@@ -28,13 +32,46 @@ pub struct Conv2dGemm {
 /// The shapes of one call.
 #[derive(Debug, Clone, Copy)]
 struct Geometry {
+    stride: usize,
+    padding: usize,
+    batch: usize,
     channels: usize,
+    out_channels: usize,
     height: usize,
     width: usize,
     kernel_h: usize,
     kernel_w: usize,
     out_h: usize,
     out_w: usize,
+}
+
+/// Output rows `first_row..first_row + rows` of images `first_image..first_image + images`: a
+/// run of whole images when one image's columns fit the band size, else rows of one image.
+#[derive(Debug, Clone, Copy)]
+struct Band {
+    first_image: usize,
+    images: usize,
+    first_row: usize,
+    rows: usize,
+}
+
+impl Band {
+    fn pixels(&self, g: &Geometry) -> usize {
+        self.images * self.rows * g.out_w
+    }
+
+    /// Where the band's pixels start in an image's output plane.
+    fn first_pixel(&self, g: &Geometry) -> usize {
+        self.first_row * g.out_w
+    }
+}
+
+/// A row-major matrix somewhere in memory: its data from the first element on and its row
+/// stride (columns are adjacent).
+#[derive(Clone, Copy)]
+struct Matrix {
+    data: *const f32,
+    row_stride: usize,
 }
 
 fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
@@ -47,70 +84,265 @@ fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> R
     }
 }
 
-impl Conv2dGemm {
-    /// Fills `band` (C kh kw rows of `rows x out_w` pixels) with the input values that output
-    /// rows `first_row..first_row + rows` read; taps in the padding are zero.
-    fn fill_columns(&self, image: &[f32], g: &Geometry, first_row: usize, band: &mut [f32]) {
-        let pixels = band.len() / (g.channels * g.kernel_h * g.kernel_w);
-        band.par_chunks_mut(pixels)
+impl Geometry {
+    fn new(conv: &Conv2dGemm, input: &Shape, weight: &Shape) -> Result<Self> {
+        let (batch, channels, height, width) = input.dims4()?;
+        let (out_channels, weight_channels, kernel_h, kernel_w) = weight.dims4()?;
+        if weight_channels != channels {
+            candle_core::bail!(
+                "conv2d-gemm: input {input:?} and weight {weight:?} do not fit together"
+            )
+        }
+        let out_size = |size: usize, kernel: usize| {
+            (size + 2 * conv.padding).saturating_sub(kernel) / conv.stride + 1
+        };
+        Ok(Self {
+            stride: conv.stride,
+            padding: conv.padding,
+            batch,
+            channels,
+            out_channels,
+            height,
+            width,
+            kernel_h,
+            kernel_w,
+            out_h: out_size(height, kernel_h),
+            out_w: out_size(width, kernel_w),
+        })
+    }
+
+    /// Rows of the column matrix: C kh kw.
+    fn depth(&self) -> usize {
+        self.channels * self.kernel_h * self.kernel_w
+    }
+
+    fn in_pixels(&self) -> usize {
+        self.height * self.width
+    }
+
+    fn out_pixels(&self) -> usize {
+        self.out_h * self.out_w
+    }
+
+    /// A 1x1 convolution whose columns are the input itself.
+    fn pointwise(&self) -> bool {
+        self.kernel_h == 1 && self.kernel_w == 1 && self.stride == 1 && self.padding == 0
+    }
+
+    fn bands(&self) -> Vec<Band> {
+        let image_floats = self.depth() * self.out_pixels();
+        if image_floats <= COLUMN_BAND_FLOATS {
+            let per_band = (COLUMN_BAND_FLOATS / image_floats.max(1)).clamp(1, self.batch);
+            (0..self.batch)
+                .step_by(per_band)
+                .map(|first_image| Band {
+                    first_image,
+                    images: per_band.min(self.batch - first_image),
+                    first_row: 0,
+                    rows: self.out_h,
+                })
+                .collect()
+        } else {
+            let rows_per_band =
+                (COLUMN_BAND_FLOATS / (self.depth() * self.out_w)).clamp(1, self.out_h);
+            (0..self.batch)
+                .flat_map(|image| {
+                    (0..self.out_h)
+                        .step_by(rows_per_band)
+                        .map(move |first_row| Band {
+                            first_image: image,
+                            images: 1,
+                            first_row,
+                            rows: rows_per_band.min(self.out_h - first_row),
+                        })
+                })
+                .collect()
+        }
+    }
+
+    /// The input column of output column 0 for kernel column `kx` (negative in the padding).
+    fn column_offset(&self, kx: usize) -> isize {
+        kx as isize - self.padding as isize
+    }
+
+    /// The input row that output row `oy` reads through kernel row `ky`, if inside the image.
+    fn input_row(&self, oy: usize, ky: usize) -> Option<usize> {
+        let y = (oy * self.stride + ky) as isize - self.padding as isize;
+        (0..self.height as isize).contains(&y).then_some(y as usize)
+    }
+
+    /// The band's columns (C kh kw rows of band pixels) from the input `x` (B, C, H, W); taps in
+    /// the padding are zero.
+    fn fill_columns(&self, x: &[f32], band: &Band, columns: &mut [f32]) {
+        let pixels = band.pixels(self);
+        columns[..self.depth() * pixels]
+            .par_chunks_mut(pixels)
             .enumerate()
             .for_each(|(row, column)| {
-                let kx = row % g.kernel_w;
-                let ky = (row / g.kernel_w) % g.kernel_h;
-                let plane = &image[(row / (g.kernel_w * g.kernel_h)) * g.height * g.width..]
-                    [..g.height * g.width];
-                for (band_row, out_row) in column.chunks_exact_mut(g.out_w).enumerate() {
-                    let input_y = ((first_row + band_row) * self.stride + ky) as isize
-                        - self.padding as isize;
-                    if input_y < 0 || input_y >= g.height as isize {
-                        out_row.fill(0.0);
-                        continue;
+                let (channel, ky, kx) = self.tap(row);
+                for (index, image_rows) in
+                    column.chunks_exact_mut(band.rows * self.out_w).enumerate()
+                {
+                    let plane = &x[((band.first_image + index) * self.channels + channel)
+                        * self.in_pixels()..][..self.in_pixels()];
+                    for (offset, out_row) in image_rows.chunks_exact_mut(self.out_w).enumerate() {
+                        match self.input_row(band.first_row + offset, ky) {
+                            Some(y) => {
+                                self.gather_row(&plane[y * self.width..][..self.width], kx, out_row)
+                            }
+                            None => out_row.fill(0.0),
+                        }
                     }
-                    let input_row = &plane[input_y as usize * g.width..][..g.width];
-                    self.fill_row(input_row, kx, out_row);
                 }
             });
     }
 
-    /// One output row's values of kernel column `kx`: `input_row[ox * stride + kx - padding]`,
-    /// zero where that falls in the padding.
-    fn fill_row(&self, input_row: &[f32], kx: usize, out_row: &mut [f32]) {
-        let width = input_row.len() as isize;
-        let offset = kx as isize - self.padding as isize;
+    /// Adds the band's column gradients back onto `dx` (B, C, H, W), the adjoint of
+    /// [`Self::fill_columns`]. One task per input plane: no two write the same pixel.
+    fn fold_columns(&self, columns: &[f32], band: &Band, dx: &mut [f32]) {
+        let pixels = band.pixels(self);
+        let taps = self.kernel_h * self.kernel_w;
+        let planes = &mut dx[band.first_image * self.channels * self.in_pixels()..]
+            [..band.images * self.channels * self.in_pixels()];
+        planes
+            .par_chunks_mut(self.in_pixels())
+            .enumerate()
+            .for_each(|(index, plane)| {
+                let (image, channel) = (index / self.channels, index % self.channels);
+                for tap in 0..taps {
+                    let (ky, kx) = (tap / self.kernel_w, tap % self.kernel_w);
+                    let column = &columns[(channel * taps + tap) * pixels..][..pixels];
+                    let image_rows =
+                        &column[image * band.rows * self.out_w..][..band.rows * self.out_w];
+                    for (offset, out_row) in image_rows.chunks_exact(self.out_w).enumerate() {
+                        if let Some(y) = self.input_row(band.first_row + offset, ky) {
+                            self.scatter_row(
+                                out_row,
+                                kx,
+                                &mut plane[y * self.width..][..self.width],
+                            );
+                        }
+                    }
+                }
+            });
+    }
+
+    /// (channel, ky, kx) of a column-matrix row.
+    fn tap(&self, row: usize) -> (usize, usize, usize) {
+        let taps = self.kernel_h * self.kernel_w;
+        (
+            row / taps,
+            (row % taps) / self.kernel_w,
+            row % self.kernel_w,
+        )
+    }
+
+    /// The output columns `ox` whose kernel column `kx` reads inside the input row, and the
+    /// input column that `first` reads.
+    fn inside(&self, kx: usize, out_w: usize) -> (std::ops::Range<usize>, isize) {
+        let offset = self.column_offset(kx);
+        let stride = self.stride as isize;
+        // ox * stride + offset in [0, width)
+        let first = ((-offset).max(0) + stride - 1) / stride;
+        let end = ((self.width as isize - offset) + stride - 1) / stride;
+        let first = first.clamp(0, out_w as isize) as usize;
+        let end = end.clamp(first as isize, out_w as isize) as usize;
+        (first..end, first as isize * stride + offset)
+    }
+
+    /// out_row[ox] = input_row[ox * stride + kx - padding], zero in the padding.
+    fn gather_row(&self, input_row: &[f32], kx: usize, out_row: &mut [f32]) {
+        let (inside, start) = self.inside(kx, out_row.len());
+        out_row[..inside.start].fill(0.0);
+        out_row[inside.end..].fill(0.0);
+        let start = start as usize;
         if self.stride == 1 {
-            // One contiguous run between the zero edges.
-            let first = (-offset).clamp(0, out_row.len() as isize) as usize;
-            let end = (width - offset).clamp(first as isize, out_row.len() as isize) as usize;
-            out_row[..first].fill(0.0);
-            out_row[end..].fill(0.0);
-            let start = (first as isize + offset) as usize;
-            out_row[first..end].copy_from_slice(&input_row[start..start + end - first]);
+            out_row[inside.clone()].copy_from_slice(&input_row[start..start + inside.len()]);
         } else {
-            for (ox, value) in out_row.iter_mut().enumerate() {
-                let input_x = (ox * self.stride) as isize + offset;
-                *value = if (0..width).contains(&input_x) {
-                    input_row[input_x as usize]
-                } else {
-                    0.0
-                };
+            for (value, source) in out_row[inside]
+                .iter_mut()
+                .zip(input_row[start..].iter().step_by(self.stride))
+            {
+                *value = *source;
             }
+        }
+    }
+
+    /// input_row[ox * stride + kx - padding] += out_row[ox]: the adjoint of `gather_row`.
+    fn scatter_row(&self, out_row: &[f32], kx: usize, input_row: &mut [f32]) {
+        let (inside, start) = self.inside(kx, out_row.len());
+        let targets = input_row[start as usize..].iter_mut().step_by(self.stride);
+        for (target, value) in targets.zip(&out_row[inside]) {
+            *target += value;
+        }
+    }
+
+    /// The band's rows of an (B, O, Ho, Wo) tensor as an (O, band pixels) matrix: in place for a
+    /// band inside one image, else gathered into `scratch`.
+    fn band_of_output(&self, planes: &[f32], band: &Band, scratch: &mut Vec<f32>) -> Matrix {
+        let out_pixels = self.out_pixels();
+        if band.images == 1 {
+            let start = band.first_image * self.out_channels * out_pixels + band.first_pixel(self);
+            return Matrix {
+                data: planes[start..].as_ptr(),
+                row_stride: out_pixels,
+            };
+        }
+        let pixels = band.pixels(self);
+        scratch.resize(self.out_channels * pixels, 0.0);
+        scratch
+            .par_chunks_mut(pixels)
+            .enumerate()
+            .for_each(|(channel, row)| {
+                for (image, part) in row.chunks_exact_mut(out_pixels).enumerate() {
+                    let plane = (band.first_image + image) * self.out_channels + channel;
+                    part.copy_from_slice(&planes[plane * out_pixels..][..out_pixels]);
+                }
+            });
+        Matrix {
+            data: scratch.as_ptr(),
+            row_stride: pixels,
+        }
+    }
+
+    /// The band's columns: the input itself for a pointwise band inside one image, else built
+    /// into `columns`.
+    fn band_columns(&self, x: &[f32], band: &Band, columns: &mut Vec<f32>) -> Matrix {
+        if self.pointwise() && band.images == 1 {
+            let start =
+                band.first_image * self.channels * self.in_pixels() + band.first_pixel(self);
+            return Matrix {
+                data: x[start..].as_ptr(),
+                row_stride: self.in_pixels(),
+            };
+        }
+        let pixels = band.pixels(self);
+        columns.resize(self.depth() * pixels, 0.0);
+        self.fill_columns(x, band, columns);
+        Matrix {
+            data: columns.as_ptr(),
+            row_stride: pixels,
         }
     }
 }
 
-/// `dst (m x n, row stride dst_rs) += lhs (m x k, row-major) * rhs (k x n, row-major)` on the
-/// gemm crate's threads.
+/// `dst (m x n) = alpha dst + lhs (m x k) rhs (k x n)` on the gemm crate's threads, every matrix
+/// given by its data and (row, column) strides.
 ///
 /// # Safety
-/// `dst` must hold `m` rows `dst_rs` apart of `n` floats each, and no other thread may touch them.
-unsafe fn add_product(
+/// Every matrix must hold its m, n, k elements at those strides, and nothing else may touch
+/// `dst` meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn product(
     (m, n, k): (usize, usize, usize),
     dst: *mut f32,
-    dst_rs: usize,
-    lhs: &[f32],
-    rhs: &[f32],
+    (dst_rs, dst_cs): (usize, usize),
+    accumulate: bool,
+    lhs: *const f32,
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: *const f32,
+    (rhs_rs, rhs_cs): (usize, usize),
 ) {
-    debug_assert!(lhs.len() >= m * k && rhs.len() >= k * n);
     let threads = candle_core::utils::get_num_threads();
     let parallelism = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
@@ -122,16 +354,16 @@ unsafe fn add_product(
         n,
         k,
         dst,
-        1,
+        dst_cs as isize,
         dst_rs as isize,
-        true,
-        lhs.as_ptr(),
-        1,
-        k as isize,
-        rhs.as_ptr(),
-        1,
-        n as isize,
-        1.0,
+        accumulate,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        if accumulate { 1.0 } else { 0.0 },
         1.0,
         false,
         false,
@@ -154,135 +386,361 @@ impl CustomOp3 for Conv2dGemm {
         bias: &CpuStorage,
         bias_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (batch, channels, height, width) = x_layout.shape().dims4()?;
-        let (out_channels, weight_channels, kernel_h, kernel_w) = weight_layout.shape().dims4()?;
-        if weight_channels != channels || bias_layout.shape().elem_count() != out_channels {
+        let g = Geometry::new(self, x_layout.shape(), weight_layout.shape())?;
+        if bias_layout.shape().elem_count() != g.out_channels {
             candle_core::bail!(
-                "conv2d-gemm: input {:?}, weight {:?} and bias {:?} do not fit together",
-                x_layout.shape(),
-                weight_layout.shape(),
-                bias_layout.shape()
+                "conv2d-gemm: bias {:?} and weight {:?} do not fit together",
+                bias_layout.shape(),
+                weight_layout.shape()
             )
         }
         let x = contiguous_f32(x, x_layout, "the input")?;
         let weight = contiguous_f32(weight, weight_layout, "the weight")?;
         let bias = contiguous_f32(bias, bias_layout, "the bias")?;
-        let out_size = |size: usize, kernel: usize| {
-            (size + 2 * self.padding).saturating_sub(kernel) / self.stride + 1
-        };
-        let g = Geometry {
-            channels,
-            height,
-            width,
-            kernel_h,
-            kernel_w,
-            out_h: out_size(height, kernel_h),
-            out_w: out_size(width, kernel_w),
-        };
-        let out_pixels = g.out_h * g.out_w;
-        let mut out = vec![0f32; batch * out_channels * out_pixels];
+        let out_pixels = g.out_pixels();
+        let mut out = vec![0f32; g.batch * g.out_channels * out_pixels];
         out.par_chunks_mut(out_pixels)
             .enumerate()
-            .for_each(|(plane, values)| values.fill(bias[plane % out_channels]));
-        let depth = channels * kernel_h * kernel_w;
-        let pointwise = kernel_h == 1 && kernel_w == 1 && self.stride == 1 && self.padding == 0;
-        let rows_per_band = (COLUMN_BAND_FLOATS / (depth * g.out_w).max(1)).clamp(1, g.out_h);
-        let mut columns = if pointwise {
-            Vec::new()
-        } else {
-            vec![0f32; depth * rows_per_band * g.out_w]
-        };
-        for (image, out_image) in x
-            .chunks_exact(channels * height * width)
-            .zip(out.chunks_exact_mut(out_channels * out_pixels))
-        {
-            if pointwise {
-                // The input image already is the (C, H W) column matrix.
-                // SAFETY: `out_image` holds out_channels rows of out_pixels floats.
+            .for_each(|(plane, values)| values.fill(bias[plane % g.out_channels]));
+        let (mut columns, mut scratch) = (Vec::new(), Vec::new());
+        for band in g.bands() {
+            let pixels = band.pixels(&g);
+            let rhs = g.band_columns(x, &band, &mut columns);
+            if band.images == 1 {
+                let start = band.first_image * g.out_channels * out_pixels + band.first_pixel(&g);
+                // SAFETY: the band's rows of every output plane lie inside `out`.
                 unsafe {
-                    add_product(
-                        (out_channels, out_pixels, depth),
-                        out_image.as_mut_ptr(),
-                        out_pixels,
-                        weight,
-                        image,
+                    product(
+                        (g.out_channels, pixels, g.depth()),
+                        out[start..].as_mut_ptr(),
+                        (out_pixels, 1),
+                        true,
+                        weight.as_ptr(),
+                        (g.depth(), 1),
+                        rhs.data,
+                        (rhs.row_stride, 1),
                     )
                 };
                 continue;
             }
-            for first_row in (0..g.out_h).step_by(rows_per_band) {
-                let rows = rows_per_band.min(g.out_h - first_row);
-                let band = &mut columns[..depth * rows * g.out_w];
-                self.fill_columns(image, &g, first_row, band);
-                // SAFETY: rows first_row.. of every channel plane lie inside `out_image`
-                // (out_channels planes of out_pixels floats, the band's pixels from
-                // first_row * out_w on).
-                unsafe {
-                    add_product(
-                        (out_channels, rows * g.out_w, depth),
-                        out_image[first_row * g.out_w..].as_mut_ptr(),
-                        out_pixels,
-                        weight,
-                        band,
-                    )
-                };
-            }
+            // Several whole images: one product, then each image's share added into place.
+            scratch.resize(g.out_channels * pixels, 0.0);
+            // SAFETY: `scratch` holds out_channels rows of `pixels` floats.
+            unsafe {
+                product(
+                    (g.out_channels, pixels, g.depth()),
+                    scratch.as_mut_ptr(),
+                    (pixels, 1),
+                    false,
+                    weight.as_ptr(),
+                    (g.depth(), 1),
+                    rhs.data,
+                    (rhs.row_stride, 1),
+                )
+            };
+            let planes = &mut out[band.first_image * g.out_channels * out_pixels..]
+                [..band.images * g.out_channels * out_pixels];
+            planes
+                .par_chunks_mut(out_pixels)
+                .enumerate()
+                .for_each(|(index, plane)| {
+                    let (image, channel) = (index / g.out_channels, index % g.out_channels);
+                    let part = &scratch[channel * pixels + image * out_pixels..][..out_pixels];
+                    for (value, added) in plane.iter_mut().zip(part) {
+                        *value += added;
+                    }
+                });
         }
         Ok((
             CpuStorage::F32(out),
-            Shape::from((batch, out_channels, g.out_h, g.out_w)),
+            Shape::from((g.batch, g.out_channels, g.out_h, g.out_w)),
         ))
+    }
+
+    /// The input gradient where the input leads to a variable, the weight and bias gradients
+    /// where they are trained (a frozen weight gets none, which a LoRA fine-tune relies on).
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let dx = if x.track_op() {
+            let op = InputGradient {
+                conv: *self,
+                height: x.dim(2)?,
+                width: x.dim(3)?,
+            };
+            Some(grad.apply_op2_no_bwd(&weight.contiguous()?, &op)?)
+        } else {
+            None
+        };
+        if !weight.track_op() && !bias.track_op() {
+            return Ok((dx, None, None));
+        }
+        let op = WeightGradient {
+            conv: *self,
+            kernel: weight.dims4()?,
+        };
+        let both = x.contiguous()?.apply_op2_no_bwd(&grad, &op)?;
+        let weight_count = weight.elem_count();
+        let dweight = both.narrow(0, 0, weight_count)?.reshape(weight.shape())?;
+        let dbias = both.narrow(0, weight_count, bias.elem_count())?;
+        Ok((dx, Some(dweight), Some(dbias)))
+    }
+}
+
+/// conv2d(x, weight) + bias of f32 CPU tensors (dilation 1, one group) through
+/// [`Conv2dGemm`], with its backward pass.
+pub fn conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let bias = match bias {
+        Some(bias) => bias.clone(),
+        None => Tensor::zeros(weight.dim(0)?, candle_core::DType::F32, x.device())?,
+    };
+    x.contiguous()?
+        .apply_op3(&weight.contiguous()?, &bias, Conv2dGemm { stride, padding })
+}
+
+/// (dout, weight) -> dx of [`Conv2dGemm`]: `weight^T dout` per band, folded onto the input.
+#[derive(Debug, Clone, Copy)]
+struct InputGradient {
+    conv: Conv2dGemm,
+    height: usize,
+    width: usize,
+}
+
+impl CustomOp2 for InputGradient {
+    fn name(&self) -> &'static str {
+        "conv2d-gemm-input-gradient"
+    }
+
+    fn cpu_fwd(
+        &self,
+        grad: &CpuStorage,
+        grad_layout: &Layout,
+        weight: &CpuStorage,
+        weight_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (batch, _, _, _) = grad_layout.shape().dims4()?;
+        let (_, channels, _, _) = weight_layout.shape().dims4()?;
+        let input = Shape::from((batch, channels, self.height, self.width));
+        let g = Geometry::new(&self.conv, &input, weight_layout.shape())?;
+        let grad = contiguous_f32(grad, grad_layout, "the output gradient")?;
+        let weight = contiguous_f32(weight, weight_layout, "the weight")?;
+        let mut dx = vec![0f32; input.elem_count()];
+        let (mut columns, mut scratch) = (Vec::new(), Vec::new());
+        for band in g.bands() {
+            let pixels = band.pixels(&g);
+            let dout = g.band_of_output(grad, &band, &mut scratch);
+            if g.pointwise() && band.images == 1 {
+                let start = band.first_image * g.channels * g.in_pixels() + band.first_pixel(&g);
+                // SAFETY: the band's rows of every input plane lie inside `dx`.
+                unsafe {
+                    product(
+                        (g.channels, pixels, g.out_channels),
+                        dx[start..].as_mut_ptr(),
+                        (g.in_pixels(), 1),
+                        true,
+                        weight.as_ptr(),
+                        (1, g.depth()),
+                        dout.data,
+                        (dout.row_stride, 1),
+                    )
+                };
+                continue;
+            }
+            columns.resize(g.depth() * pixels, 0.0);
+            // SAFETY: `columns` holds depth rows of `pixels` floats.
+            unsafe {
+                product(
+                    (g.depth(), pixels, g.out_channels),
+                    columns.as_mut_ptr(),
+                    (pixels, 1),
+                    false,
+                    weight.as_ptr(),
+                    (1, g.depth()),
+                    dout.data,
+                    (dout.row_stride, 1),
+                )
+            };
+            g.fold_columns(&columns, &band, &mut dx);
+        }
+        Ok((CpuStorage::F32(dx), input))
+    }
+}
+
+/// (x, dout) -> [dweight (O C kh kw), dbias (O)] of [`Conv2dGemm`], flat:
+/// `dout columns^T` summed over the bands and `dout` summed per channel.
+#[derive(Debug, Clone, Copy)]
+struct WeightGradient {
+    conv: Conv2dGemm,
+    kernel: (usize, usize, usize, usize),
+}
+
+impl CustomOp2 for WeightGradient {
+    fn name(&self) -> &'static str {
+        "conv2d-gemm-weight-gradient"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        grad: &CpuStorage,
+        grad_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = Geometry::new(&self.conv, x_layout.shape(), &Shape::from(self.kernel))?;
+        let x = contiguous_f32(x, x_layout, "the input")?;
+        let grad = contiguous_f32(grad, grad_layout, "the output gradient")?;
+        let weight_count = g.out_channels * g.depth();
+        let mut out = vec![0f32; weight_count + g.out_channels];
+        let (dweight, dbias) = out.split_at_mut(weight_count);
+        let (mut columns, mut scratch) = (Vec::new(), Vec::new());
+        for band in g.bands() {
+            let pixels = band.pixels(&g);
+            let dout = g.band_of_output(grad, &band, &mut scratch);
+            let cols = g.band_columns(x, &band, &mut columns);
+            // SAFETY: `dweight` holds out_channels rows of depth floats; the columns are read
+            // transposed (pixels x depth).
+            unsafe {
+                product(
+                    (g.out_channels, g.depth(), pixels),
+                    dweight.as_mut_ptr(),
+                    (g.depth(), 1),
+                    true,
+                    dout.data,
+                    (dout.row_stride, 1),
+                    cols.data,
+                    (1, cols.row_stride),
+                )
+            };
+        }
+        let out_pixels = g.out_pixels();
+        dbias
+            .par_iter_mut()
+            .enumerate()
+            .for_each(|(channel, total)| {
+                let sum: f64 = (0..g.batch)
+                    .map(|image| {
+                        let plane =
+                            &grad[(image * g.out_channels + channel) * out_pixels..][..out_pixels];
+                        plane.iter().map(|v| *v as f64).sum::<f64>()
+                    })
+                    .sum();
+                *total = sum as f32;
+            });
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(len)))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Tensor};
+    use candle_core::Var;
 
     fn seeded(shape: &[usize], seed: u64) -> Tensor {
         let mut noise = crate::sampler::noise::SeededNoise::new(seed);
         noise.randn(shape).unwrap()
     }
 
-    /// Equal to candle's own conv2d plus bias for 3x3 and 1x1 kernels, strides 1 and 2, with and
-    /// without padding, odd and even sizes, several images, and bands of output rows smaller
-    /// than the image (a large kernel depth forces several).
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        crate::tensor_ops::max_abs(&(a - b).unwrap()).unwrap()
+    }
+
+    /// Values and all three gradients equal candle's own conv2d plus bias, for 3x3 and 1x1
+    /// kernels, strides 1 and 2, with and without padding, odd and even sizes, bands of several
+    /// whole images (small images) and of some rows of one image (a depth of 4608 over 1000
+    /// pixels is past the band size).
     #[test]
-    fn matches_candle_conv2d() {
+    fn matches_candle_conv2d_forward_and_backward() {
         let cases = [
-            // (channels, out_channels, kernel, stride, padding, height, width)
-            (3, 5, 3, 1, 1, 7, 9),
-            (3, 5, 3, 2, 1, 7, 8),
-            (4, 6, 3, 2, 0, 9, 9),
-            (3, 4, 1, 1, 0, 6, 5),
-            (2, 3, 1, 2, 0, 6, 6),
-            (3, 2, 3, 1, 0, 5, 6),
-            // depth 4608 x 1000 pixels is over the band size: several bands per image.
-            (512, 2, 3, 1, 1, 40, 25),
+            // (batch, channels, out_channels, kernel, stride, padding, height, width)
+            (3, 3, 5, 3, 1, 1, 7, 9),
+            // Strided cases square: candle's own input gradient has the wrong width for
+            // non-square inputs at stride 2.
+            (2, 3, 5, 3, 2, 1, 8, 8),
+            (2, 3, 5, 3, 2, 1, 7, 7),
+            (2, 4, 6, 3, 2, 0, 9, 9),
+            (3, 3, 4, 1, 1, 0, 6, 5),
+            (2, 2, 3, 1, 2, 0, 6, 6),
+            (2, 3, 2, 3, 1, 0, 5, 6),
+            (2, 512, 2, 3, 1, 1, 40, 25),
+            (2, 512, 3, 1, 1, 0, 90, 100),
         ];
-        for (channels, out_channels, kernel, stride, padding, height, width) in cases {
-            let x = seeded(&[2, channels, height, width], 1);
-            let weight = seeded(&[out_channels, channels, kernel, kernel], 2);
-            let bias = seeded(&[out_channels], 3);
+        for (batch, channels, out_channels, kernel, stride, padding, height, width) in cases {
+            let name = format!(
+                "batch {batch} channels {channels} kernel {kernel} stride {stride} \
+                 padding {padding} {height}x{width}"
+            );
+            let x = Var::from_tensor(&seeded(&[batch, channels, height, width], 1)).unwrap();
+            let weight =
+                Var::from_tensor(&seeded(&[out_channels, channels, kernel, kernel], 2)).unwrap();
+            let bias = Var::from_tensor(&seeded(&[out_channels], 3)).unwrap();
             let reference = x
                 .conv2d(&weight, padding, stride, 1, 1)
                 .unwrap()
                 .broadcast_add(&bias.reshape((1, out_channels, 1, 1)).unwrap())
                 .unwrap();
             let ours = x
-                .apply_op3_no_bwd(&weight, &bias, &Conv2dGemm { stride, padding })
+                .apply_op3(&weight, &bias, Conv2dGemm { stride, padding })
                 .unwrap();
-            assert_eq!(ours.dims(), reference.dims());
-            let diff = crate::tensor_ops::max_abs(&(&ours - &reference).unwrap()).unwrap();
-            let scale = crate::tensor_ops::max_abs(&reference).unwrap();
-            assert!(
-                diff <= 1e-5 * scale.max(1.0),
-                "channels {channels} kernel {kernel} stride {stride} padding {padding} \
-                 {height}x{width}: {diff}"
-            );
+            assert_eq!(ours.dims(), reference.dims(), "{name}");
+            let scale = crate::tensor_ops::max_abs(&reference).unwrap().max(1.0);
+            assert!(max_diff(&ours, &reference) <= 1e-5 * scale, "{name}");
+            let probe = seeded(ours.dims(), 4);
+            let gradients = |out: &Tensor| {
+                (out * &probe)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap()
+            };
+            let (g_ours, g_ref) = (gradients(&ours), gradients(&reference));
+            for (what, var) in [("input", &x), ("weight", &weight), ("bias", &bias)] {
+                let (a, b) = (g_ours.get(var).unwrap(), g_ref.get(var).unwrap());
+                let scale = crate::tensor_ops::max_abs(b).unwrap().max(1.0);
+                assert!(
+                    max_diff(a, b) <= 1e-5 * scale,
+                    "{name}: {what} gradient off by {}",
+                    max_diff(a, b)
+                );
+            }
         }
-        let _ = Device::Cpu;
+    }
+
+    /// A weight that is not trained (a plain tensor, as LoRA fine-tuning freezes them) gets no
+    /// gradient, and an input that leads to no variable none either.
+    #[test]
+    fn frozen_arguments_get_no_gradient() {
+        let x = seeded(&[1, 3, 5, 5], 1);
+        let weight = seeded(&[4, 3, 3, 3], 2);
+        let bias = Var::from_tensor(&seeded(&[4], 3)).unwrap();
+        let out = x
+            .apply_op3(
+                &weight,
+                &bias,
+                Conv2dGemm {
+                    stride: 1,
+                    padding: 1,
+                },
+            )
+            .unwrap();
+        let grads = out.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(&weight).is_none() && grads.get(&x).is_none());
+        // d(sum out)/d bias[o] = the number of output pixels.
+        let dbias = grads.get(&bias).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(dbias, vec![25.0; 4]);
     }
 
     #[test]

@@ -4,9 +4,9 @@
 //!
 //! Every op used on a trainable path has a backward pass in candle: softmax and layer norm are
 //! composed from elementary ops (candle's fused versions have none), nearest upsampling is a
-//! reshape and broadcast; attention (`attention`), convolutions (`im2col`) and group norm
-//! (`norm`) have their own ops with a backward pass on the CPU; inference convolutions on the
-//! CPU are matrix products written into place (`conv_gemm`).
+//! reshape and broadcast; attention (`attention`), convolutions (`conv_gemm`: matrix products in
+//! place) and group norm (`norm`) have their own ops with a backward pass on the CPU; GPU training
+//! convolves through shifted views (`im2col`).
 
 pub mod attention;
 pub mod blocks;
