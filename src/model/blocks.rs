@@ -194,11 +194,7 @@ impl Attention {
             (q, k)
         };
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let training = q.track_op() || k.track_op() || v.track_op();
-        let per_head = if training
-            && q.device().is_cpu()
-            && q.dtype() == DType::F32
-            && v.dtype() == DType::F32
+        let per_head = if q.device().is_cpu() && q.dtype() == DType::F32 && v.dtype() == DType::F32
         {
             super::attention::memory_efficient_attention(&q, &k, &v, scale)?
         } else {

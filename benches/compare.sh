@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The README's speed table: `diffuse bench` and PyTorch + diffusers (benches/pytorch_reference.py)
+# on the same shapes, interleaved in one run so that both see the same machine state.
+#
+#   PYTHON=/path/to/venv/bin/python benches/compare.sh [RUNS]     (needs: pip install torch diffusers)
+#
+# Prints one Markdown row per case (median seconds, min-max, peak resident memory); the raw JSON
+# lines go to target/compare.jsonl. Build first: cargo build --release.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+RUNS=${1:-3}
+DIFFUSE=target/release/diffuse
+OUT=target/compare.jsonl
+[ -x "$DIFFUSE" ] || { echo "no $DIFFUSE: run cargo build --release first" >&2; exit 1; }
+"$PYTHON" -c "import torch, diffusers" 2>/dev/null \
+    || { echo "$PYTHON has no torch/diffusers: pip install torch diffusers, or set PYTHON" >&2; exit 1; }
+: > "$OUT"
+
+# case name | diffuse bench arguments | pytorch_reference.py arguments
+CASES=(
+    "U-Net CFG step 256x256 f32|unet --size 256|unet --size 256"
+    "U-Net CFG step 512x512 f32|unet --size 512|unet --size 512"
+    "VAE decode 512x512 f32|vae-decode --size 512|vae-decode --size 512"
+    "pixel-DDPM training step (MNIST config, batch 64)|train-pixel|train-pixel"
+)
+if [ -n "${WITH_BF16:-}" ]; then
+    CASES+=("U-Net CFG step 512x512 bf16|unet --size 512 --dtype bf16|unet --size 512 --dtype bf16")
+fi
+
+last_json() { grep '^{' | tail -1; }
+
+echo "| case | diffuse (s) | PyTorch + diffusers (s) | diffuse / PyTorch | peak RSS diffuse / PyTorch (MiB) |"
+echo "|---|---|---|---|---|"
+for case in "${CASES[@]}"; do
+    IFS='|' read -r name ours theirs <<< "$case"
+    # shellcheck disable=SC2086
+    ours_json=$("$DIFFUSE" bench $ours --runs "$RUNS" --json 2>/dev/null | last_json)
+    # shellcheck disable=SC2086
+    theirs_json=$("$PYTHON" benches/pytorch_reference.py $theirs --runs "$RUNS" 2>/dev/null | last_json)
+    printf '{"case": "%s", "implementation": "diffuse", "result": %s}\n' "$name" "$ours_json" >> "$OUT"
+    printf '{"case": "%s", "implementation": "pytorch", "result": %s}\n' "$name" "$theirs_json" >> "$OUT"
+    "$PYTHON" - "$name" "$ours_json" "$theirs_json" <<'EOF'
+import json, sys
+name, ours, theirs = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+cell = lambda r: f"{r['median_s']:.2f} ({r['min_s']:.2f}-{r['max_s']:.2f})"
+print(f"| {name} | {cell(ours)} | {cell(theirs)} | {ours['median_s'] / theirs['median_s']:.2f} "
+      f"| {ours['peak_rss_mb']:.0f} / {theirs['peak_rss_mb']:.0f} |")
+EOF
+done
+echo
+echo "$(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $RUNS runs after one warm-up, medians; $("$PYTHON" -c 'import torch, diffusers; print(f"torch {torch.__version__}, diffusers {diffusers.__version__}")')"
