@@ -4,7 +4,8 @@
 #
 #   PYTHON=/path/to/venv/bin/python benches/compare.sh [RUNS]     (needs: pip install torch diffusers)
 #
-# Prints one Markdown row per case (median seconds, min-max, peak resident memory); the raw JSON
+# Prints one Markdown row per case (median seconds, min-max, the achieved GFLOP/s from the FLOPs
+# PyTorch counts for the same shapes, peak resident memory); the raw JSON
 # lines go to target/compare.jsonl. Build first: cargo build --release.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +23,7 @@ CASES=(
     "U-Net CFG step 256x256 f32|unet --size 256|unet --size 256"
     "U-Net CFG step 512x512 f32|unet --size 512|unet --size 512"
     "VAE decode 512x512 f32|vae-decode --size 512|vae-decode --size 512"
+    "CLIP text encoder, 2 x 77 tokens f32|text-encoder|text-encoder"
     "pixel-DDPM training step (MNIST config, batch 64)|train-pixel|train-pixel"
 )
 if [ -n "${WITH_BF16:-}" ]; then
@@ -30,8 +32,8 @@ fi
 
 last_json() { grep '^{' | tail -1; }
 
-echo "| case | diffuse (s) | PyTorch + diffusers (s) | diffuse / PyTorch | peak RSS diffuse / PyTorch (MiB) |"
-echo "|---|---|---|---|---|"
+echo "| case | GFLOP | diffuse (s) | PyTorch + diffusers (s) | diffuse / PyTorch | GFLOP/s diffuse / PyTorch | peak RSS diffuse / PyTorch (MiB) |"
+echo "|---|---|---|---|---|---|---|"
 for case in "${CASES[@]}"; do
     IFS='|' read -r name ours theirs <<< "$case"
     # shellcheck disable=SC2086
@@ -44,7 +46,9 @@ for case in "${CASES[@]}"; do
 import json, sys
 name, ours, theirs = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
 cell = lambda r: f"{r['median_s']:.2f} ({r['min_s']:.2f}-{r['max_s']:.2f})"
-print(f"| {name} | {cell(ours)} | {cell(theirs)} | {ours['median_s'] / theirs['median_s']:.2f} "
+gflop = theirs["gflop"]
+print(f"| {name} | {gflop:.1f} | {cell(ours)} | {cell(theirs)} | {ours['median_s'] / theirs['median_s']:.2f} "
+      f"| {gflop / ours['median_s']:.0f} / {gflop / theirs['median_s']:.0f} "
       f"| {ours['peak_rss_mb']:.0f} / {theirs['peak_rss_mb']:.0f} |")
 EOF
 done

@@ -8,6 +8,7 @@ JSON object as its last line with median_s, min_s, max_s and peak_rss_mb, like `
 
     python benches/pytorch_reference.py unet --size 256 --runs 3
     python benches/pytorch_reference.py vae-decode --size 512 --runs 2
+    python benches/pytorch_reference.py text-encoder
     python benches/pytorch_reference.py train-pixel --runs 5
     python benches/pytorch_reference.py unet --size 512 --dtype bf16
 """
@@ -35,14 +36,19 @@ def load_config(path):
 
 
 def time_runs(runs, step):
-    """Median, min and max of `runs` calls after one warm-up call, in seconds."""
-    step()
+    """The FLOPs of one call (counted by PyTorch during the warm-up call: matrix products and
+    convolutions, forward and backward) and the seconds of `runs` timed calls after it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops = counter.get_total_flops()
     times = []
     for _ in range(runs):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return times
+    return flops, times
 
 
 def unet_step(args):
@@ -69,6 +75,22 @@ def vae_decode(args):
     def step():
         with torch.inference_mode():
             model.decode(z)
+
+    return model, step
+
+
+def text_encoder(args):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = load_config(args.config or ROOT / "configs/sd15/text_encoder.json")
+    model = CLIPTextModel(CLIPTextConfig(**config)).eval().to(DTYPES[args.dtype])
+    length = config["max_position_embeddings"]
+    # The same token ids as `diffuse bench text-encoder`.
+    ids = (torch.arange(2 * length) * 7919 % config["vocab_size"]).view(2, length)
+
+    def step():
+        with torch.inference_mode():
+            model(input_ids=ids)
 
     return model, step
 
@@ -138,7 +160,7 @@ def train_pixel(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("component", choices=["unet", "vae-decode", "train-pixel"])
+    parser.add_argument("component", choices=["unet", "vae-decode", "text-encoder", "train-pixel"])
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--dtype", choices=list(DTYPES), default="f32")
@@ -150,10 +172,15 @@ def main():
         parser.error("--runs must be at least 1")
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    build = {"unet": unet_step, "vae-decode": vae_decode, "train-pixel": train_pixel}
+    build = {
+        "unet": unet_step,
+        "vae-decode": vae_decode,
+        "text-encoder": text_encoder,
+        "train-pixel": train_pixel,
+    }
     model, step = build[args.component](args)
     parameters = sum(p.numel() for p in model.parameters())
-    times = time_runs(args.runs, step)
+    flops, times = time_runs(args.runs, step)
     result = {
         "implementation": f"pytorch {torch.__version__}",
         "component": args.component,
@@ -165,6 +192,7 @@ def main():
         "median_s": statistics.median(times),
         "min_s": min(times),
         "max_s": max(times),
+        "gflop": flops / 1e9,
         # ru_maxrss is in KiB on Linux.
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }

@@ -1,7 +1,8 @@
 //! `diffuse bench`: times model components with random weights of real shapes (SD 1.5 by
 //! default), so no download is needed.
 
-use crate::model::config::{UNetConfig, VaeConfig};
+use crate::model::config::{ClipTextConfig, UNetConfig, VaeConfig};
+use crate::model::text::ClipTextModel;
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::vae::AutoencoderKL;
 use candle_core::Tensor;
@@ -16,6 +17,8 @@ pub enum Component {
     Unet,
     /// One VAE decode.
     VaeDecode,
+    /// One CLIP text-encoder call for a CFG pair of prompts (batch 2, 77 tokens).
+    TextEncoder,
     /// One pixel-DDPM training step (forward, backward, AdamW, EMA) of a `diffuse train`
     /// config (configs/ddpm-mnist.toml by default) on random images.
     TrainPixel,
@@ -64,6 +67,9 @@ pub const SD15_UNET: &str = include_str!("../../configs/sd15/unet.json");
 
 /// SD 1.5's VAE (vae/config.json).
 pub const SD15_VAE: &str = include_str!("../../configs/sd15/vae.json");
+
+/// SD 1.5's text encoder, CLIP ViT-L/14's text model (text_encoder/config.json).
+pub const SD15_TEXT_ENCODER: &str = include_str!("../../configs/sd15/text_encoder.json");
 
 /// A memory figure of this process from `/proc/self/status` in MiB (0 where there is none).
 fn status_mb(key: &str) -> f64 {
@@ -294,7 +300,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             let device = super::parse_device(&args.device)?;
             return super::bench_ops::run(&pixel_config(&args)?, &device, args.runs, args.json);
         }
-        Component::Unet | Component::VaeDecode | Component::FinetuneLora => {}
+        Component::Unet
+        | Component::VaeDecode
+        | Component::TextEncoder
+        | Component::FinetuneLora => {}
     }
     anyhow::ensure!(
         args.size >= 8 && args.size.is_multiple_of(8),
@@ -311,6 +320,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         None => match args.component {
             Component::Unet => SD15_UNET.to_string(),
             Component::VaeDecode => SD15_VAE.to_string(),
+            Component::TextEncoder => SD15_TEXT_ENCODER.to_string(),
             Component::TrainPixel | Component::TrainOps | Component::FinetuneLora => {
                 unreachable!("handled above")
             }
@@ -329,6 +339,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
         Component::VaeDecode => {
             AutoencoderKL::new(
+                serde_json::from_str(&config_text)?,
+                VarBuilder::from_varmap(&varmap, dtype, &device),
+            )?;
+        }
+        Component::TextEncoder => {
+            ClipTextModel::new(
                 serde_json::from_str(&config_text)?,
                 VarBuilder::from_varmap(&varmap, dtype, &device),
             )?;
@@ -369,6 +385,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 Tensor::randn(0f32, 1., (1, channels, latent, latent), &device)?.to_dtype(dtype)?;
             Box::new(move || vae.decode(&z))
         }
+        Component::TextEncoder => {
+            let config: ClipTextConfig = serde_json::from_str(&config_text)?;
+            let ids: Vec<u32> = (0..2 * config.max_position_embeddings)
+                .map(|i| (i * 7919 % config.vocab_size) as u32)
+                .collect();
+            let ids = Tensor::from_vec(ids, (2, config.max_position_embeddings), &device)?;
+            let encoder = ClipTextModel::new(config, vb)?;
+            Box::new(move || encoder.forward(&ids))
+        }
         Component::TrainPixel | Component::TrainOps | Component::FinetuneLora => {
             unreachable!("handled above")
         }
@@ -387,10 +412,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "parameters": params,
     });
     time_runs(
-        &format!(
-            "{:?} {}x{} {}",
-            args.component, args.size, args.size, args.dtype
-        ),
+        &match args.component {
+            Component::TextEncoder => format!("TextEncoder 2x77 tokens {}", args.dtype),
+            component => format!("{component:?} {}x{} {}", args.size, args.size, args.dtype),
+        },
         args.runs,
         if args.json {
             json
