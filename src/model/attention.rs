@@ -62,13 +62,40 @@ unsafe fn single_thread_product(
 }
 
 /// Replaces a row of scores s by exp(scale (s - max s)), the numerators of softmax(scale s), and
-/// returns their sum.
+/// returns their sum. The body is compiled twice: for AVX2 with FMA where the CPU has them (the
+/// crate itself targets baseline x86-64, whose vectors are half as wide) and portably.
 fn softmax_numerators(row: &mut [f32], scale: f32) -> f32 {
-    let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has both features.
+        return unsafe { softmax_numerators_avx2(row, scale) };
+    }
+    softmax_numerators_portable(row, scale)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_numerators_avx2(row: &mut [f32], scale: f32) -> f32 {
+    softmax_numerators_portable(row, scale)
+}
+
+#[inline(always)]
+fn softmax_numerators_portable(row: &mut [f32], scale: f32) -> f32 {
+    // Eight running maxima and sums, which the compiler keeps in one vector register each.
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut chunks = row.chunks_exact(8);
+    for chunk in &mut chunks {
+        for (lane, &value) in lanes.iter_mut().zip(chunk) {
+            *lane = if value > *lane { value } else { *lane };
+        }
+    }
+    let max = lanes
+        .iter()
+        .chain(chunks.remainder())
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
     for value in row.iter_mut() {
         *value = exp_nonpositive((*value - max) * scale);
     }
-    // Eight running sums, which the compiler keeps in one vector register.
     let mut lanes = [0f32; 8];
     let mut chunks = row.chunks_exact(8);
     for chunk in &mut chunks {
@@ -87,22 +114,24 @@ fn softmax_numerators(row: &mut [f32], scale: f32) -> f32 {
 fn exp_nonpositive(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
-    // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer without a branch.
+    // Adding 1.5 * 2^23 leaves round(x log2 e) in the low mantissa bits, read back as an
+    // integer without a conversion (Rust's saturating float-to-int cast does not vectorize).
     const ROUND: f32 = 12_582_912.0;
-    let x = x.max(-87.0);
-    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
-    let r = x - n * LN2_HI - n * LN2_LO;
+    let clamped = if x > -87.0 { x } else { -87.0 };
+    let shifted = clamped * std::f32::consts::LOG2_E + ROUND;
+    let n = shifted - ROUND;
+    let n_bits = shifted.to_bits().wrapping_sub(ROUND.to_bits()) as i32;
+    let r = clamped - n * LN2_HI - n * LN2_LO;
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0
                     + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r / 5040.0))))));
-    let two_to_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
-    let value = p * two_to_n;
-    if x <= -87.0 {
-        0.0
+    let two_to_n = f32::from_bits((n_bits.wrapping_add(127) as u32) << 23);
+    if x > -87.0 {
+        p * two_to_n
     } else {
-        value
+        0.0
     }
 }
 
