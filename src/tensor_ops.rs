@@ -1,6 +1,6 @@
-//! Small tensor helpers shared by the samplers.
+//! Small tensor helpers shared by the samplers and the models' CPU ops.
 
-use candle_core::{Result, Tensor};
+use candle_core::{CpuStorage, Layout, Result, Tensor};
 
 /// sum_i c_i x_i for scalar coefficients, the shape of every sampler update.
 pub fn lincomb(terms: &[(f64, &Tensor)]) -> Result<Tensor> {
@@ -32,4 +32,28 @@ pub fn max_abs(x: &Tensor) -> Result<f64> {
         .max(0)?
         .to_dtype(candle_core::DType::F64)?
         .to_scalar::<f64>()
+}
+
+/// The f32 values of a custom op's contiguous CPU input; errors name the op and the input.
+pub fn contiguous_f32<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    op: &str,
+    what: &str,
+) -> Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{op}: {what} must be f32")
+    };
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{op}: {what} must be contiguous"),
+    }
+}
+
+/// A standard-normal tensor of `shape` from `seed` (tests).
+#[cfg(test)]
+pub fn seeded_randn(shape: &[usize], seed: u64) -> Tensor {
+    crate::sampler::noise::SeededNoise::new(seed)
+        .randn(shape)
+        .expect("seeded noise")
 }

@@ -7,6 +7,7 @@
 //! at a time, as FlashAttention does (Dao et al. 2022, algorithm 4, with whole rows instead of
 //! tiles): one more Q K^T product for a fraction of the memory.
 
+use crate::tensor_ops::contiguous_f32;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
@@ -15,14 +16,6 @@ const MAX_SCORES: usize = 1 << 26;
 
 /// Query rows per task of the forward pass: 64 rows of 4096 scores are 1 MiB, cache-sized.
 const QUERY_BLOCK: usize = 64;
-
-fn contiguous<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    let data = storage.as_slice::<f32>()?;
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("attention: the inputs must be contiguous"),
-    }
-}
 
 /// `dst (m x n, row stride dst_rs) = lhs (m x k) rhs (k x n)` on this thread (the tasks around
 /// it are the parallel part), lhs and rhs given by their (row, column) strides.
@@ -174,9 +167,9 @@ impl CustomOp3 for Attention {
         let (_, m, _) = k_layout.shape().dims3()?;
         let (_, _, dv) = v_layout.shape().dims3()?;
         let (q, k, v) = (
-            contiguous(q, q_layout)?,
-            contiguous(k, k_layout)?,
-            contiguous(v, v_layout)?,
+            contiguous_f32(q, q_layout, "attention", "the inputs")?,
+            contiguous_f32(k, k_layout, "attention", "the inputs")?,
+            contiguous_f32(v, v_layout, "attention", "the inputs")?,
         );
         let mut out = vec![0f32; heads * n * dv];
         // Blocks per head, so that no block straddles two heads.

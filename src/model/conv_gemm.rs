@@ -13,6 +13,7 @@
 //! product into place (perf of SD 1.5's U-Net step: about a quarter of its time), and its
 //! backward pass computes the input gradient with a direct transposed-convolution loop.
 
+use crate::tensor_ops::contiguous_f32;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -72,16 +73,6 @@ impl Band {
 struct Matrix {
     data: *const f32,
     row_stride: usize,
-}
-
-fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(data) = storage else {
-        candle_core::bail!("conv2d-gemm: {what} must be f32")
-    };
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("conv2d-gemm: {what} must be contiguous"),
-    }
 }
 
 impl Geometry {
@@ -394,9 +385,9 @@ impl CustomOp3 for Conv2dGemm {
                 weight_layout.shape()
             )
         }
-        let x = contiguous_f32(x, x_layout, "the input")?;
-        let weight = contiguous_f32(weight, weight_layout, "the weight")?;
-        let bias = contiguous_f32(bias, bias_layout, "the bias")?;
+        let x = contiguous_f32(x, x_layout, "conv2d-gemm", "the input")?;
+        let weight = contiguous_f32(weight, weight_layout, "conv2d-gemm", "the weight")?;
+        let bias = contiguous_f32(bias, bias_layout, "conv2d-gemm", "the bias")?;
         let out_pixels = g.out_pixels();
         let mut out = vec![0f32; g.batch * g.out_channels * out_pixels];
         out.par_chunks_mut(out_pixels)
@@ -534,8 +525,8 @@ impl CustomOp2 for InputGradient {
         let (_, channels, _, _) = weight_layout.shape().dims4()?;
         let input = Shape::from((batch, channels, self.height, self.width));
         let g = Geometry::new(&self.conv, &input, weight_layout.shape())?;
-        let grad = contiguous_f32(grad, grad_layout, "the output gradient")?;
-        let weight = contiguous_f32(weight, weight_layout, "the weight")?;
+        let grad = contiguous_f32(grad, grad_layout, "conv2d-gemm", "the output gradient")?;
+        let weight = contiguous_f32(weight, weight_layout, "conv2d-gemm", "the weight")?;
         let mut dx = vec![0f32; input.elem_count()];
         let (mut columns, mut scratch) = (Vec::new(), Vec::new());
         for band in g.bands() {
@@ -599,8 +590,8 @@ impl CustomOp2 for WeightGradient {
         grad_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = Geometry::new(&self.conv, x_layout.shape(), &Shape::from(self.kernel))?;
-        let x = contiguous_f32(x, x_layout, "the input")?;
-        let grad = contiguous_f32(grad, grad_layout, "the output gradient")?;
+        let x = contiguous_f32(x, x_layout, "conv2d-gemm", "the input")?;
+        let grad = contiguous_f32(grad, grad_layout, "conv2d-gemm", "the output gradient")?;
         let weight_count = g.out_channels * g.depth();
         let mut out = vec![0f32; weight_count + g.out_channels];
         let (dweight, dbias) = out.split_at_mut(weight_count);
@@ -648,10 +639,7 @@ mod tests {
     use super::*;
     use candle_core::Var;
 
-    fn seeded(shape: &[usize], seed: u64) -> Tensor {
-        let mut noise = crate::sampler::noise::SeededNoise::new(seed);
-        noise.randn(shape).unwrap()
-    }
+    use crate::tensor_ops::seeded_randn as seeded;
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
         crate::tensor_ops::max_abs(&(a - b).unwrap()).unwrap()

@@ -63,10 +63,7 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    fn seeded(shape: &[usize], seed: u64) -> Tensor {
-        let mut noise = crate::sampler::noise::SeededNoise::new(seed);
-        noise.randn(shape).unwrap()
-    }
+    use crate::tensor_ops::seeded_randn as seeded;
 
     type Conv = fn(&Tensor, &Tensor, Option<&Tensor>, usize, usize) -> Result<Tensor>;
 

@@ -3,6 +3,7 @@
 //! over the activation forward and two or more backward (its broadcast reductions are strided
 //! sums); in the pixel-DDPM U-Net that chain cost more than the convolutions.
 
+use crate::tensor_ops::contiguous_f32;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
@@ -108,16 +109,6 @@ struct Geometry {
     spatial: usize,
 }
 
-fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(data) = storage else {
-        candle_core::bail!("group norm: {what} must be f32")
-    };
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("group norm: {what} must be contiguous"),
-    }
-}
-
 impl FusedGroupNorm {
     fn geometry(&self, shape: &Shape) -> Result<Geometry> {
         let dims = shape.dims();
@@ -163,9 +154,9 @@ impl CustomOp3 for FusedGroupNorm {
         bias_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = self.geometry(x_layout.shape())?;
-        let x = contiguous_f32(x, x_layout, "the input")?;
-        let weight = contiguous_f32(weight, weight_layout, "the weight")?;
-        let bias = contiguous_f32(bias, bias_layout, "the bias")?;
+        let x = contiguous_f32(x, x_layout, "group norm", "the input")?;
+        let weight = contiguous_f32(weight, weight_layout, "group norm", "the weight")?;
+        let bias = contiguous_f32(bias, bias_layout, "group norm", "the bias")?;
         let per_group = g.channels / self.groups;
         let group_len = per_group * g.spatial;
         let mut out = vec![0f32; x.len()];
@@ -243,7 +234,7 @@ impl CustomOp1 for GroupNormBackward {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = self.norm.geometry(&self.shape)?;
-        let data = contiguous_f32(storage, layout, "the backward input")?;
+        let data = contiguous_f32(storage, layout, "group norm", "the backward input")?;
         let n = self.shape.elem_count();
         let (x, rest) = data.split_at(n);
         let (dy, rest) = rest.split_at(n);
