@@ -229,7 +229,7 @@ impl Geometry {
     }
 
     /// The output columns `ox` whose kernel column `kx` reads inside the input row, and the
-    /// input column that `first` reads.
+    /// input column that the first of them reads.
     fn inside(&self, kx: usize, out_w: usize) -> (std::ops::Range<usize>, isize) {
         let offset = self.column_offset(kx);
         let stride = self.stride as isize;
@@ -246,6 +246,9 @@ impl Geometry {
         let (inside, start) = self.inside(kx, out_row.len());
         out_row[..inside.start].fill(0.0);
         out_row[inside.end..].fill(0.0);
+        if inside.is_empty() {
+            return;
+        }
         let start = start as usize;
         if self.stride == 1 {
             out_row[inside.clone()].copy_from_slice(&input_row[start..start + inside.len()]);
@@ -262,6 +265,9 @@ impl Geometry {
     /// input_row[ox * stride + kx - padding] += out_row[ox]: the adjoint of `gather_row`.
     fn scatter_row(&self, out_row: &[f32], kx: usize, input_row: &mut [f32]) {
         let (inside, start) = self.inside(kx, out_row.len());
+        if inside.is_empty() {
+            return;
+        }
         let targets = input_row[start as usize..].iter_mut().step_by(self.stride);
         for (target, value) in targets.zip(&out_row[inside]) {
             *target += value;
@@ -662,6 +668,8 @@ mod tests {
             (3, 3, 4, 1, 1, 0, 6, 5),
             (2, 2, 3, 1, 2, 0, 6, 6),
             (2, 3, 2, 3, 1, 0, 5, 6),
+            // Padding wider than the image: some kernel columns read nothing at all.
+            (2, 2, 3, 3, 1, 2, 1, 2),
             (2, 512, 2, 3, 1, 1, 40, 25),
             (2, 512, 3, 1, 1, 0, 90, 100),
         ];
