@@ -63,7 +63,7 @@ pub fn run(config: &TrainConfig, device: &Device, runs: usize, json: bool) -> an
         groups,
         1e-5,
     )?;
-    let unfolded: fn(
+    let as_training: fn(
         &Tensor,
         &Tensor,
         Option<&Tensor>,
@@ -90,7 +90,7 @@ pub fn run(config: &TrainConfig, device: &Device, runs: usize, json: bool) -> an
         ),
         (
             "conv3x3 forward+backward (as training runs)",
-            Box::new(|| backward(&unfolded(&x, &weight, Some(&bias), 1, 1)?)),
+            Box::new(|| backward(&as_training(&x, &weight, Some(&bias), 1, 1)?)),
         ),
         (
             "matmul (B H W, 9 C) x (9 C, C)",
