@@ -153,7 +153,7 @@ impl CustomOp3 for Attention {
 
     /// Blocks of query rows, one task each, so that a block's scores (rows x M) stay in cache
     /// from the product through the softmax to the product with V: the whole (N x M) matrix is
-    /// never written to memory, and nothing but the output is allocated per call.
+    /// never written to memory, and each thread reuses its scores buffer from block to block.
     fn cpu_fwd(
         &self,
         q: &CpuStorage,
@@ -182,9 +182,10 @@ impl CustomOp3 for Attention {
             }
         }
         let scale = self.scale as f32;
+        // Each thread's scores and row sums, reused from block to block.
         tasks.into_par_iter().for_each_init(
-            Vec::new,
-            |scores: &mut Vec<f32>, (head, first, out_block)| {
+            || (Vec::new(), Vec::new()),
+            |(scores, sums): &mut (Vec<f32>, Vec<f32>), (head, first, out_block)| {
                 let rows = out_block.len() / dv;
                 let q_block = &q[(head * n + first) * d..][..rows * d];
                 let k_head = &k[head * m * d..][..m * d];
@@ -194,10 +195,12 @@ impl CustomOp3 for Attention {
                 unsafe {
                     single_thread_product((rows, m, d), scores, m, q_block, (d, 1), k_head, (1, d))
                 };
-                let sums: Vec<f32> = scores
-                    .chunks_exact_mut(m)
-                    .map(|row| softmax_numerators(row, scale))
-                    .collect();
+                sums.clear();
+                sums.extend(
+                    scores
+                        .chunks_exact_mut(m)
+                        .map(|row| softmax_numerators(row, scale)),
+                );
                 // SAFETY: as above.
                 unsafe {
                     single_thread_product(
@@ -210,7 +213,7 @@ impl CustomOp3 for Attention {
                         (dv, 1),
                     )
                 };
-                for (row, sum) in out_block.chunks_exact_mut(dv).zip(sums) {
+                for (row, sum) in out_block.chunks_exact_mut(dv).zip(sums.iter()) {
                     let inverse = 1.0 / sum;
                     row.iter_mut().for_each(|value| *value *= inverse);
                 }
