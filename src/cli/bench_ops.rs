@@ -89,6 +89,12 @@ pub fn run(config: &TrainConfig, device: &Device, runs: usize, json: bool) -> an
             Box::new(|| backward(&x.conv2d(&weight, 1, 1, 1, 1)?)),
         ),
         (
+            "conv3x3 forward (as training runs)",
+            Box::new(|| {
+                as_training(&plain, &weight.as_tensor().detach(), Some(&bias), 1, 1).map(|_| ())
+            }),
+        ),
+        (
             "conv3x3 forward+backward (as training runs)",
             Box::new(|| backward(&as_training(&x, &weight, Some(&bias), 1, 1)?)),
         ),

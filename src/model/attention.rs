@@ -7,6 +7,7 @@
 //! at a time, as FlashAttention does (Dao et al. 2022, algorithm 4, with whole rows instead of
 //! tiles): one more Q K^T product for a fraction of the memory.
 
+use super::vector_math::{exp_nonpositive, with_avx2_fma};
 use crate::tensor_ops::contiguous_f32;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -55,77 +56,33 @@ unsafe fn single_thread_product(
 }
 
 /// Replaces a row of scores s by exp(scale (s - max s)), the numerators of softmax(scale s), and
-/// returns their sum. The body is compiled twice: for AVX2 with FMA where the CPU has them (the
-/// crate itself targets baseline x86-64, whose vectors are half as wide) and portably.
+/// returns their sum.
 fn softmax_numerators(row: &mut [f32], scale: f32) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has both features.
-        return unsafe { softmax_numerators_avx2(row, scale) };
-    }
-    softmax_numerators_portable(row, scale)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn softmax_numerators_avx2(row: &mut [f32], scale: f32) -> f32 {
-    softmax_numerators_portable(row, scale)
-}
-
-#[inline(always)]
-fn softmax_numerators_portable(row: &mut [f32], scale: f32) -> f32 {
-    // Eight running maxima and sums, which the compiler keeps in one vector register each.
-    let mut lanes = [f32::NEG_INFINITY; 8];
-    let mut chunks = row.chunks_exact(8);
-    for chunk in &mut chunks {
-        for (lane, &value) in lanes.iter_mut().zip(chunk) {
-            *lane = if value > *lane { value } else { *lane };
+    with_avx2_fma(|| {
+        // Eight running maxima and sums, which the compiler keeps in one vector register each.
+        let mut lanes = [f32::NEG_INFINITY; 8];
+        let mut chunks = row.chunks_exact(8);
+        for chunk in &mut chunks {
+            for (lane, &value) in lanes.iter_mut().zip(chunk) {
+                *lane = if value > *lane { value } else { *lane };
+            }
         }
-    }
-    let max = lanes
-        .iter()
-        .chain(chunks.remainder())
-        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
-    for value in row.iter_mut() {
-        *value = exp_nonpositive((*value - max) * scale);
-    }
-    let mut lanes = [0f32; 8];
-    let mut chunks = row.chunks_exact(8);
-    for chunk in &mut chunks {
-        for (lane, value) in lanes.iter_mut().zip(chunk) {
-            *lane += value;
+        let max = lanes
+            .iter()
+            .chain(chunks.remainder())
+            .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+        for value in row.iter_mut() {
+            *value = exp_nonpositive((*value - max) * scale);
         }
-    }
-    lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
-}
-
-/// e^x for x <= 0 in plain arithmetic that the compiler vectorizes (libm's expf is a call per
-/// value, which perf showed as most of a softmax): x = n ln 2 + r with |r| <= ln 2 / 2, e^r by
-/// its Taylor polynomial to r^7 (relative error under 1e-7, f32's own), 2^n through the
-/// exponent bits. Below -87 (e^x under f32's smallest normal) it is 0.
-#[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    // Adding 1.5 * 2^23 leaves round(x log2 e) in the low mantissa bits, read back as an
-    // integer without a conversion (Rust's saturating float-to-int cast does not vectorize).
-    const ROUND: f32 = 12_582_912.0;
-    let clamped = if x > -87.0 { x } else { -87.0 };
-    let shifted = clamped * std::f32::consts::LOG2_E + ROUND;
-    let n = shifted - ROUND;
-    let n_bits = shifted.to_bits().wrapping_sub(ROUND.to_bits()) as i32;
-    let r = clamped - n * LN2_HI - n * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r / 5040.0))))));
-    let two_to_n = f32::from_bits((n_bits.wrapping_add(127) as u32) << 23);
-    if x > -87.0 {
-        p * two_to_n
-    } else {
-        0.0
-    }
+        let mut lanes = [0f32; 8];
+        let mut chunks = row.chunks_exact(8);
+        for chunk in &mut chunks {
+            for (lane, value) in lanes.iter_mut().zip(chunk) {
+                *lane += value;
+            }
+        }
+        lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+    })
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -347,21 +304,5 @@ mod tests {
         let out = memory_efficient_attention(&q, &k, &v, 0.35).unwrap();
         assert_eq!(out.dims(), reference.dims());
         assert!(max_diff(&out, &reference) < 1e-5);
-    }
-
-    /// The vectorizable exponential is within two f32 roundings of libm's over the softmax's
-    /// range, and exactly 0 far below it.
-    #[test]
-    fn exp_nonpositive_matches_libm() {
-        let mut worst = 0f32;
-        for i in 0..=200_000 {
-            let x = -86.9 * i as f32 / 200_000.0;
-            let (ours, libm) = (exp_nonpositive(x), x.exp());
-            worst = worst.max((ours - libm).abs() / libm);
-        }
-        assert!(worst < 2.5e-7, "relative error {worst}");
-        assert_eq!(exp_nonpositive(0.0), 1.0);
-        assert_eq!(exp_nonpositive(-1000.0), 0.0);
-        assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
     }
 }

@@ -13,6 +13,7 @@
 //! product into place (perf of SD 1.5's U-Net step: about a quarter of its time), and its
 //! backward pass computes the input gradient with a direct transposed-convolution loop.
 
+use super::vector_math;
 use crate::tensor_ops::contiguous_f32;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -21,6 +22,15 @@ use rayon::prelude::*;
 /// product to run at full speed, few enough that a 512x512 VAE layer does not build a gigabyte
 /// of columns at once.
 const COLUMN_BAND_FLOATS: usize = 1 << 22;
+
+/// A batch whose images' columns are at most this many floats each (4 MiB) runs image by image,
+/// one image per thread ([`Plan::PerImage`]).
+const PER_IMAGE_FLOATS: usize = 1 << 20;
+
+/// The weight gradient of a [`Plan::PerImage`] call sums its images in groups of this many,
+/// each group into its own matrix, and then the groups in order: the same sums in the same order
+/// however rayon shares the groups out, so a training run repeats bit for bit.
+const IMAGES_PER_GRADIENT_GROUP: usize = 8;
 
 /// conv2d(x, weight) + bias for f32 CPU tensors, square stride and padding, dilation 1, one
 /// group: `x.apply_op3(weight, bias, Conv2dGemm { .. })`, with a backward pass.
@@ -44,6 +54,25 @@ struct Geometry {
     kernel_w: usize,
     out_h: usize,
     out_w: usize,
+}
+
+/// How one call's work is shared between the threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Plan {
+    /// Images in parallel, each on one thread, whose columns are built, multiplied and consumed
+    /// while they are still in that core's cache: a batch of small maps (a training step),
+    /// where a product shared by all threads would be small and its columns would go through
+    /// memory between the passes.
+    PerImage,
+    /// Bands one after another, each product on all threads: one image, or large maps.
+    Bands,
+}
+
+/// Who runs a piece of work: the calling thread alone or all of rayon's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Threads {
+    One,
+    All,
 }
 
 /// Output rows `first_row..first_row + rows` of images `first_image..first_image + images`: a
@@ -73,6 +102,25 @@ impl Band {
 struct Matrix {
     data: *const f32,
     row_stride: usize,
+}
+
+/// The output columns whose kernel column reads inside the input row, and the input column
+/// that the first of them reads.
+#[derive(Debug, Clone)]
+struct Span {
+    outputs: std::ops::Range<usize>,
+    first_input: usize,
+}
+
+/// How a tap reads the input plane in a [`Geometry::rows_aligned`] convolution, for a band of one
+/// image: band pixel i reads plane pixel i + offset for i in `reads`, except where the tap falls
+/// in the left or right padding (a few entries of each row); band rows outside `rows` read
+/// the top or bottom padding.
+#[derive(Debug, Clone)]
+struct Shift {
+    reads: std::ops::Range<usize>,
+    offset: isize,
+    rows: std::ops::Range<usize>,
 }
 
 impl Geometry {
@@ -120,6 +168,28 @@ impl Geometry {
         self.kernel_h == 1 && self.kernel_w == 1 && self.stride == 1 && self.padding == 0
     }
 
+    /// Image by image when there are images enough to keep every thread busy and each one's
+    /// columns are small.
+    fn plan(&self, threads: usize) -> Plan {
+        if threads > 1
+            && self.batch >= threads
+            && self.depth() * self.out_pixels() <= PER_IMAGE_FLOATS
+        {
+            Plan::PerImage
+        } else {
+            Plan::Bands
+        }
+    }
+
+    fn whole_image(&self, image: usize) -> Band {
+        Band {
+            first_image: image,
+            images: 1,
+            first_row: 0,
+            rows: self.out_h,
+        }
+    }
+
     fn bands(&self) -> Vec<Band> {
         let image_floats = self.depth() * self.out_pixels();
         if image_floats <= COLUMN_BAND_FLOATS {
@@ -151,11 +221,6 @@ impl Geometry {
         }
     }
 
-    /// The input column of output column 0 for kernel column `kx` (negative in the padding).
-    fn column_offset(&self, kx: usize) -> isize {
-        kx as isize - self.padding as isize
-    }
-
     /// The input row that output row `oy` reads through kernel row `ky`, if inside the image.
     fn input_row(&self, oy: usize, ky: usize) -> Option<usize> {
         let y = (oy * self.stride + ky) as isize - self.padding as isize;
@@ -164,58 +229,186 @@ impl Geometry {
 
     /// The band's columns (C kh kw rows of band pixels) from the input `x` (B, C, H, W); taps in
     /// the padding are zero.
-    fn fill_columns(&self, x: &[f32], band: &Band, columns: &mut [f32]) {
+    fn fill_columns(&self, x: &[f32], band: &Band, columns: &mut [f32], threads: Threads) {
         let pixels = band.pixels(self);
-        columns[..self.depth() * pixels]
-            .par_chunks_mut(pixels)
-            .enumerate()
-            .for_each(|(row, column)| {
-                let (channel, ky, kx) = self.tap(row);
-                for (index, image_rows) in
-                    column.chunks_exact_mut(band.rows * self.out_w).enumerate()
-                {
-                    let plane = &x[((band.first_image + index) * self.channels + channel)
-                        * self.in_pixels()..][..self.in_pixels()];
-                    for (offset, out_row) in image_rows.chunks_exact_mut(self.out_w).enumerate() {
-                        match self.input_row(band.first_row + offset, ky) {
-                            Some(y) => {
-                                self.gather_row(&plane[y * self.width..][..self.width], kx, out_row)
-                            }
-                            None => out_row.fill(0.0),
+        let fill = |(row, column): (usize, &mut [f32])| {
+            let (channel, ky, kx) = self.tap(row);
+            let span = self.span(kx);
+            let shift = self.rows_aligned().then(|| self.shift(band, ky, kx));
+            for (index, image_rows) in column.chunks_exact_mut(band.rows * self.out_w).enumerate() {
+                let plane = &x
+                    [((band.first_image + index) * self.channels + channel) * self.in_pixels()..]
+                    [..self.in_pixels()];
+                if let Some(shift) = &shift {
+                    self.gather_shifted(plane, shift, &span, image_rows);
+                    continue;
+                }
+                for (offset, out_row) in image_rows.chunks_exact_mut(self.out_w).enumerate() {
+                    match self.input_row(band.first_row + offset, ky) {
+                        Some(y) => {
+                            self.gather_row(&plane[y * self.width..][..self.width], &span, out_row)
                         }
+                        None => out_row.fill(0.0),
                     }
                 }
-            });
+            }
+        };
+        let rows = &mut columns[..self.depth() * pixels];
+        match threads {
+            Threads::One => rows.chunks_mut(pixels).enumerate().for_each(fill),
+            Threads::All => rows.par_chunks_mut(pixels).enumerate().for_each(fill),
+        }
     }
 
-    /// Adds the band's column gradients back onto `dx` (B, C, H, W), the adjoint of
-    /// [`Self::fill_columns`]. One task per input plane: no two write the same pixel.
-    fn fold_columns(&self, columns: &[f32], band: &Band, dx: &mut [f32]) {
+    /// Adds the band's column gradients back onto `planes`, the input planes (C, H, W) of the
+    /// band's images: the adjoint of [`Self::fill_columns`]. One task per plane: no two write
+    /// the same pixel. Where rows are aligned, the gradients of taps in the padding are zeroed
+    /// first, so that each tap's share is one contiguous sum.
+    fn fold_columns(&self, columns: &mut [f32], band: &Band, planes: &mut [f32], threads: Threads) {
         let pixels = band.pixels(self);
         let taps = self.kernel_h * self.kernel_w;
-        let planes = &mut dx[band.first_image * self.channels * self.in_pixels()..]
-            [..band.images * self.channels * self.in_pixels()];
-        planes
-            .par_chunks_mut(self.in_pixels())
-            .enumerate()
-            .for_each(|(index, plane)| {
-                let (image, channel) = (index / self.channels, index % self.channels);
-                for tap in 0..taps {
-                    let (ky, kx) = (tap / self.kernel_w, tap % self.kernel_w);
-                    let column = &columns[(channel * taps + tap) * pixels..][..pixels];
-                    let image_rows =
-                        &column[image * band.rows * self.out_w..][..band.rows * self.out_w];
-                    for (offset, out_row) in image_rows.chunks_exact(self.out_w).enumerate() {
-                        if let Some(y) = self.input_row(band.first_row + offset, ky) {
-                            self.scatter_row(
-                                out_row,
-                                kx,
-                                &mut plane[y * self.width..][..self.width],
-                            );
-                        }
+        let columns = &mut columns[..self.depth() * pixels];
+        if self.rows_aligned() {
+            let clear = |(row, column): (usize, &mut [f32])| {
+                let (_, ky, kx) = self.tap(row);
+                let (shift, span) = (self.shift(band, ky, kx), self.span(kx));
+                for image_rows in column.chunks_exact_mut(band.rows * self.out_w) {
+                    self.zero_padding_taps(&shift, &span, image_rows);
+                }
+            };
+            match threads {
+                Threads::One => columns.chunks_mut(pixels).enumerate().for_each(clear),
+                Threads::All => columns.par_chunks_mut(pixels).enumerate().for_each(clear),
+            }
+        }
+        let columns = &*columns;
+        let fold = |(index, plane): (usize, &mut [f32])| {
+            let (image, channel) = (index / self.channels, index % self.channels);
+            for tap in 0..taps {
+                let (ky, kx) = (tap / self.kernel_w, tap % self.kernel_w);
+                let column = &columns[(channel * taps + tap) * pixels..][..pixels];
+                let image_rows =
+                    &column[image * band.rows * self.out_w..][..band.rows * self.out_w];
+                if self.rows_aligned() {
+                    self.scatter_shifted(image_rows, &self.shift(band, ky, kx), plane);
+                    continue;
+                }
+                let span = self.span(kx);
+                for (offset, out_row) in image_rows.chunks_exact(self.out_w).enumerate() {
+                    if let Some(y) = self.input_row(band.first_row + offset, ky) {
+                        self.scatter_row(
+                            out_row,
+                            &span,
+                            &mut plane[y * self.width..][..self.width],
+                        );
                     }
                 }
-            });
+            }
+        };
+        let planes = &mut planes[..band.images * self.channels * self.in_pixels()];
+        match threads {
+            Threads::One => planes
+                .chunks_mut(self.in_pixels())
+                .enumerate()
+                .for_each(fold),
+            Threads::All => planes
+                .par_chunks_mut(self.in_pixels())
+                .enumerate()
+                .for_each(fold),
+        }
+    }
+
+    /// The convolution whose output is this one's input gradient, where the output has the
+    /// input's size at stride 1: dx[c, y, x] = sum over o, ky, kx of
+    /// weight[o, c, ky, kx] dout[o, y - ky + p, x - kx + p], which is a convolution of dout with
+    /// the kernel transposed on its channels and flipped in both directions, padded by k - 1 - p.
+    /// It writes dx in place with C kh kw deep products, where folding `weight^T dout` back
+    /// would add every column into place and multiply through only O.
+    fn transposed(&self) -> Option<Geometry> {
+        let same_size = self.stride == 1 && self.out_h == self.height && self.out_w == self.width;
+        (same_size && self.kernel_h == self.kernel_w).then_some(Geometry {
+            channels: self.out_channels,
+            out_channels: self.channels,
+            padding: self.kernel_h - 1 - self.padding,
+            ..*self
+        })
+    }
+
+    /// The kernel of [`Self::transposed`]: (C, O, kh, kw) from (O, C, kh, kw), flipped.
+    fn transposed_kernel(&self, weight: &[f32]) -> Vec<f32> {
+        let taps = self.kernel_h * self.kernel_w;
+        let mut kernel = vec![0f32; weight.len()];
+        for (o, filters) in weight.chunks_exact(self.depth()).enumerate() {
+            for (c, filter) in filters.chunks_exact(taps).enumerate() {
+                let target = &mut kernel[(c * self.out_channels + o) * taps..][..taps];
+                for (value, flipped) in target.iter_mut().zip(filter.iter().rev()) {
+                    *value = *flipped;
+                }
+            }
+        }
+        kernel
+    }
+
+    /// Output rows as wide as input rows at stride 1 (a "same" convolution): a tap then reads
+    /// the input plane at one fixed offset from each output pixel, so a column row is one
+    /// shifted copy of the plane.
+    fn rows_aligned(&self) -> bool {
+        self.stride == 1 && self.out_w == self.width
+    }
+
+    /// For [`Self::rows_aligned`] geometry: where tap (ky, kx) reads for a band of one image.
+    fn shift(&self, band: &Band, ky: usize, kx: usize) -> Shift {
+        let width = self.width as isize;
+        let (rows, first_row) = (band.rows as isize, band.first_row as isize);
+        let dy = ky as isize - self.padding as isize;
+        let dx = kx as isize - self.padding as isize;
+        let first_valid = (-dy - first_row).clamp(0, rows);
+        let end_valid = (self.height as isize - dy - first_row).clamp(first_valid, rows);
+        let offset = (first_row + dy) * width + dx;
+        let plane = (self.height * self.width) as isize;
+        let start = (first_valid * width).max(-offset).min(end_valid * width);
+        let end = (end_valid * width).min(plane - offset).max(start);
+        Shift {
+            reads: start as usize..end as usize,
+            offset,
+            rows: first_valid as usize..end_valid as usize,
+        }
+    }
+
+    /// One image's share of a column row, for [`Self::rows_aligned`] geometry.
+    fn gather_shifted(&self, plane: &[f32], shift: &Shift, span: &Span, out: &mut [f32]) {
+        out[..shift.reads.start].fill(0.0);
+        out[shift.reads.end..].fill(0.0);
+        if !shift.reads.is_empty() {
+            let source = (shift.reads.start as isize + shift.offset) as usize;
+            out[shift.reads.clone()].copy_from_slice(&plane[source..][..shift.reads.len()]);
+        }
+        self.zero_padding_taps(shift, span, out);
+    }
+
+    /// Zero where a tap falls in the left or right padding: the shifted copy wrapped those
+    /// entries round to the neighbouring row.
+    fn zero_padding_taps(&self, shift: &Shift, span: &Span, out: &mut [f32]) {
+        if span.outputs.len() == self.out_w {
+            return;
+        }
+        for row in shift.rows.clone() {
+            let values = &mut out[row * self.out_w..][..self.out_w];
+            zero_few(&mut values[..span.outputs.start]);
+            zero_few(&mut values[span.outputs.end..]);
+        }
+    }
+
+    /// The adjoint of [`Self::gather_shifted`] on columns whose padding taps are zero.
+    fn scatter_shifted(&self, image_rows: &[f32], shift: &Shift, plane: &mut [f32]) {
+        if shift.reads.is_empty() {
+            return;
+        }
+        let target = (shift.reads.start as isize + shift.offset) as usize;
+        let targets = &mut plane[target..][..shift.reads.len()];
+        for (target, value) in targets.iter_mut().zip(&image_rows[shift.reads.clone()]) {
+            *target += value;
+        }
     }
 
     /// (channel, ky, kx) of a column-matrix row.
@@ -228,34 +421,35 @@ impl Geometry {
         )
     }
 
-    /// The output columns `ox` whose kernel column `kx` reads inside the input row, and the
-    /// input column that the first of them reads.
-    fn inside(&self, kx: usize, out_w: usize) -> (std::ops::Range<usize>, isize) {
-        let offset = self.column_offset(kx);
+    /// Where kernel column `kx` reads inside an input row: output column `ox` reads input
+    /// column `ox * stride + kx - padding`.
+    fn span(&self, kx: usize) -> Span {
+        let offset = kx as isize - self.padding as isize;
         let stride = self.stride as isize;
-        // ox * stride + offset in [0, width)
-        let first = ((-offset).max(0) + stride - 1) / stride;
-        let end = ((self.width as isize - offset) + stride - 1) / stride;
-        let first = first.clamp(0, out_w as isize) as usize;
-        let end = end.clamp(first as isize, out_w as isize) as usize;
-        (first..end, first as isize * stride + offset)
+        let out_w = self.out_w as isize;
+        let first = (((-offset).max(0) + stride - 1) / stride).clamp(0, out_w);
+        let end = ((self.width as isize - offset + stride - 1) / stride).clamp(first, out_w);
+        Span {
+            outputs: first as usize..end as usize,
+            first_input: (first * stride + offset).max(0) as usize,
+        }
     }
 
     /// out_row[ox] = input_row[ox * stride + kx - padding], zero in the padding.
-    fn gather_row(&self, input_row: &[f32], kx: usize, out_row: &mut [f32]) {
-        let (inside, start) = self.inside(kx, out_row.len());
+    fn gather_row(&self, input_row: &[f32], span: &Span, out_row: &mut [f32]) {
+        let inside = span.outputs.clone();
         out_row[..inside.start].fill(0.0);
         out_row[inside.end..].fill(0.0);
         if inside.is_empty() {
             return;
         }
-        let start = start as usize;
+        let sources = &input_row[span.first_input..];
         if self.stride == 1 {
-            out_row[inside.clone()].copy_from_slice(&input_row[start..start + inside.len()]);
+            out_row[inside.clone()].copy_from_slice(&sources[..inside.len()]);
         } else {
             for (value, source) in out_row[inside]
                 .iter_mut()
-                .zip(input_row[start..].iter().step_by(self.stride))
+                .zip(sources.iter().step_by(self.stride))
             {
                 *value = *source;
             }
@@ -263,14 +457,24 @@ impl Geometry {
     }
 
     /// input_row[ox * stride + kx - padding] += out_row[ox]: the adjoint of `gather_row`.
-    fn scatter_row(&self, out_row: &[f32], kx: usize, input_row: &mut [f32]) {
-        let (inside, start) = self.inside(kx, out_row.len());
+    fn scatter_row(&self, out_row: &[f32], span: &Span, input_row: &mut [f32]) {
+        let inside = span.outputs.clone();
         if inside.is_empty() {
             return;
         }
-        let targets = input_row[start as usize..].iter_mut().step_by(self.stride);
-        for (target, value) in targets.zip(&out_row[inside]) {
-            *target += value;
+        let targets = &mut input_row[span.first_input..];
+        if self.stride == 1 {
+            for (target, value) in targets[..inside.len()].iter_mut().zip(&out_row[inside]) {
+                *target += value;
+            }
+        } else {
+            for (target, value) in targets
+                .iter_mut()
+                .step_by(self.stride)
+                .zip(&out_row[inside])
+            {
+                *target += value;
+            }
         }
     }
 
@@ -304,7 +508,13 @@ impl Geometry {
 
     /// The band's columns: the input itself for a pointwise band inside one image, else built
     /// into `columns`.
-    fn band_columns(&self, x: &[f32], band: &Band, columns: &mut Vec<f32>) -> Matrix {
+    fn band_columns(
+        &self,
+        x: &[f32],
+        band: &Band,
+        columns: &mut Vec<f32>,
+        threads: Threads,
+    ) -> Matrix {
         if self.pointwise() && band.images == 1 {
             let start =
                 band.first_image * self.channels * self.in_pixels() + band.first_pixel(self);
@@ -315,16 +525,285 @@ impl Geometry {
         }
         let pixels = band.pixels(self);
         columns.resize(self.depth() * pixels, 0.0);
-        self.fill_columns(x, band, columns);
+        self.fill_columns(x, band, columns, threads);
         Matrix {
             data: columns.as_ptr(),
             row_stride: pixels,
         }
     }
+
+    /// Adds the band's convolution into `planes`, the output planes (O, Ho, Wo) of the band's
+    /// images.
+    fn forward_band(
+        &self,
+        band: &Band,
+        x: &[f32],
+        weight: &[f32],
+        planes: &mut [f32],
+        (columns, scratch): (&mut Vec<f32>, &mut Vec<f32>),
+        threads: Threads,
+    ) {
+        let (pixels, out_pixels) = (band.pixels(self), self.out_pixels());
+        let rhs = self.band_columns(x, band, columns, threads);
+        let single = band.images == 1;
+        let (dst, dst_row_stride) = if single {
+            (planes[band.first_pixel(self)..].as_mut_ptr(), out_pixels)
+        } else {
+            scratch.resize(self.out_channels * pixels, 0.0);
+            (scratch.as_mut_ptr(), pixels)
+        };
+        // SAFETY: the band's rows of every output plane lie inside `planes`, and `scratch`
+        // holds out_channels rows of `pixels` floats.
+        unsafe {
+            product(
+                (self.out_channels, pixels, self.depth()),
+                dst,
+                (dst_row_stride, 1),
+                single,
+                weight.as_ptr(),
+                (self.depth(), 1),
+                rhs.data,
+                (rhs.row_stride, 1),
+                threads,
+            )
+        };
+        if single {
+            return;
+        }
+        // Several whole images: each image's share of the product added into place.
+        planes[..band.images * self.out_channels * out_pixels]
+            .par_chunks_mut(out_pixels)
+            .enumerate()
+            .for_each(|(index, plane)| {
+                let (image, channel) = (index / self.out_channels, index % self.out_channels);
+                let part = &scratch[channel * pixels + image * out_pixels..][..out_pixels];
+                for (value, added) in plane.iter_mut().zip(part) {
+                    *value += added;
+                }
+            });
+    }
+
+    /// Adds the band's input gradient into `planes`, the input planes (C, H, W) of the band's
+    /// images: `weight^T dout`, in place for a pointwise band inside one image, else as columns
+    /// folded back.
+    fn input_gradient_band(
+        &self,
+        band: &Band,
+        grad: &[f32],
+        weight: &[f32],
+        planes: &mut [f32],
+        (columns, scratch): (&mut Vec<f32>, &mut Vec<f32>),
+        threads: Threads,
+    ) {
+        let pixels = band.pixels(self);
+        let dout = self.band_of_output(grad, band, scratch);
+        if self.pointwise() && band.images == 1 {
+            // SAFETY: the band's rows of every input plane lie inside `planes`.
+            unsafe {
+                product(
+                    (self.channels, pixels, self.out_channels),
+                    planes[band.first_pixel(self)..].as_mut_ptr(),
+                    (self.in_pixels(), 1),
+                    true,
+                    weight.as_ptr(),
+                    (1, self.depth()),
+                    dout.data,
+                    (dout.row_stride, 1),
+                    threads,
+                )
+            };
+            return;
+        }
+        columns.resize(self.depth() * pixels, 0.0);
+        // SAFETY: `columns` holds depth rows of `pixels` floats.
+        unsafe {
+            product(
+                (self.depth(), pixels, self.out_channels),
+                columns.as_mut_ptr(),
+                (pixels, 1),
+                false,
+                weight.as_ptr(),
+                (1, self.depth()),
+                dout.data,
+                (dout.row_stride, 1),
+                threads,
+            )
+        };
+        self.fold_columns(columns, band, planes, threads);
+    }
+
+    /// Adds the band's `dout columns^T` into `dweight` (O, C kh kw).
+    fn weight_gradient_band(
+        &self,
+        band: &Band,
+        x: &[f32],
+        grad: &[f32],
+        dweight: &mut [f32],
+        (columns, scratch): (&mut Vec<f32>, &mut Vec<f32>),
+        threads: Threads,
+    ) {
+        let pixels = band.pixels(self);
+        let dout = self.band_of_output(grad, band, scratch);
+        let cols = self.band_columns(x, band, columns, threads);
+        // SAFETY: `dweight` holds out_channels rows of depth floats; the columns are read
+        // transposed (pixels x depth).
+        unsafe {
+            product(
+                (self.out_channels, self.depth(), pixels),
+                dweight.as_mut_ptr(),
+                (self.depth(), 1),
+                true,
+                dout.data,
+                (dout.row_stride, 1),
+                cols.data,
+                (1, cols.row_stride),
+                threads,
+            )
+        };
+    }
+
+    /// The convolution of `x` (B, C, H, W) plus `bias`, as (B, O, Ho, Wo).
+    fn forward(&self, x: &[f32], weight: &[f32], bias: &[f32], plan: Plan) -> Vec<f32> {
+        let image_floats = self.out_channels * self.out_pixels();
+        let mut out = vec![0f32; self.batch * image_floats];
+        let fill_bias = |planes: &mut [f32]| {
+            for (plane, channel_bias) in planes.chunks_mut(self.out_pixels()).zip(bias) {
+                plane.fill(*channel_bias);
+            }
+        };
+        match plan {
+            Plan::PerImage => out.par_chunks_mut(image_floats).enumerate().for_each_init(
+                || (Vec::new(), Vec::new()),
+                |(columns, scratch), (image, planes)| {
+                    fill_bias(planes);
+                    let band = self.whole_image(image);
+                    self.forward_band(&band, x, weight, planes, (columns, scratch), Threads::One);
+                },
+            ),
+            Plan::Bands => {
+                out.par_chunks_mut(image_floats).for_each(fill_bias);
+                let (mut columns, mut scratch) = (Vec::new(), Vec::new());
+                for band in self.bands() {
+                    let planes = &mut out[band.first_image * image_floats..];
+                    let buffers = (&mut columns, &mut scratch);
+                    self.forward_band(&band, x, weight, planes, buffers, Threads::All);
+                }
+            }
+        }
+        out
+    }
+
+    /// The input gradient (B, C, H, W) from the output gradient `grad` (B, O, Ho, Wo).
+    fn input_gradient(&self, grad: &[f32], weight: &[f32], plan: Plan) -> Vec<f32> {
+        if let Some(transposed) = self.transposed() {
+            let kernel = self.transposed_kernel(weight);
+            let no_bias = vec![0f32; self.channels];
+            return transposed.forward(grad, &kernel, &no_bias, plan);
+        }
+        let image_floats = self.channels * self.in_pixels();
+        let mut dx = vec![0f32; self.batch * image_floats];
+        match plan {
+            Plan::PerImage => dx.par_chunks_mut(image_floats).enumerate().for_each_init(
+                || (Vec::new(), Vec::new()),
+                |(columns, scratch), (image, planes)| {
+                    let band = self.whole_image(image);
+                    let buffers = (columns, scratch);
+                    self.input_gradient_band(&band, grad, weight, planes, buffers, Threads::One);
+                },
+            ),
+            Plan::Bands => {
+                let (mut columns, mut scratch) = (Vec::new(), Vec::new());
+                for band in self.bands() {
+                    let planes = &mut dx[band.first_image * image_floats..];
+                    let buffers = (&mut columns, &mut scratch);
+                    self.input_gradient_band(&band, grad, weight, planes, buffers, Threads::All);
+                }
+            }
+        }
+        dx
+    }
+
+    /// The weight gradient (O, C kh kw) from the input `x` and the output gradient `grad`.
+    fn weight_gradient(&self, x: &[f32], grad: &[f32], plan: Plan) -> Vec<f32> {
+        let weight_count = self.out_channels * self.depth();
+        match plan {
+            Plan::PerImage => {
+                let groups: Vec<std::ops::Range<usize>> = (0..self.batch)
+                    .step_by(IMAGES_PER_GRADIENT_GROUP)
+                    .map(|first| first..(first + IMAGES_PER_GRADIENT_GROUP).min(self.batch))
+                    .collect();
+                let sums: Vec<Vec<f32>> = groups
+                    .into_par_iter()
+                    .map(|images| {
+                        let mut dweight = vec![0f32; weight_count];
+                        let (mut columns, mut scratch) = (Vec::new(), Vec::new());
+                        for image in images {
+                            let band = self.whole_image(image);
+                            let buffers = (&mut columns, &mut scratch);
+                            self.weight_gradient_band(
+                                &band,
+                                x,
+                                grad,
+                                &mut dweight,
+                                buffers,
+                                Threads::One,
+                            );
+                        }
+                        dweight
+                    })
+                    .collect();
+                let mut sums = sums.into_iter();
+                let mut dweight = sums.next().unwrap_or_else(|| vec![0f32; weight_count]);
+                for sum in sums {
+                    for (total, value) in dweight.iter_mut().zip(sum) {
+                        *total += value;
+                    }
+                }
+                dweight
+            }
+            Plan::Bands => {
+                let mut dweight = vec![0f32; weight_count];
+                let (mut columns, mut scratch) = (Vec::new(), Vec::new());
+                for band in self.bands() {
+                    let buffers = (&mut columns, &mut scratch);
+                    self.weight_gradient_band(&band, x, grad, &mut dweight, buffers, Threads::All);
+                }
+                dweight
+            }
+        }
+    }
+
+    /// `dout` summed over images and pixels, per output channel.
+    fn bias_gradient(&self, grad: &[f32]) -> Vec<f32> {
+        let out_pixels = self.out_pixels();
+        (0..self.out_channels)
+            .into_par_iter()
+            .map(|channel| {
+                let plane = |image: usize| {
+                    &grad[(image * self.out_channels + channel) * out_pixels..][..out_pixels]
+                };
+                let total: f64 = (0..self.batch)
+                    .map(|image| vector_math::sum(plane(image)))
+                    .sum();
+                total as f32
+            })
+            .collect()
+    }
 }
 
-/// `dst (m x n) = alpha dst + lhs (m x k) rhs (k x n)` on the gemm crate's threads, every matrix
-/// given by its data and (row, column) strides.
+/// Zeroes a few values (a padding's width): one store for the usual single value, where
+/// `fill` calls memset, which for one value per row was 3% of a training step.
+#[inline(always)]
+fn zero_few(values: &mut [f32]) {
+    match values {
+        [] => {}
+        [value] => *value = 0.0,
+        _ => values.fill(0.0),
+    }
+}
+
+/// `dst (m x n) = alpha dst + lhs (m x k) rhs (k x n)`, every matrix given by its data and
+/// (row, column) strides, on the calling thread or on the gemm crate's threads.
 ///
 /// # Safety
 /// Every matrix must hold its m, n, k elements at those strides, and nothing else may touch
@@ -339,10 +818,11 @@ unsafe fn product(
     (lhs_rs, lhs_cs): (usize, usize),
     rhs: *const f32,
     (rhs_rs, rhs_cs): (usize, usize),
+    threads: Threads,
 ) {
-    let threads = candle_core::utils::get_num_threads();
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
+    let available = candle_core::utils::get_num_threads();
+    let parallelism = if threads == Threads::All && available > 1 {
+        gemm::Parallelism::Rayon(available)
     } else {
         gemm::Parallelism::None
     };
@@ -367,6 +847,11 @@ unsafe fn product(
         false,
         parallelism,
     )
+}
+
+/// The plan for this machine's thread count.
+fn plan(g: &Geometry) -> Plan {
+    g.plan(candle_core::utils::get_num_threads())
 }
 
 impl CustomOp3 for Conv2dGemm {
@@ -394,60 +879,7 @@ impl CustomOp3 for Conv2dGemm {
         let x = contiguous_f32(x, x_layout, "conv2d-gemm", "the input")?;
         let weight = contiguous_f32(weight, weight_layout, "conv2d-gemm", "the weight")?;
         let bias = contiguous_f32(bias, bias_layout, "conv2d-gemm", "the bias")?;
-        let out_pixels = g.out_pixels();
-        let mut out = vec![0f32; g.batch * g.out_channels * out_pixels];
-        out.par_chunks_mut(out_pixels)
-            .enumerate()
-            .for_each(|(plane, values)| values.fill(bias[plane % g.out_channels]));
-        let (mut columns, mut scratch) = (Vec::new(), Vec::new());
-        for band in g.bands() {
-            let pixels = band.pixels(&g);
-            let rhs = g.band_columns(x, &band, &mut columns);
-            if band.images == 1 {
-                let start = band.first_image * g.out_channels * out_pixels + band.first_pixel(&g);
-                // SAFETY: the band's rows of every output plane lie inside `out`.
-                unsafe {
-                    product(
-                        (g.out_channels, pixels, g.depth()),
-                        out[start..].as_mut_ptr(),
-                        (out_pixels, 1),
-                        true,
-                        weight.as_ptr(),
-                        (g.depth(), 1),
-                        rhs.data,
-                        (rhs.row_stride, 1),
-                    )
-                };
-                continue;
-            }
-            // Several whole images: one product, then each image's share added into place.
-            scratch.resize(g.out_channels * pixels, 0.0);
-            // SAFETY: `scratch` holds out_channels rows of `pixels` floats.
-            unsafe {
-                product(
-                    (g.out_channels, pixels, g.depth()),
-                    scratch.as_mut_ptr(),
-                    (pixels, 1),
-                    false,
-                    weight.as_ptr(),
-                    (g.depth(), 1),
-                    rhs.data,
-                    (rhs.row_stride, 1),
-                )
-            };
-            let planes = &mut out[band.first_image * g.out_channels * out_pixels..]
-                [..band.images * g.out_channels * out_pixels];
-            planes
-                .par_chunks_mut(out_pixels)
-                .enumerate()
-                .for_each(|(index, plane)| {
-                    let (image, channel) = (index / g.out_channels, index % g.out_channels);
-                    let part = &scratch[channel * pixels + image * out_pixels..][..out_pixels];
-                    for (value, added) in plane.iter_mut().zip(part) {
-                        *value += added;
-                    }
-                });
-        }
+        let out = g.forward(x, weight, bias, plan(&g));
         Ok((
             CpuStorage::F32(out),
             Shape::from((g.batch, g.out_channels, g.out_h, g.out_w)),
@@ -533,44 +965,7 @@ impl CustomOp2 for InputGradient {
         let g = Geometry::new(&self.conv, &input, weight_layout.shape())?;
         let grad = contiguous_f32(grad, grad_layout, "conv2d-gemm", "the output gradient")?;
         let weight = contiguous_f32(weight, weight_layout, "conv2d-gemm", "the weight")?;
-        let mut dx = vec![0f32; input.elem_count()];
-        let (mut columns, mut scratch) = (Vec::new(), Vec::new());
-        for band in g.bands() {
-            let pixels = band.pixels(&g);
-            let dout = g.band_of_output(grad, &band, &mut scratch);
-            if g.pointwise() && band.images == 1 {
-                let start = band.first_image * g.channels * g.in_pixels() + band.first_pixel(&g);
-                // SAFETY: the band's rows of every input plane lie inside `dx`.
-                unsafe {
-                    product(
-                        (g.channels, pixels, g.out_channels),
-                        dx[start..].as_mut_ptr(),
-                        (g.in_pixels(), 1),
-                        true,
-                        weight.as_ptr(),
-                        (1, g.depth()),
-                        dout.data,
-                        (dout.row_stride, 1),
-                    )
-                };
-                continue;
-            }
-            columns.resize(g.depth() * pixels, 0.0);
-            // SAFETY: `columns` holds depth rows of `pixels` floats.
-            unsafe {
-                product(
-                    (g.depth(), pixels, g.out_channels),
-                    columns.as_mut_ptr(),
-                    (pixels, 1),
-                    false,
-                    weight.as_ptr(),
-                    (1, g.depth()),
-                    dout.data,
-                    (dout.row_stride, 1),
-                )
-            };
-            g.fold_columns(&columns, &band, &mut dx);
-        }
+        let dx = g.input_gradient(grad, weight, plan(&g));
         Ok((CpuStorage::F32(dx), input))
     }
 }
@@ -598,43 +993,8 @@ impl CustomOp2 for WeightGradient {
         let g = Geometry::new(&self.conv, x_layout.shape(), &Shape::from(self.kernel))?;
         let x = contiguous_f32(x, x_layout, "conv2d-gemm", "the input")?;
         let grad = contiguous_f32(grad, grad_layout, "conv2d-gemm", "the output gradient")?;
-        let weight_count = g.out_channels * g.depth();
-        let mut out = vec![0f32; weight_count + g.out_channels];
-        let (dweight, dbias) = out.split_at_mut(weight_count);
-        let (mut columns, mut scratch) = (Vec::new(), Vec::new());
-        for band in g.bands() {
-            let pixels = band.pixels(&g);
-            let dout = g.band_of_output(grad, &band, &mut scratch);
-            let cols = g.band_columns(x, &band, &mut columns);
-            // SAFETY: `dweight` holds out_channels rows of depth floats; the columns are read
-            // transposed (pixels x depth).
-            unsafe {
-                product(
-                    (g.out_channels, g.depth(), pixels),
-                    dweight.as_mut_ptr(),
-                    (g.depth(), 1),
-                    true,
-                    dout.data,
-                    (dout.row_stride, 1),
-                    cols.data,
-                    (1, cols.row_stride),
-                )
-            };
-        }
-        let out_pixels = g.out_pixels();
-        dbias
-            .par_iter_mut()
-            .enumerate()
-            .for_each(|(channel, total)| {
-                let sum: f64 = (0..g.batch)
-                    .map(|image| {
-                        let plane =
-                            &grad[(image * g.out_channels + channel) * out_pixels..][..out_pixels];
-                        plane.iter().map(|v| *v as f64).sum::<f64>()
-                    })
-                    .sum();
-                *total = sum as f32;
-            });
+        let mut out = g.weight_gradient(x, grad, plan(&g));
+        out.extend(g.bias_gradient(grad));
         let len = out.len();
         Ok((CpuStorage::F32(out), Shape::from(len)))
     }
@@ -670,6 +1030,9 @@ mod tests {
             (2, 3, 2, 3, 1, 0, 5, 6),
             // Padding wider than the image: some kernel columns read nothing at all.
             (2, 2, 3, 3, 1, 2, 1, 2),
+            // Images of one pixel and of 2x2 (a U-Net's deepest level).
+            (2, 3, 4, 3, 1, 1, 1, 1),
+            (3, 3, 4, 3, 1, 1, 2, 2),
             (2, 512, 2, 3, 1, 1, 40, 25),
             (2, 512, 3, 1, 1, 0, 90, 100),
         ];
@@ -712,6 +1075,64 @@ mod tests {
                     max_diff(a, b)
                 );
             }
+        }
+    }
+
+    /// Image by image and in shared bands (several whole images, or rows of one) give the same
+    /// values and gradients; which one a call takes depends on the machine's thread count, so
+    /// each is run here directly.
+    #[test]
+    fn per_image_and_banded_plans_agree() {
+        let cases = [
+            // (batch, channels, out_channels, kernel, stride, padding, height, width)
+            (4, 3, 5, 3, 1, 1, 7, 9),
+            (3, 4, 6, 3, 2, 1, 9, 9),
+            (3, 4, 2, 1, 1, 0, 6, 5),
+            (2, 2, 3, 3, 1, 2, 1, 2),
+            (2, 3, 4, 3, 1, 1, 1, 1),
+            (2, 512, 2, 3, 1, 1, 40, 25),
+        ];
+        for (batch, channels, out_channels, kernel, stride, padding, height, width) in cases {
+            let conv = Conv2dGemm { stride, padding };
+            let input = Shape::from((batch, channels, height, width));
+            let g = Geometry::new(
+                &conv,
+                &input,
+                &Shape::from((out_channels, channels, kernel, kernel)),
+            )
+            .unwrap();
+            let values = |shape: &[usize], seed| {
+                seeded(shape, seed)
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            };
+            let x = values(&[batch, channels, height, width], 1);
+            let weight = values(&[out_channels, channels, kernel, kernel], 2);
+            let bias = values(&[out_channels], 3);
+            let grad = values(&[batch, out_channels, g.out_h, g.out_w], 4);
+            let close = |what: &str, a: &[f32], b: &[f32]| {
+                let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
+                let worst = a.iter().zip(b).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(worst <= 1e-5 * scale, "{what} {input:?}: off by {worst}");
+            };
+            let [per_image, banded] = [Plan::PerImage, Plan::Bands];
+            close(
+                "output",
+                &g.forward(&x, &weight, &bias, per_image),
+                &g.forward(&x, &weight, &bias, banded),
+            );
+            close(
+                "input gradient",
+                &g.input_gradient(&grad, &weight, per_image),
+                &g.input_gradient(&grad, &weight, banded),
+            );
+            close(
+                "weight gradient",
+                &g.weight_gradient(&x, &grad, per_image),
+                &g.weight_gradient(&x, &grad, banded),
+            );
         }
     }
 

@@ -18,3 +18,4 @@ pub mod norm;
 pub mod text;
 pub mod unet;
 pub mod vae;
+pub mod vector_math;

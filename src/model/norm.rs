@@ -3,8 +3,9 @@
 //! over the activation forward and two or more backward (its broadcast reductions are strided
 //! sums); in the pixel-DDPM U-Net that chain cost more than the convolutions.
 
+use super::vector_math::{self, silu, silu_derivative, with_avx2_fma};
 use crate::tensor_ops::contiguous_f32;
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
@@ -83,17 +84,6 @@ impl Module for GroupNorm {
     }
 }
 
-/// x sigma(x).
-fn silu(h: f32) -> f32 {
-    h / (1.0 + (-h).exp())
-}
-
-/// d silu / dh = sigma(h) (1 + h (1 - sigma(h))).
-fn silu_derivative(h: f32) -> f32 {
-    let sigma = 1.0 / (1.0 + (-h).exp());
-    sigma * (1.0 + h * (1.0 - sigma))
-}
-
 #[derive(Debug, Clone, Copy)]
 struct FusedGroupNorm {
     groups: usize,
@@ -127,14 +117,11 @@ impl FusedGroupNorm {
     }
 
     /// Mean and 1/sqrt(var + eps) of one group's values (biased variance, as PyTorch).
+    #[inline(always)]
     fn moments(&self, values: &[f32]) -> (f32, f32) {
         let n = values.len() as f64;
-        let mean = values.iter().map(|v| *v as f64).sum::<f64>() / n;
-        let var = values
-            .iter()
-            .map(|v| (*v as f64 - mean).powi(2))
-            .sum::<f64>()
-            / n;
+        let mean = vector_math::sum(values) / n;
+        let var = vector_math::sum_squared_deviations(values, mean) / n;
         (mean as f32, (1.0 / (var + self.eps).sqrt()) as f32)
     }
 }
@@ -164,25 +151,27 @@ impl CustomOp3 for FusedGroupNorm {
             .zip(x.par_chunks(group_len))
             .enumerate()
             .for_each(|(index, (y, values))| {
-                let (mean, rstd) = self.moments(values);
-                let first_channel = (index % self.groups) * per_group;
-                for (k, (y, v)) in y
-                    .chunks_mut(g.spatial)
-                    .zip(values.chunks(g.spatial))
-                    .enumerate()
-                {
-                    let scale = rstd * weight[first_channel + k];
-                    let shift = bias[first_channel + k] - mean * scale;
-                    if self.silu {
-                        for (y, v) in y.iter_mut().zip(v) {
-                            *y = silu(v * scale + shift);
-                        }
-                    } else {
-                        for (y, v) in y.iter_mut().zip(v) {
-                            *y = v * scale + shift;
+                with_avx2_fma(|| {
+                    let (mean, rstd) = self.moments(values);
+                    let first_channel = (index % self.groups) * per_group;
+                    for (k, (y, v)) in y
+                        .chunks_mut(g.spatial)
+                        .zip(values.chunks(g.spatial))
+                        .enumerate()
+                    {
+                        let scale = rstd * weight[first_channel + k];
+                        let shift = bias[first_channel + k] - mean * scale;
+                        if self.silu {
+                            for (y, v) in y.iter_mut().zip(v) {
+                                *y = silu(v * scale + shift);
+                            }
+                        } else {
+                            for (y, v) in y.iter_mut().zip(v) {
+                                *y = v * scale + shift;
+                            }
                         }
                     }
-                }
+                })
             });
         Ok((CpuStorage::F32(out), x_layout.shape().clone()))
     }
@@ -196,19 +185,12 @@ impl CustomOp3 for FusedGroupNorm {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let channels = weight.dim(0)?;
-        let grads = Tensor::cat(
-            &[
-                &x.contiguous()?.flatten_all()?,
-                &grad.contiguous()?.flatten_all()?,
-                &weight.contiguous()?,
-                &bias.contiguous()?,
-            ],
-            0,
-        )?
-        .apply_op1_no_bwd(&GroupNormBackward {
-            norm: *self,
-            shape: x.shape().clone(),
-        })?;
+        let affine = Tensor::cat(&[weight, bias], 0)?;
+        let grads = x.contiguous()?.apply_op3_no_bwd(
+            &grad.contiguous()?,
+            &affine,
+            &GroupNormBackward { norm: *self },
+        )?;
         let n = x.elem_count();
         let dx = grads.narrow(0, 0, n)?.reshape(x.shape())?;
         let dweight = grads.narrow(0, n, channels)?;
@@ -217,96 +199,114 @@ impl CustomOp3 for FusedGroupNorm {
     }
 }
 
-/// The backward pass on [x, dy, weight, bias] flattened into one buffer; returns [dx, dweight,
-/// dbias]. With SiLU fused, dy is first multiplied by silu'(xhat weight + bias). Then with
-/// xhat = (x - mean) rstd and g = dy * weight:
-/// dx = rstd (g - mean(g) - xhat mean(g xhat)) over each group, dweight = sum dy xhat,
-/// dbias = sum dy over batch and positions.
+/// The backward pass on (x, dy, [weight, bias]); returns [dx, dweight, dbias] flat. With SiLU
+/// fused, dy is first multiplied by silu'(xhat weight + bias). Then with xhat = (x - mean) rstd
+/// and g = dy * weight: dx = rstd (g - mean(g) - xhat mean(g xhat)) over each group,
+/// dweight = sum dy xhat, dbias = sum dy over batch and positions.
 struct GroupNormBackward {
     norm: FusedGroupNorm,
-    shape: Shape,
 }
 
-impl CustomOp1 for GroupNormBackward {
+impl CustomOp3 for GroupNormBackward {
     fn name(&self) -> &'static str {
         "group-norm-backward"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = self.norm.geometry(&self.shape)?;
-        let data = contiguous_f32(storage, layout, "group norm", "the backward input")?;
-        let n = self.shape.elem_count();
-        let (x, rest) = data.split_at(n);
-        let (dy, rest) = rest.split_at(n);
-        let (weight, bias) = rest.split_at(g.channels);
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        dy: &CpuStorage,
+        dy_layout: &Layout,
+        affine: &CpuStorage,
+        affine_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = self.norm.geometry(x_layout.shape())?;
+        let x = contiguous_f32(x, x_layout, "group norm", "the input")?;
+        let dy = contiguous_f32(dy, dy_layout, "group norm", "the output gradient")?;
+        let affine = contiguous_f32(affine, affine_layout, "group norm", "weight and bias")?;
+        let (weight, bias) = affine.split_at(g.channels);
+        let n = x.len();
         let groups = self.norm.groups;
         let per_group = g.channels / groups;
         let group_len = per_group * g.spatial;
         // Per (batch, channel): sum dy and sum dy xhat, reduced over the batch afterwards.
         let mut partial = vec![0f64; 2 * g.batch * g.channels];
-        let mut dx = vec![0f32; n];
-        dx.par_chunks_mut(group_len)
+        let mut out = vec![0f32; n + 2 * g.channels];
+        out[..n]
+            .par_chunks_mut(group_len)
             .zip(partial.par_chunks_mut(2 * per_group))
             .enumerate()
-            .for_each(|(index, (dx, sums))| {
-                let values = &x[index * group_len..][..group_len];
-                let (mean, rstd) = self.norm.moments(values);
-                let first_channel = (index % groups) * per_group;
-                let incoming = &dy[index * group_len..][..group_len];
-                // Through the SiLU first: dL/dh with h = xhat weight + bias.
-                let through_silu: Vec<f32>;
-                let grads: &[f32] = if self.norm.silu {
-                    through_silu = incoming
-                        .iter()
-                        .enumerate()
-                        .map(|(i, d)| {
-                            let c = first_channel + i / g.spatial;
-                            let h = (values[i] - mean) * rstd * weight[c] + bias[c];
-                            d * silu_derivative(h)
-                        })
-                        .collect();
-                    &through_silu
-                } else {
-                    incoming
-                };
-                let (mut sum_g, mut sum_g_xhat) = (0f64, 0f64);
-                for k in 0..per_group {
-                    let w = weight[first_channel + k] as f64;
-                    let (mut s_dy, mut s_dy_xhat) = (0f64, 0f64);
-                    for i in k * g.spatial..(k + 1) * g.spatial {
-                        let xhat = ((values[i] - mean) * rstd) as f64;
-                        let d = grads[i] as f64;
-                        s_dy += d;
-                        s_dy_xhat += d * xhat;
+            .for_each_init(Vec::new, |through_silu, (index, (dx, sums))| {
+                with_avx2_fma(|| {
+                    let values = &x[index * group_len..][..group_len];
+                    let incoming = &dy[index * group_len..][..group_len];
+                    let (mean, rstd) = self.norm.moments(values);
+                    let first_channel = (index % groups) * per_group;
+                    let channel_range = |k: usize| k * g.spatial..(k + 1) * g.spatial;
+                    // Through the SiLU first: dL/dh with h = xhat weight + bias.
+                    let grads: &[f32] = if self.norm.silu {
+                        through_silu.resize(group_len, 0.0);
+                        for k in 0..per_group {
+                            let scale = rstd * weight[first_channel + k];
+                            let shift = bias[first_channel + k] - mean * scale;
+                            let range = channel_range(k);
+                            for ((d, dh), v) in through_silu[range.clone()]
+                                .iter_mut()
+                                .zip(&incoming[range.clone()])
+                                .zip(&values[range])
+                            {
+                                *d = dh * silu_derivative(v * scale + shift);
+                            }
+                        }
+                        through_silu
+                    } else {
+                        incoming
+                    };
+                    let (mut sum_g, mut sum_g_xhat) = (0f64, 0f64);
+                    for k in 0..per_group {
+                        let range = channel_range(k);
+                        let (s_dy, s_dy_x) =
+                            vector_math::sum_and_dot(&grads[range.clone()], &values[range]);
+                        // sum dy xhat = rstd (sum dy x - mean sum dy).
+                        let s_dy_xhat = rstd as f64 * (s_dy_x - mean as f64 * s_dy);
+                        sums[2 * k] = s_dy;
+                        sums[2 * k + 1] = s_dy_xhat;
+                        let w = weight[first_channel + k] as f64;
+                        sum_g += w * s_dy;
+                        sum_g_xhat += w * s_dy_xhat;
                     }
-                    sums[2 * k] = s_dy;
-                    sums[2 * k + 1] = s_dy_xhat;
-                    sum_g += w * s_dy;
-                    sum_g_xhat += w * s_dy_xhat;
-                }
-                let mean_g = (sum_g / group_len as f64) as f32;
-                let mean_g_xhat = (sum_g_xhat / group_len as f64) as f32;
-                for k in 0..per_group {
-                    let w = weight[first_channel + k];
-                    for i in k * g.spatial..(k + 1) * g.spatial {
-                        let xhat = (values[i] - mean) * rstd;
-                        dx[i] = rstd * (grads[i] * w - mean_g - xhat * mean_g_xhat);
+                    let mean_g = (sum_g / group_len as f64) as f32;
+                    let mean_g_xhat = (sum_g_xhat / group_len as f64) as f32;
+                    // dx = rstd (dy w - mean_g - (x - mean) rstd mean_g_xhat), as dy a + x b + c.
+                    let per_x = -rstd * rstd * mean_g_xhat;
+                    let constant = rstd * (mean * rstd * mean_g_xhat - mean_g);
+                    for k in 0..per_group {
+                        let per_dy = rstd * weight[first_channel + k];
+                        let range = channel_range(k);
+                        for ((dx, d), v) in dx[range.clone()]
+                            .iter_mut()
+                            .zip(&grads[range.clone()])
+                            .zip(&values[range])
+                        {
+                            *dx = d * per_dy + v * per_x + constant;
+                        }
                     }
-                }
+                })
             });
-        let mut dweight = vec![0f64; g.channels];
-        let mut dbias = vec![0f64; g.channels];
-        for b in 0..g.batch {
-            for c in 0..g.channels {
+        let (dweight, dbias) = out[n..].split_at_mut(g.channels);
+        for c in 0..g.channels {
+            let (mut total_dy, mut total_dy_xhat) = (0f64, 0f64);
+            for b in 0..g.batch {
                 let at = 2 * (b * g.channels + c);
-                dbias[c] += partial[at];
-                dweight[c] += partial[at + 1];
+                total_dy += partial[at];
+                total_dy_xhat += partial[at + 1];
             }
+            dbias[c] = total_dy as f32;
+            dweight[c] = total_dy_xhat as f32;
         }
-        dx.extend(dweight.iter().map(|v| *v as f32));
-        dx.extend(dbias.iter().map(|v| *v as f32));
-        let len = dx.len();
-        Ok((CpuStorage::F32(dx), Shape::from(len)))
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(len)))
     }
 }
 
