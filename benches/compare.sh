@@ -18,13 +18,14 @@ OUT=target/compare.jsonl
     || { echo "$PYTHON has no torch/diffusers: pip install torch diffusers, or set PYTHON" >&2; exit 1; }
 : > "$OUT"
 
-# case name | diffuse bench arguments | pytorch_reference.py arguments
+# case name | diffuse bench arguments | pytorch_reference.py arguments [| runs, default RUNS]
 CASES=(
     "U-Net CFG step 256x256 f32|unet --size 256|unet --size 256"
     "U-Net CFG step 512x512 f32|unet --size 512|unet --size 512"
     "VAE decode 512x512 f32|vae-decode --size 512|vae-decode --size 512"
     "CLIP text encoder, 2 x 77 tokens f32|text-encoder|text-encoder"
     "pixel-DDPM training step (MNIST config, batch 64)|train-pixel|train-pixel"
+    "txt2img 256x256, 20 DDIM steps f32|txt2img --size 256|txt2img --size 256|1"
 )
 if [ -n "${WITH_BF16:-}" ]; then
     CASES+=("U-Net CFG step 512x512 bf16|unet --size 512 --dtype bf16|unet --size 512 --dtype bf16")
@@ -35,11 +36,12 @@ last_json() { grep '^{' | tail -1; }
 echo "| case | GFLOP | diffuse (s) | PyTorch + diffusers (s) | diffuse / PyTorch | GFLOP/s diffuse / PyTorch | peak RSS diffuse / PyTorch (MiB) |"
 echo "|---|---|---|---|---|---|---|"
 for case in "${CASES[@]}"; do
-    IFS='|' read -r name ours theirs <<< "$case"
+    IFS='|' read -r name ours theirs runs <<< "$case"
+    runs=${runs:-$RUNS}
     # shellcheck disable=SC2086
-    ours_json=$("$DIFFUSE" bench $ours --runs "$RUNS" --json 2>/dev/null | last_json)
+    ours_json=$("$DIFFUSE" bench $ours --runs "$runs" --json 2>/dev/null | last_json)
     # shellcheck disable=SC2086
-    theirs_json=$("$PYTHON" benches/pytorch_reference.py $theirs --runs "$RUNS" 2>/dev/null | last_json)
+    theirs_json=$("$PYTHON" benches/pytorch_reference.py $theirs --runs "$runs" 2>/dev/null | last_json)
     printf '{"case": "%s", "implementation": "diffuse", "result": %s}\n' "$name" "$ours_json" >> "$OUT"
     printf '{"case": "%s", "implementation": "pytorch", "result": %s}\n' "$name" "$theirs_json" >> "$OUT"
     "$PYTHON" - "$name" "$ours_json" "$theirs_json" <<'EOF'
@@ -53,4 +55,4 @@ print(f"| {name} | {gflop:.1f} | {cell(ours)} | {cell(theirs)} | {ours['median_s
 EOF
 done
 echo
-echo "$(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $RUNS runs after one warm-up, medians; $("$PYTHON" -c 'import torch, diffusers; print(f"torch {torch.__version__}, diffusers {diffusers.__version__}")')"
+echo "$(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $RUNS runs (txt2img: 1) after one warm-up, medians; $("$PYTHON" -c 'import torch, diffusers; print(f"torch {torch.__version__}, diffusers {diffusers.__version__}")')"

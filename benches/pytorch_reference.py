@@ -11,6 +11,7 @@ JSON object as its last line with median_s, min_s, max_s and peak_rss_mb, like `
     python benches/pytorch_reference.py text-encoder
     python benches/pytorch_reference.py train-pixel --runs 5
     python benches/pytorch_reference.py unet --size 512 --dtype bf16
+    python benches/pytorch_reference.py txt2img --size 256 --steps 20 --runs 1
 """
 
 import argparse
@@ -95,6 +96,44 @@ def text_encoder(args):
     return model, step
 
 
+def txt2img(args):
+    """A whole StableDiffusionPipeline call with random SD 1.5 weights, as `diffuse bench
+    txt2img`: the prompt and the empty prompt encoded, --steps DDIM steps with guidance 7.5, one
+    decode. The tokenizer is the real CLIP one in weights/tokenizer."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    dtype = DTYPES[args.dtype]
+    text = CLIPTextModel(CLIPTextConfig(**load_config(ROOT / "configs/sd15/text_encoder.json")))
+    unet = UNet2DConditionModel(**load_config(ROOT / "configs/sd15/unet.json"))
+    vae = AutoencoderKL(**load_config(ROOT / "configs/sd15/vae.json"))
+    scheduler = DDIMScheduler.from_config(load_config(ROOT / "configs/sd15/scheduler.json"))
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text.to(dtype),
+        tokenizer=CLIPTokenizer.from_pretrained(ROOT / "weights/tokenizer"),
+        unet=unet.to(dtype),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+
+    def step():
+        with torch.inference_mode():
+            pipe(
+                "a photograph of an astronaut riding a horse",
+                height=args.size,
+                width=args.size,
+                num_inference_steps=args.steps,
+                guidance_scale=7.5,
+                output_type="np",
+            )
+
+    return torch.nn.ModuleList([text, unet, vae]), step
+
+
 def pixel_unet(config):
     """The pixel-DDPM U-Net of a `diffuse train` config, as `TrainConfig::unet_config` builds it:
     DownBlock2D/UpBlock2D throughout and a mid block of two residual blocks without attention
@@ -160,11 +199,14 @@ def train_pixel(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("component", choices=["unet", "vae-decode", "text-encoder", "train-pixel"])
+    parser.add_argument(
+        "component", choices=["unet", "vae-decode", "text-encoder", "train-pixel", "txt2img"]
+    )
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--dtype", choices=list(DTYPES), default="f32")
     parser.add_argument("--batch", type=int)
+    parser.add_argument("--steps", type=int, default=20, help="txt2img: sampler steps")
     parser.add_argument("--config")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
@@ -177,6 +219,7 @@ def main():
         "vae-decode": vae_decode,
         "text-encoder": text_encoder,
         "train-pixel": train_pixel,
+        "txt2img": txt2img,
     }
     model, step = build[args.component](args)
     parameters = sum(p.numel() for p in model.parameters())

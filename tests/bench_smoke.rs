@@ -42,6 +42,7 @@ fn bench_prints_its_json_summary() {
             "finetune-lora",
             fixture_path("tiny-sd").join("unet/config.json"),
         ),
+        ("txt2img", fixture_path("tiny-sd")),
     ] {
         let stdout = bench(
             &[

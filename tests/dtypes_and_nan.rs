@@ -11,16 +11,8 @@ use diffuse::sampler::{build_sampler, SamplerKind, SamplerOptions, StepEvent};
 
 fn request(latents: candle_core::Tensor) -> Txt2ImgRequest {
     Txt2ImgRequest {
-        prompt: "a photo of a cat".into(),
-        negative: String::new(),
-        guidance: 7.5,
-        guidance_rescale: 0.0,
-        guidance_interval: None,
-        width: 128,
-        height: 128,
-        num_images: 1,
-        seed: 0,
         latents: Some(latents),
+        ..Txt2ImgRequest::new("a photo of a cat", 128, 128)
     }
 }
 

@@ -19,16 +19,10 @@ fn image(sd: &StableDiffusion, guidance: f64, interval: Option<(f64, f64)>) -> c
     )
     .unwrap();
     let request = Txt2ImgRequest {
-        prompt: "a photo of a cat".into(),
-        negative: String::new(),
         guidance,
-        guidance_rescale: 0.0,
         guidance_interval: interval,
-        width: 128,
-        height: 128,
-        num_images: 1,
-        seed: 0,
         latents: Some(fx.tensor("pipe_ddim/latents_in").clone()),
+        ..Txt2ImgRequest::new("a photo of a cat", 128, 128)
     };
     txt2img(sd, sampler.as_ref(), &request, &mut |_: &StepEvent| Ok(()))
         .unwrap()

@@ -41,16 +41,10 @@ fn run_case(case: &str) {
     );
 
     let request = Txt2ImgRequest {
-        prompt: prompt.into(),
         negative: negative.into(),
         guidance: call["guidance_scale"].as_f64().unwrap(),
-        guidance_rescale: 0.0,
-        guidance_interval: None,
-        width: 128,
-        height: 128,
-        num_images: 1,
-        seed: 0,
         latents: Some(fx.tensor(&format!("{case}/latents_in")).clone()),
+        ..Txt2ImgRequest::new(prompt, 128, 128)
     };
     let mut steps_seen = Vec::new();
     let mut record = |e: &StepEvent| {

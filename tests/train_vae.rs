@@ -3,7 +3,7 @@
 
 mod common;
 
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use diffuse::data::idx::{LabelledImages, Split};
 use diffuse::model::config::{read_json, VaeConfig};
 use diffuse::model::vae::AutoencoderKL;
@@ -41,6 +41,18 @@ log_every = 5
         data.display(),
         out.display()
     )
+}
+
+fn values(tensor: &Tensor) -> Vec<f32> {
+    tensor.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+/// Every weight of `a` equals the same weight of `b` bit for bit, as a resumed run's must
+/// equal an uninterrupted one's.
+fn assert_same_weights(a: &VaeTrainer, b: &VaeTrainer) {
+    for ((name, x), (_, y)) in a.weights().unwrap().iter().zip(b.weights().unwrap()) {
+        assert_eq!(values(x), values(&y), "{name} differs after resuming");
+    }
 }
 
 #[test]
@@ -123,16 +135,7 @@ fn resumed_vae_training_equals_uninterrupted_one() {
     for _ in 0..2 {
         resumed.train_step(&data).unwrap();
     }
-    for ((name, a), (_, b)) in straight
-        .weights()
-        .unwrap()
-        .iter()
-        .zip(resumed.weights().unwrap())
-    {
-        let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
-        let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
-        assert_eq!(a, b, "{name} differs after resuming");
-    }
+    assert_same_weights(&straight, &resumed);
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -193,21 +196,10 @@ fn decoder_only_fine_tuning_keeps_the_encoder() {
         tuned.train_step(&data).unwrap();
         resumed.train_step(&data).unwrap();
     }
-    let values =
-        |t: &candle_core::Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+    assert_same_weights(&tuned, &resumed);
     let mut decoder_changed = false;
-    for (((name, before), (_, after)), (_, again)) in base
-        .weights()
-        .unwrap()
-        .iter()
-        .zip(tuned.weights().unwrap())
-        .zip(resumed.weights().unwrap())
+    for ((name, before), (_, after)) in base.weights().unwrap().iter().zip(tuned.weights().unwrap())
     {
-        assert_eq!(
-            values(&after),
-            values(&again),
-            "{name} differs after resuming"
-        );
         if name.starts_with("decoder.") || name.starts_with("post_quant_conv.") {
             decoder_changed |= values(before) != values(&after);
         } else {
@@ -246,16 +238,7 @@ fn adversarial_vae_training_resumes_exactly() {
     let mut resumed = VaeTrainer::resume(config, &checkpoint, &Device::Cpu).unwrap();
     let resumed_stats: Vec<_> = (0..2).map(|_| resumed.train_step(&data).unwrap()).collect();
     assert_eq!(resumed_stats[1].discriminator, stats[3].discriminator);
-    for ((name, a), (_, b)) in straight
-        .weights()
-        .unwrap()
-        .iter()
-        .zip(resumed.weights().unwrap())
-    {
-        let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
-        let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
-        assert_eq!(a, b, "{name} differs after resuming");
-    }
+    assert_same_weights(&straight, &resumed);
 
     let bad = tiny_config(
         &dir.join("data"),

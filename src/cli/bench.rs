@@ -5,7 +5,7 @@ use crate::model::config::{ClipTextConfig, UNetConfig, VaeConfig};
 use crate::model::text::ClipTextModel;
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::vae::AutoencoderKL;
-use candle_core::Tensor;
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
@@ -28,6 +28,10 @@ pub enum Component {
     /// --size pixels, batch --batch (default 1), rank --lora-rank, on random latents and
     /// caption states, with random weights of SD 1.5's U-Net (or --config).
     FinetuneLora,
+    /// A whole text-to-image call at --size with random weights of SD 1.5 (text encoder, U-Net,
+    /// VAE; or of the diffusers folder --config): a prompt and the empty prompt encoded, --steps
+    /// DDIM steps with guidance 7.5, one decode.
+    Txt2img,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -44,7 +48,7 @@ pub struct BenchArgs {
     #[arg(long, default_value = "f32")]
     pub dtype: String,
     /// A diffusers config.json to benchmark instead of SD 1.5's (train-pixel: a TOML training
-    /// config).
+    /// config; txt2img: a diffusers pipeline folder).
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// train-pixel: the batch size (default: the config's).
@@ -56,6 +60,9 @@ pub struct BenchArgs {
     /// finetune-lora: the adapters' rank.
     #[arg(long, default_value_t = 4)]
     pub lora_rank: usize,
+    /// txt2img: sampler steps.
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
@@ -70,6 +77,30 @@ pub const SD15_VAE: &str = include_str!("../../configs/sd15/vae.json");
 
 /// SD 1.5's text encoder, CLIP ViT-L/14's text model (text_encoder/config.json).
 pub const SD15_TEXT_ENCODER: &str = include_str!("../../configs/sd15/text_encoder.json");
+
+/// SD 1.5's noise schedule (scheduler/scheduler_config.json).
+pub const SD15_SCHEDULER: &str = include_str!("../../configs/sd15/scheduler.json");
+
+/// Random weights for the model that `build` makes, as plain tensors, and their count.
+/// They are drawn into training variables and then handed over as tensors: a forward pass
+/// over variables would record its whole graph for a backward pass.
+fn random_weights<T, E: std::error::Error + Send + Sync + 'static>(
+    dtype: DType,
+    device: &Device,
+    build: impl FnOnce(VarBuilder) -> Result<T, E>,
+) -> anyhow::Result<(VarBuilder<'static>, usize)> {
+    let varmap = VarMap::new();
+    build(VarBuilder::from_varmap(&varmap, dtype, device))?;
+    let weights: std::collections::HashMap<String, Tensor> = varmap
+        .data()
+        .lock()
+        .expect("VarMap lock")
+        .iter()
+        .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
+        .collect();
+    let count = weights.values().map(|t| t.elem_count()).sum();
+    Ok((VarBuilder::from_tensors(weights, dtype, device), count))
+}
 
 /// A memory figure of this process from `/proc/self/status` in MiB (0 where there is none).
 fn status_mb(key: &str) -> f64 {
@@ -98,13 +129,13 @@ fn reset_peak_rss() {
 /// The MNIST training config, so the training benchmark needs no files.
 const DDPM_MNIST: &str = include_str!("../../configs/ddpm-mnist.toml");
 
-/// Times `runs` calls of `step` after one warm-up call and prints (and with `json`, emits)
-/// median, min, max and the peak resident memory while they ran (the model's weights
-/// included, their building not).
+/// Times `runs` calls of `step` after one warm-up call and prints median, min, max and the
+/// peak resident memory while they ran (the model's weights included, their building not);
+/// with `json` (the case's own fields), also those figures added to it as one JSON line.
 fn time_runs(
     label: &str,
     runs: usize,
-    json: serde_json::Value,
+    json: Option<serde_json::Value>,
     step: &mut dyn FnMut() -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     reset_peak_rss();
@@ -124,7 +155,7 @@ fn time_runs(
     println!(
         "{label}: median {median:.3} s, min {min:.3} s, max {max:.3} s over {runs} runs, peak RSS {peak:.0} MiB ({resident_before:.0} MiB before the first run)"
     );
-    if let serde_json::Value::Object(mut fields) = json {
+    if let Some(serde_json::Value::Object(mut fields)) = json {
         fields.insert("runs".into(), times.into());
         fields.insert("median_s".into(), median.into());
         fields.insert("min_s".into(), min.into());
@@ -186,11 +217,7 @@ fn bench_train_pixel(args: &BenchArgs) -> anyhow::Result<()> {
     time_runs(
         &format!("TrainPixel batch {batch} {size}x{size} f32"),
         args.runs,
-        if args.json {
-            json
-        } else {
-            serde_json::Value::Null
-        },
+        args.json.then_some(json),
         &mut || {
             trainer.train_step(&images)?;
             Ok(())
@@ -276,13 +303,113 @@ fn bench_finetune_lora(args: &BenchArgs) -> anyhow::Result<()> {
             args.size, args.size, args.lora_rank
         ),
         args.runs,
-        if args.json {
-            json
-        } else {
-            serde_json::Value::Null
-        },
+        args.json.then_some(json),
         &mut || {
             trainer.train_step(&data)?;
+            device.synchronize()?;
+            Ok(())
+        },
+    )
+}
+
+/// A whole txt2img call with random SD 1.5 weights: the time of everything a user waits for
+/// after loading, and the peak memory beside the weights' size.
+fn bench_txt2img(args: &BenchArgs) -> anyhow::Result<()> {
+    use crate::pipeline::txt2img::{txt2img, Txt2ImgRequest};
+    use crate::pipeline::{LoadOptions, StableDiffusion};
+    use crate::sampler::{build_sampler, SamplerKind, SamplerOptions, SchedulerConfig};
+    let dtype = super::parse_dtype("--dtype", &args.dtype)?;
+    let device = super::parse_device(&args.device)?;
+    anyhow::ensure!(
+        args.steps > 0,
+        "--steps = 0 is not allowed; expected at least 1"
+    );
+    // --config: a diffusers pipeline folder whose configs (and tokenizer) replace SD 1.5's.
+    let folder = args.config.as_deref();
+    let read = |component: &str, file: &str, default: &str| -> anyhow::Result<String> {
+        match folder {
+            Some(dir) => {
+                let path = dir.join(component).join(file);
+                std::fs::read_to_string(&path)
+                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))
+            }
+            None => Ok(default.to_string()),
+        }
+    };
+    let tokenizer_dir = match folder {
+        Some(dir) => dir.join("tokenizer"),
+        None => super::txt2img::embedded_model_dir()?.join("tokenizer"),
+    };
+    let build_start = Instant::now();
+    let text_config: ClipTextConfig =
+        serde_json::from_str(&read("text_encoder", "config.json", SD15_TEXT_ENCODER)?)?;
+    let (vb, text_params) = random_weights(dtype, &device, |vb| {
+        ClipTextModel::new(text_config.clone(), vb)
+    })?;
+    let text_encoder = ClipTextModel::new(text_config, vb)?;
+    let unet_config: UNetConfig = serde_json::from_str(&read("unet", "config.json", SD15_UNET)?)?;
+    let (vb, unet_params) = random_weights(dtype, &device, |vb| {
+        UNet2DConditionModel::new(unet_config.clone(), vb)
+    })?;
+    let unet = UNet2DConditionModel::new(unet_config, vb)?;
+    // The VAE in f32 whatever --dtype says, as txt2img loads it by default.
+    let vae_config: VaeConfig = serde_json::from_str(&read("vae", "config.json", SD15_VAE)?)?;
+    let (vb, vae_params) = random_weights(DType::F32, &device, |vb| {
+        AutoencoderKL::new(vae_config.clone(), vb)
+    })?;
+    let vae = AutoencoderKL::new(vae_config, vb)?;
+    let scheduler = read("scheduler", "scheduler_config.json", SD15_SCHEDULER)?;
+    let sd = StableDiffusion {
+        root: PathBuf::from("random SD 1.5 weights"),
+        tokenizer: crate::tokenizer::ClipTokenizer::from_dir(&tokenizer_dir)?,
+        text_encoder,
+        unet,
+        vae,
+        scheduler: SchedulerConfig::from_json_str(&scheduler)?,
+        options: LoadOptions {
+            dtype,
+            device: device.clone(),
+            ..Default::default()
+        },
+    };
+    let sampler = build_sampler(
+        SamplerKind::Ddim,
+        &sd.scheduler,
+        &SamplerOptions::default(),
+        args.steps,
+    )?;
+    let request = Txt2ImgRequest::new(
+        "a photograph of an astronaut riding a horse",
+        args.size,
+        args.size,
+    );
+    let weights_mb = ((text_params + unet_params) * dtype.size_in_bytes()
+        + vae_params * DType::F32.size_in_bytes()) as f64
+        / (1024.0 * 1024.0);
+    eprintln!(
+        "txt2img at {size}x{size}, {} DDIM steps: {:.0} MiB of weights, built in {:.1} s",
+        args.steps,
+        weights_mb,
+        build_start.elapsed().as_secs_f64(),
+        size = args.size
+    );
+    let json = serde_json::json!({
+        "component": "Txt2img",
+        "size": args.size,
+        "steps": args.steps,
+        "dtype": args.dtype,
+        "parameters": text_params + unet_params + vae_params,
+        "weights_mb": weights_mb,
+    });
+    time_runs(
+        &format!(
+            "Txt2img {}x{} {} steps {}",
+            args.size, args.size, args.steps, args.dtype
+        ),
+        args.runs,
+        args.json.then_some(json),
+        &mut || {
+            txt2img(&sd, sampler.as_ref(), &request, &mut |_| Ok(()))?;
             device.synchronize()?;
             Ok(())
         },
@@ -303,15 +430,18 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         Component::Unet
         | Component::VaeDecode
         | Component::TextEncoder
-        | Component::FinetuneLora => {}
+        | Component::FinetuneLora
+        | Component::Txt2img => {}
     }
     anyhow::ensure!(
         args.size >= 8 && args.size.is_multiple_of(8),
         "--size = {} is not allowed; expected a positive multiple of 8",
         args.size
     );
-    if let Component::FinetuneLora = args.component {
-        return bench_finetune_lora(&args);
+    match args.component {
+        Component::FinetuneLora => return bench_finetune_lora(&args),
+        Component::Txt2img => return bench_txt2img(&args),
+        _ => {}
     }
     let dtype = super::parse_dtype("--dtype", &args.dtype)?;
     let device = super::parse_device(&args.device)?;
@@ -321,48 +451,25 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             Component::Unet => SD15_UNET.to_string(),
             Component::VaeDecode => SD15_VAE.to_string(),
             Component::TextEncoder => SD15_TEXT_ENCODER.to_string(),
-            Component::TrainPixel | Component::TrainOps | Component::FinetuneLora => {
-                unreachable!("handled above")
-            }
+            _ => unreachable!("handled above"),
         },
     };
-    // Random weights are drawn into training variables, then handed over as plain tensors:
-    // a forward pass over variables would record its whole graph for a backward pass.
     let build_start = Instant::now();
-    let varmap = VarMap::new();
-    match args.component {
+    let (vb, params) = match args.component {
         Component::Unet => {
-            UNet2DConditionModel::new(
-                serde_json::from_str(&config_text)?,
-                VarBuilder::from_varmap(&varmap, dtype, &device),
-            )?;
+            let config: UNetConfig = serde_json::from_str(&config_text)?;
+            random_weights(dtype, &device, |vb| UNet2DConditionModel::new(config, vb))?
         }
         Component::VaeDecode => {
-            AutoencoderKL::new(
-                serde_json::from_str(&config_text)?,
-                VarBuilder::from_varmap(&varmap, dtype, &device),
-            )?;
+            let config: VaeConfig = serde_json::from_str(&config_text)?;
+            random_weights(dtype, &device, |vb| AutoencoderKL::new(config, vb))?
         }
         Component::TextEncoder => {
-            ClipTextModel::new(
-                serde_json::from_str(&config_text)?,
-                VarBuilder::from_varmap(&varmap, dtype, &device),
-            )?;
+            let config: ClipTextConfig = serde_json::from_str(&config_text)?;
+            random_weights(dtype, &device, |vb| ClipTextModel::new(config, vb))?
         }
-        Component::TrainPixel | Component::TrainOps | Component::FinetuneLora => {
-            unreachable!("handled above")
-        }
-    }
-    let weights: std::collections::HashMap<String, Tensor> = varmap
-        .data()
-        .lock()
-        .expect("VarMap lock")
-        .iter()
-        .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
-        .collect();
-    drop(varmap);
-    let params: usize = weights.values().map(|t| t.elem_count()).sum();
-    let vb = VarBuilder::from_tensors(weights, dtype, &device);
+        _ => unreachable!("handled above"),
+    };
     let latent = args.size / 8;
     let mut step: Box<dyn FnMut() -> candle_core::Result<Tensor>> = match args.component {
         Component::Unet => {
@@ -394,9 +501,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             let encoder = ClipTextModel::new(config, vb)?;
             Box::new(move || encoder.forward(&ids))
         }
-        Component::TrainPixel | Component::TrainOps | Component::FinetuneLora => {
-            unreachable!("handled above")
-        }
+        _ => unreachable!("handled above"),
     };
     eprintln!(
         "{:?} at {size}x{size}: {:.1} M parameters, built in {:.1} s",
@@ -417,11 +522,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             component => format!("{component:?} {}x{} {}", args.size, args.size, args.dtype),
         },
         args.runs,
-        if args.json {
-            json
-        } else {
-            serde_json::Value::Null
-        },
+        args.json.then_some(json),
         &mut || {
             step()?;
             // GPU kernels run asynchronously: the time counts only once they have finished.

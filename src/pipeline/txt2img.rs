@@ -26,6 +26,25 @@ pub struct Txt2ImgRequest {
     pub latents: Option<Tensor>,
 }
 
+impl Txt2ImgRequest {
+    /// One image of `prompt` at width x height with diffusers' defaults otherwise: no negative
+    /// prompt, guidance 7.5 at every step without rescaling, seed 0, fresh latents.
+    pub fn new(prompt: impl Into<String>, width: usize, height: usize) -> Self {
+        Self {
+            prompt: prompt.into(),
+            negative: String::new(),
+            guidance: 7.5,
+            guidance_rescale: 0.0,
+            guidance_interval: None,
+            width,
+            height,
+            num_images: 1,
+            seed: 0,
+            latents: None,
+        }
+    }
+}
+
 pub struct Txt2ImgOutput {
     /// (B, 3, H, W) in [0, 1].
     pub images: Tensor,
@@ -228,16 +247,11 @@ pub fn sample_prompts(
     let mut images = Vec::with_capacity(prompts.len());
     for (k, prompt) in prompts.iter().enumerate() {
         let request = Txt2ImgRequest {
-            prompt: prompt.clone(),
-            negative: String::new(),
             guidance: guidance.scale,
-            guidance_rescale: 0.0,
             guidance_interval: guidance.interval,
-            width: size,
-            height: size,
             num_images: per_prompt,
             seed: seed.wrapping_add(k as u64),
-            latents: None,
+            ..Txt2ImgRequest::new(prompt.clone(), size, size)
         };
         images.push(txt2img(sd, sampler, &request, &mut |_| Ok(()))?.images);
         progress(k + 1, prompts.len());

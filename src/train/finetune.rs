@@ -349,16 +349,9 @@ impl FineTuner {
             let mut paths = Vec::with_capacity(prompts.len());
             for (k, prompt) in prompts.iter().enumerate() {
                 let request = Txt2ImgRequest {
-                    prompt: prompt.clone(),
-                    negative: String::new(),
                     guidance,
-                    guidance_rescale: 0.0,
-                    guidance_interval: None,
-                    width: size,
-                    height: size,
-                    num_images: 1,
                     seed: self.trainer.settings.seed,
-                    latents: None,
+                    ..Txt2ImgRequest::new(prompt.clone(), size, size)
                 };
                 let output = txt2img(&self.pipeline, sampler.as_ref(), &request, &mut |_| Ok(()))?;
                 let path = dir.join(format!("step-{:06}-{k}.png", self.trainer.step));
