@@ -6,7 +6,12 @@
 //! product's rows are the output's channel planes, so only the columns are ever built, one band
 //! of output rows at a time and never kept: the backward pass builds them again. Its gradients
 //! are the two other products, `dweight = dout columns^T` and `dcolumns = weight^T dout`, whose
-//! columns fold back onto the input (col2im).
+//! columns fold back onto the input (col2im); where the output has the input's size, the input
+//! gradient is instead the convolution of dout with the flipped, transposed kernel.
+//!
+//! A batch of small maps (a training step) goes image by image, one image per thread, so that
+//! each image's columns are built, multiplied and used in one core's cache; one image or large
+//! maps go band by band, each product on all threads ([`Plan`]).
 //!
 //! candle 0.11's CPU convolution instead re-lays the input out channels-last and re-flattens the
 //! kernel on one thread at every call, gathers its columns element by element and copies the
@@ -1011,32 +1016,34 @@ mod tests {
         crate::tensor_ops::max_abs(&(a - b).unwrap()).unwrap()
     }
 
-    /// Values and all three gradients equal candle's own conv2d plus bias, for 3x3 and 1x1
+    /// (batch, channels, out_channels, kernel, stride, padding, height, width): 3x3 and 1x1
     /// kernels, strides 1 and 2, with and without padding, odd and even sizes, bands of several
     /// whole images (small images) and of some rows of one image (a depth of 4608 over 1000
     /// pixels is past the band size).
+    type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
+    const CASES: [Case; 12] = [
+        (3, 3, 5, 3, 1, 1, 7, 9),
+        // Strided cases square: candle's own input gradient has the wrong width for non-square
+        // inputs at stride 2.
+        (2, 3, 5, 3, 2, 1, 8, 8),
+        (2, 3, 5, 3, 2, 1, 7, 7),
+        (2, 4, 6, 3, 2, 0, 9, 9),
+        (3, 3, 4, 1, 1, 0, 6, 5),
+        (2, 2, 3, 1, 2, 0, 6, 6),
+        (2, 3, 2, 3, 1, 0, 5, 6),
+        // Padding wider than the image: some kernel columns read nothing at all.
+        (2, 2, 3, 3, 1, 2, 1, 2),
+        // Images of one pixel and of 2x2 (a U-Net's deepest level).
+        (2, 3, 4, 3, 1, 1, 1, 1),
+        (3, 3, 4, 3, 1, 1, 2, 2),
+        (2, 512, 2, 3, 1, 1, 40, 25),
+        (2, 512, 3, 1, 1, 0, 90, 100),
+    ];
+
+    /// Values and all three gradients equal candle's own conv2d plus bias over [`CASES`].
     #[test]
     fn matches_candle_conv2d_forward_and_backward() {
-        let cases = [
-            // (batch, channels, out_channels, kernel, stride, padding, height, width)
-            (3, 3, 5, 3, 1, 1, 7, 9),
-            // Strided cases square: candle's own input gradient has the wrong width for
-            // non-square inputs at stride 2.
-            (2, 3, 5, 3, 2, 1, 8, 8),
-            (2, 3, 5, 3, 2, 1, 7, 7),
-            (2, 4, 6, 3, 2, 0, 9, 9),
-            (3, 3, 4, 1, 1, 0, 6, 5),
-            (2, 2, 3, 1, 2, 0, 6, 6),
-            (2, 3, 2, 3, 1, 0, 5, 6),
-            // Padding wider than the image: some kernel columns read nothing at all.
-            (2, 2, 3, 3, 1, 2, 1, 2),
-            // Images of one pixel and of 2x2 (a U-Net's deepest level).
-            (2, 3, 4, 3, 1, 1, 1, 1),
-            (3, 3, 4, 3, 1, 1, 2, 2),
-            (2, 512, 2, 3, 1, 1, 40, 25),
-            (2, 512, 3, 1, 1, 0, 90, 100),
-        ];
-        for (batch, channels, out_channels, kernel, stride, padding, height, width) in cases {
+        for (batch, channels, out_channels, kernel, stride, padding, height, width) in CASES {
             let name = format!(
                 "batch {batch} channels {channels} kernel {kernel} stride {stride} \
                  padding {padding} {height}x{width}"
@@ -1079,20 +1086,11 @@ mod tests {
     }
 
     /// Image by image and in shared bands (several whole images, or rows of one) give the same
-    /// values and gradients; which one a call takes depends on the machine's thread count, so
-    /// each is run here directly.
+    /// values and gradients over [`CASES`]; which one a call takes depends on the machine's
+    /// thread count, so each is run here directly.
     #[test]
     fn per_image_and_banded_plans_agree() {
-        let cases = [
-            // (batch, channels, out_channels, kernel, stride, padding, height, width)
-            (4, 3, 5, 3, 1, 1, 7, 9),
-            (3, 4, 6, 3, 2, 1, 9, 9),
-            (3, 4, 2, 1, 1, 0, 6, 5),
-            (2, 2, 3, 3, 1, 2, 1, 2),
-            (2, 3, 4, 3, 1, 1, 1, 1),
-            (2, 512, 2, 3, 1, 1, 40, 25),
-        ];
-        for (batch, channels, out_channels, kernel, stride, padding, height, width) in cases {
+        for (batch, channels, out_channels, kernel, stride, padding, height, width) in CASES {
             let conv = Conv2dGemm { stride, padding };
             let input = Shape::from((batch, channels, height, width));
             let g = Geometry::new(
