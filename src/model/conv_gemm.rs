@@ -267,26 +267,10 @@ impl Geometry {
 
     /// Adds the band's column gradients back onto `planes`, the input planes (C, H, W) of the
     /// band's images: the adjoint of [`Self::fill_columns`]. One task per plane: no two write
-    /// the same pixel. Where rows are aligned, the gradients of taps in the padding are zeroed
-    /// first, so that each tap's share is one contiguous sum.
-    fn fold_columns(&self, columns: &mut [f32], band: &Band, planes: &mut [f32], threads: Threads) {
+    /// the same pixel.
+    fn fold_columns(&self, columns: &[f32], band: &Band, planes: &mut [f32], threads: Threads) {
         let pixels = band.pixels(self);
         let taps = self.kernel_h * self.kernel_w;
-        let columns = &mut columns[..self.depth() * pixels];
-        if self.rows_aligned() {
-            let clear = |(row, column): (usize, &mut [f32])| {
-                let (_, ky, kx) = self.tap(row);
-                let (shift, span) = (self.shift(band, ky, kx), self.span(kx));
-                for image_rows in column.chunks_exact_mut(band.rows * self.out_w) {
-                    self.zero_padding_taps(&shift, &span, image_rows);
-                }
-            };
-            match threads {
-                Threads::One => columns.chunks_mut(pixels).enumerate().for_each(clear),
-                Threads::All => columns.par_chunks_mut(pixels).enumerate().for_each(clear),
-            }
-        }
-        let columns = &*columns;
         let fold = |(index, plane): (usize, &mut [f32])| {
             let (image, channel) = (index / self.channels, index % self.channels);
             for tap in 0..taps {
@@ -294,10 +278,6 @@ impl Geometry {
                 let column = &columns[(channel * taps + tap) * pixels..][..pixels];
                 let image_rows =
                     &column[image * band.rows * self.out_w..][..band.rows * self.out_w];
-                if self.rows_aligned() {
-                    self.scatter_shifted(image_rows, &self.shift(band, ky, kx), plane);
-                    continue;
-                }
                 let span = self.span(kx);
                 for (offset, out_row) in image_rows.chunks_exact(self.out_w).enumerate() {
                     if let Some(y) = self.input_row(band.first_row + offset, ky) {
@@ -401,18 +381,6 @@ impl Geometry {
             let values = &mut out[row * self.out_w..][..self.out_w];
             zero_few(&mut values[..span.outputs.start]);
             zero_few(&mut values[span.outputs.end..]);
-        }
-    }
-
-    /// The adjoint of [`Self::gather_shifted`] on columns whose padding taps are zero.
-    fn scatter_shifted(&self, image_rows: &[f32], shift: &Shift, plane: &mut [f32]) {
-        if shift.reads.is_empty() {
-            return;
-        }
-        let target = (shift.reads.start as isize + shift.offset) as usize;
-        let targets = &mut plane[target..][..shift.reads.len()];
-        for (target, value) in targets.iter_mut().zip(&image_rows[shift.reads.clone()]) {
-            *target += value;
         }
     }
 
@@ -589,8 +557,8 @@ impl Geometry {
     }
 
     /// Adds the band's input gradient into `planes`, the input planes (C, H, W) of the band's
-    /// images: `weight^T dout`, in place for a pointwise band inside one image, else as columns
-    /// folded back.
+    /// images: `weight^T dout` as columns folded back (same-size convolutions, pointwise ones
+    /// included, take [`Self::transposed`] instead).
     fn input_gradient_band(
         &self,
         band: &Band,
@@ -602,23 +570,6 @@ impl Geometry {
     ) {
         let pixels = band.pixels(self);
         let dout = self.band_of_output(grad, band, scratch);
-        if self.pointwise() && band.images == 1 {
-            // SAFETY: the band's rows of every input plane lie inside `planes`.
-            unsafe {
-                product(
-                    (self.channels, pixels, self.out_channels),
-                    planes[band.first_pixel(self)..].as_mut_ptr(),
-                    (self.in_pixels(), 1),
-                    true,
-                    weight.as_ptr(),
-                    (1, self.depth()),
-                    dout.data,
-                    (dout.row_stride, 1),
-                    threads,
-                )
-            };
-            return;
-        }
         columns.resize(self.depth() * pixels, 0.0);
         // SAFETY: `columns` holds depth rows of `pixels` floats.
         unsafe {
