@@ -58,31 +58,34 @@ unsafe fn single_thread_product(
 /// Replaces a row of scores s by exp(scale (s - max s)), the numerators of softmax(scale s), and
 /// returns their sum.
 fn softmax_numerators(row: &mut [f32], scale: f32) -> f32 {
-    with_avx2_fma(|| {
-        // Eight running maxima and sums, which the compiler keeps in one vector register each.
-        let mut lanes = [f32::NEG_INFINITY; 8];
-        let mut chunks = row.chunks_exact(8);
-        for chunk in &mut chunks {
-            for (lane, &value) in lanes.iter_mut().zip(chunk) {
-                *lane = if value > *lane { value } else { *lane };
+    with_avx2_fma(
+        #[inline(always)]
+        || {
+            // Eight running maxima and sums, which the compiler keeps in one vector register each.
+            let mut lanes = [f32::NEG_INFINITY; 8];
+            let mut chunks = row.chunks_exact(8);
+            for chunk in &mut chunks {
+                for (lane, &value) in lanes.iter_mut().zip(chunk) {
+                    *lane = if value > *lane { value } else { *lane };
+                }
             }
-        }
-        let max = lanes
-            .iter()
-            .chain(chunks.remainder())
-            .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
-        for value in row.iter_mut() {
-            *value = exp_nonpositive((*value - max) * scale);
-        }
-        let mut lanes = [0f32; 8];
-        let mut chunks = row.chunks_exact(8);
-        for chunk in &mut chunks {
-            for (lane, value) in lanes.iter_mut().zip(chunk) {
-                *lane += value;
+            let max = lanes
+                .iter()
+                .chain(chunks.remainder())
+                .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+            for value in row.iter_mut() {
+                *value = exp_nonpositive((*value - max) * scale);
             }
-        }
-        lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
-    })
+            let mut lanes = [0f32; 8];
+            let mut chunks = row.chunks_exact(8);
+            for chunk in &mut chunks {
+                for (lane, value) in lanes.iter_mut().zip(chunk) {
+                    *lane += value;
+                }
+            }
+            lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+        },
+    )
 }
 
 #[derive(Debug, Clone, Copy)]

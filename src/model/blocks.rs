@@ -273,11 +273,14 @@ impl candle_core::CustomOp1 for Geglu {
             .zip(h.par_chunks(2 * half))
             .for_each(|(out, row)| {
                 let (hidden, gate) = row.split_at(half);
-                with_avx2_fma(|| {
-                    for ((value, hidden), gate) in out.iter_mut().zip(hidden).zip(gate) {
-                        *value = hidden * gelu(*gate);
-                    }
-                })
+                with_avx2_fma(
+                    #[inline(always)]
+                    || {
+                        for ((value, hidden), gate) in out.iter_mut().zip(hidden).zip(gate) {
+                            *value = hidden * gelu(*gate);
+                        }
+                    },
+                )
             });
         Ok((candle_core::CpuStorage::F32(out), dims.into()))
     }

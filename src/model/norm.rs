@@ -151,27 +151,30 @@ impl CustomOp3 for FusedGroupNorm {
             .zip(x.par_chunks(group_len))
             .enumerate()
             .for_each(|(index, (y, values))| {
-                with_avx2_fma(|| {
-                    let (mean, rstd) = self.moments(values);
-                    let first_channel = (index % self.groups) * per_group;
-                    for (k, (y, v)) in y
-                        .chunks_mut(g.spatial)
-                        .zip(values.chunks(g.spatial))
-                        .enumerate()
-                    {
-                        let scale = rstd * weight[first_channel + k];
-                        let shift = bias[first_channel + k] - mean * scale;
-                        if self.silu {
-                            for (y, v) in y.iter_mut().zip(v) {
-                                *y = silu(v * scale + shift);
-                            }
-                        } else {
-                            for (y, v) in y.iter_mut().zip(v) {
-                                *y = v * scale + shift;
+                with_avx2_fma(
+                    #[inline(always)]
+                    || {
+                        let (mean, rstd) = self.moments(values);
+                        let first_channel = (index % self.groups) * per_group;
+                        for (k, (y, v)) in y
+                            .chunks_mut(g.spatial)
+                            .zip(values.chunks(g.spatial))
+                            .enumerate()
+                        {
+                            let scale = rstd * weight[first_channel + k];
+                            let shift = bias[first_channel + k] - mean * scale;
+                            if self.silu {
+                                for (y, v) in y.iter_mut().zip(v) {
+                                    *y = silu(v * scale + shift);
+                                }
+                            } else {
+                                for (y, v) in y.iter_mut().zip(v) {
+                                    *y = v * scale + shift;
+                                }
                             }
                         }
-                    }
-                })
+                    },
+                )
             });
         Ok((CpuStorage::F32(out), x_layout.shape().clone()))
     }
@@ -238,61 +241,64 @@ impl CustomOp3 for GroupNormBackward {
             .zip(partial.par_chunks_mut(2 * per_group))
             .enumerate()
             .for_each_init(Vec::new, |through_silu, (index, (dx, sums))| {
-                with_avx2_fma(|| {
-                    let values = &x[index * group_len..][..group_len];
-                    let incoming = &dy[index * group_len..][..group_len];
-                    let (mean, rstd) = self.norm.moments(values);
-                    let first_channel = (index % groups) * per_group;
-                    let channel_range = |k: usize| k * g.spatial..(k + 1) * g.spatial;
-                    // Through the SiLU first: dL/dh with h = xhat weight + bias.
-                    let grads: &[f32] = if self.norm.silu {
-                        through_silu.resize(group_len, 0.0);
+                with_avx2_fma(
+                    #[inline(always)]
+                    || {
+                        let values = &x[index * group_len..][..group_len];
+                        let incoming = &dy[index * group_len..][..group_len];
+                        let (mean, rstd) = self.norm.moments(values);
+                        let first_channel = (index % groups) * per_group;
+                        let channel_range = |k: usize| k * g.spatial..(k + 1) * g.spatial;
+                        // Through the SiLU first: dL/dh with h = xhat weight + bias.
+                        let grads: &[f32] = if self.norm.silu {
+                            through_silu.resize(group_len, 0.0);
+                            for k in 0..per_group {
+                                let scale = rstd * weight[first_channel + k];
+                                let shift = bias[first_channel + k] - mean * scale;
+                                let range = channel_range(k);
+                                for ((d, dh), v) in through_silu[range.clone()]
+                                    .iter_mut()
+                                    .zip(&incoming[range.clone()])
+                                    .zip(&values[range])
+                                {
+                                    *d = dh * silu_derivative(v * scale + shift);
+                                }
+                            }
+                            through_silu
+                        } else {
+                            incoming
+                        };
+                        let (mut sum_g, mut sum_g_xhat) = (0f64, 0f64);
                         for k in 0..per_group {
-                            let scale = rstd * weight[first_channel + k];
-                            let shift = bias[first_channel + k] - mean * scale;
                             let range = channel_range(k);
-                            for ((d, dh), v) in through_silu[range.clone()]
+                            let (s_dy, s_dy_x) =
+                                vector_math::sum_and_dot(&grads[range.clone()], &values[range]);
+                            // sum dy xhat = rstd (sum dy x - mean sum dy).
+                            let s_dy_xhat = rstd as f64 * (s_dy_x - mean as f64 * s_dy);
+                            sums[2 * k] = s_dy;
+                            sums[2 * k + 1] = s_dy_xhat;
+                            let w = weight[first_channel + k] as f64;
+                            sum_g += w * s_dy;
+                            sum_g_xhat += w * s_dy_xhat;
+                        }
+                        let mean_g = (sum_g / group_len as f64) as f32;
+                        let mean_g_xhat = (sum_g_xhat / group_len as f64) as f32;
+                        // dx = rstd (dy w - mean_g - (x - mean) rstd mean_g_xhat), as dy a + x b + c.
+                        let per_x = -rstd * rstd * mean_g_xhat;
+                        let constant = rstd * (mean * rstd * mean_g_xhat - mean_g);
+                        for k in 0..per_group {
+                            let per_dy = rstd * weight[first_channel + k];
+                            let range = channel_range(k);
+                            for ((dx, d), v) in dx[range.clone()]
                                 .iter_mut()
-                                .zip(&incoming[range.clone()])
+                                .zip(&grads[range.clone()])
                                 .zip(&values[range])
                             {
-                                *d = dh * silu_derivative(v * scale + shift);
+                                *dx = d * per_dy + v * per_x + constant;
                             }
                         }
-                        through_silu
-                    } else {
-                        incoming
-                    };
-                    let (mut sum_g, mut sum_g_xhat) = (0f64, 0f64);
-                    for k in 0..per_group {
-                        let range = channel_range(k);
-                        let (s_dy, s_dy_x) =
-                            vector_math::sum_and_dot(&grads[range.clone()], &values[range]);
-                        // sum dy xhat = rstd (sum dy x - mean sum dy).
-                        let s_dy_xhat = rstd as f64 * (s_dy_x - mean as f64 * s_dy);
-                        sums[2 * k] = s_dy;
-                        sums[2 * k + 1] = s_dy_xhat;
-                        let w = weight[first_channel + k] as f64;
-                        sum_g += w * s_dy;
-                        sum_g_xhat += w * s_dy_xhat;
-                    }
-                    let mean_g = (sum_g / group_len as f64) as f32;
-                    let mean_g_xhat = (sum_g_xhat / group_len as f64) as f32;
-                    // dx = rstd (dy w - mean_g - (x - mean) rstd mean_g_xhat), as dy a + x b + c.
-                    let per_x = -rstd * rstd * mean_g_xhat;
-                    let constant = rstd * (mean * rstd * mean_g_xhat - mean_g);
-                    for k in 0..per_group {
-                        let per_dy = rstd * weight[first_channel + k];
-                        let range = channel_range(k);
-                        for ((dx, d), v) in dx[range.clone()]
-                            .iter_mut()
-                            .zip(&grads[range.clone()])
-                            .zip(&values[range])
-                        {
-                            *dx = d * per_dy + v * per_x + constant;
-                        }
-                    }
-                })
+                    },
+                )
             });
         let (dweight, dbias) = out[n..].split_at_mut(g.channels);
         for c in 0..g.channels {
