@@ -498,15 +498,9 @@ impl UnetTrainer {
     fn draw(&self, data: &TrainingData, count: usize) -> Result<StepDraws> {
         let s = &self.settings;
         let n_train = self.schedule.num_train_timesteps();
-        let mut rng = SeededNoise::new(
-            s.seed ^ (0x9e37_79b9_7f4a_7c15u64.wrapping_mul(self.step as u64 + 1)),
-        );
-        let indices: Vec<usize> = (0..count)
-            .map(|_| rng.rng().random_range(0..data.len()))
-            .collect();
-        let timesteps: Vec<usize> = (0..count)
-            .map(|_| rng.rng().random_range(0..n_train))
-            .collect();
+        let mut rng = SeededNoise::new(super::step_seed(s.seed, self.step));
+        let (indices, timesteps) =
+            super::draw_examples_and_timesteps(&mut rng, count, data.len(), n_train);
         let mut shape = data.latents.dims().to_vec();
         shape[0] = count;
         let mut noise = rng.randn(&shape)?;

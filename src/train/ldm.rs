@@ -548,12 +548,8 @@ impl LdmTrainer {
         let batch = cfg.train.batch_size;
         let n_train = self.schedule.num_train_timesteps();
         let mut rng = SeededNoise::new(super::step_seed(cfg.train.seed, self.step));
-        let indices: Vec<usize> = (0..batch)
-            .map(|_| rng.rng().random_range(0..data.len()))
-            .collect();
-        let timesteps: Vec<usize> = (0..batch)
-            .map(|_| rng.rng().random_range(0..n_train))
-            .collect();
+        let (indices, timesteps) =
+            super::draw_examples_and_timesteps(&mut rng, batch, data.len(), n_train);
         let mut ids: Vec<u32> = Vec::with_capacity(batch * data.empty_ids.len());
         for &i in &indices {
             let dropped = rng.rng().random_bool(cfg.data.caption_dropout);

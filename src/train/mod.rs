@@ -21,6 +21,24 @@ pub fn step_seed(seed: u64, step: usize) -> u64 {
     seed ^ (step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
+/// One step's examples and timesteps, uniform over the data and over the `timesteps` training
+/// timesteps (DDPM algorithm 1, lines 2-3), drawn from the step's RNG in this order: the resume
+/// tests hold every trainer to it.
+pub fn draw_examples_and_timesteps(
+    rng: &mut SeededNoise,
+    batch: usize,
+    examples: usize,
+    timesteps: usize,
+) -> (Vec<usize>, Vec<usize>) {
+    let indices = (0..batch)
+        .map(|_| rng.rng().random_range(0..examples))
+        .collect();
+    let drawn = (0..batch)
+        .map(|_| rng.rng().random_range(0..timesteps))
+        .collect();
+    (indices, drawn)
+}
+
 /// The VarMap's variables sorted by name (a VarMap is a HashMap, whose order changes between
 /// runs; every loop over parameters that touches an RNG or a file goes through this order).
 pub fn named_vars(varmap: &VarMap) -> Vec<(String, Var)> {

@@ -134,12 +134,8 @@ impl PixelTrainer {
         let batch = cfg.train.batch_size;
         let n_train = self.schedule.num_train_timesteps();
         let mut rng = SeededNoise::new(super::step_seed(cfg.train.seed, self.step));
-        let indices: Vec<usize> = (0..batch)
-            .map(|_| rng.rng().random_range(0..data.len()))
-            .collect();
-        let timesteps: Vec<usize> = (0..batch)
-            .map(|_| rng.rng().random_range(0..n_train))
-            .collect();
+        let (indices, timesteps) =
+            super::draw_examples_and_timesteps(&mut rng, batch, data.len(), n_train);
         let device = self.device.clone();
         // The batch is assembled (and flipped) on the CPU, then moved once.
         let mut x0 = data.batch(&indices, &Device::Cpu)?;
