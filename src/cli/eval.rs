@@ -73,6 +73,24 @@ fn mean(values: &[f64]) -> f64 {
     values.iter().sum::<f64>() / values.len().max(1) as f64
 }
 
+/// The standard error of the mean of per-image figures (sample standard deviation over
+/// sqrt(n)): how far a subset's bits/dim may sit from the whole test split's. None below two
+/// images.
+fn standard_error(values: &[f64]) -> Option<f64> {
+    let n = values.len();
+    if n < 2 {
+        return None;
+    }
+    let center = mean(values);
+    let squares: f64 = values.iter().map(|v| (v - center).powi(2)).sum();
+    Some((squares / (n - 1) as f64 / n as f64).sqrt())
+}
+
+/// " +- SE" for a log line, empty where there is none.
+fn plus_minus(error: Option<f64>) -> String {
+    error.map(|e| format!(" +- {e:.4}")).unwrap_or_default()
+}
+
 /// A seeded random subset of the test split (the first images of MNIST's test split come
 /// from a cleaner writer population than the rest, so they are not representative).
 fn subset(n_total: usize, n: usize, seed: u64) -> Vec<usize> {
@@ -148,8 +166,10 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         }
         progress.finish_and_clear();
         let vlb = mean(&terms.total);
+        let vlb_error = standard_error(&terms.total);
         eprintln!(
-            "variational bound: {vlb:.4} bits/dim over {} test images (prior {:.5}, KL terms {:.4}, decoder {:.4}; {:.0} s)",
+            "variational bound: {vlb:.4}{} bits/dim over {} test images (prior {:.5}, KL terms {:.4}, decoder {:.4}; {:.0} s)",
+            plus_minus(vlb_error),
             indices.len(),
             mean(&terms.prior),
             mean(&terms.kl),
@@ -157,6 +177,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             start.elapsed().as_secs_f64()
         );
         report.insert("vlb_bits_per_dim".into(), vlb.into());
+        report.insert("vlb_standard_error".into(), vlb_error.into());
         report.insert(
             "vlb_terms".into(),
             serde_json::json!({
@@ -206,12 +227,15 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         }
         progress.finish_and_clear();
         let ode = mean(&bits);
+        let ode_error = standard_error(&bits);
         eprintln!(
-            "probability-flow ODE: {ode:.4} bits/dim over {} test images ({evaluations} evaluations, {:.0} s)",
+            "probability-flow ODE: {ode:.4}{} bits/dim over {} test images ({evaluations} evaluations, {:.0} s)",
+            plus_minus(ode_error),
             indices.len(),
             start.elapsed().as_secs_f64()
         );
         report.insert("ode_bits_per_dim".into(), ode.into());
+        report.insert("ode_standard_error".into(), ode_error.into());
         report.insert("ode_images".into(), indices.len().into());
         report.insert("ode_evaluations".into(), evaluations.into());
     }
@@ -285,4 +309,18 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::Value::Object(report));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Against the direct formula on four values: mean 2.5, sample variance 5/3.
+    #[test]
+    fn standard_error_of_the_mean() {
+        let error = standard_error(&[1.0, 2.0, 3.0, 4.0]).expect("four values");
+        assert!((error - (5.0f64 / 3.0 / 4.0).sqrt()).abs() < 1e-12);
+        assert_eq!(standard_error(&[1.5]), None);
+        assert_eq!(standard_error(&[]), None);
+    }
 }
