@@ -44,8 +44,8 @@ fn the_shipped_mnist_baseline_draws_the_requested_digits() {
 #[test]
 fn the_shipped_fashion_baseline_draws_the_requested_garments() {
     let accuracy = judged_accuracy("ddpm-fashion.safetensors", "judges/fashion-mnist");
-    // 15 of these 20 are judged as asked (chance: 2); the judge itself scores
-    // 91.7% on real test images, confusing shirts, pullovers and coats, so leave room for three
-    // more such misses where another CPU rounds differently.
+    // 15 of these 20 are judged as asked (chance: 2); the judge itself scores 91.7% on real
+    // test images, confusing shirts, pullovers and coats, so leave room for three more such
+    // misses where another CPU rounds differently.
     assert!(accuracy >= 0.6, "judge accuracy {accuracy}");
 }
