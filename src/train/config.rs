@@ -15,7 +15,9 @@ pub struct DataConfig {
     /// The dataset's name, used to find its judge (`mnist`, `fashion-mnist`).
     #[serde(default)]
     pub name: Option<String>,
-    /// Mirror images left-right at random (off for digits, whose mirror images are not digits).
+    /// Mirror images left-right at random. Only for data whose mirror images are as likely as the
+    /// originals: not digits, and not Fashion-MNIST, whose shoes all point one way (a model
+    /// trained with flips draws mirrored shoes, and the judge reads them as bags).
     #[serde(default)]
     pub random_flip: bool,
 }
