@@ -30,7 +30,12 @@ fn judged_accuracy(weights: &str, judge: &str) -> f64 {
         )
         .unwrap();
     let judge = Judge::load(&fixture_path(judge), &device).unwrap();
-    judge.score(&images).unwrap().accuracy(&labels).unwrap()
+    let accuracy = judge.score(&images).unwrap().accuracy(&labels).unwrap();
+    println!(
+        "{weights:?}: judge accuracy {accuracy} on {} samples",
+        labels.len()
+    );
+    accuracy
 }
 
 #[test]
@@ -44,8 +49,8 @@ fn the_shipped_mnist_baseline_draws_the_requested_digits() {
 #[test]
 fn the_shipped_fashion_baseline_draws_the_requested_garments() {
     let accuracy = judged_accuracy("ddpm-fashion.safetensors", "judges/fashion-mnist");
-    // 15 of these 20 are judged as asked (chance: 2); the judge itself scores 91.7% on real
+    // 17 of these 20 are judged as asked (chance: 2); the judge itself scores 91.7% on real
     // test images, confusing shirts, pullovers and coats, so leave room for three more such
     // misses where another CPU rounds differently.
-    assert!(accuracy >= 0.6, "judge accuracy {accuracy}");
+    assert!(accuracy >= 0.7, "judge accuracy {accuracy}");
 }
