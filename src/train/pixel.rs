@@ -95,8 +95,9 @@ impl PixelTrainer {
     }
 
     /// Continues from a checkpoint written by [`PixelTrainer::save`]. The checkpoint's config
-    /// must describe the same model and diffusion process as `config` (the number of steps and
-    /// the logging may differ).
+    /// must describe the same model and diffusion process as `config`; the `[data]` and `[train]`
+    /// sections may differ (more steps, other logging, data without flips), which makes the
+    /// resumed run a continuation rather than a replay.
     pub fn resume(config: TrainConfig, path: &Path, device: &Device) -> Result<Self> {
         let mut trainer = Self::new(config, device)?;
         let loaded = checkpoint::load(path, device)?;
