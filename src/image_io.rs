@@ -1,5 +1,5 @@
-//! PNG output with the generation parameters in a `parameters` tEXt chunk, as the AUTOMATIC1111
-//! web UI writes them.
+//! PNG output with the generation parameters in a `parameters` text chunk, as the AUTOMATIC1111
+//! web UI writes them, and image input with limits on what a file may make us allocate.
 
 use crate::error::{Error, Result};
 use candle_core::{DType, Tensor};
@@ -27,8 +27,15 @@ pub fn to_rgb8(image: &Tensor) -> Result<(u32, u32, Vec<u8>)> {
     Ok((w as u32, h as u32, bytes))
 }
 
-/// Writes a PNG; `parameters` goes into a tEXt chunk named `parameters`. The file is written
-/// to a temporary name and renamed, so a failure never leaves half an image.
+/// Whether `text` fits a PNG `tEXt` chunk, whose text is Latin-1 without NUL (PNG spec 11.3.4.3).
+fn fits_latin1(text: &str) -> bool {
+    text.chars().all(|c| c != '\0' && (c as u32) <= 0xFF)
+}
+
+/// Writes a PNG; `parameters` goes into a text chunk named `parameters`: `tEXt` when it is
+/// Latin-1, else UTF-8 `iTXt` (what PIL writes then, and what A1111-style readers take), so any
+/// prompt can be stored. The file is written to a temporary name and renamed, so a failure or
+/// a kill never leaves half an image.
 pub fn save_png(image: &Tensor, path: &Path, parameters: Option<&str>) -> Result<()> {
     let (w, h, bytes) = to_rgb8(image)?;
     let color = if image.dim(0)? == 1 {
@@ -40,22 +47,107 @@ pub fn save_png(image: &Tensor, path: &Path, parameters: Option<&str>) -> Result
         path: path.display().to_string(),
         message: e.to_string(),
     };
-    let tmp = path.with_extension("png.partial");
-    {
-        let file = std::fs::File::create(&tmp).map_err(|e| io_error(&e))?;
+    let tmp = partial_path(path);
+    let written = (|| -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let file = std::fs::File::create(&tmp)?;
         let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), w, h);
         encoder.set_color(color);
         encoder.set_depth(png::BitDepth::Eight);
         if let Some(text) = parameters {
-            encoder
-                .add_text_chunk("parameters".to_string(), text.to_string())
-                .map_err(|e| io_error(&e))?;
+            let (key, text) = ("parameters".to_string(), text.to_string());
+            if fits_latin1(&text) {
+                encoder.add_text_chunk(key, text)?;
+            } else {
+                encoder.add_itxt_chunk(key, text)?;
+            }
         }
-        let mut writer = encoder.write_header().map_err(|e| io_error(&e))?;
-        writer.write_image_data(&bytes).map_err(|e| io_error(&e))?;
-        writer.finish().map_err(|e| io_error(&e))?;
+        let mut writer = encoder.write_header()?;
+        writer.write_image_data(&bytes)?;
+        writer.finish()?;
+        Ok(())
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io_error(&e));
     }
-    std::fs::rename(&tmp, path).map_err(|e| io_error(&e))
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io_error(&e)
+    })
+}
+
+/// The hidden name a PNG is written under before it is renamed into place.
+fn partial_path(path: &Path) -> std::path::PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "image.png".into());
+    path.with_file_name(format!(".{name}.partial"))
+}
+
+/// The `parameters` text chunk of a PNG file (`tEXt`, `zTXt` or `iTXt`), if it has one.
+pub fn read_png_parameters(path: &Path) -> Result<Option<String>> {
+    let file_error = |message: String| Error::File {
+        path: path.display().to_string(),
+        message,
+    };
+    let file = std::fs::File::open(path).map_err(|e| file_error(e.to_string()))?;
+    let reader = png::Decoder::new(std::io::BufReader::new(file))
+        .read_info()
+        .map_err(|e| file_error(format!("not a readable PNG: {e}")))?;
+    let info = reader.info();
+    if let Some(chunk) = info
+        .uncompressed_latin1_text
+        .iter()
+        .find(|c| c.keyword == "parameters")
+    {
+        return Ok(Some(chunk.text.clone()));
+    }
+    if let Some(chunk) = info
+        .compressed_latin1_text
+        .iter()
+        .find(|c| c.keyword == "parameters")
+    {
+        return chunk
+            .get_text()
+            .map(Some)
+            .map_err(|e| file_error(format!("its parameters zTXt chunk does not decode: {e}")));
+    }
+    match info.utf8_text.iter().find(|c| c.keyword == "parameters") {
+        Some(chunk) => chunk
+            .get_text()
+            .map(Some)
+            .map_err(|e| file_error(format!("its parameters iTXt chunk does not decode: {e}"))),
+        None => Ok(None),
+    }
+}
+
+/// Checks before any work that PNGs can be written at `path`: its folder exists and takes a
+/// new file, and the path is not a folder. A probe file is created and removed.
+pub fn check_writable(path: &Path) -> Result<()> {
+    let file_error = |message: String| Error::File {
+        path: path.display().to_string(),
+        message,
+    };
+    if path.is_dir() {
+        return Err(file_error(
+            "is a folder; expected the name of a PNG file to write".into(),
+        ));
+    }
+    let folder = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !folder.is_dir() {
+        return Err(file_error(format!(
+            "cannot be written: the folder {} does not exist",
+            folder.display()
+        )));
+    }
+    let probe = partial_path(path).with_extension("probe");
+    std::fs::File::create(&probe).map_err(|e| file_error(format!("cannot be written: {e}")))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
 }
 
 /// The AUTOMATIC1111 `parameters` text: prompt, `Negative prompt: ...`, then one line of
@@ -71,21 +163,37 @@ pub fn a1111_parameters(prompt: &str, negative: &str, settings: &[(&str, String)
     text
 }
 
+/// Images larger than this on a side are refused before decoding: one would take gigabytes.
+pub const MAX_SIDE: u32 = 16384;
+
+/// The most memory one image may take to decode (a 16384 x 16384 RGBA image).
+const MAX_DECODE_BYTES: u64 = 1 << 30;
+
+/// Decodes an image file (the content decides the format) with limits on its declared size and
+/// on what decoding may allocate, so a small file that declares a huge picture (a decompression
+/// bomb) is refused before the memory is taken. Errors name the file.
+pub fn decode_image(path: &Path) -> Result<image::DynamicImage> {
+    let file_error = |message: String| Error::File {
+        path: path.display().to_string(),
+        message,
+    };
+    let mut reader = image::ImageReader::open(path)
+        .and_then(|r| r.with_guessed_format())
+        .map_err(|e| file_error(format!("cannot be read: {e}")))?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_SIDE);
+    limits.max_image_height = Some(MAX_SIDE);
+    limits.max_alloc = Some(MAX_DECODE_BYTES);
+    reader.limits(limits);
+    reader
+        .decode()
+        .map_err(|e| file_error(format!("not a readable image: {e}")))
+}
+
 /// Reads an image (PNG, JPEG, WebP; gray, RGBA and 16-bit become 8-bit RGB) as (3, H, W) in
 /// [0, 1], resized with Lanczos filtering to `size` when given. Errors name the file.
 pub fn load_image(path: &Path, size: Option<(u32, u32)>) -> Result<Tensor> {
-    let img = image::ImageReader::open(path)
-        .and_then(|r| r.with_guessed_format())
-        .map_err(|e| Error::File {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })?
-        .decode()
-        .map_err(|e| Error::File {
-            path: path.display().to_string(),
-            message: format!("not a readable image: {e}"),
-        })?
-        .to_rgb8();
+    let img = decode_image(path)?.to_rgb8();
     let img = match size {
         Some((w, h)) if (w, h) != img.dimensions() => {
             image::imageops::resize(&img, w, h, image::imageops::FilterType::Lanczos3)
@@ -99,4 +207,33 @@ pub fn load_image(path: &Path, size: Option<(u32, u32)>) -> Result<Tensor> {
             .permute((2, 0, 1))?
             .contiguous()?,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Latin-1 text goes in `tEXt` (what every reader takes), anything else in UTF-8 `iTXt`;
+    /// both read back exactly.
+    #[test]
+    fn parameters_round_trip_in_the_chunk_their_text_needs() {
+        let dir = std::env::temp_dir().join(format!("diffuse-png-text-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let image = Tensor::zeros((3, 8, 8), DType::F32, &candle_core::Device::Cpu).unwrap();
+        for (text, utf8) in [
+            ("a café, naïve\nSteps: 4", false),
+            ("東京の猫 🐈\nNegative prompt: ぼやけ\nSteps: 4", true),
+            ("a NUL \0 inside", true),
+        ] {
+            let path = dir.join("p.png");
+            save_png(&image, &path, Some(text)).unwrap();
+            assert_eq!(read_png_parameters(&path).unwrap().as_deref(), Some(text));
+            let reader =
+                png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&path).unwrap()))
+                    .read_info()
+                    .unwrap();
+            assert_eq!(reader.info().utf8_text.len(), usize::from(utf8), "{text}");
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
 }

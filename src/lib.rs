@@ -6,6 +6,7 @@
 
 pub mod cli;
 pub mod data;
+pub mod embedded;
 pub mod error;
 pub mod hub;
 pub mod image_io;

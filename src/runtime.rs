@@ -61,3 +61,37 @@ pub fn tune_cuda(device: &candle_core::Device) -> candle_core::Result<()> {
 pub fn tune_cuda(_device: &candle_core::Device) -> candle_core::Result<()> {
     Ok(())
 }
+
+/// Memory this process can still take, in bytes: the kernel's `MemAvailable` (free memory plus
+/// what it can reclaim from caches), or less when a cgroup v2 limit (a container) leaves less.
+/// `None` where neither can be read (not Linux).
+pub fn available_memory_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let available = meminfo_field(&meminfo, "MemAvailable")?;
+    let cgroup_room = (|| {
+        let read = |name: &str| std::fs::read_to_string(format!("/sys/fs/cgroup/{name}")).ok();
+        let limit: u64 = read("memory.max")?.trim().parse().ok()?;
+        let used: u64 = read("memory.current")?.trim().parse().ok()?;
+        Some(limit.saturating_sub(used))
+    })();
+    Some(cgroup_room.map_or(available, |room| room.min(available)))
+}
+
+/// A `Name:   123 kB` line of /proc/meminfo, in bytes.
+fn meminfo_field(meminfo: &str, name: &str) -> Option<u64> {
+    let line = meminfo
+        .lines()
+        .find(|l| l.split(':').next() == Some(name))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn meminfo_fields_are_read_in_bytes() {
+        let text = "MemTotal:       24576000 kB\nMemAvailable:   1000 kB\n";
+        assert_eq!(super::meminfo_field(text, "MemAvailable"), Some(1_024_000));
+        assert_eq!(super::meminfo_field(text, "SwapFree"), None);
+    }
+}

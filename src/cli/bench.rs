@@ -338,7 +338,7 @@ fn bench_txt2img(args: &BenchArgs) -> anyhow::Result<()> {
     };
     let tokenizer_dir = match folder {
         Some(dir) => dir.join("tokenizer"),
-        None => super::txt2img::embedded_model_dir()?.join("tokenizer"),
+        None => crate::embedded::model_dir()?.join("tokenizer"),
     };
     let build_start = Instant::now();
     let text_config: ClipTextConfig =

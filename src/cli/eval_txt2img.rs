@@ -116,7 +116,7 @@ pub fn run(args: EvalTxt2imgArgs) -> anyhow::Result<()> {
     );
     let dir = match &args.model {
         Some(dir) => dir.clone(),
-        None => super::txt2img::embedded_model_dir()?,
+        None => crate::embedded::model_dir()?,
     };
     let load_start = Instant::now();
     let sd = StableDiffusion::load_dir(&dir, LoadOptions::default())?;

@@ -8,6 +8,8 @@ use anyhow::{bail, Context};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(Debug, Clone, Args)]
@@ -75,32 +77,24 @@ pub struct Txt2imgArgs {
     /// VAE dtype (f32 by default: f16 SD VAEs overflow to black images).
     #[arg(long, default_value = "f32")]
     pub vae_dtype: String,
+    /// Generate even when the size and batch look too large for the memory available.
+    #[arg(long)]
+    pub no_memory_check: bool,
 }
 
-/// The embedded default model: the diffusers folder `weights/` of this crate.
-pub fn embedded_model_dir() -> anyhow::Result<PathBuf> {
-    let embedded = Path::new(env!("CARGO_MANIFEST_DIR")).join("weights");
-    if !embedded.join("model_index.json").exists() {
-        bail!(
-            "the embedded default model is missing ({} has no model_index.json); \
-             give --model with a diffusers pipeline folder",
-            embedded.display()
-        )
-    }
-    Ok(embedded)
-}
+/// More images or steps than this is a typing slip, not a request.
+const MAX_IMAGES: usize = 10_000;
+const MAX_STEPS: usize = 10_000;
 
 fn model_dir(model: Option<&str>, fp16: bool) -> anyhow::Result<PathBuf> {
     match model {
         Some(m) => Ok(crate::hub::resolve(m, fp16)?),
         None => {
-            let embedded = embedded_model_dir()?;
             eprintln!(
-                "using the embedded default model in {} (20 classes of digits and clothes at \
-                 32x32; --model sd15 or sd-turbo for real pictures)",
-                embedded.display()
+                "using the embedded default model (20 classes of digits and clothes at 32x32; \
+                 --model sd15 or sd-turbo for real pictures)"
             );
-            Ok(embedded)
+            Ok(crate::embedded::model_dir()?)
         }
     }
 }
@@ -109,13 +103,21 @@ fn prompts(args: &Txt2imgArgs) -> anyhow::Result<Vec<String>> {
     let list = match (&args.prompt, &args.prompts_file) {
         (Some(_), Some(_)) => bail!("give a prompt or --prompts-file, not both"),
         (Some(p), None) => vec![p.clone()],
-        (None, Some(path)) => std::fs::read_to_string(path)
-            .with_context(|| format!("reading {}", path.display()))?
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .map(str::to_string)
-            .collect(),
+        (None, Some(path)) => {
+            let list: Vec<String> = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(str::to_string)
+                .collect();
+            anyhow::ensure!(
+                !list.is_empty(),
+                "{}: has no prompts; expected one prompt a line (blank lines are skipped)",
+                path.display()
+            );
+            list
+        }
         (None, None) => {
             bail!("no prompt: give one, e.g. txt2img \"a photo of a cat\", or --prompts-file")
         }
@@ -170,9 +172,28 @@ pub fn run(args: Txt2imgArgs) -> anyhow::Result<()> {
         crate::sampler::SamplerKind::parse(name)?;
     }
     anyhow::ensure!(
-        args.num_images >= 1,
-        "--num-images = 0 is not allowed; expected at least 1"
+        (1..=MAX_IMAGES).contains(&args.num_images),
+        "--num-images = {} is not allowed; expected 1 to {MAX_IMAGES}",
+        args.num_images
     );
+    if let Some(steps) = args.sampler.steps {
+        anyhow::ensure!(
+            (1..=MAX_STEPS).contains(&steps),
+            "--steps = {steps} is not allowed; expected 1 to {MAX_STEPS}"
+        );
+    }
+    if let Some(guidance) = args.guidance {
+        anyhow::ensure!(
+            guidance.is_finite() && guidance >= 0.0,
+            "--guidance = {guidance} is not allowed; expected a number >= 0 (at or below 1: no guidance)"
+        );
+    }
+    anyhow::ensure!(
+        args.strength > 0.0 && args.strength <= 1.0,
+        "--strength = {} is not allowed; expected a number in (0, 1]",
+        args.strength
+    );
+    crate::image_io::check_writable(&args.output)?;
     anyhow::ensure!(
         (0.0..=1.0).contains(&args.guidance_rescale),
         "--guidance-rescale = {} is not allowed; expected 0 to 1",
@@ -193,6 +214,14 @@ pub fn run(args: Txt2imgArgs) -> anyhow::Result<()> {
         .or(preset.and_then(|p| p.guidance_interval));
     let steps = args.sampler.steps.or(preset.map(|p| p.steps)).unwrap_or(50);
     let dir = model_dir(args.model.as_deref(), fp16)?;
+    let model_name = match &args.model {
+        None => crate::hub::EMBEDDED.name.to_string(),
+        Some(_) => dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("model")
+            .to_string(),
+    };
     let latents = match &args.latents {
         Some(path) => Some(
             candle_core::safetensors::load(path, &candle_core::Device::Cpu)
@@ -240,14 +269,25 @@ pub fn run(args: Txt2imgArgs) -> anyhow::Result<()> {
                 (width, height) = ((w / factor) * factor, (h / factor) * factor);
             }
             crate::pipeline::txt2img::check_size(width, height, factor)?;
-            Some(crate::image_io::load_image(
-                path,
-                Some((width as u32, height as u32)),
-            )?)
+            Some((path, image))
         }
         None => None,
     };
     crate::pipeline::txt2img::check_size(width, height, factor)?;
+    let batch = latents
+        .as_ref()
+        .map_or(args.num_images, |l| l.dim(0).unwrap_or(1));
+    if !args.no_memory_check {
+        check_memory(&sd, width, height, batch, guidance > 1.0)?;
+    }
+    let init_image = match init_image {
+        Some((_, image)) if image.dims()[1..] == [height, width] => Some(image),
+        Some((path, _)) => Some(crate::image_io::load_image(
+            path,
+            Some((width as u32, height as u32)),
+        )?),
+        None => None,
+    };
     let seed = args.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -256,11 +296,16 @@ pub fn run(args: Txt2imgArgs) -> anyhow::Result<()> {
             % 1_000_000_007
     });
 
-    let total_images = prompts.len()
-        * latents
-            .as_ref()
-            .map_or(args.num_images, |l| l.dim(0).unwrap_or(1));
+    let total_images = prompts.len() * batch;
+    let interrupted = Arc::new(AtomicBool::new(false));
+    {
+        let flag = interrupted.clone();
+        // A second handler cannot be set (the process already has one): Ctrl-C then ends the
+        // process at once, which still leaves only whole PNGs behind.
+        let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
+    }
     let mut written = 0;
+    let mut failed_writes = Vec::new();
     for (p_index, prompt) in prompts.iter().enumerate() {
         let prompt_seed = seed.wrapping_add(p_index as u64);
         let request = Txt2ImgRequest {
@@ -285,13 +330,23 @@ pub fn run(args: Txt2imgArgs) -> anyhow::Result<()> {
         bar.set_message(kind.cli_name());
         let mut on_step = |_: &crate::sampler::StepEvent| {
             bar.inc(1);
+            if interrupted.load(Ordering::SeqCst) {
+                candle_core::bail!("{INTERRUPTED}");
+            }
             Ok(())
         };
-        let out = match &init_image {
-            Some(image) => img2img(&sd, sampler.as_ref(), &request, image, &mut on_step)?,
-            None => txt2img(&sd, sampler.as_ref(), &request, &mut on_step)?,
+        let generated = match &init_image {
+            Some(image) => img2img(&sd, sampler.as_ref(), &request, image, &mut on_step),
+            None => txt2img(&sd, sampler.as_ref(), &request, &mut on_step),
         };
         bar.finish_and_clear();
+        let out = match generated {
+            Err(_) if interrupted.load(Ordering::SeqCst) => {
+                report_failed_writes(&failed_writes)?;
+                bail!("interrupted by Ctrl-C: {written} of {total_images} images written (listed above)")
+            }
+            other => other?,
+        };
         if out.prompt_truncated {
             eprintln!(
                 "warning: the prompt is longer than {} tokens and was truncated",
@@ -304,13 +359,7 @@ pub fn run(args: Txt2imgArgs) -> anyhow::Result<()> {
             ("CFG scale", guidance.to_string()),
             ("Seed", prompt_seed.to_string()),
             ("Size", format!("{width}x{height}")),
-            (
-                "Model",
-                dir.file_name()
-                    .and_then(|n| n.to_str())
-                    .unwrap_or("model")
-                    .to_string(),
-            ),
+            ("Model", model_name.clone()),
         ];
         if let Some((low, high)) = guidance_interval {
             settings.push(("Guidance interval", format!("sigma {low} to {high}")));
@@ -320,10 +369,15 @@ pub fn run(args: Txt2imgArgs) -> anyhow::Result<()> {
         }
         let parameters = a1111_parameters(prompt, &args.negative, &settings);
         for i in 0..out.images.dim(0)? {
-            let path = numbered(&args.output, written, total_images);
-            save_png(&out.images.get(i)?, &path, Some(&parameters))?;
-            println!("{}", path.display());
-            written += 1;
+            let path = numbered(&args.output, written + failed_writes.len(), total_images);
+            let image = out.images.get(i)?;
+            match save_png(&image, &path, Some(&parameters)) {
+                Ok(()) => {
+                    println!("{}", path.display());
+                    written += 1;
+                }
+                Err(e) => failed_writes.push(rescue(&image, &path, &parameters, e)),
+            }
         }
         let mean_step = out.step_times.iter().map(|d| d.as_secs_f64()).sum::<f64>()
             / out.step_times.len().max(1) as f64;
@@ -335,7 +389,73 @@ pub fn run(args: Txt2imgArgs) -> anyhow::Result<()> {
             out.decode_time.as_secs_f64()
         );
     }
+    report_failed_writes(&failed_writes)
+}
+
+const INTERRUPTED: &str = "interrupted by Ctrl-C";
+
+/// Refuses a size and batch whose estimated working memory exceeds what the machine has free,
+/// before any of it is taken.
+fn check_memory(
+    sd: &StableDiffusion,
+    width: usize,
+    height: usize,
+    batch: usize,
+    guided: bool,
+) -> anyhow::Result<()> {
+    let Some(available) = crate::runtime::available_memory_bytes() else {
+        return Ok(());
+    };
+    let need = sd.working_memory_estimate(width, height, batch, guided);
+    let gib = |bytes: f64| bytes / (1u64 << 30) as f64;
+    anyhow::ensure!(
+        need.peak() <= available as f64,
+        "{width}x{height} with {batch} image(s) a batch needs about {:.1} GiB of working memory \
+         (U-Net step {:.1} GiB, VAE decode {:.1} GiB) and {:.1} GiB is available; use a smaller \
+         --width/--height or --num-images, or --no-memory-check to try anyway",
+        gib(need.peak()),
+        gib(need.unet_step),
+        gib(need.vae_decode),
+        gib(available as f64)
+    );
     Ok(())
+}
+
+/// After `save_png` failed at `path` (a full disk, a folder that went away), writes the image
+/// to the temporary folder instead so the computed picture is kept, and says where.
+fn rescue(
+    image: &candle_core::Tensor,
+    path: &Path,
+    parameters: &str,
+    error: crate::Error,
+) -> String {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "txt2img.png".into());
+    let fallback =
+        std::env::temp_dir().join(format!("diffuse-rescued-{}-{name}", std::process::id()));
+    match save_png(image, &fallback, Some(parameters)) {
+        Ok(()) => format!(
+            "{error}; the image was saved to {} instead",
+            fallback.display()
+        ),
+        Err(second) => format!(
+            "{error}; saving it to {} failed too: {second}",
+            fallback.display()
+        ),
+    }
+}
+
+fn report_failed_writes(failures: &[String]) -> anyhow::Result<()> {
+    if failures.is_empty() {
+        return Ok(());
+    }
+    bail!(
+        "{} image(s) could not be written where asked:\n{}",
+        failures.len(),
+        failures.join("\n")
+    )
 }
 
 #[cfg(test)]

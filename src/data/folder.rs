@@ -17,10 +17,7 @@ use std::path::{Component, Path, PathBuf};
 pub const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "webp"];
 
 /// Images larger than this on a side are skipped: decoding one would take gigabytes.
-pub const MAX_SIDE: u32 = 16384;
-
-/// The most memory one image may take to decode.
-const MAX_DECODE_BYTES: u64 = 1 << 30;
+pub use crate::image_io::MAX_SIDE;
 
 /// What to do with an image that has no caption.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -299,18 +296,7 @@ impl ImageFolder {
 /// (diffusers' Resize + CenterCrop): (3, R, R) in [0, 1]. Gray is repeated to RGB, alpha
 /// dropped, 16 bits rounded to 8.
 pub fn load_square(path: &Path, resolution: u32, device: &Device) -> Result<Tensor> {
-    let mut reader = image::ImageReader::open(path)
-        .and_then(|r| r.with_guessed_format())
-        .map_err(|e| file_error(path, format!("cannot be read: {e}")))?;
-    let mut limits = image::Limits::default();
-    limits.max_image_width = Some(MAX_SIDE);
-    limits.max_image_height = Some(MAX_SIDE);
-    limits.max_alloc = Some(MAX_DECODE_BYTES);
-    reader.limits(limits);
-    let rgb = reader
-        .decode()
-        .map_err(|e| file_error(path, format!("not a readable image: {e}")))?
-        .to_rgb8();
+    let rgb = crate::image_io::decode_image(path)?.to_rgb8();
     let (width, height) = rgb.dimensions();
     let scale = resolution as f64 / width.min(height) as f64;
     let scaled_w = ((width as f64 * scale).round() as u32).max(resolution);
