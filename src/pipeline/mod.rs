@@ -74,6 +74,28 @@ fn file_error(path: &Path, message: impl Into<String>) -> Error {
     }
 }
 
+/// Checks that a `model_index.json` names a pipeline class this crate runs.
+pub fn check_model_index(index_path: &Path) -> Result<()> {
+    let index: serde_json::Value = read_json(index_path)?;
+    let class = index
+        .get("_class_name")
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
+    if !matches!(
+        class,
+        "StableDiffusionPipeline" | "StableDiffusionImg2ImgPipeline"
+    ) {
+        return Err(file_error(
+            index_path,
+            format!(
+                "_class_name = {class:?} is not a model type this crate runs; expected \
+                 StableDiffusionPipeline (SD 1.x, 2.x, Turbo)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The weights file of a component folder: `<stem>.safetensors`, or the fp16 variant.
 pub fn weights_file(dir: &Path, stem: &str) -> Result<PathBuf> {
     for name in [
@@ -126,24 +148,7 @@ fn lora_updates(
 impl StableDiffusion {
     /// Loads `model_index.json`, `tokenizer/`, `text_encoder/`, `unet/`, `vae/`, `scheduler/`.
     pub fn load_dir(root: &Path, options: LoadOptions) -> Result<Self> {
-        let index_path = root.join("model_index.json");
-        let index: serde_json::Value = read_json(&index_path)?;
-        let class = index
-            .get("_class_name")
-            .and_then(|v| v.as_str())
-            .unwrap_or("");
-        if !matches!(
-            class,
-            "StableDiffusionPipeline" | "StableDiffusionImg2ImgPipeline"
-        ) {
-            return Err(file_error(
-                &index_path,
-                format!(
-                    "_class_name = {class:?} is not a model type this crate runs; expected \
-                     StableDiffusionPipeline (SD 1.x, 2.x, Turbo)"
-                ),
-            ));
-        }
+        check_model_index(&root.join("model_index.json"))?;
         let tokenizer = ClipTokenizer::from_dir(&root.join("tokenizer"))?;
         let device = &options.device;
         let text_dir = root.join("text_encoder");
