@@ -154,3 +154,52 @@ fn missing_tokenizer_is_named() {
     let err = load_error(&dir);
     assert!(err.contains("tokenizer.json"), "{err}");
 }
+
+/// A safetensors file made by hand: `header` as its JSON header, then `data_len` bytes.
+fn handmade_safetensors(path: &Path, header: &str, data_len: usize) {
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.resize(bytes.len() + data_len, 0);
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn headers_that_promise_more_than_the_file_are_refused_before_allocation() {
+    let dir = std::env::temp_dir().join(format!("diffuse-header-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("w.safetensors");
+    let cases = [
+        // Shapes whose element count overflows 64 bits.
+        (
+            r#"{"w":{"dtype":"F32","shape":[4294967296,4294967296,16],"data_offsets":[0,16]}}"#,
+            16,
+            "",
+        ),
+        // A shape that needs a terabyte of data in a 16-byte file.
+        (
+            r#"{"w":{"dtype":"F32","shape":[262144,1048576],"data_offsets":[0,1099511627776]}}"#,
+            16,
+            "truncated",
+        ),
+        // Offsets that run backwards.
+        (
+            r#"{"w":{"dtype":"F32","shape":[4],"data_offsets":[16,0]}}"#,
+            16,
+            "",
+        ),
+        // A header length beyond the file.
+        ("{", 0, ""),
+    ];
+    for (header, data_len, needle) in cases {
+        handmade_safetensors(&path, header, data_len);
+        let err = diffuse::weights::check_safetensors(&path)
+            .err()
+            .unwrap_or_else(|| panic!("{header} was accepted"))
+            .to_string();
+        assert!(err.contains("w.safetensors"), "{err}");
+        assert!(err.contains(needle), "{err}");
+        let shapes = diffuse::weights::tensor_shapes(&path);
+        assert!(shapes.is_err(), "{header}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
