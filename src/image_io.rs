@@ -213,6 +213,53 @@ pub fn load_image(path: &Path, size: Option<(u32, u32)>) -> Result<Tensor> {
 mod tests {
     use super::*;
 
+    /// CRC-32 (ISO-HDLC, as PNG chunks use).
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut crc = 0xFFFF_FFFFu32;
+        for &b in bytes {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ 0xEDB8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+
+    fn chunk(kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
+        let mut out = (data.len() as u32).to_be_bytes().to_vec();
+        let body: Vec<u8> = kind.iter().chain(data).copied().collect();
+        out.extend_from_slice(&body);
+        out.extend_from_slice(&crc32(&body).to_be_bytes());
+        out
+    }
+
+    /// A 100-byte PNG that declares 100000 x 100000 pixels (30 GB of RGB) is refused from its
+    /// header, before the decoder allocates.
+    #[test]
+    fn a_decompression_bomb_is_refused_from_its_header() {
+        let mut ihdr = Vec::new();
+        ihdr.extend_from_slice(&100_000u32.to_be_bytes());
+        ihdr.extend_from_slice(&100_000u32.to_be_bytes());
+        ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+        let mut bytes = b"\x89PNG\r\n\x1a\n".to_vec();
+        bytes.extend(chunk(b"IHDR", &ihdr));
+        bytes.extend(chunk(
+            b"IDAT",
+            &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
+        ));
+        bytes.extend(chunk(b"IEND", &[]));
+        let path = std::env::temp_dir().join(format!("diffuse-bomb-{}.png", std::process::id()));
+        std::fs::write(&path, &bytes).unwrap();
+        let err = load_image(&path, Some((64, 64))).unwrap_err().to_string();
+        std::fs::remove_file(&path).ok();
+        assert!(err.contains("diffuse-bomb"), "{err}");
+        assert!(err.to_lowercase().contains("limit"), "{err}");
+    }
+
     /// Latin-1 text goes in `tEXt` (what every reader takes), anything else in UTF-8 `iTXt`;
     /// both read back exactly.
     #[test]

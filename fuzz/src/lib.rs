@@ -11,8 +11,11 @@ use candle_core::{DType, Device};
 use diffuse::model::config::{ClipTextConfig, UNetConfig, VaeConfig};
 use std::path::{Path, PathBuf};
 
+/// One fuzz target's body: takes any bytes, must not panic.
+pub type Target = fn(&[u8]);
+
 /// The targets, by the name `cargo fuzz run` takes.
-pub const TARGETS: [(&str, fn(&[u8])); 8] = [
+pub const TARGETS: [(&str, Target); 8] = [
     ("weights", weights),
     ("lora", lora),
     ("model_config", model_config),
