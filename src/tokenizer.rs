@@ -98,7 +98,13 @@ impl ClipTokenizer {
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let json = dir.join("tokenizer.json");
         let tokenizer = if json.exists() {
-            tokenizers::Tokenizer::from_file(&json)
+            let text = std::fs::read_to_string(&json)
+                .map_err(|e| file_error(&json, format!("cannot be read: {e}")))?;
+            // tokenizers panics (rather than erring) when the JSON breaks off inside its
+            // `decoder` entry, so the syntax is checked here first.
+            serde_json::from_str::<serde::de::IgnoredAny>(&text)
+                .map_err(|e| file_error(&json, format!("not valid JSON: {e}")))?;
+            text.parse::<tokenizers::Tokenizer>()
                 .map_err(|e| file_error(&json, format!("not a valid tokenizer: {e}")))?
         } else {
             from_vocab_and_merges(dir)?

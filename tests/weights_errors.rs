@@ -203,3 +203,59 @@ fn headers_that_promise_more_than_the_file_are_refused_before_allocation() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Fuzzing findings: sizes of zero in a config (a division by zero while building the model,
+/// before) and a `tokenizer.json` that breaks off inside its decoder (a panic inside the
+/// tokenizers crate, before) are errors naming the key or the file.
+#[test]
+fn zero_sizes_and_cut_tokenizer_files_are_named() {
+    let cases: [(&str, &str, &str, &str); 4] = [
+        (
+            "unet",
+            "\"attention_head_dim\": 8",
+            "\"attention_head_dim\": 0",
+            "attention_head_dim",
+        ),
+        (
+            "unet",
+            "\"norm_num_groups\": 8",
+            "\"norm_num_groups\": 0",
+            "norm_num_groups",
+        ),
+        (
+            "vae",
+            "\"norm_num_groups\": 8",
+            "\"norm_num_groups\": 0",
+            "norm_num_groups",
+        ),
+        (
+            "text_encoder",
+            "\"num_attention_heads\": 4",
+            "\"num_attention_heads\": 0",
+            "num_attention_heads",
+        ),
+    ];
+    for (component, from, to, key) in cases {
+        let dir = copy_fixture(&format!("zero-{component}-{key}"));
+        let config = dir.join(component).join("config.json");
+        let text = std::fs::read_to_string(&config).unwrap();
+        assert!(text.contains(from), "{component}: {from}");
+        std::fs::write(&config, text.replace(from, to)).unwrap();
+        let err = load_error(&dir);
+        assert!(
+            err.contains(key) && err.contains("at least 1"),
+            "{component}: {err}"
+        );
+    }
+
+    let dir = copy_fixture("cut-tokenizer");
+    let path = dir.join("tokenizer").join("tokenizer.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let cut = text.find("\"decoder\"").unwrap() + 30;
+    std::fs::write(&path, &text[..cut]).unwrap();
+    let err = load_error(&dir);
+    assert!(
+        err.contains("tokenizer.json") && err.contains("not valid JSON"),
+        "{err}"
+    );
+}

@@ -263,7 +263,7 @@ pub fn captions(data: &[u8]) {
     write(&root.join("sub/b.txt"), sidecar);
     if let Ok(name) = std::str::from_utf8(name) {
         let safe = !name.is_empty()
-            && !name.contains(['/', '\\'])
+            && !name.contains(['/', '\\', '\0'])
             && name != "."
             && name != ".."
             && name.len() < 200;

@@ -206,6 +206,29 @@ pub(crate) fn unsupported(key: &str, value: impl std::fmt::Display, allowed: &st
     Error::bad_value(key, value, allowed)
 }
 
+/// Sizes a layer is built from must be at least one: a zero would divide by zero or build an
+/// empty layer.
+fn check_positive(sizes: &[(&str, usize)]) -> Result<()> {
+    match sizes.iter().find(|(_, v)| *v == 0) {
+        Some((key, _)) => Err(unsupported(key, 0, "at least 1")),
+        None => Ok(()),
+    }
+}
+
+/// GroupNorm splits each width into `groups` equal groups.
+fn check_groups(channels: &[usize], groups: usize) -> Result<()> {
+    check_positive(&[("norm_num_groups", groups)])?;
+    for (i, c) in channels.iter().enumerate() {
+        check_positive(&[("block_out_channels", *c)])?;
+        if c % groups != 0 {
+            return Err(Error::Contradiction(format!(
+                "block_out_channels[{i}] = {c} is not divisible by norm_num_groups = {groups}"
+            )));
+        }
+    }
+    Ok(())
+}
+
 impl UNetConfig {
     /// Checks the settings this implementation does not cover.
     pub fn validate(&self) -> Result<()> {
@@ -338,11 +361,33 @@ impl UNetConfig {
                 "cross-attention blocks need cross_attention_dim".into(),
             ));
         }
-        for (i, c) in self.block_out_channels.iter().enumerate() {
-            if c % self.norm_num_groups != 0 {
+        check_groups(&self.block_out_channels, self.norm_num_groups)?;
+        check_positive(&[
+            ("in_channels", self.in_channels),
+            ("out_channels", self.out_channels),
+            ("cross_attention_dim", self.cross_attention_dim.unwrap_or(1)),
+        ])?;
+        // Heads matter where there is attention: the cross-attention blocks (up block n-1-i
+        // mirrors down block i) and a cross-attention mid block at the last width.
+        let heads = self.heads()?;
+        let mid_attends = has_cross
+            && self
+                .mid_block_type
+                .as_deref()
+                .is_none_or(|m| m == "UNetMidBlock2DCrossAttn");
+        let attends = |i: usize| {
+            self.down_block_types[i].starts_with("CrossAttn")
+                || self.up_block_types[n - 1 - i].starts_with("CrossAttn")
+                || (mid_attends && i == n - 1)
+        };
+        for (i, (c, h)) in self.block_out_channels.iter().zip(&heads).enumerate() {
+            if !attends(i) {
+                continue;
+            }
+            check_positive(&[("num_attention_heads / attention_head_dim", *h)])?;
+            if c % h != 0 {
                 return Err(Error::Contradiction(format!(
-                    "block_out_channels[{i}] = {c} is not divisible by norm_num_groups = {}",
-                    self.norm_num_groups
+                    "block_out_channels[{i}] = {c} does not split into {h} attention heads"
                 )));
             }
         }
@@ -383,6 +428,26 @@ impl VaeConfig {
                 "block_out_channels, down_block_types and up_block_types differ in length".into(),
             ));
         }
+        if self.block_out_channels.is_empty() {
+            return Err(unsupported(
+                "block_out_channels",
+                "[]",
+                "at least one block",
+            ));
+        }
+        check_groups(&self.block_out_channels, self.norm_num_groups)?;
+        check_positive(&[
+            ("in_channels", self.in_channels),
+            ("out_channels", self.out_channels),
+            ("latent_channels", self.latent_channels),
+        ])?;
+        if !(self.scaling_factor.is_finite() && self.scaling_factor != 0.0) {
+            return Err(unsupported(
+                "scaling_factor",
+                self.scaling_factor,
+                "a finite, non-zero number",
+            ));
+        }
         Ok(())
     }
 }
@@ -396,6 +461,13 @@ impl ClipTextConfig {
                 "quick_gelu, gelu",
             ));
         }
+        check_positive(&[
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ])?;
         if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(Error::Contradiction(format!(
                 "hidden_size = {} is not divisible by num_attention_heads = {}",
