@@ -5,6 +5,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use diffuse::model::config::UNetConfig;
 use diffuse::model::unet::UNet2DConditionModel;
+use diffuse::model::unet::UNetConditioning;
 
 fn config(json: &str) -> UNetConfig {
     serde_json::from_str(json).unwrap()
@@ -21,7 +22,15 @@ fn check_all_gradients(
     let unet = UNet2DConditionModel::new(config, vb).unwrap();
     let t = Tensor::new(&[10f32, 500.], &Device::Cpu).unwrap();
     let out = unet
-        .forward(&x, &t, context.as_ref(), labels.as_ref())
+        .forward(
+            &x,
+            &t,
+            &UNetConditioning {
+                context,
+                class_labels: labels,
+                ..Default::default()
+            },
+        )
         .unwrap();
     let target = x.ones_like().unwrap();
     let loss = (out - target).unwrap().sqr().unwrap().mean_all().unwrap();

@@ -9,6 +9,7 @@ use common::{fixture_path, max_abs_diff};
 use diffuse::model::config::{read_json, UNetConfig};
 use diffuse::model::lora::{Component, LoraFile, DOWN, META_ALPHA, META_RANK, UP};
 use diffuse::model::unet::UNet2DConditionModel;
+use diffuse::model::unet::UNetConditioning;
 use diffuse::sampler::SeededNoise;
 use diffuse::train::checkpoint;
 use diffuse::weights::{load_checked_with, tensor_shapes, Attachments};
@@ -73,7 +74,8 @@ fn unet_output(attachments: Attachments) -> Tensor {
     let x = noise.randn(&[2, in_channels, 16, 16]).unwrap();
     let context = noise.randn(&[2, 7, context_dim]).unwrap();
     let t = Tensor::new(&[500f32, 20.], &Device::Cpu).unwrap();
-    unet.forward(&x, &t, Some(&context), None).unwrap()
+    unet.forward(&x, &t, &UNetConditioning::text(context))
+        .unwrap()
 }
 
 fn save(path: &Path, tensors: Vec<(String, Tensor)>, metadata: &[(&str, String)]) {
@@ -343,7 +345,7 @@ fn every_lora_adapter_gets_a_gradient() {
     let context = noise.randn(&[1, 5, context_dim]).unwrap();
     let t = Tensor::new(&[300f32], &Device::Cpu).unwrap();
     let loss = unet
-        .forward(&x, &t, Some(&context), None)
+        .forward(&x, &t, &UNetConditioning::text(context.clone()))
         .unwrap()
         .sqr()
         .unwrap()

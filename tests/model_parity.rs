@@ -8,6 +8,7 @@ use common::{fixture_path, max_abs_diff, Fixture};
 use diffuse::model::config::{read_json, ClipTextConfig, UNetConfig, VaeConfig};
 use diffuse::model::text::ClipTextModel;
 use diffuse::model::unet::UNet2DConditionModel;
+use diffuse::model::unet::UNetConditioning;
 use diffuse::model::vae::AutoencoderKL;
 use diffuse::weights::var_builder;
 
@@ -58,7 +59,7 @@ fn unet_matches_diffusers() {
     ] {
         let timesteps = Tensor::new(&t, &Device::Cpu).unwrap();
         let out = unet
-            .forward(sample, &timesteps, Some(context), None)
+            .forward(sample, &timesteps, &UNetConditioning::text(context.clone()))
             .unwrap();
         assert_close(name, &out, fx.tensor(&format!("unet/{name}")), 1e-4);
     }

@@ -4,6 +4,7 @@
 use crate::model::config::{ClipTextConfig, UNetConfig, VaeConfig};
 use crate::model::text::ClipTextModel;
 use crate::model::unet::UNet2DConditionModel;
+use crate::model::unet::{TextTimeConditioning, UNetConditioning};
 use crate::model::vae::AutoencoderKL;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -361,8 +362,12 @@ fn bench_txt2img(args: &BenchArgs) -> anyhow::Result<()> {
     let scheduler = read("scheduler", "scheduler_config.json", SD15_SCHEDULER)?;
     let sd = StableDiffusion {
         root: PathBuf::from("random SD 1.5 weights"),
+        kind: crate::pipeline::PipelineKind::StableDiffusion,
         tokenizer: crate::tokenizer::ClipTokenizer::from_dir(&tokenizer_dir)?,
         text_encoder,
+        tokenizer_2: None,
+        text_encoder_2: None,
+        force_zeros_for_empty_prompt: false,
         unet,
         vae,
         scheduler: SchedulerConfig::from_json_str(&scheduler)?,
@@ -476,13 +481,37 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             let config: UNetConfig = serde_json::from_str(&config_text)?;
             let context_dim = config.cross_attention_dim.unwrap_or(768);
             let channels = config.in_channels;
+            // SDXL-style U-Nets also take a pooled text embedding and six size/crop ids.
+            let pooled_dim = match (
+                config.addition_time_embed_dim,
+                config.projection_class_embeddings_input_dim,
+            ) {
+                (Some(time_dim), Some(input_dim)) => Some(input_dim - 6 * time_dim),
+                _ => None,
+            };
             let unet = UNet2DConditionModel::new(config, vb)?;
             let x =
                 Tensor::randn(0f32, 1., (2, channels, latent, latent), &device)?.to_dtype(dtype)?;
             let context =
                 Tensor::randn(0f32, 1., (2, 77, context_dim), &device)?.to_dtype(dtype)?;
             let t = Tensor::new(&[500f32, 500.], &device)?;
-            Box::new(move || unet.forward(&x, &t, Some(&context), None))
+            let text_time = match pooled_dim {
+                Some(pooled_dim) => {
+                    let size = args.size as f32;
+                    Some(TextTimeConditioning {
+                        text_embeds: Tensor::randn(0f32, 1., (2, pooled_dim), &device)?
+                            .to_dtype(dtype)?,
+                        time_ids: Tensor::new(&[[size, size, 0., 0., size, size]; 2], &device)?,
+                    })
+                }
+                None => None,
+            };
+            let conditioning = UNetConditioning {
+                context: Some(context),
+                text_time,
+                class_labels: None,
+            };
+            Box::new(move || unet.forward(&x, &t, &conditioning))
         }
         Component::VaeDecode => {
             let config: VaeConfig = serde_json::from_str(&config_text)?;

@@ -2,7 +2,7 @@
 
 use super::sampler_args::SamplerArgs;
 use crate::image_io::{a1111_parameters, save_png};
-use crate::pipeline::txt2img::{img2img, txt2img, Txt2ImgRequest};
+use crate::pipeline::txt2img::{img2img, txt2img, SizeConditioning, Txt2ImgRequest};
 use crate::pipeline::{LoadOptions, StableDiffusion};
 use anyhow::{bail, Context};
 use clap::Args;
@@ -26,9 +26,10 @@ pub struct Txt2imgArgs {
     /// Download the `fp16` weight variant of a hub model.
     #[arg(long)]
     pub variant: Option<String>,
-    /// What to steer away from (classifier-free guidance's unconditional prompt).
-    #[arg(long, default_value = "")]
-    pub negative: String,
+    /// What to steer away from (classifier-free guidance's unconditional prompt). Without it
+    /// SDXL models guide against zeros (force_zeros_for_empty_prompt), others against "".
+    #[arg(long)]
+    pub negative: Option<String>,
     /// Classifier-free guidance scale; at or below 1 guidance is off (default 7.5, or the
     /// model preset's).
     #[arg(long)]
@@ -77,6 +78,15 @@ pub struct Txt2imgArgs {
     /// VAE dtype (f32 by default: f16 SD VAEs overflow to black images).
     #[arg(long, default_value = "f32")]
     pub vae_dtype: String,
+    /// SDXL: the size the image is to look as if cut from, W,H (default: the output size).
+    #[arg(long, value_parser = parse_pair, value_name = "W,H")]
+    pub original_size: Option<(usize, usize)>,
+    /// SDXL: where that crop starts, X,Y (default 0,0: an uncropped look).
+    #[arg(long, value_parser = parse_pair, value_name = "X,Y")]
+    pub crops_coords_top_left: Option<(usize, usize)>,
+    /// SDXL: the size the image is to look made for, W,H (default: the output size).
+    #[arg(long, value_parser = parse_pair, value_name = "W,H")]
+    pub target_size: Option<(usize, usize)>,
     /// Generate even when the size and batch look too large for the memory available.
     #[arg(long)]
     pub no_memory_check: bool,
@@ -137,6 +147,15 @@ fn numbered(output: &Path, index: usize, total: usize) -> PathBuf {
         .and_then(|s| s.to_str())
         .unwrap_or("image");
     output.with_file_name(format!("{stem}-{}.png", index + 1))
+}
+
+/// `A,B`: two whole numbers (a size W,H or a position X,Y).
+pub fn parse_pair(text: &str) -> Result<(usize, usize), String> {
+    text.split_once(',')
+        .and_then(|(a, b)| Some((a.trim().parse().ok()?, b.trim().parse().ok()?)))
+        .ok_or_else(|| {
+            format!("\"{text}\" is not a pair; expected two whole numbers A,B such as 1024,1024")
+        })
 }
 
 /// `LOW,HIGH` with 0 <= LOW < HIGH.
@@ -319,6 +338,11 @@ pub fn run(args: Txt2imgArgs) -> anyhow::Result<()> {
             num_images: args.num_images,
             seed: prompt_seed,
             latents: latents.clone(),
+            size_conditioning: SizeConditioning {
+                original_size: args.original_size,
+                crops_coords_top_left: args.crops_coords_top_left.unwrap_or((0, 0)),
+                target_size: args.target_size,
+            },
         };
         let bar = ProgressBar::new(sampler.timesteps().len() as u64);
         bar.set_style(
@@ -367,7 +391,8 @@ pub fn run(args: Txt2imgArgs) -> anyhow::Result<()> {
         if init_image.is_some() {
             settings.push(("Denoising strength", strength.to_string()));
         }
-        let parameters = a1111_parameters(prompt, &args.negative, &settings);
+        let parameters =
+            a1111_parameters(prompt, args.negative.as_deref().unwrap_or(""), &settings);
         for i in 0..out.images.dim(0)? {
             let path = numbered(&args.output, written + failed_writes.len(), total_images);
             let image = out.images.get(i)?;

@@ -99,8 +99,16 @@ pub struct UNetConfig {
     pub time_embedding_type: Option<String>,
     #[serde(default)]
     pub resnet_time_scale_shift: Option<String>,
+    /// `"text_time"` (SDXL): a pooled text embedding and six size/crop ids are embedded and
+    /// added to the time embedding.
     #[serde(default)]
     pub addition_embed_type: Option<String>,
+    /// Width of the sinusoidal embedding of each time id (SDXL: 256).
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<usize>,
+    /// Input width of the added embedding: pooled text width + 6 x addition_time_embed_dim.
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<usize>,
     #[serde(default)]
     pub encoder_hid_dim: Option<usize>,
     #[serde(default)]
@@ -296,9 +304,11 @@ impl UNetConfig {
             ),
             (
                 "addition_embed_type",
-                self.addition_embed_type.is_some(),
+                self.addition_embed_type
+                    .as_deref()
+                    .is_some_and(|v| v != "text_time"),
                 format!("{:?}", self.addition_embed_type),
-                "null",
+                "null or text_time",
             ),
             (
                 "encoder_hid_dim",
@@ -360,6 +370,26 @@ impl UNetConfig {
             return Err(Error::Contradiction(
                 "cross-attention blocks need cross_attention_dim".into(),
             ));
+        }
+        if self.addition_embed_type.as_deref() == Some("text_time") {
+            let (Some(time_dim), Some(input_dim)) = (
+                self.addition_time_embed_dim,
+                self.projection_class_embeddings_input_dim,
+            ) else {
+                return Err(Error::Contradiction(
+                    "addition_embed_type text_time needs addition_time_embed_dim and \
+                     projection_class_embeddings_input_dim"
+                        .into(),
+                ));
+            };
+            check_positive(&[("addition_time_embed_dim", time_dim)])?;
+            if input_dim <= 6 * time_dim {
+                return Err(Error::Contradiction(format!(
+                    "projection_class_embeddings_input_dim = {input_dim} leaves no room for the \
+                     pooled text embedding beside 6 x addition_time_embed_dim = {}",
+                    6 * time_dim
+                )));
+            }
         }
         check_groups(&self.block_out_channels, self.norm_num_groups)?;
         check_positive(&[

@@ -1,5 +1,7 @@
 //! The CLIP text encoder (Radford et al. 2021) as transformers' `CLIPTextModel`: token and
-//! position embeddings, pre-norm transformer layers under a causal mask, a final layer norm.
+//! position embeddings, pre-norm transformer layers under a causal mask, a final layer norm;
+//! with `text_projection` (`CLIPTextModelWithProjection`, SDXL's second encoder) also the
+//! projected pooled output.
 
 use super::blocks::LayerNorm;
 use super::config::ClipTextConfig;
@@ -90,17 +92,38 @@ pub struct ClipTextModel {
     position_embedding: Embedding,
     layers: Vec<ClipLayer>,
     final_layer_norm: LayerNorm,
+    text_projection: Option<Linear>,
+}
+
+/// What SDXL reads from a text encoder.
+pub struct TextStates {
+    /// (B, N, hidden): the output of the second-to-last layer, without the final norm
+    /// (transformers' `hidden_states[-2]`).
+    pub penultimate: Tensor,
+    /// (B, projection_dim): the final-normed state at each prompt's end token through
+    /// `text_projection` (`text_embeds`), when the encoder has one.
+    pub pooled: Option<Tensor>,
 }
 
 impl ClipTextModel {
     /// `vb` at the checkpoint root. transformers 4.x saves the weights under `text_model.`,
     /// 5.x at the root; both load.
-    pub fn new(config: ClipTextConfig, vb: VarBuilder) -> crate::Result<Self> {
+    pub fn new(config: ClipTextConfig, root: VarBuilder) -> crate::Result<Self> {
         config.validate()?;
-        let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
-            vb.pp("text_model")
+        let vb = if root.contains_tensor("text_model.embeddings.token_embedding.weight") {
+            root.pp("text_model")
         } else {
-            vb
+            root.clone()
+        };
+        let text_projection = if root.contains_tensor("text_projection.weight") {
+            let width = config.projection_dim.unwrap_or(config.hidden_size);
+            Some(candle_nn::linear_no_bias(
+                config.hidden_size,
+                width,
+                root.pp("text_projection"),
+            )?)
+        } else {
+            None
         };
         let c = &config;
         let layers = (0..c.num_hidden_layers)
@@ -123,6 +146,7 @@ impl ClipTextModel {
                 c.layer_norm_eps,
                 vb.pp("final_layer_norm"),
             )?,
+            text_projection,
             config,
         })
     }
@@ -137,6 +161,12 @@ impl ClipTextModel {
 
     /// Token ids (B, N) to `last_hidden_state` (B, N, hidden).
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let h = self.run_layers(input_ids, self.layers.len())?;
+        self.final_layer_norm.forward(&h)
+    }
+
+    /// Token embeddings plus positions through the first `count` layers.
+    fn run_layers(&self, input_ids: &Tensor, count: usize) -> Result<Tensor> {
         let (_, n) = input_ids.dims2()?;
         let positions = Tensor::arange(0u32, n as u32, input_ids.device())?;
         let x = self
@@ -145,9 +175,46 @@ impl ClipTextModel {
             .broadcast_add(&self.position_embedding.forward(&positions)?)?;
         let mask = Self::causal_mask(n, input_ids.device())?.to_dtype(x.dtype())?;
         let mut h = x;
-        for layer in &self.layers {
+        for layer in &self.layers[..count] {
             h = layer.forward(&h, &mask)?;
         }
-        self.final_layer_norm.forward(&h)
+        Ok(h)
+    }
+
+    /// The states SDXL conditions on: the penultimate layer's output and, with a projection,
+    /// the pooled output. The pooled position is each row's largest id, the end token in
+    /// CLIP's vocabulary (transformers' pooling for configs with `eos_token_id: 2`).
+    pub fn forward_states(&self, input_ids: &Tensor) -> Result<TextStates> {
+        let n_layers = self.layers.len();
+        if n_layers < 2 {
+            candle_core::bail!("a text encoder needs two layers to have a penultimate one")
+        }
+        let penultimate = self.run_layers(input_ids, n_layers - 1)?;
+        let pooled = match &self.text_projection {
+            Some(projection) => {
+                let (_, n) = input_ids.dims2()?;
+                let mask =
+                    Self::causal_mask(n, input_ids.device())?.to_dtype(penultimate.dtype())?;
+                let last = self.layers[n_layers - 1].forward(&penultimate, &mask)?;
+                let normed = self.final_layer_norm.forward(&last)?;
+                let ids: Vec<Vec<u32>> = input_ids.to_dtype(candle_core::DType::U32)?.to_vec2()?;
+                let rows = ids
+                    .iter()
+                    .enumerate()
+                    .map(|(row, ids)| {
+                        // The first position of the largest id, as torch's argmax.
+                        let max = ids.iter().copied().max().unwrap_or(0);
+                        let end = ids.iter().position(|&id| id == max).unwrap_or(0);
+                        normed.get(row)?.get(end)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Some(projection.forward(&Tensor::stack(&rows, 0)?)?)
+            }
+            None => None,
+        };
+        Ok(TextStates {
+            penultimate,
+            pooled,
+        })
     }
 }

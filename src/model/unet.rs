@@ -1,5 +1,5 @@
-//! diffusers' `UNet2DConditionModel`: the SD 1.x/2.x denoiser, and with no cross-attention
-//! blocks (and optionally a class embedding) the pixel-space DDPM U-Net.
+//! diffusers' `UNet2DConditionModel`: the SD 1.x/2.x and SDXL denoiser, and with no
+//! cross-attention blocks (and optionally a class embedding) the pixel-space DDPM U-Net.
 
 use super::blocks::Conv2d;
 use super::blocks::{
@@ -31,6 +31,122 @@ struct MidBlock {
     attention: Option<Transformer2D>,
 }
 
+/// SDXL's micro-conditioning (Podell et al. 2023, section 2.2): the pooled text embedding and
+/// the size and crop the image is asked to look like.
+#[derive(Debug, Clone)]
+pub struct TextTimeConditioning {
+    /// (B, P): the second text encoder's projected pooled output.
+    pub text_embeds: Tensor,
+    /// (B, 6): original height and width, crop top and left, target height and width.
+    pub time_ids: Tensor,
+}
+
+/// Everything the U-Net is conditioned on besides the noisy input and the time, batched like
+/// the input: one value serves SD 1.x/2.x (text states), SDXL (text states and added
+/// conditions) and the pixel models (class labels or nothing).
+#[derive(Debug, Clone, Default)]
+pub struct UNetConditioning {
+    /// (B, tokens, cross_attention_dim): the text states cross-attention reads.
+    pub context: Option<Tensor>,
+    /// For `addition_embed_type: "text_time"` U-Nets.
+    pub text_time: Option<TextTimeConditioning>,
+    /// (B,): for class-conditional U-Nets.
+    pub class_labels: Option<Tensor>,
+}
+
+impl UNetConditioning {
+    /// Text states only (SD 1.x/2.x).
+    pub fn text(context: Tensor) -> Self {
+        Self {
+            context: Some(context),
+            ..Default::default()
+        }
+    }
+
+    /// Class labels only, or nothing (pixel models).
+    pub fn classes(class_labels: Option<Tensor>) -> Self {
+        Self {
+            class_labels,
+            ..Default::default()
+        }
+    }
+
+    /// Rows `start..start + len` of every batched tensor.
+    pub fn narrow(&self, start: usize, len: usize) -> Result<Self> {
+        let rows = |t: &Tensor| t.narrow(0, start, len);
+        Ok(Self {
+            context: self.context.as_ref().map(rows).transpose()?,
+            text_time: self
+                .text_time
+                .as_ref()
+                .map(|c| -> Result<TextTimeConditioning> {
+                    Ok(TextTimeConditioning {
+                        text_embeds: rows(&c.text_embeds)?,
+                        time_ids: rows(&c.time_ids)?,
+                    })
+                })
+                .transpose()?,
+            class_labels: self.class_labels.as_ref().map(rows).transpose()?,
+        })
+    }
+
+    /// Every batched tensor repeated `times` times along the batch (each row in turn).
+    pub fn repeat(&self, times: usize) -> Result<Self> {
+        let rep = |t: &Tensor| -> Result<Tensor> {
+            let mut dims = vec![1; t.rank()];
+            dims[0] = times;
+            t.repeat(dims)
+        };
+        Ok(Self {
+            context: self.context.as_ref().map(rep).transpose()?,
+            text_time: self
+                .text_time
+                .as_ref()
+                .map(|c| -> Result<TextTimeConditioning> {
+                    Ok(TextTimeConditioning {
+                        text_embeds: rep(&c.text_embeds)?,
+                        time_ids: rep(&c.time_ids)?,
+                    })
+                })
+                .transpose()?,
+            class_labels: self.class_labels.as_ref().map(rep).transpose()?,
+        })
+    }
+
+    /// `first` then `second` along the batch (classifier-free guidance's [uncond, cond]).
+    pub fn concat(first: &Self, second: &Self) -> Result<Self> {
+        let cat = |a: &Option<Tensor>, b: &Option<Tensor>| -> Result<Option<Tensor>> {
+            match (a, b) {
+                (Some(a), Some(b)) => Ok(Some(Tensor::cat(&[a, b], 0)?)),
+                (None, None) => Ok(None),
+                _ => candle_core::bail!("conditionings of different kinds cannot be batched"),
+            }
+        };
+        let text_time = match (&first.text_time, &second.text_time) {
+            (Some(a), Some(b)) => Some(TextTimeConditioning {
+                text_embeds: Tensor::cat(&[&a.text_embeds, &b.text_embeds], 0)?,
+                time_ids: Tensor::cat(&[&a.time_ids, &b.time_ids], 0)?,
+            }),
+            (None, None) => None,
+            _ => candle_core::bail!("conditionings of different kinds cannot be batched"),
+        };
+        Ok(Self {
+            context: cat(&first.context, &second.context)?,
+            text_time,
+            class_labels: cat(&first.class_labels, &second.class_labels)?,
+        })
+    }
+}
+
+/// SDXL's `add_embedding`: sinusoidal features of each time id, after the pooled text
+/// embedding, through linear-SiLU-linear into the time embedding's width.
+#[derive(Debug, Clone)]
+struct TextTimeEmbedding {
+    time_dim: usize,
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
 #[derive(Debug, Clone)]
 pub struct UNet2DConditionModel {
     pub config: UNetConfig,
@@ -38,6 +154,7 @@ pub struct UNet2DConditionModel {
     time_linear_1: Linear,
     time_linear_2: Linear,
     class_embedding: Option<Embedding>,
+    text_time_embedding: Option<TextTimeEmbedding>,
     down_blocks: Vec<DownBlock>,
     mid_block: MidBlock,
     up_blocks: Vec<UpBlock>,
@@ -79,6 +196,18 @@ impl UNet2DConditionModel {
             .num_class_embeds
             .map(|k| embedding(k, temb_dim, vb.pp("class_embedding")))
             .transpose()?;
+        let text_time_embedding = match (
+            config.addition_embed_type.as_deref(),
+            config.addition_time_embed_dim,
+            config.projection_class_embeddings_input_dim,
+        ) {
+            (Some("text_time"), Some(time_dim), Some(input_dim)) => Some(TextTimeEmbedding {
+                time_dim,
+                linear_1: linear(input_dim, temb_dim, vb.pp("add_embedding.linear_1"))?,
+                linear_2: linear(temb_dim, temb_dim, vb.pp("add_embedding.linear_2"))?,
+            }),
+            _ => None,
+        };
 
         let mut down_blocks = Vec::with_capacity(n);
         let mut cin = channels[0];
@@ -193,6 +322,7 @@ impl UNet2DConditionModel {
             time_linear_1,
             time_linear_2,
             class_embedding,
+            text_time_embedding,
             down_blocks,
             mid_block,
             up_blocks,
@@ -208,14 +338,13 @@ impl UNet2DConditionModel {
     }
 
     /// The noise (or v, or x_0) prediction for latents `x` (B, C, H, W) at `timesteps` (B,),
-    /// conditioned on `context` (B, tokens, cross_attention_dim) and, for class-conditional
-    /// models, `class_labels` (B,).
+    /// under `conditioning` (text states, SDXL's added conditions, class labels: what the
+    /// model was built to take, batched like `x`).
     pub fn forward(
         &self,
         x: &Tensor,
         timesteps: &Tensor,
-        context: Option<&Tensor>,
-        class_labels: Option<&Tensor>,
+        conditioning: &UNetConditioning,
     ) -> Result<Tensor> {
         let c0 = self.config.block_out_channels[0];
         let features = timestep_features(
@@ -228,7 +357,7 @@ impl UNet2DConditionModel {
         let mut temb = self
             .time_linear_2
             .forward(&self.time_linear_1.forward(&features)?.silu()?)?;
-        match (&self.class_embedding, class_labels) {
+        match (&self.class_embedding, &conditioning.class_labels) {
             (Some(table), Some(labels)) => temb = (temb + table.forward(labels)?)?,
             (Some(_), None) => {
                 candle_core::bail!("this U-Net is class-conditional: give class labels")
@@ -238,10 +367,22 @@ impl UNet2DConditionModel {
             }
             (None, None) => {}
         }
+        match (&self.text_time_embedding, &conditioning.text_time) {
+            (Some(embedding), Some(added)) => {
+                temb = (temb + self.text_time(embedding, added, x.dtype())?)?
+            }
+            (Some(_), None) => candle_core::bail!(
+                "this U-Net (addition_embed_type text_time) needs pooled text embeddings and time ids"
+            ),
+            (None, Some(_)) => {
+                candle_core::bail!("this U-Net takes no added text and time conditions")
+            }
+            (None, None) => {}
+        }
         let needs_context = self.mid_block.attention.is_some()
             || self.down_blocks.iter().any(|b| !b.attentions.is_empty());
         let empty = Tensor::zeros(1, x.dtype(), x.device())?;
-        let context = match context {
+        let context = match &conditioning.context {
             Some(c) => c,
             None if needs_context => {
                 candle_core::bail!("this U-Net has cross-attention: give encoder hidden states")
@@ -293,5 +434,32 @@ impl UNet2DConditionModel {
             }
         }
         self.conv_out.forward(&self.conv_norm_out.forward_silu(&h)?)
+    }
+
+    /// diffusers' `add_embedding(cat(text_embeds, flatten(add_time_proj(time_ids))))`.
+    fn text_time(
+        &self,
+        embedding: &TextTimeEmbedding,
+        added: &TextTimeConditioning,
+        dtype: candle_core::DType,
+    ) -> Result<Tensor> {
+        let (b, n) = added.time_ids.dims2()?;
+        let time_features = timestep_features(
+            &added.time_ids.flatten_all()?,
+            embedding.time_dim,
+            self.config.flip_sin_to_cos,
+            self.config.freq_shift,
+        )?
+        .reshape((b, n * embedding.time_dim))?;
+        let input = Tensor::cat(
+            &[
+                added.text_embeds.to_dtype(dtype)?,
+                time_features.to_dtype(dtype)?,
+            ],
+            1,
+        )?;
+        embedding
+            .linear_2
+            .forward(&embedding.linear_1.forward(&input)?.silu()?)
     }
 }

@@ -2,15 +2,15 @@
 //! Lin et al. 2023 (section 3.4) and the limited guidance interval of Kynkäänniemi et al. 2024,
 //! as one `Denoiser`.
 
-use crate::model::unet::UNet2DConditionModel;
+use crate::model::unet::{UNet2DConditionModel, UNetConditioning};
 use crate::sampler::{Denoiser, PredictionType};
 use crate::schedule::interp;
 use candle_core::{DType, Result, Tensor};
 
 pub struct GuidedUNet<'a> {
     pub unet: &'a UNet2DConditionModel,
-    /// (2B, tokens, D): the unconditional states first, then the conditional (diffusers' order).
-    pub context: Tensor,
+    /// Batched 2B: the unconditional rows first, then the conditional (diffusers' order).
+    pub conditioning: UNetConditioning,
     /// w in eps = eps_uncond + w (eps_cond - eps_uncond); at or below 1 only the conditional
     /// half runs.
     pub guidance: f64,
@@ -72,18 +72,15 @@ impl Denoiser for GuidedUNet<'_> {
         let x = x.to_dtype(self.dtype)?;
         let b = x.dim(0)?;
         if !self.guides_at(t) {
-            let cond = self.context.narrow(0, self.context.dim(0)? - b, b)?;
+            let cond = self.conditioning.narrow(b, b)?;
             let t = Tensor::full(t as f32, b, x.device())?;
-            return self
-                .unet
-                .forward(&x, &t, Some(&cond), None)?
-                .to_dtype(out_dtype);
+            return self.unet.forward(&x, &t, &cond)?.to_dtype(out_dtype);
         }
         let both = Tensor::cat(&[&x, &x], 0)?;
         let t = Tensor::full(t as f32, 2 * b, x.device())?;
         let out = self
             .unet
-            .forward(&both, &t, Some(&self.context), None)?
+            .forward(&both, &t, &self.conditioning)?
             .to_dtype(DType::F32)?;
         let uncond = out.narrow(0, 0, b)?;
         let cond = out.narrow(0, b, b)?;

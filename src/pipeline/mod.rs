@@ -54,13 +54,40 @@ impl WorkingMemory {
     }
 }
 
+/// A prompt's text conditioning.
+#[derive(Debug, Clone)]
+pub struct PromptEmbeds {
+    /// (1, 77, D): the states cross-attention reads.
+    pub context: Tensor,
+    /// (1, P): SDXL's pooled embedding.
+    pub pooled: Option<Tensor>,
+}
+
+impl PromptEmbeds {
+    /// Zeros of the same shapes: SDXL's negative conditioning when no negative prompt is given
+    /// and `force_zeros_for_empty_prompt` is set.
+    pub fn zeros_like(&self) -> Result<Self> {
+        Ok(Self {
+            context: self.context.zeros_like()?,
+            pooled: self.pooled.as_ref().map(Tensor::zeros_like).transpose()?,
+        })
+    }
+}
+
 /// A Stable Diffusion pipeline folder in the diffusers layout, loaded. Cloning shares the
 /// weights.
 #[derive(Clone)]
 pub struct StableDiffusion {
     pub root: PathBuf,
+    pub kind: PipelineKind,
     pub tokenizer: ClipTokenizer,
     pub text_encoder: ClipTextModel,
+    /// SDXL's second tokenizer and text encoder (`CLIPTextModelWithProjection`).
+    pub tokenizer_2: Option<ClipTokenizer>,
+    pub text_encoder_2: Option<ClipTextModel>,
+    /// With no negative prompt, guide against zero text states and a zero pooled embedding
+    /// instead of the encoded empty string (SDXL's `force_zeros_for_empty_prompt`).
+    pub force_zeros_for_empty_prompt: bool,
     pub unet: UNet2DConditionModel,
     pub vae: AutoencoderKL,
     pub scheduler: SchedulerConfig,
@@ -74,26 +101,53 @@ fn file_error(path: &Path, message: impl Into<String>) -> Error {
     }
 }
 
-/// Checks that a `model_index.json` names a pipeline class this crate runs.
-pub fn check_model_index(index_path: &Path) -> Result<()> {
+/// The pipeline families this crate runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PipelineKind {
+    /// SD 1.x, 2.x and Turbo: one CLIP text encoder.
+    StableDiffusion,
+    /// SDXL and SDXL-Turbo: two text encoders and added size conditions.
+    StableDiffusionXl,
+}
+
+/// The pipeline family a `model_index.json` names, and its `force_zeros_for_empty_prompt`
+/// (diffusers' default for SDXL: true).
+pub fn check_model_index(index_path: &Path) -> Result<(PipelineKind, bool)> {
     let index: serde_json::Value = read_json(index_path)?;
     let class = index
         .get("_class_name")
         .and_then(|v| v.as_str())
         .unwrap_or("");
-    if !matches!(
-        class,
-        "StableDiffusionPipeline" | "StableDiffusionImg2ImgPipeline"
-    ) {
-        return Err(file_error(
-            index_path,
-            format!(
-                "_class_name = {class:?} is not a model type this crate runs; expected \
-                 StableDiffusionPipeline (SD 1.x, 2.x, Turbo)"
-            ),
-        ));
-    }
-    Ok(())
+    let kind = match class {
+        "StableDiffusionPipeline" | "StableDiffusionImg2ImgPipeline" => {
+            PipelineKind::StableDiffusion
+        }
+        "StableDiffusionXLPipeline" | "StableDiffusionXLImg2ImgPipeline" => {
+            PipelineKind::StableDiffusionXl
+        }
+        _ => {
+            return Err(file_error(
+                index_path,
+                format!(
+                    "_class_name = {class:?} is not a model type this crate runs; expected \
+                     StableDiffusionPipeline (SD 1.x, 2.x, Turbo) or StableDiffusionXLPipeline"
+                ),
+            ))
+        }
+    };
+    let force_zeros = match index.get("force_zeros_for_empty_prompt") {
+        None | Some(serde_json::Value::Null) => kind == PipelineKind::StableDiffusionXl,
+        Some(serde_json::Value::Bool(b)) => *b,
+        Some(other) => {
+            return Err(file_error(
+                index_path,
+                format!(
+                    "force_zeros_for_empty_prompt = {other} is not allowed; expected true or false"
+                ),
+            ))
+        }
+    };
+    Ok((kind, force_zeros))
 }
 
 /// The weights file of a component folder: `<stem>.safetensors`, or the fp16 variant.
@@ -148,7 +202,8 @@ fn lora_updates(
 impl StableDiffusion {
     /// Loads `model_index.json`, `tokenizer/`, `text_encoder/`, `unet/`, `vae/`, `scheduler/`.
     pub fn load_dir(root: &Path, options: LoadOptions) -> Result<Self> {
-        check_model_index(&root.join("model_index.json"))?;
+        let (kind, force_zeros_for_empty_prompt) =
+            check_model_index(&root.join("model_index.json"))?;
         let tokenizer = ClipTokenizer::from_dir(&root.join("tokenizer"))?;
         let device = &options.device;
         let text_dir = root.join("text_encoder");
@@ -171,12 +226,31 @@ impl StableDiffusion {
         let vae = load_checked(&vae_weights, options.vae_dtype, device, |vb| {
             AutoencoderKL::new(vae_config, vb)
         })?;
+        let (tokenizer_2, text_encoder_2) = match kind {
+            PipelineKind::StableDiffusion => (None, None),
+            PipelineKind::StableDiffusionXl => {
+                let dir = root.join("text_encoder_2");
+                let config: ClipTextConfig = read_json(&dir.join("config.json"))?;
+                let weights = weights_file(&dir, "model")?;
+                let encoder = load_checked(&weights, options.dtype, device, |vb| {
+                    ClipTextModel::new(config, vb)
+                })?;
+                (
+                    Some(ClipTokenizer::from_dir(&root.join("tokenizer_2"))?),
+                    Some(encoder),
+                )
+            }
+        };
         let scheduler =
             SchedulerConfig::from_file(&root.join("scheduler").join("scheduler_config.json"))?;
         Ok(Self {
             root: root.to_path_buf(),
+            kind,
             tokenizer,
             text_encoder,
+            tokenizer_2,
+            text_encoder_2,
+            force_zeros_for_empty_prompt,
             unet,
             vae,
             scheduler,
@@ -184,12 +258,50 @@ impl StableDiffusion {
         })
     }
 
-    /// Text states (1, 77, D) of one prompt; also whether it was truncated.
-    pub fn encode_prompt(&self, prompt: &str) -> Result<(Tensor, bool)> {
-        let encoded = self.tokenizer.encode(prompt)?;
-        let truncated = encoded.untruncated_len > self.tokenizer.max_length;
-        let ids = Tensor::new(encoded.ids.as_slice(), &self.options.device)?.unsqueeze(0)?;
-        Ok((self.text_encoder.forward(&ids)?, truncated))
+    /// The text conditioning of one prompt: (1, 77, D) states and, for SDXL, the (1, P)
+    /// pooled embedding; also whether the prompt was truncated. SD 1.x/2.x use the first
+    /// encoder's final states; SDXL the penultimate states of both encoders side by side and
+    /// the second's projected pooled output.
+    pub fn encode_prompt(&self, prompt: &str) -> Result<(PromptEmbeds, bool)> {
+        let device = &self.options.device;
+        let ids = |tokenizer: &ClipTokenizer| -> Result<(Tensor, bool)> {
+            let encoded = tokenizer.encode(prompt)?;
+            let truncated = encoded.untruncated_len > tokenizer.max_length;
+            Ok((
+                Tensor::new(encoded.ids.as_slice(), device)?.unsqueeze(0)?,
+                truncated,
+            ))
+        };
+        let (ids_1, truncated) = ids(&self.tokenizer)?;
+        match (&self.tokenizer_2, &self.text_encoder_2) {
+            (Some(tokenizer_2), Some(encoder_2)) => {
+                let (ids_2, truncated_2) = ids(tokenizer_2)?;
+                let states_1 = self.text_encoder.forward_states(&ids_1)?;
+                let states_2 = encoder_2.forward_states(&ids_2)?;
+                let context = Tensor::cat(&[&states_1.penultimate, &states_2.penultimate], 2)?;
+                let pooled = states_2.pooled.ok_or_else(|| {
+                    Error::Msg(
+                        "text_encoder_2 has no text_projection; SDXL needs \
+                         CLIPTextModelWithProjection weights"
+                            .into(),
+                    )
+                })?;
+                Ok((
+                    PromptEmbeds {
+                        context,
+                        pooled: Some(pooled),
+                    },
+                    truncated || truncated_2,
+                ))
+            }
+            _ => Ok((
+                PromptEmbeds {
+                    context: self.text_encoder.forward(&ids_1)?,
+                    pooled: None,
+                },
+                truncated,
+            )),
+        }
     }
 
     /// Latent channels and the pixel-per-latent factor of the VAE.

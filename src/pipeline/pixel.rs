@@ -5,6 +5,7 @@
 use crate::error::{Error, Result};
 use crate::model::config::UNetConfig;
 use crate::model::unet::UNet2DConditionModel;
+use crate::model::unet::UNetConditioning;
 use crate::sampler::config::{build_sampler, SamplerKind, SamplerOptions};
 use crate::sampler::noise::SeededNoise;
 use crate::sampler::{Denoiser, SchedulerConfig, StepEvent};
@@ -107,7 +108,9 @@ impl PixelDiffusion {
     /// The raw network output (prediction, then the variance channels for a learned variance)
     /// at integer-or-fractional timesteps `t` (one per row).
     pub fn forward(&self, x: &Tensor, t: &Tensor, labels: Option<&Tensor>) -> Result<Tensor> {
-        Ok(self.unet.forward(x, t, None, labels)?)
+        Ok(self
+            .unet
+            .forward(x, t, &UNetConditioning::classes(labels.cloned()))?)
     }
 
     /// Draws `n` images with `sampler` in `steps` steps; `labels` (one per image) for
@@ -215,7 +218,9 @@ impl PixelDiffusion {
             let timesteps = vec![t; batch];
             let xt = crate::schedule::q_sample(&schedule, x0, &timesteps, &eps)?;
             let t_tensor = Tensor::full(t as f32, batch, x0.device())?;
-            let output = self.unet.forward(&xt, &t_tensor, None, labels)?;
+            let output =
+                self.unet
+                    .forward(&xt, &t_tensor, &UNetConditioning::classes(labels.cloned()))?;
             let output = self.output_as_eps(&output, &xt, schedule.alphas_cumprod[t])?;
             let (mean, log_variance) = tables.p_mean_variance(
                 &output,
@@ -292,7 +297,9 @@ impl PixelDiffusion {
         let mut eps_model = |x: &Tensor, t: f64| -> candle_core::Result<Tensor> {
             let batch = x.dim(0)?;
             let timesteps = Tensor::full(sde.model_time(t) as f32, batch, x.device())?;
-            let output = self.unet.forward(x, &timesteps, None, labels)?;
+            let output =
+                self.unet
+                    .forward(x, &timesteps, &UNetConditioning::classes(labels.cloned()))?;
             let (alpha, sigma) = sde.marginal(t);
             crate::schedule::prediction::to_eps(
                 kind,
@@ -366,7 +373,11 @@ impl Denoiser for PixelDenoiser<'_> {
     fn predict(&mut self, x: &Tensor, t: f64) -> candle_core::Result<Tensor> {
         let batch = x.dim(0)?;
         let t = Tensor::full(t as f32, batch, x.device())?;
-        let out = self.model.unet.forward(x, &t, None, self.labels)?.detach();
+        let out = self
+            .model
+            .unet
+            .forward(x, &t, &UNetConditioning::classes(self.labels.cloned()))?
+            .detach();
         if self.model.scheduler.variance_type.is_learned() && !self.keep_variance {
             out.narrow(1, 0, x.dim(1)?)
         } else {

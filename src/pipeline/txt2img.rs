@@ -2,8 +2,9 @@
 //! sampler on the guided U-Net, decode with the VAE.
 
 use super::guidance::{GuidanceInterval, GuidedUNet};
-use super::StableDiffusion;
+use super::{PromptEmbeds, StableDiffusion};
 use crate::error::{Error, Result};
+use crate::model::unet::{TextTimeConditioning, UNetConditioning};
 use crate::sampler::{Callback, Sampler, SeededNoise, StepEvent};
 use candle_core::{DType, Tensor};
 use std::time::{Duration, Instant};
@@ -11,7 +12,9 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone)]
 pub struct Txt2ImgRequest {
     pub prompt: String,
-    pub negative: String,
+    /// None: no negative prompt; the empty string is encoded, or for SDXL pipelines with
+    /// `force_zeros_for_empty_prompt` the negative conditioning is zeros (as diffusers).
+    pub negative: Option<String>,
     pub guidance: f64,
     pub guidance_rescale: f64,
     /// Guide only where sigma(t) is in (low, high] (Kynkäänniemi et al. 2024); None: at every
@@ -24,6 +27,28 @@ pub struct Txt2ImgRequest {
     /// Unscaled starting latents (B, C, h, w), as diffusers' `latents=`: multiplied by the
     /// sampler's init noise sigma. They fix the batch and the size.
     pub latents: Option<Tensor>,
+    /// SDXL's micro-conditioning.
+    pub size_conditioning: SizeConditioning,
+}
+
+/// SDXL's size and crop conditions (Podell et al. 2023, sections 2.2 and 2.3), in pixels,
+/// (width, height) and (left, top) as given on the command line. None: the output size.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SizeConditioning {
+    pub original_size: Option<(usize, usize)>,
+    pub crops_coords_top_left: (usize, usize),
+    pub target_size: Option<(usize, usize)>,
+}
+
+impl SizeConditioning {
+    /// diffusers' `add_time_ids` for an image of `width` x `height`: (original height, width,
+    /// crop top, left, target height, width).
+    pub fn time_ids(&self, width: usize, height: usize) -> [f32; 6] {
+        let (ow, oh) = self.original_size.unwrap_or((width, height));
+        let (left, top) = self.crops_coords_top_left;
+        let (tw, th) = self.target_size.unwrap_or((width, height));
+        [oh, ow, top, left, th, tw].map(|v| v as f32)
+    }
 }
 
 impl Txt2ImgRequest {
@@ -32,7 +57,7 @@ impl Txt2ImgRequest {
     pub fn new(prompt: impl Into<String>, width: usize, height: usize) -> Self {
         Self {
             prompt: prompt.into(),
-            negative: String::new(),
+            negative: None,
             guidance: 7.5,
             guidance_rescale: 0.0,
             guidance_interval: None,
@@ -41,6 +66,7 @@ impl Txt2ImgRequest {
             num_images: 1,
             seed: 0,
             latents: None,
+            size_conditioning: SizeConditioning::default(),
         }
     }
 }
@@ -89,8 +115,8 @@ fn check_finite(event: &StepEvent) -> candle_core::Result<()> {
 
 /// The prompt and negative prompt encoded once, with the time it took.
 struct EncodedPrompts {
-    cond: Tensor,
-    uncond: Tensor,
+    cond: PromptEmbeds,
+    uncond: PromptEmbeds,
     truncated: bool,
     text_time: Duration,
 }
@@ -98,13 +124,42 @@ struct EncodedPrompts {
 fn encode_prompts(sd: &StableDiffusion, request: &Txt2ImgRequest) -> Result<EncodedPrompts> {
     let started = Instant::now();
     let (cond, truncated) = sd.encode_prompt(&request.prompt)?;
-    let (uncond, _) = sd.encode_prompt(&request.negative)?;
+    let uncond = match &request.negative {
+        None if sd.force_zeros_for_empty_prompt => cond.zeros_like()?,
+        negative => sd.encode_prompt(negative.as_deref().unwrap_or(""))?.0,
+    };
     Ok(EncodedPrompts {
         cond,
         uncond,
         truncated,
         text_time: started.elapsed(),
     })
+}
+
+/// The U-Net conditioning of one prompt for `batch` images of `width` x `height`.
+fn conditioning(
+    embeds: &PromptEmbeds,
+    request: &Txt2ImgRequest,
+    width: usize,
+    height: usize,
+    batch: usize,
+) -> Result<UNetConditioning> {
+    let text_time = match &embeds.pooled {
+        Some(pooled) => {
+            let ids = request.size_conditioning.time_ids(width, height);
+            Some(TextTimeConditioning {
+                text_embeds: pooled.clone(),
+                time_ids: Tensor::new(&[ids], pooled.device())?,
+            })
+        }
+        None => None,
+    };
+    Ok(UNetConditioning {
+        context: Some(embeds.context.clone()),
+        text_time,
+        class_labels: None,
+    }
+    .repeat(batch)?)
 }
 
 /// The part txt2img and img2img share: guided sampling from `x_start`, then decoding.
@@ -117,17 +172,16 @@ fn denoise_and_decode(
     noise: &mut SeededNoise,
     on_step: &mut Callback,
 ) -> Result<Txt2ImgOutput> {
-    let batch = x_start.dim(0)?;
-    let context = Tensor::cat(
-        &[
-            prompts.uncond.repeat((batch, 1, 1))?,
-            prompts.cond.repeat((batch, 1, 1))?,
-        ],
-        0,
+    let (batch, _, h, w) = x_start.dims4()?;
+    let factor = sd.vae_scale_factor();
+    let (width, height) = (w * factor, h * factor);
+    let conditioning = UNetConditioning::concat(
+        &conditioning(&prompts.uncond, request, width, height, batch)?,
+        &conditioning(&prompts.cond, request, width, height, batch)?,
     )?;
     let mut model = GuidedUNet {
         unet: &sd.unet,
-        context,
+        conditioning,
         guidance: request.guidance,
         guidance_rescale: request.guidance_rescale,
         interval: match request.guidance_interval {

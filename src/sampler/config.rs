@@ -3,7 +3,7 @@
 use super::ddim::Ddim;
 use super::ddpm::{Ddpm, VarianceType};
 use super::dpm_solver::{DpmSolverPlusPlus, SecondOrderForm};
-use super::euler::{Euler, EulerAncestral, SigmaGrid};
+use super::euler::{Euler, EulerAncestral, KarrasRange, SigmaGrid};
 use super::heun::Heun;
 use super::lms::Lms;
 use super::pc::{Corrector, Predictor, PredictorCorrector};
@@ -726,7 +726,7 @@ pub fn build_sampler(
         SigmaGrid::from_timesteps(
             &schedule,
             multistep_timesteps(spacing, last_timestep, steps, offset),
-            karras,
+            karras.then_some(KarrasRange::Training),
             round,
         )
         .skip(skip)

@@ -23,6 +23,15 @@ pub struct SigmaGrid {
     pub init_noise_sigma: f64,
 }
 
+/// The sigma range a Karras schedule spans. diffusers' Euler-family schedulers respace between
+/// the sigmas of the spaced timesteps; its multistep solvers (DPM-Solver, UniPC) between the
+/// smallest and largest sigma of training, whatever the spacing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KarrasRange {
+    Timesteps,
+    Training,
+}
+
 impl SigmaGrid {
     /// diffusers' Euler/Heun/LMS `set_timesteps`: evenly spaced timesteps (fractional for
     /// `linspace`), sigma interpolated in t, optionally respaced as Karras et al. 2022 eq. 5.
@@ -42,6 +51,7 @@ impl SigmaGrid {
                 .collect(),
             other => spaced_timesteps(other, n_train, steps, steps_offset),
         };
+        let karras = karras.then_some(KarrasRange::Timesteps);
         let mut grid = Self::from_timesteps(schedule, timesteps, karras, false);
         let max_sigma = grid.sigmas.iter().cloned().fold(0.0, f64::max);
         grid.init_noise_sigma = match spacing {
@@ -51,12 +61,13 @@ impl SigmaGrid {
         grid
     }
 
-    /// Sigmas at the given timesteps; with `karras`, respaced between the end points and the
-    /// timesteps recomputed from them (rounded when `round_karras_timesteps`).
+    /// Sigmas at the given timesteps; with `karras`, respaced (Karras et al. 2022, eq. 5)
+    /// between the end points the [`KarrasRange`] names and the timesteps recomputed from them
+    /// (rounded when `round_karras_timesteps`).
     pub fn from_timesteps(
         schedule: &NoiseSchedule,
         timesteps: Vec<f64>,
-        karras: bool,
+        karras: Option<KarrasRange>,
         round_karras_timesteps: bool,
     ) -> Self {
         let table = schedule.sigmas();
@@ -65,9 +76,11 @@ impl SigmaGrid {
             .map(|t| crate::schedule::interp(*t, &table))
             .collect();
         let mut timesteps = timesteps;
-        if karras && sigmas.len() > 1 {
-            let sigma_max = sigmas[0];
-            let sigma_min = *sigmas.last().expect("non-empty");
+        if let (Some(range), true) = (karras, sigmas.len() > 1) {
+            let (sigma_min, sigma_max) = match range {
+                KarrasRange::Timesteps => (*sigmas.last().expect("non-empty"), sigmas[0]),
+                KarrasRange::Training => (table[0], *table.last().expect("non-empty")),
+            };
             sigmas = karras_sigmas(sigma_min, sigma_max, sigmas.len());
             timesteps = sigmas
                 .iter()

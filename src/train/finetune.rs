@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::model::config::{read_json, UNetConfig};
 use crate::model::lora::{DOWN, META_ALPHA, META_RANK, UP};
 use crate::model::unet::UNet2DConditionModel;
+use crate::model::unet::UNetConditioning;
 use crate::pipeline::txt2img::{txt2img, Txt2ImgRequest};
 use crate::pipeline::StableDiffusion;
 use crate::sampler::{build_sampler, SamplerKind, SamplerOptions, SeededNoise};
@@ -232,7 +233,7 @@ impl TrainingData {
             if random_flip {
                 flipped.push(sd.encode_image(&mirror(&image)?.unsqueeze(0)?, None)?);
             }
-            text.push(sd.encode_prompt(&example.caption)?.0);
+            text.push(sd.encode_prompt(&example.caption)?.0.context);
         }
         if latents.is_empty() {
             return Err(Error::File {
@@ -456,7 +457,9 @@ impl UnetTrainer {
             timesteps.len(),
             x0.device(),
         )?;
-        let prediction = self.unet.forward(&xt, &t, Some(context), None)?;
+        let prediction = self
+            .unet
+            .forward(&xt, &t, &UNetConditioning::text(context.clone()))?;
         let target = training_target(&self.schedule, self.prediction, x0, noise, timesteps)?;
         let per_image = (prediction - target)?.sqr()?.flatten_from(1)?.mean(1)?;
         Ok(match weights {

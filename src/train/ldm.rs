@@ -23,6 +23,7 @@ use crate::error::{Error, Result};
 use crate::model::config::{read_json, ClipTextConfig, UNetConfig, VaeConfig};
 use crate::model::text::ClipTextModel;
 use crate::model::unet::UNet2DConditionModel;
+use crate::model::unet::UNetConditioning;
 use crate::model::vae::AutoencoderKL;
 use crate::pipeline::weights_file;
 use crate::sampler::noise::SeededNoise;
@@ -577,7 +578,9 @@ impl LdmTrainer {
             batch,
             &device,
         )?;
-        let prediction = self.unet.forward(&xt, &t, Some(&context), None)?;
+        let prediction = self
+            .unet
+            .forward(&xt, &t, &UNetConditioning::text(context))?;
         let target = crate::schedule::training_target(
             &self.schedule,
             PredictionType::parse(&cfg.diffusion.prediction_type)?,

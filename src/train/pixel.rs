@@ -13,6 +13,7 @@ use crate::data::idx::LabelledImages;
 use crate::error::{Error, Result};
 use crate::likelihood::DiffusionTables;
 use crate::model::unet::UNet2DConditionModel;
+use crate::model::unet::UNetConditioning;
 use crate::pipeline::pixel::{PixelDiffusion, CONFIG_KEY};
 use crate::sampler::noise::SeededNoise;
 use crate::schedule::{q_sample, NoiseSchedule, PredictionType};
@@ -166,7 +167,9 @@ impl PixelTrainer {
             batch,
             &device,
         )?;
-        let output = self.unet.forward(&xt, &t, None, labels.as_ref())?;
+        let output = self
+            .unet
+            .forward(&xt, &t, &UNetConditioning::classes(labels))?;
         let channels = x0.dim(1)?;
         let prediction = output.narrow(1, 0, channels)?;
         let target = crate::schedule::training_target(

@@ -1,0 +1,208 @@
+//! SDXL against diffusers on the tiny SDXL pipeline (`tests/fixtures/tiny-sdxl`, copied from
+//! the shared fixtures; its README says what each reference tensor is): token ids of both
+//! tokenizers, prompt and pooled embeddings, the U-Net with added conditions, and whole
+//! `txt2img` runs (negative prompt, zeroed negative, micro-conditioning, DPM++ 2M Karras).
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::{fixture_path, max_abs_diff, Fixture};
+use diffuse::model::unet::{TextTimeConditioning, UNetConditioning};
+use diffuse::pipeline::{LoadOptions, PipelineKind, StableDiffusion};
+use std::collections::HashMap;
+use std::process::Command;
+
+fn fixture() -> Fixture {
+    Fixture::load("tiny-sdxl/reference.safetensors")
+}
+
+fn pipeline() -> StableDiffusion {
+    StableDiffusion::load_dir(&fixture_path("tiny-sdxl"), LoadOptions::default()).unwrap()
+}
+
+fn prompts(fx: &Fixture) -> Vec<String> {
+    serde_json::from_str(fx.meta_str("text/prompts")).unwrap()
+}
+
+#[test]
+fn tokens_and_text_embeddings_match_diffusers() {
+    let fx = fixture();
+    let sd = pipeline();
+    assert_eq!(sd.kind, PipelineKind::StableDiffusionXl);
+    assert!(sd.force_zeros_for_empty_prompt);
+    let ids_1: Vec<Vec<i64>> = fx.tensor("text/input_ids").to_vec2().unwrap();
+    let ids_2: Vec<Vec<i64>> = fx.tensor("text/input_ids_2").to_vec2().unwrap();
+    let tokenizer_2 = sd.tokenizer_2.as_ref().unwrap();
+    for (row, prompt) in prompts(&fx).iter().enumerate() {
+        let own_1: Vec<i64> = sd
+            .tokenizer
+            .encode(prompt)
+            .unwrap()
+            .ids
+            .iter()
+            .map(|&i| i as i64)
+            .collect();
+        let own_2: Vec<i64> = tokenizer_2
+            .encode(prompt)
+            .unwrap()
+            .ids
+            .iter()
+            .map(|&i| i as i64)
+            .collect();
+        assert_eq!(own_1, ids_1[row], "tokenizer, {prompt:?}");
+        assert_eq!(own_2, ids_2[row], "tokenizer_2, {prompt:?}");
+        let (embeds, _) = sd.encode_prompt(prompt).unwrap();
+        let expected = fx
+            .tensor("text/prompt_embeds")
+            .get(row)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let context_error = max_abs_diff(&embeds.context, &expected);
+        assert!(
+            context_error < 1e-4,
+            "{prompt:?}: prompt_embeds off by {context_error}"
+        );
+        let pooled = embeds.pooled.expect("SDXL has a pooled embedding");
+        let expected = fx
+            .tensor("text/pooled_prompt_embeds")
+            .get(row)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let pooled_error = max_abs_diff(&pooled, &expected);
+        assert!(
+            pooled_error < 1e-4,
+            "{prompt:?}: pooled off by {pooled_error}"
+        );
+    }
+}
+
+#[test]
+fn unet_with_added_conditions_matches_diffusers() {
+    let fx = fixture();
+    let sd = pipeline();
+    let conditioning = UNetConditioning {
+        context: Some(fx.tensor("unet/encoder_hidden_states").clone()),
+        text_time: Some(TextTimeConditioning {
+            text_embeds: fx.tensor("unet/text_embeds").clone(),
+            time_ids: fx.tensor("unet/time_ids").clone(),
+        }),
+        class_labels: None,
+    };
+    let sample = fx.tensor("unet/sample");
+    for (name, t) in [
+        ("out_t999", [999f32, 999.]),
+        ("out_t1", [1., 1.]),
+        ("out_tmixed", [999., 1.]),
+    ] {
+        let timesteps = Tensor::new(&t, &Device::Cpu).unwrap();
+        let out = sd.unet.forward(sample, &timesteps, &conditioning).unwrap();
+        let error = max_abs_diff(&out, fx.tensor(&format!("unet/{name}")));
+        assert!(error < 1e-4, "{name}: off by {error}");
+    }
+    // Without its added conditions an SDXL U-Net refuses to run.
+    let text_only = UNetConditioning::text(fx.tensor("unet/encoder_hidden_states").clone());
+    let timesteps = Tensor::new(&[1f32, 1.], &Device::Cpu).unwrap();
+    let err = sd
+        .unet
+        .forward(sample, &timesteps, &text_only)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("time ids"), "{err}");
+}
+
+/// The command-line flags of a `pipe_*` case, from its recorded call (W,H and X,Y order).
+fn case_flags(call: &serde_json::Value) -> Vec<String> {
+    let mut flags = vec![
+        "--steps".to_string(),
+        call["steps"].to_string(),
+        "--guidance".into(),
+        call["guidance_scale"].to_string(),
+    ];
+    if let Some(negative) = call["negative_prompt"].as_str() {
+        flags.extend(["--negative".into(), negative.into()]);
+    }
+    let kwargs = &call["call_kwargs"];
+    let pair = |key: &str| -> Option<(u64, u64)> {
+        let v = kwargs.get(key)?.as_array()?;
+        Some((v[0].as_u64()?, v[1].as_u64()?))
+    };
+    // diffusers takes (h, w) and (top, left); the flags take W,H and X,Y.
+    for (key, flag) in [
+        ("original_size", "--original-size"),
+        ("crops_coords_top_left", "--crops-coords-top-left"),
+        ("target_size", "--target-size"),
+    ] {
+        if let Some((first, second)) = pair(key) {
+            flags.extend([flag.into(), format!("{second},{first}")]);
+        }
+    }
+    flags.extend(["--".into(), call["prompt"].as_str().unwrap().into()]);
+    flags
+}
+
+#[test]
+fn txt2img_reproduces_every_diffusers_sdxl_run() {
+    let fx = fixture();
+    let dir = std::env::temp_dir().join(format!("diffuse-sdxl-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for case in [
+        "pipe_euler",
+        "pipe_euler_zero_neg",
+        "pipe_euler_microcond",
+        "pipe_dpmpp_2m_karras",
+    ] {
+        let call: serde_json::Value =
+            serde_json::from_str(fx.meta_str(&format!("{case}/call"))).unwrap();
+        let latents = dir.join(format!("{case}-latents.safetensors"));
+        let latents_in = fx.tensor(&format!("{case}/latents_in")).clone();
+        candle_core::safetensors::save(
+            &HashMap::from([("latents".to_string(), latents_in)]),
+            &latents,
+        )
+        .unwrap();
+        let scheduler = dir.join(format!("{case}-scheduler.json"));
+        std::fs::write(&scheduler, fx.meta_str(&format!("{case}/scheduler_config"))).unwrap();
+        let png = dir.join(format!("{case}.png"));
+        let out = Command::new(env!("CARGO_BIN_EXE_txt2img"))
+            .arg("--model")
+            .arg(fixture_path("tiny-sdxl"))
+            .arg("--latents")
+            .arg(&latents)
+            .arg("--scheduler-config")
+            .arg(&scheduler)
+            .args(["--seed", "0", "--output"])
+            .arg(&png)
+            .args(case_flags(&call))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{case}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let image = image::open(&png).unwrap().to_rgb8();
+        let expected: Vec<f32> = fx
+            .tensor(&format!("{case}/image"))
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let pixels = image.into_raw();
+        assert_eq!(pixels.len(), expected.len(), "{case}");
+        let off = pixels
+            .iter()
+            .zip(&expected)
+            .filter(|(p, e)| (**p as f32 - (**e * 255.0).round()).abs() > 1.0)
+            .count();
+        assert!(
+            (off as f64) <= 0.001 * pixels.len() as f64,
+            "{case}: {off} of {} values more than one level off",
+            pixels.len()
+        );
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
