@@ -5,12 +5,12 @@
 use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
 
-/// A well-known model with the settings its authors recommend.
+/// A well-known model with the settings its authors recommend (its size is the model's own,
+/// from its config).
 #[derive(Debug, Clone, Copy)]
 pub struct Preset {
     pub name: &'static str,
     pub repo: &'static str,
-    pub size: usize,
     pub steps: usize,
     /// Classifier-free guidance scale (at or below 1: off).
     pub guidance: f64,
@@ -18,11 +18,10 @@ pub struct Preset {
     pub guidance_interval: Option<(f64, f64)>,
 }
 
-pub const PRESETS: [Preset; 4] = [
+pub const PRESETS: [Preset; 6] = [
     Preset {
         name: "sd15",
         repo: "stable-diffusion-v1-5/stable-diffusion-v1-5",
-        size: 512,
         steps: 50,
         guidance: 7.5,
         guidance_interval: None,
@@ -30,7 +29,6 @@ pub const PRESETS: [Preset; 4] = [
     Preset {
         name: "sd21",
         repo: "stabilityai/stable-diffusion-2-1",
-        size: 768,
         steps: 50,
         guidance: 7.5,
         guidance_interval: None,
@@ -38,7 +36,6 @@ pub const PRESETS: [Preset; 4] = [
     Preset {
         name: "sd21-base",
         repo: "stabilityai/stable-diffusion-2-1-base",
-        size: 512,
         steps: 50,
         guidance: 7.5,
         guidance_interval: None,
@@ -46,20 +43,32 @@ pub const PRESETS: [Preset; 4] = [
     Preset {
         name: "sd-turbo",
         repo: "stabilityai/sd-turbo",
-        size: 512,
+        steps: 1,
+        guidance: 0.0,
+        guidance_interval: None,
+    },
+    Preset {
+        name: "sdxl",
+        repo: "stabilityai/stable-diffusion-xl-base-1.0",
+        steps: 50,
+        guidance: 5.0,
+        guidance_interval: None,
+    },
+    Preset {
+        name: "sdxl-turbo",
+        repo: "stabilityai/sdxl-turbo",
         steps: 1,
         guidance: 0.0,
         guidance_interval: None,
     },
 ];
 
-/// The embedded default model in `weights/` (trained by `configs/tiny-ldm.toml`): 32x32, 20
+/// The embedded default model in `weights/` (trained by `configs/tiny-ldm.toml`): 20
 /// DDIM steps, guidance 3 on the steps with sigma in (0.3, 2] (the settings its model card
 /// measures: guidance at every step made the images of a caption near copies of each other).
 pub const EMBEDDED: Preset = Preset {
     name: "embedded",
     repo: "weights/",
-    size: 32,
     steps: 20,
     guidance: 3.0,
     guidance_interval: Some((0.3, 2.0)),
@@ -71,8 +80,9 @@ pub fn preset(name_or_repo: &str) -> Option<&'static Preset> {
         .find(|p| p.name == name_or_repo || p.repo == name_or_repo)
 }
 
-/// The files of a diffusers SD pipeline that the loader reads; `required` ones must exist.
-fn pipeline_files(fp16: bool) -> Vec<(String, bool)> {
+/// The files of a diffusers SD pipeline that the loader reads besides `model_index.json`;
+/// `required` ones must exist. SDXL pipelines (`xl`) add the second tokenizer and encoder.
+fn pipeline_files(fp16: bool, xl: bool) -> Vec<(String, bool)> {
     let weights = |stem: &str| {
         if fp16 {
             format!("{stem}.fp16.safetensors")
@@ -80,23 +90,52 @@ fn pipeline_files(fp16: bool) -> Vec<(String, bool)> {
             format!("{stem}.safetensors")
         }
     };
-    vec![
-        ("model_index.json".into(), true),
-        ("scheduler/scheduler_config.json".into(), true),
-        ("tokenizer/tokenizer_config.json".into(), false),
-        ("tokenizer/special_tokens_map.json".into(), false),
+    let mut tokenizers = vec!["tokenizer"];
+    let mut encoders = vec!["text_encoder"];
+    if xl {
+        tokenizers.push("tokenizer_2");
+        encoders.push("text_encoder_2");
+    }
+    let mut files: Vec<(String, bool)> = vec![("scheduler/scheduler_config.json".into(), true)];
+    for tokenizer in tokenizers {
         // Repos ship the slow tokenizer files, the fast tokenizer.json, or both; the loader
         // says which are missing.
-        ("tokenizer/tokenizer.json".into(), false),
-        ("tokenizer/vocab.json".into(), false),
-        ("tokenizer/merges.txt".into(), false),
-        ("text_encoder/config.json".into(), true),
-        (format!("text_encoder/{}", weights("model")), true),
-        ("unet/config.json".into(), true),
-        (format!("unet/{}", weights("diffusion_pytorch_model")), true),
-        ("vae/config.json".into(), true),
-        (format!("vae/{}", weights("diffusion_pytorch_model")), true),
-    ]
+        for file in [
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "tokenizer.json",
+            "vocab.json",
+            "merges.txt",
+        ] {
+            files.push((format!("{tokenizer}/{file}"), false));
+        }
+    }
+    for encoder in encoders {
+        files.push((format!("{encoder}/config.json"), true));
+        files.push((format!("{encoder}/{}", weights("model")), true));
+    }
+    for component in ["unet", "vae"] {
+        files.push((format!("{component}/config.json"), true));
+        files.push((
+            format!("{component}/{}", weights("diffusion_pytorch_model")),
+            true,
+        ));
+    }
+    files
+}
+
+/// Whether a `model_index.json` names an SDXL pipeline (its files decide what else to fetch).
+fn is_xl_index(path: &Path) -> bool {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .and_then(|index| {
+            index
+                .get("_class_name")?
+                .as_str()
+                .map(|c| c.starts_with("StableDiffusionXL"))
+        })
+        .unwrap_or(false)
 }
 
 fn offline() -> bool {
@@ -125,43 +164,54 @@ pub fn resolve(spec: &str, fp16: bool) -> Result<PathBuf> {
             ),
         ));
     }
-    let mut index = None;
-    if offline() {
+    let missing =
+        |file: &str, why: String| Error::Msg(format!("--model {spec}: {repo}/{file} {why}"));
+    let index = if offline() {
         let cache = hf_hub::Cache::from_env().model(repo.to_string());
-        for (file, required) in pipeline_files(fp16) {
-            match cache.get(&file) {
-                Some(p) if file == "model_index.json" => index = Some(p),
-                Some(_) => {}
-                None if required => {
-                    return Err(Error::Msg(format!(
-                        "--model {spec}: {repo}/{file} is not in the local Hugging Face cache and \
-                         HF_HUB_OFFLINE is set; download it once with the network on"
-                    )))
-                }
-                None => {}
+        let fetch = |file: &str| {
+            cache.get(file).ok_or_else(|| {
+                missing(
+                    file,
+                    "is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; download \
+                     it once with the network on"
+                        .into(),
+                )
+            })
+        };
+        let index = fetch("model_index.json")?;
+        for (file, required) in pipeline_files(fp16, is_xl_index(&index)) {
+            match fetch(&file) {
+                Err(e) if required => return Err(e),
+                _ => {}
             }
         }
+        index
     } else {
         let api = hf_hub::api::sync::ApiBuilder::from_env()
             .with_progress(true)
             .build()
             .map_err(|e| Error::Msg(format!("cannot reach the Hugging Face hub: {e}")))?
             .model(repo.to_string());
-        for (file, required) in pipeline_files(fp16) {
-            match api.get(&file) {
-                Ok(p) if file == "model_index.json" => index = Some(p),
-                Ok(_) => {}
-                Err(e) if required => {
-                    return Err(Error::Msg(format!(
-                        "--model {spec}: cannot download {repo}/{file}: {e} (an unknown id, a \
-                         gated model without a token, or no network; HF_HUB_OFFLINE=1 uses the cache)"
-                    )))
-                }
-                Err(_) => {}
+        let fetch = |file: &str| {
+            api.get(file).map_err(|e| {
+                missing(
+                    file,
+                    format!(
+                        "cannot be downloaded: {e} (an unknown id, a gated model without a token, \
+                         or no network; HF_HUB_OFFLINE=1 uses the cache)"
+                    ),
+                )
+            })
+        };
+        let index = fetch("model_index.json")?;
+        for (file, required) in pipeline_files(fp16, is_xl_index(&index)) {
+            match fetch(&file) {
+                Err(e) if required => return Err(e),
+                _ => {}
             }
         }
-    }
-    let index = index.expect("model_index.json is required");
+        index
+    };
     Ok(index
         .parent()
         .map(Path::to_path_buf)

@@ -172,3 +172,16 @@ fn cli_rejects_bad_sampler_settings_before_any_work() {
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
 }
+
+/// Fuzzing finding: a scheduler config with one training step overflowed an index while
+/// building a sampler; it is refused when read.
+#[test]
+fn a_one_step_training_schedule_is_refused() {
+    let err = error_text(diffuse::sampler::SchedulerConfig::from_json_str(
+        r#"{"_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1}"#,
+    ));
+    assert!(
+        err.contains("num_train_timesteps") && err.contains("at least 2"),
+        "{err}"
+    );
+}

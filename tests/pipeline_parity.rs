@@ -32,16 +32,16 @@ fn run_case(case: &str) {
     let negative = call["negative_prompt"].as_str().unwrap();
     let (cond, _) = sd.encode_prompt(prompt).unwrap();
     let (uncond, _) = sd.encode_prompt(negative).unwrap();
-    assert!(max_abs_diff(&cond, fx.tensor(&format!("{case}/prompt_embeds"))) < 1e-4);
+    assert!(max_abs_diff(&cond.context, fx.tensor(&format!("{case}/prompt_embeds"))) < 1e-4);
     assert!(
         max_abs_diff(
-            &uncond,
+            &uncond.context,
             fx.tensor(&format!("{case}/negative_prompt_embeds"))
         ) < 1e-4
     );
 
     let request = Txt2ImgRequest {
-        negative: negative.into(),
+        negative: Some(negative.into()),
         guidance: call["guidance_scale"].as_f64().unwrap(),
         latents: Some(fx.tensor(&format!("{case}/latents_in")).clone()),
         ..Txt2ImgRequest::new(prompt, 128, 128)

@@ -1,17 +1,21 @@
-//! The real SD 1.5, SD 2.1 (v-prediction, linear projections, per-block heads) and their VAE
-//! configs build the published parameter counts. Weights are stride-0 views of one zero, so
+//! The real SD 1.5, SD 2.1 (v-prediction, linear projections, per-block heads), their VAE and
+//! the SDXL base configs in `configs/sdxl/` (two text encoders, added conditions, per-block
+//! transformer depths) build the published parameter counts. Weights are stride-0 views of one zero, so
 //! nothing the size of the real models is allocated.
 
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
-use diffuse::model::config::{UNetConfig, VaeConfig};
+use diffuse::model::config::{ClipTextConfig, UNetConfig, VaeConfig};
+use diffuse::model::text::ClipTextModel;
 use diffuse::model::unet::UNet2DConditionModel;
 use diffuse::model::vae::AutoencoderKL;
 use std::sync::{Arc, Mutex};
 
+/// Counts the elements of every weight asked for; `text_projection` exists only when
+/// `with_projection` (a `CLIPTextModelWithProjection` checkpoint).
 #[derive(Clone, Default)]
-struct ShapeCounter(Arc<Mutex<usize>>);
+struct ShapeCounter(Arc<Mutex<usize>>, bool);
 
 impl SimpleBackend for ShapeCounter {
     fn get(
@@ -29,13 +33,21 @@ impl SimpleBackend for ShapeCounter {
         candle_core::bail!("unexpected unchecked get of {name}")
     }
     fn contains_tensor(&self, name: &str) -> bool {
-        // Every weight of the config exists; LoRA adapters (which the model looks for) do not.
-        !name.contains(".lora_")
+        // Every weight of the config exists; LoRA adapters (which the model looks for) do not,
+        // nor a text projection unless asked for.
+        !name.contains(".lora_") && (self.1 || name != "text_projection.weight")
     }
 }
 
 fn count<T>(build: impl FnOnce(VarBuilder) -> diffuse::Result<T>) -> usize {
-    let counter = ShapeCounter::default();
+    count_with(false, build)
+}
+
+fn count_with<T>(
+    with_projection: bool,
+    build: impl FnOnce(VarBuilder) -> diffuse::Result<T>,
+) -> usize {
+    let counter = ShapeCounter(Arc::default(), with_projection);
     let vb = VarBuilder::from_backend(Box::new(counter.clone()), DType::F32, Device::Cpu);
     build(vb).unwrap();
     let n = *counter.0.lock().unwrap();
@@ -86,4 +98,35 @@ fn sd21_unet_has_its_published_size() {
 fn sd_vae_has_its_published_size() {
     let config: VaeConfig = serde_json::from_str(SD_VAE).unwrap();
     assert_eq!(count(|vb| AutoencoderKL::new(config, vb)), 83_653_863);
+}
+
+fn sdxl_config(name: &str) -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("configs/sdxl")
+        .join(format!("{name}.json"));
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// SDXL base 1.0 as diffusers and transformers count it: U-Net 2,567,463,684, VAE
+/// 83,653,863, CLIP ViT-L text model 123,060,480, OpenCLIP bigG text model with its
+/// projection 694,659,840.
+#[test]
+fn sdxl_configs_have_their_published_sizes() {
+    let unet: UNetConfig = serde_json::from_str(&sdxl_config("unet")).unwrap();
+    assert_eq!(unet.heads().unwrap(), vec![5, 10, 20]);
+    assert_eq!(
+        count(|vb| UNet2DConditionModel::new(unet, vb)),
+        2_567_463_684
+    );
+    let vae: VaeConfig = serde_json::from_str(&sdxl_config("vae")).unwrap();
+    assert_eq!(vae.scaling_factor, 0.13025);
+    assert_eq!(count(|vb| AutoencoderKL::new(vae, vb)), 83_653_863);
+    let text: ClipTextConfig = serde_json::from_str(&sdxl_config("text_encoder")).unwrap();
+    assert_eq!(count(|vb| ClipTextModel::new(text, vb)), 123_060_480);
+    let text_2: ClipTextConfig = serde_json::from_str(&sdxl_config("text_encoder_2")).unwrap();
+    assert_eq!(
+        count_with(true, |vb| ClipTextModel::new(text_2, vb)),
+        694_659_840
+    );
+    diffuse::sampler::SchedulerConfig::from_json_str(&sdxl_config("scheduler")).unwrap();
 }

@@ -2,6 +2,7 @@
 
 use super::sampler_args::SamplerArgs;
 use crate::image_io::{a1111_parameters, save_png};
+use crate::pipeline::request::{check_memory, GenerationRequest};
 use crate::pipeline::txt2img::{img2img, txt2img, SizeConditioning, Txt2ImgRequest};
 use crate::pipeline::{LoadOptions, StableDiffusion};
 use anyhow::{bail, Context};
@@ -92,10 +93,6 @@ pub struct Txt2imgArgs {
     pub no_memory_check: bool,
 }
 
-/// More images or steps than this is a typing slip, not a request.
-const MAX_IMAGES: usize = 10_000;
-const MAX_STEPS: usize = 10_000;
-
 fn model_dir(model: Option<&str>, fp16: bool) -> anyhow::Result<PathBuf> {
     match model {
         Some(m) => Ok(crate::hub::resolve(m, fp16)?),
@@ -171,9 +168,32 @@ pub fn parse_interval(text: &str) -> Result<(f64, f64), String> {
     }
 }
 
+/// The library's request for these flags.
+fn request(args: &Txt2imgArgs, prompts: Vec<String>) -> GenerationRequest {
+    GenerationRequest {
+        prompts,
+        negative: args.negative.clone(),
+        width: args.width,
+        height: args.height,
+        steps: args.sampler.steps,
+        guidance: args.guidance,
+        guidance_interval: args.guidance_interval,
+        guidance_rescale: args.guidance_rescale,
+        seed: args.seed,
+        num_images: args.num_images,
+        strength: args.strength,
+        size_conditioning: SizeConditioning {
+            original_size: args.original_size,
+            crops_coords_top_left: args.crops_coords_top_left.unwrap_or((0, 0)),
+            target_size: args.target_size,
+        },
+    }
+}
+
 pub fn run(args: Txt2imgArgs) -> anyhow::Result<()> {
     // Check everything cheap before loading weights.
-    let prompts = prompts(&args)?;
+    let request = request(&args, prompts(&args)?);
+    request.validate()?;
     let options = LoadOptions {
         dtype: super::parse_dtype("--dtype", &args.dtype)?,
         vae_dtype: super::parse_dtype("--vae-dtype", &args.vae_dtype)?,
@@ -190,34 +210,7 @@ pub fn run(args: Txt2imgArgs) -> anyhow::Result<()> {
     if let Some(name) = &args.sampler.sampler {
         crate::sampler::SamplerKind::parse(name)?;
     }
-    anyhow::ensure!(
-        (1..=MAX_IMAGES).contains(&args.num_images),
-        "--num-images = {} is not allowed; expected 1 to {MAX_IMAGES}",
-        args.num_images
-    );
-    if let Some(steps) = args.sampler.steps {
-        anyhow::ensure!(
-            (1..=MAX_STEPS).contains(&steps),
-            "--steps = {steps} is not allowed; expected 1 to {MAX_STEPS}"
-        );
-    }
-    if let Some(guidance) = args.guidance {
-        anyhow::ensure!(
-            guidance.is_finite() && guidance >= 0.0,
-            "--guidance = {guidance} is not allowed; expected a number >= 0 (at or below 1: no guidance)"
-        );
-    }
-    anyhow::ensure!(
-        args.strength > 0.0 && args.strength <= 1.0,
-        "--strength = {} is not allowed; expected a number in (0, 1]",
-        args.strength
-    );
     crate::image_io::check_writable(&args.output)?;
-    anyhow::ensure!(
-        (0.0..=1.0).contains(&args.guidance_rescale),
-        "--guidance-rescale = {} is not allowed; expected 0 to 1",
-        args.guidance_rescale
-    );
     let fp16 = match args.variant.as_deref() {
         None => false,
         Some("fp16") => true,
@@ -227,11 +220,6 @@ pub fn run(args: Txt2imgArgs) -> anyhow::Result<()> {
         Some(model) => crate::hub::preset(model),
         None => Some(&crate::hub::EMBEDDED),
     };
-    let guidance = args.guidance.or(preset.map(|p| p.guidance)).unwrap_or(7.5);
-    let guidance_interval = args
-        .guidance_interval
-        .or(preset.and_then(|p| p.guidance_interval));
-    let steps = args.sampler.steps.or(preset.map(|p| p.steps)).unwrap_or(50);
     let dir = model_dir(args.model.as_deref(), fp16)?;
     let model_name = match &args.model {
         None => crate::hub::EMBEDDED.name.to_string(),
@@ -258,10 +246,12 @@ pub fn run(args: Txt2imgArgs) -> anyhow::Result<()> {
         dir.display(),
         load_start.elapsed().as_secs_f64()
     );
+    let mut resolved = request.resolve(&sd, preset);
+    let (steps, guidance) = (resolved.steps, resolved.guidance);
     let scheduler = args.sampler.scheduler_config(sd.scheduler.clone())?;
     let kind = args.sampler.kind(&scheduler)?;
     let strength = if args.init_image.is_some() {
-        args.strength
+        request.strength
     } else {
         1.0
     };
@@ -271,13 +261,9 @@ pub fn run(args: Txt2imgArgs) -> anyhow::Result<()> {
     );
     let sampler = args.sampler.build(&scheduler, steps, strength)?;
     let factor = sd.vae_scale_factor();
-    let native = preset.map_or(sd.unet.config.sample_size.unwrap_or(64) * factor, |p| {
-        p.size
-    });
-    let (mut width, mut height) = (args.width.unwrap_or(native), args.height.unwrap_or(native));
     if let Some(l) = &latents {
         // The latents fix the size, as in diffusers.
-        (height, width) = (l.dim(2)? * factor, l.dim(3)? * factor);
+        (resolved.height, resolved.width) = (l.dim(2)? * factor, l.dim(3)? * factor);
     }
     let init_image = match &args.init_image {
         Some(path) => {
@@ -285,19 +271,23 @@ pub fn run(args: Txt2imgArgs) -> anyhow::Result<()> {
             let image = crate::image_io::load_image(path, None)?;
             let (_, h, w) = image.dims3()?;
             if args.width.is_none() && args.height.is_none() {
-                (width, height) = ((w / factor) * factor, (h / factor) * factor);
+                (resolved.width, resolved.height) = ((w / factor) * factor, (h / factor) * factor);
             }
-            crate::pipeline::txt2img::check_size(width, height, factor)?;
+            crate::pipeline::txt2img::check_size(resolved.width, resolved.height, factor)?;
             Some((path, image))
         }
         None => None,
     };
+    let (width, height) = (resolved.width, resolved.height);
     crate::pipeline::txt2img::check_size(width, height, factor)?;
     let batch = latents
         .as_ref()
         .map_or(args.num_images, |l| l.dim(0).unwrap_or(1));
-    if !args.no_memory_check {
-        check_memory(&sd, width, height, batch, guidance > 1.0)?;
+    if let (false, Some(available)) = (
+        args.no_memory_check,
+        crate::runtime::available_memory_bytes(),
+    ) {
+        check_memory(&sd, width, height, batch, guidance > 1.0, available)?;
     }
     let init_image = match init_image {
         Some((_, image)) if image.dims()[1..] == [height, width] => Some(image),
@@ -307,14 +297,8 @@ pub fn run(args: Txt2imgArgs) -> anyhow::Result<()> {
         )?),
         None => None,
     };
-    let seed = args.seed.unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0)
-            % 1_000_000_007
-    });
-
+    let prompts = &request.prompts;
+    let guidance_interval = resolved.guidance_interval;
     let total_images = prompts.len() * batch;
     let interrupted = Arc::new(AtomicBool::new(false));
     {
@@ -326,24 +310,11 @@ pub fn run(args: Txt2imgArgs) -> anyhow::Result<()> {
     let mut written = 0;
     let mut failed_writes = Vec::new();
     for (p_index, prompt) in prompts.iter().enumerate() {
-        let prompt_seed = seed.wrapping_add(p_index as u64);
-        let request = Txt2ImgRequest {
-            prompt: prompt.clone(),
-            negative: args.negative.clone(),
-            guidance,
-            guidance_rescale: args.guidance_rescale,
-            guidance_interval,
-            width,
-            height,
-            num_images: args.num_images,
-            seed: prompt_seed,
+        let prompt_request = Txt2ImgRequest {
             latents: latents.clone(),
-            size_conditioning: SizeConditioning {
-                original_size: args.original_size,
-                crops_coords_top_left: args.crops_coords_top_left.unwrap_or((0, 0)),
-                target_size: args.target_size,
-            },
+            ..request.for_prompt(p_index, &resolved)
         };
+        let prompt_seed = prompt_request.seed;
         let bar = ProgressBar::new(sampler.timesteps().len() as u64);
         bar.set_style(
             ProgressStyle::with_template(
@@ -360,8 +331,8 @@ pub fn run(args: Txt2imgArgs) -> anyhow::Result<()> {
             Ok(())
         };
         let generated = match &init_image {
-            Some(image) => img2img(&sd, sampler.as_ref(), &request, image, &mut on_step),
-            None => txt2img(&sd, sampler.as_ref(), &request, &mut on_step),
+            Some(image) => img2img(&sd, sampler.as_ref(), &prompt_request, image, &mut on_step),
+            None => txt2img(&sd, sampler.as_ref(), &prompt_request, &mut on_step),
         };
         bar.finish_and_clear();
         let out = match generated {
@@ -418,33 +389,6 @@ pub fn run(args: Txt2imgArgs) -> anyhow::Result<()> {
 }
 
 const INTERRUPTED: &str = "interrupted by Ctrl-C";
-
-/// Refuses a size and batch whose estimated working memory exceeds what the machine has free,
-/// before any of it is taken.
-fn check_memory(
-    sd: &StableDiffusion,
-    width: usize,
-    height: usize,
-    batch: usize,
-    guided: bool,
-) -> anyhow::Result<()> {
-    let Some(available) = crate::runtime::available_memory_bytes() else {
-        return Ok(());
-    };
-    let need = sd.working_memory_estimate(width, height, batch, guided);
-    let gib = |bytes: f64| bytes / (1u64 << 30) as f64;
-    anyhow::ensure!(
-        need.peak() <= available as f64,
-        "{width}x{height} with {batch} image(s) a batch needs about {:.1} GiB of working memory \
-         (U-Net step {:.1} GiB, VAE decode {:.1} GiB) and {:.1} GiB is available; use a smaller \
-         --width/--height or --num-images, or --no-memory-check to try anyway",
-        gib(need.peak()),
-        gib(need.unet_step),
-        gib(need.vae_decode),
-        gib(available as f64)
-    );
-    Ok(())
-}
 
 /// After `save_png` failed at `path` (a full disk, a folder that went away), writes the image
 /// to the temporary folder instead so the computed picture is kept, and says where.

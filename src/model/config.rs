@@ -27,6 +27,16 @@ impl PerBlock {
     }
 }
 
+/// A key that may be `null` in published configs (SDXL's `upcast_attention`): null reads as
+/// the type's default.
+fn null_as_default<'de, D, T>(deserializer: D) -> std::result::Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
+}
+
 fn default_groups() -> usize {
     32
 }
@@ -77,7 +87,7 @@ pub struct UNetConfig {
     pub freq_shift: f64,
     #[serde(default)]
     pub use_linear_projection: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub upcast_attention: bool,
     #[serde(default = "default_layers")]
     pub transformer_layers_per_block: PerBlock,

@@ -3,6 +3,7 @@
 
 pub mod guidance;
 pub mod pixel;
+pub mod request;
 pub mod txt2img;
 
 use crate::error::{Error, Result};
@@ -358,6 +359,12 @@ impl StableDiffusion {
             unet_step,
             vae_decode,
         }
+    }
+
+    /// The size the model was trained at: its U-Net config's `sample_size` latents (64 when
+    /// the config leaves it out, SD 1.x's) times the VAE's factor.
+    pub fn native_size(&self) -> usize {
+        self.unet.config.sample_size.unwrap_or(64) * self.vae_scale_factor()
     }
 
     pub fn vae_scale_factor(&self) -> usize {

@@ -540,6 +540,14 @@ impl SchedulerConfig {
             }
             _ => {}
         }
+        // A schedule of one step has no interval to interpolate sigmas or timesteps in.
+        if c.num_train_timesteps < 2 {
+            return Err(Error::bad_value(
+                "num_train_timesteps",
+                c.num_train_timesteps,
+                "at least 2",
+            ));
+        }
         Ok(c)
     }
 
