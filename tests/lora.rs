@@ -210,6 +210,21 @@ fn lora_files_that_do_not_fit_are_refused_by_name() {
             )],
             "mid_block_attentions_0_proj_in",
         ),
+        // B A would be 200000 x 200000 (160 GB): refused from the shapes, before the product.
+        (
+            "huge-product",
+            vec![
+                (
+                    "unet.mid_block.attentions.0.proj_in.lora_A.weight".into(),
+                    small(&[1, 200_000]),
+                ),
+                (
+                    "unet.mid_block.attentions.0.proj_in.lora_B.weight".into(),
+                    small(&[200_000, 1]),
+                ),
+            ],
+            "B A is [200000, 200000]",
+        ),
     ];
     for (name, tensors, expected) in cases {
         let path = dir.join(format!("{name}.safetensors"));

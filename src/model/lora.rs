@@ -6,10 +6,12 @@
 //! generation costs nothing extra. Files come in two key layouts:
 //! - diffusers/PEFT: `unet.<module>.lora_A.weight` and `lora_B.weight` (older diffusers:
 //!   `lora.down`/`lora.up`, `lora_linear_layer.down`/`.up`, `processor.to_q_lora.down`/`.up`);
-//!   `text_encoder.` for the text encoder;
+//!   `text_encoder.` and SDXL's `text_encoder_2.` for the text encoders;
 //! - kohya's sd-scripts: `lora_unet_<module, dots as underscores>.lora_down.weight`,
-//!   `lora_up.weight` and `alpha` (`lora_te_` for the text encoder), the layout of most SD LoRA
-//!   files people download. Its convolution adapters (LoCon) merge the same way.
+//!   `lora_up.weight` and `alpha` (`lora_te_`, or SDXL's `lora_te1_`/`lora_te2_`, for the text
+//!   encoders), the layout of most SD LoRA files people download. SDXL files name U-Net modules
+//!   as the original checkpoint does (`input_blocks_4_1_...`), renamed here to diffusers'. Its
+//!   convolution adapters (LoCon) merge the same way.
 
 use crate::error::{Error, Result};
 use candle_core::{DType, Module, Tensor};
@@ -84,6 +86,8 @@ impl Module for LoraLinear {
 pub enum Component {
     Unet,
     TextEncoder,
+    /// SDXL's second text encoder.
+    TextEncoder2,
 }
 
 impl Component {
@@ -91,6 +95,7 @@ impl Component {
         match self {
             Self::Unet => "unet",
             Self::TextEncoder => "text_encoder",
+            Self::TextEncoder2 => "text_encoder_2",
         }
     }
 }
@@ -136,6 +141,8 @@ fn parse_key(key: &str) -> Option<(Component, String, bool, Part)> {
     for (prefix, component) in [
         ("lora_unet_", Component::Unet),
         ("lora_te_", Component::TextEncoder),
+        ("lora_te1_", Component::TextEncoder),
+        ("lora_te2_", Component::TextEncoder2),
     ] {
         if let Some(rest) = key.strip_prefix(prefix) {
             for (suffix, part) in [
@@ -152,6 +159,8 @@ fn parse_key(key: &str) -> Option<(Component, String, bool, Part)> {
     }
     let (component, rest) = if let Some(rest) = key.strip_prefix("unet.") {
         (Component::Unet, rest)
+    } else if let Some(rest) = key.strip_prefix("text_encoder_2.") {
+        (Component::TextEncoder2, rest)
     } else if let Some(rest) = key.strip_prefix("text_encoder.") {
         (Component::TextEncoder, rest)
     } else {
@@ -311,7 +320,12 @@ impl LoraFile {
         let mut deltas = HashMap::new();
         for pair in self.pairs.iter().filter(|p| p.component == component) {
             let target = if pair.kohya {
-                underscored.get(&pair.module).map(|name| name.to_string())
+                let module = match component {
+                    Component::Unet => sgm_unet_module(&pair.module, weights)
+                        .unwrap_or_else(|| pair.module.clone()),
+                    _ => pair.module.clone(),
+                };
+                underscored.get(&module).map(|name| name.to_string())
             } else {
                 aliases(&pair.module)
                     .into_iter()
@@ -330,24 +344,109 @@ impl LoraFile {
             };
             let shape = &weights[&target];
             let rank = pair.down.dim(0)?;
-            let down = pair.down.reshape((rank, pair.down.elem_count() / rank))?;
-            let up = pair.up.reshape((pair.up.dim(0)?, rank))?;
-            let delta = up.matmul(&down)?;
-            if delta.elem_count() != shape.iter().product::<usize>() {
+            let (rows, columns) = (pair.up.dim(0)?, pair.down.elem_count() / rank);
+            // Checked before the product, which a hostile file could make any size.
+            if rows.checked_mul(columns) != Some(shape.iter().product::<usize>()) {
                 return Err(file_error(
                     &self.path,
                     format!(
-                        "LoRA module {}: B A is {:?}, the weight {target} is {shape:?}",
-                        pair.module,
-                        delta.dims()
+                        "LoRA module {}: B A is [{rows}, {columns}], the weight {target} is {shape:?}",
+                        pair.module
                     ),
                 ));
             }
+            let down = pair.down.reshape((rank, columns))?;
+            let up = pair.up.reshape((rows, rank))?;
+            let delta = up.matmul(&down)?;
             let delta = (delta.reshape(shape.as_slice())? * (multiplier * pair.scale))?;
             deltas.insert(target, delta);
         }
         Ok(deltas)
     }
+}
+
+/// A U-Net module named as the original (SGM) SDXL checkpoint names it, as kohya's SDXL LoRAs
+/// do (`input_blocks_4_1_transformer_blocks_0_attn1_to_q`), renamed to diffusers' module with
+/// underscores (`down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q`); None when the
+/// name is not in that layout. The layout numbers its blocks in order: input block 0 is
+/// `conv_in`, then each down block's L layers (resnet `.0`, attention `.1`) and its
+/// downsampler; the middle block is resnet, attention, resnet; each up block has L + 1 layers,
+/// its upsampler last in the last layer. L comes from the model's own weights.
+fn sgm_unet_module(module: &str, weights: &HashMap<String, Vec<usize>>) -> Option<String> {
+    let layers = (0..)
+        .take_while(|j| weights.contains_key(&format!("down_blocks.0.resnets.{j}.conv1.weight")))
+        .count();
+    let resnet = |rest: &str| -> String {
+        for (sgm, diffusers) in [
+            ("in_layers_0", "norm1"),
+            ("in_layers_2", "conv1"),
+            ("emb_layers_1", "time_emb_proj"),
+            ("out_layers_0", "norm2"),
+            ("out_layers_3", "conv2"),
+            ("skip_connection", "conv_shortcut"),
+        ] {
+            if let Some(tail) = rest.strip_prefix(sgm) {
+                return format!("{diffusers}{tail}");
+            }
+        }
+        rest.to_string()
+    };
+    // "<i>_<k>_<rest>" to (i, k, rest).
+    let numbered = |text: &str| -> Option<(usize, usize, String)> {
+        let mut parts = text.splitn(3, '_');
+        let i = parts.next()?.parse().ok()?;
+        let k = parts.next()?.parse().ok()?;
+        Some((i, k, parts.next().unwrap_or("").to_string()))
+    };
+    for (sgm, diffusers) in [
+        ("time_embed_0", "time_embedding_linear_1"),
+        ("time_embed_2", "time_embedding_linear_2"),
+        ("label_emb_0_0", "add_embedding_linear_1"),
+        ("label_emb_0_2", "add_embedding_linear_2"),
+        ("input_blocks_0_0", "conv_in"),
+        ("out_0", "conv_norm_out"),
+        ("out_2", "conv_out"),
+    ] {
+        if module == sgm {
+            return Some(diffusers.to_string());
+        }
+    }
+    if layers == 0 {
+        return None;
+    }
+    if let Some(text) = module.strip_prefix("input_blocks_") {
+        let (i, k, rest) = numbered(text)?;
+        let (block, layer) = ((i.checked_sub(1)?) / (layers + 1), (i - 1) % (layers + 1));
+        return Some(match (layer == layers, k) {
+            (true, 0) => format!("down_blocks_{block}_downsamplers_0_conv"),
+            (false, 0) => format!("down_blocks_{block}_resnets_{layer}_{}", resnet(&rest)),
+            (false, 1) => format!("down_blocks_{block}_attentions_{layer}_{rest}"),
+            _ => return None,
+        });
+    }
+    if let Some(text) = module.strip_prefix("middle_block_") {
+        let (k, rest) = text.split_once('_')?;
+        return Some(match k {
+            "0" => format!("mid_block_resnets_0_{}", resnet(rest)),
+            "1" => format!("mid_block_attentions_0_{rest}"),
+            "2" => format!("mid_block_resnets_1_{}", resnet(rest)),
+            _ => return None,
+        });
+    }
+    if let Some(text) = module.strip_prefix("output_blocks_") {
+        let (i, k, rest) = numbered(text)?;
+        let (block, layer) = (i / (layers + 1), i % (layers + 1));
+        let attends = weights
+            .keys()
+            .any(|name| name.starts_with(&format!("up_blocks.{block}.attentions.")));
+        return Some(match (k, attends) {
+            (0, _) => format!("up_blocks_{block}_resnets_{layer}_{}", resnet(&rest)),
+            (1, true) => format!("up_blocks_{block}_attentions_{layer}_{rest}"),
+            (1, false) | (2, true) => format!("up_blocks_{block}_upsamplers_0_conv"),
+            _ => return None,
+        });
+    }
+    None
 }
 
 /// Adds `more` into `into`, summing the updates of weights that several files adapt.

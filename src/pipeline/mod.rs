@@ -16,6 +16,7 @@ use crate::sampler::SchedulerConfig;
 use crate::tokenizer::ClipTokenizer;
 use crate::weights::{load_checked, load_checked_with, tensor_shapes, Attachments};
 use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// How to load a model.
@@ -174,30 +175,48 @@ pub fn weights_file(dir: &Path, stem: &str) -> Result<PathBuf> {
     ))
 }
 
-/// The merged updates of `loras` for (text encoder, U-Net).
+/// The merged updates of `loras` for each of the model's `components` (with its weights
+/// file). A file that adapts a component the model lacks (a second text encoder for an SD 1.x
+/// model) is refused by name.
 fn lora_updates(
     loras: &[(PathBuf, f64)],
-    text_weights: &Path,
-    unet_weights: &Path,
-) -> Result<(Attachments, Attachments)> {
-    let (mut text, mut unet) = (Attachments::default(), Attachments::default());
+    components: &[(Component, &Path)],
+) -> Result<HashMap<Component, Attachments>> {
+    let mut updates: HashMap<Component, Attachments> = components
+        .iter()
+        .map(|(c, _)| (*c, Attachments::default()))
+        .collect();
     if loras.is_empty() {
-        return Ok((text, unet));
+        return Ok(updates);
     }
-    let text_shapes = tensor_shapes(text_weights)?;
-    let unet_shapes = tensor_shapes(unet_weights)?;
+    let shapes = components
+        .iter()
+        .map(|(c, path)| Ok((*c, tensor_shapes(path)?)))
+        .collect::<Result<HashMap<_, _>>>()?;
     for (path, multiplier) in loras {
         let file = LoraFile::load(path)?;
-        add_deltas(
-            &mut text.deltas,
-            file.deltas(Component::TextEncoder, &text_shapes, *multiplier)?,
-        )?;
-        add_deltas(
-            &mut unet.deltas,
-            file.deltas(Component::Unet, &unet_shapes, *multiplier)?,
-        )?;
+        if let Some(pair) = file
+            .pairs
+            .iter()
+            .find(|p| !shapes.contains_key(&p.component))
+        {
+            return Err(file_error(
+                path,
+                format!(
+                    "adapts the {} (module {}), which this model does not have: is the file \
+                     for another model?",
+                    pair.component.name(),
+                    pair.module
+                ),
+            ));
+        }
+        for (component, component_shapes) in &shapes {
+            let deltas = file.deltas(*component, component_shapes, *multiplier)?;
+            let entry = updates.entry(*component).or_default();
+            add_deltas(&mut entry.deltas, deltas)?;
+        }
     }
-    Ok((text, unet))
+    Ok(updates)
 }
 
 impl StableDiffusion {
@@ -213,29 +232,53 @@ impl StableDiffusion {
         let unet_dir = root.join("unet");
         let unet_config: UNetConfig = read_json(&unet_dir.join("config.json"))?;
         let unet_weights = weights_file(&unet_dir, "diffusion_pytorch_model")?;
-        let loras = lora_updates(&options.loras, &text_weights, &unet_weights)?;
-        let text_encoder =
-            load_checked_with(&text_weights, options.dtype, device, loras.0, |vb| {
-                ClipTextModel::new(text_config, vb)
-            })?;
-        let unet = load_checked_with(&unet_weights, options.dtype, device, loras.1, |vb| {
-            UNet2DConditionModel::new(unet_config, vb)
-        })?;
+        let second_encoder = match kind {
+            PipelineKind::StableDiffusion => None,
+            PipelineKind::StableDiffusionXl => {
+                let dir = root.join("text_encoder_2");
+                let config: ClipTextConfig = read_json(&dir.join("config.json"))?;
+                Some((config, weights_file(&dir, "model")?))
+            }
+        };
+        let mut components = vec![
+            (Component::TextEncoder, text_weights.as_path()),
+            (Component::Unet, unet_weights.as_path()),
+        ];
+        if let Some((_, weights)) = &second_encoder {
+            components.push((Component::TextEncoder2, weights.as_path()));
+        }
+        let mut loras = lora_updates(&options.loras, &components)?;
+        let mut take = |c: Component| loras.remove(&c).unwrap_or_default();
+        let text_encoder = load_checked_with(
+            &text_weights,
+            options.dtype,
+            device,
+            take(Component::TextEncoder),
+            |vb| ClipTextModel::new(text_config, vb),
+        )?;
+        let unet = load_checked_with(
+            &unet_weights,
+            options.dtype,
+            device,
+            take(Component::Unet),
+            |vb| UNet2DConditionModel::new(unet_config, vb),
+        )?;
         let vae_dir = root.join("vae");
         let vae_config: VaeConfig = read_json(&vae_dir.join("config.json"))?;
         let vae_weights = weights_file(&vae_dir, "diffusion_pytorch_model")?;
         let vae = load_checked(&vae_weights, options.vae_dtype, device, |vb| {
             AutoencoderKL::new(vae_config, vb)
         })?;
-        let (tokenizer_2, text_encoder_2) = match kind {
-            PipelineKind::StableDiffusion => (None, None),
-            PipelineKind::StableDiffusionXl => {
-                let dir = root.join("text_encoder_2");
-                let config: ClipTextConfig = read_json(&dir.join("config.json"))?;
-                let weights = weights_file(&dir, "model")?;
-                let encoder = load_checked(&weights, options.dtype, device, |vb| {
-                    ClipTextModel::new(config, vb)
-                })?;
+        let (tokenizer_2, text_encoder_2) = match second_encoder {
+            None => (None, None),
+            Some((config, weights)) => {
+                let encoder = load_checked_with(
+                    &weights,
+                    options.dtype,
+                    device,
+                    take(Component::TextEncoder2),
+                    |vb| ClipTextModel::new(config, vb),
+                )?;
                 (
                     Some(ClipTokenizer::from_dir(&root.join("tokenizer_2"))?),
                     Some(encoder),
