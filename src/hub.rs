@@ -124,6 +124,19 @@ fn pipeline_files(fp16: bool, xl: bool) -> Vec<(String, bool)> {
     files
 }
 
+/// Fetches `model_index.json`, then the files its pipeline class needs (an error for a
+/// required one that `fetch` cannot give); returns the index's local path.
+fn fetch_pipeline(fp16: bool, fetch: impl Fn(&str) -> Result<PathBuf>) -> Result<PathBuf> {
+    let index = fetch("model_index.json")?;
+    for (file, required) in pipeline_files(fp16, is_xl_index(&index)) {
+        match fetch(&file) {
+            Err(e) if required => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(index)
+}
+
 /// Whether a `model_index.json` names an SDXL pipeline (its files decide what else to fetch).
 fn is_xl_index(path: &Path) -> bool {
     std::fs::read_to_string(path)
@@ -178,14 +191,7 @@ pub fn resolve(spec: &str, fp16: bool) -> Result<PathBuf> {
                 )
             })
         };
-        let index = fetch("model_index.json")?;
-        for (file, required) in pipeline_files(fp16, is_xl_index(&index)) {
-            match fetch(&file) {
-                Err(e) if required => return Err(e),
-                _ => {}
-            }
-        }
-        index
+        fetch_pipeline(fp16, fetch)?
     } else {
         let api = hf_hub::api::sync::ApiBuilder::from_env()
             .with_progress(true)
@@ -203,14 +209,7 @@ pub fn resolve(spec: &str, fp16: bool) -> Result<PathBuf> {
                 )
             })
         };
-        let index = fetch("model_index.json")?;
-        for (file, required) in pipeline_files(fp16, is_xl_index(&index)) {
-            match fetch(&file) {
-                Err(e) if required => return Err(e),
-                _ => {}
-            }
-        }
-        index
+        fetch_pipeline(fp16, fetch)?
     };
     Ok(index
         .parent()

@@ -71,45 +71,35 @@ impl UNetConditioning {
         }
     }
 
-    /// Rows `start..start + len` of every batched tensor.
-    pub fn narrow(&self, start: usize, len: usize) -> Result<Self> {
-        let rows = |t: &Tensor| t.narrow(0, start, len);
+    /// `f` applied to every batched tensor.
+    fn map(&self, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Self> {
         Ok(Self {
-            context: self.context.as_ref().map(rows).transpose()?,
+            context: self.context.as_ref().map(&f).transpose()?,
             text_time: self
                 .text_time
                 .as_ref()
                 .map(|c| -> Result<TextTimeConditioning> {
                     Ok(TextTimeConditioning {
-                        text_embeds: rows(&c.text_embeds)?,
-                        time_ids: rows(&c.time_ids)?,
+                        text_embeds: f(&c.text_embeds)?,
+                        time_ids: f(&c.time_ids)?,
                     })
                 })
                 .transpose()?,
-            class_labels: self.class_labels.as_ref().map(rows).transpose()?,
+            class_labels: self.class_labels.as_ref().map(&f).transpose()?,
         })
     }
 
-    /// Every batched tensor repeated `times` times along the batch (each row in turn).
+    /// Rows `start..start + len` of every batched tensor.
+    pub fn narrow(&self, start: usize, len: usize) -> Result<Self> {
+        self.map(|t| t.narrow(0, start, len))
+    }
+
+    /// The whole batch tiled `times` times (one prompt's conditioning for a batch of images).
     pub fn repeat(&self, times: usize) -> Result<Self> {
-        let rep = |t: &Tensor| -> Result<Tensor> {
+        self.map(|t| {
             let mut dims = vec![1; t.rank()];
             dims[0] = times;
             t.repeat(dims)
-        };
-        Ok(Self {
-            context: self.context.as_ref().map(rep).transpose()?,
-            text_time: self
-                .text_time
-                .as_ref()
-                .map(|c| -> Result<TextTimeConditioning> {
-                    Ok(TextTimeConditioning {
-                        text_embeds: rep(&c.text_embeds)?,
-                        time_ids: rep(&c.time_ids)?,
-                    })
-                })
-                .transpose()?,
-            class_labels: self.class_labels.as_ref().map(rep).transpose()?,
         })
     }
 
