@@ -325,21 +325,37 @@ fn bench_txt2img(args: &BenchArgs) -> anyhow::Result<()> {
         args.steps > 0,
         "--steps = 0 is not allowed; expected at least 1"
     );
-    // --config: a diffusers pipeline folder whose configs (and tokenizer) replace SD 1.5's.
+    // --config: a diffusers pipeline folder (or a folder of `<component>.json` files, as
+    // configs/sdxl/) whose configs (and tokenizer) replace SD 1.5's.
     let folder = args.config.as_deref();
+    let config_path = |component: &str, file: &str| -> Option<PathBuf> {
+        let dir = folder?;
+        let nested = dir.join(component).join(file);
+        Some(if nested.exists() {
+            nested
+        } else {
+            dir.join(format!("{component}.json"))
+        })
+    };
     let read = |component: &str, file: &str, default: &str| -> anyhow::Result<String> {
-        match folder {
-            Some(dir) => {
-                let path = dir.join(component).join(file);
-                std::fs::read_to_string(&path)
-                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))
-            }
+        match config_path(component, file) {
+            Some(path) => std::fs::read_to_string(&path)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display())),
             None => Ok(default.to_string()),
         }
     };
     let tokenizer_dir = match folder {
-        Some(dir) => dir.join("tokenizer"),
-        None => crate::embedded::model_dir()?.join("tokenizer"),
+        Some(dir) if dir.join("tokenizer").is_dir() => dir.join("tokenizer"),
+        _ => crate::embedded::model_dir()?.join("tokenizer"),
+    };
+    // SDXL shapes: a second text encoder with its projection.
+    let text_config_2: Option<ClipTextConfig> = match config_path("text_encoder_2", "config.json") {
+        Some(path) if path.exists() => Some(serde_json::from_str(&read(
+            "text_encoder_2",
+            "config.json",
+            "",
+        )?)?),
+        _ => None,
     };
     let build_start = Instant::now();
     let text_config: ClipTextConfig =
@@ -359,15 +375,39 @@ fn bench_txt2img(args: &BenchArgs) -> anyhow::Result<()> {
         AutoencoderKL::new(vae_config.clone(), vb)
     })?;
     let vae = AutoencoderKL::new(vae_config, vb)?;
+    let (text_encoder_2, text_params_2) = match text_config_2 {
+        Some(config) => {
+            let projection = config.projection_dim.unwrap_or(config.hidden_size);
+            let hidden = config.hidden_size;
+            let (vb, params) = random_weights(dtype, &device, |vb| {
+                // Made first so the encoder finds it, as in a CLIPTextModelWithProjection file.
+                vb.get_with_hints(
+                    (projection, hidden),
+                    "text_projection.weight",
+                    candle_nn::init::DEFAULT_KAIMING_NORMAL,
+                )?;
+                ClipTextModel::new(config.clone(), vb)
+            })?;
+            (Some(ClipTextModel::new(config, vb)?), params)
+        }
+        None => (None, 0),
+    };
+    let text_params = text_params + text_params_2;
     let scheduler = read("scheduler", "scheduler_config.json", SD15_SCHEDULER)?;
+    let xl = text_encoder_2.is_some();
+    let tokenizer = crate::tokenizer::ClipTokenizer::from_dir(&tokenizer_dir)?;
     let sd = StableDiffusion {
-        root: PathBuf::from("random SD 1.5 weights"),
-        kind: crate::pipeline::PipelineKind::StableDiffusion,
-        tokenizer: crate::tokenizer::ClipTokenizer::from_dir(&tokenizer_dir)?,
+        root: PathBuf::from("random weights"),
+        kind: if xl {
+            crate::pipeline::PipelineKind::StableDiffusionXl
+        } else {
+            crate::pipeline::PipelineKind::StableDiffusion
+        },
+        tokenizer_2: xl.then(|| tokenizer.clone()),
+        tokenizer,
         text_encoder,
-        tokenizer_2: None,
-        text_encoder_2: None,
-        force_zeros_for_empty_prompt: false,
+        text_encoder_2,
+        force_zeros_for_empty_prompt: xl,
         unet,
         vae,
         scheduler: SchedulerConfig::from_json_str(&scheduler)?,
