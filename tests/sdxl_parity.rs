@@ -213,3 +213,17 @@ fn txt2img_reproduces_every_diffusers_sdxl_run() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// SDXL pipelines decode in f32 when asked for an f16 VAE whose config says `force_upcast`
+/// (SDXL's VAE overflows in f16), as diffusers does; SD 1.x pipelines keep what was asked.
+#[test]
+fn sdxl_vaes_are_upcast_from_f16() {
+    let f16 = || LoadOptions {
+        vae_dtype: DType::F16,
+        ..Default::default()
+    };
+    let xl = StableDiffusion::load_dir(&fixture_path("tiny-sdxl"), f16()).unwrap();
+    assert_eq!(xl.options.vae_dtype, DType::F32);
+    let sd = StableDiffusion::load_dir(&fixture_path("tiny-sd"), f16()).unwrap();
+    assert_eq!(sd.options.vae_dtype, DType::F16);
+}

@@ -175,6 +175,10 @@ pub struct VaeConfig {
     pub use_post_quant_conv: bool,
     #[serde(default = "default_true")]
     pub mid_block_add_attention: bool,
+    /// Decode in f32 even when asked for f16 (SDXL's VAE overflows in f16); honoured by SDXL
+    /// pipelines, as diffusers does.
+    #[serde(default = "default_true")]
+    pub force_upcast: bool,
     #[serde(default)]
     pub sample_size: Option<usize>,
 }

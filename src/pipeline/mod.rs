@@ -221,7 +221,7 @@ fn lora_updates(
 
 impl StableDiffusion {
     /// Loads `model_index.json`, `tokenizer/`, `text_encoder/`, `unet/`, `vae/`, `scheduler/`.
-    pub fn load_dir(root: &Path, options: LoadOptions) -> Result<Self> {
+    pub fn load_dir(root: &Path, mut options: LoadOptions) -> Result<Self> {
         let (kind, force_zeros_for_empty_prompt) =
             check_model_index(&root.join("model_index.json"))?;
         let tokenizer = ClipTokenizer::from_dir(&root.join("tokenizer"))?;
@@ -266,7 +266,15 @@ impl StableDiffusion {
         let vae_dir = root.join("vae");
         let vae_config: VaeConfig = read_json(&vae_dir.join("config.json"))?;
         let vae_weights = weights_file(&vae_dir, "diffusion_pytorch_model")?;
-        let vae = load_checked(&vae_weights, options.vae_dtype, device, |vb| {
+        let upcast = kind == PipelineKind::StableDiffusionXl
+            && vae_config.force_upcast
+            && options.vae_dtype == DType::F16;
+        let vae_dtype = if upcast {
+            DType::F32
+        } else {
+            options.vae_dtype
+        };
+        let vae = load_checked(&vae_weights, vae_dtype, device, |vb| {
             AutoencoderKL::new(vae_config, vb)
         })?;
         let (tokenizer_2, text_encoder_2) = match second_encoder {
@@ -287,6 +295,7 @@ impl StableDiffusion {
         };
         let scheduler =
             SchedulerConfig::from_file(&root.join("scheduler").join("scheduler_config.json"))?;
+        options.vae_dtype = vae_dtype;
         Ok(Self {
             root: root.to_path_buf(),
             kind,
