@@ -85,11 +85,14 @@ fn cache_root() -> PathBuf {
         .unwrap_or_else(|| std::env::temp_dir().join("diffuse"))
 }
 
-/// Whether `dir` holds exactly the embedded files.
+/// Whether `dir` holds every embedded file at its full length. Lengths, not contents: the
+/// folder's name already carries the content hash, and reading 17 MB back on every run would
+/// cost more than the check is worth; a cut or missing file is what a kill or a clean-up
+/// leaves.
 fn is_complete(dir: &Path) -> bool {
-    FILES
-        .iter()
-        .all(|(name, bytes)| std::fs::read(dir.join(name)).is_ok_and(|on_disk| on_disk == *bytes))
+    FILES.iter().all(|(name, bytes)| {
+        std::fs::metadata(dir.join(name)).is_ok_and(|m| m.len() == bytes.len() as u64)
+    })
 }
 
 fn write_files(dir: &Path) -> std::io::Result<()> {

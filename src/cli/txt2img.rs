@@ -129,9 +129,6 @@ fn prompts(args: &Txt2imgArgs) -> anyhow::Result<Vec<String>> {
             bail!("no prompt: give one, e.g. txt2img \"a photo of a cat\", or --prompts-file")
         }
     };
-    if list.iter().all(|p| p.trim().is_empty()) {
-        bail!("the prompt is empty");
-    }
     Ok(list)
 }
 
@@ -270,9 +267,7 @@ pub fn run(args: Txt2imgArgs) -> anyhow::Result<()> {
             // Without an explicit size the image's own, rounded down to a multiple of 8.
             let image = crate::image_io::load_image(path, None)?;
             let (_, h, w) = image.dims3()?;
-            if args.width.is_none() && args.height.is_none() {
-                (resolved.width, resolved.height) = ((w / factor) * factor, (h / factor) * factor);
-            }
+            (resolved.width, resolved.height) = request.size_for_image(&sd, w, h);
             crate::pipeline::txt2img::check_size(resolved.width, resolved.height, factor)?;
             Some((path, image))
         }
@@ -283,11 +278,8 @@ pub fn run(args: Txt2imgArgs) -> anyhow::Result<()> {
     let batch = latents
         .as_ref()
         .map_or(args.num_images, |l| l.dim(0).unwrap_or(1));
-    if let (false, Some(available)) = (
-        args.no_memory_check,
-        crate::runtime::available_memory_bytes(),
-    ) {
-        check_memory(&sd, width, height, batch, guidance > 1.0, available)?;
+    if !args.no_memory_check {
+        check_memory(&sd, width, height, batch, guidance > 1.0)?;
     }
     let init_image = match init_image {
         Some((_, image)) if image.dims()[1..] == [height, width] => Some(image),

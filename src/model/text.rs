@@ -161,12 +161,13 @@ impl ClipTextModel {
 
     /// Token ids (B, N) to `last_hidden_state` (B, N, hidden).
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
-        let h = self.run_layers(input_ids, self.layers.len())?;
+        let (x, mask) = self.embed(input_ids)?;
+        let h = Self::run_layers(x, &mask, &self.layers)?;
         self.final_layer_norm.forward(&h)
     }
 
-    /// Token embeddings plus positions through the first `count` layers.
-    fn run_layers(&self, input_ids: &Tensor, count: usize) -> Result<Tensor> {
+    /// Token embeddings plus positions, and the causal mask for them.
+    fn embed(&self, input_ids: &Tensor) -> Result<(Tensor, Tensor)> {
         let (_, n) = input_ids.dims2()?;
         let positions = Tensor::arange(0u32, n as u32, input_ids.device())?;
         let x = self
@@ -174,9 +175,12 @@ impl ClipTextModel {
             .forward(input_ids)?
             .broadcast_add(&self.position_embedding.forward(&positions)?)?;
         let mask = Self::causal_mask(n, input_ids.device())?.to_dtype(x.dtype())?;
-        let mut h = x;
-        for layer in &self.layers[..count] {
-            h = layer.forward(&h, &mask)?;
+        Ok((x, mask))
+    }
+
+    fn run_layers(mut h: Tensor, mask: &Tensor, layers: &[ClipLayer]) -> Result<Tensor> {
+        for layer in layers {
+            h = layer.forward(&h, mask)?;
         }
         Ok(h)
     }
@@ -189,12 +193,10 @@ impl ClipTextModel {
         if n_layers < 2 {
             candle_core::bail!("a text encoder needs two layers to have a penultimate one")
         }
-        let penultimate = self.run_layers(input_ids, n_layers - 1)?;
+        let (x, mask) = self.embed(input_ids)?;
+        let penultimate = Self::run_layers(x, &mask, &self.layers[..n_layers - 1])?;
         let pooled = match &self.text_projection {
             Some(projection) => {
-                let (_, n) = input_ids.dims2()?;
-                let mask =
-                    Self::causal_mask(n, input_ids.device())?.to_dtype(penultimate.dtype())?;
                 let last = self.layers[n_layers - 1].forward(&penultimate, &mask)?;
                 let normed = self.final_layer_norm.forward(&last)?;
                 let ids: Vec<Vec<u32>> = input_ids.to_dtype(candle_core::DType::U32)?.to_vec2()?;

@@ -131,6 +131,21 @@ impl GenerationRequest {
         (self.width.unwrap_or(native), self.height.unwrap_or(native))
     }
 
+    /// The size for an init image of `width` x `height`: the size asked for, else the image's
+    /// own rounded down to the VAE's factor.
+    pub fn size_for_image(
+        &self,
+        sd: &StableDiffusion,
+        width: usize,
+        height: usize,
+    ) -> (usize, usize) {
+        let factor = sd.vae_scale_factor();
+        match (self.width, self.height) {
+            (None, None) => ((width / factor) * factor, (height / factor) * factor),
+            _ => self.size_for(sd),
+        }
+    }
+
     /// The seed asked for, else one drawn from the clock (printed and stored by the front end
     /// so the image can be made again).
     pub fn seed_or_draw(&self) -> u64 {
@@ -185,15 +200,18 @@ pub struct Resolved {
     pub seed: u64,
 }
 
-/// Refuses a size and batch whose estimated working memory exceeds `available` bytes.
+/// Refuses a size and batch whose estimated working memory exceeds what this machine has
+/// available (no check where that cannot be read).
 pub fn check_memory(
     sd: &StableDiffusion,
     width: usize,
     height: usize,
     batch: usize,
     guided: bool,
-    available: u64,
 ) -> Result<()> {
+    let Some(available) = crate::runtime::available_memory_bytes() else {
+        return Ok(());
+    };
     let need = sd.working_memory_estimate(width, height, batch, guided);
     let gib = |bytes: f64| bytes / (1u64 << 30) as f64;
     if need.peak() <= available as f64 {
