@@ -193,15 +193,22 @@ pub fn decode_image(path: &Path) -> Result<image::DynamicImage> {
 /// Reads an image (PNG, JPEG, WebP; gray, RGBA and 16-bit become 8-bit RGB) as (3, H, W) in
 /// [0, 1], resized with Lanczos filtering to `size` when given. Errors name the file.
 pub fn load_image(path: &Path, size: Option<(u32, u32)>) -> Result<Tensor> {
-    let img = decode_image(path)?.to_rgb8();
+    rgb_to_tensor(&decode_image(path)?.to_rgb8(), size)
+}
+
+/// An 8-bit RGB image as (3, H, W) in [0, 1], resized with Lanczos filtering to `size` when
+/// given.
+pub fn rgb_to_tensor(img: &image::RgbImage, size: Option<(u32, u32)>) -> Result<Tensor> {
+    let resized;
     let img = match size {
         Some((w, h)) if (w, h) != img.dimensions() => {
-            image::imageops::resize(&img, w, h, image::imageops::FilterType::Lanczos3)
+            resized = image::imageops::resize(img, w, h, image::imageops::FilterType::Lanczos3);
+            &resized
         }
         _ => img,
     };
     let (w, h) = img.dimensions();
-    let data: Vec<f32> = img.into_raw().iter().map(|v| *v as f32 / 255.0).collect();
+    let data: Vec<f32> = img.as_raw().iter().map(|v| *v as f32 / 255.0).collect();
     Ok(
         Tensor::from_vec(data, (h as usize, w as usize, 3), &candle_core::Device::Cpu)?
             .permute((2, 0, 1))?

@@ -77,6 +77,22 @@ pub fn available_memory_bytes() -> Option<u64> {
     Some(cgroup_room.map_or(available, |room| room.min(available)))
 }
 
+/// Memory a computation on `device` can still take, in bytes: on the CPU as
+/// [`available_memory_bytes`], on a GPU its free memory as the driver reports it.
+pub fn available_memory_on(device: &candle_core::Device) -> Option<u64> {
+    match device {
+        candle_core::Device::Cpu => available_memory_bytes(),
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(cuda) => cuda
+            .cuda_stream()
+            .context()
+            .mem_get_info()
+            .ok()
+            .map(|(free, _)| free as u64),
+        _ => None,
+    }
+}
+
 /// A `Name:   123 kB` line of /proc/meminfo, in bytes.
 fn meminfo_field(meminfo: &str, name: &str) -> Option<u64> {
     let line = meminfo

@@ -6,7 +6,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{fixture_path, max_abs_diff, Fixture};
+use common::{assert_png_matches, fixture_path, max_abs_diff, Fixture};
 use diffuse::model::unet::{TextTimeConditioning, UNetConditioning};
 use diffuse::pipeline::{LoadOptions, PipelineKind, StableDiffusion};
 use std::collections::HashMap;
@@ -182,34 +182,7 @@ fn txt2img_reproduces_every_diffusers_sdxl_run() {
             "{case}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let image = image::open(&png).unwrap().to_rgb8();
-        let expected: Vec<f32> = fx
-            .tensor(&format!("{case}/image"))
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let pixels = image.into_raw();
-        assert_eq!(pixels.len(), expected.len(), "{case}");
-        let levels: Vec<f32> = pixels
-            .iter()
-            .zip(&expected)
-            .map(|(p, e)| (*p as f32 - (e * 255.0).round()).abs())
-            .collect();
-        let off = levels.iter().filter(|d| **d > 1.0).count();
-        let exact = levels.iter().filter(|d| **d == 0.0).count();
-        eprintln!(
-            "{case}: {exact} of {} values exact, {off} more than one level off, worst {}",
-            pixels.len(),
-            levels.iter().cloned().fold(0.0, f32::max)
-        );
-        assert!(
-            (off as f64) <= 0.001 * pixels.len() as f64,
-            "{case}: {off} of {} values more than one level off",
-            pixels.len()
-        );
+        assert_png_matches(case, &png, fx.tensor(&format!("{case}/image")));
     }
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -1,6 +1,6 @@
 //! The sampler options every generating command shares.
 
-use crate::sampler::{build_sampler, Sampler, SamplerKind, SamplerOptions, SchedulerConfig};
+use crate::sampler::SamplerOptions;
 use clap::Args;
 use std::path::PathBuf;
 
@@ -72,41 +72,5 @@ impl SamplerTuning {
             corrector_steps: self.corrector_steps,
             ..Default::default()
         }
-    }
-}
-
-impl SamplerArgs {
-    /// The sampler asked for, else the config's `_class_name`, else DDIM.
-    pub fn kind(&self, config: &SchedulerConfig) -> crate::Result<SamplerKind> {
-        match &self.sampler {
-            Some(name) => SamplerKind::parse(name),
-            None => Ok(config.class_kind()?.unwrap_or(SamplerKind::Ddim)),
-        }
-    }
-
-    /// The scheduler config to use: the file given, else the model's.
-    pub fn scheduler_config(
-        &self,
-        model_default: SchedulerConfig,
-    ) -> crate::Result<SchedulerConfig> {
-        match &self.scheduler_config {
-            Some(path) => SchedulerConfig::from_file(path),
-            None => Ok(model_default),
-        }
-    }
-
-    /// Builds the sampler for `steps` steps (the caller resolves the default), running the
-    /// last `strength` of them (1 for text-to-image).
-    pub fn build(
-        &self,
-        config: &SchedulerConfig,
-        steps: usize,
-        strength: f64,
-    ) -> crate::Result<Box<dyn Sampler>> {
-        let options = SamplerOptions {
-            strength,
-            ..self.tuning.options()
-        };
-        build_sampler(self.kind(config)?, config, &options, steps)
     }
 }

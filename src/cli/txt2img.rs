@@ -1,9 +1,9 @@
 //! `txt2img` (and `diffuse txt2img`): prompts to PNGs.
 
 use super::sampler_args::SamplerArgs;
-use crate::image_io::{a1111_parameters, save_png};
-use crate::pipeline::request::{check_memory, GenerationRequest};
-use crate::pipeline::txt2img::{img2img, txt2img, SizeConditioning, Txt2ImgRequest};
+use crate::image_io::save_png;
+use crate::pipeline::request::GenerationRequest;
+use crate::pipeline::txt2img::SizeConditioning;
 use crate::pipeline::{LoadOptions, StableDiffusion};
 use anyhow::{bail, Context};
 use clap::Args;
@@ -88,6 +88,9 @@ pub struct Txt2imgArgs {
     /// SDXL: the size the image is to look made for, W,H (default: the output size).
     #[arg(long, value_parser = parse_pair, value_name = "W,H")]
     pub target_size: Option<(usize, usize)>,
+    /// Where to run: cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Generate even when the size and batch look too large for the memory available.
     #[arg(long)]
     pub no_memory_check: bool,
@@ -165,9 +168,31 @@ pub fn parse_interval(text: &str) -> Result<(f64, f64), String> {
     }
 }
 
-/// The library's request for these flags.
-fn request(args: &Txt2imgArgs, prompts: Vec<String>) -> GenerationRequest {
-    GenerationRequest {
+/// The library's request for these flags (files named by flags are read here: the request
+/// holds their contents).
+fn request(args: &Txt2imgArgs, prompts: Vec<String>) -> anyhow::Result<GenerationRequest> {
+    let latents = match &args.latents {
+        Some(path) => Some(
+            candle_core::safetensors::load(path, &candle_core::Device::Cpu)
+                .with_context(|| format!("reading {}", path.display()))?
+                .remove("latents")
+                .with_context(|| format!("{}: no tensor named `latents`", path.display()))?,
+        ),
+        None => None,
+    };
+    let init_image = match &args.init_image {
+        Some(path) => Some(crate::image_io::decode_image(path)?.to_rgb8()),
+        None => None,
+    };
+    let scheduler = match &args.sampler.scheduler_config {
+        Some(path) => Some(crate::sampler::SchedulerConfig::from_file(path)?),
+        None => None,
+    };
+    let sampler = match &args.sampler.sampler {
+        Some(name) => Some(crate::sampler::SamplerKind::parse(name)?),
+        None => None,
+    };
+    Ok(GenerationRequest {
         prompts,
         negative: args.negative.clone(),
         width: args.width,
@@ -176,20 +201,26 @@ fn request(args: &Txt2imgArgs, prompts: Vec<String>) -> GenerationRequest {
         guidance: args.guidance,
         guidance_interval: args.guidance_interval,
         guidance_rescale: args.guidance_rescale,
+        sampler,
+        sampler_options: args.sampler.tuning.options(),
+        scheduler,
         seed: args.seed,
         num_images: args.num_images,
+        init_image,
         strength: args.strength,
+        latents,
         size_conditioning: SizeConditioning {
             original_size: args.original_size,
             crops_coords_top_left: args.crops_coords_top_left.unwrap_or((0, 0)),
             target_size: args.target_size,
         },
-    }
+        memory_check: !args.no_memory_check,
+    })
 }
 
 pub fn run(args: Txt2imgArgs) -> anyhow::Result<()> {
     // Check everything cheap before loading weights.
-    let request = request(&args, prompts(&args)?);
+    let request = request(&args, prompts(&args)?)?;
     request.validate()?;
     let options = LoadOptions {
         dtype: super::parse_dtype("--dtype", &args.dtype)?,
@@ -199,13 +230,10 @@ pub fn run(args: Txt2imgArgs) -> anyhow::Result<()> {
             .iter()
             .map(|arg| crate::model::lora::parse_lora_arg(arg))
             .collect::<crate::Result<_>>()?,
-        ..Default::default()
+        device: super::parse_device(&args.device)?,
     };
     for (path, _) in &options.loras {
         anyhow::ensure!(path.is_file(), "--lora {}: no such file", path.display());
-    }
-    if let Some(name) = &args.sampler.sampler {
-        crate::sampler::SamplerKind::parse(name)?;
     }
     crate::image_io::check_writable(&args.output)?;
     let fp16 = match args.variant.as_deref() {
@@ -226,15 +254,6 @@ pub fn run(args: Txt2imgArgs) -> anyhow::Result<()> {
             .unwrap_or("model")
             .to_string(),
     };
-    let latents = match &args.latents {
-        Some(path) => Some(
-            candle_core::safetensors::load(path, &candle_core::Device::Cpu)
-                .with_context(|| format!("reading {}", path.display()))?
-                .remove("latents")
-                .with_context(|| format!("{}: no tensor named `latents`", path.display()))?,
-        ),
-        None => None,
-    };
 
     let load_start = Instant::now();
     let sd = StableDiffusion::load_dir(&dir, options)?;
@@ -243,55 +262,8 @@ pub fn run(args: Txt2imgArgs) -> anyhow::Result<()> {
         dir.display(),
         load_start.elapsed().as_secs_f64()
     );
-    let mut resolved = request.resolve(&sd, preset);
-    let (steps, guidance) = (resolved.steps, resolved.guidance);
-    let scheduler = args.sampler.scheduler_config(sd.scheduler.clone())?;
-    let kind = args.sampler.kind(&scheduler)?;
-    let strength = if args.init_image.is_some() {
-        request.strength
-    } else {
-        1.0
-    };
-    anyhow::ensure!(
-        args.init_image.is_none() || args.latents.is_none(),
-        "give --init-image or --latents, not both"
-    );
-    let sampler = args.sampler.build(&scheduler, steps, strength)?;
-    let factor = sd.vae_scale_factor();
-    if let Some(l) = &latents {
-        // The latents fix the size, as in diffusers.
-        (resolved.height, resolved.width) = (l.dim(2)? * factor, l.dim(3)? * factor);
-    }
-    let init_image = match &args.init_image {
-        Some(path) => {
-            // Without an explicit size the image's own, rounded down to a multiple of 8.
-            let image = crate::image_io::load_image(path, None)?;
-            let (_, h, w) = image.dims3()?;
-            (resolved.width, resolved.height) = request.size_for_image(&sd, w, h);
-            crate::pipeline::txt2img::check_size(resolved.width, resolved.height, factor)?;
-            Some((path, image))
-        }
-        None => None,
-    };
-    let (width, height) = (resolved.width, resolved.height);
-    crate::pipeline::txt2img::check_size(width, height, factor)?;
-    let batch = latents
-        .as_ref()
-        .map_or(args.num_images, |l| l.dim(0).unwrap_or(1));
-    if !args.no_memory_check {
-        check_memory(&sd, width, height, batch, guidance > 1.0)?;
-    }
-    let init_image = match init_image {
-        Some((_, image)) if image.dims()[1..] == [height, width] => Some(image),
-        Some((path, _)) => Some(crate::image_io::load_image(
-            path,
-            Some((width as u32, height as u32)),
-        )?),
-        None => None,
-    };
-    let prompts = &request.prompts;
-    let guidance_interval = resolved.guidance_interval;
-    let total_images = prompts.len() * batch;
+    let generation = request.prepare(&sd, preset)?;
+    let total_images = generation.total_images();
     let interrupted = Arc::new(AtomicBool::new(false));
     {
         let flag = interrupted.clone();
@@ -301,20 +273,15 @@ pub fn run(args: Txt2imgArgs) -> anyhow::Result<()> {
     }
     let mut written = 0;
     let mut failed_writes = Vec::new();
-    for (p_index, prompt) in prompts.iter().enumerate() {
-        let prompt_request = Txt2ImgRequest {
-            latents: latents.clone(),
-            ..request.for_prompt(p_index, &resolved)
-        };
-        let prompt_seed = prompt_request.seed;
-        let bar = ProgressBar::new(sampler.timesteps().len() as u64);
+    for p_index in 0..request.prompts.len() {
+        let bar = ProgressBar::new(generation.steps_per_image() as u64);
         bar.set_style(
             ProgressStyle::with_template(
                 "{msg} {bar:30} {pos}/{len} [{elapsed} < {eta}, {per_sec}]",
             )
             .expect("valid template"),
         );
-        bar.set_message(kind.cli_name());
+        bar.set_message(generation.kind.cli_name());
         let mut on_step = |_: &crate::sampler::StepEvent| {
             bar.inc(1);
             if interrupted.load(Ordering::SeqCst) {
@@ -322,10 +289,7 @@ pub fn run(args: Txt2imgArgs) -> anyhow::Result<()> {
             }
             Ok(())
         };
-        let generated = match &init_image {
-            Some(image) => img2img(&sd, sampler.as_ref(), &prompt_request, image, &mut on_step),
-            None => txt2img(&sd, sampler.as_ref(), &prompt_request, &mut on_step),
-        };
+        let generated = generation.run(&sd, p_index, &mut on_step);
         bar.finish_and_clear();
         let out = match generated {
             Err(_) if interrupted.load(Ordering::SeqCst) => {
@@ -340,22 +304,7 @@ pub fn run(args: Txt2imgArgs) -> anyhow::Result<()> {
                 sd.tokenizer.max_length
             );
         }
-        let mut settings = vec![
-            ("Steps", steps.to_string()),
-            ("Sampler", kind.cli_name().to_string()),
-            ("CFG scale", guidance.to_string()),
-            ("Seed", prompt_seed.to_string()),
-            ("Size", format!("{width}x{height}")),
-            ("Model", model_name.clone()),
-        ];
-        if let Some((low, high)) = guidance_interval {
-            settings.push(("Guidance interval", format!("sigma {low} to {high}")));
-        }
-        if init_image.is_some() {
-            settings.push(("Denoising strength", strength.to_string()));
-        }
-        let parameters =
-            a1111_parameters(prompt, args.negative.as_deref().unwrap_or(""), &settings);
+        let parameters = generation.parameters(p_index, &model_name);
         for i in 0..out.images.dim(0)? {
             let path = numbered(&args.output, written + failed_writes.len(), total_images);
             let image = out.images.get(i)?;
@@ -370,11 +319,12 @@ pub fn run(args: Txt2imgArgs) -> anyhow::Result<()> {
         let mean_step = out.step_times.iter().map(|d| d.as_secs_f64()).sum::<f64>()
             / out.step_times.len().max(1) as f64;
         eprintln!(
-            "text encoding {:.3} s, {:.3} s per step (mean of {}), decoding {:.3} s, seed {prompt_seed}",
+            "text encoding {:.3} s, {:.3} s per step (mean of {}), decoding {:.3} s, seed {}",
             out.text_time.as_secs_f64(),
             mean_step,
             out.step_times.len(),
-            out.decode_time.as_secs_f64()
+            out.decode_time.as_secs_f64(),
+            generation.seed(p_index)
         );
     }
     report_failed_writes(&failed_writes)

@@ -1,11 +1,20 @@
 //! One generation request for every front end (the command line now, a server later): what a
 //! user asks for, with everything left out resolved here against the loaded model and its
 //! preset, so the front ends only map their fields onto it.
+//!
+//! LoRAs are not part of it: they are merged into the weights at load ([`super::LoadOptions`]),
+//! so a request for other LoRAs is a request for another loaded model.
 
-use super::txt2img::{SizeConditioning, Txt2ImgRequest};
+use super::txt2img::{
+    check_size, img2img, txt2img, SizeConditioning, Txt2ImgOutput, Txt2ImgRequest,
+};
 use super::StableDiffusion;
 use crate::error::{Error, Result};
 use crate::hub::Preset;
+use crate::sampler::{
+    build_sampler, Callback, Sampler, SamplerKind, SamplerOptions, SchedulerConfig,
+};
+use candle_core::Tensor;
 
 /// More images or steps than this is a typing slip, not a request.
 pub const MAX_IMAGES: usize = 10_000;
@@ -15,13 +24,13 @@ pub const MAX_STEPS: usize = 10_000;
 const DEFAULT_STEPS: usize = 50;
 const DEFAULT_GUIDANCE: f64 = 7.5;
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct GenerationRequest {
     /// One or more prompts, each rendered `num_images` times.
     pub prompts: Vec<String>,
     /// None: no negative prompt (see [`Txt2ImgRequest::negative`]).
     pub negative: Option<String>,
-    /// None: the model's native size.
+    /// None: the model's native size (or the init image's, or the latents').
     pub width: Option<usize>,
     pub height: Option<usize>,
     /// None: the preset's, else 50.
@@ -32,13 +41,27 @@ pub struct GenerationRequest {
     pub guidance_interval: Option<(f64, f64)>,
     /// phi of Lin et al. 2023, 0 to 1.
     pub guidance_rescale: f64,
+    /// None: the one the scheduler config names, else DDIM.
+    pub sampler: Option<SamplerKind>,
+    /// eta, Karras spacing, tolerances, corrector settings; the strength is taken from
+    /// `strength` below.
+    pub sampler_options: SamplerOptions,
+    /// Replaces the model's scheduler config.
+    pub scheduler: Option<SchedulerConfig>,
     /// None: a fresh seed is drawn. Prompt k uses seed + k.
     pub seed: Option<u64>,
     pub num_images: usize,
+    /// img2img: start from this image instead of noise.
+    pub init_image: Option<image::RgbImage>,
     /// With an init image: the share of the schedule that runs, in (0, 1].
     pub strength: f64,
+    /// Unscaled starting latents (B, C, h, w), as diffusers' `latents=`; they fix the batch and
+    /// the size.
+    pub latents: Option<Tensor>,
     /// SDXL's micro-conditioning.
     pub size_conditioning: SizeConditioning,
+    /// Refuse sizes whose estimated working memory exceeds what is available.
+    pub memory_check: bool,
 }
 
 impl GenerationRequest {
@@ -53,10 +76,16 @@ impl GenerationRequest {
             guidance: None,
             guidance_interval: None,
             guidance_rescale: 0.0,
+            sampler: None,
+            sampler_options: SamplerOptions::default(),
+            scheduler: None,
             seed: None,
             num_images: 1,
+            init_image: None,
             strength: 0.75,
+            latents: None,
             size_conditioning: SizeConditioning::default(),
+            memory_check: true,
         }
     }
 
@@ -103,6 +132,11 @@ impl GenerationRequest {
                 "--strength",
                 self.strength,
                 "a number in (0, 1]",
+            ));
+        }
+        if self.init_image.is_some() && self.latents.is_some() {
+            return Err(Error::Msg(
+                "give an init image or starting latents, not both".into(),
             ));
         }
         Ok(())
@@ -170,22 +204,93 @@ impl GenerationRequest {
             height: resolved.height,
             num_images: self.num_images,
             seed: resolved.seed.wrapping_add(index as u64),
-            latents: None,
+            latents: self.latents.clone(),
             size_conditioning: self.size_conditioning,
         }
     }
 
-    /// Every default settled against the loaded model and its preset.
-    pub fn resolve(&self, sd: &StableDiffusion, preset: Option<&Preset>) -> Resolved {
-        let (width, height) = self.size_for(sd);
-        Resolved {
+    /// Every default settled against the loaded model and its preset. The size is the one asked
+    /// for, else the starting latents' (as diffusers), else the init image's rounded down to
+    /// the VAE's factor, else the model's native size.
+    pub fn resolve(&self, sd: &StableDiffusion, preset: Option<&Preset>) -> Result<Resolved> {
+        let factor = sd.vae_scale_factor();
+        let (width, height) = match (&self.latents, &self.init_image) {
+            (Some(latents), _) => {
+                let (_, _, h, w) = latents.dims4().map_err(|_| {
+                    Error::Msg(format!(
+                        "the starting latents have shape {:?}; expected (batch, channels, height, width)",
+                        latents.dims()
+                    ))
+                })?;
+                (w * factor, h * factor)
+            }
+            (None, Some(image)) => {
+                self.size_for_image(sd, image.width() as usize, image.height() as usize)
+            }
+            (None, None) => self.size_for(sd),
+        };
+        check_size(width, height, factor)?;
+        Ok(Resolved {
             steps: self.steps_for(preset),
             guidance: self.guidance_for(preset),
             guidance_interval: self.guidance_interval_for(preset),
             width,
             height,
             seed: self.seed_or_draw(),
+        })
+    }
+
+    /// Resolves the request against `sd` and builds what every image of it shares: the
+    /// sampler, the init image at the output size, the memory check.
+    pub fn prepare(&self, sd: &StableDiffusion, preset: Option<&Preset>) -> Result<Generation> {
+        self.validate()?;
+        let resolved = self.resolve(sd, preset)?;
+        let scheduler = match &self.scheduler {
+            Some(config) => config.clone(),
+            None => sd.scheduler.clone(),
+        };
+        let kind = match self.sampler {
+            Some(kind) => kind,
+            None => scheduler.class_kind()?.unwrap_or(SamplerKind::Ddim),
+        };
+        let strength = if self.init_image.is_some() {
+            self.strength
+        } else {
+            1.0
+        };
+        let options = SamplerOptions {
+            strength,
+            ..self.sampler_options.clone()
+        };
+        let sampler = build_sampler(kind, &scheduler, &options, resolved.steps)?;
+        let batch = match &self.latents {
+            Some(latents) => latents.dim(0)?,
+            None => self.num_images,
+        };
+        if self.memory_check {
+            check_memory(
+                sd,
+                resolved.width,
+                resolved.height,
+                batch,
+                resolved.guidance > 1.0,
+            )?;
         }
+        let init_image = match &self.init_image {
+            Some(image) => Some(crate::image_io::rgb_to_tensor(
+                image,
+                Some((resolved.width as u32, resolved.height as u32)),
+            )?),
+            None => None,
+        };
+        Ok(Generation {
+            request: self.clone(),
+            resolved,
+            kind,
+            sampler,
+            init_image,
+            batch,
+        })
     }
 }
 
@@ -200,7 +305,95 @@ pub struct Resolved {
     pub seed: u64,
 }
 
-/// Refuses a size and batch whose estimated working memory exceeds what this machine has
+/// A request ready to run against one loaded model, one prompt at a time (so a front end can
+/// show progress, save each image as it comes, and stop between prompts).
+pub struct Generation {
+    pub request: GenerationRequest,
+    pub resolved: Resolved,
+    pub kind: SamplerKind,
+    sampler: Box<dyn Sampler>,
+    init_image: Option<Tensor>,
+    batch: usize,
+}
+
+impl Generation {
+    /// Images per prompt.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    pub fn total_images(&self) -> usize {
+        self.request.prompts.len() * self.batch
+    }
+
+    /// Denoiser evaluations' steps per image (img2img runs only the tail of the schedule).
+    pub fn steps_per_image(&self) -> usize {
+        self.sampler.timesteps().len()
+    }
+
+    /// The seed of prompt `index`'s first image.
+    pub fn seed(&self, index: usize) -> u64 {
+        self.resolved.seed.wrapping_add(index as u64)
+    }
+
+    /// Generates prompt `index`'s images; `on_step` sees every step and may stop the run by
+    /// returning an error.
+    pub fn run(
+        &self,
+        sd: &StableDiffusion,
+        index: usize,
+        on_step: &mut Callback,
+    ) -> Result<Txt2ImgOutput> {
+        let request = self.request.for_prompt(index, &self.resolved);
+        match &self.init_image {
+            Some(image) => img2img(sd, self.sampler.as_ref(), &request, image, on_step),
+            None => txt2img(sd, self.sampler.as_ref(), &request, on_step),
+        }
+    }
+
+    /// AUTOMATIC1111's `parameters` text for prompt `index`'s images (what A1111's PNG Info and
+    /// other readers parse), naming the model as `model_name`.
+    pub fn parameters(&self, index: usize, model_name: &str) -> String {
+        let r = &self.resolved;
+        let mut settings = vec![
+            ("Steps", r.steps.to_string()),
+            ("Sampler", self.kind.cli_name().to_string()),
+            ("CFG scale", r.guidance.to_string()),
+            ("Seed", self.seed(index).to_string()),
+            ("Size", format!("{}x{}", r.width, r.height)),
+            ("Model", model_name.to_string()),
+        ];
+        if let Some((low, high)) = r.guidance_interval {
+            settings.push(("Guidance interval", format!("sigma {low} to {high}")));
+        }
+        if self.request.guidance_rescale > 0.0 {
+            settings.push((
+                "Guidance rescale",
+                self.request.guidance_rescale.to_string(),
+            ));
+        }
+        if self.init_image.is_some() {
+            settings.push(("Denoising strength", self.request.strength.to_string()));
+        }
+        let sc = &self.request.size_conditioning;
+        if sc.original_size.is_some()
+            || sc.target_size.is_some()
+            || sc.crops_coords_top_left != (0, 0)
+        {
+            let [oh, ow, top, left, th, tw] = sc.time_ids(r.width, r.height);
+            settings.push(("Original size", format!("{ow}x{oh}")));
+            settings.push(("Crop", format!("{left},{top}")));
+            settings.push(("Target size", format!("{tw}x{th}")));
+        }
+        crate::image_io::a1111_parameters(
+            &self.request.prompts[index],
+            self.request.negative.as_deref().unwrap_or(""),
+            &settings,
+        )
+    }
+}
+
+/// Refuses a size and batch whose estimated working memory exceeds what the model's device has
 /// available (no check where that cannot be read).
 pub fn check_memory(
     sd: &StableDiffusion,
@@ -209,7 +402,7 @@ pub fn check_memory(
     batch: usize,
     guided: bool,
 ) -> Result<()> {
-    let Some(available) = crate::runtime::available_memory_bytes() else {
+    let Some(available) = crate::runtime::available_memory_on(&sd.options.device) else {
         return Ok(());
     };
     let need = sd.working_memory_estimate(width, height, batch, guided);

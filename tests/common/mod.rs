@@ -103,6 +103,40 @@ pub fn write_fixture_latents(path: &Path) {
         .unwrap();
 }
 
+/// Asserts that the PNG at `png` is diffusers' `output_type='np'` image `expected` ([1, H, W,
+/// 3] in [0, 1]) to within one 8-bit level on at least 99.9% of its values.
+pub fn assert_png_matches(label: &str, png: &Path, expected: &Tensor) {
+    let image = image::open(png)
+        .unwrap_or_else(|e| panic!("{label}: {}: {e}", png.display()))
+        .to_rgb8();
+    let expected: Vec<f32> = expected
+        .to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let pixels = image.into_raw();
+    assert_eq!(pixels.len(), expected.len(), "{label}: image size");
+    let levels: Vec<f32> = pixels
+        .iter()
+        .zip(&expected)
+        .map(|(p, e)| (*p as f32 - (e * 255.0).round()).abs())
+        .collect();
+    let off = levels.iter().filter(|d| **d > 1.0).count();
+    let exact = levels.iter().filter(|d| **d == 0.0).count();
+    eprintln!(
+        "{label}: {exact} of {} values exact, {off} more than one level off, worst {}",
+        pixels.len(),
+        levels.iter().cloned().fold(0.0, f32::max)
+    );
+    assert!(
+        (off as f64) <= 0.001 * pixels.len() as f64,
+        "{label}: {off} of {} values more than one level off",
+        pixels.len()
+    );
+}
+
 /// The JSON object a `--json` command prints as its last line.
 pub fn last_json_line(stdout: &[u8]) -> serde_json::Value {
     let text = String::from_utf8_lossy(stdout);
