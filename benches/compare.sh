@@ -3,6 +3,7 @@
 # on the same shapes, interleaved in one run so that both see the same machine state.
 #
 #   PYTHON=/path/to/venv/bin/python benches/compare.sh [RUNS]     (needs: pip install torch diffusers)
+#   DEVICE=cuda DIFFUSE=path/to/cuda/diffuse benches/compare.sh   (a `--features cuda` build: the GPU cases)
 #
 # Prints one Markdown row per case (median seconds, min-max, the achieved GFLOP/s from the FLOPs
 # PyTorch counts for the same shapes, peak resident memory); the raw JSON
@@ -11,7 +12,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 RUNS=${1:-3}
-DIFFUSE=target/release/diffuse
+DIFFUSE=${DIFFUSE:-target/release/diffuse}
+DEVICE=${DEVICE:-cpu}
 OUT=target/compare.jsonl
 [ -x "$DIFFUSE" ] || { echo "no $DIFFUSE: run cargo build --release first" >&2; exit 1; }
 "$PYTHON" -c "import torch, diffusers" 2>/dev/null \
@@ -27,6 +29,13 @@ CASES=(
     "pixel-DDPM training step (MNIST config, batch 64)|train-pixel|train-pixel"
     "txt2img 256x256, 20 DDIM steps f32|txt2img --size 256|txt2img --size 256|1"
 )
+if [ "$DEVICE" != cpu ]; then
+    CASES=()
+    for dtype in f32 f16 bf16; do
+        CASES+=("U-Net CFG step 512x512 $dtype|unet --size 512 --dtype $dtype|unet --size 512 --dtype $dtype")
+        CASES+=("txt2img 512x512, 20 DDIM steps $dtype|txt2img --size 512 --dtype $dtype|txt2img --size 512 --dtype $dtype")
+    done
+fi
 if [ -n "${WITH_BF16:-}" ]; then
     CASES+=("U-Net CFG step 512x512 bf16|unet --size 512 --dtype bf16|unet --size 512 --dtype bf16")
 fi
@@ -39,9 +48,9 @@ for case in "${CASES[@]}"; do
     IFS='|' read -r name ours theirs runs <<< "$case"
     runs=${runs:-$RUNS}
     # shellcheck disable=SC2086
-    ours_json=$("$DIFFUSE" bench $ours --runs "$runs" --json 2>/dev/null | last_json)
+    ours_json=$("$DIFFUSE" bench $ours --device "$DEVICE" --runs "$runs" --json 2>/dev/null | last_json)
     # shellcheck disable=SC2086
-    theirs_json=$("$PYTHON" benches/pytorch_reference.py $theirs --runs "$runs" 2>/dev/null | last_json)
+    theirs_json=$("$PYTHON" benches/pytorch_reference.py $theirs --device "$DEVICE" --runs "$runs" 2>/dev/null | last_json)
     printf '{"case": "%s", "implementation": "diffuse", "result": %s}\n' "$name" "$ours_json" >> "$OUT"
     printf '{"case": "%s", "implementation": "pytorch", "result": %s}\n' "$name" "$theirs_json" >> "$OUT"
     "$PYTHON" - "$name" "$ours_json" "$theirs_json" <<'EOF'
@@ -55,4 +64,5 @@ print(f"| {name} | {gflop:.1f} | {cell(ours)} | {cell(theirs)} | {ours['median_s
 EOF
 done
 echo
+if [ "$DEVICE" != cpu ]; then nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; fi
 echo "$(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $RUNS runs (txt2img: 1) after one warm-up, medians; $("$PYTHON" -c 'import torch, diffusers; print(f"torch {torch.__version__}, diffusers {diffusers.__version__}")')"

@@ -12,6 +12,7 @@ JSON object as its last line with median_s, min_s, max_s and peak_rss_mb, like `
     python benches/pytorch_reference.py train-pixel --runs 5
     python benches/pytorch_reference.py unet --size 512 --dtype bf16
     python benches/pytorch_reference.py txt2img --size 256 --steps 20 --runs 1
+    python benches/pytorch_reference.py unet --size 512 --dtype f16 --device cuda
 """
 
 import argparse
@@ -36,6 +37,11 @@ def load_config(path):
     return config
 
 
+def synchronize():
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def time_runs(runs, step):
     """The FLOPs of one call (counted by PyTorch during the warm-up call: matrix products and
     convolutions, forward and backward) and the seconds of `runs` timed calls after it."""
@@ -46,8 +52,10 @@ def time_runs(runs, step):
     flops = counter.get_total_flops()
     times = []
     for _ in range(runs):
+        synchronize()
         start = time.perf_counter()
         step()
+        synchronize()
         times.append(time.perf_counter() - start)
     return flops, times
 
@@ -119,6 +127,9 @@ def txt2img(args):
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
+    # The VAE decodes in f32 whatever --dtype says, as in `diffuse bench txt2img`.
+    decode = vae.decode
+    vae.decode = lambda z, *rest, **kw: decode(z.float(), *rest, **kw)
 
     def step():
         with torch.inference_mode():
@@ -209,11 +220,14 @@ def main():
     parser.add_argument("--steps", type=int, default=20, help="txt2img: sampler steps")
     parser.add_argument("--config")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     args = parser.parse_args()
     if args.runs < 1:
         parser.error("--runs must be at least 1")
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
+    # Every model and input is made where it runs.
+    torch.set_default_device(args.device)
     build = {
         "unet": unet_step,
         "vae-decode": vae_decode,
@@ -238,7 +252,10 @@ def main():
         "gflop": flops / 1e9,
         # ru_maxrss is in KiB on Linux.
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "device": args.device,
     }
+    if torch.cuda.is_initialized():
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     print(json.dumps(result))
 
 

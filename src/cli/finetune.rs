@@ -27,6 +27,10 @@ pub struct FinetuneArgs {
     /// The model to start from: a diffusers folder, a hub id or a short name (sd15, sd-turbo...).
     #[arg(long)]
     pub model: Option<String>,
+    /// Where to train: auto (the GPU when this binary has CUDA and the machine a GPU, else the
+    /// CPU), cpu, cuda or cuda:N [default: auto].
+    #[arg(long)]
+    pub device: Option<String>,
     /// The folder of images with captions (metadata.jsonl or <stem>.txt).
     #[arg(long)]
     pub data: Option<PathBuf>,
@@ -186,7 +190,11 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
         },
     )?;
     let root = crate::hub::resolve(&model, false)?;
-    let sd = StableDiffusion::load_dir(&root, LoadOptions::default())
+    let options = LoadOptions {
+        device: super::parse_device(args.device.as_deref().unwrap_or("auto"))?,
+        ..Default::default()
+    };
+    let sd = StableDiffusion::load_dir(&root, options)
         .with_context(|| format!("loading {}", root.display()))?;
     let resolution = match args.resolution {
         Some(r) => r,

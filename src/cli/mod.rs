@@ -83,15 +83,29 @@ pub fn parse_dtype(flag: &str, name: &str) -> anyhow::Result<candle_core::DType>
     })
 }
 
-/// A `--device` flag's value: `cpu`, `cuda` or `cuda:N`.
+/// A `--device` flag's value: `auto`, `cpu`, `cuda` or `cuda:N`. `auto` is the first GPU when
+/// this binary has CUDA and the machine a GPU, else the CPU; which one is printed.
 pub fn parse_device(name: &str) -> anyhow::Result<candle_core::Device> {
     use candle_core::Device;
     let ordinal = match name {
         "cpu" => return Ok(Device::Cpu),
+        "auto" => {
+            let device = match cfg!(feature = "cuda") {
+                true => parse_device("cuda").unwrap_or(Device::Cpu),
+                false => Device::Cpu,
+            };
+            eprintln!(
+                "device: {}",
+                if device.is_cuda() { "cuda:0" } else { "cpu" }
+            );
+            return Ok(device);
+        }
         "cuda" => 0,
         other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
             Some(Ok(n)) => n,
-            _ => anyhow::bail!("--device = {other} is not allowed; expected cpu, cuda or cuda:N"),
+            _ => anyhow::bail!(
+                "--device = {other} is not allowed; expected auto, cpu, cuda or cuda:N"
+            ),
         },
     };
     if !cfg!(feature = "cuda") {

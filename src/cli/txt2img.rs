@@ -88,8 +88,9 @@ pub struct Txt2imgArgs {
     /// SDXL: the size the image is to look made for, W,H (default: the output size).
     #[arg(long, value_parser = parse_pair, value_name = "W,H")]
     pub target_size: Option<(usize, usize)>,
-    /// Where to run: cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
-    #[arg(long, default_value = "cpu")]
+    /// Where to run: auto (the GPU when this binary has CUDA and the machine a GPU, else the
+    /// CPU), cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
+    #[arg(long, default_value = "auto")]
     pub device: String,
     /// Generate even when the size and batch look too large for the memory available.
     #[arg(long)]
