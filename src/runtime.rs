@@ -23,15 +23,23 @@ pub fn keep_freed_memory() {
     }
 }
 
+/// How exactly f32 matrix products run on a GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum F32Matmul {
+    /// Full f32: generation, whose images are compared with the CPU's and diffusers'.
+    Exact,
+    /// TF32 tensor cores allowed (10-bit mantissa inputs, f32 accumulation), as PyTorch's
+    /// convolutions by default: training, where the gradient noise dwarfs the rounding.
+    Tf32,
+}
+
 /// Settings of candle 0.11's CUDA backend, made once when the device is made. Every tensor op
 /// allocates its output from the stream's memory pool; by default the pool hands all free memory
 /// back to the driver at each synchronisation (a loss read-back every step), and every
 /// allocation creates two CUDA events for cross-stream tracking. This program uses one stream,
-/// so tracking is not needed, and the pool may keep what it has. f32 matrix products may use
-/// TF32 tensor cores, as PyTorch's convolutions do by default (10-bit mantissa inputs, f32
-/// accumulation).
+/// so tracking is not needed, and the pool may keep what it has.
 #[cfg(feature = "cuda")]
-pub fn tune_cuda(device: &candle_core::Device) -> candle_core::Result<()> {
+pub fn tune_cuda(device: &candle_core::Device, f32_matmul: F32Matmul) -> candle_core::Result<()> {
     use candle_core::cuda::cudarc::driver::{result, sys};
     let candle_core::Device::Cuda(cuda) = device else {
         return Ok(());
@@ -39,7 +47,7 @@ pub fn tune_cuda(device: &candle_core::Device) -> candle_core::Result<()> {
     // SAFETY: every tensor of this process lives on the device's one stream, so no use can
     // race a free across streams (the condition candle documents for turning tracking off).
     unsafe { cuda.disable_event_tracking() };
-    candle_core::cuda::set_gemm_reduced_precision_f32(true);
+    candle_core::cuda::set_gemm_reduced_precision_f32(f32_matmul == F32Matmul::Tf32);
     let stream = cuda.cuda_stream();
     let mut keep_all = u64::MAX;
     // SAFETY: the device handle comes from a live context; the attribute takes a u64 value.
@@ -58,7 +66,7 @@ pub fn tune_cuda(device: &candle_core::Device) -> candle_core::Result<()> {
 
 /// Without CUDA support there is nothing to tune.
 #[cfg(not(feature = "cuda"))]
-pub fn tune_cuda(_device: &candle_core::Device) -> candle_core::Result<()> {
+pub fn tune_cuda(_device: &candle_core::Device, _f32_matmul: F32Matmul) -> candle_core::Result<()> {
     Ok(())
 }
 

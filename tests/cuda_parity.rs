@@ -1,6 +1,6 @@
 //! Generation on an NVIDIA GPU against the same generation on the CPU and against diffusers:
 //! the tiny SD 1.x and SDXL fixture pipelines, text-to-image and img2img, with the GPU set up as
-//! `--device cuda` sets it up (TF32 matrix products allowed). Built only with `--features cuda`
+//! `txt2img --device cuda` sets it up (full-precision f32). Built only with `--features cuda`
 //! and run on a machine with a GPU (`tests/cuda/run.sh` on a lent one); CI has neither, so there
 //! this file compiles to nothing.
 #![cfg(feature = "cuda")]
@@ -15,7 +15,7 @@ use diffuse::sampler::{SamplerKind, SamplerOptions, SchedulerConfig};
 
 fn gpu() -> Device {
     let device = Device::new_cuda(0).expect("this test needs an NVIDIA GPU");
-    diffuse::runtime::tune_cuda(&device).unwrap();
+    diffuse::runtime::tune_cuda(&device, diffuse::runtime::F32Matmul::Exact).unwrap();
     device
 }
 

@@ -202,7 +202,7 @@ fn bench_train_pixel(args: &BenchArgs) -> anyhow::Result<()> {
         width: size,
     };
     let batch = config.train.batch_size;
-    let mut trainer = PixelTrainer::new(config, &super::parse_device(&args.device)?)?;
+    let mut trainer = PixelTrainer::new(config, &super::parse_training_device(&args.device)?)?;
     let params = trainer.parameter_count();
     eprintln!(
         "pixel DDPM training step: {:.2} M parameters, batch {batch} of {size}x{size}",
@@ -230,7 +230,7 @@ fn bench_train_pixel(args: &BenchArgs) -> anyhow::Result<()> {
 /// safetensors file, since the trainer loads its base weights from one as `finetune` does.
 fn bench_finetune_lora(args: &BenchArgs) -> anyhow::Result<()> {
     use crate::train::finetune::{FinetuneSettings, TrainingData, UnetTrainer};
-    let device = super::parse_device(&args.device)?;
+    let device = super::parse_training_device(&args.device)?;
     let batch = args.batch.unwrap_or(1);
     anyhow::ensure!(batch > 0, "--batch = 0 is not allowed; expected at least 1");
     let config_text = match &args.config {
@@ -469,7 +469,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.component {
         Component::TrainPixel => return bench_train_pixel(&args),
         Component::TrainOps => {
-            let device = super::parse_device(&args.device)?;
+            let device = super::parse_training_device(&args.device)?;
             return super::bench_ops::run(&pixel_config(&args)?, &device, args.runs, args.json);
         }
         Component::Unet

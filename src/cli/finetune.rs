@@ -191,7 +191,7 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
     )?;
     let root = crate::hub::resolve(&model, false)?;
     let options = LoadOptions {
-        device: super::parse_device(args.device.as_deref().unwrap_or("auto"))?,
+        device: super::parse_training_device(args.device.as_deref().unwrap_or("auto"))?,
         ..Default::default()
     };
     let sd = StableDiffusion::load_dir(&root, options)

@@ -83,15 +83,28 @@ pub fn parse_dtype(flag: &str, name: &str) -> anyhow::Result<candle_core::DType>
     })
 }
 
-/// A `--device` flag's value: `auto`, `cpu`, `cuda` or `cuda:N`. `auto` is the first GPU when
-/// this binary has CUDA and the machine a GPU, else the CPU; which one is printed.
+/// A `--device` flag's value for generation (full-precision f32 on a GPU): `auto`, `cpu`,
+/// `cuda` or `cuda:N`. `auto` is the first GPU when this binary has CUDA and the machine a GPU,
+/// else the CPU; which one is printed.
 pub fn parse_device(name: &str) -> anyhow::Result<candle_core::Device> {
+    device_for(name, crate::runtime::F32Matmul::Exact)
+}
+
+/// [`parse_device`] for training: f32 matrix products may use TF32 tensor cores.
+pub fn parse_training_device(name: &str) -> anyhow::Result<candle_core::Device> {
+    device_for(name, crate::runtime::F32Matmul::Tf32)
+}
+
+fn device_for(
+    name: &str,
+    f32_matmul: crate::runtime::F32Matmul,
+) -> anyhow::Result<candle_core::Device> {
     use candle_core::Device;
     let ordinal = match name {
         "cpu" => return Ok(Device::Cpu),
         "auto" => {
             let device = match cfg!(feature = "cuda") {
-                true => parse_device("cuda").unwrap_or(Device::Cpu),
+                true => device_for("cuda", f32_matmul).unwrap_or(Device::Cpu),
                 false => Device::Cpu,
             };
             eprintln!(
@@ -115,7 +128,7 @@ pub fn parse_device(name: &str) -> anyhow::Result<candle_core::Device> {
     }
     let device =
         Device::new_cuda(ordinal).map_err(|e| anyhow::anyhow!("--device = {name}: {e}"))?;
-    crate::runtime::tune_cuda(&device).map_err(|e| anyhow::anyhow!("--device = {name}: {e}"))?;
+    crate::runtime::tune_cuda(&device, f32_matmul).map_err(|e| anyhow::anyhow!("--device = {name}: {e}"))?;
     Ok(device)
 }
 

@@ -159,7 +159,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         }
     }
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-    let device = super::parse_device(&args.device)?;
+    let device = super::parse_training_device(&args.device)?;
     let trainer = if args.resume {
         let trainer = PixelTrainer::resume(config.clone(), &checkpoint, &device)?;
         eprintln!("resuming {} at step {}", checkpoint.display(), trainer.step);

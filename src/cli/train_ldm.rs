@@ -114,7 +114,7 @@ pub fn run(args: TrainArgs, config_text: &str) -> anyhow::Result<()> {
     let out_dir = config.train.out_dir.clone();
     let checkpoint = out_dir.join(CHECKPOINT_FILE);
     check_fresh_start(&checkpoint, args.resume)?;
-    let device = super::parse_device(&args.device)?;
+    let device = super::parse_training_device(&args.device)?;
     // Data first: a bad file stops the run before any work.
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(

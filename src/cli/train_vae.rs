@@ -85,7 +85,7 @@ pub fn run(args: TrainVaeArgs) -> anyhow::Result<()> {
     let train = load_pooled(&config.data.paths, Split::Train)?;
     let test = load_pooled(&config.data.paths, Split::Test)?;
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-    let device = super::parse_device(&args.device)?;
+    let device = super::parse_training_device(&args.device)?;
     let trainer = if args.resume {
         let trainer = VaeTrainer::resume(config.clone(), &checkpoint, &device)?;
         eprintln!("resuming {} at step {}", checkpoint.display(), trainer.step);

@@ -12,28 +12,29 @@
 # 3. A few steps of `diffuse finetune --device cuda` (LoRA) on a generated captioned folder.
 # 4. With PyTorch + diffusers beside it: benches/compare.sh's GPU cases (U-Net step and 20-step
 #    txt2img at 512x512 in f32, f16 and bf16), interleaved.
-# Outputs go to ${OUT:-target/cuda-check}.
+# Logs go to ${OUT:-target/cuda-check}; images and the fine-tuning run to a temporary folder.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 BIN=$(realpath "${1:?usage: tests/cuda/run.sh DIR}")
 OUT=${OUT:-target/cuda-check}
+WORK=$(mktemp -d)
 mkdir -p "$OUT" target
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 status=0
 
 echo "== 1. cuda_parity"
-# The test binary finds its fixtures under the folder it was built in.
-built_in=$(strings "$BIN/cuda_parity" | grep -m1 -o '/[^ ]*/tests/fixtures' | sed 's#/tests/fixtures##')
-if [ -n "$built_in" ] && [ ! -e "$built_in" ]; then mkdir -p "$(dirname "$built_in")" && ln -s "$PWD" "$built_in"; fi
+# The test binary finds its fixtures under the folder it was built in (BUILT_IN).
+built_in=${BUILT_IN:-/work/main}
+if [ ! -e "$built_in" ]; then mkdir -p "$(dirname "$built_in")" && ln -s "$PWD" "$built_in"; fi
 "$BIN/cuda_parity" --test-threads 1 --nocapture 2>&1 | tee "$OUT/cuda_parity.log" || status=1
 
 echo "== 2. txt2img --device auto"
-"$BIN/diffuse" txt2img --model tests/fixtures/tiny-sdxl --steps 4 --seed 1 --output "$OUT/auto.png" "a cat" \
+"$BIN/diffuse" txt2img --model tests/fixtures/tiny-sdxl --steps 4 --seed 1 --output "$WORK/auto.png" "a cat" \
     2>&1 | tee "$OUT/auto.log"
 grep -q "device: cuda:0" "$OUT/auto.log" || { echo "auto did not pick the GPU"; status=1; }
 
 echo "== 3. finetune --device cuda"
-python3 - "$OUT/captioned" <<'PY'
+python3 - "$WORK/captioned" <<'PY'
 import sys, pathlib
 from PIL import Image
 d = pathlib.Path(sys.argv[1]); d.mkdir(parents=True, exist_ok=True)
@@ -41,7 +42,7 @@ for i, (name, colour) in enumerate([("red", (220, 30, 30)), ("blue", (30, 30, 22
     Image.new("RGB", (128, 128), colour).save(d / f"{i}.png")
     (d / f"{i}.txt").write_text(f"a {name} square")
 PY
-"$BIN/diffuse" finetune --device cuda --model tests/fixtures/tiny-sd --data "$OUT/captioned" --out "$OUT/finetune" \
+"$BIN/diffuse" finetune --device cuda --model tests/fixtures/tiny-sd --data "$WORK/captioned" --out "$WORK/finetune" \
     --steps 6 --lora-rank 4 --checkpoint-every 3 --json 2>&1 | tee "$OUT/finetune.log" | tail -3 || status=1
 
 echo "== 4. compare.sh on the GPU"
