@@ -17,6 +17,7 @@ pub mod pipeline;
 pub mod runtime;
 pub mod sampler;
 pub mod schedule;
+pub mod single_file;
 pub mod tensor_ops;
 pub mod tokenizer;
 pub mod toy;

@@ -142,6 +142,20 @@ impl ClipTokenizer {
         })
     }
 
+    /// This tokenizer padded with `pad`, which becomes a special token (as in the tokenizers of
+    /// SD 2.x and SDXL's second encoder, padded with "!": a literal "!" in a prompt then
+    /// encodes to the pad id, as there).
+    pub fn padded_with(mut self, pad: &str) -> Result<Self> {
+        self.tokenizer
+            .add_special_tokens([tokenizers::AddedToken::from(pad.to_string(), true)])
+            .map_err(|e| Error::Msg(format!("cannot add the pad token {pad:?}: {e}")))?;
+        self.pad_id = self
+            .tokenizer
+            .token_to_id(pad)
+            .ok_or_else(|| Error::Msg(format!("the pad token {pad:?} is not in the vocabulary")))?;
+        Ok(self)
+    }
+
     /// bos + BPE tokens + eos, without padding (what `tokenizer(text).input_ids` gives).
     pub fn encode_unpadded(&self, text: &str) -> Result<Vec<u32>> {
         Ok(self

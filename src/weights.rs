@@ -1,9 +1,11 @@
 //! Weight files: safetensors only, memory-mapped, with errors that name the file.
 
 use crate::error::{Error, Result};
+use crate::single_file::{NameMap, Source, Transform};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
 fn file_error(path: &Path, message: impl Into<String>) -> Error {
     Error::File {
@@ -90,13 +92,103 @@ pub fn var_builder(paths: &[&Path], dtype: DType, device: &Device) -> Result<Var
     unsafe { VarBuilder::from_mmaped_safetensors(paths, dtype, device) }.map_err(Error::from)
 }
 
+/// A component's weights: a whole safetensors file (a diffusers folder's), or its part of a
+/// single-file checkpoint, with diffusers names mapped onto the file's keys.
+#[derive(Debug, Clone)]
+pub enum ComponentWeights {
+    File(PathBuf),
+    Mapped {
+        path: PathBuf,
+        names: std::sync::Arc<NameMap>,
+    },
+}
+
+impl ComponentWeights {
+    pub fn path(&self) -> &Path {
+        match self {
+            ComponentWeights::File(path) | ComponentWeights::Mapped { path, .. } => path,
+        }
+    }
+
+    /// The shape of every weight by the name the model reads it under.
+    pub fn shapes(&self) -> Result<HashMap<String, Vec<usize>>> {
+        let stored = tensor_shapes(self.path())?;
+        let ComponentWeights::Mapped { path, names } = self else {
+            return Ok(stored);
+        };
+        names
+            .iter()
+            .map(|(name, source)| {
+                let shape = stored
+                    .get(&source.key)
+                    .and_then(|shape| source.transform.shape(shape))
+                    .ok_or_else(|| {
+                        file_error(
+                            path,
+                            format!("tensor {} cannot be read as {name}", source.key),
+                        )
+                    })?;
+                Ok((name.clone(), shape))
+            })
+            .collect()
+    }
+}
+
 /// A safetensors backend that names the file in every error, checks shapes against what the
 /// model asks for, and records which tensors were used so that unexpected ones can be reported.
 struct CheckedSafetensors {
     inner: candle_core::safetensors::MmapedSafetensors,
+    /// For a part of a single file: the diffusers names and their sources.
+    names: Option<std::sync::Arc<NameMap>>,
     file: String,
     attachments: Attachments,
     used: std::sync::Mutex<std::collections::BTreeSet<String>>,
+}
+
+impl CheckedSafetensors {
+    /// The stored key and transform of the weight the model calls `name`.
+    fn source(&self, name: &str) -> Option<Source> {
+        match &self.names {
+            None => Some(Source {
+                key: name.to_string(),
+                transform: Transform::Same,
+            }),
+            Some(names) => names.get(name).cloned(),
+        }
+    }
+
+    /// Reads `name` on `dev` as the model sees it; None when the file has no such weight.
+    fn read(&self, name: &str, dev: &Device) -> candle_core::Result<Option<candle_core::Tensor>> {
+        let Some(source) = self.source(name) else {
+            return Ok(None);
+        };
+        if self.inner.get(&source.key).is_err() {
+            return Ok(None);
+        }
+        Ok(Some(
+            source.transform.apply(self.inner.load(&source.key, dev)?)?,
+        ))
+    }
+
+    /// The shape `name` has as the model sees it.
+    fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
+        let source = self.source(name)?;
+        let view = self.inner.get(&source.key).ok()?;
+        source.transform.shape(view.shape())
+    }
+
+    /// What a model could have read: the file's tensors, or the mapped names.
+    fn available(&self) -> Vec<String> {
+        match &self.names {
+            None => self
+                .inner
+                .tensors()
+                .into_iter()
+                .map(|(name, _)| name)
+                .collect(),
+            Some(names) => names.keys().cloned().collect(),
+        }
+    }
 }
 
 /// What a LoRA adds to a model while it loads: updates merged into the weights they name, or
@@ -104,12 +196,12 @@ struct CheckedSafetensors {
 /// [`crate::model::lora::LoraLinear`] applies on the fly.
 #[derive(Debug, Default, Clone)]
 pub struct Attachments {
-    pub deltas: std::collections::HashMap<String, candle_core::Tensor>,
-    pub adapters: std::collections::HashMap<String, candle_core::Tensor>,
+    pub deltas: HashMap<String, candle_core::Tensor>,
+    pub adapters: HashMap<String, candle_core::Tensor>,
 }
 
 /// The shape of every tensor in a safetensors file, from its header.
-pub fn tensor_shapes(path: &Path) -> Result<std::collections::HashMap<String, Vec<usize>>> {
+pub fn tensor_shapes(path: &Path) -> Result<HashMap<String, Vec<usize>>> {
     check_safetensors(path)?;
     // SAFETY: checked above to be a complete safetensors file; mapped read-only.
     let file = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }
@@ -133,23 +225,24 @@ impl candle_nn::var_builder::SimpleBackend for SharedChecked {
         dev: &Device,
     ) -> candle_core::Result<candle_core::Tensor> {
         let this = &self.0;
-        let Ok(view) = this.inner.get(name) else {
+        let Some(stored) = this.shape_of(name) else {
             candle_core::bail!(
                 "{}: missing tensor {name} (the config needs shape {:?})",
                 this.file,
                 shape.dims()
             )
         };
-        if view.shape() != shape.dims() {
+        if stored != shape.dims() {
             candle_core::bail!(
-                "{}: tensor {name} has shape {:?}, the config needs {:?}",
+                "{}: tensor {name} has shape {stored:?}, the config needs {:?}",
                 this.file,
-                view.shape(),
                 shape.dims()
             )
         }
         this.used.lock().expect("lock").insert(name.to_string());
-        let weight = this.inner.load(name, dev)?;
+        let Some(weight) = this.read(name, dev)? else {
+            candle_core::bail!("{}: missing tensor {name}", this.file)
+        };
         match this.attachments.deltas.get(name) {
             // The merge in f32, so that a half-precision model gets the update rounded once.
             Some(delta) => (weight.to_dtype(DType::F32)? + delta.to_device(dev)?)?.to_dtype(dtype),
@@ -164,14 +257,17 @@ impl candle_nn::var_builder::SimpleBackend for SharedChecked {
         dev: &Device,
     ) -> candle_core::Result<candle_core::Tensor> {
         self.0.used.lock().expect("lock").insert(name.to_string());
-        match self.0.attachments.adapters.get(name) {
-            Some(adapter) => adapter.to_device(dev)?.to_dtype(dtype),
-            None => self.0.inner.load(name, dev)?.to_dtype(dtype),
+        if let Some(adapter) = self.0.attachments.adapters.get(name) {
+            return adapter.to_device(dev)?.to_dtype(dtype);
+        }
+        match self.0.read(name, dev)? {
+            Some(weight) => weight.to_dtype(dtype),
+            None => candle_core::bail!("{}: missing tensor {name}", self.0.file),
         }
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.0.attachments.adapters.contains_key(name) || self.0.inner.get(name).is_ok()
+        self.0.attachments.adapters.contains_key(name) || self.0.shape_of(name).is_some()
     }
 }
 
@@ -196,12 +292,30 @@ pub fn load_checked_with<T>(
     attachments: Attachments,
     build: impl FnOnce(VarBuilder) -> Result<T>,
 ) -> Result<T> {
+    let weights = ComponentWeights::File(path.to_path_buf());
+    load_component(&weights, dtype, device, attachments, build)
+}
+
+/// [`load_checked_with`] for a component's weights wherever they are stored.
+pub fn load_component<T>(
+    weights: &ComponentWeights,
+    dtype: DType,
+    device: &Device,
+    attachments: Attachments,
+    build: impl FnOnce(VarBuilder) -> Result<T>,
+) -> Result<T> {
+    let path = weights.path();
     check_safetensors(path)?;
     // SAFETY: checked above to be a complete safetensors file; mapped read-only.
     let inner = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }
         .map_err(|e| file_error(path, e.to_string()))?;
+    let names = match weights {
+        ComponentWeights::File(_) => None,
+        ComponentWeights::Mapped { names, .. } => Some(names.clone()),
+    };
     let checked = std::sync::Arc::new(CheckedSafetensors {
         inner,
+        names,
         file: path.display().to_string(),
         attachments,
         used: Default::default(),
@@ -214,10 +328,8 @@ pub fn load_checked_with<T>(
     let model = build(vb)?;
     let used = checked.used.lock().expect("lock");
     let unexpected: Vec<String> = checked
-        .inner
-        .tensors()
+        .available()
         .into_iter()
-        .map(|(name, _)| name)
         .filter(|name| !used.contains(name) && !name.ends_with("position_ids"))
         .collect();
     let unused_lora: Vec<&String> = checked
@@ -240,7 +352,14 @@ pub fn load_checked_with<T>(
     if !unexpected.is_empty() {
         let mut sorted = unexpected.clone();
         sorted.sort();
-        let shown: Vec<&str> = sorted.iter().take(5).map(String::as_str).collect();
+        let shown: Vec<String> = sorted
+            .iter()
+            .take(5)
+            .map(|name| match checked.source(name) {
+                Some(source) if source.key != *name => format!("{} (as {name})", source.key),
+                _ => name.clone(),
+            })
+            .collect();
         return Err(file_error(
             path,
             format!(

@@ -128,7 +128,8 @@ fn device_for(
     }
     let device =
         Device::new_cuda(ordinal).map_err(|e| anyhow::anyhow!("--device = {name}: {e}"))?;
-    crate::runtime::tune_cuda(&device, f32_matmul).map_err(|e| anyhow::anyhow!("--device = {name}: {e}"))?;
+    crate::runtime::tune_cuda(&device, f32_matmul)
+        .map_err(|e| anyhow::anyhow!("--device = {name}: {e}"))?;
     Ok(device)
 }
 

@@ -2,6 +2,7 @@
 
 use super::sampler_args::SamplerArgs;
 use crate::image_io::save_png;
+use crate::pipeline::checkpoint::SingleFileOptions;
 use crate::pipeline::request::GenerationRequest;
 use crate::pipeline::txt2img::SizeConditioning;
 use crate::pipeline::{LoadOptions, StableDiffusion};
@@ -20,10 +21,22 @@ pub struct Txt2imgArgs {
     /// A text file with one prompt per line (blank lines skipped).
     #[arg(long)]
     pub prompts_file: Option<PathBuf>,
-    /// A diffusers pipeline folder, a hub id (owner/name) or a short name: sd15, sd21,
-    /// sd21-base, sd-turbo (default: the embedded model in weights/).
+    /// A diffusers pipeline folder, a single .safetensors checkpoint in the original layout
+    /// (SD 1.x, 2.x, SDXL; inpainting too), a hub id (owner/name) or a short name: sd15, sd21,
+    /// sd21-base, sd-turbo, sdxl, sdxl-turbo (default: the embedded model in weights/).
     #[arg(long)]
     pub model: Option<String>,
+    /// With a single-file --model: a diffusers folder whose configs, tokenizers and scheduler
+    /// to use instead of the built-in ones of the recognised architecture.
+    #[arg(long, value_name = "DIR")]
+    pub config: Option<PathBuf>,
+    /// A VAE to use instead of the model's: a diffusers vae/ folder or a .safetensors file.
+    #[arg(long, value_name = "PATH")]
+    pub vae: Option<PathBuf>,
+    /// What the U-Net predicts: epsilon or v_prediction (default: the model's scheduler config;
+    /// single SD 2.x files are taken as v_prediction, as diffusers does).
+    #[arg(long)]
+    pub prediction_type: Option<String>,
     /// Download the `fp16` weight variant of a hub model.
     #[arg(long)]
     pub variant: Option<String>,
@@ -97,15 +110,16 @@ pub struct Txt2imgArgs {
     pub no_memory_check: bool,
 }
 
-fn model_dir(model: Option<&str>, fp16: bool) -> anyhow::Result<PathBuf> {
+/// What `--model` names, or the embedded default's folder.
+fn model_spec(model: Option<&str>) -> anyhow::Result<String> {
     match model {
-        Some(m) => Ok(crate::hub::resolve(m, fp16)?),
+        Some(m) => Ok(m.to_string()),
         None => {
             eprintln!(
                 "using the embedded default model (20 classes of digits and clothes at 32x32; \
                  --model sd15 or sd-turbo for real pictures)"
             );
-            Ok(crate::embedded::model_dir()?)
+            Ok(crate::embedded::model_dir()?.display().to_string())
         }
     }
 }
@@ -246,21 +260,32 @@ pub fn run(args: Txt2imgArgs) -> anyhow::Result<()> {
         Some(model) => crate::hub::preset(model),
         None => Some(&crate::hub::EMBEDDED),
     };
-    let dir = model_dir(args.model.as_deref(), fp16)?;
+    let single_file = SingleFileOptions {
+        config_dir: args.config.clone(),
+        vae: args.vae.clone(),
+        prediction_type: args
+            .prediction_type
+            .as_deref()
+            .map(crate::schedule::PredictionType::parse)
+            .transpose()?,
+    };
+    let spec = model_spec(args.model.as_deref())?;
+    let load_start = Instant::now();
+    let (sd, recognised) = StableDiffusion::load_model(&spec, fp16, &single_file, options)?;
     let model_name = match &args.model {
         None => crate::hub::EMBEDDED.name.to_string(),
-        Some(_) => dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("model")
-            .to_string(),
+        Some(_) => match sd.root.is_file() {
+            true => sd.root.file_stem(),
+            false => sd.root.file_name(),
+        }
+        .and_then(|n| n.to_str())
+        .unwrap_or("model")
+        .to_string(),
     };
-
-    let load_start = Instant::now();
-    let sd = StableDiffusion::load_dir(&dir, options)?;
     eprintln!(
-        "loaded {} in {:.2} s",
-        dir.display(),
+        "loaded {}{} in {:.2} s",
+        sd.root.display(),
+        recognised.map_or(String::new(), |r| format!(" ({}, single file)", r.name())),
         load_start.elapsed().as_secs_f64()
     );
     let generation = request.prepare(&sd, preset)?;

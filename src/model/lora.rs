@@ -373,80 +373,49 @@ impl LoraFile {
 /// downsampler; the middle block is resnet, attention, resnet; each up block has L + 1 layers,
 /// its upsampler last in the last layer. L comes from the model's own weights.
 fn sgm_unet_module(module: &str, weights: &HashMap<String, Vec<usize>>) -> Option<String> {
+    use crate::single_file::{unet_layer, UNetLayer, UNET_RESNET_NAMES, UNET_TOP_NAMES};
+    let underscored = |name: &str| name.replace('.', "_");
+    for (sgm, diffusers) in UNET_TOP_NAMES {
+        if module == underscored(sgm) {
+            return Some(underscored(diffusers));
+        }
+    }
     let layers = (0..)
         .take_while(|j| weights.contains_key(&format!("down_blocks.0.resnets.{j}.conv1.weight")))
         .count();
-    let resnet = |rest: &str| -> String {
-        for (sgm, diffusers) in [
-            ("in_layers_0", "norm1"),
-            ("in_layers_2", "conv1"),
-            ("emb_layers_1", "time_emb_proj"),
-            ("out_layers_0", "norm2"),
-            ("out_layers_3", "conv2"),
-            ("skip_connection", "conv_shortcut"),
-        ] {
-            if let Some(tail) = rest.strip_prefix(sgm) {
-                return format!("{diffusers}{tail}");
-            }
-        }
-        rest.to_string()
-    };
-    // "<i>_<k>_<rest>" to (i, k, rest).
-    let numbered = |text: &str| -> Option<(usize, usize, String)> {
-        let mut parts = text.splitn(3, '_');
-        let i = parts.next()?.parse().ok()?;
-        let k = parts.next()?.parse().ok()?;
-        Some((i, k, parts.next().unwrap_or("").to_string()))
-    };
-    for (sgm, diffusers) in [
-        ("time_embed_0", "time_embedding_linear_1"),
-        ("time_embed_2", "time_embedding_linear_2"),
-        ("label_emb_0_0", "add_embedding_linear_1"),
-        ("label_emb_0_2", "add_embedding_linear_2"),
-        ("input_blocks_0_0", "conv_in"),
-        ("out_0", "conv_norm_out"),
-        ("out_2", "conv_out"),
-    ] {
-        if module == sgm {
-            return Some(diffusers.to_string());
-        }
-    }
-    if layers == 0 {
-        return None;
-    }
-    if let Some(text) = module.strip_prefix("input_blocks_") {
-        let (i, k, rest) = numbered(text)?;
-        let (block, layer) = ((i.checked_sub(1)?) / (layers + 1), (i - 1) % (layers + 1));
-        return Some(match (layer == layers, k) {
-            (true, 0) => format!("down_blocks_{block}_downsamplers_0_conv"),
-            (false, 0) => format!("down_blocks_{block}_resnets_{layer}_{}", resnet(&rest)),
-            (false, 1) => format!("down_blocks_{block}_attentions_{layer}_{rest}"),
-            _ => return None,
-        });
-    }
-    if let Some(text) = module.strip_prefix("middle_block_") {
-        let (k, rest) = text.split_once('_')?;
-        return Some(match k {
-            "0" => format!("mid_block_resnets_0_{}", resnet(rest)),
-            "1" => format!("mid_block_attentions_0_{rest}"),
-            "2" => format!("mid_block_resnets_1_{}", resnet(rest)),
-            _ => return None,
-        });
-    }
-    if let Some(text) = module.strip_prefix("output_blocks_") {
-        let (i, k, rest) = numbered(text)?;
-        let (block, layer) = (i / (layers + 1), i % (layers + 1));
-        let attends = weights
+    let up_attends = |block: usize| {
+        weights
             .keys()
-            .any(|name| name.starts_with(&format!("up_blocks.{block}.attentions.")));
-        return Some(match (k, attends) {
-            (0, _) => format!("up_blocks_{block}_resnets_{layer}_{}", resnet(&rest)),
-            (1, true) => format!("up_blocks_{block}_attentions_{layer}_{rest}"),
-            (1, false) | (2, true) => format!("up_blocks_{block}_upsamplers_0_conv"),
-            _ => return None,
-        });
-    }
-    None
+            .any(|name| name.starts_with(&format!("up_blocks.{block}.attentions.")))
+    };
+    let (section, text) = ["input_blocks", "middle_block", "output_blocks"]
+        .iter()
+        .find_map(|s| Some((*s, module.strip_prefix(s)?.strip_prefix('_')?)))?;
+    // "<i>_<k>_<rest>" (the middle block: "<i>_<rest>").
+    let mut parts = text.splitn(3, '_');
+    let i: usize = parts.next()?.parse().ok()?;
+    let (k, rest) = if section == "middle_block" {
+        (0, text.split_once('_')?.1.to_string())
+    } else {
+        (
+            parts.next()?.parse().ok()?,
+            parts.next().unwrap_or("").to_string(),
+        )
+    };
+    Some(match unet_layer(section, i, k, layers, &up_attends)? {
+        UNetLayer::Resnet(prefix) => {
+            let renamed = UNET_RESNET_NAMES
+                .iter()
+                .find_map(|(sgm, diffusers)| {
+                    let tail = rest.strip_prefix(&underscored(sgm))?;
+                    Some(format!("{diffusers}{tail}"))
+                })
+                .unwrap_or(rest);
+            format!("{}_{renamed}", underscored(&prefix))
+        }
+        UNetLayer::Attention(prefix) => format!("{}_{rest}", underscored(&prefix)),
+        UNetLayer::Sampler(prefix) => format!("{}_conv", underscored(&prefix)),
+    })
 }
 
 /// Adds `more` into `into`, summing the updates of weights that several files adapt.

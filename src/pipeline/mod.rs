@@ -1,21 +1,23 @@
 //! Pipelines: a Stable Diffusion model folder loaded as one bundle, classifier-free guidance,
 //! and txt2img.
 
+pub mod checkpoint;
 pub mod guidance;
 pub mod pixel;
 pub mod request;
 pub mod txt2img;
 
 use crate::error::{Error, Result};
-use crate::model::config::{read_json, ClipTextConfig, UNetConfig, VaeConfig};
+use crate::model::config::read_json;
 use crate::model::lora::{add_deltas, Component, LoraFile};
 use crate::model::text::ClipTextModel;
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::vae::AutoencoderKL;
 use crate::sampler::SchedulerConfig;
 use crate::tokenizer::ClipTokenizer;
-use crate::weights::{load_checked, load_checked_with, tensor_shapes, Attachments};
+use crate::weights::{load_component, Attachments, ComponentWeights};
 use candle_core::{DType, Device, Tensor};
+use checkpoint::PipelineParts;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -180,7 +182,7 @@ pub fn weights_file(dir: &Path, stem: &str) -> Result<PathBuf> {
 /// model) is refused by name.
 fn lora_updates(
     loras: &[(PathBuf, f64)],
-    components: &[(Component, &Path)],
+    components: &[(Component, &ComponentWeights)],
 ) -> Result<HashMap<Component, Attachments>> {
     let mut updates: HashMap<Component, Attachments> = components
         .iter()
@@ -191,7 +193,7 @@ fn lora_updates(
     }
     let shapes = components
         .iter()
-        .map(|(c, path)| Ok((*c, tensor_shapes(path)?)))
+        .map(|(c, weights)| Ok((*c, weights.shapes()?)))
         .collect::<Result<HashMap<_, _>>>()?;
     for (path, multiplier) in loras {
         let file = LoraFile::load(path)?;
@@ -221,51 +223,64 @@ fn lora_updates(
 
 impl StableDiffusion {
     /// Loads `model_index.json`, `tokenizer/`, `text_encoder/`, `unet/`, `vae/`, `scheduler/`.
-    pub fn load_dir(root: &Path, mut options: LoadOptions) -> Result<Self> {
-        let (kind, force_zeros_for_empty_prompt) =
-            check_model_index(&root.join("model_index.json"))?;
-        let tokenizer = ClipTokenizer::from_dir(&root.join("tokenizer"))?;
+    pub fn load_dir(root: &Path, options: LoadOptions) -> Result<Self> {
+        Self::from_parts(checkpoint::folder_parts(root)?, root, options)
+    }
+
+    /// Loads a single-file checkpoint in the original layout (see [`checkpoint`]); also says
+    /// what it was recognised as.
+    pub fn load_single_file(
+        path: &Path,
+        single_file: &checkpoint::SingleFileOptions,
+        options: LoadOptions,
+    ) -> Result<(Self, checkpoint::Recognised)> {
+        let (parts, recognised) = checkpoint::single_file_parts(path, single_file)?;
+        Ok((Self::from_parts(parts, path, options)?, recognised))
+    }
+
+    /// Loads what `--model` names (see [`checkpoint::model_parts`]); also says, for a single
+    /// file, what it was recognised as.
+    pub fn load_model(
+        spec: &str,
+        fp16: bool,
+        single_file: &checkpoint::SingleFileOptions,
+        options: LoadOptions,
+    ) -> Result<(Self, Option<checkpoint::Recognised>)> {
+        let model = checkpoint::model_parts(spec, fp16, single_file)?;
+        let sd = Self::from_parts(model.parts, &model.location, options)?;
+        Ok((sd, model.recognised))
+    }
+
+    /// Builds the pipeline from its parts, merging `options.loras` as the weights load.
+    pub fn from_parts(parts: PipelineParts, root: &Path, mut options: LoadOptions) -> Result<Self> {
         let device = &options.device;
-        let text_dir = root.join("text_encoder");
-        let text_config: ClipTextConfig = read_json(&text_dir.join("config.json"))?;
-        let text_weights = weights_file(&text_dir, "model")?;
-        let unet_dir = root.join("unet");
-        let unet_config: UNetConfig = read_json(&unet_dir.join("config.json"))?;
-        let unet_weights = weights_file(&unet_dir, "diffusion_pytorch_model")?;
-        let second_encoder = match kind {
-            PipelineKind::StableDiffusion => None,
-            PipelineKind::StableDiffusionXl => {
-                let dir = root.join("text_encoder_2");
-                let config: ClipTextConfig = read_json(&dir.join("config.json"))?;
-                Some((config, weights_file(&dir, "model")?))
-            }
-        };
+        let kind = parts.kind;
+        let (text_config, text_weights) = parts.text_encoder;
+        let (unet_config, unet_weights) = parts.unet;
         let mut components = vec![
-            (Component::TextEncoder, text_weights.as_path()),
-            (Component::Unet, unet_weights.as_path()),
+            (Component::TextEncoder, &text_weights),
+            (Component::Unet, &unet_weights),
         ];
-        if let Some((_, weights)) = &second_encoder {
-            components.push((Component::TextEncoder2, weights.as_path()));
+        if let Some((_, weights)) = &parts.text_encoder_2 {
+            components.push((Component::TextEncoder2, weights));
         }
         let mut loras = lora_updates(&options.loras, &components)?;
         let mut take = |c: Component| loras.remove(&c).unwrap_or_default();
-        let text_encoder = load_checked_with(
+        let text_encoder = load_component(
             &text_weights,
             options.dtype,
             device,
             take(Component::TextEncoder),
             |vb| ClipTextModel::new(text_config, vb),
         )?;
-        let unet = load_checked_with(
+        let unet = load_component(
             &unet_weights,
             options.dtype,
             device,
             take(Component::Unet),
             |vb| UNet2DConditionModel::new(unet_config, vb),
         )?;
-        let vae_dir = root.join("vae");
-        let vae_config: VaeConfig = read_json(&vae_dir.join("config.json"))?;
-        let vae_weights = weights_file(&vae_dir, "diffusion_pytorch_model")?;
+        let (vae_config, vae_weights) = parts.vae;
         let upcast = kind == PipelineKind::StableDiffusionXl
             && vae_config.force_upcast
             && options.vae_dtype == DType::F16;
@@ -274,39 +289,35 @@ impl StableDiffusion {
         } else {
             options.vae_dtype
         };
-        let vae = load_checked(&vae_weights, vae_dtype, device, |vb| {
-            AutoencoderKL::new(vae_config, vb)
-        })?;
-        let (tokenizer_2, text_encoder_2) = match second_encoder {
-            None => (None, None),
-            Some((config, weights)) => {
-                let encoder = load_checked_with(
-                    &weights,
-                    options.dtype,
-                    device,
-                    take(Component::TextEncoder2),
-                    |vb| ClipTextModel::new(config, vb),
-                )?;
-                (
-                    Some(ClipTokenizer::from_dir(&root.join("tokenizer_2"))?),
-                    Some(encoder),
-                )
-            }
+        let vae = load_component(
+            &vae_weights,
+            vae_dtype,
+            device,
+            Attachments::default(),
+            |vb| AutoencoderKL::new(vae_config, vb),
+        )?;
+        let text_encoder_2 = match parts.text_encoder_2 {
+            None => None,
+            Some((config, weights)) => Some(load_component(
+                &weights,
+                options.dtype,
+                device,
+                take(Component::TextEncoder2),
+                |vb| ClipTextModel::new(config, vb),
+            )?),
         };
-        let scheduler =
-            SchedulerConfig::from_file(&root.join("scheduler").join("scheduler_config.json"))?;
         options.vae_dtype = vae_dtype;
         Ok(Self {
             root: root.to_path_buf(),
             kind,
-            tokenizer,
+            tokenizer: parts.tokenizer,
             text_encoder,
-            tokenizer_2,
+            tokenizer_2: parts.tokenizer_2,
             text_encoder_2,
-            force_zeros_for_empty_prompt,
+            force_zeros_for_empty_prompt: parts.force_zeros_for_empty_prompt,
             unet,
             vae,
-            scheduler,
+            scheduler: parts.scheduler,
             options,
         })
     }

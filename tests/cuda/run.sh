@@ -17,6 +17,9 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 BIN=$(realpath "${1:?usage: tests/cuda/run.sh DIR}")
 OUT=${OUT:-target/cuda-check}
+# A binary linked against an empty libcuda stub (README "On an NVIDIA GPU") finds the driver's
+# symbols this way; for one linked against the driver it changes nothing.
+export LD_PRELOAD=${LD_PRELOAD:-libcuda.so.1}
 WORK=$(mktemp -d)
 mkdir -p "$OUT" target
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
