@@ -286,3 +286,23 @@ fn files_that_are_not_checkpoints_or_do_not_fit_are_refused_by_name() {
     StableDiffusion::load_single_file(&stray, &options, LoadOptions::default()).unwrap();
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The shipped tokenizer padded with "!" (what single SD 2.x and SDXL files get) encodes as
+/// SDXL's own second tokenizer does, a literal "!" included.
+#[test]
+fn the_shipped_tokenizer_padded_with_a_bang_is_sdxls_second_tokenizer() {
+    use diffuse::tokenizer::ClipTokenizer;
+    let shipped = ClipTokenizer::from_dir(&fixture_path("tiny-sd/tokenizer"))
+        .unwrap()
+        .padded_with("!")
+        .unwrap();
+    let second = ClipTokenizer::from_dir(&fixture_path("tiny-sdxl/tokenizer_2")).unwrap();
+    assert_eq!(shipped.pad_id, second.pad_id);
+    for prompt in ["a cat!", "wow!! a dog, 4k", "", "emoji 🌸 and café"] {
+        assert_eq!(
+            shipped.encode(prompt).unwrap().ids,
+            second.encode(prompt).unwrap().ids,
+            "{prompt}"
+        );
+    }
+}
