@@ -216,6 +216,31 @@ pub fn rgb_to_tensor(img: &image::RgbImage, size: Option<(u32, u32)>) -> Result<
     )
 }
 
+/// An inpainting mask (white = repaint) as diffusers prepares it: grey levels, resized with
+/// Lanczos filtering to `size` when it differs, then binarised at half (values of 128 and up
+/// become 1): (1, H, W) of 0 and 1.
+pub fn mask_to_tensor(mask: &image::GrayImage, size: (u32, u32)) -> Result<Tensor> {
+    let resized;
+    let mask = match size {
+        (w, h) if (w, h) != mask.dimensions() => {
+            resized = image::imageops::resize(mask, w, h, image::imageops::FilterType::Lanczos3);
+            &resized
+        }
+        _ => mask,
+    };
+    let (w, h) = mask.dimensions();
+    let data: Vec<f32> = mask
+        .as_raw()
+        .iter()
+        .map(|v| if *v as f32 / 255.0 >= 0.5 { 1.0 } else { 0.0 })
+        .collect();
+    Ok(Tensor::from_vec(
+        data,
+        (1, h as usize, w as usize),
+        &candle_core::Device::Cpu,
+    )?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -75,6 +75,11 @@ pub struct Txt2imgArgs {
     /// Start from this image instead of noise (img2img; PNG, JPEG or WebP, resized to the size).
     #[arg(long)]
     pub init_image: Option<PathBuf>,
+    /// With --init-image: inpaint where this mask is white (a grey-level image, binarised at
+    /// half). An inpainting model is needed (a U-Net of 9 input channels); --latents is then
+    /// the starting noise.
+    #[arg(long)]
+    pub mask: Option<PathBuf>,
     /// With --init-image: how much of the schedule runs, in (0, 1]; higher departs further
     /// from the image.
     #[arg(long, default_value_t = 0.75)]
@@ -199,6 +204,10 @@ fn request(args: &Txt2imgArgs, prompts: Vec<String>) -> anyhow::Result<Generatio
         Some(path) => Some(crate::image_io::decode_image(path)?.to_rgb8()),
         None => None,
     };
+    let mask = match &args.mask {
+        Some(path) => Some(crate::image_io::decode_image(path)?.to_luma8()),
+        None => None,
+    };
     let scheduler = match &args.sampler.scheduler_config {
         Some(path) => Some(crate::sampler::SchedulerConfig::from_file(path)?),
         None => None,
@@ -222,6 +231,7 @@ fn request(args: &Txt2imgArgs, prompts: Vec<String>) -> anyhow::Result<Generatio
         seed: args.seed,
         num_images: args.num_images,
         init_image,
+        mask,
         strength: args.strength,
         latents,
         size_conditioning: SizeConditioning {

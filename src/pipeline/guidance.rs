@@ -20,6 +20,9 @@ pub struct GuidedUNet<'a> {
     pub interval: Option<GuidanceInterval>,
     pub prediction_type: PredictionType,
     pub dtype: DType,
+    /// Channels appended to every U-Net input, (B, C, h, w): an inpainting U-Net's downsampled
+    /// mask and masked-image latents.
+    pub extra_channels: Option<Tensor>,
 }
 
 /// Kynkäänniemi et al. 2024 (eq. 3): guidance at high noise pulls every sample of a prompt
@@ -69,6 +72,10 @@ impl Denoiser for GuidedUNet<'_> {
 
     fn predict(&mut self, x: &Tensor, t: f64) -> Result<Tensor> {
         let out_dtype = x.dtype();
+        let x = match &self.extra_channels {
+            Some(extra) => Tensor::cat(&[x, &extra.to_dtype(x.dtype())?], 1)?,
+            None => x.clone(),
+        };
         let x = x.to_dtype(self.dtype)?;
         let b = x.dim(0)?;
         if !self.guides_at(t) {

@@ -123,18 +123,19 @@ pub fn check_model_index(index_path: &Path) -> Result<(PipelineKind, bool)> {
         .and_then(|v| v.as_str())
         .unwrap_or("");
     let kind = match class {
-        "StableDiffusionPipeline" | "StableDiffusionImg2ImgPipeline" => {
-            PipelineKind::StableDiffusion
-        }
-        "StableDiffusionXLPipeline" | "StableDiffusionXLImg2ImgPipeline" => {
-            PipelineKind::StableDiffusionXl
-        }
+        "StableDiffusionPipeline"
+        | "StableDiffusionImg2ImgPipeline"
+        | "StableDiffusionInpaintPipeline" => PipelineKind::StableDiffusion,
+        "StableDiffusionXLPipeline"
+        | "StableDiffusionXLImg2ImgPipeline"
+        | "StableDiffusionXLInpaintPipeline" => PipelineKind::StableDiffusionXl,
         _ => {
             return Err(file_error(
                 index_path,
                 format!(
                     "_class_name = {class:?} is not a model type this crate runs; expected \
-                     StableDiffusionPipeline (SD 1.x, 2.x, Turbo) or StableDiffusionXLPipeline"
+                     StableDiffusionPipeline (SD 1.x, 2.x, Turbo) or StableDiffusionXLPipeline \
+                     (or their Img2Img and Inpaint variants)"
                 ),
             ))
         }

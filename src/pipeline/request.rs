@@ -6,7 +6,7 @@
 //! so a request for other LoRAs is a request for another loaded model.
 
 use super::txt2img::{
-    check_size, img2img, txt2img, SizeConditioning, Txt2ImgOutput, Txt2ImgRequest,
+    check_size, img2img, inpaint, txt2img, SizeConditioning, Txt2ImgOutput, Txt2ImgRequest,
 };
 use super::StableDiffusion;
 use crate::error::{Error, Result};
@@ -53,10 +53,12 @@ pub struct GenerationRequest {
     pub num_images: usize,
     /// img2img: start from this image instead of noise.
     pub init_image: Option<image::RgbImage>,
+    /// Inpainting (with `init_image`): white = repaint, binarised at half.
+    pub mask: Option<image::GrayImage>,
     /// With an init image: the share of the schedule that runs, in (0, 1].
     pub strength: f64,
     /// Unscaled starting latents (B, C, h, w), as diffusers' `latents=`; they fix the batch and
-    /// the size.
+    /// the size. With a mask: the starting noise instead.
     pub latents: Option<Tensor>,
     /// SDXL's micro-conditioning.
     pub size_conditioning: SizeConditioning,
@@ -82,6 +84,7 @@ impl GenerationRequest {
             seed: None,
             num_images: 1,
             init_image: None,
+            mask: None,
             strength: 0.75,
             latents: None,
             size_conditioning: SizeConditioning::default(),
@@ -134,7 +137,13 @@ impl GenerationRequest {
                 "a number in (0, 1]",
             ));
         }
-        if self.init_image.is_some() && self.latents.is_some() {
+        if self.mask.is_some() && self.init_image.is_none() {
+            return Err(Error::Msg(
+                "a mask needs the image it masks (--init-image)".into(),
+            ));
+        }
+        // With a mask the latents are the starting noise, which goes with an image.
+        if self.init_image.is_some() && self.latents.is_some() && self.mask.is_none() {
             return Err(Error::Msg(
                 "give an init image or starting latents, not both".into(),
             ));
@@ -276,19 +285,28 @@ impl GenerationRequest {
                 resolved.guidance > 1.0,
             )?;
         }
+        let size = (resolved.width as u32, resolved.height as u32);
         let init_image = match &self.init_image {
-            Some(image) => Some(crate::image_io::rgb_to_tensor(
-                image,
-                Some((resolved.width as u32, resolved.height as u32)),
-            )?),
+            Some(image) => Some(crate::image_io::rgb_to_tensor(image, Some(size))?),
             None => None,
         };
+        let mask = match &self.mask {
+            Some(mask) => Some(crate::image_io::mask_to_tensor(mask, size)?),
+            None => None,
+        };
+        if sd.unet.config.in_channels == 9 && mask.is_none() {
+            return Err(Error::Msg(
+                "this is an inpainting model (its U-Net takes 9 channels): give --init-image and --mask"
+                    .into(),
+            ));
+        }
         Ok(Generation {
             request: self.clone(),
             resolved,
             kind,
             sampler,
             init_image,
+            mask,
             batch,
         })
     }
@@ -313,6 +331,7 @@ pub struct Generation {
     pub kind: SamplerKind,
     sampler: Box<dyn Sampler>,
     init_image: Option<Tensor>,
+    mask: Option<Tensor>,
     batch: usize,
 }
 
@@ -345,9 +364,21 @@ impl Generation {
         on_step: &mut Callback,
     ) -> Result<Txt2ImgOutput> {
         let request = self.request.for_prompt(index, &self.resolved);
-        match &self.init_image {
-            Some(image) => img2img(sd, self.sampler.as_ref(), &request, image, on_step),
-            None => txt2img(sd, self.sampler.as_ref(), &request, on_step),
+        match (&self.init_image, &self.mask) {
+            (Some(image), Some(mask)) => {
+                let full = self.request.strength >= 1.0;
+                inpaint(
+                    sd,
+                    self.sampler.as_ref(),
+                    &request,
+                    image,
+                    mask,
+                    full,
+                    on_step,
+                )
+            }
+            (Some(image), None) => img2img(sd, self.sampler.as_ref(), &request, image, on_step),
+            (None, _) => txt2img(sd, self.sampler.as_ref(), &request, on_step),
         }
     }
 

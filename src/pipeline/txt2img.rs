@@ -170,6 +170,7 @@ fn denoise_and_decode(
     prompts: EncodedPrompts,
     x_start: Tensor,
     noise: &mut SeededNoise,
+    extra_channels: Option<Tensor>,
     on_step: &mut Callback,
 ) -> Result<Txt2ImgOutput> {
     let (batch, _, h, w) = x_start.dims4()?;
@@ -194,6 +195,7 @@ fn denoise_and_decode(
         },
         prediction_type: sd.scheduler.prediction_type,
         dtype: sd.options.dtype,
+        extra_channels,
     };
     let mut step_times = Vec::new();
     let mut last = Instant::now();
@@ -245,7 +247,9 @@ pub fn txt2img(
         }
     };
     let x_start = latents.affine(sampler.init_noise_sigma(), 0.0)?;
-    denoise_and_decode(sd, sampler, request, prompts, x_start, &mut noise, on_step)
+    denoise_and_decode(
+        sd, sampler, request, prompts, x_start, &mut noise, None, on_step,
+    )
 }
 
 /// Image to image (SDEdit, Meng et al. 2022): the init image's latents are noised to the first
@@ -275,7 +279,89 @@ pub fn img2img(
         starts.push(sampler.add_noise(&latents, &forward_noise)?);
     }
     let x_start = Tensor::cat(&starts, 0)?;
-    denoise_and_decode(sd, sampler, request, prompts, x_start, &mut noise, on_step)
+    denoise_and_decode(
+        sd, sampler, request, prompts, x_start, &mut noise, None, on_step,
+    )
+}
+
+/// Inpainting with a 9-channel U-Net (Rombach et al. 2022, section 4.5; diffusers'
+/// `StableDiffusionInpaintPipeline`): the U-Net reads the latents with the mask (1 = repaint)
+/// downsampled to the latent grid (the top-left pixel of each cell) and the latents of the
+/// image with the repaint region set to grey. The image and masked image are encoded to their
+/// posterior means. `request.latents`, when given, is the starting noise (1, C, h, w), not the
+/// starting latents. At full strength the run starts from noise alone, else from the image's
+/// latents noised to the first step kept.
+pub fn inpaint(
+    sd: &StableDiffusion,
+    sampler: &dyn Sampler,
+    request: &Txt2ImgRequest,
+    image: &Tensor,
+    mask: &Tensor,
+    full_strength: bool,
+    on_step: &mut Callback,
+) -> Result<Txt2ImgOutput> {
+    let device = &sd.options.device;
+    let unet_channels = sd.unet.config.in_channels;
+    if unet_channels != 9 {
+        return Err(Error::Msg(format!(
+            "--mask needs an inpainting U-Net (9 input channels); this model's takes {unet_channels}"
+        )));
+    }
+    let prompts = encode_prompts(sd, request)?;
+    let mut noise = SeededNoise::new(request.seed);
+    let image = image.to_device(device)?.unsqueeze(0)?;
+    let (_, _, h, w) = image.dims4()?;
+    let factor = sd.vae_scale_factor();
+    check_size(w, h, factor)?;
+    let mask = mask
+        .to_device(device)?
+        .unsqueeze(0)?
+        .to_dtype(image.dtype())?;
+    // In [0, 1], grey is 0.5 (the 0 of the VAE's [-1, 1]).
+    let keep = (1.0 - &mask)?.broadcast_as(image.shape())?;
+    let grey = (&mask * 0.5)?.broadcast_as(image.shape())?;
+    let masked = ((&image * keep)? + grey)?;
+    let image_latents = sd.encode_image(&image, None)?.to_dtype(DType::F32)?;
+    let masked_latents = sd.encode_image(&masked, None)?.to_dtype(DType::F32)?;
+    let (lh, lw) = (h / factor, w / factor);
+    let mask_latent = mask
+        .reshape((1, 1, lh, factor, lw, factor))?
+        .narrow(3, 0, 1)?
+        .narrow(5, 0, 1)?
+        .reshape((1, 1, lh, lw))?
+        .to_dtype(DType::F32)?;
+    let (c, _, _) = sd.latent_shape(w, h);
+    let drawn = match &request.latents {
+        Some(l) => {
+            if l.dims() != [1, c, lh, lw] && l.dims() != [request.num_images, c, lh, lw] {
+                return Err(Error::Msg(format!(
+                    "the noise (--latents) has shape {:?}; expected [1, {c}, {lh}, {lw}]",
+                    l.dims()
+                )));
+            }
+            l.to_device(device)?.to_dtype(DType::F32)?
+        }
+        None => noise
+            .randn(&[request.num_images, c, lh, lw])?
+            .to_device(device)?,
+    };
+    let batch = drawn.dim(0)?;
+    let x_start = if full_strength {
+        drawn.affine(sampler.init_noise_sigma(), 0.0)?
+    } else {
+        sampler.add_noise(&image_latents.repeat((batch, 1, 1, 1))?, &drawn)?
+    };
+    let extra = Tensor::cat(&[&mask_latent, &masked_latents], 1)?.repeat((batch, 1, 1, 1))?;
+    denoise_and_decode(
+        sd,
+        sampler,
+        request,
+        prompts,
+        x_start,
+        &mut noise,
+        Some(extra),
+        on_step,
+    )
 }
 
 /// Classifier-free guidance for [`sample_prompts`]: the scale and the noise band it acts in.

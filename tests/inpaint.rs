@@ -1,0 +1,115 @@
+//! Inpainting against diffusers' `StableDiffusionInpaintPipeline` (`tests/fixtures/tiny-sd-inpaint`,
+//! copied from the shared fixtures; its README says how each case was called): a 9-channel
+//! U-Net at strength 1 (DDIM) and 0.6 (Euler), and an ordinary 4-channel model blended towards
+//! the known region at every step, through the command line with the recorded noise.
+
+mod common;
+
+use common::{assert_png_matches, fixture_path, Fixture};
+use std::collections::HashMap;
+use std::process::Command;
+
+/// Runs one `pipe_*` case of the inpainting fixture through `txt2img` and compares the image.
+fn run_case(case: &str) {
+    let fx = Fixture::load("tiny-sd-inpaint/reference.safetensors");
+    let call: serde_json::Value =
+        serde_json::from_str(fx.meta_str(&format!("{case}/call"))).unwrap();
+    let dir = std::env::temp_dir().join(format!("diffuse-inpaint-{case}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let noise = dir.join("noise.safetensors");
+    candle_core::safetensors::save(
+        &HashMap::from([(
+            "latents".to_string(),
+            fx.tensor(&format!("{case}/latents_in")).clone(),
+        )]),
+        &noise,
+    )
+    .unwrap();
+    let scheduler = dir.join("scheduler.json");
+    std::fs::write(&scheduler, fx.meta_str(&format!("{case}/scheduler_config"))).unwrap();
+    let model = match call["model_dir"].as_str() {
+        Some(other) => fixture_path(&format!("tiny-sd-inpaint/{other}")),
+        None => fixture_path("tiny-sd-inpaint"),
+    };
+    let png = dir.join("out.png");
+    let mut flags = vec![
+        "--steps".to_string(),
+        call["steps"].to_string(),
+        "--guidance".into(),
+        call["guidance_scale"].to_string(),
+        "--strength".into(),
+        call["strength"].to_string(),
+    ];
+    if let Some(eta) = call["call_kwargs"]["eta"].as_f64() {
+        flags.extend(["--eta".into(), eta.to_string()]);
+    }
+    if let Some(negative) = call["negative_prompt"].as_str() {
+        flags.extend(["--negative".into(), negative.into()]);
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_txt2img"))
+        .arg("--model")
+        .arg(&model)
+        .arg("--init-image")
+        .arg(fixture_path(&format!(
+            "tiny-sd-inpaint/{}",
+            call["init_image"].as_str().unwrap()
+        )))
+        .arg("--mask")
+        .arg(fixture_path(&format!(
+            "tiny-sd-inpaint/{}",
+            call["mask_image"].as_str().unwrap()
+        )))
+        .arg("--latents")
+        .arg(&noise)
+        .arg("--scheduler-config")
+        .arg(&scheduler)
+        .args(["--seed", "0", "--output"])
+        .arg(&png)
+        .args(flags)
+        .arg("--")
+        .arg(call["prompt"].as_str().unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{case}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_png_matches(case, &png, fx.tensor(&format!("{case}/image")));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn nine_channel_inpainting_at_full_strength_matches_diffusers() {
+    run_case("pipe_inpaint_ddim");
+}
+
+#[test]
+fn nine_channel_inpainting_at_partial_strength_matches_diffusers() {
+    run_case("pipe_inpaint_euler_s06");
+}
+
+#[test]
+fn a_mask_without_an_image_and_an_inpainting_model_without_a_mask_are_refused() {
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_txt2img"))
+            .arg("--model")
+            .arg(fixture_path("tiny-sd-inpaint"))
+            .args(args)
+            .args(["--steps", "2", "--output"])
+            .arg(std::env::temp_dir().join("diffuse-inpaint-refused.png"))
+            .arg("a cat")
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let mask = fixture_path("tiny-sd-inpaint/mask.png");
+    let err = run(&["--mask", mask.to_str().unwrap()]);
+    assert!(err.contains("--init-image"), "{err}");
+    let err = run(&[]);
+    assert!(
+        err.contains("inpainting model") && err.contains("--mask"),
+        "{err}"
+    );
+}
