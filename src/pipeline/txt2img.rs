@@ -162,17 +162,36 @@ fn conditioning(
     .repeat(batch)?)
 }
 
+/// Where sampling starts: the latents (already scaled by the sampler's initial sigma), and
+/// channels appended to every U-Net input (an inpainting U-Net's mask and masked image).
+struct Start {
+    latents: Tensor,
+    extra_channels: Option<Tensor>,
+}
+
+impl Start {
+    fn latents(latents: Tensor) -> Self {
+        Self {
+            latents,
+            extra_channels: None,
+        }
+    }
+}
+
 /// The part txt2img and img2img share: guided sampling from `x_start`, then decoding.
 fn denoise_and_decode(
     sd: &StableDiffusion,
     sampler: &dyn Sampler,
     request: &Txt2ImgRequest,
     prompts: EncodedPrompts,
-    x_start: Tensor,
+    start: Start,
     noise: &mut SeededNoise,
-    extra_channels: Option<Tensor>,
     on_step: &mut Callback,
 ) -> Result<Txt2ImgOutput> {
+    let Start {
+        latents: x_start,
+        extra_channels,
+    } = start;
     let (batch, _, h, w) = x_start.dims4()?;
     let factor = sd.vae_scale_factor();
     let (width, height) = (w * factor, h * factor);
@@ -248,7 +267,13 @@ pub fn txt2img(
     };
     let x_start = latents.affine(sampler.init_noise_sigma(), 0.0)?;
     denoise_and_decode(
-        sd, sampler, request, prompts, x_start, &mut noise, None, on_step,
+        sd,
+        sampler,
+        request,
+        prompts,
+        Start::latents(x_start),
+        &mut noise,
+        on_step,
     )
 }
 
@@ -280,7 +305,13 @@ pub fn img2img(
     }
     let x_start = Tensor::cat(&starts, 0)?;
     denoise_and_decode(
-        sd, sampler, request, prompts, x_start, &mut noise, None, on_step,
+        sd,
+        sampler,
+        request,
+        prompts,
+        Start::latents(x_start),
+        &mut noise,
+        on_step,
     )
 }
 
@@ -352,16 +383,11 @@ pub fn inpaint(
         sampler.add_noise(&image_latents.repeat((batch, 1, 1, 1))?, &drawn)?
     };
     let extra = Tensor::cat(&[&mask_latent, &masked_latents], 1)?.repeat((batch, 1, 1, 1))?;
-    denoise_and_decode(
-        sd,
-        sampler,
-        request,
-        prompts,
-        x_start,
-        &mut noise,
-        Some(extra),
-        on_step,
-    )
+    let start = Start {
+        latents: x_start,
+        extra_channels: Some(extra),
+    };
+    denoise_and_decode(sd, sampler, request, prompts, start, &mut noise, on_step)
 }
 
 /// Classifier-free guidance for [`sample_prompts`]: the scale and the noise band it acts in.
