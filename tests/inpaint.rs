@@ -90,6 +90,11 @@ fn nine_channel_inpainting_at_partial_strength_matches_diffusers() {
 }
 
 #[test]
+fn an_ordinary_model_blended_towards_the_known_region_matches_diffusers() {
+    run_case("pipe_blend4ch_ddim_s075");
+}
+
+#[test]
 fn a_mask_without_an_image_and_an_inpainting_model_without_a_mask_are_refused() {
     let run = |args: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_txt2img"))

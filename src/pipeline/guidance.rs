@@ -23,6 +23,20 @@ pub struct GuidedUNet<'a> {
     /// Channels appended to every U-Net input, (B, C, h, w): an inpainting U-Net's downsampled
     /// mask and masked-image latents.
     pub extra_channels: Option<Tensor>,
+    /// Inpainting with an ordinary U-Net: the known region put back after every update.
+    pub blend: Option<KnownRegion>,
+}
+
+/// Inpainting with a U-Net that knows nothing of masks (diffusers' blend for 4-channel models;
+/// Lugmayr et al. 2022 without resampling): after update i the sample outside the mask is
+/// replaced by the image's latents noised to the level of the next step (unnoised after the
+/// last).
+#[derive(Debug, Clone)]
+pub struct KnownRegion {
+    /// 1 where the model draws, 0 where the image is kept; (1, 1, h, w).
+    pub mask: Tensor,
+    /// The image's latents at the noise level after each update, in the sampler's form.
+    pub targets: Vec<Tensor>,
 }
 
 /// Kynkäänniemi et al. 2024 (eq. 3): guidance at high noise pulls every sample of a prompt
@@ -68,6 +82,21 @@ fn sample_std(x: &Tensor) -> Result<Tensor> {
 impl Denoiser for GuidedUNet<'_> {
     fn prediction_type(&self) -> PredictionType {
         self.prediction_type
+    }
+
+    fn after_step(&mut self, index: usize, sample: Tensor) -> Result<Tensor> {
+        let Some(known) = &self.blend else {
+            return Ok(sample);
+        };
+        let Some(target) = known.targets.get(index) else {
+            candle_core::bail!("no known-region target for update {index}")
+        };
+        let mask = known
+            .mask
+            .to_dtype(sample.dtype())?
+            .broadcast_as(sample.shape())?;
+        let keep = (1.0 - &mask)?;
+        target.to_dtype(sample.dtype())?.broadcast_mul(&keep)? + sample.mul(&mask)?
     }
 
     fn predict(&mut self, x: &Tensor, t: f64) -> Result<Tensor> {

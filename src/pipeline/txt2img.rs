@@ -1,7 +1,7 @@
 //! Text to image: encode the prompt and the negative prompt, draw (or take) latents, run any
 //! sampler on the guided U-Net, decode with the VAE.
 
-use super::guidance::{GuidanceInterval, GuidedUNet};
+use super::guidance::{GuidanceInterval, GuidedUNet, KnownRegion};
 use super::{PromptEmbeds, StableDiffusion};
 use crate::error::{Error, Result};
 use crate::model::unet::{TextTimeConditioning, UNetConditioning};
@@ -162,11 +162,13 @@ fn conditioning(
     .repeat(batch)?)
 }
 
-/// Where sampling starts: the latents (already scaled by the sampler's initial sigma), and
-/// channels appended to every U-Net input (an inpainting U-Net's mask and masked image).
+/// Where sampling starts: the latents (already scaled by the sampler's initial sigma), and for
+/// inpainting channels appended to every U-Net input (an inpainting U-Net's mask and masked
+/// image) or the known region put back after every update (an ordinary U-Net).
 struct Start {
     latents: Tensor,
     extra_channels: Option<Tensor>,
+    blend: Option<KnownRegion>,
 }
 
 impl Start {
@@ -174,6 +176,7 @@ impl Start {
         Self {
             latents,
             extra_channels: None,
+            blend: None,
         }
     }
 }
@@ -191,6 +194,7 @@ fn denoise_and_decode(
     let Start {
         latents: x_start,
         extra_channels,
+        blend,
     } = start;
     let (batch, _, h, w) = x_start.dims4()?;
     let factor = sd.vae_scale_factor();
@@ -215,6 +219,7 @@ fn denoise_and_decode(
         prediction_type: sd.scheduler.prediction_type,
         dtype: sd.options.dtype,
         extra_channels,
+        blend,
     };
     let mut step_times = Vec::new();
     let mut last = Instant::now();
@@ -315,10 +320,11 @@ pub fn img2img(
     )
 }
 
-/// Inpainting with a 9-channel U-Net (Rombach et al. 2022, section 4.5; diffusers'
-/// `StableDiffusionInpaintPipeline`): the U-Net reads the latents with the mask (1 = repaint)
-/// downsampled to the latent grid (the top-left pixel of each cell) and the latents of the
-/// image with the repaint region set to grey. The image and masked image are encoded to their
+/// Inpainting (diffusers' `StableDiffusionInpaintPipeline`). A 9-channel U-Net (Rombach et al.
+/// 2022, section 4.5) reads the latents with the mask (1 = repaint) downsampled to the latent
+/// grid (the top-left pixel of each cell) and the latents of the image with the repaint region
+/// set to grey; an ordinary U-Net gets the known region put back after every update
+/// ([`KnownRegion`]). The image and masked image are encoded to their
 /// posterior means. `request.latents`, when given, is the starting noise (1, C, h, w), not the
 /// starting latents. At full strength the run starts from noise alone, else from the image's
 /// latents noised to the first step kept.
@@ -332,10 +338,24 @@ pub fn inpaint(
     on_step: &mut Callback,
 ) -> Result<Txt2ImgOutput> {
     let device = &sd.options.device;
-    let unet_channels = sd.unet.config.in_channels;
-    if unet_channels != 9 {
+    let (c, _, _) = sd.latent_shape(8, 8);
+    let nine_channels = match sd.unet.config.in_channels {
+        n if n == c => false,
+        n if n == 2 * c + 1 => true,
+        n => {
+            return Err(Error::Msg(format!(
+                "--mask: the U-Net takes {n} input channels; expected {c} (blending the known \
+                 region) or {} (an inpainting model)",
+                2 * c + 1
+            )))
+        }
+    };
+    if !nine_channels && !sampler.applies_after_step() {
         return Err(Error::Msg(format!(
-            "--mask needs an inpainting U-Net (9 input channels); this model's takes {unet_channels}"
+            "inpainting with an ordinary model puts the known region back after every step, \
+             which the {} sampler does not support; use ddim, ddpm, euler, euler-a, lms, \
+             dpmpp-2m or unipc (or an inpainting model)",
+            sampler.name()
         )));
     }
     let prompts = encode_prompts(sd, request)?;
@@ -382,10 +402,30 @@ pub fn inpaint(
     } else {
         sampler.add_noise(&image_latents.repeat((batch, 1, 1, 1))?, &drawn)?
     };
-    let extra = Tensor::cat(&[&mask_latent, &masked_latents], 1)?.repeat((batch, 1, 1, 1))?;
-    let start = Start {
-        latents: x_start,
-        extra_channels: Some(extra),
+    let start = if nine_channels {
+        let extra = Tensor::cat(&[&mask_latent, &masked_latents], 1)?.repeat((batch, 1, 1, 1))?;
+        Start {
+            latents: x_start,
+            extra_channels: Some(extra),
+            blend: None,
+        }
+    } else {
+        let image_latents = image_latents.repeat((batch, 1, 1, 1))?;
+        let updates = sampler.timesteps().len();
+        let targets = (1..=updates)
+            .map(|i| match i < updates {
+                true => sampler.add_noise_at(&image_latents, &drawn, i),
+                false => Ok(image_latents.clone()),
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Start {
+            latents: x_start,
+            extra_channels: None,
+            blend: Some(KnownRegion {
+                mask: mask_latent,
+                targets,
+            }),
+        }
     };
     denoise_and_decode(sd, sampler, request, prompts, start, &mut noise, on_step)
 }

@@ -31,9 +31,19 @@ impl Sampler for Ddim {
         self.timesteps.iter().map(|t| *t as f64).collect()
     }
 
-    fn add_noise(&self, x0: &Tensor, noise: &Tensor) -> Result<Tensor> {
-        let alpha_bar = self.schedule.alphas_cumprod[self.timesteps[0]];
+    fn add_noise_at(&self, x0: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        let Some(&t) = self.timesteps.get(index) else {
+            candle_core::bail!(
+                "timestep {index} asked of a run of {}",
+                self.timesteps.len()
+            )
+        };
+        let alpha_bar = self.schedule.alphas_cumprod[t];
         lincomb(&[(alpha_bar.sqrt(), x0), ((1.0 - alpha_bar).sqrt(), noise)])
+    }
+
+    fn applies_after_step(&self) -> bool {
+        true
     }
 
     fn sample(
@@ -66,7 +76,7 @@ impl Sampler for Ddim {
                 let z = noise.randn_like(&x)?;
                 next = (next + z.affine(std_dev, 0.0)?)?;
             }
-            x = next;
+            x = model.after_step(i, next)?;
             callback(&StepEvent {
                 index: i,
                 total: self.timesteps.len(),

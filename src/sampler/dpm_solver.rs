@@ -48,8 +48,12 @@ impl Sampler for DpmSolverPlusPlus {
         Some(self.grid.sigmas.clone())
     }
 
-    fn add_noise(&self, x0: &Tensor, noise: &Tensor) -> Result<Tensor> {
-        self.grid.add_noise_vp(x0, noise)
+    fn add_noise_at(&self, x0: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        self.grid.add_noise_vp(x0, noise, index)
+    }
+
+    fn applies_after_step(&self) -> bool {
+        true
     }
 
     fn sample(
@@ -90,7 +94,7 @@ impl Sampler for DpmSolverPlusPlus {
                     (-d1_coeff / r, prev),
                 ])?
             };
-            x = next;
+            x = model.after_step(i, next)?;
             callback(&StepEvent {
                 index: i,
                 total: n,

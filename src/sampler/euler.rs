@@ -115,15 +115,25 @@ impl SigmaGrid {
         self
     }
 
-    /// x_0 + sigma_0 eps: the VE-form sample at the grid's first noise level.
-    pub fn add_noise_ve(&self, x0: &Tensor, noise: &Tensor) -> Result<Tensor> {
-        lincomb(&[(1.0, x0), (self.sigmas[0], noise)])
+    /// x_0 + sigma_i eps: the VE-form sample at the grid's noise level `index`.
+    pub fn add_noise_ve(&self, x0: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        lincomb(&[(1.0, x0), (self.sigma_at(index)?, noise)])
     }
 
-    /// alpha x_0 + sigma eps at the first noise level, for samplers that work on VP samples.
-    pub fn add_noise_vp(&self, x0: &Tensor, noise: &Tensor) -> Result<Tensor> {
-        let (alpha, sigma) = vp_coefficients(self.sigmas[0]);
+    /// alpha x_0 + sigma eps at noise level `index`, for samplers that work on VP samples.
+    pub fn add_noise_vp(&self, x0: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        let (alpha, sigma) = vp_coefficients(self.sigma_at(index)?);
         lincomb(&[(alpha, x0), (sigma, noise)])
+    }
+
+    fn sigma_at(&self, index: usize) -> Result<f64> {
+        match self.sigmas.get(index) {
+            Some(sigma) => Ok(*sigma),
+            None => candle_core::bail!(
+                "noise level {index} asked of a grid of {} levels",
+                self.sigmas.len()
+            ),
+        }
     }
 }
 
@@ -176,8 +186,12 @@ impl Sampler for Euler {
         Some(self.grid.sigmas.clone())
     }
 
-    fn add_noise(&self, x0: &Tensor, noise: &Tensor) -> Result<Tensor> {
-        self.grid.add_noise_ve(x0, noise)
+    fn add_noise_at(&self, x0: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        self.grid.add_noise_ve(x0, noise, index)
+    }
+
+    fn applies_after_step(&self) -> bool {
+        true
     }
 
     fn sample(
@@ -192,6 +206,7 @@ impl Sampler for Euler {
             let x0 = denoise(model, &x, sigmas[i], t)?;
             let slope = ode_slope(&x, &x0, sigmas[i])?;
             x = lincomb(&[(1.0, &x), (sigmas[i + 1] - sigmas[i], &slope)])?;
+            x = model.after_step(i, x)?;
             callback(&StepEvent {
                 index: i,
                 total: self.grid.steps(),
@@ -238,8 +253,12 @@ impl Sampler for EulerAncestral {
         Some(self.grid.sigmas.clone())
     }
 
-    fn add_noise(&self, x0: &Tensor, noise: &Tensor) -> Result<Tensor> {
-        self.grid.add_noise_ve(x0, noise)
+    fn add_noise_at(&self, x0: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        self.grid.add_noise_ve(x0, noise, index)
+    }
+
+    fn applies_after_step(&self) -> bool {
+        true
     }
 
     fn sample(
@@ -256,6 +275,7 @@ impl Sampler for EulerAncestral {
             let slope = ode_slope(&x, &x0, sigmas[i])?;
             let z = noise.randn_like(&x)?;
             x = lincomb(&[(1.0, &x), (sigma_down - sigmas[i], &slope), (sigma_up, &z)])?;
+            x = model.after_step(i, x)?;
             callback(&StepEvent {
                 index: i,
                 total: self.grid.steps(),

@@ -42,8 +42,8 @@ impl Sampler for Heun {
         Some(out)
     }
 
-    fn add_noise(&self, x0: &Tensor, noise: &Tensor) -> Result<Tensor> {
-        self.grid.add_noise_ve(x0, noise)
+    fn add_noise_at(&self, x0: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        self.grid.add_noise_ve(x0, noise, index)
     }
 
     fn sample(

@@ -62,8 +62,12 @@ impl Sampler for Lms {
         Some(self.grid.sigmas.clone())
     }
 
-    fn add_noise(&self, x0: &Tensor, noise: &Tensor) -> Result<Tensor> {
-        self.grid.add_noise_ve(x0, noise)
+    fn add_noise_at(&self, x0: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        self.grid.add_noise_ve(x0, noise, index)
+    }
+
+    fn applies_after_step(&self) -> bool {
+        true
     }
 
     fn sample(
@@ -91,7 +95,7 @@ impl Sampler for Lms {
                 ));
             }
             let next = lincomb(&terms)?;
-            x = next;
+            x = model.after_step(i, next)?;
             callback(&StepEvent {
                 index: i,
                 total: self.grid.steps(),

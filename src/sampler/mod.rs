@@ -32,6 +32,13 @@ pub use noise::{NoiseSource, ReplayNoise, SeededNoise};
 pub trait Denoiser {
     fn prediction_type(&self) -> PredictionType;
     fn predict(&mut self, x: &Tensor, t: f64) -> Result<Tensor>;
+
+    /// A constraint on the sample after update `index` (inpainting with an ordinary model puts
+    /// the known region back); the samplers that can start from an image apply it. Identity by
+    /// default.
+    fn after_step(&mut self, _index: usize, sample: Tensor) -> Result<Tensor> {
+        Ok(sample)
+    }
 }
 
 /// A [`Denoiser`] from a closure.
@@ -95,8 +102,19 @@ pub trait Sampler {
 
     /// Noises clean `x0` to the first timestep this sampler visits, q(x_t | x_0) (DDPM eq. 4, or
     /// x_0 + sigma eps in VE form): the start of image-to-image runs (SDEdit, Meng et al. 2022).
-    fn add_noise(&self, _x0: &Tensor, _noise: &Tensor) -> Result<Tensor> {
+    fn add_noise(&self, x0: &Tensor, noise: &Tensor) -> Result<Tensor> {
+        self.add_noise_at(x0, noise, 0)
+    }
+
+    /// [`Sampler::add_noise`] to the noise level of visited timestep `index`, in the form of
+    /// this sampler's samples.
+    fn add_noise_at(&self, _x0: &Tensor, _noise: &Tensor, _index: usize) -> Result<Tensor> {
         candle_core::bail!("the {} sampler cannot start from an image", self.name())
+    }
+
+    /// Whether `sample` applies [`Denoiser::after_step`] after every update.
+    fn applies_after_step(&self) -> bool {
+        false
     }
 
     /// Model evaluations used by the last call to `sample`, for solvers that adapt their steps.

@@ -183,8 +183,12 @@ impl Sampler for UniPc {
         Some(self.grid.sigmas.clone())
     }
 
-    fn add_noise(&self, x0: &Tensor, noise: &Tensor) -> Result<Tensor> {
-        self.grid.add_noise_vp(x0, noise)
+    fn add_noise_at(&self, x0: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
+        self.grid.add_noise_vp(x0, noise, index)
+    }
+
+    fn applies_after_step(&self) -> bool {
+        true
     }
 
     fn sample(
@@ -217,6 +221,7 @@ impl Sampler for UniPc {
             this_order = order.min(i + 1);
             last_sample = Some(x.clone());
             x = self.predict(&x, &history, this_order, i)?;
+            x = model.after_step(i, x)?;
             callback(&StepEvent {
                 index: i,
                 total: n,
