@@ -36,6 +36,16 @@ pub enum PredictionType {
 }
 
 impl PredictionType {
+    /// The name diffusers' configs use.
+    pub fn config_name(self) -> &'static str {
+        match self {
+            Self::Epsilon => "epsilon",
+            Self::VPrediction => "v_prediction",
+            Self::Sample => "sample",
+            Self::Score => "score",
+        }
+    }
+
     pub fn parse(name: &str) -> Result<Self> {
         match name {
             "epsilon" => Ok(Self::Epsilon),

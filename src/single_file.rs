@@ -457,6 +457,188 @@ pub fn open_clip_map<'a>(
     Ok(map)
 }
 
+/// Where a diffusers-named weight goes in the original layout: a whole tensor (with the inverse
+/// of its transform) or one of the parts of a fused one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    /// The original key and the transform that reads it (its inverse is applied on writing).
+    Whole(String, Transform),
+    /// Rows `index` of `parts` of the original key (OpenCLIP's q, k, v in `in_proj`).
+    Part(String, usize, usize),
+}
+
+/// The original name of a diffusers U-Net weight (without `model.diffusion_model.`): the
+/// inverse of [`unet_map`]'s renaming.
+pub fn unet_original_name(name: &str, config: &UNetConfig) -> Option<String> {
+    for (original, diffusers) in UNET_TOP_NAMES {
+        if let Some(param) = name
+            .strip_prefix(diffusers)
+            .and_then(|r| r.strip_prefix('.'))
+        {
+            return Some(format!("{original}.{param}"));
+        }
+    }
+    let per_block = config.layers_per_block + 1;
+    let resnet = |param: &str| -> Option<String> {
+        UNET_RESNET_NAMES.iter().find_map(|(original, diffusers)| {
+            let tail = param.strip_prefix(diffusers)?.strip_prefix('.')?;
+            Some(format!("{original}.{tail}"))
+        })
+    };
+    let parts: Vec<&str> = name.splitn(5, '.').collect();
+    match parts.as_slice() {
+        ["mid_block", kind, j, rest @ ..] => {
+            let rest = rest.join(".");
+            match (*kind, *j) {
+                ("resnets", "0") => Some(format!("middle_block.0.{}", resnet(&rest)?)),
+                ("attentions", "0") => Some(format!("middle_block.1.{rest}")),
+                ("resnets", "1") => Some(format!("middle_block.2.{}", resnet(&rest)?)),
+                _ => None,
+            }
+        }
+        [blocks @ ("down_blocks" | "up_blocks"), b, kind, j, rest] => {
+            let (b, j): (usize, usize) = (b.parse().ok()?, j.parse().ok()?);
+            let down = *blocks == "down_blocks";
+            let (section, i) = match down {
+                true => (
+                    "input_blocks",
+                    1 + b * config.layers_per_block.checked_add(1)?,
+                ),
+                false => ("output_blocks", b * per_block),
+            };
+            match *kind {
+                "resnets" => Some(format!("{section}.{}.0.{}", i + j, resnet(rest)?)),
+                "attentions" => Some(format!("{section}.{}.1.{rest}", i + j)),
+                "downsamplers" | "upsamplers" if j == 0 => {
+                    let param = rest.strip_prefix("conv.")?;
+                    let last = i + config.layers_per_block;
+                    Some(match down {
+                        true => format!("{section}.{last}.0.op.{param}"),
+                        false => {
+                            let attends = config
+                                .up_block_types
+                                .get(b)
+                                .is_some_and(|t| t.contains("CrossAttn"));
+                            let k = if attends { 2 } else { 1 };
+                            format!("{section}.{last}.{k}.conv.{param}")
+                        }
+                    })
+                }
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+/// The original name and transform of a diffusers VAE weight (without `first_stage_model.`):
+/// the inverse of [`vae_map`]'s renaming.
+pub fn vae_original_name(name: &str, config: &VaeConfig) -> Option<(String, Transform)> {
+    let levels = config.block_out_channels.len();
+    let parts: Vec<&str> = name.split('.').collect();
+    let mut renamed = match parts.as_slice() {
+        [coder, "down_blocks", i, "resnets", j, rest @ ..] => {
+            format!("{coder}.down.{i}.block.{j}.{}", rest.join("."))
+        }
+        [coder, "down_blocks", i, "downsamplers", "0", rest @ ..] => {
+            format!("{coder}.down.{i}.downsample.{}", rest.join("."))
+        }
+        [coder, "up_blocks", b, "resnets", j, rest @ ..] => {
+            let level = levels.checked_sub(b.parse::<usize>().ok()? + 1)?;
+            format!("{coder}.up.{level}.block.{j}.{}", rest.join("."))
+        }
+        [coder, "up_blocks", b, "upsamplers", "0", rest @ ..] => {
+            let level = levels.checked_sub(b.parse::<usize>().ok()? + 1)?;
+            format!("{coder}.up.{level}.upsample.{}", rest.join("."))
+        }
+        _ => name.to_string(),
+    };
+    let mut transform = Transform::Same;
+    for (original, diffusers) in [
+        ("attentions.0.norm.", "attentions.0.group_norm."),
+        ("attentions.0.q.", "attentions.0.to_q."),
+        ("attentions.0.k.", "attentions.0.to_k."),
+        ("attentions.0.v.", "attentions.0.to_v."),
+        ("attentions.0.proj_out.", "attentions.0.to_out.0."),
+    ] {
+        if renamed.contains(diffusers) {
+            renamed = renamed.replace(diffusers, original);
+            if !original.ends_with("norm.") {
+                transform = Transform::ConvToLinear;
+            }
+        }
+    }
+    for (original, diffusers) in VAE_NAMES {
+        renamed = renamed.replace(diffusers, original);
+    }
+    Some((renamed, transform))
+}
+
+/// Where a weight of a diffusers OpenCLIP-style text encoder goes under `prefix`: the inverse
+/// of [`open_clip_map`].
+pub fn open_clip_destination(name: &str, prefix: &str) -> Option<Destination> {
+    let whole =
+        |key: &str, transform| Some(Destination::Whole(format!("{prefix}{key}"), transform));
+    let rest = name.strip_prefix("text_model.").unwrap_or(name);
+    match rest {
+        "embeddings.token_embedding.weight" => {
+            return whole("token_embedding.weight", Transform::Same)
+        }
+        "embeddings.position_embedding.weight" => {
+            return whole("positional_embedding", Transform::Same)
+        }
+        "final_layer_norm.weight" => return whole("ln_final.weight", Transform::Same),
+        "final_layer_norm.bias" => return whole("ln_final.bias", Transform::Same),
+        "text_projection.weight" => return whole("text_projection", Transform::Transpose),
+        _ => {}
+    }
+    let rest = rest.strip_prefix("encoder.layers.")?;
+    let (layer, param) = rest.split_once('.')?;
+    let at = format!("transformer.resblocks.{layer}");
+    for (index, proj) in ["q_proj", "k_proj", "v_proj"].iter().enumerate() {
+        if let Some(leaf) = param
+            .strip_prefix("self_attn.")
+            .and_then(|p| p.strip_prefix(proj))
+            .and_then(|p| p.strip_prefix('.'))
+        {
+            return Some(Destination::Part(
+                format!("{prefix}{at}.attn.in_proj_{leaf}"),
+                index,
+                3,
+            ));
+        }
+    }
+    let (module, leaf) = param.rsplit_once('.')?;
+    let original = match module {
+        "layer_norm1" => "ln_1",
+        "layer_norm2" => "ln_2",
+        "self_attn.out_proj" => "attn.out_proj",
+        "mlp.fc1" => "mlp.c_fc",
+        "mlp.fc2" => "mlp.c_proj",
+        _ => return None,
+    };
+    whole(&format!("{at}.{original}.{leaf}"), Transform::Same)
+}
+
+/// A stored tensor as the original layout holds it: the inverse of `transform`, given the
+/// original's shape for a 1x1 convolution.
+pub fn unapply(
+    transform: Transform,
+    tensor: candle_core::Tensor,
+) -> candle_core::Result<candle_core::Tensor> {
+    match transform {
+        Transform::Same | Transform::Rows { .. } => Ok(tensor),
+        Transform::ConvToLinear => match tensor.dims() {
+            [o, i] => {
+                let (o, i) = (*o, *i);
+                tensor.reshape((o, i, 1, 1))
+            }
+            _ => Ok(tensor),
+        },
+        Transform::Transpose => tensor.t()?.contiguous(),
+    }
+}
+
 fn unmapped(key: &str, component: &str) -> Error {
     Error::Msg(format!(
         "tensor {key} is not a {component} weight of the original layout this crate maps"

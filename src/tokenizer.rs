@@ -156,6 +156,42 @@ impl ClipTokenizer {
         Ok(self)
     }
 
+    /// Writes this tokenizer as a diffusers `tokenizer/` folder (`tokenizer.json`, its pad and
+    /// end tokens in `special_tokens_map.json`, the length in `tokenizer_config.json`).
+    pub fn save_dir(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| file_error(dir, e.to_string()))?;
+        let json = dir.join("tokenizer.json");
+        self.tokenizer
+            .save(&json, false)
+            .map_err(|e| file_error(&json, format!("cannot be written: {e}")))?;
+        let token = |id: u32| {
+            self.tokenizer
+                .id_to_token(id)
+                .ok_or_else(|| Error::Msg(format!("token id {id} is not in the vocabulary")))
+        };
+        let files = [
+            (
+                "special_tokens_map.json",
+                serde_json::json!({
+                    "bos_token": "<|startoftext|>",
+                    "eos_token": token(self.eos_id)?,
+                    "pad_token": token(self.pad_id)?,
+                    "unk_token": "<|endoftext|>",
+                }),
+            ),
+            (
+                "tokenizer_config.json",
+                serde_json::json!({ "model_max_length": self.max_length }),
+            ),
+        ];
+        for (name, value) in files {
+            let path = dir.join(name);
+            std::fs::write(&path, format!("{value:#}\n"))
+                .map_err(|e| file_error(&path, format!("cannot be written: {e}")))?;
+        }
+        Ok(())
+    }
+
     /// bos + BPE tokens + eos, without padding (what `tokenizer(text).input_ids` gives).
     pub fn encode_unpadded(&self, text: &str) -> Result<Vec<u32>> {
         Ok(self

@@ -134,6 +134,33 @@ impl ComponentWeights {
     }
 }
 
+/// Every weight of a component as stored (its dtype kept) under the names the model reads,
+/// transforms applied: what a conversion writes.
+pub fn read_all(
+    weights: &ComponentWeights,
+) -> Result<std::collections::BTreeMap<String, candle_core::Tensor>> {
+    let path = weights.path();
+    check_safetensors(path)?;
+    // SAFETY: checked above to be a complete safetensors file; mapped read-only.
+    let file = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }
+        .map_err(|e| file_error(path, e.to_string()))?;
+    let cpu = Device::Cpu;
+    match weights {
+        ComponentWeights::File(_) => file
+            .tensors()
+            .into_iter()
+            .map(|(name, _)| Ok((name.clone(), file.load(&name, &cpu)?)))
+            .collect(),
+        ComponentWeights::Mapped { names, .. } => names
+            .iter()
+            .map(|(name, source)| {
+                let stored = file.load(&source.key, &cpu)?;
+                Ok((name.clone(), source.transform.apply(stored)?))
+            })
+            .collect(),
+    }
+}
+
 /// A safetensors backend that names the file in every error, checks shapes against what the
 /// model asks for, and records which tensors were used so that unexpected ones can be reported.
 struct CheckedSafetensors {
@@ -143,6 +170,8 @@ struct CheckedSafetensors {
     file: String,
     attachments: Attachments,
     used: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// Check names and shapes only: every weight is a stride-0 view of one zero.
+    shapes_only: bool,
 }
 
 impl CheckedSafetensors {
@@ -175,6 +204,14 @@ impl CheckedSafetensors {
         let source = self.source(name)?;
         let view = self.inner.get(&source.key).ok()?;
         source.transform.shape(view.shape())
+    }
+
+    /// `name` as the file knows it: for a single file, its original key too.
+    fn display_name(&self, name: &str) -> String {
+        match self.source(name) {
+            Some(source) if source.key != name => format!("{} (read as {name})", source.key),
+            _ => name.to_string(),
+        }
     }
 
     /// What a model could have read: the file's tensors, or the mapped names.
@@ -234,12 +271,16 @@ impl candle_nn::var_builder::SimpleBackend for SharedChecked {
         };
         if stored != shape.dims() {
             candle_core::bail!(
-                "{}: tensor {name} has shape {stored:?}, the config needs {:?}",
+                "{}: tensor {} has shape {stored:?}, the config needs {:?}",
                 this.file,
+                this.display_name(name),
                 shape.dims()
             )
         }
         this.used.lock().expect("lock").insert(name.to_string());
+        if this.shapes_only {
+            return candle_core::Tensor::zeros((), dtype, dev)?.broadcast_as(shape);
+        }
         let Some(weight) = this.read(name, dev)? else {
             candle_core::bail!("{}: missing tensor {name}", this.file)
         };
@@ -296,12 +337,40 @@ pub fn load_checked_with<T>(
     load_component(&weights, dtype, device, attachments, build)
 }
 
+/// Checks that `build` finds every weight it needs in `weights` with the right shape, and that
+/// nothing is left over, without reading any weight.
+pub fn check_component<T>(
+    weights: &ComponentWeights,
+    build: impl FnOnce(VarBuilder) -> Result<T>,
+) -> Result<()> {
+    build_component(
+        weights,
+        DType::F32,
+        &Device::Cpu,
+        Attachments::default(),
+        true,
+        build,
+    )
+    .map(|_| ())
+}
+
 /// [`load_checked_with`] for a component's weights wherever they are stored.
 pub fn load_component<T>(
     weights: &ComponentWeights,
     dtype: DType,
     device: &Device,
     attachments: Attachments,
+    build: impl FnOnce(VarBuilder) -> Result<T>,
+) -> Result<T> {
+    build_component(weights, dtype, device, attachments, false, build)
+}
+
+fn build_component<T>(
+    weights: &ComponentWeights,
+    dtype: DType,
+    device: &Device,
+    attachments: Attachments,
+    shapes_only: bool,
     build: impl FnOnce(VarBuilder) -> Result<T>,
 ) -> Result<T> {
     let path = weights.path();
@@ -319,6 +388,7 @@ pub fn load_component<T>(
         file: path.display().to_string(),
         attachments,
         used: Default::default(),
+        shapes_only,
     });
     let vb = VarBuilder::from_backend(
         Box::new(SharedChecked(checked.clone())),
@@ -355,10 +425,7 @@ pub fn load_component<T>(
         let shown: Vec<String> = sorted
             .iter()
             .take(5)
-            .map(|name| match checked.source(name) {
-                Some(source) if source.key != *name => format!("{} (as {name})", source.key),
-                _ => name.clone(),
-            })
+            .map(|name| checked.display_name(name))
             .collect();
         return Err(file_error(
             path,

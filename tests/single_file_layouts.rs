@@ -12,7 +12,10 @@ use diffuse::model::config::{ClipTextConfig, UNetConfig, VaeConfig};
 use diffuse::model::text::ClipTextModel;
 use diffuse::model::unet::UNet2DConditionModel;
 use diffuse::model::vae::AutoencoderKL;
-use diffuse::single_file::{clip_map, open_clip_map, unet_map, vae_map, NameMap};
+use diffuse::single_file::{
+    clip_map, open_clip_destination, open_clip_map, unet_map, unet_original_name, vae_map,
+    vae_original_name, Destination, NameMap, Transform,
+};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
@@ -309,6 +312,17 @@ fn config<T: serde::de::DeserializeOwned>(path: &str) -> T {
     serde_json::from_str(&text).unwrap()
 }
 
+/// `diffuse convert`'s way back names each weight's original key.
+fn assert_inverse(label: &str, map: &NameMap, back: &dyn Fn(&str) -> Option<Destination>) {
+    for (name, source) in map {
+        let expected = match source.transform {
+            Transform::Rows { index, parts } => Destination::Part(source.key.clone(), index, parts),
+            transform => Destination::Whole(source.key.clone(), transform),
+        };
+        assert_eq!(back(name), Some(expected), "{label}: {name}");
+    }
+}
+
 fn check_unet(label: &str, c: UNetConfig, expected_tensors: usize) {
     let keys = ldm_unet_keys(&c);
     let map = unet_map(
@@ -319,6 +333,13 @@ fn check_unet(label: &str, c: UNetConfig, expected_tensors: usize) {
     .unwrap();
     assert_eq!(map.len(), expected_tensors, "{label}: U-Net tensors");
     assert_one_destination_each(label, &keys, &map, &[]);
+    assert_inverse(label, &map, &|name| {
+        let key = unet_original_name(name, &c)?;
+        Some(Destination::Whole(
+            format!("model.diffusion_model.{key}"),
+            Transform::Same,
+        ))
+    });
     assert_model_reads_exactly(label, &map, |vb| UNet2DConditionModel::new(c, vb));
 }
 
@@ -327,6 +348,13 @@ fn check_vae(label: &str, c: VaeConfig) {
     let map = vae_map(keys.iter().map(String::as_str), "first_stage_model.", &c).unwrap();
     assert_eq!(map.len(), 248, "{label}: VAE tensors");
     assert_one_destination_each(label, &keys, &map, &[]);
+    assert_inverse(label, &map, &|name| {
+        let (key, transform) = vae_original_name(name, &c)?;
+        Some(Destination::Whole(
+            format!("first_stage_model.{key}"),
+            transform,
+        ))
+    });
     assert_model_reads_exactly(label, &map, |vb| AutoencoderKL::new(c, vb));
 }
 
@@ -367,6 +395,9 @@ fn sd21_layout_maps_completely() {
         &map,
         &["resblocks.23.", "text_projection", "logit_scale"],
     );
+    assert_inverse("SD 2.1 text", &map, &|name| {
+        open_clip_destination(name, "cond_stage_model.model.")
+    });
     assert_model_reads_exactly("SD 2.1 text", &map, |vb| ClipTextModel::new(text, vb));
 }
 
@@ -386,5 +417,8 @@ fn sdxl_layout_maps_completely() {
     let map = open_clip_map(keys.iter().map(String::as_str), prefix, &text_2, true).unwrap();
     assert_one_destination_each("SDXL text 2", &keys, &map, &["logit_scale"]);
     assert!(map.contains_key("text_projection.weight"));
+    assert_inverse("SDXL text 2", &map, &|name| {
+        open_clip_destination(name, prefix)
+    });
     assert_model_reads_exactly("SDXL text 2", &map, |vb| ClipTextModel::new(text_2, vb));
 }

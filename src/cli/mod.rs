@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod bench_ops;
+pub mod convert;
 pub mod eval;
 pub mod eval_txt2img;
 pub mod finetune;
@@ -49,6 +50,8 @@ pub enum Command {
     EvalTxt2img(eval_txt2img::EvalTxt2imgArgs),
     /// Fine-tune a Stable Diffusion U-Net on a folder of captioned images (full or LoRA).
     Finetune(Box<finetune::FinetuneArgs>),
+    /// Convert a single-file checkpoint to a diffusers folder, or a folder to a single file.
+    Convert(convert::ConvertArgs),
 }
 
 /// Runs a parsed command line.
@@ -63,6 +66,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(args) => eval::run(args),
         Command::EvalTxt2img(args) => eval_txt2img::run(args),
         Command::Finetune(args) => finetune::run(*args),
+        Command::Convert(args) => convert::run(args),
         Command::Samplers => {
             for (name, purpose) in sampler_args::SAMPLER_GUIDE {
                 println!("{name:>9}  {purpose}");

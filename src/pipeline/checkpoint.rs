@@ -108,12 +108,12 @@ impl Recognised {
     }
 }
 
-const UNET_PREFIX: &str = "model.diffusion_model.";
-const VAE_PREFIX: &str = "first_stage_model.";
-const SD1_TEXT_PREFIX: &str = "cond_stage_model.transformer.";
-const SD2_TEXT_PREFIX: &str = "cond_stage_model.model.";
-const SDXL_TEXT_PREFIX: &str = "conditioner.embedders.0.transformer.";
-const SDXL_TEXT_2_PREFIX: &str = "conditioner.embedders.1.model.";
+pub(crate) const UNET_PREFIX: &str = "model.diffusion_model.";
+pub(crate) const VAE_PREFIX: &str = "first_stage_model.";
+pub(crate) const SD1_TEXT_PREFIX: &str = "cond_stage_model.transformer.";
+pub(crate) const SD2_TEXT_PREFIX: &str = "cond_stage_model.model.";
+pub(crate) const SDXL_TEXT_PREFIX: &str = "conditioner.embedders.0.transformer.";
+pub(crate) const SDXL_TEXT_2_PREFIX: &str = "conditioner.embedders.1.model.";
 
 /// The architecture of a checkpoint from its keys and the U-Net's input shape.
 pub fn recognise(path: &Path, shapes: &HashMap<String, Vec<usize>>) -> Result<Recognised> {
@@ -172,7 +172,7 @@ pub struct SingleFileOptions {
 
 /// The built-in config text of a component of each architecture (the published diffusers
 /// configs, `configs/`).
-fn builtin_text(architecture: Architecture, component: &str) -> Result<&'static str> {
+pub(crate) fn builtin_text(architecture: Architecture, component: &str) -> Result<&'static str> {
     Ok(match (architecture, component) {
         (Architecture::Sd1, "unet") => include_str!("../../configs/sd15/unet.json"),
         (Architecture::Sd1, "vae") => include_str!("../../configs/sd15/vae.json"),
@@ -204,7 +204,7 @@ fn builtin_config<T: serde::de::DeserializeOwned>(
 }
 
 /// The CLIP tokenizer shipped with the project (the embedded model's), padded with `pad`.
-fn shipped_tokenizer(pad: &str) -> Result<ClipTokenizer> {
+pub(crate) fn shipped_tokenizer(pad: &str) -> Result<ClipTokenizer> {
     ClipTokenizer::from_dir(&crate::embedded::model_dir()?.join("tokenizer"))?.padded_with(pad)
 }
 

@@ -2,6 +2,7 @@
 //! and txt2img.
 
 pub mod checkpoint;
+pub mod convert;
 pub mod guidance;
 pub mod pixel;
 pub mod request;
