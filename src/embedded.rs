@@ -71,9 +71,10 @@ fn content_hash() -> u64 {
     hash
 }
 
-/// Where the folder goes: `$DIFFUSE_CACHE`, else `$XDG_CACHE_HOME/diffuse`, else
-/// `~/.cache/diffuse`, else the temporary folder.
-fn cache_root() -> PathBuf {
+/// This crate's cache folder (the embedded model's copy, converted checkpoints):
+/// `$DIFFUSE_CACHE`, else `$XDG_CACHE_HOME/diffuse`, else `~/.cache/diffuse`, else the
+/// temporary folder.
+pub fn cache_root() -> PathBuf {
     let var = |name: &str| {
         std::env::var_os(name)
             .filter(|v| !v.is_empty())

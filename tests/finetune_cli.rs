@@ -220,3 +220,66 @@ fn a_config_file_gives_the_options_and_flags_override_it() {
     std::fs::remove_dir_all(&data).ok();
     std::fs::remove_dir_all(&out).ok();
 }
+
+/// A single-file --model is fine-tuned through its diffusers folder (converted once into the
+/// cache), and the LoRA it gives loads with the single file in txt2img.
+#[test]
+fn a_single_file_model_fine_tunes_and_its_lora_loads_with_it() {
+    let data = small_folder("single-data");
+    let out = temp_dir("single-out");
+    let cache = temp_dir("single-cache");
+    let file = fixture_path("single-file/tiny-sd.safetensors");
+    let config = fixture_path("tiny-sd");
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_diffuse"))
+            .env("DIFFUSE_CACHE", &cache)
+            .arg("finetune")
+            .arg("--model")
+            .arg(&file)
+            .arg("--model-config")
+            .arg(&config)
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(out.join("lora"))
+            .args([
+                "--resolution",
+                "32",
+                "--seed",
+                "1",
+                "--json",
+                "--lora-rank",
+                "4",
+            ])
+            .args(["--steps", "3", "--skip-uncaptioned"])
+            .output()
+            .unwrap()
+    };
+    let result = run();
+    common::assert_success(&result);
+    let converted: Vec<_> = std::fs::read_dir(cache.join("converted"))
+        .unwrap()
+        .collect();
+    assert_eq!(converted.len(), 1, "one converted folder in the cache");
+    let lora = out.join("lora/pytorch_lora_weights.safetensors");
+    assert!(lora.exists());
+    let result = Command::new(env!("CARGO_BIN_EXE_txt2img"))
+        .arg("--model")
+        .arg(&file)
+        .arg("--config")
+        .arg(&config)
+        .arg("--lora")
+        .arg(&lora)
+        .args([
+            "--steps", "2", "--seed", "1", "--width", "32", "--height", "32",
+        ])
+        .arg("--output")
+        .arg(out.join("single.png"))
+        .arg("red stripes")
+        .output()
+        .unwrap();
+    common::assert_success(&result);
+    std::fs::remove_dir_all(&out).ok();
+    std::fs::remove_dir_all(&cache).ok();
+    std::fs::remove_dir_all(&data).ok();
+}

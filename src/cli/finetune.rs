@@ -27,6 +27,10 @@ pub struct FinetuneArgs {
     /// The model to start from: a diffusers folder, a hub id or a short name (sd15, sd-turbo...).
     #[arg(long)]
     pub model: Option<String>,
+    /// With a single-file --model: a diffusers folder whose configs and tokenizers to use
+    /// instead of the built-in ones (the file is converted to a folder in the cache first).
+    #[arg(long, value_name = "DIR")]
+    pub model_config: Option<PathBuf>,
     /// Where to train: auto (the GPU when this binary has CUDA and the machine a GPU, else the
     /// CPU), cpu, cuda or cuda:N [default: auto].
     #[arg(long)]
@@ -189,7 +193,24 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
             },
         },
     )?;
-    let root = crate::hub::resolve(&model, false)?;
+    let root = if Path::new(&model).is_file() {
+        let options = crate::pipeline::checkpoint::SingleFileOptions {
+            config_dir: args.model_config.clone(),
+            ..Default::default()
+        };
+        let dir = crate::pipeline::convert::cached_folder(Path::new(&model), &options)?;
+        eprintln!(
+            "{model}: a single file, fine-tuned from its diffusers folder {}",
+            dir.display()
+        );
+        dir
+    } else {
+        anyhow::ensure!(
+            args.model_config.is_none(),
+            "--model-config is for a single-file --model; {model} is a folder or hub id"
+        );
+        crate::hub::resolve(&model, false)?
+    };
     let options = LoadOptions {
         device: super::parse_training_device(args.device.as_deref().unwrap_or("auto"))?,
         ..Default::default()

@@ -170,6 +170,37 @@ fn check_parts(parts: &PipelineParts) -> Result<()> {
     Ok(())
 }
 
+/// A diffusers folder of the single file `file` in the cache (converted once, then reused while
+/// the file's length and modification time stay the same): for the commands that work on
+/// folders, such as fine-tuning.
+pub fn cached_folder(file: &Path, options: &SingleFileOptions) -> Result<std::path::PathBuf> {
+    let meta = std::fs::metadata(file).map_err(|e| file_error(file, e.to_string()))?;
+    let modified = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs());
+    let stem = file.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
+    let options_tag = options.config_dir.as_ref().map_or(0, |d| {
+        d.display()
+            .to_string()
+            .bytes()
+            .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(b.into()))
+    });
+    let dir = crate::embedded::cache_root()
+        .join("converted")
+        .join(format!(
+            "{stem}-{}-{modified}-{options_tag:08x}",
+            meta.len()
+        ));
+    if !dir.join("model_index.json").is_file() {
+        std::fs::create_dir_all(dir.parent().unwrap_or(&dir))
+            .map_err(|e| file_error(&dir, e.to_string()))?;
+        single_file_to_folder(file, options, &dir)?;
+    }
+    Ok(dir)
+}
+
 /// diffusers' `model_index.json` for the pipeline class of `parts`.
 fn model_index(parts: &PipelineParts, recognised: Recognised) -> serde_json::Value {
     let xl = parts.kind == PipelineKind::StableDiffusionXl;
