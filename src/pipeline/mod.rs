@@ -453,6 +453,17 @@ impl StableDiffusion {
     /// when `noise` is given.
     pub fn encode_image(&self, image: &Tensor, noise: Option<&Tensor>) -> Result<Tensor> {
         let c = &self.vae.config;
+        let image = match (image.dim(1)?, c.in_channels) {
+            // A grey-level model (the embedded one) sees colour pictures as their luma
+            // (ITU-R BT.601 weights, as PIL's convert("L")).
+            (3, 1) => {
+                let weights = Tensor::new(&[0.299f32, 0.587, 0.114], image.device())?
+                    .to_dtype(image.dtype())?
+                    .reshape((1, 3, 1, 1))?;
+                image.broadcast_mul(&weights)?.sum_keepdim(1)?
+            }
+            _ => image.clone(),
+        };
         let posterior = self
             .vae
             .encode(&image.to_dtype(self.options.vae_dtype)?.affine(2.0, -1.0)?)?;
