@@ -40,6 +40,15 @@ if [ -n "${WITH_BF16:-}" ]; then
     CASES+=("U-Net CFG step 512x512 bf16|unet --size 512 --dtype bf16|unet --size 512 --dtype bf16")
 fi
 
+# ONLY=PATTERN keeps the cases whose name matches (grep -E).
+if [ -n "${ONLY:-}" ]; then
+    kept=()
+    for case in "${CASES[@]}"; do
+        if grep -qE "$ONLY" <<< "${case%%|*}"; then kept+=("$case"); fi
+    done
+    CASES=("${kept[@]}")
+fi
+
 last_json() { grep '^{' | tail -1; }
 
 echo "| case | GFLOP | diffuse (s) | PyTorch + diffusers (s) | diffuse / PyTorch | GFLOP/s diffuse / PyTorch | peak RSS diffuse / PyTorch (MiB) |"
@@ -65,4 +74,4 @@ EOF
 done
 echo
 if [ "$DEVICE" != cpu ]; then nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; fi
-echo "$(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $RUNS runs (txt2img: 1) after one warm-up, medians; $("$PYTHON" -c 'import torch, diffusers; print(f"torch {torch.__version__}, diffusers {diffusers.__version__}")')"
+echo "$(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $RUNS runs$([ "$DEVICE" = cpu ] && echo ' (txt2img: 1)') after one warm-up, medians; $("$PYTHON" -c 'import torch, diffusers; print(f"torch {torch.__version__}, diffusers {diffusers.__version__}")')"
