@@ -119,30 +119,43 @@ fn a_mask_without_an_image_and_an_inpainting_model_without_a_mask_are_refused() 
     );
 }
 
-/// The embedded (grey-level) model inpaints a colour picture: two seeds give the same kept
-/// region (both decode the picture's own latents there) and different repainted ones.
-#[test]
-fn the_embedded_model_keeps_the_unmasked_region_of_a_colour_picture() {
-    let dir = std::env::temp_dir().join(format!("diffuse-inpaint-embedded-{}", std::process::id()));
+/// Two seeds of a masked run of `model` (None: the embedded one) on a `size`-pixel picture:
+/// the mean absolute difference between their outputs in the kept rows (away from the mask's
+/// edge, which the decoder blends across) and in the repainted rows.
+fn kept_and_repainted_difference(model: Option<&str>, size: u32, extra: &[&str]) -> (f64, f64) {
+    let dir = std::env::temp_dir().join(format!(
+        "diffuse-inpaint-seeds-{}-{}",
+        model.unwrap_or("embedded"),
+        std::process::id()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
-    // A colour picture: a bright bar on the lower half over a dark ground.
-    let picture = image::RgbImage::from_fn(32, 32, |x, y| match (y >= 20, (4..28).contains(&x)) {
-        (true, true) => image::Rgb([230, 200, 180]),
-        _ => image::Rgb([10, 20, 30]),
+    // A colour picture: a bright bar on the lower part over a dark ground.
+    let picture = image::RgbImage::from_fn(size, size, |x, y| {
+        match (y >= size * 5 / 8, (size / 8..size * 7 / 8).contains(&x)) {
+            (true, true) => image::Rgb([230, 200, 180]),
+            _ => image::Rgb([10, 20, 30]),
+        }
     });
-    let mask =
-        image::GrayImage::from_fn(32, 32, |_, y| image::Luma([if y < 16 { 255 } else { 0 }]));
+    let half = size / 2;
+    let mask = image::GrayImage::from_fn(size, size, |_, y| {
+        image::Luma([if y < half { 255 } else { 0 }])
+    });
     picture.save(dir.join("init.png")).unwrap();
     mask.save(dir.join("mask.png")).unwrap();
     let run = |seed: &str| {
         let png = dir.join(format!("out-{seed}.png"));
-        let out = Command::new(env!("CARGO_BIN_EXE_txt2img"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_txt2img"));
+        if let Some(model) = model {
+            command.arg("--model").arg(fixture_path(model));
+        }
+        let out = command
             .arg("--init-image")
             .arg(dir.join("init.png"))
             .arg("--mask")
             .arg(dir.join("mask.png"))
             .args(["--strength", "1", "--seed", seed, "--output"])
             .arg(&png)
+            .args(extra)
             .arg("an ankle boot")
             .output()
             .unwrap();
@@ -158,16 +171,39 @@ fn the_embedded_model_keeps_the_unmasked_region_of_a_colour_picture() {
         let mut total = 0.0;
         let mut count = 0.0;
         for y in rows {
-            for x in 0..32 {
+            for x in 0..size {
                 total += (first.get_pixel(x, y)[0] as f64 - second.get_pixel(x, y)[0] as f64).abs();
                 count += 1.0;
             }
         }
         total / count / 255.0
     };
-    // Rows away from the mask's edge, which the decoder blends across.
-    let (kept, repainted) = (mean_difference(24..32), mean_difference(0..12));
-    eprintln!("between seeds: mean |difference| kept {kept:.4}, repainted {repainted:.4}");
-    assert!(kept < 0.2 * repainted, "kept {kept}, repainted {repainted}");
+    let margin = size / 4;
+    let result = (
+        mean_difference(half + margin..size),
+        mean_difference(0..half - margin),
+    );
     std::fs::remove_dir_all(&dir).ok();
+    result
+}
+
+/// The embedded (grey-level) model inpaints a colour picture: two seeds give the same kept
+/// region (both decode the picture's own latents there) and different repainted ones.
+#[test]
+fn the_embedded_model_keeps_the_unmasked_region_of_a_colour_picture() {
+    let (kept, repainted) = kept_and_repainted_difference(None, 32, &[]);
+    eprintln!("embedded, between seeds: kept {kept:.4}, repainted {repainted:.4}");
+    assert!(kept < 0.2 * repainted, "kept {kept}, repainted {repainted}");
+}
+
+/// SDXL inpaints with the blend too (its size conditions from the picture's size).
+#[test]
+fn sdxl_keeps_the_unmasked_region() {
+    let (kept, repainted) = kept_and_repainted_difference(
+        Some("tiny-sdxl"),
+        128,
+        &["--steps", "6", "--sampler", "euler"],
+    );
+    eprintln!("tiny SDXL, between seeds: kept {kept:.4}, repainted {repainted:.4}");
+    assert!(kept < 0.2 * repainted, "kept {kept}, repainted {repainted}");
 }
