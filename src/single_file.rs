@@ -81,12 +81,8 @@ pub struct Source {
 /// A component's weights: diffusers name -> source in the file.
 pub type NameMap = BTreeMap<String, Source>;
 
-fn same(key: &str) -> Source {
-    Source {
-        key: key.to_string(),
-        transform: Transform::Same,
-    }
-}
+/// The diffusers names and transforms an original key (without its prefix) becomes.
+type Renaming<'a> = &'a dyn Fn(&str) -> Option<Vec<(String, Transform)>>;
 
 /// The resnet parameter names of the original U-Net and diffusers', dotted.
 pub const UNET_RESNET_NAMES: [(&str, &str); 6] = [
@@ -348,16 +344,43 @@ pub fn is_ignored(key: &str) -> bool {
     key.ends_with("position_ids") || key.ends_with("logit_scale")
 }
 
-/// Adds `name <- source` to `map`, refusing a second source for one weight.
-fn insert(map: &mut NameMap, name: String, source: Source) -> Result<()> {
-    if let Some(first) = map.get(&name) {
-        return Err(Error::Msg(format!(
-            "two tensors of the checkpoint, {} and {}, map to the same weight {name}",
-            first.key, source.key
-        )));
+/// The map of the keys under `prefix`: `names` gives each key's (without the prefix)
+/// diffusers names and transforms (none: left in the file), or None for a key this layout
+/// does not have, an error naming it as a `component` weight.
+fn build_map<'a>(
+    keys: impl IntoIterator<Item = &'a str>,
+    prefix: &str,
+    component: &str,
+    names: Renaming,
+) -> Result<NameMap> {
+    let mut map = NameMap::new();
+    for key in keys {
+        let Some(rest) = key.strip_prefix(prefix) else {
+            continue;
+        };
+        if is_ignored(key) {
+            continue;
+        }
+        let found = names(rest).ok_or_else(|| {
+            Error::Msg(format!(
+                "tensor {key} is not a {component} weight of the original layout this crate maps"
+            ))
+        })?;
+        for (name, transform) in found {
+            let source = Source {
+                key: key.to_string(),
+                transform,
+            };
+            if let Some(first) = map.get(&name) {
+                return Err(Error::Msg(format!(
+                    "two tensors of the checkpoint, {} and {key}, map to the same weight {name}",
+                    first.key
+                )));
+            }
+            map.insert(name, source);
+        }
     }
-    map.insert(name, source);
-    Ok(())
+    Ok(map)
 }
 
 /// The U-Net's weights among `keys` under `prefix` (`model.diffusion_model.`); a key under the
@@ -367,15 +390,9 @@ pub fn unet_map<'a>(
     prefix: &str,
     config: &UNetConfig,
 ) -> Result<NameMap> {
-    let mut map = NameMap::new();
-    for key in keys {
-        let Some(rest) = key.strip_prefix(prefix) else {
-            continue;
-        };
-        let name = unet_name(rest, config).ok_or_else(|| unmapped(key, "U-Net"))?;
-        insert(&mut map, name, same(key))?;
-    }
-    Ok(map)
+    build_map(keys, prefix, "U-Net", &|rest| {
+        Some(vec![(unet_name(rest, config)?, Transform::Same)])
+    })
 }
 
 /// The VAE's weights among `keys` under `prefix` (`first_stage_model.`).
@@ -384,38 +401,17 @@ pub fn vae_map<'a>(
     prefix: &str,
     config: &VaeConfig,
 ) -> Result<NameMap> {
-    let mut map = NameMap::new();
-    for key in keys {
-        let Some(rest) = key.strip_prefix(prefix) else {
-            continue;
-        };
-        let (name, transform) = vae_name(rest, config).ok_or_else(|| unmapped(key, "VAE"))?;
-        insert(
-            &mut map,
-            name,
-            Source {
-                key: key.to_string(),
-                transform,
-            },
-        )?;
-    }
-    Ok(map)
+    build_map(keys, prefix, "VAE", &|rest| {
+        Some(vec![vae_name(rest, config)?])
+    })
 }
 
 /// A CLIP text model stored in transformers' naming under `prefix`
 /// (`cond_stage_model.transformer.`): the names are diffusers' own.
 pub fn clip_map<'a>(keys: impl IntoIterator<Item = &'a str>, prefix: &str) -> Result<NameMap> {
-    let mut map = NameMap::new();
-    for key in keys {
-        let Some(rest) = key.strip_prefix(prefix) else {
-            continue;
-        };
-        if is_ignored(key) {
-            continue;
-        }
-        insert(&mut map, rest.to_string(), same(key))?;
-    }
-    Ok(map)
+    build_map(keys, prefix, "CLIP text encoder", &|rest| {
+        Some(vec![(rest.to_string(), Transform::Same)])
+    })
 }
 
 /// An OpenCLIP text model under `prefix` (`cond_stage_model.model.`,
@@ -427,34 +423,17 @@ pub fn open_clip_map<'a>(
     config: &ClipTextConfig,
     with_projection: bool,
 ) -> Result<NameMap> {
-    let mut map = NameMap::new();
-    for key in keys {
-        let Some(rest) = key.strip_prefix(prefix) else {
-            continue;
-        };
-        if is_ignored(key) {
-            continue;
-        }
-        let Some(names) = open_clip_names(rest, config, with_projection) else {
+    build_map(keys, prefix, "OpenCLIP text encoder", &|rest| {
+        match open_clip_names(rest, config, with_projection) {
+            Some(names) => Some(names),
             // Layers past the model's depth and a projection the model has no use for are
             // left in the file, as diffusers leaves them.
-            if rest.starts_with("transformer.resblocks.") || rest == "text_projection" {
-                continue;
+            None if rest.starts_with("transformer.resblocks.") || rest == "text_projection" => {
+                Some(Vec::new())
             }
-            return Err(unmapped(key, "OpenCLIP text encoder"));
-        };
-        for (name, transform) in names {
-            insert(
-                &mut map,
-                name,
-                Source {
-                    key: key.to_string(),
-                    transform,
-                },
-            )?;
+            None => None,
         }
-    }
-    Ok(map)
+    })
 }
 
 /// Where a diffusers-named weight goes in the original layout: a whole tensor (with the inverse
@@ -637,12 +616,6 @@ pub fn unapply(
         },
         Transform::Transpose => tensor.t()?.contiguous(),
     }
-}
-
-fn unmapped(key: &str, component: &str) -> Error {
-    Error::Msg(format!(
-        "tensor {key} is not a {component} weight of the original layout this crate maps"
-    ))
 }
 
 #[cfg(test)]

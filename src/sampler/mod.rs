@@ -123,6 +123,21 @@ pub trait Sampler {
     }
 }
 
+/// q(x_t | x_0) of DDPM (Ho et al. 2020, eq. 4) at `timesteps[index]`: sqrt(alpha_bar) x_0 +
+/// sqrt(1 - alpha_bar) eps, for the samplers that walk discrete timesteps of VP samples.
+pub(crate) fn add_noise_at_timestep(
+    alphas_cumprod: &[f64],
+    timesteps: &[usize],
+    x0: &Tensor,
+    noise: &Tensor,
+    index: usize,
+) -> Result<Tensor> {
+    let Some(alpha_bar) = timesteps.get(index).and_then(|t| alphas_cumprod.get(*t)) else {
+        candle_core::bail!("timestep {index} asked of a run of {}", timesteps.len())
+    };
+    crate::tensor_ops::lincomb(&[(alpha_bar.sqrt(), x0), ((1.0 - alpha_bar).sqrt(), noise)])
+}
+
 /// Clipping or dynamic thresholding of predicted x_0 (DDPM's `clip_sample`; Saharia et al. 2022,
 /// section 2.3 for dynamic thresholding).
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -61,14 +61,13 @@ impl Sampler for Plms {
     }
 
     fn add_noise_at(&self, x0: &Tensor, noise: &Tensor, index: usize) -> Result<Tensor> {
-        let Some(&t) = self.base_timesteps.get(index) else {
-            candle_core::bail!(
-                "timestep {index} asked of a run of {}",
-                self.base_timesteps.len()
-            )
-        };
-        let alpha_bar = self.schedule.alphas_cumprod[t];
-        lincomb(&[(alpha_bar.sqrt(), x0), ((1.0 - alpha_bar).sqrt(), noise)])
+        super::add_noise_at_timestep(
+            &self.schedule.alphas_cumprod,
+            &self.base_timesteps,
+            x0,
+            noise,
+            index,
+        )
     }
 
     fn sample(
