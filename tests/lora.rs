@@ -78,6 +78,10 @@ fn unet_output(attachments: Attachments) -> Tensor {
         .unwrap()
 }
 
+fn max_abs(t: &Tensor) -> f64 {
+    diffuse::tensor_ops::max_abs(t).unwrap()
+}
+
 fn save(path: &Path, tensors: Vec<(String, Tensor)>, metadata: &[(&str, String)]) {
     let metadata: BTreeMap<String, String> = metadata
         .iter()
@@ -288,6 +292,37 @@ fn txt2img_merges_a_kohya_lora_with_its_scale() {
     ));
     let lora = dir.join("style.safetensors");
     save(&lora, tensors, &[]);
+
+    // The merged update is linear in the scale, and each half lands on its own component: the
+    // `lora_unet_` modules on U-Net weights, the `lora_te_` module on the text encoder's q_proj.
+    let file = LoraFile::load(&lora).unwrap();
+    let unet_shapes = tensor_shapes(&unet_weights).unwrap();
+    let text_shapes = tensor_shapes(&text_weights).unwrap();
+    for (component, shapes, expected) in [
+        (
+            Component::Unet,
+            &unet_shapes,
+            random_adapters(&unet_weights).len(),
+        ),
+        (Component::TextEncoder, &text_shapes, 1),
+    ] {
+        let full = file.deltas(component, shapes, 1.0).unwrap();
+        let part = file.deltas(component, shapes, 0.37).unwrap();
+        assert_eq!(full.len(), expected, "{component:?}");
+        for (name, delta) in &full {
+            assert!(shapes.contains_key(name), "{component:?}: {name}");
+            let scaled = (delta * 0.37).unwrap();
+            let err = max_abs_diff(&part[name], &scaled);
+            assert!(err <= 1e-6 * max_abs(delta).max(1.0), "{name}: {err}");
+            assert!(max_abs(delta) > 0.0, "{name}: no update");
+        }
+    }
+    let text_delta = file
+        .deltas(Component::TextEncoder, &text_shapes, 1.0)
+        .unwrap();
+    assert!(text_delta
+        .keys()
+        .all(|k| k.ends_with("layers.0.self_attn.q_proj.weight")));
 
     let base = txt2img_pixels(&dir, "base", &[]);
     let off = txt2img_pixels(

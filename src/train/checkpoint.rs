@@ -219,6 +219,32 @@ mod tests {
             model["a"].to_vec2::<f32>().unwrap(),
             a.to_vec2::<f32>().unwrap()
         );
+        // Saving again replaces the checkpoint whole.
+        let b = (a.clone() * 2.0).unwrap();
+        let meta_8 = BTreeMap::from([("step".to_string(), "8".to_string())]);
+        save(&path, &[("model.a".into(), b.clone())], &meta_8).unwrap();
+        let reloaded = load(&path, &Device::Cpu).unwrap();
+        assert_eq!(reloaded.meta(&path, "step").unwrap(), "8");
+        assert_eq!(
+            reloaded.with_prefix("model.")["a"]
+                .to_vec2::<f32>()
+                .unwrap(),
+            b.to_vec2::<f32>().unwrap()
+        );
+        assert!(!reloaded.tensors.contains_key("labels"));
+        // A write that fails (the target is a folder with a file in it) names the path, leaves
+        // what was there, and no temporary file.
+        let blocked = dir.join("blocked.safetensors");
+        std::fs::create_dir_all(&blocked).unwrap();
+        std::fs::write(blocked.join("keep"), b"kept").unwrap();
+        let err = save(&blocked, &[("model.a".into(), b)], &meta_8)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("blocked.safetensors") && err.contains("could not be written"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(blocked.join("keep")).unwrap(), b"kept");
         // A truncated file is refused by name.
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() - 4]).unwrap();
