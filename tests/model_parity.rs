@@ -21,6 +21,10 @@ fn component(name: &str, file: &str) -> (std::path::PathBuf, std::path::PathBuf)
     (dir.join("config.json"), dir.join(file))
 }
 
+/// About twice the worst difference seen (8.3e-6, the VAE decoder's output on a 2-core Xeon
+/// with AVX-512); summation order differs between CPUs and BLAS builds.
+const TOLERANCE: f64 = 2e-5;
+
 fn assert_close(name: &str, ours: &Tensor, theirs: &Tensor, tol: f64) {
     assert_eq!(ours.dims(), theirs.dims(), "{name}: shape");
     let err = max_abs_diff(ours, theirs);
@@ -40,7 +44,7 @@ fn text_encoder_matches_transformers() {
         "last_hidden_state",
         &states,
         fx.tensor("text/last_hidden_state"),
-        1e-4,
+        TOLERANCE,
     );
 }
 
@@ -61,7 +65,7 @@ fn unet_matches_diffusers() {
         let out = unet
             .forward(sample, &timesteps, &UNetConditioning::text(context.clone()))
             .unwrap();
-        assert_close(name, &out, fx.tensor(&format!("unet/{name}")), 1e-4);
+        assert_close(name, &out, fx.tensor(&format!("unet/{name}")), TOLERANCE);
     }
 }
 
@@ -72,13 +76,18 @@ fn vae_matches_diffusers() {
     let vb = var_builder(&[&weights], DType::F32, &Device::Cpu).unwrap();
     let vae = AutoencoderKL::new(read_json::<VaeConfig>(&config).unwrap(), vb).unwrap();
     let posterior = vae.encode(fx.tensor("vae/enc_image")).unwrap();
-    assert_close("enc_mean", &posterior.mean, fx.tensor("vae/enc_mean"), 1e-4);
+    assert_close(
+        "enc_mean",
+        &posterior.mean,
+        fx.tensor("vae/enc_mean"),
+        TOLERANCE,
+    );
     assert_close(
         "enc_logvar",
         &posterior.logvar,
         fx.tensor("vae/enc_logvar"),
-        1e-4,
+        TOLERANCE,
     );
     let decoded = vae.decode(fx.tensor("vae/dec_latent")).unwrap();
-    assert_close("dec_out", &decoded, fx.tensor("vae/dec_out"), 1e-4);
+    assert_close("dec_out", &decoded, fx.tensor("vae/dec_out"), TOLERANCE);
 }

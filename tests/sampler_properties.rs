@@ -243,7 +243,8 @@ fn ode_solvers_show_their_order() {
     }
 }
 
-/// RK45 at rtol = atol = 1e-4 reaches a given error with fewer evaluations than fixed-step Heun.
+/// RK45 at rtol = atol = 1e-4 reaches a given error with under a quarter of the evaluations
+/// fixed-step Heun needs (seen: 86 against 418).
 #[test]
 fn rk45_meets_tolerance_with_fewer_evaluations_than_heun() {
     let options = SamplerOptions {
@@ -265,10 +266,11 @@ fn rk45_meets_tolerance_with_fewer_evaluations_than_heun() {
     }
     let (heun_steps, heun_evals) = heun_evals_needed.expect("heun reaches rk45's error");
     eprintln!(
-        "rk45: error {rk_err:.2e} with {rk_evals} evaluations; heun needs {heun_steps} steps,          {heun_evals} evaluations"
+        "rk45: error {rk_err:.2e} with {rk_evals} evaluations; heun needs {heun_steps} steps, \
+         {heun_evals} evaluations"
     );
     assert!(
-        rk_evals < heun_evals,
-        "rk45 {rk_evals} vs heun {heun_evals}"
+        4 * rk_evals <= heun_evals,
+        "rk45 {rk_evals} vs heun {heun_evals}: not under a quarter"
     );
 }

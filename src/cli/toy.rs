@@ -119,6 +119,13 @@ pub fn run(args: ToyArgs) -> anyhow::Result<()> {
     let data_a = toy::swiss_roll(args.samples, &mut data_noise);
     let data_b = toy::swiss_roll(args.samples, &mut data_noise);
     let data_distance = toy::sliced_wasserstein(&data_a, &data_b, 256, 0);
+    // The starting point of every sampler, N(0, I): how far an untrained model would stay.
+    let gaussian: Vec<[f32; 2]> = data_noise
+        .normals(2 * args.samples)
+        .chunks(2)
+        .map(|p| [p[0], p[1]])
+        .collect();
+    let noise_distance = toy::sliced_wasserstein(&gaussian, &data_a, 256, 0);
 
     let mut results = Vec::new();
     let mut picture_trajectory = None;
@@ -170,6 +177,7 @@ pub fn run(args: ToyArgs) -> anyhow::Result<()> {
             "steps": first["steps"],
             "distance": first["distance"],
             "data_distance": data_distance,
+            "noise_distance": noise_distance,
             "evaluations": first["evaluations"],
             "train_steps": config.train_steps,
             "train_seconds": train_seconds,
