@@ -357,7 +357,47 @@ fn interrupt_saves_a_checkpoint_that_resumes() {
         TrainConfig::from_toml_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
     let resumed =
         PixelTrainer::resume(config, &out.join("checkpoint.safetensors"), &Device::Cpu).unwrap();
-    assert!(resumed.step >= 3, "saved at step {}", resumed.step);
+    let saved = resumed.step;
+    assert!(saved >= 3, "saved at step {saved}");
+    // `--resume` goes on from the saved step to the new total, one CSV row per step.
+    let total = saved + 2;
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_diffuse"))
+        .args([
+            "train",
+            "--config",
+            config_path.to_str().unwrap(),
+            "--resume",
+        ])
+        .args(["--steps", &total.to_string(), "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        common::last_json_line(&output.stdout)["steps"],
+        total,
+        "the resumed run ends at the new total"
+    );
+    let steps: Vec<usize> = std::fs::read_to_string(&csv)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split(',').next()?.parse().ok())
+        .collect();
+    assert_eq!(steps.last(), Some(&total));
+    let mut unique = steps.clone();
+    unique.dedup();
+    assert_eq!(unique, steps, "no step logged twice");
+    let after = PixelTrainer::resume(
+        TrainConfig::from_toml_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap(),
+        &out.join("checkpoint.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(after.step, total);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
