@@ -4,6 +4,7 @@
 //! [`sampler`] every reverse-process solver behind one trait, [`toy`] the 2-D swiss roll of
 //! Sohl-Dickstein et al. 2015, [`cli`] the command line.
 
+pub mod checkpoint;
 pub mod cli;
 pub mod data;
 pub mod embedded;

@@ -6,12 +6,12 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{fixture_path, max_abs_diff};
+use diffuse::checkpoint;
 use diffuse::model::config::{read_json, UNetConfig};
 use diffuse::model::lora::{Component, LoraFile, DOWN, META_ALPHA, META_RANK, UP};
 use diffuse::model::unet::UNet2DConditionModel;
 use diffuse::model::unet::UNetConditioning;
 use diffuse::sampler::SeededNoise;
-use diffuse::train::checkpoint;
 use diffuse::weights::{load_checked_with, tensor_shapes, Attachments};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};

@@ -92,7 +92,7 @@ fn matrices(shape: &[usize], seed: u64) -> (Tensor, Tensor) {
 }
 
 fn save(path: &Path, tensors: Vec<(String, Tensor)>) {
-    diffuse::train::checkpoint::save(path, &tensors, &BTreeMap::new()).unwrap();
+    diffuse::checkpoint::save(path, &tensors, &BTreeMap::new()).unwrap();
 }
 
 #[test]

@@ -7,7 +7,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{assert_png_matches, fixture_path, max_abs_diff, Fixture};
-use diffuse::pipeline::checkpoint::{Architecture, SingleFileOptions};
+use diffuse::pipeline::source::{Architecture, SingleFileOptions};
 use diffuse::pipeline::{LoadOptions, StableDiffusion};
 use std::collections::HashMap;
 use std::path::Path;
@@ -25,12 +25,10 @@ fn single_files_load_the_folders_weights_exactly() {
             config_dir: Some(fixture_path(folder)),
             ..Default::default()
         };
-        let (single, _) =
-            diffuse::pipeline::checkpoint::single_file_parts(&path, &options).unwrap();
-        let from_folder =
-            diffuse::pipeline::checkpoint::folder_parts(&fixture_path(folder)).unwrap();
+        let (single, _) = diffuse::pipeline::source::single_file_parts(&path, &options).unwrap();
+        let from_folder = diffuse::pipeline::source::folder_parts(&fixture_path(folder)).unwrap();
         let shapes = diffuse::weights::tensor_shapes(&path).unwrap();
-        let recognised = diffuse::pipeline::checkpoint::recognise(&path, &shapes).unwrap();
+        let recognised = diffuse::pipeline::source::recognise(&path, &shapes).unwrap();
         assert_eq!(recognised.architecture, architecture);
         let pairs = [
             (Some(&single.unet.1), Some(&from_folder.unet.1)),

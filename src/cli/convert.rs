@@ -1,8 +1,8 @@
 //! `diffuse convert`: a single-file checkpoint to a diffusers folder, or a folder to a single
 //! file in the original layout.
 
-use crate::pipeline::checkpoint::SingleFileOptions;
 use crate::pipeline::convert::{folder_to_single_file, single_file_to_folder};
+use crate::pipeline::source::SingleFileOptions;
 use clap::Args;
 use std::path::PathBuf;
 

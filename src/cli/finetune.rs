@@ -194,7 +194,7 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
         },
     )?;
     let root = if Path::new(&model).is_file() {
-        let options = crate::pipeline::checkpoint::SingleFileOptions {
+        let options = crate::pipeline::source::SingleFileOptions {
             config_dir: args.model_config.clone(),
             ..Default::default()
         };

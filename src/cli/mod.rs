@@ -39,7 +39,7 @@ pub enum Command {
     /// Time a model component with random weights of real shapes.
     Bench(bench::BenchArgs),
     /// Train a pixel-space DDPM, or a text-to-image latent model, from a TOML config.
-    Train(train::TrainArgs),
+    Train(train_loop::TrainArgs),
     /// Train the latent autoencoder (KL VAE) of a small latent diffusion model.
     TrainVae(train_vae::TrainVaeArgs),
     /// Draw images from a trained pixel-space model.

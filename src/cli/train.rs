@@ -2,6 +2,7 @@
 //! loop (`train_loop`: progress, loss CSV and curve, sample grids, atomic checkpoints, Ctrl-C
 //! saving, `--resume`). A config with `model.autoencoder = "vae"` goes to `train_ldm`.
 
+use super::train_loop::TrainArgs;
 use super::train_loop::{
     apply_overrides, check_fresh_start, run_loop, time_limit, LoopSettings, TrainingRun,
 };
@@ -11,41 +12,7 @@ use crate::sampler::{SamplerKind, SamplerOptions};
 use crate::train::config::TrainConfig;
 use crate::train::pixel::PixelTrainer;
 use anyhow::Context;
-use clap::Args;
 use std::path::{Path, PathBuf};
-
-#[derive(Debug, Clone, Args)]
-pub struct TrainArgs {
-    /// Where to run: cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// The TOML training config (configs/ddpm-mnist.toml, configs/ddpm-fashion.toml).
-    #[arg(long)]
-    pub config: PathBuf,
-    /// Overrides data.path: the folder with the IDX files.
-    #[arg(long)]
-    pub data: Option<PathBuf>,
-    /// Overrides train.out_dir.
-    #[arg(long)]
-    pub out_dir: Option<PathBuf>,
-    /// Overrides train.steps (the total, counting steps already taken when resuming).
-    #[arg(long)]
-    pub steps: Option<usize>,
-    /// Continue from OUT_DIR/checkpoint.safetensors.
-    #[arg(long)]
-    pub resume: bool,
-    /// Stop after this many minutes of training (saving as at the last step), whatever
-    /// train.steps says; `--resume` goes on from there.
-    #[arg(long)]
-    pub time_limit: Option<f64>,
-    /// Text-to-image configs: the dtype of the pipeline folder's text encoder and U-Net
-    /// (f32, f16 or bf16; the training state stays f32).
-    #[arg(long, default_value = "f32")]
-    pub pipeline_dtype: String,
-    /// Print one JSON object as the last line.
-    #[arg(long)]
-    pub json: bool,
-}
 
 /// File names inside the output folder.
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";

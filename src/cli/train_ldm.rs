@@ -2,7 +2,7 @@
 //! (text encoder and cross-attention U-Net trained together on a frozen VAE's latents), with the
 //! shared training loop; the averaged weights are written as a diffusers pipeline folder.
 
-use super::train::TrainArgs;
+use super::train_loop::TrainArgs;
 use super::train_loop::{
     apply_overrides, check_fresh_start, run_loop, time_limit, LoopSettings, TrainingRun,
 };

@@ -3,12 +3,47 @@
 
 use crate::train::plot::{loss_curve_png, read_losses, trim_csv};
 use anyhow::Context;
+use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// The flags of `diffuse train`, for every kind of training config.
+#[derive(Debug, Clone, Args)]
+pub struct TrainArgs {
+    /// Where to run: cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// The TOML training config (configs/ddpm-mnist.toml, configs/ddpm-fashion.toml).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Overrides data.path: the folder with the IDX files.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Overrides train.out_dir.
+    #[arg(long)]
+    pub out_dir: Option<PathBuf>,
+    /// Overrides train.steps (the total, counting steps already taken when resuming).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Continue from OUT_DIR/checkpoint.safetensors.
+    #[arg(long)]
+    pub resume: bool,
+    /// Stop after this many minutes of training (saving as at the last step), whatever
+    /// train.steps says; `--resume` goes on from there.
+    #[arg(long)]
+    pub time_limit: Option<f64>,
+    /// Text-to-image configs: the dtype of the pipeline folder's text encoder and U-Net
+    /// (f32, f16 or bf16; the training state stays f32).
+    #[arg(long, default_value = "f32")]
+    pub pipeline_dtype: String,
+    /// Print one JSON object as the last line.
+    #[arg(long)]
+    pub json: bool,
+}
 
 /// What a training command plugs into [`run_loop`].
 pub trait TrainingRun {

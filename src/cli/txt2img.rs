@@ -2,8 +2,8 @@
 
 use super::sampler_args::SamplerArgs;
 use crate::image_io::save_png;
-use crate::pipeline::checkpoint::SingleFileOptions;
 use crate::pipeline::request::GenerationRequest;
+use crate::pipeline::source::SingleFileOptions;
 use crate::pipeline::txt2img::SizeConditioning;
 use crate::pipeline::{LoadOptions, StableDiffusion};
 use anyhow::{bail, Context};

@@ -199,7 +199,7 @@ impl LoraFile {
     /// Reads every tensor of `path`; refuses names that are not LoRA entries and modules with
     /// only one of their two matrices, naming them.
     pub fn load(path: &Path) -> Result<Self> {
-        let loaded = crate::train::checkpoint::load(path, &candle_core::Device::Cpu)?;
+        let loaded = crate::checkpoint::load(path, &candle_core::Device::Cpu)?;
         let meta_scale = match (
             loaded.metadata.get(META_ALPHA),
             loaded.metadata.get(META_RANK),

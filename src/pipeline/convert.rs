@@ -2,7 +2,7 @@
 //! copied bit for bit (the layouts differ only by names, 1x1-convolution reshapes, a
 //! transpose and OpenCLIP's fused q/k/v), in their stored dtype.
 
-use super::checkpoint::{
+use super::source::{
     builtin_text, folder_parts, shipped_tokenizer, single_file_parts, Architecture, PipelineParts,
     Recognised, SingleFileOptions, SD1_TEXT_PREFIX, SD2_TEXT_PREFIX, SDXL_TEXT_2_PREFIX,
     SDXL_TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX,

@@ -1,11 +1,11 @@
 //! Pipelines: a Stable Diffusion model folder loaded as one bundle, classifier-free guidance,
 //! and txt2img.
 
-pub mod checkpoint;
 pub mod convert;
 pub mod guidance;
 pub mod pixel;
 pub mod request;
+pub mod source;
 pub mod txt2img;
 
 use crate::error::{Error, Result};
@@ -18,7 +18,7 @@ use crate::sampler::SchedulerConfig;
 use crate::tokenizer::ClipTokenizer;
 use crate::weights::{load_component, Attachments, ComponentWeights};
 use candle_core::{DType, Device, Tensor};
-use checkpoint::PipelineParts;
+use source::PipelineParts;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -226,29 +226,29 @@ fn lora_updates(
 impl StableDiffusion {
     /// Loads `model_index.json`, `tokenizer/`, `text_encoder/`, `unet/`, `vae/`, `scheduler/`.
     pub fn load_dir(root: &Path, options: LoadOptions) -> Result<Self> {
-        Self::from_parts(checkpoint::folder_parts(root)?, root, options)
+        Self::from_parts(source::folder_parts(root)?, root, options)
     }
 
-    /// Loads a single-file checkpoint in the original layout (see [`checkpoint`]); also says
+    /// Loads a single-file checkpoint in the original layout (see [`source`]); also says
     /// what it was recognised as.
     pub fn load_single_file(
         path: &Path,
-        single_file: &checkpoint::SingleFileOptions,
+        single_file: &source::SingleFileOptions,
         options: LoadOptions,
-    ) -> Result<(Self, checkpoint::Recognised)> {
-        let (parts, recognised) = checkpoint::single_file_parts(path, single_file)?;
+    ) -> Result<(Self, source::Recognised)> {
+        let (parts, recognised) = source::single_file_parts(path, single_file)?;
         Ok((Self::from_parts(parts, path, options)?, recognised))
     }
 
-    /// Loads what `--model` names (see [`checkpoint::model_parts`]); also says, for a single
+    /// Loads what `--model` names (see [`source::model_parts`]); also says, for a single
     /// file, what it was recognised as.
     pub fn load_model(
         spec: &str,
         fp16: bool,
-        single_file: &checkpoint::SingleFileOptions,
+        single_file: &source::SingleFileOptions,
         options: LoadOptions,
-    ) -> Result<(Self, Option<checkpoint::Recognised>)> {
-        let model = checkpoint::model_parts(spec, fp16, single_file)?;
+    ) -> Result<(Self, Option<source::Recognised>)> {
+        let model = source::model_parts(spec, fp16, single_file)?;
         let sd = Self::from_parts(model.parts, &model.location, options)?;
         Ok((sd, model.recognised))
     }

@@ -2,6 +2,7 @@
 //! optional class label. Loaded from a training checkpoint or a shipped weights file, both of
 //! which carry their training config as metadata.
 
+use crate::checkpoint;
 use crate::error::{Error, Result};
 use crate::model::config::UNetConfig;
 use crate::model::unet::UNet2DConditionModel;
@@ -10,7 +11,6 @@ use crate::sampler::config::{build_sampler, SamplerKind, SamplerOptions};
 use crate::sampler::noise::SeededNoise;
 use crate::sampler::{Denoiser, SchedulerConfig, StepEvent};
 use crate::schedule::PredictionType;
-use crate::train::checkpoint;
 use crate::train::config::{Conditioning, TrainConfig};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;

@@ -4,9 +4,9 @@
 //! forward and backward on the denoising loss of the model's own prediction type (DDPM eq. 14,
 //! or v for v-prediction models).
 
-use super::checkpoint;
 use super::optim::{clip_factor, warmup_lr, AdamW, AdamWParams};
 use super::Ema;
+use crate::checkpoint;
 use crate::data::folder::{load_square, ImageFolder, Skipped};
 use crate::error::{Error, Result};
 use crate::model::config::{read_json, UNetConfig};

@@ -12,11 +12,11 @@
 //! Every random draw of step k comes from an RNG seeded by (seed, k), so a resumed run takes the
 //! steps an uninterrupted one would have taken.
 
-use super::checkpoint;
 use super::config::{DiffusionConfig, OptimConfig, ScheduleKind};
 use super::optim::{clip_factor, warmup_lr, AdamW, AdamWParams};
 use super::vae::pad_to;
 use super::{named_vars, seeded_init, Ema};
+use crate::checkpoint;
 use crate::data::captions::{ClassCaptions, EXTRA_TEMPLATES};
 use crate::data::idx::{LabelledImages, Split};
 use crate::error::{Error, Result};

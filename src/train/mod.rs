@@ -1,6 +1,5 @@
 //! Training: the optimiser, the weight average, checkpoints, and the pixel-space DDPM loop.
 
-pub mod checkpoint;
 pub mod config;
 pub mod discriminator;
 pub mod finetune;
@@ -133,7 +132,7 @@ pub fn checked_grad_norm(
 /// Restores what the pixel and latent trainers checkpoint: each variable (`model.<name>`), its
 /// weight average (`ema.<name>`) and its AdamW moments, at step `step`.
 pub fn restore_averaged(
-    loaded: &checkpoint::Loaded,
+    loaded: &crate::checkpoint::Loaded,
     path: &std::path::Path,
     named: &[(String, Var)],
     vars: &[Var],

@@ -106,7 +106,7 @@ impl AdamW {
     /// tensor.
     pub fn restore<'a>(
         &mut self,
-        loaded: &super::checkpoint::Loaded,
+        loaded: &crate::checkpoint::Loaded,
         path: &std::path::Path,
         names: impl Iterator<Item = &'a str>,
         vars: &[Var],

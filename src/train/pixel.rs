@@ -5,10 +5,10 @@
 //! the noise and the flips. A run resumed from step k's checkpoint therefore takes exactly the
 //! steps the uninterrupted run would have taken.
 
-use super::checkpoint;
 use super::config::{Loss, TrainConfig};
 use super::optim::{clip_factor, warmup_lr, AdamW, AdamWParams};
 use super::{named_vars, seeded_init, Ema};
+use crate::checkpoint;
 use crate::data::idx::LabelledImages;
 use crate::error::{Error, Result};
 use crate::likelihood::DiffusionTables;

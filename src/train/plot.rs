@@ -63,7 +63,7 @@ pub fn trim_csv(path: &Path, step: usize) -> Result<()> {
                 .is_none_or(|s| s <= step)
         })
         .collect();
-    crate::train::checkpoint::write_atomically(path, (kept.join("\n") + "\n").as_bytes())?;
+    crate::checkpoint::write_atomically(path, (kept.join("\n") + "\n").as_bytes())?;
     Ok(())
 }
 

@@ -6,10 +6,10 @@
 //! Every random draw of step k comes from an RNG seeded by (seed, k), so a resumed run takes the
 //! steps an uninterrupted one would have taken.
 
-use super::checkpoint;
 use super::discriminator::{discriminator_hinge_loss, generator_hinge_loss, PatchDiscriminator};
 use super::optim::{clip_factor, warmup_lr, AdamW, AdamWParams};
 use super::{named_vars, seeded_init};
+use crate::checkpoint;
 use crate::data::idx::{LabelledImages, Split};
 use crate::error::{Error, Result};
 use crate::model::config::VaeConfig;
