@@ -51,7 +51,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             tb.clone(),
         ),
     ];
-    diffuse::train::checkpoint::save(
+    diffuse::checkpoint::save(
         &corpus.join("lora/peft.safetensors"),
         &peft,
         &BTreeMap::new(),
@@ -66,7 +66,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         (format!("{kohya_text}.lora_up.weight"), tb),
         (format!("{kohya_text}.alpha"), Tensor::new(2f32, &device)?),
     ];
-    diffuse::train::checkpoint::save(
+    diffuse::checkpoint::save(
         &corpus.join("lora/kohya.safetensors"),
         &kohya,
         &BTreeMap::new(),
