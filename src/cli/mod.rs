@@ -68,8 +68,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Finetune(args) => finetune::run(*args),
         Command::Convert(args) => convert::run(args),
         Command::Samplers => {
-            for (name, purpose) in sampler_args::SAMPLER_GUIDE {
-                println!("{name:>9}  {purpose}");
+            for entry in crate::sampler::registry::REGISTRY {
+                println!("{:>9}  {}", entry.name, entry.guide);
             }
             Ok(())
         }

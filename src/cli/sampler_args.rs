@@ -4,23 +4,6 @@ use crate::sampler::SamplerOptions;
 use clap::Args;
 use std::path::PathBuf;
 
-/// One line per sampler on when to use it (`diffuse samplers`, README).
-pub const SAMPLER_GUIDE: [(&str, &str); 13] = [
-    ("ddpm", "DDPM ancestral sampling (Ho et al. 2020): the reference; needs hundreds of steps"),
-    ("ddim", "DDIM (Song et al. 2021): deterministic at eta 0, good from 20-50 steps; --eta 1 is DDPM-like"),
-    ("pndm", "PLMS (Liu et al. 2022): SD 1.x's default; 4th-order multistep, fine at 50 steps"),
-    ("lms", "linear multistep on the sigma ODE: smooth results at 20-50 steps"),
-    ("euler", "Euler on the probability-flow ODE: simple and robust, 20-50 steps"),
-    ("euler-a", "Euler ancestral: adds fresh noise each step; varied, softer images; not convergent in steps"),
-    ("heun", "Heun (Karras et al. 2022): 2nd order, 2 evaluations a step; accurate at 10-30 steps"),
-    ("dpmpp-2m", "DPM-Solver++(2M): the best quality for few steps (15-25), with --karras"),
-    ("unipc", "UniPC: predictor-corrector multistep; strongest at very few steps (5-15)"),
-    ("rk45", "adaptive Dormand-Prince on the ODE: set accuracy by --rtol/--atol; reports evaluations"),
-    ("sde", "reverse-SDE Euler-Maruyama (Song et al. 2021): stochastic, needs many steps"),
-    ("pc", "predictor-corrector (Song et al. 2021, Alg. 2/3): reverse diffusion + Langevin; best SDE quality"),
-    ("ald", "annealed Langevin dynamics (NCSN): corrector only; needs many steps and corrector iterations"),
-];
-
 #[derive(Debug, Clone, Args)]
 pub struct SamplerArgs {
     /// Sampler: ddpm, ddim, pndm, lms, euler, euler-a, heun, dpmpp-2m, unipc, rk45, sde, pc, ald
@@ -72,5 +55,28 @@ impl SamplerTuning {
             corrector_steps: self.corrector_steps,
             ..Default::default()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Args;
+
+    /// `--sampler`'s help lists exactly the registry's names, in its order.
+    #[test]
+    fn the_sampler_flag_lists_the_registry() {
+        let command = SamplerArgs::augment_args(clap::Command::new("txt2img"));
+        let help = command
+            .get_arguments()
+            .find(|a| a.get_id() == "sampler")
+            .and_then(|a| a.get_help())
+            .expect("--sampler has help")
+            .to_string();
+        let names: Vec<&str> = crate::sampler::registry::REGISTRY
+            .iter()
+            .map(|e| e.name)
+            .collect();
+        assert!(help.contains(&names.join(", ")), "{help}");
     }
 }

@@ -56,21 +56,7 @@ impl SamplerKind {
     ];
 
     pub fn cli_name(self) -> &'static str {
-        match self {
-            Self::Ddpm => "ddpm",
-            Self::Ddim => "ddim",
-            Self::Pndm => "pndm",
-            Self::Lms => "lms",
-            Self::Euler => "euler",
-            Self::EulerAncestral => "euler-a",
-            Self::Heun => "heun",
-            Self::DpmPp2m => "dpmpp-2m",
-            Self::UniPc => "unipc",
-            Self::Rk45 => "rk45",
-            Self::Sde => "sde",
-            Self::Pc => "pc",
-            Self::Ald => "ald",
-        }
+        super::registry::info(self).name
     }
 
     pub fn allowed_names() -> String {
@@ -87,43 +73,16 @@ impl SamplerKind {
 
     /// The sampler a diffusers `_class_name` stands for.
     pub fn from_class_name(class: &str) -> Result<Self> {
-        Ok(match class {
-            "DDPMScheduler" => Self::Ddpm,
-            "DDIMScheduler" => Self::Ddim,
-            "PNDMScheduler" => Self::Pndm,
-            "LMSDiscreteScheduler" => Self::Lms,
-            "EulerDiscreteScheduler" => Self::Euler,
-            "EulerAncestralDiscreteScheduler" => Self::EulerAncestral,
-            "HeunDiscreteScheduler" => Self::Heun,
-            "DPMSolverMultistepScheduler" => Self::DpmPp2m,
-            "UniPCMultistepScheduler" => Self::UniPc,
-            "ScoreSdeVpScheduler" => Self::Sde,
-            "ScoreSdeVeScheduler" => Self::Pc,
-            other => {
-                return Err(Error::bad_value(
-                    "_class_name",
-                    other,
-                    "DDPMScheduler, DDIMScheduler, PNDMScheduler, LMSDiscreteScheduler, \
-                     EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, \
-                     HeunDiscreteScheduler, DPMSolverMultistepScheduler, \
-                     UniPCMultistepScheduler, ScoreSdeVpScheduler, ScoreSdeVeScheduler",
-                ))
-            }
-        })
+        super::registry::REGISTRY
+            .iter()
+            .find(|entry| entry.class_names.contains(&class))
+            .map(|entry| entry.kind)
+            .ok_or_else(|| Error::bad_value("_class_name", class, &super::registry::class_names()))
     }
 
     /// Samplers that walk a sigma grid and so can take Karras spacing.
     pub fn uses_sigmas(self) -> bool {
-        matches!(
-            self,
-            Self::Lms
-                | Self::Euler
-                | Self::EulerAncestral
-                | Self::Heun
-                | Self::DpmPp2m
-                | Self::UniPc
-                | Self::Rk45
-        )
+        super::registry::info(self).uses_sigmas
     }
 
     fn default_spacing(self) -> TimestepSpacing {

@@ -20,7 +20,7 @@ pub struct Ddim {
 
 impl Sampler for Ddim {
     fn name(&self) -> &'static str {
-        "ddim"
+        super::SamplerKind::Ddim.cli_name()
     }
 
     fn init_noise_sigma(&self) -> f64 {

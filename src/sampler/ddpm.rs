@@ -59,7 +59,7 @@ impl Ddpm {
 
 impl Sampler for Ddpm {
     fn name(&self) -> &'static str {
-        "ddpm"
+        super::SamplerKind::Ddpm.cli_name()
     }
 
     fn init_noise_sigma(&self) -> f64 {

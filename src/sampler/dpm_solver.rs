@@ -33,7 +33,7 @@ pub(crate) fn log_snr_coefficients(sigma: f64) -> (f64, f64, f64) {
 
 impl Sampler for DpmSolverPlusPlus {
     fn name(&self) -> &'static str {
-        "dpmpp-2m"
+        super::SamplerKind::DpmPp2m.cli_name()
     }
 
     fn init_noise_sigma(&self) -> f64 {

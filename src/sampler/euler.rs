@@ -171,7 +171,7 @@ pub struct Euler {
 
 impl Sampler for Euler {
     fn name(&self) -> &'static str {
-        "euler"
+        super::SamplerKind::Euler.cli_name()
     }
 
     fn init_noise_sigma(&self) -> f64 {
@@ -238,7 +238,7 @@ pub fn ancestral_split(sigma_from: f64, sigma_to: f64) -> (f64, f64) {
 
 impl Sampler for EulerAncestral {
     fn name(&self) -> &'static str {
-        "euler-a"
+        super::SamplerKind::EulerAncestral.cli_name()
     }
 
     fn init_noise_sigma(&self) -> f64 {

@@ -12,7 +12,7 @@ pub struct Heun {
 
 impl Sampler for Heun {
     fn name(&self) -> &'static str {
-        "heun"
+        super::SamplerKind::Heun.cli_name()
     }
 
     fn init_noise_sigma(&self) -> f64 {

@@ -47,7 +47,7 @@ fn lms_coefficient(sigmas: &[f64], order: usize, i: usize, j: usize) -> f64 {
 
 impl Sampler for Lms {
     fn name(&self) -> &'static str {
-        "lms"
+        super::SamplerKind::Lms.cli_name()
     }
 
     fn init_noise_sigma(&self) -> f64 {

@@ -15,6 +15,7 @@ pub mod lms;
 pub mod noise;
 pub mod pc;
 pub mod pndm;
+pub mod registry;
 pub mod rk45;
 pub mod sde;
 pub mod unipc;

@@ -49,7 +49,7 @@ impl Plms {
 
 impl Sampler for Plms {
     fn name(&self) -> &'static str {
-        "pndm"
+        super::SamplerKind::Pndm.cli_name()
     }
 
     fn init_noise_sigma(&self) -> f64 {

@@ -204,7 +204,7 @@ pub fn dormand_prince(
 
 impl Sampler for Rk45 {
     fn name(&self) -> &'static str {
-        "rk45"
+        super::SamplerKind::Rk45.cli_name()
     }
 
     fn init_noise_sigma(&self) -> f64 {

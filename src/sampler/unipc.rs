@@ -168,7 +168,7 @@ impl UniPc {
 
 impl Sampler for UniPc {
     fn name(&self) -> &'static str {
-        "unipc"
+        super::SamplerKind::UniPc.cli_name()
     }
 
     fn init_noise_sigma(&self) -> f64 {

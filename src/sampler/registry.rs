@@ -1,0 +1,154 @@
+//! Every sampler in one table: its command-line name, the diffusers scheduler classes that
+//! stand for it, when to use it, and whether it walks a sigma grid. The names, the guide
+//! (`diffuse samplers`), the parsers and their error messages all read this table.
+
+use super::config::SamplerKind;
+
+/// One sampler's entry.
+#[derive(Debug, Clone, Copy)]
+pub struct SamplerInfo {
+    pub kind: SamplerKind,
+    /// The name on the command line (`--sampler`) and in PNG metadata.
+    pub name: &'static str,
+    /// diffusers `_class_name`s that pick this sampler from a scheduler config.
+    pub class_names: &'static [&'static str],
+    /// One line on when to use it.
+    pub guide: &'static str,
+    /// Walks a sigma grid, so takes Karras spacing.
+    pub uses_sigmas: bool,
+}
+
+pub const REGISTRY: [SamplerInfo; 13] = [
+    SamplerInfo {
+        kind: SamplerKind::Ddpm,
+        name: "ddpm",
+        class_names: &["DDPMScheduler"],
+        guide: "DDPM ancestral sampling (Ho et al. 2020): the reference; needs hundreds of steps",
+        uses_sigmas: false,
+    },
+    SamplerInfo {
+        kind: SamplerKind::Ddim,
+        name: "ddim",
+        class_names: &["DDIMScheduler"],
+        guide: "DDIM (Song et al. 2021): deterministic at eta 0, good from 20-50 steps; --eta 1 is DDPM-like",
+        uses_sigmas: false,
+    },
+    SamplerInfo {
+        kind: SamplerKind::Pndm,
+        name: "pndm",
+        class_names: &["PNDMScheduler"],
+        guide: "PLMS (Liu et al. 2022): SD 1.x's default; 4th-order multistep, fine at 50 steps",
+        uses_sigmas: false,
+    },
+    SamplerInfo {
+        kind: SamplerKind::Lms,
+        name: "lms",
+        class_names: &["LMSDiscreteScheduler"],
+        guide: "linear multistep on the sigma ODE: smooth results at 20-50 steps",
+        uses_sigmas: true,
+    },
+    SamplerInfo {
+        kind: SamplerKind::Euler,
+        name: "euler",
+        class_names: &["EulerDiscreteScheduler"],
+        guide: "Euler on the probability-flow ODE: simple and robust, 20-50 steps",
+        uses_sigmas: true,
+    },
+    SamplerInfo {
+        kind: SamplerKind::EulerAncestral,
+        name: "euler-a",
+        class_names: &["EulerAncestralDiscreteScheduler"],
+        guide: "Euler ancestral: adds fresh noise each step; varied, softer images; not convergent in steps",
+        uses_sigmas: true,
+    },
+    SamplerInfo {
+        kind: SamplerKind::Heun,
+        name: "heun",
+        class_names: &["HeunDiscreteScheduler"],
+        guide: "Heun (Karras et al. 2022): 2nd order, 2 evaluations a step; accurate at 10-30 steps",
+        uses_sigmas: true,
+    },
+    SamplerInfo {
+        kind: SamplerKind::DpmPp2m,
+        name: "dpmpp-2m",
+        class_names: &["DPMSolverMultistepScheduler"],
+        guide: "DPM-Solver++(2M): the best quality for few steps (15-25), with --karras",
+        uses_sigmas: true,
+    },
+    SamplerInfo {
+        kind: SamplerKind::UniPc,
+        name: "unipc",
+        class_names: &["UniPCMultistepScheduler"],
+        guide: "UniPC: predictor-corrector multistep; strongest at very few steps (5-15)",
+        uses_sigmas: true,
+    },
+    SamplerInfo {
+        kind: SamplerKind::Rk45,
+        name: "rk45",
+        class_names: &[],
+        guide: "adaptive Dormand-Prince on the ODE: set accuracy by --rtol/--atol; reports evaluations",
+        uses_sigmas: true,
+    },
+    SamplerInfo {
+        kind: SamplerKind::Sde,
+        name: "sde",
+        class_names: &["ScoreSdeVpScheduler"],
+        guide: "reverse-SDE Euler-Maruyama (Song et al. 2021): stochastic, needs many steps",
+        uses_sigmas: false,
+    },
+    SamplerInfo {
+        kind: SamplerKind::Pc,
+        name: "pc",
+        class_names: &["ScoreSdeVeScheduler"],
+        guide: "predictor-corrector (Song et al. 2021, Alg. 2/3): reverse diffusion + Langevin; best SDE quality",
+        uses_sigmas: false,
+    },
+    SamplerInfo {
+        kind: SamplerKind::Ald,
+        name: "ald",
+        class_names: &[],
+        guide: "annealed Langevin dynamics (NCSN): corrector only; needs many steps and corrector iterations",
+        uses_sigmas: false,
+    },
+];
+
+/// The table's entry for `kind`.
+pub fn info(kind: SamplerKind) -> &'static SamplerInfo {
+    REGISTRY
+        .iter()
+        .find(|entry| entry.kind == kind)
+        .expect("every sampler kind has an entry in REGISTRY")
+}
+
+/// Every diffusers class name the table knows, comma-separated (for error messages).
+pub fn class_names() -> String {
+    REGISTRY
+        .iter()
+        .flat_map(|entry| entry.class_names.iter().copied())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_has_one_entry_and_names_are_unique() {
+        for kind in SamplerKind::ALL {
+            assert_eq!(
+                REGISTRY.iter().filter(|e| e.kind == kind).count(),
+                1,
+                "{kind:?}"
+            );
+        }
+        let names: std::collections::BTreeSet<&str> = REGISTRY.iter().map(|e| e.name).collect();
+        assert_eq!(names.len(), REGISTRY.len());
+        let classes: Vec<&str> = REGISTRY
+            .iter()
+            .flat_map(|e| e.class_names.iter().copied())
+            .collect();
+        let unique: std::collections::BTreeSet<&&str> = classes.iter().collect();
+        assert_eq!(unique.len(), classes.len());
+    }
+}
