@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{assert_png_matches, fixture_path, Fixture};
+use common::{assert_png_matches, case_flags, fixture_path, Fixture};
 use std::collections::HashMap;
 use std::process::Command;
 
@@ -32,20 +32,6 @@ fn run_case(case: &str) {
         None => fixture_path("tiny-sd-inpaint"),
     };
     let png = dir.join("out.png");
-    let mut flags = vec![
-        "--steps".to_string(),
-        call["steps"].to_string(),
-        "--guidance".into(),
-        call["guidance_scale"].to_string(),
-        "--strength".into(),
-        call["strength"].to_string(),
-    ];
-    if let Some(eta) = call["call_kwargs"]["eta"].as_f64() {
-        flags.extend(["--eta".into(), eta.to_string()]);
-    }
-    if let Some(negative) = call["negative_prompt"].as_str() {
-        flags.extend(["--negative".into(), negative.into()]);
-    }
     let out = Command::new(env!("CARGO_BIN_EXE_txt2img"))
         .arg("--model")
         .arg(&model)
@@ -65,9 +51,7 @@ fn run_case(case: &str) {
         .arg(&scheduler)
         .args(["--seed", "0", "--output"])
         .arg(&png)
-        .args(flags)
-        .arg("--")
-        .arg(call["prompt"].as_str().unwrap())
+        .args(case_flags(&call))
         .output()
         .unwrap();
     assert!(

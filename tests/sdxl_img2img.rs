@@ -6,7 +6,7 @@
 mod common;
 
 use candle_core::Tensor;
-use common::{assert_png_matches, fixture_path, max_abs_diff, Fixture};
+use common::{assert_png_matches, case_flags, fixture_path, max_abs_diff, Fixture};
 use diffuse::sampler::noise::SeededNoise;
 use std::process::Command;
 
@@ -53,17 +53,6 @@ fn img2img_reproduces_diffusers_sdxl_img2img() {
         let scheduler = dir.join(format!("{case}-scheduler.json"));
         std::fs::write(&scheduler, fx.meta_str(&format!("{case}/scheduler_config"))).unwrap();
         let png = dir.join(format!("{case}.png"));
-        let mut flags = vec![
-            "--steps".to_string(),
-            call["num_inference_steps"].to_string(),
-            "--guidance".into(),
-            call["guidance_scale"].to_string(),
-            "--strength".into(),
-            call["strength"].to_string(),
-        ];
-        if let Some(negative) = call["negative_prompt"].as_str() {
-            flags.extend(["--negative".into(), negative.into()]);
-        }
         let out = Command::new(env!("CARGO_BIN_EXE_txt2img"))
             .arg("--model")
             .arg(fixture_path("tiny-sdxl"))
@@ -73,9 +62,7 @@ fn img2img_reproduces_diffusers_sdxl_img2img() {
             .arg(&scheduler)
             .args(["--seed", &SEED.to_string(), "--output"])
             .arg(&png)
-            .args(flags)
-            .arg("--")
-            .arg(call["prompt"].as_str().unwrap())
+            .args(case_flags(&call))
             .output()
             .unwrap();
         assert!(

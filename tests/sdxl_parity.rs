@@ -6,7 +6,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{assert_png_matches, fixture_path, max_abs_diff, Fixture};
+use common::{assert_png_matches, case_flags, fixture_path, max_abs_diff, Fixture};
 use diffuse::model::unet::{TextTimeConditioning, UNetConditioning};
 use diffuse::pipeline::{LoadOptions, PipelineKind, StableDiffusion};
 use std::collections::HashMap;
@@ -110,36 +110,6 @@ fn unet_with_added_conditions_matches_diffusers() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("time ids"), "{err}");
-}
-
-/// The command-line flags of a `pipe_*` case, from its recorded call (W,H and X,Y order).
-fn case_flags(call: &serde_json::Value) -> Vec<String> {
-    let mut flags = vec![
-        "--steps".to_string(),
-        call["steps"].to_string(),
-        "--guidance".into(),
-        call["guidance_scale"].to_string(),
-    ];
-    if let Some(negative) = call["negative_prompt"].as_str() {
-        flags.extend(["--negative".into(), negative.into()]);
-    }
-    let kwargs = &call["call_kwargs"];
-    let pair = |key: &str| -> Option<(u64, u64)> {
-        let v = kwargs.get(key)?.as_array()?;
-        Some((v[0].as_u64()?, v[1].as_u64()?))
-    };
-    // diffusers takes (h, w) and (top, left); the flags take W,H and X,Y.
-    for (key, flag) in [
-        ("original_size", "--original-size"),
-        ("crops_coords_top_left", "--crops-coords-top-left"),
-        ("target_size", "--target-size"),
-    ] {
-        if let Some((first, second)) = pair(key) {
-            flags.extend([flag.into(), format!("{second},{first}")]);
-        }
-    }
-    flags.extend(["--".into(), call["prompt"].as_str().unwrap().into()]);
-    flags
 }
 
 #[test]

@@ -6,7 +6,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{assert_png_matches, fixture_path, max_abs_diff, Fixture};
+use common::{assert_png_matches, case_flags, fixture_path, max_abs_diff, Fixture};
 use diffuse::pipeline::source::{Architecture, SingleFileOptions};
 use diffuse::pipeline::{LoadOptions, StableDiffusion};
 use std::collections::HashMap;
@@ -126,28 +126,6 @@ fn single_files_reproduce_their_folders_images() {
         let scheduler = dir.join(format!("{folder}-{case}-scheduler.json"));
         std::fs::write(&scheduler, fx.meta_str(&format!("{case}/scheduler_config"))).unwrap();
         let png = dir.join(format!("{folder}-{case}.png"));
-        let mut flags = vec![
-            "--steps".to_string(),
-            call["steps"].to_string(),
-            "--guidance".into(),
-            call["guidance_scale"].to_string(),
-        ];
-        if let Some(eta) = call["call_kwargs"]["eta"].as_f64() {
-            flags.extend(["--eta".into(), eta.to_string()]);
-        }
-        if let Some(negative) = call["negative_prompt"].as_str() {
-            flags.extend(["--negative".into(), negative.into()]);
-        }
-        let kwargs = &call["call_kwargs"];
-        for (key, flag) in [
-            ("original_size", "--original-size"),
-            ("crops_coords_top_left", "--crops-coords-top-left"),
-            ("target_size", "--target-size"),
-        ] {
-            if let Some(v) = kwargs.get(key).and_then(|v| v.as_array()) {
-                flags.extend([flag.into(), format!("{},{}", v[1], v[0])]);
-            }
-        }
         let out = Command::new(env!("CARGO_BIN_EXE_txt2img"))
             .arg("--model")
             .arg(fixture_path(&format!("single-file/{folder}.safetensors")))
@@ -159,9 +137,7 @@ fn single_files_reproduce_their_folders_images() {
             .arg(&scheduler)
             .args(["--seed", "0", "--output"])
             .arg(&png)
-            .args(flags)
-            .arg("--")
-            .arg(call["prompt"].as_str().unwrap())
+            .args(case_flags(&call))
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);

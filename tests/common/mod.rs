@@ -137,6 +137,47 @@ pub fn assert_png_matches(label: &str, png: &Path, expected: &Tensor) {
     );
 }
 
+/// The `txt2img` flags of a diffusers call recorded in a fixture's `<case>/call` (steps,
+/// guidance, eta, negative prompt, strength, SDXL's size conditions in W,H and X,Y order), then
+/// `--` and the prompt.
+pub fn case_flags(call: &serde_json::Value) -> Vec<String> {
+    let steps = call
+        .get("steps")
+        .or_else(|| call.get("num_inference_steps"));
+    let mut flags = vec![
+        "--steps".to_string(),
+        steps.expect("a step count").to_string(),
+        "--guidance".into(),
+        call["guidance_scale"].to_string(),
+    ];
+    if let Some(strength) = call.get("strength") {
+        flags.extend(["--strength".into(), strength.to_string()]);
+    }
+    let kwargs = &call["call_kwargs"];
+    if let Some(eta) = kwargs["eta"].as_f64() {
+        flags.extend(["--eta".into(), eta.to_string()]);
+    }
+    if let Some(negative) = call["negative_prompt"].as_str() {
+        flags.extend(["--negative".into(), negative.into()]);
+    }
+    let pair = |key: &str| -> Option<(u64, u64)> {
+        let v = kwargs.get(key)?.as_array()?;
+        Some((v[0].as_u64()?, v[1].as_u64()?))
+    };
+    // diffusers takes (h, w) and (top, left); the flags take W,H and X,Y.
+    for (key, flag) in [
+        ("original_size", "--original-size"),
+        ("crops_coords_top_left", "--crops-coords-top-left"),
+        ("target_size", "--target-size"),
+    ] {
+        if let Some((first, second)) = pair(key) {
+            flags.extend([flag.into(), format!("{second},{first}")]);
+        }
+    }
+    flags.extend(["--".into(), call["prompt"].as_str().unwrap().into()]);
+    flags
+}
+
 /// The JSON object a `--json` command prints as its last line.
 pub fn last_json_line(stdout: &[u8]) -> serde_json::Value {
     let text = String::from_utf8_lossy(stdout);
