@@ -8,6 +8,7 @@ use super::heun::Heun;
 use super::lms::Lms;
 use super::pc::{Corrector, Predictor, PredictorCorrector};
 use super::pndm::Plms;
+use super::registry::SamplerKind;
 use super::rk45::Rk45;
 use super::sde::{VeSde, VpBeta, VpSde};
 use super::unipc::{BFunction, UniPc};
@@ -20,71 +21,7 @@ use crate::schedule::{
 use serde_json::{Map, Value};
 use std::path::Path;
 
-/// Every sampler, by the name the command line takes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SamplerKind {
-    Ddpm,
-    Ddim,
-    Pndm,
-    Lms,
-    Euler,
-    EulerAncestral,
-    Heun,
-    DpmPp2m,
-    UniPc,
-    Rk45,
-    Sde,
-    Pc,
-    Ald,
-}
-
 impl SamplerKind {
-    pub const ALL: [SamplerKind; 13] = [
-        Self::Ddpm,
-        Self::Ddim,
-        Self::Pndm,
-        Self::Lms,
-        Self::Euler,
-        Self::EulerAncestral,
-        Self::Heun,
-        Self::DpmPp2m,
-        Self::UniPc,
-        Self::Rk45,
-        Self::Sde,
-        Self::Pc,
-        Self::Ald,
-    ];
-
-    pub fn cli_name(self) -> &'static str {
-        super::registry::info(self).name
-    }
-
-    pub fn allowed_names() -> String {
-        Self::ALL.map(|k| k.cli_name()).join(", ")
-    }
-
-    /// The sampler a command-line name picks.
-    pub fn parse(name: &str) -> Result<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|k| k.cli_name() == name)
-            .ok_or_else(|| Error::bad_value("--sampler", name, &Self::allowed_names()))
-    }
-
-    /// The sampler a diffusers `_class_name` stands for.
-    pub fn from_class_name(class: &str) -> Result<Self> {
-        super::registry::REGISTRY
-            .iter()
-            .find(|entry| entry.class_names.contains(&class))
-            .map(|entry| entry.kind)
-            .ok_or_else(|| Error::bad_value("_class_name", class, &super::registry::class_names()))
-    }
-
-    /// Samplers that walk a sigma grid and so can take Karras spacing.
-    pub fn uses_sigmas(self) -> bool {
-        super::registry::info(self).uses_sigmas
-    }
-
     fn default_spacing(self) -> TimestepSpacing {
         match self {
             Self::Ddpm | Self::Ddim | Self::Pndm => TimestepSpacing::Leading,

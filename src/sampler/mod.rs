@@ -23,8 +23,9 @@ pub mod unipc;
 use candle_core::{Result, Tensor};
 
 pub use crate::schedule::PredictionType;
-pub use config::{build_sampler, SamplerKind, SamplerOptions, SchedulerConfig};
+pub use config::{build_sampler, SamplerOptions, SchedulerConfig};
 pub use noise::{NoiseSource, ReplayNoise, SeededNoise};
+pub use registry::SamplerKind;
 
 /// The network as a sampler sees it: `f(x, t)` where `x` is the model input (already scaled by
 /// the sampler where it scales inputs) and `t` is the time label the network was trained with.

@@ -2,7 +2,73 @@
 //! stand for it, when to use it, and whether it walks a sigma grid. The names, the guide
 //! (`diffuse samplers`), the parsers and their error messages all read this table.
 
-use super::config::SamplerKind;
+use crate::error::{Error, Result};
+
+/// Every sampler, by the name the command line takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SamplerKind {
+    Ddpm,
+    Ddim,
+    Pndm,
+    Lms,
+    Euler,
+    EulerAncestral,
+    Heun,
+    DpmPp2m,
+    UniPc,
+    Rk45,
+    Sde,
+    Pc,
+    Ald,
+}
+
+impl SamplerKind {
+    pub const ALL: [SamplerKind; 13] = [
+        Self::Ddpm,
+        Self::Ddim,
+        Self::Pndm,
+        Self::Lms,
+        Self::Euler,
+        Self::EulerAncestral,
+        Self::Heun,
+        Self::DpmPp2m,
+        Self::UniPc,
+        Self::Rk45,
+        Self::Sde,
+        Self::Pc,
+        Self::Ald,
+    ];
+
+    pub fn cli_name(self) -> &'static str {
+        info(self).name
+    }
+
+    pub fn allowed_names() -> String {
+        Self::ALL.map(|k| k.cli_name()).join(", ")
+    }
+
+    /// The sampler a command-line name picks.
+    pub fn parse(name: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.cli_name() == name)
+            .ok_or_else(|| Error::bad_value("--sampler", name, &Self::allowed_names()))
+    }
+
+    /// The sampler a diffusers `_class_name` stands for.
+    pub fn from_class_name(class: &str) -> Result<Self> {
+        REGISTRY
+            .iter()
+            .find(|entry| entry.class_names.contains(&class))
+            .map(|entry| entry.kind)
+            .ok_or_else(|| Error::bad_value("_class_name", class, &class_names()))
+    }
+
+    /// Samplers that walk a sigma grid and so can take Karras spacing.
+    pub fn uses_sigmas(self) -> bool {
+        info(self).uses_sigmas
+    }
+}
 
 /// One sampler's entry.
 #[derive(Debug, Clone, Copy)]
