@@ -2,19 +2,12 @@
 //! config), written atomically: to a temporary file beside the target, synced, then renamed, so a
 //! kill mid-write leaves the previous checkpoint intact.
 
-use crate::error::{Error, Result};
+use crate::error::{file_error, Error, Result};
 use crate::weights::check_safetensors;
 use candle_core::{DType, Device, Tensor};
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::Path;
-
-fn file_error(path: &Path, message: impl Into<String>) -> Error {
-    Error::File {
-        path: path.display().to_string(),
-        message: message.into(),
-    }
-}
 
 fn safetensors_dtype(dtype: DType) -> Result<safetensors::Dtype> {
     Ok(match dtype {

@@ -22,6 +22,14 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// An error about the file at `path`: the message says what is wrong with it.
+pub fn file_error(path: &std::path::Path, message: impl Into<String>) -> Error {
+    Error::File {
+        path: path.display().to_string(),
+        message: message.into(),
+    }
+}
+
 impl Error {
     pub fn bad_value(key: &str, value: impl std::fmt::Display, allowed: &str) -> Self {
         Self::BadValue {

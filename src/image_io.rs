@@ -43,10 +43,7 @@ pub fn save_png(image: &Tensor, path: &Path, parameters: Option<&str>) -> Result
     } else {
         png::ColorType::Rgb
     };
-    let io_error = |e: &dyn std::fmt::Display| Error::File {
-        path: path.display().to_string(),
-        message: e.to_string(),
-    };
+    let io_error = |e: &dyn std::fmt::Display| crate::error::file_error(path, e.to_string());
     let tmp = partial_path(path);
     let written = (|| -> std::result::Result<(), Box<dyn std::error::Error>> {
         let file = std::fs::File::create(&tmp)?;

@@ -2,7 +2,7 @@
 //! model's 77 positions and padded with the folder's pad token (`<|endoftext|>` in SD 1.x, `!`
 //! in SD 2.x).
 
-use crate::error::{Error, Result};
+use crate::error::{file_error, Error, Result};
 use std::path::Path;
 
 #[derive(Clone)]
@@ -18,13 +18,6 @@ pub struct Encoded {
     pub ids: Vec<u32>,
     /// Tokens (with bos/eos) before truncation; more than `max_length` means some were dropped.
     pub untruncated_len: usize,
-}
-
-fn file_error(path: &Path, message: impl Into<String>) -> Error {
-    Error::File {
-        path: path.display().to_string(),
-        message: message.into(),
-    }
 }
 
 /// The CLIP tokenizer from the slow format (`vocab.json` + `merges.txt`, what SD 1.x/2.x repos

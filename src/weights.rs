@@ -1,18 +1,11 @@
 //! Weight files: safetensors only, memory-mapped, with errors that name the file.
 
-use crate::error::{Error, Result};
+use crate::error::{file_error, Error, Result};
 use crate::single_file::{NameMap, Source, Transform};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-
-fn file_error(path: &Path, message: impl Into<String>) -> Error {
-    Error::File {
-        path: path.display().to_string(),
-        message: message.into(),
-    }
-}
 
 /// Checks that `path` is a complete safetensors file before it is mapped: pickle checkpoints
 /// are refused (loading one runs arbitrary code), and a truncated file is caught here rather

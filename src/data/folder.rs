@@ -8,7 +8,7 @@
 //! without a caption (unless told to skip those) and a folder with nothing usable stop the scan
 //! before any training work.
 
-use crate::error::{Error, Result};
+use crate::error::{file_error, Result};
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
@@ -59,13 +59,6 @@ pub struct ImageFolder {
     pub skipped: Vec<Skipped>,
     /// Files that are neither images nor captions (a README, say): not data, only counted.
     pub ignored: usize,
-}
-
-fn file_error(path: &Path, message: impl Into<String>) -> Error {
-    Error::File {
-        path: path.display().to_string(),
-        message: message.into(),
-    }
 }
 
 fn extension(path: &Path) -> String {

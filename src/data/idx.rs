@@ -1,6 +1,6 @@
 //! The IDX files of MNIST and Fashion-MNIST (big-endian header, then raw bytes), plain or gzipped.
 
-use crate::error::{Error, Result};
+use crate::error::{file_error, Result};
 use candle_core::{Device, Tensor};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -31,13 +31,6 @@ impl Split {
             Split::Train => "train",
             Split::Test => "t10k",
         }
-    }
-}
-
-fn file_error(path: &Path, message: impl Into<String>) -> Error {
-    Error::File {
-        path: path.display().to_string(),
-        message: message.into(),
     }
 }
 

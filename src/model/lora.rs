@@ -13,7 +13,7 @@
 //!   as the original checkpoint does (`input_blocks_4_1_...`), renamed here to diffusers'. Its
 //!   convolution adapters (LoCon) merge the same way.
 
-use crate::error::{Error, Result};
+use crate::error::{file_error, Error, Result};
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
 use std::collections::{BTreeMap, HashMap};
@@ -120,13 +120,6 @@ pub struct LoraPair {
 pub struct LoraFile {
     pub path: PathBuf,
     pub pairs: Vec<LoraPair>,
-}
-
-fn file_error(path: &Path, message: impl Into<String>) -> Error {
-    Error::File {
-        path: path.display().to_string(),
-        message: message.into(),
-    }
 }
 
 /// Which matrix a tensor name holds, and of which module.

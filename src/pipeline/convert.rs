@@ -7,7 +7,8 @@ use super::source::{
     Recognised, SingleFileOptions, SD1_TEXT_PREFIX, SD2_TEXT_PREFIX, SDXL_TEXT_2_PREFIX,
     SDXL_TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX,
 };
-use super::{file_error, PipelineKind};
+use super::PipelineKind;
+use crate::error::file_error;
 use crate::error::{Error, Result};
 use crate::single_file::{
     open_clip_destination, unapply, unet_original_name, vae_original_name, Destination,

@@ -8,7 +8,7 @@ pub mod request;
 pub mod source;
 pub mod txt2img;
 
-use crate::error::{Error, Result};
+use crate::error::{file_error, Error, Result};
 use crate::model::config::read_json;
 use crate::model::lora::{add_deltas, Component, LoraFile};
 use crate::model::text::ClipTextModel;
@@ -97,13 +97,6 @@ pub struct StableDiffusion {
     pub vae: AutoencoderKL,
     pub scheduler: SchedulerConfig,
     pub options: LoadOptions,
-}
-
-fn file_error(path: &Path, message: impl Into<String>) -> Error {
-    Error::File {
-        path: path.display().to_string(),
-        message: message.into(),
-    }
 }
 
 /// The pipeline families this crate runs.

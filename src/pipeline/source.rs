@@ -2,7 +2,8 @@
 //! the original layout (what AUTOMATIC1111, ComfyUI and model-sharing sites use), with the
 //! configs and tokenizers of its architecture built in or taken from a diffusers folder.
 
-use super::{check_model_index, file_error, weights_file, PipelineKind};
+use super::{check_model_index, weights_file, PipelineKind};
+use crate::error::file_error;
 use crate::error::{Error, Result};
 use crate::model::config::{read_json, ClipTextConfig, UNetConfig, VaeConfig};
 use crate::sampler::SchedulerConfig;
