@@ -65,10 +65,6 @@ impl LoraLinear {
             adapter: Some((Linear::new(down, None), Linear::new(up, None))),
         })
     }
-
-    pub fn has_adapter(&self) -> bool {
-        self.adapter.is_some()
-    }
 }
 
 impl Module for LoraLinear {

@@ -436,10 +436,6 @@ impl UnetTrainer {
         self.vars.iter().map(|v| v.elem_count()).sum()
     }
 
-    pub fn is_lora(&self) -> bool {
-        matches!(self.trainable, Trainable::Lora { .. })
-    }
-
     /// The denoising loss of latents `x0` under captions `context` at the given timesteps and
     /// noise: the mean squared error against the prediction type's target, each image weighted
     /// by `weights` when given.
