@@ -5,6 +5,7 @@
 //! randomness from a [`NoiseSource`] so that runs are reproducible (and so that the diffusers
 //! fixtures, which record every noise tensor, can be replayed).
 
+pub mod build;
 pub mod config;
 pub mod ddim;
 pub mod ddpm;
@@ -23,7 +24,8 @@ pub mod unipc;
 use candle_core::{Result, Tensor};
 
 pub use crate::schedule::PredictionType;
-pub use config::{build_sampler, SamplerOptions, SchedulerConfig};
+pub use build::{build_sampler, SamplerOptions};
+pub use config::SchedulerConfig;
 pub use noise::{NoiseSource, ReplayNoise, SeededNoise};
 pub use registry::SamplerKind;
 
