@@ -62,14 +62,14 @@ fn default_layers() -> PerBlock {
 /// `UNet2DConditionModel`'s config (the keys SD 1.x, 2.x and Turbo use, and the pixel-DDPM ones).
 #[derive(Debug, Clone, Deserialize)]
 pub struct UNetConfig {
-    #[serde(default = "four")]
+    #[serde(default = "latent_channels_default")]
     pub in_channels: usize,
-    #[serde(default = "four")]
+    #[serde(default = "latent_channels_default")]
     pub out_channels: usize,
     pub block_out_channels: Vec<usize>,
     pub down_block_types: Vec<String>,
     pub up_block_types: Vec<String>,
-    #[serde(default = "two")]
+    #[serde(default = "layers_per_block_default")]
     pub layers_per_block: usize,
     #[serde(default)]
     pub attention_head_dim: Option<PerBlock>,
@@ -137,12 +137,6 @@ pub struct UNetConfig {
     pub sample_size: Option<usize>,
 }
 
-fn four() -> usize {
-    4
-}
-fn two() -> usize {
-    2
-}
 fn three() -> usize {
     3
 }
@@ -157,9 +151,9 @@ pub struct VaeConfig {
     pub block_out_channels: Vec<usize>,
     pub down_block_types: Vec<String>,
     pub up_block_types: Vec<String>,
-    #[serde(default = "two")]
+    #[serde(default = "layers_per_block_default")]
     pub layers_per_block: usize,
-    #[serde(default = "four")]
+    #[serde(default = "latent_channels_default")]
     pub latent_channels: usize,
     #[serde(default = "default_groups")]
     pub norm_num_groups: usize,
@@ -520,4 +514,14 @@ impl ClipTextConfig {
         }
         Ok(())
     }
+}
+
+/// Stable Diffusion's four latent channels.
+fn latent_channels_default() -> usize {
+    4
+}
+
+/// diffusers' default resnets per block.
+fn layers_per_block_default() -> usize {
+    2
 }

@@ -47,10 +47,10 @@ pub struct ModelConfig {
     #[serde(default)]
     pub num_classes: Option<usize>,
     pub image_size: usize,
-    #[serde(default = "one")]
+    #[serde(default = "grey_channels")]
     pub channels: usize,
     pub block_out_channels: Vec<usize>,
-    #[serde(default = "two")]
+    #[serde(default = "layers_per_block_default")]
     pub layers_per_block: usize,
     #[serde(default = "default_groups")]
     pub norm_num_groups: usize,
@@ -96,7 +96,7 @@ pub struct DiffusionConfig {
     pub beta_start: f64,
     #[serde(default = "beta_end")]
     pub beta_end: f64,
-    #[serde(default = "thousand")]
+    #[serde(default = "train_timesteps_default")]
     pub num_train_timesteps: usize,
     #[serde(default = "epsilon")]
     pub prediction_type: String,
@@ -146,10 +146,10 @@ pub struct OptimConfig {
     pub seed: u64,
     #[serde(default = "runs_dir")]
     pub out_dir: PathBuf,
-    #[serde(default = "thousand")]
+    #[serde(default = "steps_between_default")]
     pub checkpoint_every: usize,
     /// A sample grid every this many steps; 0 turns it off.
-    #[serde(default = "thousand")]
+    #[serde(default = "steps_between_default")]
     pub sample_every: usize,
     #[serde(default = "log_every")]
     pub log_every: usize,
@@ -168,12 +168,6 @@ pub struct TrainConfig {
 fn conditioning_none() -> Conditioning {
     Conditioning::None
 }
-fn one() -> usize {
-    1
-}
-fn two() -> usize {
-    2
-}
 fn one_f() -> f64 {
     1.0
 }
@@ -188,9 +182,6 @@ fn beta_start() -> f64 {
 }
 fn beta_end() -> f64 {
     0.02
-}
-fn thousand() -> usize {
-    1000
 }
 fn epsilon() -> String {
     "epsilon".into()
@@ -370,6 +361,25 @@ impl TrainConfig {
         SchedulerConfig::from_json_str(&json.to_string())
             .map_err(|e| Error::Msg(format!("diffusion section: {e}")))
     }
+}
+
+/// Grey-level images (MNIST, Fashion-MNIST).
+fn grey_channels() -> usize {
+    1
+}
+
+fn layers_per_block_default() -> usize {
+    2
+}
+
+/// DDPM's T = 1000.
+fn train_timesteps_default() -> usize {
+    1000
+}
+
+/// Steps between checkpoints and between sample grids.
+fn steps_between_default() -> usize {
+    1000
 }
 
 #[cfg(test)]

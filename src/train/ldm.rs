@@ -99,10 +99,10 @@ pub struct LdmModelConfig {
     pub text_intermediate_size: Option<usize>,
     /// The U-Net's channels per level; every level has cross-attention.
     pub block_out_channels: Vec<usize>,
-    #[serde(default = "two")]
+    #[serde(default = "layers_per_block_default")]
     pub layers_per_block: usize,
     /// Attention heads per transformer (diffusers' SD 1.x `attention_head_dim`).
-    #[serde(default = "four")]
+    #[serde(default = "attention_heads_default")]
     pub attention_heads: usize,
     #[serde(default = "groups")]
     pub norm_num_groups: usize,
@@ -110,12 +110,6 @@ pub struct LdmModelConfig {
 
 fn caption_dropout() -> f64 {
     0.1
-}
-fn two() -> usize {
-    2
-}
-fn four() -> usize {
-    4
 }
 fn groups() -> usize {
     32
@@ -730,4 +724,12 @@ fn dtype_name(dtype: DType) -> &'static str {
         DType::BF16 => "bfloat16",
         _ => "float32",
     }
+}
+
+fn layers_per_block_default() -> usize {
+    2
+}
+
+fn attention_heads_default() -> usize {
+    4
 }

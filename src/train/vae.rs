@@ -47,15 +47,15 @@ pub struct VaeDataConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct VaeModelConfig {
-    #[serde(default = "one")]
+    #[serde(default = "grey_channels")]
     pub channels: usize,
     /// One entry a level; each level after the first halves the size.
     pub block_out_channels: Vec<usize>,
-    #[serde(default = "one")]
+    #[serde(default = "vae_layers_per_block_default")]
     pub layers_per_block: usize,
-    #[serde(default = "four")]
+    #[serde(default = "latent_channels_default")]
     pub latent_channels: usize,
-    #[serde(default = "eight")]
+    #[serde(default = "norm_groups_default")]
     pub norm_num_groups: usize,
 }
 
@@ -80,7 +80,7 @@ pub struct VaeOptimConfig {
     /// false: only the decoder (and `post_quant_conv`) learns. The latent space then stays the
     /// one a diffusion model was trained on, so a sharper decoder drops in under it (Stable
     /// Diffusion's ft-MSE decoders were made this way).
-    #[serde(default = "yes")]
+    #[serde(default = "train_encoder_default")]
     pub train_encoder: bool,
     /// Weight of the adversarial term (the decoder's hinge loss against a patch discriminator,
     /// LDM appendix G) beside the per-pixel L1; 0 trains no discriminator.
@@ -103,16 +103,7 @@ pub struct VaeOptimConfig {
 fn discriminator_channels() -> usize {
     32
 }
-fn yes() -> bool {
-    true
-}
-fn one() -> usize {
-    1
-}
-fn four() -> usize {
-    4
-}
-fn eight() -> usize {
+fn norm_groups_default() -> usize {
     8
 }
 fn grad_clip() -> f64 {
@@ -677,4 +668,21 @@ impl VaeTrainer {
             .map(|(name, var)| Ok((name.clone(), var.as_tensor().copy()?.detach())))
             .collect()
     }
+}
+
+/// Grey-level images (the embedded model's data).
+fn grey_channels() -> usize {
+    1
+}
+
+fn vae_layers_per_block_default() -> usize {
+    1
+}
+
+fn latent_channels_default() -> usize {
+    4
+}
+
+fn train_encoder_default() -> bool {
+    true
 }
