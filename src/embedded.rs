@@ -58,17 +58,25 @@ const FILES: [(&str, &[u8]); 11] = [
     ),
 ];
 
-/// FNV-1a over every file's name and bytes: names the folder, so binaries with different
-/// embedded weights never share one.
-fn content_hash() -> u64 {
+/// FNV-1a over the bytes of `parts`, one after another: a short, stable name for content (not a
+/// defence against tampering).
+pub fn fnv1a<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for (name, bytes) in FILES {
-        for &b in name.as_bytes().iter().chain([0u8].iter()).chain(bytes) {
-            hash ^= u64::from(b);
-            hash = hash.wrapping_mul(0x0100_0000_01b3);
-        }
+    for &b in parts.into_iter().flatten() {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
     hash
+}
+
+/// Every file's name, a zero byte and its bytes, hashed: names the folder, so binaries with
+/// different embedded weights never share one.
+fn content_hash() -> u64 {
+    fnv1a(
+        FILES
+            .iter()
+            .flat_map(|(name, bytes)| [name.as_bytes(), &[0u8][..], &bytes[..]]),
+    )
 }
 
 /// This crate's cache folder (the embedded model's copy, converted checkpoints):

@@ -1,8 +1,8 @@
 //! `diffuse convert`: a single-file checkpoint to a diffusers folder, or a folder to a single
 //! file in the original layout.
 
+use super::single_file_args::SingleFileArgs;
 use crate::pipeline::convert::{folder_to_single_file, single_file_to_folder};
-use crate::pipeline::source::SingleFileOptions;
 use clap::Args;
 use std::path::PathBuf;
 
@@ -13,16 +13,9 @@ pub struct ConvertArgs {
     /// Where to write: a folder for a single-file input, a .safetensors file for a folder. It
     /// must not exist yet.
     pub output: PathBuf,
-    /// Single file to folder: take configs, tokenizers and scheduler from this diffusers
-    /// folder instead of the built-in ones.
-    #[arg(long, value_name = "DIR")]
-    pub config: Option<PathBuf>,
-    /// Single file to folder: the VAE to write instead of the file's (folder or file).
-    #[arg(long, value_name = "PATH")]
-    pub vae: Option<PathBuf>,
-    /// Single file to folder: the scheduler's prediction type (epsilon or v_prediction).
-    #[arg(long)]
-    pub prediction_type: Option<String>,
+    /// Single file to folder only: how to read it.
+    #[command(flatten)]
+    pub single_file: SingleFileArgs,
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
@@ -31,21 +24,13 @@ pub struct ConvertArgs {
 pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
     let converted = if args.input.is_dir() {
         anyhow::ensure!(
-            args.config.is_none() && args.vae.is_none() && args.prediction_type.is_none(),
+            !args.single_file.given(),
             "--config, --vae and --prediction-type apply to a single-file input; {} is a folder",
             args.input.display()
         );
         folder_to_single_file(&args.input, &args.output)?
     } else {
-        let options = SingleFileOptions {
-            config_dir: args.config.clone(),
-            vae: args.vae.clone(),
-            prediction_type: args
-                .prediction_type
-                .as_deref()
-                .map(crate::schedule::PredictionType::parse)
-                .transpose()?,
-        };
+        let options = args.single_file.options()?;
         single_file_to_folder(&args.input, &options, &args.output)?
     };
     eprintln!(

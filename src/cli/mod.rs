@@ -8,6 +8,7 @@ pub mod eval_txt2img;
 pub mod finetune;
 pub mod sample;
 pub mod sampler_args;
+pub mod single_file_args;
 pub mod toy;
 pub mod train;
 pub mod train_ldm;

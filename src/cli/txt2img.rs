@@ -1,9 +1,9 @@
 //! `txt2img` (and `diffuse txt2img`): prompts to PNGs.
 
 use super::sampler_args::SamplerArgs;
+use super::single_file_args::SingleFileArgs;
 use crate::image_io::save_png;
 use crate::pipeline::request::GenerationRequest;
-use crate::pipeline::source::SingleFileOptions;
 use crate::pipeline::txt2img::SizeConditioning;
 use crate::pipeline::{LoadOptions, StableDiffusion};
 use anyhow::{bail, Context};
@@ -26,17 +26,8 @@ pub struct Txt2imgArgs {
     /// sd21-base, sd-turbo, sdxl, sdxl-turbo (default: the embedded model in weights/).
     #[arg(long)]
     pub model: Option<String>,
-    /// With a single-file --model: a diffusers folder whose configs, tokenizers and scheduler
-    /// to use instead of the built-in ones of the recognised architecture.
-    #[arg(long, value_name = "DIR")]
-    pub config: Option<PathBuf>,
-    /// A VAE to use instead of the model's: a diffusers vae/ folder or a .safetensors file.
-    #[arg(long, value_name = "PATH")]
-    pub vae: Option<PathBuf>,
-    /// What the U-Net predicts: epsilon or v_prediction (default: the model's scheduler config;
-    /// single SD 2.x files are taken as v_prediction, as diffusers does).
-    #[arg(long)]
-    pub prediction_type: Option<String>,
+    #[command(flatten)]
+    pub single_file: SingleFileArgs,
     /// Download the `fp16` weight variant of a hub model.
     #[arg(long)]
     pub variant: Option<String>,
@@ -270,27 +261,13 @@ pub fn run(args: Txt2imgArgs) -> anyhow::Result<()> {
         Some(model) => crate::hub::preset(model),
         None => Some(&crate::hub::EMBEDDED),
     };
-    let single_file = SingleFileOptions {
-        config_dir: args.config.clone(),
-        vae: args.vae.clone(),
-        prediction_type: args
-            .prediction_type
-            .as_deref()
-            .map(crate::schedule::PredictionType::parse)
-            .transpose()?,
-    };
+    let single_file = args.single_file.options()?;
     let spec = model_spec(args.model.as_deref())?;
     let load_start = Instant::now();
     let (sd, recognised) = StableDiffusion::load_model(&spec, fp16, &single_file, options)?;
     let model_name = match &args.model {
         None => crate::hub::EMBEDDED.name.to_string(),
-        Some(_) => match sd.root.is_file() {
-            true => sd.root.file_stem(),
-            false => sd.root.file_name(),
-        }
-        .and_then(|n| n.to_str())
-        .unwrap_or("model")
-        .to_string(),
+        Some(_) => sd.name(),
     };
     eprintln!(
         "loaded {}{} in {:.2} s",

@@ -183,15 +183,12 @@ pub fn cached_folder(file: &Path, options: &SingleFileOptions) -> Result<std::pa
         .map_or(0, |d| d.as_secs());
     let stem = file.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
     let options_tag = options.config_dir.as_ref().map_or(0, |d| {
-        d.display()
-            .to_string()
-            .bytes()
-            .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(b.into()))
+        crate::embedded::fnv1a([d.display().to_string().as_bytes()])
     });
     let dir = crate::embedded::cache_root()
         .join("converted")
         .join(format!(
-            "{stem}-{}-{modified}-{options_tag:08x}",
+            "{stem}-{}-{modified}-{options_tag:016x}",
             meta.len()
         ));
     if !dir.join("model_index.json").is_file() {

@@ -246,6 +246,17 @@ impl StableDiffusion {
         Ok((sd, model.recognised))
     }
 
+    /// A short name for the model (PNG metadata): a single file's stem, else the folder's name.
+    pub fn name(&self) -> String {
+        match self.root.is_file() {
+            true => self.root.file_stem(),
+            false => self.root.file_name(),
+        }
+        .and_then(|n| n.to_str())
+        .unwrap_or("model")
+        .to_string()
+    }
+
     /// Builds the pipeline from its parts, merging `options.loras` as the weights load.
     pub fn from_parts(parts: PipelineParts, root: &Path, mut options: LoadOptions) -> Result<Self> {
         let device = &options.device;
