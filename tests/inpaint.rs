@@ -5,8 +5,7 @@
 
 mod common;
 
-use common::{assert_png_matches, case_flags, fixture_path, Fixture};
-use std::collections::HashMap;
+use common::{assert_png_matches, fixture_path, run_fixture_case, Fixture};
 use std::process::Command;
 
 /// Runs one `pipe_*` case of the inpainting fixture through `txt2img` and compares the image.
@@ -16,49 +15,23 @@ fn run_case(case: &str) {
         serde_json::from_str(fx.meta_str(&format!("{case}/call"))).unwrap();
     let dir = std::env::temp_dir().join(format!("diffuse-inpaint-{case}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let noise = dir.join("noise.safetensors");
-    candle_core::safetensors::save(
-        &HashMap::from([(
-            "latents".to_string(),
-            fx.tensor(&format!("{case}/latents_in")).clone(),
-        )]),
-        &noise,
-    )
-    .unwrap();
-    let scheduler = dir.join("scheduler.json");
-    std::fs::write(&scheduler, fx.meta_str(&format!("{case}/scheduler_config"))).unwrap();
     let model = match call["model_dir"].as_str() {
         Some(other) => fixture_path(&format!("tiny-sd-inpaint/{other}")),
         None => fixture_path("tiny-sd-inpaint"),
     };
-    let png = dir.join("out.png");
-    let out = Command::new(env!("CARGO_BIN_EXE_txt2img"))
-        .arg("--model")
-        .arg(&model)
-        .arg("--init-image")
-        .arg(fixture_path(&format!(
-            "tiny-sd-inpaint/{}",
-            call["init_image"].as_str().unwrap()
-        )))
-        .arg("--mask")
-        .arg(fixture_path(&format!(
-            "tiny-sd-inpaint/{}",
-            call["mask_image"].as_str().unwrap()
-        )))
-        .arg("--latents")
-        .arg(&noise)
-        .arg("--scheduler-config")
-        .arg(&scheduler)
-        .args(["--seed", "0", "--output"])
-        .arg(&png)
-        .args(case_flags(&call))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{case}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let image =
+        |key: &str| fixture_path(&format!("tiny-sd-inpaint/{}", call[key].as_str().unwrap()));
+    let (init, mask) = (image("init_image"), image("mask_image"));
+    let args = [
+        "--model".as_ref(),
+        model.as_ref(),
+        "--init-image".as_ref(),
+        init.as_ref(),
+        "--mask".as_ref(),
+        mask.as_ref(),
+    ];
+    // Here the recorded `latents_in` is the starting noise, which --latents means with a mask.
+    let (png, _) = run_fixture_case(&fx, case, &dir, &args, 0);
     assert_png_matches(case, &png, fx.tensor(&format!("{case}/image")));
     std::fs::remove_dir_all(&dir).ok();
 }

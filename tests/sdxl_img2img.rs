@@ -6,9 +6,8 @@
 mod common;
 
 use candle_core::Tensor;
-use common::{assert_png_matches, case_flags, fixture_path, max_abs_diff, Fixture};
+use common::{assert_png_matches, fixture_path, max_abs_diff, run_fixture_case, Fixture};
 use diffuse::sampler::noise::SeededNoise;
-use std::process::Command;
 
 const SEED: u64 = 11;
 
@@ -50,26 +49,17 @@ fn img2img_reproduces_diffusers_sdxl_img2img() {
     for case in ["euler", "dpmpp_2m_karras"] {
         let call: serde_json::Value =
             serde_json::from_str(fx.meta_str(&format!("{case}/call"))).unwrap();
-        let scheduler = dir.join(format!("{case}-scheduler.json"));
-        std::fs::write(&scheduler, fx.meta_str(&format!("{case}/scheduler_config"))).unwrap();
-        let png = dir.join(format!("{case}.png"));
-        let out = Command::new(env!("CARGO_BIN_EXE_txt2img"))
-            .arg("--model")
-            .arg(fixture_path("tiny-sdxl"))
-            .arg("--init-image")
-            .arg(fixture_path("sdxl-img2img/init.png"))
-            .arg("--scheduler-config")
-            .arg(&scheduler)
-            .args(["--seed", &SEED.to_string(), "--output"])
-            .arg(&png)
-            .args(case_flags(&call))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{case}: {}",
-            String::from_utf8_lossy(&out.stderr)
+        let (model, init) = (
+            fixture_path("tiny-sdxl"),
+            fixture_path("sdxl-img2img/init.png"),
         );
+        let args = [
+            "--model".as_ref(),
+            model.as_ref(),
+            "--init-image".as_ref(),
+            init.as_ref(),
+        ];
+        let (png, _) = run_fixture_case(&fx, case, &dir, &args, SEED);
         assert_png_matches(case, &png, fx.tensor(&format!("{case}/image")));
         let parameters = diffuse::image_io::read_png_parameters(&png)
             .unwrap()

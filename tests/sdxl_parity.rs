@@ -6,11 +6,9 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{assert_png_matches, case_flags, fixture_path, max_abs_diff, Fixture};
+use common::{assert_png_matches, fixture_path, max_abs_diff, run_fixture_case, Fixture};
 use diffuse::model::unet::{TextTimeConditioning, UNetConditioning};
 use diffuse::pipeline::{LoadOptions, PipelineKind, StableDiffusion};
-use std::collections::HashMap;
-use std::process::Command;
 
 fn fixture() -> Fixture {
     Fixture::load("tiny-sdxl/reference.safetensors")
@@ -123,35 +121,8 @@ fn txt2img_reproduces_every_diffusers_sdxl_run() {
         "pipe_euler_microcond",
         "pipe_dpmpp_2m_karras",
     ] {
-        let call: serde_json::Value =
-            serde_json::from_str(fx.meta_str(&format!("{case}/call"))).unwrap();
-        let latents = dir.join(format!("{case}-latents.safetensors"));
-        let latents_in = fx.tensor(&format!("{case}/latents_in")).clone();
-        candle_core::safetensors::save(
-            &HashMap::from([("latents".to_string(), latents_in)]),
-            &latents,
-        )
-        .unwrap();
-        let scheduler = dir.join(format!("{case}-scheduler.json"));
-        std::fs::write(&scheduler, fx.meta_str(&format!("{case}/scheduler_config"))).unwrap();
-        let png = dir.join(format!("{case}.png"));
-        let out = Command::new(env!("CARGO_BIN_EXE_txt2img"))
-            .arg("--model")
-            .arg(fixture_path("tiny-sdxl"))
-            .arg("--latents")
-            .arg(&latents)
-            .arg("--scheduler-config")
-            .arg(&scheduler)
-            .args(["--seed", "0", "--output"])
-            .arg(&png)
-            .args(case_flags(&call))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{case}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let model = fixture_path("tiny-sdxl");
+        let (png, _) = run_fixture_case(&fx, case, &dir, &["--model".as_ref(), model.as_ref()], 0);
         assert_png_matches(case, &png, fx.tensor(&format!("{case}/image")));
     }
     std::fs::remove_dir_all(&dir).ok();

@@ -6,12 +6,11 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{assert_png_matches, case_flags, fixture_path, max_abs_diff, Fixture};
+use common::{assert_png_matches, fixture_path, max_abs_diff, run_fixture_case, Fixture};
 use diffuse::pipeline::source::{Architecture, SingleFileOptions};
 use diffuse::pipeline::{LoadOptions, StableDiffusion};
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::Command;
 
 /// Every weight of every component equals the folder's, bit for bit.
 #[test]
@@ -112,36 +111,17 @@ fn single_files_reproduce_their_folders_images() {
     .map(|c| ("tiny-sdxl", "tiny-sdxl/reference.safetensors", c));
     for (folder, reference, case) in sd_cases.into_iter().chain(xl_cases) {
         let fx = Fixture::load(reference);
-        let call: serde_json::Value =
-            serde_json::from_str(fx.meta_str(&format!("{case}/call"))).unwrap();
-        let latents = dir.join(format!("{folder}-{case}-latents.safetensors"));
-        candle_core::safetensors::save(
-            &HashMap::from([(
-                "latents".to_string(),
-                fx.tensor(&format!("{case}/latents_in")).clone(),
-            )]),
-            &latents,
-        )
-        .unwrap();
-        let scheduler = dir.join(format!("{folder}-{case}-scheduler.json"));
-        std::fs::write(&scheduler, fx.meta_str(&format!("{case}/scheduler_config"))).unwrap();
-        let png = dir.join(format!("{folder}-{case}.png"));
-        let out = Command::new(env!("CARGO_BIN_EXE_txt2img"))
-            .arg("--model")
-            .arg(fixture_path(&format!("single-file/{folder}.safetensors")))
-            .arg("--config")
-            .arg(fixture_path(folder))
-            .arg("--latents")
-            .arg(&latents)
-            .arg("--scheduler-config")
-            .arg(&scheduler)
-            .args(["--seed", "0", "--output"])
-            .arg(&png)
-            .args(case_flags(&call))
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "{folder} {case}: {stderr}");
+        let file = fixture_path(&format!("single-file/{folder}.safetensors"));
+        let config = fixture_path(folder);
+        let case_dir = dir.join(folder);
+        std::fs::create_dir_all(&case_dir).unwrap();
+        let args = [
+            "--model".as_ref(),
+            file.as_ref(),
+            "--config".as_ref(),
+            config.as_ref(),
+        ];
+        let (png, stderr) = run_fixture_case(&fx, case, &case_dir, &args, 0);
         let family = if folder == "tiny-sd" {
             "SD 1.x"
         } else {

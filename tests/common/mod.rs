@@ -178,6 +178,47 @@ pub fn case_flags(call: &serde_json::Value) -> Vec<String> {
     flags
 }
 
+/// Runs `txt2img` on fixture case `case`, writing into `dir`: `args` (the model, images), the
+/// case's recorded `latents_in` as `--latents` when the fixture has it, its scheduler config,
+/// `--seed seed`, then the flags of its call. Asserts success; returns the PNG and stderr.
+pub fn run_fixture_case(
+    fx: &Fixture,
+    case: &str,
+    dir: &Path,
+    args: &[&std::ffi::OsStr],
+    seed: u64,
+) -> (PathBuf, String) {
+    let call: serde_json::Value =
+        serde_json::from_str(fx.meta_str(&format!("{case}/call"))).unwrap();
+    let stem = case.replace('/', "-");
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_txt2img"));
+    command.args(args);
+    if fx.has(&format!("{case}/latents_in")) {
+        let latents = dir.join(format!("{stem}-latents.safetensors"));
+        let latents_in = fx.tensor(&format!("{case}/latents_in")).clone();
+        candle_core::safetensors::save(
+            &HashMap::from([("latents".to_string(), latents_in)]),
+            &latents,
+        )
+        .unwrap();
+        command.arg("--latents").arg(latents);
+    }
+    let scheduler = dir.join(format!("{stem}-scheduler.json"));
+    std::fs::write(&scheduler, fx.meta_str(&format!("{case}/scheduler_config"))).unwrap();
+    let png = dir.join(format!("{stem}.png"));
+    let out = command
+        .arg("--scheduler-config")
+        .arg(&scheduler)
+        .args(["--seed", &seed.to_string(), "--output"])
+        .arg(&png)
+        .args(case_flags(&call))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{case}: {stderr}");
+    (png, stderr)
+}
+
 /// The JSON object a `--json` command prints as its last line.
 pub fn last_json_line(stdout: &[u8]) -> serde_json::Value {
     let text = String::from_utf8_lossy(stdout);
