@@ -8,9 +8,34 @@ use crate::weights::load_checked;
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{conv2d, linear, Conv2d, Conv2dConfig, Linear, VarBuilder};
 use nalgebra::{DMatrix, DVector, SymmetricEigen};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub const FEATURES: usize = 128;
+
+/// The judges and class lists shipped with the source (copies of `../shared`'s, so that a
+/// fresh clone evaluates without it).
+fn shipped(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(relative)
+}
+
+/// The shipped judge folder of a dataset (`mnist`, `fashion-mnist`), when there is one.
+pub fn shipped_judge(name: &str) -> Option<PathBuf> {
+    Some(shipped("judges").join(name)).filter(|p| p.join("model.safetensors").is_file())
+}
+
+/// The shipped `classes.json` of a dataset, when there is one.
+pub fn shipped_classes(name: &str) -> Option<PathBuf> {
+    Some(shipped("classes").join(format!("{name}.json"))).filter(|p| p.is_file())
+}
+
+/// The judge's best-achievable Fréchet distance for `n` training images (its reference.json).
+pub fn fd_floor(judge: &Path, n: usize) -> Option<f64> {
+    let text = std::fs::read_to_string(judge.join("reference.json")).ok()?;
+    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+    json.get(format!("fd_train{n}_subset_vs_test"))?.as_f64()
+}
 
 /// conv 3x3 (1 -> 32) - ReLU - maxpool 2 - conv 3x3 (32 -> 64) - ReLU - maxpool 2 - linear
 /// 3136 -> 128 - ReLU (features) - linear 128 -> 10 (logits).

@@ -90,7 +90,10 @@ fn resumed_finetune_equals_uninterrupted_one() {
         other.seed = 6;
         let (mut mismatched, _) = FineTuner::new(&sd, &unet_dir, &data, other).unwrap();
         let err = mismatched.resume_from(&checkpoint).unwrap_err().to_string();
-        assert!(err.contains("seed=5") && err.contains("seed=6"), "{err}");
+        assert!(
+            err.contains("finetune.seed (checkpoint: 5, this run: 6)"),
+            "{err}"
+        );
 
         // A truncated checkpoint is refused by name, and the tuner is left as it was.
         let bytes = std::fs::read(&checkpoint).unwrap();

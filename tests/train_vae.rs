@@ -131,7 +131,7 @@ fn resumed_vae_training_equals_uninterrupted_one() {
     let checkpoint = dir.join("checkpoint.safetensors");
     first.save(&checkpoint).unwrap();
     let mut resumed = VaeTrainer::resume(config, &checkpoint, &Device::Cpu).unwrap();
-    assert_eq!(resumed.step, 2);
+    assert_eq!(resumed.step(), 2);
     for _ in 0..2 {
         resumed.train_step(&data).unwrap();
     }

@@ -13,7 +13,7 @@ use candle_core::{Device, Tensor};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(Debug, Clone, Args)]
@@ -47,7 +47,8 @@ pub struct EvalArgs {
     pub steps: String,
     #[command(flatten)]
     pub tuning: SamplerTuning,
-    /// The judge folder (default: ../shared/judges/<data.name>, else tests/fixtures/judges/<name>).
+    /// The judge folder (default: the shipped judge of the model's data.name, in
+    /// tests/fixtures/judges/).
     #[arg(long)]
     pub judge: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
@@ -98,25 +99,6 @@ fn subset(n_total: usize, n: usize, seed: u64) -> Vec<usize> {
     indices.shuffle(SeededNoise::new(seed).rng());
     indices.truncate(n.min(n_total));
     indices
-}
-
-/// The judge folder for a dataset name.
-pub fn judge_dir(name: &str) -> Option<PathBuf> {
-    [
-        Path::new("../shared/judges").join(name),
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/judges")
-            .join(name),
-    ]
-    .into_iter()
-    .find(|p| p.join("model.safetensors").is_file())
-}
-
-/// The judge's best-achievable Fréchet distance for `n` training images (reference.json).
-pub fn fd_floor(judge: &Path, n: usize) -> Option<f64> {
-    let text = std::fs::read_to_string(judge.join("reference.json")).ok()?;
-    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
-    json.get(format!("fd_train{n}_subset_vs_test"))?.as_f64()
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
@@ -245,7 +227,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         let judge_path = args
             .judge
             .clone()
-            .or_else(|| judge_dir(&name))
+            .or_else(|| crate::judge::shipped_judge(&name))
             .with_context(|| format!("no judge found for dataset \"{name}\": give --judge DIR"))?;
         // The judge runs on the CPU, where its parity with the reference outputs is tested.
         let judge = Judge::load(&judge_path, &Device::Cpu)?;
@@ -277,7 +259,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             let verdict = judge.score(&images.to_device(&Device::Cpu)?)?;
             let fd = frechet_distance(&FeatureStats::from_features(&verdict.features)?, &reference);
             let histogram = verdict.histogram()?;
-            let floor = fd_floor(&judge_path, args.samples);
+            let floor = crate::judge::fd_floor(&judge_path, args.samples);
             eprintln!(
                 "{} {steps} steps, {} samples: Fréchet distance {fd:.2} (floor {}), classes {:?}, mean confidence {:.3}",
                 kind.cli_name(),

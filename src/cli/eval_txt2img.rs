@@ -3,9 +3,9 @@
 //! fraction drawn as the prompted class, the predicted-class histogram, and the Fréchet distance
 //! of judge features to the test set beside the judge's floor for the same sample count.
 
-use super::eval::{fd_floor, judge_dir};
 use crate::data::captions::{ClassCaptions, EXTRA_TEMPLATES};
 use crate::data::idx::{LabelledImages, Split};
+use crate::judge::{fd_floor, shipped_classes, shipped_judge};
 use crate::judge::{frechet_distance, FeatureStats, Judge};
 use crate::pipeline::pixel::class_columns_grid;
 use crate::pipeline::txt2img::{sample_prompts, PromptGuidance};
@@ -55,18 +55,6 @@ pub struct EvalTxt2imgArgs {
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
-}
-
-/// A dataset's `classes.json`: the shared data folder's, else the copy in tests/fixtures.
-fn classes_file(name: &str) -> Option<PathBuf> {
-    [
-        Path::new("../shared/data").join(name).join("classes.json"),
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/classes")
-            .join(format!("{name}.json")),
-    ]
-    .into_iter()
-    .find(|p| p.is_file())
 }
 
 /// Images from the pipeline ([0, 1], padded) as the judge takes them: [-1, 1], the centre
@@ -134,11 +122,11 @@ pub fn run(args: EvalTxt2imgArgs) -> anyhow::Result<()> {
     let mut per_dataset = Vec::new();
     let mut seed = args.seed;
     for name in &args.datasets {
-        let classes_path = classes_file(name)
+        let classes_path = shipped_classes(name)
             .with_context(|| format!("no classes.json found for dataset \"{name}\""))?;
         let captions = ClassCaptions::load(&classes_path, EXTRA_TEMPLATES)?;
-        let judge_path =
-            judge_dir(name).with_context(|| format!("no judge found for dataset \"{name}\""))?;
+        let judge_path = shipped_judge(name)
+            .with_context(|| format!("no judge found for dataset \"{name}\""))?;
         let judge = Judge::load(&judge_path, &Device::Cpu)?;
         let reference = FeatureStats::load(&judge_path.join("test_stats.safetensors"))?;
         let prompts: Vec<String> = (0..captions.num_classes())

@@ -1,26 +1,23 @@
 //! `diffuse finetune`: fine-tunes a Stable Diffusion U-Net on a folder of captioned images,
 //! fully or with LoRA, and writes what `txt2img --model` or `--lora` loads.
 
+use super::session_args::{report, Cadence, SessionArgs};
 use crate::data::folder::{FolderOptions, ImageFolder, MissingCaption};
 use crate::pipeline::{LoadOptions, StableDiffusion};
-use crate::train::finetune::{FineTuner, FinetuneSettings};
-use crate::train::plot::{loss_curve_png, read_losses, trim_csv};
+use crate::train::finetune::{FineTuner, FinetuneRun, FinetuneSettings, Validation};
+use crate::train::session::{check_out_dir, run_session, LOSS_CSV};
 use anyhow::Context;
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 /// Every option is a flag and a key of the `--config` TOML file (the flag's name with
 /// underscores; `validation_prompts` is a list); a flag given on the command line wins.
 #[derive(Debug, Clone, Default, Args, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FinetuneArgs {
-    /// A TOML file holding any of these options (configs/finetune-example.toml).
+    /// A TOML file holding any of these options (configs/finetune-example.toml); its relative
+    /// paths are taken from its folder.
     #[arg(long)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
@@ -38,10 +35,12 @@ pub struct FinetuneArgs {
     /// The folder of images with captions (metadata.jsonl or <stem>.txt).
     #[arg(long)]
     pub data: Option<PathBuf>,
-    /// Where the result goes: <out>/pytorch_lora_weights.safetensors for LoRA, a whole diffusers
-    /// folder for a full fine-tune; loss.csv, loss.png, validation/ and the checkpoint beside.
-    #[arg(long)]
-    pub out: Option<PathBuf>,
+    /// Where the result goes: OUT_DIR/pytorch_lora_weights.safetensors for LoRA, a whole
+    /// diffusers folder for a full fine-tune; loss.csv, loss.png, validation/ and the checkpoint
+    /// beside.
+    #[arg(long, alias = "out")]
+    #[serde(alias = "out")]
+    pub out_dir: Option<PathBuf>,
     /// Train LoRA adapters of this rank on the attention projections instead of every weight.
     #[arg(long)]
     pub lora_rank: Option<usize>,
@@ -91,12 +90,19 @@ pub struct FinetuneArgs {
     /// Skip images without a caption instead of stopping.
     #[arg(long)]
     pub skip_uncaptioned: bool,
-    /// Save <out>/checkpoint.safetensors (trainable weights, optimiser state, step) this often,
-    /// and on Ctrl-C [default: 100].
+    /// Save OUT_DIR/checkpoint.safetensors (trainable weights, optimiser state, step) this
+    /// often, and on Ctrl-C and at --time-limit [default: 100].
     #[arg(long)]
     pub checkpoint_every: Option<usize>,
+    /// Write a loss.csv row (the means since the last) this often [default: 10].
+    #[arg(long)]
+    pub log_every: Option<usize>,
+    /// Stop after this many minutes of training, saving as at the last step; --resume goes on.
+    #[arg(long)]
+    #[serde(skip)]
+    pub time_limit: Option<f64>,
     /// A prompt to draw a validation image of, before training, every --validation-every steps
-    /// and at the end (<out>/validation/step-<step>-<k>.png); repeatable.
+    /// and at the end (OUT_DIR/validation/step-<step>-<k>.png); repeatable.
     #[arg(long = "validation-prompt")]
     pub validation_prompts: Vec<String>,
     /// [default: --checkpoint-every]
@@ -108,7 +114,7 @@ pub struct FinetuneArgs {
     /// Guidance scale of a validation image [default: 7.5].
     #[arg(long)]
     pub validation_guidance: Option<f64>,
-    /// Continue from <out>/checkpoint.safetensors (same settings) up to --steps.
+    /// Continue from OUT_DIR/checkpoint.safetensors (same settings) up to --steps.
     #[arg(long)]
     #[serde(skip)]
     pub resume: bool,
@@ -119,6 +125,25 @@ pub struct FinetuneArgs {
 }
 
 impl FinetuneArgs {
+    /// Takes the relative paths of a config file from its folder `base`: the data, output and
+    /// config folders always, the model when it names something there (else it is a hub id or
+    /// short name).
+    fn rebase(&mut self, base: &std::path::Path) {
+        use crate::train::config::relative_to;
+        for path in [&mut self.data, &mut self.out_dir, &mut self.model_config]
+            .into_iter()
+            .flatten()
+        {
+            relative_to(base, path);
+        }
+        if let Some(model) = &mut self.model {
+            let local = base.join(&*model);
+            if std::path::Path::new(model.as_str()).is_relative() && local.exists() {
+                *model = local.display().to_string();
+            }
+        }
+    }
+
     /// The options of the `--config` file with the command line's on top (a flag counts as
     /// given when it is set, true, or names at least one value).
     pub fn merged(self) -> anyhow::Result<Self> {
@@ -127,8 +152,9 @@ impl FinetuneArgs {
         };
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("reading {}", path.display()))?;
-        let file: Self =
+        let mut file: Self =
             toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        file.rebase(crate::train::config::config_dir(&path));
         let mut merged = serde_json::to_value(file)?;
         let given = serde_json::to_value(&self)?;
         if let (Some(merged), Some(given)) = (merged.as_object_mut(), given.as_object()) {
@@ -145,6 +171,7 @@ impl FinetuneArgs {
         merged.config = self.config;
         merged.resume = self.resume;
         merged.json = self.json;
+        merged.time_limit = self.time_limit;
         Ok(merged)
     }
 }
@@ -159,27 +186,40 @@ fn required<T: Clone>(value: &Option<T>, flag: &str) -> anyhow::Result<T> {
     })
 }
 
-const CSV_HEADER: &str = "step,loss,grad_norm,learning_rate,seconds";
-
-/// Redraws the loss curve from the CSV; a failure is reported, never fatal.
-fn draw_curve(csv: &Path, out: &Path) {
-    if let Err(e) = loss_curve_png(&read_losses(csv), &out.join("loss.png")) {
-        eprintln!("warning: the loss curve was not drawn: {e}");
-    }
-}
-
 pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
     let args = args.merged()?;
     let model = required(&args.model, "model")?;
     let data_dir = required(&args.data, "data")?;
-    let out = required(&args.out, "out")?;
-    let steps = args.steps.unwrap_or(200);
-    anyhow::ensure!(steps > 0, "--steps = 0 is not allowed; expected at least 1");
+    let out_dir = required(&args.out_dir, "out-dir")?;
     let checkpoint_every = args.checkpoint_every.unwrap_or(100);
-    let validation_every = args.validation_every.unwrap_or(checkpoint_every);
-    let validation_steps = args.validation_steps.unwrap_or(20);
+    let session = SessionArgs {
+        device: args.device.clone().unwrap_or_else(|| "auto".into()),
+        out_dir: Some(out_dir.clone()),
+        steps: args.steps,
+        resume: args.resume,
+        time_limit: args.time_limit,
+        json: args.json,
+    };
+    let settings = session.settings(
+        out_dir.clone(),
+        200,
+        Cadence {
+            log_every: args.log_every.unwrap_or(10),
+            checkpoint_every,
+            sample_every: if args.validation_prompts.is_empty() {
+                0
+            } else {
+                args.validation_every.unwrap_or(checkpoint_every)
+            },
+        },
+    )?;
+    let validation = Validation {
+        prompts: args.validation_prompts.clone(),
+        steps: args.validation_steps.unwrap_or(20),
+        guidance: args.validation_guidance.unwrap_or(7.5),
+    };
     anyhow::ensure!(
-        validation_steps > 0,
+        validation.steps > 0,
         "--validation-steps = 0 is not allowed; expected at least 1"
     );
     let folder = ImageFolder::scan(
@@ -193,26 +233,9 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
             },
         },
     )?;
-    let root = if Path::new(&model).is_file() {
-        let options = crate::pipeline::source::SingleFileOptions {
-            config_dir: args.model_config.clone(),
-            ..Default::default()
-        };
-        let dir = crate::pipeline::convert::cached_folder(Path::new(&model), &options)?;
-        eprintln!(
-            "{model}: a single file, fine-tuned from its diffusers folder {}",
-            dir.display()
-        );
-        dir
-    } else {
-        anyhow::ensure!(
-            args.model_config.is_none(),
-            "--model-config is for a single-file --model; {model} is a folder or hub id"
-        );
-        crate::hub::resolve(&model, false)?
-    };
+    let root = model_folder(&model, args.model_config.clone())?;
     let options = LoadOptions {
-        device: super::parse_training_device(args.device.as_deref().unwrap_or("auto"))?,
+        device: session.device()?,
         ..Default::default()
     };
     let sd = StableDiffusion::load_dir(&root, options)
@@ -226,7 +249,7 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
         lora || !args.lora_feed_forward,
         "--lora-feed-forward needs --lora-rank (a full fine-tune trains the feed-forward anyway)"
     );
-    let settings = FinetuneSettings {
+    let finetune = FinetuneSettings {
         resolution,
         lora_rank: args.lora_rank,
         lora_feed_forward: args.lora_feed_forward,
@@ -241,13 +264,14 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
         random_flip: args.random_flip,
         seed: args.seed.unwrap_or(0),
     };
+    let checkpoint = check_out_dir(&out_dir, settings.resume)?;
     eprintln!(
         "encoding {} images at {resolution}x{resolution} ({} skipped while scanning, {} other files ignored)",
         folder.examples.len(),
         folder.skipped.len(),
         folder.ignored
     );
-    let (mut tuner, decode_skipped) = FineTuner::new(&sd, &root.join("unet"), &folder, settings)?;
+    let (mut tuner, decode_skipped) = FineTuner::new(&sd, &root.join("unet"), &folder, finetune)?;
     // The tuner holds the pipeline with its own U-Net; the loaded one is no longer needed.
     drop(sd);
     let skipped: Vec<_> = folder.skipped.iter().chain(&decode_skipped).collect();
@@ -260,141 +284,94 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
         tuner.trainer.trainable_parameters() as f64 / 1e6,
         tuner.examples()
     );
-    let checkpoint = out.join("checkpoint.safetensors");
-    let csv_path = out.join("loss.csv");
-    let validation_dir = out.join("validation");
     let loss_before = tuner.denoising_loss()?;
-    if args.resume {
-        anyhow::ensure!(
-            checkpoint.exists(),
-            "--resume: {} does not exist (nothing to continue)",
-            checkpoint.display()
-        );
+    if settings.resume {
         tuner.resume_from(&checkpoint)?;
-        eprintln!("resuming at step {}", tuner.step());
-        trim_csv(&csv_path, tuner.step())?;
-    } else {
-        std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-        std::fs::write(&csv_path, format!("{CSV_HEADER}\n"))
-            .with_context(|| format!("writing {}", csv_path.display()))?;
+        eprintln!("resuming {} at step {}", checkpoint.display(), tuner.step());
     }
-    let mut csv = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&csv_path)
-        .with_context(|| format!("opening {}", csv_path.display()))?;
-    let validate = |tuner: &FineTuner| -> anyhow::Result<()> {
-        let paths = tuner.validation_images(
-            &args.validation_prompts,
-            validation_steps,
-            args.validation_guidance.unwrap_or(7.5),
-            &validation_dir,
-        )?;
-        for path in paths {
-            eprintln!("validation image {}", path.display());
-        }
-        Ok(())
-    };
-    if !args.resume {
-        validate(&tuner)?;
+    let mut run = FinetuneRun { tuner, validation };
+    if !settings.resume {
+        use crate::train::session::Trainer;
+        run.sample(&out_dir, 0)?;
     }
-    let interrupted = Arc::new(AtomicBool::new(false));
-    {
-        let flag = interrupted.clone();
-        // A second handler cannot be installed (tests call run twice); the first one stays.
-        let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
-    }
-    let bar = ProgressBar::new(steps as u64);
-    bar.set_position(tuner.step().min(steps) as u64);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} loss {msg} [{elapsed_precise} < {eta_precise}, {per_sec}]",
-        )
-        .expect("progress template"),
-    );
-    let mut training_time = Duration::ZERO;
-    let mut recent = Vec::new();
-    let first_step = tuner.step();
-    while tuner.step() < steps {
-        let started = Instant::now();
-        let stats = tuner.train_step()?;
-        training_time += started.elapsed();
-        writeln!(
-            csv,
-            "{},{:.6},{:.4},{:.3e},{:.1}",
-            tuner.step(),
-            stats.loss,
-            stats.grad_norm,
-            stats.learning_rate,
-            training_time.as_secs_f64()
-        )?;
-        recent.push(stats.loss);
-        if interrupted.load(Ordering::SeqCst) {
-            bar.suspend(|| eprintln!("interrupted: saving step {}", tuner.step()));
-            tuner.save_checkpoint(&checkpoint)?;
-            draw_curve(&csv_path, &out);
-            anyhow::bail!(
-                "interrupted at step {}; {} is saved, continue with --resume",
-                tuner.step(),
-                checkpoint.display()
-            );
-        }
-        let last = tuner.step() == steps;
-        if checkpoint_every > 0 && tuner.step() % checkpoint_every == 0 && !last {
-            tuner.save_checkpoint(&checkpoint)?;
-            draw_curve(&csv_path, &out);
-        }
-        if validation_every > 0 && tuner.step() % validation_every == 0 && !last {
-            bar.suspend(|| validate(&tuner))?;
-        }
-        if recent.len() > 20 {
-            recent.remove(0);
-        }
-        bar.set_message(format!(
-            "{:.4}",
-            recent.iter().sum::<f64>() / recent.len() as f64
-        ));
-        bar.inc(1);
-    }
-    bar.finish();
-    tuner.save_checkpoint(&checkpoint)?;
-    draw_curve(&csv_path, &out);
-    validate(&tuner)?;
-    let steps_run = (tuner.step() - first_step).max(1);
-    let seconds = training_time.as_secs_f64();
+    let summary = run_session(&mut run, &settings)?;
+    let tuner = run.tuner;
     let loss_after = tuner.denoising_loss()?;
-    let output = tuner.write_output(&root, &out)?;
-    eprintln!(
-        "denoising loss {loss_before:.5} -> {loss_after:.5} ({:+.1}%), {:.2} s a step; wrote {}{}",
-        100.0 * (loss_after / loss_before - 1.0),
-        seconds / steps_run as f64,
-        output.display(),
-        if skipped.is_empty() {
-            String::new()
-        } else {
-            format!("; {} files skipped", skipped.len())
-        }
+    let output = tuner.write_output(&root, &out_dir)?;
+    let mut json = report(
+        &summary,
+        &format!(
+            "denoising loss {loss_before:.5} -> {loss_after:.5} ({:+.1}%); wrote {}{}",
+            100.0 * (loss_after / loss_before - 1.0),
+            output.display(),
+            if skipped.is_empty() {
+                String::new()
+            } else {
+                format!("; {} files skipped", skipped.len())
+            }
+        ),
     );
     if args.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "loss_before": loss_before,
-                "loss_after": loss_after,
-                "steps": steps,
-                "seconds_per_step": seconds / steps_run as f64,
-                "images": tuner.examples(),
-                "trainable_parameters": tuner.trainer.trainable_parameters(),
-                "mode": if lora { "lora" } else { "full" },
-                "skipped": skipped.iter().map(|s| serde_json::json!({
-                    "file": s.path.display().to_string(),
-                    "reason": s.reason,
-                })).collect::<Vec<_>>(),
-                "output": output.display().to_string(),
-                "loss_csv": csv_path.display().to_string(),
-            })
-        );
+        for (key, value) in [
+            ("loss_before", serde_json::json!(loss_before)),
+            ("loss_after", serde_json::json!(loss_after)),
+            (
+                "seconds_per_step",
+                serde_json::json!(summary.seconds / summary.steps_run.max(1) as f64),
+            ),
+            ("images", serde_json::json!(tuner.examples())),
+            (
+                "trainable_parameters",
+                serde_json::json!(tuner.trainer.trainable_parameters()),
+            ),
+            (
+                "mode",
+                serde_json::json!(if lora { "lora" } else { "full" }),
+            ),
+            (
+                "skipped",
+                serde_json::json!(skipped
+                    .iter()
+                    .map(|s| serde_json::json!({
+                        "file": s.path.display().to_string(),
+                        "reason": s.reason,
+                    }))
+                    .collect::<Vec<_>>()),
+            ),
+            ("output", serde_json::json!(output.display().to_string())),
+            (
+                "loss_csv",
+                serde_json::json!(out_dir.join(LOSS_CSV).display().to_string()),
+            ),
+        ] {
+            json.insert(key.into(), value);
+        }
+        println!("{}", serde_json::Value::Object(json));
     }
     Ok(())
+}
+
+/// The diffusers folder to fine-tune: a single file converted once into the cache (with the
+/// configs of `model_config` when given), or a folder or hub id resolved.
+fn model_folder(model: &str, model_config: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if Path::new(model).is_file() {
+        let options = crate::pipeline::source::SingleFileOptions {
+            config_dir: model_config,
+            ..Default::default()
+        };
+        let dir = crate::pipeline::convert::cached_folder(Path::new(model), &options)?;
+        eprintln!(
+            "{model}: a single file, fine-tuned from its diffusers folder {}",
+            dir.display()
+        );
+        Ok(dir)
+    } else {
+        anyhow::ensure!(
+            model_config.is_none(),
+            "--model-config is for a single-file --model; {model} is a folder or hub id"
+        );
+        Ok(crate::hub::resolve(model, false)?)
+    }
 }
 
 #[cfg(test)]

@@ -8,11 +8,10 @@ pub mod eval_txt2img;
 pub mod finetune;
 pub mod sample;
 pub mod sampler_args;
+pub mod session_args;
 pub mod single_file_args;
 pub mod toy;
 pub mod train;
-pub mod train_ldm;
-pub mod train_loop;
 pub mod train_vae;
 pub mod txt2img;
 
@@ -40,7 +39,7 @@ pub enum Command {
     /// Time a model component with random weights of real shapes.
     Bench(bench::BenchArgs),
     /// Train a pixel-space DDPM, or a text-to-image latent model, from a TOML config.
-    Train(train_loop::TrainArgs),
+    Train(train::TrainArgs),
     /// Train the latent autoencoder (KL VAE) of a small latent diffusion model.
     TrainVae(train_vae::TrainVaeArgs),
     /// Draw images from a trained pixel-space model.

@@ -1,112 +1,62 @@
-//! `diffuse train --config configs/ddpm-mnist.toml`: pixel-space DDPM training in the shared
-//! loop (`train_loop`: progress, loss CSV and curve, sample grids, atomic checkpoints, Ctrl-C
-//! saving, `--resume`). A config with `model.autoencoder = "vae"` goes to `train_ldm`.
+//! `diffuse train --config configs/ddpm-mnist.toml` (pixel-space DDPM) or
+//! `--config configs/tiny-ldm.toml` (a text-to-image latent model): the config's
+//! `[model] autoencoder` says which; both run in the training session.
 
-use super::train_loop::TrainArgs;
-use super::train_loop::{
-    apply_overrides, check_fresh_start, run_loop, time_limit, LoopSettings, TrainingRun,
-};
+use super::session_args::{report, Cadence, SessionArgs};
 use crate::data::idx::{LabelledImages, Split};
-use crate::pipeline::pixel::grid;
-use crate::sampler::{SamplerKind, SamplerOptions};
-use crate::train::config::TrainConfig;
-use crate::train::pixel::PixelTrainer;
-use anyhow::Context;
-use std::path::{Path, PathBuf};
+use crate::train::config::{TrainConfig, TrainingConfig};
+use crate::train::ldm::{LatentData, LdmRun, LdmTrainConfig, LdmTrainer, PIPELINE_DIR};
+use crate::train::pixel::{PixelRun, PixelTrainer, WEIGHTS_FILE};
+use crate::train::session::{check_out_dir, run_session, CHECKPOINT_FILE};
+use clap::Args;
+use std::path::PathBuf;
 
-/// File names inside the output folder.
-pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
-pub const WEIGHTS_FILE: &str = "model.safetensors";
-const CSV_HEADER: &str = "step,loss,mse,vb_bits,grad_norm,learning_rate,seconds";
+/// The training cache of a latent run: the training images' latents, kept between runs of the
+/// same output folder.
+const LATENT_CACHE: &str = "latents.safetensors";
 
-struct PixelRun {
-    trainer: PixelTrainer,
-    data: LabelledImages,
-    out_dir: PathBuf,
-}
-
-impl TrainingRun for PixelRun {
-    fn step(&self) -> usize {
-        self.trainer.step
-    }
-
-    fn train_step(&mut self) -> anyhow::Result<Vec<f64>> {
-        let s = self.trainer.train_step(&self.data)?;
-        Ok(vec![s.loss, s.mse, s.vb_bits, s.grad_norm, s.learning_rate])
-    }
-
-    fn save(&mut self) -> anyhow::Result<()> {
-        self.trainer.save(&self.out_dir.join(CHECKPOINT_FILE))?;
-        self.trainer
-            .save_weights(&self.out_dir.join(WEIGHTS_FILE), candle_core::DType::F32)?;
-        Ok(())
-    }
-
-    fn sample(&mut self, step: usize) -> anyhow::Result<()> {
-        sample_grid(
-            &self.trainer,
-            &self.out_dir.join(format!("samples-{step:07}.png")),
-        )
-    }
-}
-
-/// 64 samples from the averaged weights (DDIM, 50 steps, fixed seed), labelled 0, 1, 2, ...
-/// for class-conditional models, as one grid.
-fn sample_grid(trainer: &PixelTrainer, path: &Path) -> anyhow::Result<()> {
-    let model = trainer.ema_model()?;
-    let n = 64;
-    let labels: Option<Vec<u32>> = model
-        .num_classes()
-        .map(|k| (0..n).map(|i| (i % k) as u32).collect());
-    let images = model.sample(
-        SamplerKind::Ddim,
-        &SamplerOptions::default(),
-        50,
-        n,
-        labels.as_deref(),
-        0,
-        &mut |_, _| {},
-    )?;
-    let cols = model.num_classes().unwrap_or(8);
-    crate::image_io::save_png(&grid(&images, cols)?, path, None)?;
-    Ok(())
-}
-
-/// Whether a training config describes a latent model (`model.autoencoder = "vae"`).
-fn is_latent_config(text: &str) -> bool {
-    toml::from_str::<toml::Value>(text)
-        .ok()
-        .and_then(|v| {
-            v.get("model")?
-                .get("autoencoder")?
-                .as_str()
-                .map(|a| a == "vae")
-        })
-        .unwrap_or(false)
+#[derive(Debug, Clone, Args)]
+pub struct TrainArgs {
+    /// The TOML training config (configs/ddpm-mnist.toml, configs/tiny-ldm.toml); its relative
+    /// paths are taken from its folder.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Pixel configs: the folder with the IDX files, instead of data.path.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Latent configs: the dtype of the written pipeline's text encoder and U-Net (f32, f16 or
+    /// bf16; the training state stays f32).
+    #[arg(long, default_value = "f32")]
+    pub pipeline_dtype: String,
+    #[command(flatten)]
+    pub session: SessionArgs,
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(&args.config)
-        .with_context(|| format!("reading {}", args.config.display()))?;
-    if is_latent_config(&text) {
-        return super::train_ldm::run(args, &text);
+    match TrainingConfig::from_file(&args.config)? {
+        TrainingConfig::Pixel(config) => train_pixel(&args, config),
+        TrainingConfig::Latent(config) => train_latent(&args, config),
     }
-    let mut config =
-        TrainConfig::from_toml_str(&text).with_context(|| format!("{}", args.config.display()))?;
-    if let Some(data) = args.data {
-        config.data.path = data;
+}
+
+fn train_pixel(args: &TrainArgs, mut config: TrainConfig) -> anyhow::Result<()> {
+    if let Some(data) = &args.data {
+        config.data.path = data.clone();
     }
-    apply_overrides(
-        &mut config.train.out_dir,
-        &mut config.train.steps,
-        args.out_dir,
-        args.steps,
+    let settings = args.session.settings(
+        config.train.out_dir.clone(),
+        config.train.steps,
+        Cadence {
+            log_every: config.train.log_every,
+            checkpoint_every: config.train.checkpoint_every,
+            sample_every: config.train.sample_every,
+        },
     )?;
-    let limit = time_limit(args.time_limit)?;
+    config.train.out_dir = settings.out_dir.clone();
+    config.train.steps = settings.total_steps;
     config.validate()?;
-    let out_dir = config.train.out_dir.clone();
-    let checkpoint = out_dir.join(CHECKPOINT_FILE);
-    check_fresh_start(&checkpoint, args.resume)?;
+    let out_dir = settings.out_dir.clone();
+    let checkpoint = check_out_dir(&out_dir, settings.resume)?;
     // Data first: a bad file stops the run before any work.
     let data = LabelledImages::load(&config.data.path, Split::Train)?;
     anyhow::ensure!(
@@ -125,64 +75,122 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             );
         }
     }
-    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-    let device = super::parse_training_device(&args.device)?;
-    let trainer = if args.resume {
+    let device = args.session.device()?;
+    let trainer = if settings.resume {
         let trainer = PixelTrainer::resume(config.clone(), &checkpoint, &device)?;
-        eprintln!("resuming {} at step {}", checkpoint.display(), trainer.step);
+        eprintln!(
+            "resuming {} at step {}",
+            checkpoint.display(),
+            trainer.step()
+        );
         trainer
     } else {
         PixelTrainer::new(config.clone(), &device)?
     };
+    std::fs::create_dir_all(&out_dir)?;
     std::fs::write(out_dir.join("config.toml"), config.to_toml())?;
-    let total = config.train.steps;
     eprintln!(
         "training {} parameters on {} images ({}x{}), {} steps of batch {}",
         trainer.parameter_count(),
         data.len(),
         data.height,
         data.width,
-        total,
+        settings.total_steps,
         config.train.batch_size
     );
     let parameters = trainer.parameter_count();
-    let mut run = PixelRun {
-        trainer,
-        data,
-        out_dir: out_dir.clone(),
-    };
-    let summary = run_loop(
-        &mut run,
-        &LoopSettings {
-            out_dir: out_dir.clone(),
-            total_steps: total,
+    let mut run = PixelRun { trainer, data };
+    let summary = run_session(&mut run, &settings)?;
+    let weights = out_dir.join(WEIGHTS_FILE);
+    let mut json = report(&summary, &format!("weights: {}", weights.display()));
+    if args.session.json {
+        json.insert("parameters".into(), parameters.into());
+        json.insert("checkpoint".into(), serde_json::json!(checkpoint));
+        json.insert("weights".into(), serde_json::json!(weights));
+        println!("{}", serde_json::Value::Object(json));
+    }
+    Ok(())
+}
+
+fn train_latent(args: &TrainArgs, mut config: LdmTrainConfig) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.data.is_none(),
+        "--data names one folder; a text-to-image config lists its folders in data.paths"
+    );
+    let settings = args.session.settings(
+        config.train.out_dir.clone(),
+        config.train.steps,
+        Cadence {
             log_every: config.train.log_every,
             checkpoint_every: config.train.checkpoint_every,
             sample_every: config.train.sample_every,
-            time_limit: limit,
-            csv_header: CSV_HEADER,
-            resume: args.resume,
         },
     )?;
-    let (seconds, steps_run) = (summary.seconds, summary.steps_run);
-    eprintln!(
-        "{} steps in {seconds:.1} s ({:.2} steps/s); weights: {}",
-        steps_run,
-        steps_run as f64 / seconds.max(1e-9),
-        out_dir.join(WEIGHTS_FILE).display()
+    config.train.out_dir = settings.out_dir.clone();
+    config.train.steps = settings.total_steps;
+    let pipeline_dtype = super::parse_dtype("--pipeline-dtype", &args.pipeline_dtype)?;
+    config.validate()?;
+    let out_dir = settings.out_dir.clone();
+    let checkpoint = check_out_dir(&out_dir, settings.resume)?;
+    let device = args.session.device()?;
+    // Data first: a bad file stops the run before any work.
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("encoding latents {bar:30} {pos}/{len} {eta}")
+            .expect("valid template"),
     );
-    if args.json {
-        let summary = serde_json::json!({
-            "steps": run.trainer.step,
-            "steps_run": steps_run,
-            "seconds": seconds,
-            "steps_per_second": steps_run as f64 / seconds.max(1e-9),
-            "final_loss": summary.final_loss,
-            "parameters": parameters,
-            "checkpoint": out_dir.join(CHECKPOINT_FILE),
-            "weights": out_dir.join(WEIGHTS_FILE),
-        });
-        println!("{summary}");
+    let cache = out_dir.join(LATENT_CACHE);
+    let data = LatentData::load(&config, Split::Train, Some(&cache), |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
+    let dims = data.latent_dims()?;
+    let trainer = if settings.resume {
+        let trainer = LdmTrainer::resume(config.clone(), dims, &checkpoint, &device)?;
+        eprintln!(
+            "resuming {} at step {}",
+            checkpoint.display(),
+            trainer.step()
+        );
+        trainer
+    } else {
+        LdmTrainer::new(config.clone(), dims, &device)?
+    };
+    std::fs::create_dir_all(&out_dir)?;
+    std::fs::write(out_dir.join("config.toml"), config.to_toml())?;
+    eprintln!(
+        "training a text encoder and U-Net ({:.2} M parameters) on {} latents {:?} of {} classes, \
+         {} steps of batch {}",
+        trainer.parameter_count() as f64 / 1e6,
+        data.len(),
+        dims,
+        data.num_classes(),
+        settings.total_steps,
+        config.train.batch_size
+    );
+    let parameters = trainer.parameter_count();
+    let mut run = LdmRun {
+        trainer,
+        data,
+        pipeline_dtype,
+    };
+    let summary = run_session(&mut run, &settings)?;
+    let pipeline = out_dir.join(PIPELINE_DIR);
+    if summary.steps_run == 0 {
+        // Nothing trained (resumed at the last step): the pipeline is still written, so that
+        // `--resume --pipeline-dtype f16` exports a finished run.
+        run.trainer.write_pipeline(&pipeline, pipeline_dtype)?;
+    }
+    let mut json = report(&summary, &format!("pipeline: {}", pipeline.display()));
+    if args.session.json {
+        json.insert("parameters".into(), parameters.into());
+        json.insert(
+            "checkpoint".into(),
+            serde_json::json!(out_dir.join(CHECKPOINT_FILE)),
+        );
+        json.insert("pipeline".into(), serde_json::json!(pipeline));
+        println!("{}", serde_json::Value::Object(json));
     }
     Ok(())
 }

@@ -1,5 +1,8 @@
-//! The TOML config of `diffuse train`: data, model, diffusion process and optimisation, each a
-//! serde struct with defaults. Unknown keys are errors that name the key.
+//! The TOML configs of `diffuse train`: data, model, diffusion process and optimisation, each a
+//! serde struct with defaults. Unknown keys are errors that name the key. A config names the
+//! model it trains in `[model] autoencoder`: "none" for pixel space ([`TrainConfig`]), "vae" for
+//! a latent text-to-image model (`ldm::LdmTrainConfig`); [`TrainingConfig`] reads either. Paths
+//! in a config file are relative to the file.
 
 use crate::error::{Error, Result};
 use crate::model::config::UNetConfig;
@@ -227,15 +230,86 @@ pub fn read_config<T>(path: &Path, parse: impl Fn(&str) -> Result<T>) -> Result<
     parse(&text).map_err(|e| file_error(e.to_string()))
 }
 
+/// A path from a config file: relative ones are taken from the file's folder `base`.
+pub fn relative_to(base: &Path, path: &mut PathBuf) {
+    if path.is_relative() {
+        *path = base.join(&*path);
+    }
+}
+
+/// The folder a config file's relative paths start from.
+pub fn config_dir(path: &Path) -> &Path {
+    path.parent().unwrap_or(Path::new(""))
+}
+
+/// A `diffuse train` config of either kind.
+#[derive(Debug, Clone)]
+pub enum TrainingConfig {
+    Pixel(TrainConfig),
+    Latent(super::ldm::LdmTrainConfig),
+}
+
+/// The values of `[model] autoencoder`, the tag that says which config a file is.
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum ModelKind {
+    None,
+    Vae,
+}
+
+impl TrainingConfig {
+    /// Reads the `[model] autoencoder` tag, then the whole file as that kind's config.
+    pub fn from_toml_str(text: &str) -> Result<Self> {
+        #[derive(Deserialize)]
+        struct Tagged {
+            model: Tag,
+        }
+        #[derive(Deserialize)]
+        struct Tag {
+            autoencoder: ModelKind,
+        }
+        let tagged: Tagged =
+            parse_toml(text).map_err(|e| Error::Msg(format!("which model to train: {e}")))?;
+        Ok(match tagged.model.autoencoder {
+            ModelKind::None => Self::Pixel(TrainConfig::from_toml_str(text)?),
+            ModelKind::Vae => Self::Latent(super::ldm::LdmTrainConfig::from_toml_str(text)?),
+        })
+    }
+
+    /// Reads `path`, its relative paths taken from its folder; errors name the file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let base = config_dir(path);
+        Ok(match read_config(path, Self::from_toml_str)? {
+            Self::Pixel(mut config) => {
+                config.rebase(base);
+                Self::Pixel(config)
+            }
+            Self::Latent(mut config) => {
+                config.rebase(base);
+                Self::Latent(config)
+            }
+        })
+    }
+}
+
 impl TrainConfig {
+    /// Takes the config's relative paths from `base` (the config file's folder).
+    pub fn rebase(&mut self, base: &Path) {
+        relative_to(base, &mut self.data.path);
+        relative_to(base, &mut self.train.out_dir);
+    }
+
     pub fn from_toml_str(text: &str) -> Result<Self> {
         let config: Self = parse_toml(text)?;
         config.validate()?;
         Ok(config)
     }
 
+    /// Reads `path`, its relative paths taken from its folder.
     pub fn from_file(path: &Path) -> Result<Self> {
-        read_config(path, Self::from_toml_str)
+        let mut config = read_config(path, Self::from_toml_str)?;
+        config.rebase(config_dir(path));
+        Ok(config)
     }
 
     pub fn to_toml(&self) -> String {

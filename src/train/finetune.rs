@@ -4,8 +4,8 @@
 //! forward and backward on the denoising loss of the model's own prediction type (DDPM eq. 14,
 //! or v for v-prediction models).
 
-use super::optim::{clip_factor, warmup_lr, AdamW, AdamWParams};
-use super::Ema;
+use super::optim::AdamWParams;
+use super::state::{TrainerKind, TrainerState, UpdateRule};
 use crate::checkpoint;
 use crate::data::folder::{load_square, ImageFolder, Skipped};
 use crate::error::{Error, Result};
@@ -25,7 +25,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// How to fine-tune, every default resolved.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct FinetuneSettings {
     /// Square training size in pixels.
     pub resolution: u32,
@@ -114,16 +114,13 @@ pub struct StepStats {
 /// images, so the benchmark runs it on random latents.
 pub struct UnetTrainer {
     pub unet: UNet2DConditionModel,
-    /// Trainable variables by name: `<module>.lora_A.weight`/`lora_B.weight`, or weight names.
-    named: Vec<(String, Var)>,
-    vars: Vec<Var>,
+    /// Trainable variables by name (`<module>.lora_A.weight`/`lora_B.weight`, or weight
+    /// names), their optimiser, optional average and the step.
+    state: TrainerState,
     trainable: Trainable,
-    optimizer: AdamW,
-    ema: Option<Ema>,
     schedule: NoiseSchedule,
     prediction: PredictionType,
     settings: FinetuneSettings,
-    pub step: usize,
 }
 
 /// A fine-tune of a Stable Diffusion model: the trainer, the encoded folder, and the pipeline
@@ -294,7 +291,7 @@ impl FineTuner {
     }
 
     pub fn step(&self) -> usize {
-        self.trainer.step
+        self.trainer.step()
     }
 
     pub fn examples(&self) -> usize {
@@ -346,7 +343,7 @@ impl FineTuner {
         let kind = scheduler.class_kind()?.unwrap_or(SamplerKind::Ddim);
         let sampler = build_sampler(kind, scheduler, &SamplerOptions::default(), steps)?;
         let size = self.trainer.settings.resolution as usize;
-        self.trainer.with_output_weights(|| {
+        self.trainer.state.with_output_weights(|| {
             let mut paths = Vec::with_capacity(prompts.len());
             for (k, prompt) in prompts.iter().enumerate() {
                 let request = Txt2ImgRequest {
@@ -355,12 +352,61 @@ impl FineTuner {
                     ..Txt2ImgRequest::new(prompt.clone(), size, size)
                 };
                 let output = txt2img(&self.pipeline, sampler.as_ref(), &request, &mut |_| Ok(()))?;
-                let path = dir.join(format!("step-{:06}-{k}.png", self.trainer.step));
+                let path = dir.join(format!("step-{:06}-{k}.png", self.trainer.step()));
                 crate::image_io::save_png(&output.images.get(0)?, &path, Some(prompt))?;
                 paths.push(path);
             }
             Ok(paths)
         })
+    }
+}
+
+/// The validation images drawn before training, every N steps and at the end.
+#[derive(Debug, Clone)]
+pub struct Validation {
+    pub prompts: Vec<String>,
+    /// Sampler steps of an image.
+    pub steps: usize,
+    pub guidance: f64,
+}
+
+/// A fine-tune in a training session: the tuner and its validation images.
+pub struct FinetuneRun {
+    pub tuner: FineTuner,
+    pub validation: Validation,
+}
+
+impl super::session::Trainer for FinetuneRun {
+    fn step(&self) -> usize {
+        self.tuner.step()
+    }
+
+    fn columns(&self) -> &'static [&'static str] {
+        &["loss", "grad_norm", "learning_rate"]
+    }
+
+    fn train_step(&mut self) -> Result<Vec<f64>> {
+        let stats = self.tuner.train_step()?;
+        Ok(vec![stats.loss, stats.grad_norm, stats.learning_rate])
+    }
+
+    fn save(&mut self, out_dir: &Path) -> Result<()> {
+        self.tuner
+            .save_checkpoint(&out_dir.join(super::session::CHECKPOINT_FILE))
+    }
+
+    /// `validation/step-<step>-<k>.png`, one per prompt.
+    fn sample(&mut self, out_dir: &Path, _step: usize) -> Result<()> {
+        let v = &self.validation;
+        for path in self.tuner.validation_images(
+            &v.prompts,
+            v.steps,
+            v.guidance,
+            &out_dir.join("validation"),
+        )? {
+            eprintln!("validation image {}", path.display());
+        }
+        Ok(())
     }
 }
 
@@ -412,28 +458,29 @@ impl UnetTrainer {
                 (unet, super::named_vars(&varmap), Trainable::Full)
             }
         };
-        let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
-        let optimizer = AdamW::new(&vars, AdamWParams::default())?;
-        let ema = match settings.ema_decay {
-            Some(decay) => Some(Ema::new(decay, &named)?),
-            None => None,
+        let rule = UpdateRule {
+            learning_rate: settings.learning_rate,
+            warmup_steps: settings.warmup_steps,
+            grad_clip: settings.grad_clip,
+            adamw: AdamWParams::default(),
         };
         Ok(Self {
             unet,
-            named,
-            vars,
+            state: TrainerState::new(named, rule, settings.ema_decay)?,
             trainable,
-            optimizer,
-            ema,
             schedule,
             prediction,
             settings,
-            step: 0,
         })
     }
 
+    /// Completed optimiser steps.
+    pub fn step(&self) -> usize {
+        self.state.step
+    }
+
     pub fn trainable_parameters(&self) -> usize {
-        self.vars.iter().map(|v| v.elem_count()).sum()
+        self.state.parameter_count()
     }
 
     /// The denoising loss of latents `x0` under captions `context` at the given timesteps and
@@ -497,7 +544,7 @@ impl UnetTrainer {
     fn draw(&self, data: &TrainingData, count: usize) -> Result<StepDraws> {
         let s = &self.settings;
         let n_train = self.schedule.num_train_timesteps();
-        let mut rng = SeededNoise::new(super::step_seed(s.seed, self.step));
+        let mut rng = SeededNoise::new(super::step_seed(s.seed, self.state.step));
         let (indices, timesteps) =
             super::draw_examples_and_timesteps(&mut rng, count, data.len(), n_train);
         let mut shape = data.latents.dims().to_vec();
@@ -558,12 +605,12 @@ impl UnetTrainer {
             let loss = self
                 .loss(&x0, &context, timesteps, &noise, weights.as_deref())?
                 .affine(1.0 / passes as f64, 0.0)?;
-            let (value, grads) = super::checked_loss_backward(&loss, self.step)?;
+            let (value, grads) = super::checked_loss_backward(&loss, self.state.step)?;
             total_loss += value;
             summed = Some(match summed {
                 None => grads,
                 Some(mut sum) => {
-                    for var in &self.vars {
+                    for var in self.state.vars() {
                         if let Some(g) = grads.get(var) {
                             let added = match sum.get(var) {
                                 Some(s) => (s + g)?,
@@ -576,154 +623,65 @@ impl UnetTrainer {
                 }
             });
         }
-        let grads = summed.expect("at least one pass");
-        let norm = super::checked_grad_norm(&self.vars, &grads, self.step)?;
-        let lr = warmup_lr(
-            self.settings.learning_rate,
-            self.step,
-            self.settings.warmup_steps,
-        );
-        self.optimizer.step(
-            &self.vars,
-            &grads,
-            lr,
-            clip_factor(norm, self.settings.grad_clip),
-        )?;
-        if let Some(ema) = &mut self.ema {
-            ema.update(&self.named, self.step)?;
-        }
-        self.step += 1;
+        let applied = self.state.apply(&summed.expect("at least one pass"))?;
         Ok(StepStats {
             loss: total_loss,
-            grad_norm: norm,
-            learning_rate: lr,
+            grad_norm: applied.grad_norm,
+            learning_rate: applied.learning_rate,
         })
     }
 
-    /// The settings a resumed run must share with the run that saved (the step count may grow).
-    fn identity(&self, examples: usize) -> String {
-        let s = &self.settings;
-        format!(
-            "mode={} resolution={} lr={} warmup={} batch={} accumulation={} clip={} min_snr_gamma={:?} noise_offset={} ema={:?} flip={} seed={} images={}",
-            match self.trainable {
-                Trainable::Lora { rank } if s.lora_feed_forward => format!("lora-{rank}+ff"),
-                Trainable::Lora { rank } => format!("lora-{rank}"),
-                Trainable::Full => "full".into(),
-            },
-            s.resolution,
-            s.learning_rate,
-            s.warmup_steps,
-            s.batch_size,
-            s.gradient_accumulation,
-            s.grad_clip,
-            s.min_snr_gamma,
-            s.noise_offset,
-            s.ema_decay,
-            s.random_flip,
-            s.seed,
-            examples
-        )
+    /// The run's settings as TOML, with the number of training images: what a resumed run
+    /// must share with the one that saved (the step count may grow).
+    fn config_toml(&self, examples: usize) -> String {
+        #[derive(serde::Serialize)]
+        struct Saved<'a> {
+            images: usize,
+            finetune: &'a FinetuneSettings,
+        }
+        toml::to_string(&Saved {
+            images: examples,
+            finetune: &self.settings,
+        })
+        .expect("fine-tuning settings serialise")
     }
 
     /// Writes the trainable weights, their average, AdamW's moments and the step to `path`
     /// atomically.
     pub fn save_checkpoint(&self, path: &Path, examples: usize) -> Result<()> {
-        let mut tensors: Vec<(String, Tensor)> = self
-            .named
-            .iter()
-            .map(|(name, var)| (format!("param.{name}"), var.as_tensor().detach()))
-            .collect();
-        if let Some(ema) = &self.ema {
-            tensors.extend(
-                self.named
-                    .iter()
-                    .zip(&ema.average)
-                    .map(|((name, _), average)| (format!("ema.{name}"), average.clone())),
-            );
-        }
-        tensors.extend(
-            self.optimizer
-                .moment_tensors(self.named.iter().map(|(n, _)| n.as_str())),
-        );
-        let metadata = BTreeMap::from([
-            ("format".to_string(), "diffuse-finetune".to_string()),
-            ("settings".to_string(), self.identity(examples)),
-            ("step".to_string(), self.step.to_string()),
-        ]);
-        checkpoint::save(path, &tensors, &metadata)
+        super::state::save_checkpoint(
+            path,
+            TrainerKind::Finetune,
+            self.state.step,
+            &self.config_toml(examples),
+            &self.state.checkpoint_tensors(),
+        )
     }
 
     /// Continues from [`Self::save_checkpoint`]'s file. Every step draws from (seed, step), so a
     /// resumed run ends with the weights of an uninterrupted one. A checkpoint of other settings
     /// or another model is refused, naming what differs.
     pub fn resume_from(&mut self, path: &Path, examples: usize) -> Result<()> {
-        let loaded = checkpoint::load(path, &self.vars[0].device().clone())?;
-        let saved = loaded.meta(path, "settings")?;
-        if saved != self.identity(examples) {
-            return Err(Error::File {
-                path: path.display().to_string(),
-                message: format!(
-                    "was saved with other settings ({saved}) than this run ({}); resume with the same ones",
-                    self.identity(examples)
-                ),
-            });
-        }
-        self.step = loaded
-            .meta(path, "step")?
-            .parse()
-            .map_err(|e| Error::File {
-                path: path.display().to_string(),
-                message: format!("step is not a step count: {e}"),
-            })?;
-        for (i, (name, var)) in self.named.iter().enumerate() {
-            var.set(&loaded.tensor_like(path, &format!("param.{name}"), var.dims())?)?;
-            if let Some(ema) = &mut self.ema {
-                ema.average[i] = loaded.tensor_like(path, &format!("ema.{name}"), var.dims())?;
-            }
-            self.optimizer.first_moments[i] =
-                loaded.tensor_like(path, &format!("optim.m.{name}"), var.dims())?;
-            self.optimizer.second_moments[i] =
-                loaded.tensor_like(path, &format!("optim.v.{name}"), var.dims())?;
-        }
-        self.optimizer.updates = self.step;
-        Ok(())
+        let device = self.state.vars()[0].device().clone();
+        let loaded = checkpoint::load(path, &device)?;
+        let header = super::state::read_header(&loaded, path, TrainerKind::Finetune)?;
+        super::state::check_same_sections(
+            path,
+            &header.config,
+            &self.config_toml(examples),
+            &["images", "finetune"],
+        )?;
+        self.state.restore(&loaded, path, header.step)
     }
 
     /// A copy of the trainable weights by name (a copy: the variables change in place).
     pub fn weights(&self) -> Result<Vec<(String, Tensor)>> {
-        self.named
-            .iter()
-            .map(|(name, var)| Ok((name.clone(), var.as_tensor().copy()?.detach())))
-            .collect()
+        self.state.weights()
     }
 
     /// What the output holds: the weight average when there is one, else the weights.
     pub fn output_weights(&self) -> Result<Vec<(String, Tensor)>> {
-        match &self.ema {
-            Some(ema) => Ok(self
-                .named
-                .iter()
-                .zip(&ema.average)
-                .map(|((name, _), average)| (name.clone(), average.clone()))
-                .collect()),
-            None => self.weights(),
-        }
-    }
-
-    /// Runs `f` with the output weights in the U-Net, then puts the trained ones back.
-    fn with_output_weights<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
-        let Some(ema) = &self.ema else {
-            return f();
-        };
-        let trained = self.weights()?;
-        for ((_, var), average) in self.named.iter().zip(&ema.average) {
-            var.set(average)?;
-        }
-        let result = f();
-        for ((_, var), (_, value)) in self.named.iter().zip(&trained) {
-            var.set(value)?;
-        }
-        result
+        self.state.output_weights()
     }
 
     /// Writes the result where `txt2img` takes it: the LoRA as one safetensors file in the

@@ -13,9 +13,10 @@
 //! steps an uninterrupted one would have taken.
 
 use super::config::{DiffusionConfig, OptimConfig, ScheduleKind};
-use super::optim::{clip_factor, warmup_lr, AdamW, AdamWParams};
+use super::optim::AdamWParams;
+use super::state::{TrainerKind, TrainerState, UpdateRule};
 use super::vae::pad_to;
-use super::{named_vars, seeded_init, Ema};
+use super::{named_vars, seeded_init};
 use crate::checkpoint;
 use crate::data::captions::{ClassCaptions, EXTRA_TEMPLATES};
 use crate::data::idx::{LabelledImages, Split};
@@ -31,16 +32,13 @@ use crate::sampler::SchedulerConfig;
 use crate::schedule::{q_sample, NoiseSchedule, PredictionType};
 use crate::tokenizer::ClipTokenizer;
 use crate::weights::load_checked;
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-/// Metadata keys of a latent-diffusion training checkpoint.
-pub const CONFIG_KEY: &str = "diffuse.ldm_train_config";
-const STEP_KEY: &str = "diffuse.step";
 /// Prefixes of the two trained components inside the checkpoint.
 const TEXT_PREFIX: &str = "text_encoder.";
 const UNET_PREFIX: &str = "unet.";
@@ -120,6 +118,18 @@ impl LdmTrainConfig {
         let config: Self = super::config::parse_toml(text)?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// Takes the config's relative paths (data, autoencoder, tokenizer, output) from `base`,
+    /// the config file's folder.
+    pub fn rebase(&mut self, base: &Path) {
+        use super::config::relative_to;
+        for data in &mut self.data.paths {
+            relative_to(base, data);
+        }
+        relative_to(base, &mut self.model.vae);
+        relative_to(base, &mut self.model.tokenizer);
+        relative_to(base, &mut self.train.out_dir);
     }
 
     pub fn to_toml(&self) -> String {
@@ -425,12 +435,8 @@ pub struct LdmTrainer {
     text_encoder: ClipTextModel,
     unet: UNet2DConditionModel,
     _varmap: VarMap,
-    named: Vec<(String, Var)>,
-    vars: Vec<Var>,
-    optimizer: AdamW,
-    ema: Ema,
+    state: TrainerState,
     device: Device,
-    pub step: usize,
 }
 
 /// Residual branches' last convs, the transformers' output projections and the U-Net's output
@@ -467,15 +473,17 @@ impl LdmTrainer {
             UNet2DConditionModel::new(unet_config, vb.pp(UNET_PREFIX.trim_end_matches('.')))?;
         let named = named_vars(&varmap);
         seeded_init(&named, &mut SeededNoise::new(config.train.seed), &zero_init)?;
-        let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
-        let optimizer = AdamW::new(
-            &vars,
-            AdamWParams {
-                weight_decay: config.train.weight_decay,
+        let t = &config.train;
+        let rule = UpdateRule {
+            learning_rate: t.learning_rate,
+            warmup_steps: t.warmup_steps,
+            grad_clip: t.grad_clip,
+            adamw: AdamWParams {
+                weight_decay: t.weight_decay,
                 ..Default::default()
             },
-        )?;
-        let ema = Ema::new(config.train.ema_decay, &named)?;
+        };
+        let state = TrainerState::new(named, rule, Some(t.ema_decay))?;
         let schedule = SchedulerConfig::from_json_str(&config.scheduler_json().to_string())?
             .noise_schedule()?;
         Ok(Self {
@@ -485,12 +493,8 @@ impl LdmTrainer {
             text_encoder,
             unet,
             _varmap: varmap,
-            named,
-            vars,
-            optimizer,
-            ema,
+            state,
             device: device.clone(),
-            step: 0,
             config,
         })
     }
@@ -504,36 +508,27 @@ impl LdmTrainer {
     ) -> Result<Self> {
         let mut trainer = Self::new(config, latent_dims, device)?;
         let loaded = checkpoint::load(path, device)?;
-        let file_error = |message: String| Error::File {
-            path: path.display().to_string(),
-            message,
-        };
-        let saved = LdmTrainConfig::from_toml_str(loaded.meta(path, CONFIG_KEY)?)
-            .map_err(|e| file_error(format!("its training config is not valid: {e}")))?;
-        if saved.model != trainer.config.model
-            || saved.diffusion != trainer.config.diffusion
-            || saved.data != trainer.config.data
-        {
-            return Err(file_error(
-                "was trained with another [data], [model] or [diffusion] section than this config"
-                    .into(),
-            ));
-        }
-        trainer.step = loaded.step(path, STEP_KEY)?;
-        super::restore_averaged(
-            &loaded,
+        let header = super::state::read_header(&loaded, path, TrainerKind::Latent)?;
+        let saved = LdmTrainConfig::from_toml_str(&header.config).map_err(|e| {
+            crate::error::file_error(path, format!("its training config is not valid: {e}"))
+        })?;
+        super::state::check_same_sections(
             path,
-            &trainer.named,
-            &trainer.vars,
-            &mut trainer.ema,
-            &mut trainer.optimizer,
-            trainer.step,
+            &saved.to_toml(),
+            &trainer.config.to_toml(),
+            &["data", "model", "diffusion"],
         )?;
+        trainer.state.restore(&loaded, path, header.step)?;
         Ok(trainer)
     }
 
+    /// Completed optimiser steps.
+    pub fn step(&self) -> usize {
+        self.state.step
+    }
+
     pub fn parameter_count(&self) -> usize {
-        self.vars.iter().map(|v| v.elem_count()).sum()
+        self.state.parameter_count()
     }
 
     /// One optimiser step: L_simple (DDPM eq. 14) on a batch of cached latents, each captioned
@@ -542,7 +537,7 @@ impl LdmTrainer {
         let cfg = &self.config;
         let batch = cfg.train.batch_size;
         let n_train = self.schedule.num_train_timesteps();
-        let mut rng = SeededNoise::new(super::step_seed(cfg.train.seed, self.step));
+        let mut rng = SeededNoise::new(super::step_seed(cfg.train.seed, self.state.step));
         let (indices, timesteps) =
             super::draw_examples_and_timesteps(&mut rng, batch, data.len(), n_train);
         let mut ids: Vec<u32> = Vec::with_capacity(batch * data.empty_ids.len());
@@ -583,51 +578,32 @@ impl LdmTrainer {
             &timesteps,
         )?;
         let loss = (prediction - &target)?.sqr()?.mean_all()?;
-        let (value, grads, norm) = super::checked_backward(&loss, &self.vars, self.step)?;
-        let lr = warmup_lr(cfg.train.learning_rate, self.step, cfg.train.warmup_steps);
-        self.optimizer.step(
-            &self.vars,
-            &grads,
-            lr,
-            clip_factor(norm, cfg.train.grad_clip),
-        )?;
-        self.ema.update(&self.named, self.step)?;
-        self.step += 1;
+        let (value, grads) = super::checked_loss_backward(&loss, self.state.step)?;
+        let applied = self.state.apply(&grads)?;
         Ok(LdmStepStats {
             loss: value,
-            grad_norm: norm,
-            learning_rate: lr,
+            grad_norm: applied.grad_norm,
+            learning_rate: applied.learning_rate,
         })
-    }
-
-    fn metadata(&self) -> BTreeMap<String, String> {
-        BTreeMap::from([
-            (CONFIG_KEY.to_string(), self.config.to_toml()),
-            (STEP_KEY.to_string(), self.step.to_string()),
-            ("format".to_string(), "diffuse-ldm".to_string()),
-        ])
     }
 
     /// Weights, their average, AdamW's moments and the step, atomically.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let mut tensors = Vec::with_capacity(4 * self.named.len());
-        for (i, (name, var)) in self.named.iter().enumerate() {
-            tensors.push((format!("model.{name}"), var.as_tensor().detach()));
-            tensors.push((format!("ema.{name}"), self.ema.average[i].clone()));
-        }
-        tensors.extend(
-            self.optimizer
-                .moment_tensors(self.named.iter().map(|(n, _)| n.as_str())),
-        );
-        checkpoint::save(path, &tensors, &self.metadata())
+        super::state::save_checkpoint(
+            path,
+            TrainerKind::Latent,
+            self.state.step,
+            &self.config.to_toml(),
+            &self.state.checkpoint_tensors(),
+        )
     }
 
     /// The averaged weights of one component (its prefix stripped), in `dtype`.
     fn component(&self, prefix: &str, dtype: DType) -> Result<Vec<(String, Tensor)>> {
-        self.named
-            .iter()
-            .zip(&self.ema.average)
-            .filter_map(|((name, _), average)| {
+        self.state
+            .output_weights()?
+            .into_iter()
+            .filter_map(|(name, average)| {
                 name.strip_prefix(prefix)
                     .map(|short| Ok((short.to_string(), average.to_dtype(dtype)?)))
             })
@@ -711,10 +687,7 @@ impl LdmTrainer {
 
     /// The current raw weights by name (copies).
     pub fn weights(&self) -> Result<HashMap<String, Tensor>> {
-        self.named
-            .iter()
-            .map(|(name, var)| Ok((name.clone(), var.as_tensor().copy()?.detach())))
-            .collect()
+        Ok(self.state.weights()?.into_iter().collect())
     }
 }
 
@@ -732,4 +705,77 @@ fn layers_per_block_default() -> usize {
 
 fn attention_heads_default() -> usize {
     4
+}
+
+/// The pipeline folder inside the output folder.
+pub const PIPELINE_DIR: &str = "pipeline";
+/// Guidance and steps of the sample grids.
+const GRID_GUIDANCE: f64 = 4.0;
+const GRID_STEPS: usize = 20;
+
+/// A latent text-to-image run in a training session: the trainer, its cached latents, and the
+/// dtype of the pipeline folder it writes.
+pub struct LdmRun {
+    pub trainer: LdmTrainer,
+    pub data: LatentData,
+    pub pipeline_dtype: DType,
+}
+
+impl super::session::Trainer for LdmRun {
+    fn step(&self) -> usize {
+        self.trainer.step()
+    }
+
+    fn columns(&self) -> &'static [&'static str] {
+        &["loss", "grad_norm", "learning_rate"]
+    }
+
+    fn train_step(&mut self) -> Result<Vec<f64>> {
+        let stats = self.trainer.train_step(&self.data)?;
+        Ok(vec![stats.loss, stats.grad_norm, stats.learning_rate])
+    }
+
+    fn save(&mut self, out_dir: &Path) -> Result<()> {
+        self.trainer
+            .save(&out_dir.join(super::session::CHECKPOINT_FILE))?;
+        self.trainer
+            .write_pipeline(&out_dir.join(PIPELINE_DIR), self.pipeline_dtype)
+    }
+
+    /// Four samples of every class's own caption, one class a column, from the pipeline folder
+    /// just written (DDIM, fixed seed), as `samples-<step>.png`.
+    fn sample(&mut self, out_dir: &Path, step: usize) -> Result<()> {
+        use crate::pipeline::txt2img::{sample_prompts, PromptGuidance};
+        use crate::pipeline::{LoadOptions, StableDiffusion};
+        use crate::sampler::{build_sampler, SamplerKind, SamplerOptions};
+        let captions: Vec<String> = self.data.captions.iter().map(|c| c[0].clone()).collect();
+        let per_class = 4;
+        let sd = StableDiffusion::load_dir(&out_dir.join(PIPELINE_DIR), LoadOptions::default())?;
+        let sampler = build_sampler(
+            SamplerKind::Ddim,
+            &sd.scheduler,
+            &SamplerOptions::default(),
+            GRID_STEPS,
+        )?;
+        let images = sample_prompts(
+            &sd,
+            sampler.as_ref(),
+            &captions,
+            per_class,
+            PromptGuidance {
+                scale: GRID_GUIDANCE,
+                interval: None,
+            },
+            0,
+            &mut |_, _| {},
+        )?;
+        crate::image_io::save_png(
+            &crate::pipeline::pixel::class_columns_grid(
+                &images.affine(2.0, -1.0)?,
+                captions.len(),
+            )?,
+            &out_dir.join(format!("samples-{step:07}.png")),
+            None,
+        )
+    }
 }

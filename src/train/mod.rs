@@ -1,4 +1,6 @@
-//! Training: the optimiser, the weight average, checkpoints, and the pixel-space DDPM loop.
+//! Training: one session loop and one trainer state (optimiser, weight average, checkpoint
+//! layout) under four trainers that differ in their data, loss and outputs: pixel-space DDPM,
+//! latent text-to-image, the autoencoder, and fine-tuning a Stable Diffusion U-Net.
 
 pub mod config;
 pub mod discriminator;
@@ -7,6 +9,8 @@ pub mod ldm;
 pub mod optim;
 pub mod pixel;
 pub mod plot;
+pub mod session;
+pub mod state;
 pub mod vae;
 
 use crate::sampler::noise::SeededNoise;
@@ -84,19 +88,6 @@ pub fn seeded_init(
     Ok(())
 }
 
-/// The loss's value, its gradients and their global norm; a non-finite loss or norm at step
-/// `step` (0-based) is an error before anything is updated, so the last checkpoint stays the
-/// last good one.
-pub fn checked_backward(
-    loss: &Tensor,
-    vars: &[Var],
-    step: usize,
-) -> crate::Result<(f64, candle_core::backprop::GradStore, f64)> {
-    let (value, grads) = checked_loss_backward(loss, step)?;
-    let norm = checked_grad_norm(vars, &grads, step)?;
-    Ok((value, grads, norm))
-}
-
 /// The loss's value and its gradients, or an error naming step `step` (0-based) when the loss
 /// is not finite.
 pub fn checked_loss_backward(
@@ -127,30 +118,6 @@ pub fn checked_grad_norm(
         )));
     }
     Ok(norm)
-}
-
-/// Restores what the pixel and latent trainers checkpoint: each variable (`model.<name>`), its
-/// weight average (`ema.<name>`) and its AdamW moments, at step `step`.
-pub fn restore_averaged(
-    loaded: &crate::checkpoint::Loaded,
-    path: &std::path::Path,
-    named: &[(String, Var)],
-    vars: &[Var],
-    ema: &mut Ema,
-    optimizer: &mut optim::AdamW,
-    step: usize,
-) -> crate::Result<()> {
-    loaded.restore_vars(path, named)?;
-    for (i, (name, var)) in named.iter().enumerate() {
-        ema.average[i] = loaded.tensor_like(path, &format!("ema.{name}"), var.dims())?;
-    }
-    optimizer.restore(
-        loaded,
-        path,
-        named.iter().map(|(name, _)| name.as_str()),
-        vars,
-        step,
-    )
 }
 
 /// Exponential moving average of the weights (DDPM appendix B), with the warm-up

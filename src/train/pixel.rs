@@ -6,25 +6,23 @@
 //! steps the uninterrupted run would have taken.
 
 use super::config::{Loss, TrainConfig};
-use super::optim::{clip_factor, warmup_lr, AdamW, AdamWParams};
-use super::{named_vars, seeded_init, Ema};
+use super::optim::AdamWParams;
+use super::state::{TrainerKind, TrainerState, UpdateRule};
+use super::{named_vars, seeded_init};
 use crate::checkpoint;
 use crate::data::idx::LabelledImages;
-use crate::error::{Error, Result};
+use crate::error::{file_error, Result};
 use crate::likelihood::DiffusionTables;
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::unet::UNetConditioning;
 use crate::pipeline::pixel::{PixelDiffusion, CONFIG_KEY};
 use crate::sampler::noise::SeededNoise;
 use crate::schedule::{q_sample, NoiseSchedule, PredictionType};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use rand::Rng;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-
-/// Metadata key of the number of completed optimiser steps.
-pub const STEP_KEY: &str = "diffuse.step";
 
 /// What one step measured.
 #[derive(Debug, Clone, Copy)]
@@ -42,14 +40,8 @@ pub struct PixelTrainer {
     tables: DiffusionTables,
     unet: UNet2DConditionModel,
     _varmap: VarMap,
-    names: Vec<String>,
-    vars: Vec<Var>,
-    named: Vec<(String, Var)>,
-    optimizer: AdamW,
-    ema: Ema,
+    state: TrainerState,
     device: Device,
-    /// Completed optimiser steps.
-    pub step: usize,
 }
 
 /// Residual branches' last convs and the output conv start at zero (improved-diffusion's
@@ -69,28 +61,25 @@ impl PixelTrainer {
         let unet = UNet2DConditionModel::new(config.unet_config()?, vb)?;
         let named = named_vars(&varmap);
         seeded_init(&named, &mut SeededNoise::new(config.train.seed), &zero_init)?;
-        let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
-        let optimizer = AdamW::new(
-            &vars,
-            AdamWParams {
-                weight_decay: config.train.weight_decay,
+        let t = &config.train;
+        let rule = UpdateRule {
+            learning_rate: t.learning_rate,
+            warmup_steps: t.warmup_steps,
+            grad_clip: t.grad_clip,
+            adamw: AdamWParams {
+                weight_decay: t.weight_decay,
                 ..Default::default()
             },
-        )?;
-        let ema = Ema::new(config.train.ema_decay, &named)?;
+        };
+        let state = TrainerState::new(named, rule, Some(t.ema_decay))?;
         let schedule = config.scheduler_config()?.noise_schedule()?;
         Ok(Self {
             tables: DiffusionTables::new(&schedule),
             schedule,
             unet,
             _varmap: varmap,
-            names: named.iter().map(|(n, _)| n.clone()).collect(),
-            vars,
-            named,
-            optimizer,
-            ema,
+            state,
             device,
-            step: 0,
             config,
         })
     }
@@ -102,32 +91,26 @@ impl PixelTrainer {
     pub fn resume(config: TrainConfig, path: &Path, device: &Device) -> Result<Self> {
         let mut trainer = Self::new(config, device)?;
         let loaded = checkpoint::load(path, device)?;
-        let file_error = |message: String| Error::File {
-            path: path.display().to_string(),
-            message,
-        };
-        let saved = TrainConfig::from_toml_str(loaded.meta(path, CONFIG_KEY)?)
-            .map_err(|e| file_error(format!("its training config is not valid: {e}")))?;
-        if saved.model != trainer.config.model || saved.diffusion != trainer.config.diffusion {
-            return Err(file_error(
-                "was trained with another [model] or [diffusion] section than this config".into(),
-            ));
-        }
-        trainer.step = loaded.step(path, STEP_KEY)?;
-        super::restore_averaged(
-            &loaded,
+        let header = super::state::read_header(&loaded, path, TrainerKind::Pixel)?;
+        let saved = TrainConfig::from_toml_str(&header.config)
+            .map_err(|e| file_error(path, format!("its training config is not valid: {e}")))?;
+        super::state::check_same_sections(
             path,
-            &trainer.named,
-            &trainer.vars,
-            &mut trainer.ema,
-            &mut trainer.optimizer,
-            trainer.step,
+            &saved.to_toml(),
+            &trainer.config.to_toml(),
+            &["model", "diffusion"],
         )?;
+        trainer.state.restore(&loaded, path, header.step)?;
         Ok(trainer)
     }
 
+    /// Completed optimiser steps.
+    pub fn step(&self) -> usize {
+        self.state.step
+    }
+
     pub fn parameter_count(&self) -> usize {
-        self.vars.iter().map(|v| v.elem_count()).sum()
+        self.state.parameter_count()
     }
 
     /// One optimiser step on a batch drawn from `data`.
@@ -135,7 +118,7 @@ impl PixelTrainer {
         let cfg = &self.config;
         let batch = cfg.train.batch_size;
         let n_train = self.schedule.num_train_timesteps();
-        let mut rng = SeededNoise::new(super::step_seed(cfg.train.seed, self.step));
+        let mut rng = SeededNoise::new(super::step_seed(cfg.train.seed, self.state.step));
         let (indices, timesteps) =
             super::draw_examples_and_timesteps(&mut rng, batch, data.len(), n_train);
         let device = self.device.clone();
@@ -208,22 +191,14 @@ impl PixelTrainer {
         } else {
             (mse.clone(), 0.0)
         };
-        let (loss_value, grads, norm) = super::checked_backward(&loss, &self.vars, self.step)?;
-        let lr = warmup_lr(cfg.train.learning_rate, self.step, cfg.train.warmup_steps);
-        self.optimizer.step(
-            &self.vars,
-            &grads,
-            lr,
-            clip_factor(norm, cfg.train.grad_clip),
-        )?;
-        self.ema.update(&self.named, self.step)?;
-        self.step += 1;
+        let (loss_value, grads) = super::checked_loss_backward(&loss, self.state.step)?;
+        let applied = self.state.apply(&grads)?;
         Ok(StepStats {
             loss: loss_value,
             mse: mse.to_scalar::<f32>()? as f64,
             vb_bits: vb_value,
-            grad_norm: norm,
-            learning_rate: lr,
+            grad_norm: applied.grad_norm,
+            learning_rate: applied.learning_rate,
         })
     }
 
@@ -231,56 +206,97 @@ impl PixelTrainer {
         Ok(self.config.scheduler_config()?.variance_type)
     }
 
-    fn metadata(&self) -> BTreeMap<String, String> {
-        BTreeMap::from([
-            (CONFIG_KEY.to_string(), self.config.to_toml()),
-            (STEP_KEY.to_string(), self.step.to_string()),
-            ("format".to_string(), "diffuse-pixel-ddpm".to_string()),
-        ])
-    }
-
     /// The full training state: weights, their average, AdamW's moments, the step.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let mut tensors = Vec::with_capacity(4 * self.names.len());
-        for (i, name) in self.names.iter().enumerate() {
-            tensors.push((format!("model.{name}"), self.vars[i].as_tensor().detach()));
-            tensors.push((format!("ema.{name}"), self.ema.average[i].clone()));
-        }
-        tensors.extend(
-            self.optimizer
-                .moment_tensors(self.names.iter().map(String::as_str)),
-        );
-        checkpoint::save(path, &tensors, &self.metadata())
+        super::state::save_checkpoint(
+            path,
+            TrainerKind::Pixel,
+            self.state.step,
+            &self.config.to_toml(),
+            &self.state.checkpoint_tensors(),
+        )
     }
 
-    /// The averaged weights alone, in `dtype` (what `diffuse sample` and `eval` need).
+    /// The averaged weights alone, in `dtype` (what `diffuse sample` and `eval` load).
     pub fn save_weights(&self, path: &Path, dtype: DType) -> Result<()> {
         let tensors = self
-            .names
-            .iter()
-            .zip(&self.ema.average)
+            .state
+            .output_weights()?
+            .into_iter()
             .map(|(name, t)| Ok((format!("ema.{name}"), t.to_dtype(dtype)?)))
             .collect::<Result<Vec<_>>>()?;
-        checkpoint::save(path, &tensors, &self.metadata())
+        let metadata = BTreeMap::from([
+            (CONFIG_KEY.to_string(), self.config.to_toml()),
+            ("diffuse.step".to_string(), self.state.step.to_string()),
+            ("format".to_string(), "diffuse-pixel-ddpm".to_string()),
+        ]);
+        checkpoint::save(path, &tensors, &metadata)
     }
 
     /// The averaged weights as a model to sample from.
     pub fn ema_model(&self) -> Result<PixelDiffusion> {
-        let weights: HashMap<String, Tensor> = self
-            .names
-            .iter()
-            .cloned()
-            .zip(self.ema.average.iter().cloned())
-            .collect();
+        let weights: HashMap<String, Tensor> = self.state.output_weights()?.into_iter().collect();
         PixelDiffusion::from_tensors(self.config.clone(), weights, &self.device)
     }
 
     /// The current raw weights by name (for tests and comparisons).
-    pub fn weights(&self) -> Vec<(String, Tensor)> {
-        self.names
-            .iter()
-            .cloned()
-            .zip(self.vars.iter().map(|v| v.as_tensor().detach()))
-            .collect()
+    pub fn weights(&self) -> Result<Vec<(String, Tensor)>> {
+        self.state.weights()
+    }
+}
+
+/// The weights file beside the checkpoint (the averaged weights, for `diffuse sample`).
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+
+/// A pixel-space run in a training session: the trainer and its images.
+pub struct PixelRun {
+    pub trainer: PixelTrainer,
+    pub data: LabelledImages,
+}
+
+impl super::session::Trainer for PixelRun {
+    fn step(&self) -> usize {
+        self.trainer.step()
+    }
+
+    fn columns(&self) -> &'static [&'static str] {
+        &["loss", "mse", "vb_bits", "grad_norm", "learning_rate"]
+    }
+
+    fn train_step(&mut self) -> Result<Vec<f64>> {
+        let s = self.trainer.train_step(&self.data)?;
+        Ok(vec![s.loss, s.mse, s.vb_bits, s.grad_norm, s.learning_rate])
+    }
+
+    fn save(&mut self, out_dir: &Path) -> Result<()> {
+        self.trainer
+            .save(&out_dir.join(super::session::CHECKPOINT_FILE))?;
+        self.trainer
+            .save_weights(&out_dir.join(WEIGHTS_FILE), DType::F32)
+    }
+
+    /// 64 samples from the averaged weights (DDIM, 50 steps, fixed seed), labelled 0, 1, 2, ...
+    /// for class-conditional models, as one grid `samples-<step>.png`.
+    fn sample(&mut self, out_dir: &Path, step: usize) -> Result<()> {
+        let model = self.trainer.ema_model()?;
+        let n = 64;
+        let labels: Option<Vec<u32>> = model
+            .num_classes()
+            .map(|k| (0..n).map(|i| (i % k) as u32).collect());
+        let images = model.sample(
+            crate::sampler::SamplerKind::Ddim,
+            &crate::sampler::SamplerOptions::default(),
+            50,
+            n,
+            labels.as_deref(),
+            0,
+            &mut |_, _| {},
+        )?;
+        let cols = model.num_classes().unwrap_or(8);
+        crate::image_io::save_png(
+            &crate::pipeline::pixel::grid(&images, cols)?,
+            &out_dir.join(format!("samples-{step:07}.png")),
+            None,
+        )
     }
 }

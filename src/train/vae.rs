@@ -7,7 +7,8 @@
 //! steps an uninterrupted one would have taken.
 
 use super::discriminator::{discriminator_hinge_loss, generator_hinge_loss, PatchDiscriminator};
-use super::optim::{clip_factor, warmup_lr, AdamW, AdamWParams};
+use super::optim::AdamWParams;
+use super::state::{TrainerKind, TrainerState, UpdateRule};
 use super::{named_vars, seeded_init};
 use crate::checkpoint;
 use crate::data::idx::{LabelledImages, Split};
@@ -21,10 +22,6 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-
-/// Metadata keys of a VAE training checkpoint.
-const CONFIG_KEY: &str = "diffuse.vae_train_config";
-const STEP_KEY: &str = "diffuse.step";
 
 /// `diffuse train-vae`'s TOML config. Unknown keys are errors that name the key.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -126,12 +123,32 @@ impl VaeTrainConfig {
         Ok(config)
     }
 
+    /// Reads `path`, its relative paths (data, init, output) taken from its folder.
     pub fn from_file(path: &Path) -> Result<Self> {
-        super::config::read_config(path, Self::from_toml_str)
+        let mut config = super::config::read_config(path, Self::from_toml_str)?;
+        let base = super::config::config_dir(path);
+        for data in &mut config.data.paths {
+            super::config::relative_to(base, data);
+        }
+        if let Some(init) = &mut config.train.init {
+            super::config::relative_to(base, init);
+        }
+        super::config::relative_to(base, &mut config.train.out_dir);
+        Ok(config)
     }
 
     pub fn to_toml(&self) -> String {
         toml::to_string(self).expect("a VaeTrainConfig always serialises")
+    }
+
+    /// How the autoencoder's (and the discriminator's) gradients become updates.
+    pub fn update_rule(&self) -> UpdateRule {
+        UpdateRule {
+            learning_rate: self.train.learning_rate,
+            warmup_steps: self.train.warmup_steps,
+            grad_clip: self.train.grad_clip,
+            adamw: AdamWParams::default(),
+        }
     }
 
     /// The downsampling factor: 2 per level after the first.
@@ -323,22 +340,17 @@ pub struct VaeTrainer {
     _varmap: VarMap,
     /// Every weight, by name (what checkpoints and the diffusers folder hold).
     named: Vec<(String, Var)>,
-    /// The weights that learn, by name, in the optimiser's order.
-    trainable: Vec<(String, Var)>,
-    vars: Vec<Var>,
-    optimizer: AdamW,
+    /// The weights that learn (all, or the decoder's), their optimiser and the step.
+    state: TrainerState,
     adversary: Option<Adversary>,
     device: Device,
-    pub step: usize,
 }
 
 /// The patch discriminator with its weights and optimiser.
 struct Adversary {
     net: PatchDiscriminator,
     _varmap: VarMap,
-    named: Vec<(String, Var)>,
-    vars: Vec<Var>,
-    optimizer: AdamW,
+    state: TrainerState,
 }
 
 /// Checkpoint prefix of the discriminator's weights.
@@ -359,22 +371,12 @@ impl Adversary {
         // Its own stream, so adding a discriminator leaves the autoencoder's start unchanged.
         let seed = config.train.seed ^ DISCRIMINATOR_SEED_SALT;
         seeded_init(&named, &mut SeededNoise::new(seed), &|_| false)?;
-        let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
-        let optimizer = AdamW::new(&vars, AdamWParams::default())?;
         Ok(Self {
             net,
             _varmap: varmap,
-            named,
-            vars,
-            optimizer,
+            state: TrainerState::new(named, config.update_rule(), None)?
+                .with_prefix(DISCRIMINATOR_PREFIX),
         })
-    }
-
-    fn checkpoint_names(&self) -> Vec<String> {
-        self.named
-            .iter()
-            .map(|(name, _)| format!("{DISCRIMINATOR_PREFIX}{name}"))
-            .collect()
     }
 }
 
@@ -396,8 +398,7 @@ impl VaeTrainer {
             .filter(|(name, _)| config.train.train_encoder || is_decoder_weight(name))
             .cloned()
             .collect();
-        let vars: Vec<Var> = trainable.iter().map(|(_, v)| v.clone()).collect();
-        let optimizer = AdamW::new(&vars, AdamWParams::default())?;
+        let state = TrainerState::new(trainable, config.update_rule(), None)?;
         let adversary = if config.train.adversarial_weight > 0.0 {
             Some(Adversary::new(&config, device)?)
         } else {
@@ -408,17 +409,19 @@ impl VaeTrainer {
             vae,
             _varmap: varmap,
             named,
-            trainable,
-            vars,
-            optimizer,
+            state,
             adversary,
             device: device.clone(),
-            step: 0,
         })
     }
 
+    /// Completed optimiser steps.
+    pub fn step(&self) -> usize {
+        self.state.step
+    }
+
     pub fn parameter_count(&self) -> usize {
-        self.vars.iter().map(|v| v.elem_count()).sum()
+        self.state.parameter_count()
     }
 
     /// The images at `indices`, padded, on the trainer's device.
@@ -456,7 +459,8 @@ impl VaeTrainer {
     /// images and their reconstructions.
     pub fn train_step(&mut self, data: &LabelledImages) -> Result<VaeStepStats> {
         let t = &self.config.train;
-        let mut rng = SeededNoise::new(super::step_seed(t.seed, self.step));
+        let step = self.state.step;
+        let mut rng = SeededNoise::new(super::step_seed(t.seed, step));
         let indices: Vec<usize> = (0..t.batch_size)
             .map(|_| rng.rng().random_range(0..data.len()))
             .collect();
@@ -476,41 +480,32 @@ impl VaeTrainer {
         let mut loss = (&reconstruction + kl.affine(t.kl_weight / pixels, 0.0)?)?;
         let mut adversarial = 0.0;
         if let Some(adversary) = &self.adversary {
-            if self.step >= t.adversarial_start {
+            if step >= t.adversarial_start {
                 let term = generator_hinge_loss(&adversary.net.forward(&decoded)?)?;
                 adversarial = term.to_scalar::<f32>()? as f64;
                 loss = (loss + term.affine(t.adversarial_weight, 0.0)?)?;
             }
         }
-        let (value, grads, norm) = super::checked_backward(&loss, &self.vars, self.step)?;
-        let lr = warmup_lr(t.learning_rate, self.step, t.warmup_steps);
-        self.optimizer
-            .step(&self.vars, &grads, lr, clip_factor(norm, t.grad_clip))?;
+        let (value, grads) = super::checked_loss_backward(&loss, step)?;
+        let applied = self.state.apply(&grads)?;
         let mut discriminator = 0.0;
         if let Some(adversary) = &mut self.adversary {
             let d_loss = discriminator_hinge_loss(
                 &adversary.net.forward(&x)?,
                 &adversary.net.forward(&decoded.detach())?,
             )?;
-            let (d_value, d_grads, d_norm) =
-                super::checked_backward(&d_loss, &adversary.vars, self.step)?;
-            adversary.optimizer.step(
-                &adversary.vars,
-                &d_grads,
-                lr,
-                clip_factor(d_norm, t.grad_clip),
-            )?;
+            let (d_value, d_grads) = super::checked_loss_backward(&d_loss, step)?;
+            adversary.state.apply(&d_grads)?;
             discriminator = d_value;
         }
-        self.step += 1;
         Ok(VaeStepStats {
             loss: value,
             reconstruction: reconstruction.to_scalar::<f32>()? as f64,
             kl: kl.to_scalar::<f32>()? as f64,
             adversarial,
             discriminator,
-            grad_norm: norm,
-            learning_rate: lr,
+            grad_norm: applied.grad_norm,
+            learning_rate: applied.learning_rate,
         })
     }
 
@@ -563,77 +558,54 @@ impl VaeTrainer {
         Ok(1.0 / variance.sqrt().max(1e-8))
     }
 
-    fn metadata(&self) -> BTreeMap<String, String> {
-        BTreeMap::from([
-            (CONFIG_KEY.to_string(), self.config.to_toml()),
-            (STEP_KEY.to_string(), self.step.to_string()),
-            ("format".to_string(), "diffuse-vae".to_string()),
-        ])
+    /// The weights that do not learn (a frozen encoder's), which a checkpoint keeps too.
+    fn frozen(&self) -> impl Iterator<Item = &(String, Var)> {
+        let trainable: std::collections::HashSet<&str> =
+            self.state.named().iter().map(|(n, _)| n.as_str()).collect();
+        self.named
+            .iter()
+            .filter(move |(name, _)| !trainable.contains(name.as_str()))
     }
 
-    /// Weights, AdamW's moments and the step, atomically.
+    /// Weights, AdamW's moments and the step (and the discriminator's), atomically.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let mut tensors: Vec<(String, Tensor)> = self
-            .named
-            .iter()
-            .map(|(name, var)| (format!("model.{name}"), var.as_tensor().detach()))
-            .collect();
+        let mut tensors = self.state.checkpoint_tensors();
         tensors.extend(
-            self.optimizer
-                .moment_tensors(self.trainable.iter().map(|(n, _)| n.as_str())),
+            self.frozen()
+                .map(|(name, var)| (format!("model.{name}"), var.as_tensor().detach())),
         );
         if let Some(adversary) = &self.adversary {
-            let names = adversary.checkpoint_names();
-            for (name, (_, var)) in names.iter().zip(&adversary.named) {
-                tensors.push((format!("model.{name}"), var.as_tensor().detach()));
-            }
-            tensors.extend(
-                adversary
-                    .optimizer
-                    .moment_tensors(names.iter().map(String::as_str)),
-            );
+            tensors.extend(adversary.state.checkpoint_tensors());
         }
-        checkpoint::save(path, &tensors, &self.metadata())
+        super::state::save_checkpoint(
+            path,
+            TrainerKind::Vae,
+            self.state.step,
+            &self.config.to_toml(),
+            &tensors,
+        )
     }
 
     /// Continues from [`Self::save`]'s file; a checkpoint of another model is refused.
     pub fn resume(config: VaeTrainConfig, path: &Path, device: &Device) -> Result<Self> {
         let mut trainer = Self::new(config, device)?;
         let loaded = checkpoint::load(path, device)?;
-        let saved = VaeTrainConfig::from_toml_str(loaded.meta(path, CONFIG_KEY)?).map_err(|e| {
-            Error::File {
-                path: path.display().to_string(),
-                message: format!("its training config is not valid: {e}"),
-            }
+        let header = super::state::read_header(&loaded, path, TrainerKind::Vae)?;
+        let saved = VaeTrainConfig::from_toml_str(&header.config).map_err(|e| {
+            crate::error::file_error(path, format!("its training config is not valid: {e}"))
         })?;
-        if saved.model != trainer.config.model || saved.data != trainer.config.data {
-            return Err(Error::File {
-                path: path.display().to_string(),
-                message: "was trained with another [model] or [data] section than this config"
-                    .into(),
-            });
-        }
-        trainer.step = loaded.step(path, STEP_KEY)?;
-        loaded.restore_vars(path, &trainer.named)?;
-        trainer.optimizer.restore(
-            &loaded,
+        super::state::check_same_sections(
             path,
-            trainer.trainable.iter().map(|(name, _)| name.as_str()),
-            &trainer.vars,
-            trainer.step,
+            &saved.to_toml(),
+            &trainer.config.to_toml(),
+            &["model", "data"],
         )?;
+        for (name, var) in trainer.frozen() {
+            var.set(&loaded.tensor_like(path, &format!("model.{name}"), var.dims())?)?;
+        }
+        trainer.state.restore(&loaded, path, header.step)?;
         if let Some(adversary) = &mut trainer.adversary {
-            let names = adversary.checkpoint_names();
-            for (name, (_, var)) in names.iter().zip(&adversary.named) {
-                var.set(&loaded.tensor_like(path, &format!("model.{name}"), var.dims())?)?;
-            }
-            adversary.optimizer.restore(
-                &loaded,
-                path,
-                names.iter().map(String::as_str),
-                &adversary.vars,
-                trainer.step,
-            )?;
+            adversary.state.restore(&loaded, path, header.step)?;
         }
         Ok(trainer)
     }
@@ -685,4 +657,46 @@ fn latent_channels_default() -> usize {
 
 fn train_encoder_default() -> bool {
     true
+}
+
+/// An autoencoder run in a training session: the trainer and its images.
+pub struct VaeRun {
+    pub trainer: VaeTrainer,
+    pub data: LabelledImages,
+}
+
+impl super::session::Trainer for VaeRun {
+    fn step(&self) -> usize {
+        self.trainer.step()
+    }
+
+    fn columns(&self) -> &'static [&'static str] {
+        &[
+            "loss",
+            "l1",
+            "kl",
+            "adversarial",
+            "discriminator",
+            "grad_norm",
+            "learning_rate",
+        ]
+    }
+
+    fn train_step(&mut self) -> Result<Vec<f64>> {
+        let s = self.trainer.train_step(&self.data)?;
+        Ok(vec![
+            s.loss,
+            s.reconstruction,
+            s.kl,
+            s.adversarial,
+            s.discriminator,
+            s.grad_norm,
+            s.learning_rate,
+        ])
+    }
+
+    fn save(&mut self, out_dir: &Path) -> Result<()> {
+        self.trainer
+            .save(&out_dir.join(super::session::CHECKPOINT_FILE))
+    }
 }

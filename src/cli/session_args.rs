@@ -1,0 +1,82 @@
+//! The flags every training command shares, meaning the same thing in each: `--device`,
+//! `--out-dir`, `--steps`, `--resume`, `--time-limit`, `--json`.
+
+use crate::train::session::{self, SessionSettings, SessionSummary};
+use clap::Args;
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, Default, Args)]
+pub struct SessionArgs {
+    /// Where to train: auto (the GPU when this binary has CUDA and the machine a GPU, else the
+    /// CPU), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// The output folder (checkpoint, loss.csv, loss.png, samples, the trained model); overrides
+    /// the config's.
+    #[arg(long)]
+    pub out_dir: Option<PathBuf>,
+    /// The total optimiser steps, counting those taken before a --resume; overrides the config's.
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Continue from OUT_DIR/checkpoint.safetensors.
+    #[arg(long)]
+    pub resume: bool,
+    /// Stop after this many minutes of training, saving as at the last step; --resume goes on.
+    #[arg(long)]
+    pub time_limit: Option<f64>,
+    /// Print one JSON object as the last line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// How often a session logs, checkpoints and samples.
+pub struct Cadence {
+    pub log_every: usize,
+    pub checkpoint_every: usize,
+    pub sample_every: usize,
+}
+
+impl SessionArgs {
+    /// The session's settings: the flags over the config's output folder and step count.
+    pub fn settings(
+        &self,
+        config_out_dir: PathBuf,
+        config_steps: usize,
+        cadence: Cadence,
+    ) -> anyhow::Result<SessionSettings> {
+        if let Some(0) = self.steps {
+            anyhow::bail!("--steps = 0 is not allowed; expected at least 1");
+        }
+        Ok(SessionSettings {
+            out_dir: self.out_dir.clone().unwrap_or(config_out_dir),
+            total_steps: self.steps.unwrap_or(config_steps),
+            log_every: cadence.log_every,
+            checkpoint_every: cadence.checkpoint_every,
+            sample_every: cadence.sample_every,
+            time_limit: session::time_limit(self.time_limit)?,
+            resume: self.resume,
+        })
+    }
+
+    pub fn device(&self) -> anyhow::Result<candle_core::Device> {
+        super::parse_training_device(&self.device)
+    }
+}
+
+/// The summary line every training command prints, and the fields its `--json` object starts
+/// with.
+pub fn report(summary: &SessionSummary, what: &str) -> serde_json::Map<String, serde_json::Value> {
+    eprintln!(
+        "{} steps in {:.1} s ({:.2} steps/s); {what}",
+        summary.steps_run,
+        summary.seconds,
+        summary.steps_per_second(),
+    );
+    let mut json = serde_json::Map::new();
+    json.insert("steps".into(), summary.step.into());
+    json.insert("steps_run".into(), summary.steps_run.into());
+    json.insert("seconds".into(), summary.seconds.into());
+    json.insert("steps_per_second".into(), summary.steps_per_second().into());
+    json.insert("final_loss".into(), summary.final_loss.into());
+    json
+}
