@@ -2,11 +2,11 @@
 //! trained with DDPM's L_simple, sampled with any sampler, and scored by the sliced Wasserstein
 //! distance to fresh data.
 
+use crate::diffusion::schedule::{q_sample, NoiseSchedule};
 use crate::sampler::{
     build_sampler, Denoiser, PredictionType, SamplerKind, SamplerOptions, SchedulerConfig,
     SeededNoise, StepEvent,
 };
-use crate::schedule::{q_sample, NoiseSchedule};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{linear, AdamW, Linear, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use rand::Rng;
@@ -210,7 +210,7 @@ pub fn train(
     // candle's initialisers draw from its own unseeded RNG; re-initialise from ours, visiting
     // the parameters by name (the VarMap is a HashMap, whose order changes between runs).
     let model = ToyMlp::new(vb, config.hidden, config.depth, 32)?;
-    let named = crate::train::named_vars(&varmap);
+    let named = crate::ops::tensor::named_vars(&varmap);
     crate::train::seeded_init(&named, &mut noise, &|_| false)?;
     let mut optimizer = AdamW::new(
         varmap.all_vars(),

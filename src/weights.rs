@@ -7,6 +7,23 @@ use candle_nn::VarBuilder;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+/// The string metadata of a safetensors file's header (the step and config a checkpoint
+/// carries), without reading its tensors.
+pub fn header_metadata(path: &Path) -> Result<std::collections::BTreeMap<String, String>> {
+    check_safetensors(path)?;
+    let file = std::fs::File::open(path).map_err(|e| file_error(path, e.to_string()))?;
+    // SAFETY: read-only, dropped before returning (see check_safetensors).
+    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| file_error(path, e.to_string()))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&mmap)
+        .map_err(|e| file_error(path, format!("not a valid safetensors file: {e}")))?;
+    Ok(header
+        .metadata()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect())
+}
+
 /// Checks that `path` is a complete safetensors file before it is mapped: pickle checkpoints
 /// are refused (loading one runs arbitrary code), and a truncated file is caught here rather
 /// than as a fault when a missing page is touched.

@@ -15,7 +15,7 @@ use diffuse::sampler::{SamplerKind, SamplerOptions, SchedulerConfig};
 
 fn gpu() -> Device {
     let device = Device::new_cuda(0).expect("this test needs an NVIDIA GPU");
-    diffuse::runtime::tune_cuda(&device, diffuse::runtime::F32Matmul::Exact).unwrap();
+    diffuse::ops::runtime::tune_cuda(&device, diffuse::ops::runtime::F32Matmul::Exact).unwrap();
     device
 }
 

@@ -6,9 +6,9 @@ mod common;
 
 use common::{fixture_path, max_abs_diff};
 use diffuse::data::folder::{FolderOptions, ImageFolder};
+use diffuse::diffusion::schedule::{min_snr_weights, BetaSchedule, NoiseSchedule, PredictionType};
 use diffuse::pipeline::{LoadOptions, StableDiffusion};
 use diffuse::sampler::SeededNoise;
-use diffuse::schedule::{min_snr_weights, BetaSchedule, NoiseSchedule, PredictionType};
 use diffuse::train::finetune::{mirror, offset_noise, FineTuner, FinetuneSettings};
 use image::{DynamicImage, ImageBuffer, Rgb};
 use std::path::PathBuf;

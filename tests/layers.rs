@@ -1,13 +1,12 @@
 //! The crate's layers import only downward: kernels -> networks and files -> the diffusion
-//! process -> samplers -> pipelines -> training -> front ends. This test reads every
-//! `crate::` path in `src/` and fails on one that reaches a higher layer, unless it is one of
-//! the few known ones listed below, which are debts to pay off (issue 25), not permissions: a
-//! listed import that no longer exists fails the test too, so the list only shrinks.
+//! process -> samplers -> pipelines -> training -> front ends. These tests read every
+//! `crate::` and `super::` path in `src/` and fail on one that reaches a higher layer, and on
+//! files that import each other in a circle.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-/// The layer of a module path relative to `src/` (`pipeline/txt2img.rs`, `schedule.rs`).
+/// The layer of a module path relative to `src/` (`pipeline/txt2img.rs`, `diffusion/...`).
 fn layer(path: &str) -> (usize, &'static str) {
     let top = path
         .split('/')
@@ -16,10 +15,10 @@ fn layer(path: &str) -> (usize, &'static str) {
         .trim_end_matches(".rs");
     match top {
         // `crate::Result` and `crate::Error` are `error`'s, re-exported.
-        "error" | "runtime" | "tensor_ops" | "Result" | "Error" => (0, "kernels"),
+        "error" | "ops" | "Result" | "Error" => (0, "kernels"),
         "model" | "weights" | "single_file" | "checkpoint" | "tokenizer" | "hub" | "image_io"
         | "data" | "embedded" | "judge" => (1, "networks and files"),
-        "schedule" | "likelihood" => (2, "the diffusion process"),
+        "diffusion" => (2, "the diffusion process"),
         "sampler" => (3, "samplers"),
         "pipeline" => (4, "pipelines"),
         "train" | "toy" => (5, "training"),
@@ -27,10 +26,6 @@ fn layer(path: &str) -> (usize, &'static str) {
         other => panic!("src/{path}: module `{other}` has no layer; add it to tests/layers.rs"),
     }
 }
-
-/// Imports that run upward today (importing file, imported top-level module).
-const KNOWN_UPWARD: [(&str, &str); 2] =
-    [("likelihood.rs", "sampler"), ("pipeline/pixel.rs", "train")];
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).unwrap() {
@@ -93,7 +88,6 @@ fn imports_run_only_downward() {
     let mut files = Vec::new();
     rust_files(&src, &mut files);
     let mut upward = Vec::new();
-    let mut known_seen = BTreeSet::new();
     for file in &files {
         let relative = file
             .strip_prefix(&src)
@@ -106,10 +100,6 @@ fn imports_run_only_downward() {
             if to <= from {
                 continue;
             }
-            if KNOWN_UPWARD.contains(&(relative.as_str(), module.as_str())) {
-                known_seen.insert((relative.clone(), module.clone()));
-                continue;
-            }
             upward.push(format!(
                 "src/{relative} ({from_name}) imports crate::{module} ({to_name})"
             ));
@@ -120,12 +110,6 @@ fn imports_run_only_downward() {
         "imports that run upward:\n{}",
         upward.join("\n")
     );
-    for (file, module) in KNOWN_UPWARD {
-        assert!(
-            known_seen.contains(&(file.to_string(), module.to_string())),
-            "src/{file} no longer imports crate::{module}: remove it from KNOWN_UPWARD"
-        );
-    }
 }
 
 /// The file a module path names (`["cli", "train_ldm"]` -> `cli/train_ldm.rs`), the longest

@@ -6,8 +6,10 @@ mod common;
 
 use candle_core::Device;
 use diffuse::data::idx::Split;
-use diffuse::train::ldm::{LatentData, LdmTrainConfig, LdmTrainer};
-use diffuse::train::vae::{VaeTrainConfig, VaeTrainer};
+use diffuse::train::config::{LdmTrainConfig, VaeTrainConfig};
+use diffuse::train::latent_data::LatentData;
+use diffuse::train::ldm::LdmTrainer;
+use diffuse::train::vae::VaeTrainer;
 use std::path::{Path, PathBuf};
 
 fn temp_dir(name: &str) -> PathBuf {

@@ -79,7 +79,7 @@ fn unet_output(attachments: Attachments) -> Tensor {
 }
 
 fn max_abs(t: &Tensor) -> f64 {
-    diffuse::tensor_ops::max_abs(t).unwrap()
+    diffuse::ops::tensor::max_abs(t).unwrap()
 }
 
 fn save(path: &Path, tensors: Vec<(String, Tensor)>, metadata: &[(&str, String)]) {

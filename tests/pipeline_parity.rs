@@ -4,10 +4,10 @@
 mod common;
 
 use common::{fixture_path, max_abs_diff, Fixture};
+use diffuse::ops::tensor::max_abs;
 use diffuse::pipeline::txt2img::{txt2img, Txt2ImgRequest};
 use diffuse::pipeline::{LoadOptions, StableDiffusion};
 use diffuse::sampler::{build_sampler, SamplerKind, SamplerOptions, SchedulerConfig, StepEvent};
-use diffuse::tensor_ops::max_abs;
 
 /// Relative to the largest latent: about three times the worst seen (2.6e-6, Euler's last
 /// step on a 2-core Xeon with AVX-512).

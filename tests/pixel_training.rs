@@ -150,7 +150,7 @@ fn checkpoint_of_another_shape_is_refused_by_tensor_name() {
     let mut weights: std::collections::HashMap<String, candle_core::Tensor> =
         trainer.weights().unwrap().into_iter().collect();
     let err = diffuse::pipeline::pixel::PixelDiffusion::from_tensors(
-        wider,
+        wider.description(),
         weights.clone(),
         &Device::Cpu,
     )
@@ -159,10 +159,14 @@ fn checkpoint_of_another_shape_is_refused_by_tensor_name() {
     .to_string();
     assert!(err.contains("down_blocks.1"), "{err}");
     weights.remove("conv_in.weight");
-    let err = diffuse::pipeline::pixel::PixelDiffusion::from_tensors(config, weights, &Device::Cpu)
-        .err()
-        .unwrap()
-        .to_string();
+    let err = diffuse::pipeline::pixel::PixelDiffusion::from_tensors(
+        config.description(),
+        weights,
+        &Device::Cpu,
+    )
+    .err()
+    .unwrap()
+    .to_string();
     assert!(err.contains("conv_in.weight"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

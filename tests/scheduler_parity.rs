@@ -7,11 +7,11 @@ mod common;
 
 use candle_core::Tensor;
 use common::{max_abs_diff, Fixture};
+use diffuse::ops::tensor::max_abs;
 use diffuse::sampler::{
     build_sampler, FnDenoiser, PredictionType, ReplayNoise, SamplerKind, SamplerOptions,
     SchedulerConfig, StepEvent,
 };
-use diffuse::tensor_ops::max_abs;
 
 fn fixture() -> Fixture {
     Fixture::load("scheduler_reference.safetensors")

@@ -7,7 +7,8 @@ use candle_core::{Device, Tensor};
 use diffuse::data::idx::{LabelledImages, Split};
 use diffuse::model::config::{read_json, VaeConfig};
 use diffuse::model::vae::AutoencoderKL;
-use diffuse::train::vae::{VaeTrainConfig, VaeTrainer};
+use diffuse::train::config::VaeTrainConfig;
+use diffuse::train::vae::VaeTrainer;
 use std::path::{Path, PathBuf};
 
 fn temp_dir(name: &str) -> PathBuf {

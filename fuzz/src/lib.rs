@@ -307,20 +307,22 @@ pub fn train_config(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
+    let _ = diffuse::train::config::TrainingConfig::from_toml_str(text);
     if let Ok(config) = diffuse::train::config::TrainConfig::from_toml_str(text) {
         if config.validate().is_ok() {
-            let _ = config.unet_config();
-            let _ = config.scheduler_config();
+            let described = config.description();
+            let _ = described.unet_config();
+            let _ = described.scheduler_config();
         }
     }
-    if let Ok(config) = diffuse::train::ldm::LdmTrainConfig::from_toml_str(text) {
+    if let Ok(config) = diffuse::train::config::LdmTrainConfig::from_toml_str(text) {
         if config.validate().is_ok() {
             let _ = config.text_config_json();
             let _ = config.unet_config_json(4, 8);
             let _ = config.scheduler_json();
         }
     }
-    if let Ok(config) = diffuse::train::vae::VaeTrainConfig::from_toml_str(text) {
+    if let Ok(config) = diffuse::train::config::VaeTrainConfig::from_toml_str(text) {
         if config.validate().is_ok() {
             let _ = config.vae_config();
             let _ = config.diffusers_config(0.5);

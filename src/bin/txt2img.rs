@@ -16,7 +16,7 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
-    diffuse::runtime::keep_freed_memory();
+    diffuse::ops::runtime::keep_freed_memory();
     match diffuse::cli::txt2img::run(Args::parse().inner) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => diffuse::cli::report(e),

@@ -258,8 +258,8 @@ fn bench_finetune_lora(args: &BenchArgs) -> anyhow::Result<()> {
         learning_rate: 1e-4,
         ..Default::default()
     };
-    let schedule = crate::schedule::NoiseSchedule::new(
-        &crate::schedule::BetaSchedule::ScaledLinear {
+    let schedule = crate::diffusion::schedule::NoiseSchedule::new(
+        &crate::diffusion::schedule::BetaSchedule::ScaledLinear {
             beta_start: 0.00085,
             beta_end: 0.012,
         },
@@ -271,7 +271,7 @@ fn bench_finetune_lora(args: &BenchArgs) -> anyhow::Result<()> {
         &weights,
         settings,
         schedule,
-        crate::schedule::PredictionType::Epsilon,
+        crate::diffusion::schedule::PredictionType::Epsilon,
         &device,
     );
     std::fs::remove_dir_all(&dir).ok();

@@ -3,8 +3,8 @@
 //! device shows up by name instead of inside one step time.
 
 use crate::model::blocks::upsample_nearest_2x;
-use crate::model::im2col::conv2d_taps;
-use crate::model::norm::GroupNorm;
+use crate::ops::im2col::conv2d_taps;
+use crate::ops::norm::GroupNorm;
 use crate::sampler::SeededNoise;
 use crate::train::config::TrainConfig;
 use candle_core::{Device, Tensor, Var};
@@ -70,7 +70,7 @@ pub fn run(config: &TrainConfig, device: &Device, runs: usize, json: bool) -> an
         usize,
         usize,
     ) -> candle_core::Result<Tensor> = if device.is_cpu() {
-        crate::model::conv_gemm::conv2d
+        crate::ops::conv_gemm::conv2d
     } else {
         conv2d_taps
     };

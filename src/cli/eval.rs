@@ -5,8 +5,8 @@ use super::sample::{labels_for, sample_many};
 use super::sampler_args::SamplerTuning;
 use crate::data::idx::{LabelledImages, Split};
 use crate::judge::{frechet_distance, FeatureStats, Judge};
+use crate::ops::ode::Tolerance;
 use crate::pipeline::pixel::{PixelDiffusion, WeightsChoice};
-use crate::sampler::rk45::Tolerance;
 use crate::sampler::{SamplerKind, SeededNoise};
 use anyhow::Context;
 use candle_core::{Device, Tensor};
@@ -104,10 +104,16 @@ fn subset(n_total: usize, n: usize, seed: u64) -> Vec<usize> {
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let device = super::parse_device(&args.device)?;
     let model = PixelDiffusion::load(&args.checkpoint, WeightsChoice::Ema, &device)?;
+    let trained =
+        crate::train::config::TrainConfig::from_toml_str(&crate::pipeline::pixel::training_config(
+            &crate::weights::header_metadata(&args.checkpoint)?,
+            &args.checkpoint,
+        )?)
+        .with_context(|| format!("{}: its training config", args.checkpoint.display()))?;
     let data_dir = args
         .data
         .clone()
-        .unwrap_or_else(|| model.config.data.path.clone());
+        .unwrap_or_else(|| trained.data.path.clone());
     let mut report = serde_json::Map::new();
     let batch = args.batch.max(1);
     let needs_data = args.subset > 0 || args.ode_subset > 0;
@@ -223,7 +229,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     }
 
     if args.samples > 0 {
-        let name = model.config.data.name.clone().unwrap_or_default();
+        let name = trained.data.name.clone().unwrap_or_default();
         let judge_path = args
             .judge
             .clone()

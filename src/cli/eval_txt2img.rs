@@ -4,6 +4,7 @@
 //! of judge features to the test set beside the judge's floor for the same sample count.
 
 use crate::data::captions::{ClassCaptions, EXTRA_TEMPLATES};
+use crate::data::idx::pad_to;
 use crate::data::idx::{LabelledImages, Split};
 use crate::judge::{fd_floor, shipped_classes, shipped_judge};
 use crate::judge::{frechet_distance, FeatureStats, Judge};
@@ -11,7 +12,6 @@ use crate::pipeline::pixel::class_columns_grid;
 use crate::pipeline::txt2img::{sample_prompts, PromptGuidance};
 use crate::pipeline::{LoadOptions, StableDiffusion};
 use crate::sampler::{build_sampler, SamplerKind, SamplerOptions};
-use crate::train::vae::pad_to;
 use anyhow::Context;
 use candle_core::{Device, Tensor};
 use clap::Args;

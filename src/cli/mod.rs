@@ -91,17 +91,17 @@ pub fn parse_dtype(flag: &str, name: &str) -> anyhow::Result<candle_core::DType>
 /// `cuda` or `cuda:N`. `auto` is the first GPU when this binary has CUDA and the machine a GPU,
 /// else the CPU; which one is printed.
 pub fn parse_device(name: &str) -> anyhow::Result<candle_core::Device> {
-    device_for(name, crate::runtime::F32Matmul::Exact)
+    device_for(name, crate::ops::runtime::F32Matmul::Exact)
 }
 
 /// [`parse_device`] for training: f32 matrix products may use TF32 tensor cores.
 pub fn parse_training_device(name: &str) -> anyhow::Result<candle_core::Device> {
-    device_for(name, crate::runtime::F32Matmul::Tf32)
+    device_for(name, crate::ops::runtime::F32Matmul::Tf32)
 }
 
 fn device_for(
     name: &str,
-    f32_matmul: crate::runtime::F32Matmul,
+    f32_matmul: crate::ops::runtime::F32Matmul,
 ) -> anyhow::Result<candle_core::Device> {
     use candle_core::Device;
     let ordinal = match name {
@@ -132,7 +132,7 @@ fn device_for(
     }
     let device =
         Device::new_cuda(ordinal).map_err(|e| anyhow::anyhow!("--device = {name}: {e}"))?;
-    crate::runtime::tune_cuda(&device, f32_matmul)
+    crate::ops::runtime::tune_cuda(&device, f32_matmul)
         .map_err(|e| anyhow::anyhow!("--device = {name}: {e}"))?;
     Ok(device)
 }

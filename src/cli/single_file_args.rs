@@ -33,7 +33,7 @@ impl SingleFileArgs {
             prediction_type: self
                 .prediction_type
                 .as_deref()
-                .map(crate::schedule::PredictionType::parse)
+                .map(crate::diffusion::schedule::PredictionType::parse)
                 .transpose()?,
         })
     }

@@ -4,8 +4,10 @@
 
 use super::session_args::{report, Cadence, SessionArgs};
 use crate::data::idx::{LabelledImages, Split};
+use crate::train::config::LdmTrainConfig;
 use crate::train::config::{TrainConfig, TrainingConfig};
-use crate::train::ldm::{LatentData, LdmRun, LdmTrainConfig, LdmTrainer, PIPELINE_DIR};
+use crate::train::latent_data::LatentData;
+use crate::train::ldm::{LdmRun, LdmTrainer, PIPELINE_DIR};
 use crate::train::pixel::{PixelRun, PixelTrainer, WEIGHTS_FILE};
 use crate::train::session::{check_out_dir, run_session, CHECKPOINT_FILE};
 use clap::Args;

@@ -3,10 +3,12 @@
 //! `--resume`), and writes it in the diffusers `vae/` layout with its latent scaling factor.
 
 use super::session_args::{report, Cadence, SessionArgs};
+use crate::data::idx::load_pooled;
 use crate::data::idx::Split;
 use crate::pipeline::pixel::grid;
+use crate::train::config::VaeTrainConfig;
 use crate::train::session::{check_out_dir, run_session};
-use crate::train::vae::{load_pooled, VaeRun, VaeTrainConfig, VaeTrainer};
+use crate::train::vae::{VaeRun, VaeTrainer};
 use clap::Args;
 use std::path::PathBuf;
 
@@ -73,7 +75,7 @@ pub fn run(args: TrainVaeArgs) -> anyhow::Result<()> {
     let vae_dir = out_dir.join("vae");
     trainer.write_diffusers(&vae_dir, scaling_factor)?;
     // Eight test images over their reconstructions.
-    let originals = crate::train::vae::pad_to(
+    let originals = crate::data::idx::pad_to(
         &test.batch(&(0..8).collect::<Vec<_>>(), &candle_core::Device::Cpu)?,
         config.data.image_size,
     )?

@@ -1,6 +1,6 @@
 //! The IDX files of MNIST and Fashion-MNIST (big-endian header, then raw bytes), plain or gzipped.
 
-use crate::error::{file_error, Result};
+use crate::error::{file_error, Error, Result};
 use candle_core::{Device, Tensor};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -191,6 +191,47 @@ impl LabelledImages {
         let labels: Vec<u32> = indices.iter().map(|&i| self.labels[i] as u32).collect();
         Ok(Tensor::from_vec(labels, indices.len(), device)?)
     }
+}
+
+/// The training images of every folder, pooled; all must share one size.
+pub fn load_pooled(paths: &[PathBuf], split: Split) -> Result<LabelledImages> {
+    let mut pooled: Option<LabelledImages> = None;
+    for path in paths {
+        let part = LabelledImages::load(path, split)?;
+        pooled = Some(match pooled {
+            None => part,
+            Some(mut all) => {
+                if (all.height, all.width) != (part.height, part.width) {
+                    return Err(Error::File {
+                        path: path.display().to_string(),
+                        message: format!(
+                            "images are {}x{}, but the folders before have {}x{}",
+                            part.height, part.width, all.height, all.width
+                        ),
+                    });
+                }
+                all.pixels.extend_from_slice(&part.pixels);
+                all.labels.extend_from_slice(&part.labels);
+                all
+            }
+        });
+    }
+    pooled.ok_or_else(|| Error::bad_value("data.paths", "[]", "at least one folder"))
+}
+
+/// (B, C, h, w) images in [-1, 1] padded with black (-1) to `size` x `size`, centred.
+pub fn pad_to(images: &Tensor, size: usize) -> Result<Tensor> {
+    let (_, _, h, w) = images.dims4()?;
+    if h > size || w > size {
+        return Err(Error::Msg(format!(
+            "images are {h}x{w}, larger than data.image_size = {size}"
+        )));
+    }
+    let (top, left) = ((size - h) / 2, (size - w) / 2);
+    let shifted = (images + 1.0)?
+        .pad_with_zeros(2, top, size - h - top)?
+        .pad_with_zeros(3, left, size - w - left)?;
+    Ok((shifted - 1.0)?)
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! Layers shared by the U-Net and the VAE, named as diffusers names them.
 
 use super::lora::LoraLinear;
-pub use super::norm::{group_norm, GroupNorm};
+pub use crate::ops::norm::{group_norm, GroupNorm};
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{conv2d, linear, linear_no_bias, Conv2dConfig, Linear, VarBuilder};
 
@@ -78,11 +78,13 @@ impl Module for Conv2d {
             return self.0.forward(x);
         }
         match (x.device().is_cpu(), training, x.dtype()) {
-            (true, _, DType::F32) => super::conv_gemm::conv2d(x, weight, bias, stride, padding),
+            (true, _, DType::F32) => {
+                crate::ops::conv_gemm::conv2d(x, weight, bias, stride, padding)
+            }
             (true, _, DType::BF16) => {
                 let widen = |t: &Tensor| t.to_dtype(DType::F32);
                 let bias = bias.map(widen).transpose()?;
-                super::conv_gemm::conv2d(
+                crate::ops::conv_gemm::conv2d(
                     &widen(x)?,
                     &widen(weight)?,
                     bias.as_ref(),
@@ -91,7 +93,7 @@ impl Module for Conv2d {
                 )?
                 .to_dtype(DType::BF16)
             }
-            (false, true, _) => super::im2col::conv2d_taps(x, weight, bias, stride, padding),
+            (false, true, _) => crate::ops::im2col::conv2d_taps(x, weight, bias, stride, padding),
             _ => self.0.forward(x),
         }
     }
@@ -196,7 +198,7 @@ impl Attention {
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let per_head = if q.device().is_cpu() && q.dtype() == DType::F32 && v.dtype() == DType::F32
         {
-            super::attention::memory_efficient_attention(&q, &k, &v, scale)?
+            crate::ops::attention::memory_efficient_attention(&q, &k, &v, scale)?
         } else {
             let scores = (q.matmul(&k.t()?)? * scale)?;
             softmax_last_dim(&scores)?.to_dtype(dtype)?.matmul(&v)?
@@ -258,9 +260,9 @@ impl candle_core::CustomOp1 for Geglu {
         storage: &candle_core::CpuStorage,
         layout: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use super::vector_math::{gelu, with_avx2_fma};
+        use crate::ops::vector_math::{gelu, with_avx2_fma};
         use rayon::prelude::*;
-        let h = crate::tensor_ops::contiguous_f32(storage, layout, "geglu", "the projection")?;
+        let h = crate::ops::tensor::contiguous_f32(storage, layout, "geglu", "the projection")?;
         let mut dims = layout.shape().dims().to_vec();
         let last = dims.last_mut().expect("a rank of at least 1");
         if !last.is_multiple_of(2) {
@@ -585,7 +587,7 @@ pub fn timestep_features(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tensor_ops::{max_abs, seeded_randn};
+    use crate::ops::tensor::{max_abs, seeded_randn};
 
     /// The fused gating equals hidden * gelu(gate) composed from candle's ops (libm's erf), and
     /// an odd last dimension is refused.

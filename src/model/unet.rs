@@ -7,7 +7,7 @@ use super::blocks::{
     TransformerSettings, Upsample2D,
 };
 use super::config::UNetConfig;
-use super::norm::{group_norm, GroupNorm};
+use crate::ops::norm::{group_norm, GroupNorm};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{embedding, linear, Embedding, Linear, VarBuilder};
 

@@ -4,7 +4,7 @@
 use super::blocks::Conv2d;
 use super::blocks::{conv1x1, conv3x3, Downsample2D, ResnetBlock2D, ResnetSettings, Upsample2D};
 use super::config::VaeConfig;
-use super::norm::{group_norm, GroupNorm};
+use crate::ops::norm::{group_norm, GroupNorm};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{linear, Linear, VarBuilder};
 

@@ -2,9 +2,9 @@
 //! Lin et al. 2023 (section 3.4) and the limited guidance interval of Kynkäänniemi et al. 2024,
 //! as one `Denoiser`.
 
+use crate::diffusion::schedule::interp;
 use crate::model::unet::{UNet2DConditionModel, UNetConditioning};
 use crate::sampler::{Denoiser, PredictionType};
-use crate::schedule::interp;
 use candle_core::{DType, Result, Tensor};
 
 pub struct GuidedUNet<'a> {

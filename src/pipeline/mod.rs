@@ -4,6 +4,7 @@
 pub mod convert;
 pub mod guidance;
 pub mod pixel;
+pub mod pixel_config;
 pub mod request;
 pub mod source;
 pub mod txt2img;

@@ -2,7 +2,9 @@
 //! optional class label. Loaded from a training checkpoint or a shipped weights file, both of
 //! which carry their training config as metadata.
 
+use super::pixel_config::{Conditioning, PixelModel};
 use crate::checkpoint;
+use crate::diffusion::schedule::PredictionType;
 use crate::error::{Error, Result};
 use crate::model::config::UNetConfig;
 use crate::model::unet::UNet2DConditionModel;
@@ -11,19 +13,21 @@ use crate::sampler::noise::SeededNoise;
 use crate::sampler::SamplerKind;
 use crate::sampler::{build_sampler, SamplerOptions};
 use crate::sampler::{Denoiser, SchedulerConfig, StepEvent};
-use crate::schedule::PredictionType;
-use crate::train::config::{Conditioning, TrainConfig};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use std::collections::HashMap;
 use std::path::Path;
 
-/// Metadata key of the TOML training config in checkpoints and weights files.
+/// Metadata key of the TOML training config in weights files (training checkpoints keep it
+/// under [`CHECKPOINT_CONFIG_KEY`]).
 pub const CONFIG_KEY: &str = "diffuse.train_config";
+/// Metadata key of the TOML training config in training checkpoints.
+pub const CHECKPOINT_CONFIG_KEY: &str = "diffuse.config";
 
 /// A trained pixel-space model.
 pub struct PixelDiffusion {
-    pub config: TrainConfig,
+    /// The network and diffusion process, as the training config described them.
+    pub description: PixelModel,
     pub scheduler: SchedulerConfig,
     pub unet: UNet2DConditionModel,
     device: Device,
@@ -38,21 +42,38 @@ pub enum WeightsChoice {
     Raw,
 }
 
+/// The training config (TOML) in a checkpoint's or weights file's metadata.
+pub fn training_config(
+    metadata: &std::collections::BTreeMap<String, String>,
+    path: &Path,
+) -> Result<String> {
+    metadata
+        .get(CHECKPOINT_CONFIG_KEY)
+        .or_else(|| metadata.get(CONFIG_KEY))
+        .cloned()
+        .ok_or_else(|| {
+            crate::error::file_error(
+                path,
+                format!("has no \"{CONFIG_KEY}\" metadata entry (not a pixel model's file)"),
+            )
+        })
+}
+
 impl PixelDiffusion {
-    /// Builds the model of `config` from `weights` (names as the U-Net asks for them). A missing
-    /// tensor or a tensor of another shape is an error that names it.
+    /// Builds the model `description` describes from `weights` (names as the U-Net asks for
+    /// them). A missing tensor or a tensor of another shape is an error that names it.
     pub fn from_tensors(
-        config: TrainConfig,
+        description: PixelModel,
         weights: HashMap<String, Tensor>,
         device: &Device,
     ) -> Result<Self> {
-        let unet_config = config.unet_config()?;
-        let scheduler = config.scheduler_config()?;
+        let unet_config = description.unet_config()?;
+        let scheduler = description.scheduler_config();
         check_names(&unet_config, &weights)?;
         let vb = VarBuilder::from_tensors(weights, DType::F32, device);
         let unet = UNet2DConditionModel::new(unet_config, vb)?;
         Ok(Self {
-            config,
+            description,
             scheduler,
             unet,
             device: device.clone(),
@@ -63,8 +84,8 @@ impl PixelDiffusion {
     /// `weights/ddpm-mnist.safetensors`.
     pub fn load(path: &Path, choice: WeightsChoice, device: &Device) -> Result<Self> {
         let loaded = checkpoint::load(path, device)?;
-        let toml = loaded.meta(path, CONFIG_KEY)?;
-        let config = TrainConfig::from_toml_str(toml).map_err(|e| Error::File {
+        let toml = training_config(&loaded.metadata, path)?;
+        let description = PixelModel::from_toml_str(&toml).map_err(|e| Error::File {
             path: path.display().to_string(),
             message: format!("its training config is not valid: {e}"),
         })?;
@@ -84,24 +105,24 @@ impl PixelDiffusion {
             .into_iter()
             .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?)))
             .collect::<Result<HashMap<_, _>>>()?;
-        Self::from_tensors(config, weights, device).map_err(|e| Error::File {
+        Self::from_tensors(description, weights, device).map_err(|e| Error::File {
             path: path.display().to_string(),
             message: e.to_string(),
         })
     }
 
-    pub fn prediction_type(&self) -> Result<PredictionType> {
-        PredictionType::parse(&self.config.diffusion.prediction_type)
+    pub fn prediction_type(&self) -> PredictionType {
+        self.description.diffusion.prediction_type
     }
 
     pub fn image_shape(&self) -> (usize, usize, usize) {
-        let m = &self.config.model;
+        let m = &self.description.model;
         (m.channels, m.image_size, m.image_size)
     }
 
     pub fn num_classes(&self) -> Option<usize> {
-        match self.config.model.conditioning {
-            Conditioning::Class => self.config.model.num_classes,
+        match self.description.model.conditioning {
+            Conditioning::Class => self.description.model.num_classes,
             Conditioning::None => None,
         }
     }
@@ -140,7 +161,7 @@ impl PixelDiffusion {
             model: self,
             labels: labels.as_ref(),
             keep_variance: kind == SamplerKind::Ddpm && self.scheduler.variance_type.is_learned(),
-            prediction_type: self.prediction_type()?,
+            prediction_type: self.prediction_type(),
         };
         let mut callback = |e: &StepEvent| {
             progress(e.index + 1, e.total);
@@ -209,7 +230,7 @@ impl PixelDiffusion {
         progress: &mut dyn FnMut(usize),
     ) -> Result<VlbTerms> {
         let schedule = self.scheduler.noise_schedule()?;
-        let tables = crate::likelihood::DiffusionTables::new(&schedule);
+        let tables = crate::diffusion::likelihood::DiffusionTables::new(&schedule);
         let batch = x0.dim(0)?;
         let mut noise = SeededNoise::new(seed);
         let mut kl = vec![0f64; batch];
@@ -217,7 +238,7 @@ impl PixelDiffusion {
         for t in 0..tables.num_timesteps() {
             let eps = noise.randn(x0.dims())?.to_device(x0.device())?;
             let timesteps = vec![t; batch];
-            let xt = crate::schedule::q_sample(&schedule, x0, &timesteps, &eps)?;
+            let xt = crate::diffusion::schedule::q_sample(&schedule, x0, &timesteps, &eps)?;
             let t_tensor = Tensor::full(t as f32, batch, x0.device())?;
             let output =
                 self.unet
@@ -255,13 +276,13 @@ impl PixelDiffusion {
 
     /// The network output with the prediction converted to epsilon (variance channels kept).
     fn output_as_eps(&self, output: &Tensor, xt: &Tensor, alpha_bar: f64) -> Result<Tensor> {
-        let kind = self.prediction_type()?;
+        let kind = self.prediction_type();
         if kind == PredictionType::Epsilon {
             return Ok(output.clone());
         }
         let channels = xt.dim(1)?;
         let prediction = output.narrow(1, 0, channels)?;
-        let eps = crate::schedule::prediction::to_eps(
+        let eps = crate::diffusion::schedule::prediction::to_eps(
             kind,
             &prediction,
             xt,
@@ -286,14 +307,14 @@ impl PixelDiffusion {
         x: &Tensor,
         labels: Option<&Tensor>,
         probe: &Tensor,
-        tolerance: crate::sampler::rk45::Tolerance,
-    ) -> Result<crate::likelihood::OdeLikelihood> {
-        use crate::sampler::sde::{Sde, VpBeta, VpSde};
+        tolerance: crate::ops::ode::Tolerance,
+    ) -> Result<crate::diffusion::likelihood::OdeLikelihood> {
+        use crate::diffusion::sde::{Sde, VpBeta, VpSde};
         let sde = VpSde {
             beta: VpBeta::Table(self.scheduler.noise_schedule()?),
             sampling_eps: 1e-5,
         };
-        let kind = self.prediction_type()?;
+        let kind = self.prediction_type();
         let channels = x.dim(1)?;
         let mut eps_model = |x: &Tensor, t: f64| -> candle_core::Result<Tensor> {
             let batch = x.dim(0)?;
@@ -302,7 +323,7 @@ impl PixelDiffusion {
                 self.unet
                     .forward(x, &timesteps, &UNetConditioning::classes(labels.cloned()))?;
             let (alpha, sigma) = sde.marginal(t);
-            crate::schedule::prediction::to_eps(
+            crate::diffusion::schedule::prediction::to_eps(
                 kind,
                 &output.narrow(1, 0, channels)?,
                 x,
@@ -310,7 +331,7 @@ impl PixelDiffusion {
                 sigma,
             )
         };
-        Ok(crate::likelihood::ode_bits_per_dim(
+        Ok(crate::diffusion::likelihood::ode_bits_per_dim(
             &mut eps_model,
             &sde,
             x,
@@ -327,7 +348,7 @@ fn check_names(config: &UNetConfig, weights: &HashMap<String, Tensor>) -> Result
     let varmap = candle_nn::VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     UNet2DConditionModel::new(config.clone(), vb)?;
-    for (name, var) in crate::train::named_vars(&varmap) {
+    for (name, var) in crate::ops::tensor::named_vars(&varmap) {
         match weights.get(&name) {
             None => {
                 return Err(Error::Msg(format!(

@@ -433,7 +433,7 @@ pub fn check_memory(
     batch: usize,
     guided: bool,
 ) -> Result<()> {
-    let Some(available) = crate::runtime::available_memory_on(&sd.options.device) else {
+    let Some(available) = crate::ops::runtime::available_memory_on(&sd.options.device) else {
         return Ok(());
     };
     let need = sd.working_memory_estimate(width, height, batch, guided);

@@ -3,11 +3,11 @@
 //! configs and tokenizers of its architecture built in or taken from a diffusers folder.
 
 use super::{check_model_index, weights_file, PipelineKind};
+use crate::diffusion::schedule::PredictionType;
 use crate::error::file_error;
 use crate::error::{Error, Result};
 use crate::model::config::{read_json, ClipTextConfig, UNetConfig, VaeConfig};
 use crate::sampler::SchedulerConfig;
-use crate::schedule::PredictionType;
 use crate::single_file::{clip_map, open_clip_map, unet_map, vae_map, NameMap};
 use crate::tokenizer::ClipTokenizer;
 use crate::weights::{tensor_shapes, ComponentWeights};

@@ -12,11 +12,13 @@ use super::pc::{Corrector, Predictor, PredictorCorrector};
 use super::pndm::Plms;
 use super::registry::SamplerKind;
 use super::rk45::Rk45;
-use super::sde::{VeSde, VpBeta, VpSde};
 use super::unipc::UniPc;
 use super::Sampler;
+use crate::diffusion::schedule::{
+    multistep_timesteps, spaced_timesteps, BetaSchedule, TimestepSpacing,
+};
+use crate::diffusion::sde::{VeSde, VpBeta, VpSde};
 use crate::error::{Error, Result};
-use crate::schedule::{multistep_timesteps, spaced_timesteps, BetaSchedule, TimestepSpacing};
 
 impl SamplerKind {
     fn default_spacing(self) -> TimestepSpacing {

@@ -1,13 +1,13 @@
 //! Reading a diffusers `scheduler_config.json`: the settings this crate uses, checked, with
 //! diffusers' defaults where a key is absent.
 
-use super::ddpm::VarianceType;
 use super::dpm_solver::SecondOrderForm;
 use super::registry::SamplerKind;
 use super::unipc::BFunction;
 use super::X0Clip;
+use crate::diffusion::schedule::{BetaSchedule, NoiseSchedule, PredictionType, TimestepSpacing};
+use crate::diffusion::variance::Variance;
 use crate::error::{Error, Result};
-use crate::schedule::{BetaSchedule, NoiseSchedule, PredictionType, TimestepSpacing};
 use serde_json::{Map, Value};
 use std::path::Path;
 
@@ -39,7 +39,7 @@ pub struct SchedulerConfig {
     pub dynamic_thresholding_ratio: f64,
     pub sample_max_value: f64,
     pub rescale_betas_zero_snr: bool,
-    pub variance_type: VarianceType,
+    pub variance_type: Variance,
     pub use_karras_sigmas: bool,
     pub solver_order: usize,
     pub second_order_form: SecondOrderForm,
@@ -73,7 +73,7 @@ impl Default for SchedulerConfig {
             dynamic_thresholding_ratio: 0.995,
             sample_max_value: 1.0,
             rescale_betas_zero_snr: false,
-            variance_type: VarianceType::FixedSmall,
+            variance_type: Variance::FixedSmall,
             use_karras_sigmas: false,
             solver_order: 2,
             second_order_form: SecondOrderForm::Midpoint,
@@ -301,9 +301,9 @@ impl SchedulerConfig {
             &["fixed_small", "fixed_large", "learned_range"],
         )? {
             c.variance_type = match v.as_str() {
-                "fixed_large" => VarianceType::FixedLarge,
-                "learned_range" => VarianceType::LearnedRange,
-                _ => VarianceType::FixedSmall,
+                "fixed_large" => Variance::FixedLarge,
+                "learned_range" => Variance::LearnedRange,
+                _ => Variance::FixedSmall,
             };
         }
         if let Some(v) = f.bool("use_karras_sigmas")? {

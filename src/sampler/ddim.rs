@@ -1,8 +1,8 @@
 //! DDIM (Song, Meng & Ermon 2021, eq. 12), with eta interpolating to DDPM (eq. 16).
 
 use super::{Callback, Denoiser, NoiseSource, Sampler, StepEvent, X0Clip};
-use crate::schedule::{prediction, NoiseSchedule};
-use crate::tensor_ops::lincomb;
+use crate::diffusion::schedule::{prediction, NoiseSchedule};
+use crate::ops::tensor::lincomb;
 use candle_core::{Result, Tensor};
 
 pub struct Ddim {

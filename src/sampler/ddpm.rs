@@ -1,53 +1,15 @@
 //! DDPM ancestral sampling (Ho et al. 2020, Algorithm 2).
 
 use super::{Callback, Denoiser, NoiseSource, Sampler, StepEvent, X0Clip};
-use crate::schedule::{prediction, NoiseSchedule};
-use crate::tensor_ops::lincomb;
+use crate::diffusion::schedule::{prediction, NoiseSchedule};
+use crate::diffusion::variance::{learned_log_variance, split_learned_variance, Variance};
+use crate::ops::tensor::lincomb;
 use candle_core::{Result, Tensor};
-
-/// The variance of p(x_{t-1} | x_t) (DDPM section 3.2).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VarianceType {
-    /// sigma_t^2 = beta~_t, the posterior variance (DDPM eq. 7): optimal for deterministic x_0.
-    FixedSmall,
-    /// sigma_t^2 = beta_t: optimal for x_0 ~ N(0, I).
-    FixedLarge,
-    /// The model outputs twice the channels: the prediction, then v in [-1, 1] that sets
-    /// log sigma_t^2 = (v + 1)/2 log beta_t + (1 - v)/2 log beta~_t (Nichol & Dhariwal 2021, eq. 15).
-    LearnedRange,
-}
-
-impl VarianceType {
-    /// Whether the model's output carries the variance channels after the prediction.
-    pub fn is_learned(self) -> bool {
-        self == VarianceType::LearnedRange
-    }
-}
-
-/// Splits a learned-variance model output (B, 2C, ...) into the prediction and v.
-pub fn split_learned_variance(output: &Tensor) -> Result<(Tensor, Tensor)> {
-    let channels = output.dim(1)? / 2;
-    Ok((
-        output.narrow(1, 0, channels)?,
-        output.narrow(1, channels, channels)?,
-    ))
-}
-
-/// log sigma_t^2 of eq. 15 for the model's v in [-1, 1], with the posterior's log variance
-/// `log_posterior_variance` (log beta~_t, clipped at t = 0 as improved-diffusion does) and log beta_t.
-pub fn learned_log_variance(
-    v: &Tensor,
-    log_posterior_variance: f64,
-    log_beta: f64,
-) -> Result<Tensor> {
-    let frac = v.affine(0.5, 0.5)?;
-    frac.affine(log_beta - log_posterior_variance, log_posterior_variance)
-}
 
 pub struct Ddpm {
     pub schedule: NoiseSchedule,
     pub timesteps: Vec<usize>,
-    pub variance: VarianceType,
+    pub variance: Variance,
     pub clip: X0Clip,
 }
 
@@ -122,7 +84,7 @@ impl Sampler for Ddpm {
                 let posterior_variance = (1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t) * beta_t;
                 let z = noise.randn_like(&x)?;
                 let scaled = match (self.variance, &learned) {
-                    (VarianceType::LearnedRange, Some(v)) => {
+                    (Variance::LearnedRange, Some(v)) => {
                         let log_variance = learned_log_variance(
                             v,
                             posterior_variance.max(1e-20).ln(),
@@ -130,7 +92,7 @@ impl Sampler for Ddpm {
                         )?;
                         (z * log_variance.affine(0.5, 0.0)?.exp()?)?
                     }
-                    (VarianceType::FixedLarge, _) => z.affine(beta_t.sqrt(), 0.0)?,
+                    (Variance::FixedLarge, _) => z.affine(beta_t.sqrt(), 0.0)?,
                     _ => z.affine(posterior_variance.max(1e-20).sqrt(), 0.0)?,
                 };
                 next = (next + scaled)?;

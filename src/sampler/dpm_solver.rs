@@ -5,8 +5,8 @@
 
 use super::euler::{vp_coefficients, SigmaGrid};
 use super::{Callback, Denoiser, NoiseSource, Sampler, StepEvent};
-use crate::schedule::prediction;
-use crate::tensor_ops::lincomb;
+use crate::diffusion::schedule::prediction;
+use crate::ops::tensor::lincomb;
 use candle_core::{Result, Tensor};
 
 /// How the second-order correction D1 enters the update (diffusers' `solver_type`).

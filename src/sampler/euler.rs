@@ -6,10 +6,10 @@
 //! sees its VP input x_t = x_sigma / sqrt(sigma^2 + 1) and its training timestep.
 
 use super::{Callback, Denoiser, NoiseSource, Sampler, StepEvent};
-use crate::schedule::{
+use crate::diffusion::schedule::{
     karras_sigmas, linspace, prediction, spaced_timesteps, NoiseSchedule, TimestepSpacing,
 };
-use crate::tensor_ops::lincomb;
+use crate::ops::tensor::lincomb;
 use candle_core::{Result, Tensor};
 
 /// Noise levels and the model time labels at which a sigma-based sampler evaluates.
@@ -73,7 +73,7 @@ impl SigmaGrid {
         let table = schedule.sigmas();
         let mut sigmas: Vec<f64> = timesteps
             .iter()
-            .map(|t| crate::schedule::interp(*t, &table))
+            .map(|t| crate::diffusion::schedule::interp(*t, &table))
             .collect();
         let mut timesteps = timesteps;
         if let (Some(range), true) = (karras, sigmas.len() > 1) {

@@ -3,7 +3,7 @@
 
 use super::euler::{denoise, ode_slope, SigmaGrid};
 use super::{Callback, Denoiser, NoiseSource, Sampler, StepEvent};
-use crate::tensor_ops::lincomb;
+use crate::ops::tensor::lincomb;
 use candle_core::{Result, Tensor};
 
 pub struct Heun {

@@ -18,12 +18,11 @@ pub mod pc;
 pub mod pndm;
 pub mod registry;
 pub mod rk45;
-pub mod sde;
 pub mod unipc;
 
 use candle_core::{Result, Tensor};
 
-pub use crate::schedule::PredictionType;
+pub use crate::diffusion::schedule::PredictionType;
 pub use build::{build_sampler, SamplerOptions};
 pub use config::SchedulerConfig;
 pub use noise::{NoiseSource, ReplayNoise, SeededNoise};
@@ -139,7 +138,7 @@ pub(crate) fn add_noise_at_timestep(
     let Some(alpha_bar) = timesteps.get(index).and_then(|t| alphas_cumprod.get(*t)) else {
         candle_core::bail!("timestep {index} asked of a run of {}", timesteps.len())
     };
-    crate::tensor_ops::lincomb(&[(alpha_bar.sqrt(), x0), ((1.0 - alpha_bar).sqrt(), noise)])
+    crate::ops::tensor::lincomb(&[(alpha_bar.sqrt(), x0), ((1.0 - alpha_bar).sqrt(), noise)])
 }
 
 /// Clipping or dynamic thresholding of predicted x_0 (DDPM's `clip_sample`; Saharia et al. 2022,

@@ -2,10 +2,10 @@
 //! which also gives plain reverse-SDE sampling (no corrector) and annealed Langevin dynamics
 //! (no predictor; Song & Ermon 2019, Algorithm 1).
 
-use super::sde::Sde;
 use super::{Callback, Denoiser, NoiseSource, Sampler, StepEvent};
-use crate::schedule::linspace;
-use crate::tensor_ops::{lincomb, mean_row_norm};
+use crate::diffusion::schedule::linspace;
+use crate::diffusion::sde::Sde;
+use crate::ops::tensor::{lincomb, mean_row_norm};
 use candle_core::{Result, Tensor};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -3,8 +3,8 @@
 //! Runge-Kutta warm-up is replaced by one Heun-like step (diffusers' `skip_prk_steps`).
 
 use super::{Callback, Denoiser, NoiseSource, Sampler, StepEvent};
-use crate::schedule::{prediction, NoiseSchedule};
-use crate::tensor_ops::lincomb;
+use crate::diffusion::schedule::{prediction, NoiseSchedule};
+use crate::ops::tensor::lincomb;
 use candle_core::{Result, Tensor};
 
 pub struct Plms {

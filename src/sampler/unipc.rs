@@ -7,8 +7,8 @@
 use super::dpm_solver::log_snr_coefficients;
 use super::euler::SigmaGrid;
 use super::{Callback, Denoiser, NoiseSource, Sampler, StepEvent};
-use crate::schedule::prediction;
-use crate::tensor_ops::lincomb;
+use crate::diffusion::schedule::prediction;
+use crate::ops::tensor::lincomb;
 use candle_core::{Result, Tensor};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,7 +5,7 @@
 //! judges see as blur; the discriminator penalises that average.
 
 use crate::model::blocks::{conv3x3, Conv2d};
-use crate::model::norm::{group_norm, GroupNorm};
+use crate::ops::norm::{group_norm, GroupNorm};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 

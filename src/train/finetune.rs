@@ -8,6 +8,9 @@ use super::optim::AdamWParams;
 use super::state::{TrainerKind, TrainerState, UpdateRule};
 use crate::checkpoint;
 use crate::data::folder::{load_square, ImageFolder, Skipped};
+use crate::diffusion::schedule::{
+    min_snr_weights, q_sample, training_target, NoiseSchedule, PredictionType,
+};
 use crate::error::{Error, Result};
 use crate::model::config::{read_json, UNetConfig};
 use crate::model::lora::{DOWN, META_ALPHA, META_RANK, UP};
@@ -16,7 +19,6 @@ use crate::model::unet::UNetConditioning;
 use crate::pipeline::txt2img::{txt2img, Txt2ImgRequest};
 use crate::pipeline::StableDiffusion;
 use crate::sampler::{build_sampler, SamplerKind, SamplerOptions, SeededNoise};
-use crate::schedule::{min_snr_weights, q_sample, training_target, NoiseSchedule, PredictionType};
 use crate::weights::{load_checked_with, tensor_shapes, Attachments};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};

@@ -12,413 +12,29 @@
 //! Every random draw of step k comes from an RNG seeded by (seed, k), so a resumed run takes the
 //! steps an uninterrupted one would have taken.
 
-use super::config::{DiffusionConfig, OptimConfig, ScheduleKind};
+use super::config::LdmTrainConfig;
+use super::latent_data::LatentData;
 use super::optim::AdamWParams;
 use super::state::{TrainerKind, TrainerState, UpdateRule};
-use super::vae::pad_to;
 use super::{named_vars, seeded_init};
 use crate::checkpoint;
-use crate::data::captions::{ClassCaptions, EXTRA_TEMPLATES};
-use crate::data::idx::{LabelledImages, Split};
+use crate::diffusion::schedule::{q_sample, NoiseSchedule};
 use crate::error::{Error, Result};
-use crate::model::config::{read_json, ClipTextConfig, UNetConfig, VaeConfig};
+use crate::model::config::{ClipTextConfig, UNetConfig};
 use crate::model::text::ClipTextModel;
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::unet::UNetConditioning;
-use crate::model::vae::AutoencoderKL;
-use crate::pipeline::weights_file;
 use crate::sampler::noise::SeededNoise;
 use crate::sampler::SchedulerConfig;
-use crate::schedule::{q_sample, NoiseSchedule, PredictionType};
-use crate::tokenizer::ClipTokenizer;
-use crate::weights::load_checked;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use rand::Rng;
-use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Prefixes of the two trained components inside the checkpoint.
 const TEXT_PREFIX: &str = "text_encoder.";
 const UNET_PREFIX: &str = "unet.";
-
-/// `diffuse train`'s TOML config for a text-to-image latent model (`model.autoencoder = "vae"`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct LdmTrainConfig {
-    pub data: LdmDataConfig,
-    pub model: LdmModelConfig,
-    #[serde(default)]
-    pub diffusion: DiffusionConfig,
-    pub train: OptimConfig,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct LdmDataConfig {
-    /// MNIST-layout IDX folders, each with a `classes.json`; their classes are numbered on.
-    pub paths: Vec<PathBuf>,
-    /// Images are padded with black to this square size before encoding.
-    pub image_size: usize,
-    /// The fraction of examples trained with the empty caption (classifier-free guidance).
-    #[serde(default = "caption_dropout")]
-    pub caption_dropout: f64,
-}
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum LatentAutoencoder {
-    /// A trained `AutoencoderKL` folder (diffusers layout), frozen.
-    Vae,
-}
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum TextConditioning {
-    /// Captions through a CLIP-architecture text encoder into the U-Net's cross-attention.
-    Text,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct LdmModelConfig {
-    pub autoencoder: LatentAutoencoder,
-    pub conditioning: TextConditioning,
-    /// The frozen autoencoder: a diffusers `vae/` folder (from `diffuse train-vae`).
-    pub vae: PathBuf,
-    /// A CLIP tokenizer folder (`tokenizer.json`, ...).
-    pub tokenizer: PathBuf,
-    pub text_hidden_size: usize,
-    pub text_layers: usize,
-    pub text_heads: usize,
-    /// The text encoder's MLP width (4x the hidden size when left out, as CLIP).
-    #[serde(default)]
-    pub text_intermediate_size: Option<usize>,
-    /// The U-Net's channels per level; every level has cross-attention.
-    pub block_out_channels: Vec<usize>,
-    #[serde(default = "layers_per_block_default")]
-    pub layers_per_block: usize,
-    /// Attention heads per transformer (diffusers' SD 1.x `attention_head_dim`).
-    #[serde(default = "attention_heads_default")]
-    pub attention_heads: usize,
-    #[serde(default = "groups")]
-    pub norm_num_groups: usize,
-}
-
-fn caption_dropout() -> f64 {
-    0.1
-}
-fn groups() -> usize {
-    32
-}
-
-impl LdmTrainConfig {
-    pub fn from_toml_str(text: &str) -> Result<Self> {
-        let config: Self = super::config::parse_toml(text)?;
-        config.validate()?;
-        Ok(config)
-    }
-
-    /// Takes the config's relative paths (data, autoencoder, tokenizer, output) from `base`,
-    /// the config file's folder.
-    pub fn rebase(&mut self, base: &Path) {
-        use super::config::relative_to;
-        for data in &mut self.data.paths {
-            relative_to(base, data);
-        }
-        relative_to(base, &mut self.model.vae);
-        relative_to(base, &mut self.model.tokenizer);
-        relative_to(base, &mut self.train.out_dir);
-    }
-
-    pub fn to_toml(&self) -> String {
-        toml::to_string(self).expect("an LdmTrainConfig always serialises")
-    }
-
-    /// Settings that parse but cannot be honoured together.
-    pub fn validate(&self) -> Result<()> {
-        let m = &self.model;
-        if self.data.paths.is_empty() {
-            return Err(Error::bad_value("data.paths", "[]", "at least one folder"));
-        }
-        if !(0.0..1.0).contains(&self.data.caption_dropout) {
-            return Err(Error::bad_value(
-                "data.caption_dropout",
-                self.data.caption_dropout,
-                "a fraction in [0, 1)",
-            ));
-        }
-        if m.text_heads == 0 || !m.text_hidden_size.is_multiple_of(m.text_heads) {
-            return Err(Error::Contradiction(format!(
-                "model.text_hidden_size = {} is not a multiple of model.text_heads = {}",
-                m.text_hidden_size, m.text_heads
-            )));
-        }
-        if let Some(c) = m
-            .block_out_channels
-            .iter()
-            .find(|c| *c % m.norm_num_groups != 0 || *c % m.attention_heads != 0)
-        {
-            return Err(Error::Contradiction(format!(
-                "model.block_out_channels entry {c} is not a multiple of model.norm_num_groups = {} \
-                 and model.attention_heads = {}",
-                m.norm_num_groups, m.attention_heads
-            )));
-        }
-        if self.diffusion.loss != super::config::Loss::Simple {
-            return Err(Error::Contradiction(
-                "a text-to-image latent model trains with diffusion.loss = \"simple\" only".into(),
-            ));
-        }
-        PredictionType::parse(&self.diffusion.prediction_type)?;
-        let t = &self.train;
-        if t.batch_size == 0 || t.steps == 0 || t.checkpoint_every == 0 {
-            return Err(Error::bad_value(
-                "train.batch_size / train.steps / train.checkpoint_every",
-                0,
-                "positive integers",
-            ));
-        }
-        if !(0.0..1.0).contains(&t.ema_decay) {
-            return Err(Error::bad_value("train.ema_decay", t.ema_decay, "[0, 1)"));
-        }
-        serde_json::from_value::<UNetConfig>(self.unet_config_json(4, 8))
-            .map_err(|e| Error::Msg(format!("model section: {e}")))?
-            .validate()?;
-        Ok(())
-    }
-
-    /// transformers' `CLIPTextModel` config of the text encoder (the real CLIP vocabulary).
-    pub fn text_config_json(&self) -> serde_json::Value {
-        let m = &self.model;
-        serde_json::json!({
-            "architectures": ["CLIPTextModel"],
-            "model_type": "clip_text_model",
-            "vocab_size": 49408,
-            "hidden_size": m.text_hidden_size,
-            "intermediate_size": m.text_intermediate_size.unwrap_or(4 * m.text_hidden_size),
-            "num_hidden_layers": m.text_layers,
-            "num_attention_heads": m.text_heads,
-            "max_position_embeddings": 77,
-            "hidden_act": "quick_gelu",
-            "layer_norm_eps": 1e-5,
-            "projection_dim": m.text_hidden_size,
-            "bos_token_id": 49406,
-            "eos_token_id": 49407,
-            "pad_token_id": 49407,
-            "torch_dtype": "float32",
-        })
-    }
-
-    /// diffusers' `UNet2DConditionModel` config for latents of `channels`, `latent_size` square: cross-attention
-    /// at every level, SD 1.x's block layout.
-    pub fn unet_config_json(&self, channels: usize, latent_size: usize) -> serde_json::Value {
-        let m = &self.model;
-        let n = m.block_out_channels.len();
-        let mut down = vec!["CrossAttnDownBlock2D"; n];
-        let mut up = vec!["CrossAttnUpBlock2D"; n];
-        if n > 1 {
-            // The deepest level of SD 1.x has no attention; at a 2x2 latent it would be moot.
-            down[n - 1] = "DownBlock2D";
-            up[0] = "UpBlock2D";
-        }
-        serde_json::json!({
-            "_class_name": "UNet2DConditionModel",
-            "sample_size": latent_size,
-            "in_channels": channels,
-            "out_channels": channels,
-            "block_out_channels": m.block_out_channels,
-            "down_block_types": down,
-            "up_block_types": up,
-            "mid_block_type": "UNetMidBlock2DCrossAttn",
-            "layers_per_block": m.layers_per_block,
-            "attention_head_dim": m.attention_heads,
-            "cross_attention_dim": m.text_hidden_size,
-            "norm_num_groups": m.norm_num_groups,
-            "norm_eps": 1e-5,
-            "flip_sin_to_cos": true,
-            "freq_shift": 0,
-            "act_fn": "silu",
-            "downsample_padding": 1,
-            "center_input_sample": false,
-            "use_linear_projection": false,
-        })
-    }
-
-    /// The diffusion section as the pipeline's scheduler config (DDIM by default at sampling,
-    /// with SD's offset of one).
-    pub fn scheduler_json(&self) -> serde_json::Value {
-        let d = &self.diffusion;
-        let beta_schedule = match d.schedule {
-            ScheduleKind::Linear => "linear",
-            ScheduleKind::ScaledLinear => "scaled_linear",
-            ScheduleKind::Cosine => "squaredcos_cap_v2",
-        };
-        serde_json::json!({
-            "_class_name": "DDIMScheduler",
-            "num_train_timesteps": d.num_train_timesteps,
-            "beta_schedule": beta_schedule,
-            "beta_start": d.beta_start,
-            "beta_end": d.beta_end,
-            "prediction_type": d.prediction_type,
-            "clip_sample": false,
-            "set_alpha_to_one": false,
-            "steps_offset": 1,
-            "timestep_spacing": "leading",
-        })
-    }
-}
-
-/// The frozen parts and the cached training set: scaled latents of every image, each image's
-/// class, and the token ids of every caption of every class.
-pub struct LatentData {
-    /// (N, C, h, w) posterior means times the VAE's scaling factor.
-    pub latents: Tensor,
-    pub classes: Vec<usize>,
-    /// `caption_ids[class][k]`: the `max_length` ids of the k-th caption of `class`.
-    pub caption_ids: Vec<Vec<Vec<u32>>>,
-    /// The captions themselves, for the pipeline's evaluation prompts.
-    pub captions: Vec<Vec<String>>,
-    /// The ids of the empty caption (the unconditional input).
-    pub empty_ids: Vec<u32>,
-}
-
-impl LatentData {
-    /// Reads every folder's training split and `classes.json`, and encodes the images with the
-    /// autoencoder in `config.model.vae` (posterior means, scaled), `batch` at a time.
-    ///
-    /// With `cache`, the latents are read from that file when it was written for the same
-    /// autoencoder (weights and config), folders, image size and split, and written there
-    /// otherwise: encoding every image takes minutes on a CPU.
-    pub fn load(
-        config: &LdmTrainConfig,
-        split: Split,
-        cache: Option<&Path>,
-        mut progress: impl FnMut(usize, usize),
-    ) -> Result<Self> {
-        let vae_dir = &config.model.vae;
-        let vae_config: VaeConfig = read_json(&vae_dir.join("config.json"))?;
-        let vae_weights = weights_file(vae_dir, "diffusion_pytorch_model")?;
-        let vae = load_checked(&vae_weights, DType::F32, &Device::Cpu, |vb| {
-            AutoencoderKL::new(vae_config.clone(), vb)
-        })?;
-        let cache_key = latent_cache_key(config, split, &vae_weights)?;
-        let cached = cache
-            .filter(|path| path.exists())
-            .and_then(|path| checkpoint::load(path, &Device::Cpu).ok())
-            .filter(|loaded| loaded.metadata.get(CACHE_KEY) == Some(&cache_key))
-            .and_then(|mut loaded| loaded.tensors.remove("latents"));
-        let tokenizer = ClipTokenizer::from_dir(&config.model.tokenizer)?;
-        let mut datasets = Vec::new();
-        let mut captions: Vec<Vec<String>> = Vec::new();
-        for path in &config.data.paths {
-            let images = LabelledImages::load(path, split)?;
-            let own = ClassCaptions::load(&path.join("classes.json"), EXTRA_TEMPLATES)?;
-            if let Some(bad) = images
-                .labels
-                .iter()
-                .find(|l| **l as usize >= own.num_classes())
-            {
-                return Err(Error::File {
-                    path: path.display().to_string(),
-                    message: format!(
-                        "label {bad} has no class in classes.json ({} classes)",
-                        own.num_classes()
-                    ),
-                });
-            }
-            datasets.push((captions.len(), images));
-            captions.extend(own.captions);
-        }
-        let total: usize = datasets.iter().map(|(_, d)| d.len()).sum();
-        let classes: Vec<usize> = datasets
-            .iter()
-            .flat_map(|(offset, images)| images.labels.iter().map(move |l| offset + *l as usize))
-            .collect();
-        let latents = match cached.filter(|l| l.dim(0).ok() == Some(total)) {
-            Some(latents) => latents,
-            None => {
-                let mut chunks = Vec::new();
-                let mut done = 0;
-                for (_, images) in &datasets {
-                    for start in (0..images.len()).step_by(500) {
-                        let indices: Vec<usize> = (start..images.len().min(start + 500)).collect();
-                        let x = pad_to(
-                            &images.batch(&indices, &Device::Cpu)?,
-                            config.data.image_size,
-                        )?;
-                        let mean = vae.encode(&x)?.mean;
-                        chunks.push(mean.affine(vae_config.scaling_factor, 0.0)?);
-                        done += indices.len();
-                        progress(done, total);
-                    }
-                }
-                let latents = Tensor::cat(&chunks, 0)?;
-                if let Some(path) = cache {
-                    checkpoint::save(
-                        path,
-                        &[("latents".to_string(), latents.clone())],
-                        &BTreeMap::from([(CACHE_KEY.to_string(), cache_key)]),
-                    )?;
-                }
-                latents
-            }
-        };
-        let encode = |text: &str| tokenizer.encode(text).map(|e| e.ids);
-        let caption_ids = captions
-            .iter()
-            .map(|own| own.iter().map(|c| encode(c)).collect::<Result<Vec<_>>>())
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
-            latents,
-            classes,
-            caption_ids,
-            captions,
-            empty_ids: encode("")?,
-        })
-    }
-
-    pub fn len(&self) -> usize {
-        self.classes.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.classes.is_empty()
-    }
-
-    pub fn num_classes(&self) -> usize {
-        self.caption_ids.len()
-    }
-
-    /// (C, h, w) of one latent.
-    pub fn latent_dims(&self) -> Result<(usize, usize, usize)> {
-        let (_, c, h, w) = self.latents.dims4()?;
-        Ok((c, h, w))
-    }
-}
-
-/// Metadata key of the latent cache: what the latents were computed from.
-const CACHE_KEY: &str = "diffuse.latents_of";
-
-/// A digest of everything the cached latents depend on.
-fn latent_cache_key(config: &LdmTrainConfig, split: Split, vae_weights: &Path) -> Result<String> {
-    use std::hash::{Hash, Hasher};
-    let read = |path: &Path| {
-        std::fs::read(path).map_err(|e| Error::File {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })
-    };
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    read(vae_weights)?.hash(&mut hasher);
-    read(&config.model.vae.join("config.json"))?.hash(&mut hasher);
-    config.data.paths.hash(&mut hasher);
-    config.data.image_size.hash(&mut hasher);
-    split.stem().hash(&mut hasher);
-    Ok(format!("{:016x}", hasher.finish()))
-}
-
 /// What one step measured.
 #[derive(Debug, Clone, Copy)]
 pub struct LdmStepStats {
@@ -570,9 +186,9 @@ impl LdmTrainer {
         let prediction = self
             .unet
             .forward(&xt, &t, &UNetConditioning::text(context))?;
-        let target = crate::schedule::training_target(
+        let target = crate::diffusion::schedule::training_target(
             &self.schedule,
-            PredictionType::parse(&cfg.diffusion.prediction_type)?,
+            cfg.diffusion.prediction_type,
             &x0,
             &eps,
             &timesteps,
@@ -697,14 +313,6 @@ fn dtype_name(dtype: DType) -> &'static str {
         DType::BF16 => "bfloat16",
         _ => "float32",
     }
-}
-
-fn layers_per_block_default() -> usize {
-    2
-}
-
-fn attention_heads_default() -> usize {
-    4
 }
 
 /// The pipeline folder inside the output folder.

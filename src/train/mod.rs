@@ -5,6 +5,7 @@
 pub mod config;
 pub mod discriminator;
 pub mod finetune;
+pub mod latent_data;
 pub mod ldm;
 pub mod optim;
 pub mod pixel;
@@ -13,9 +14,9 @@ pub mod session;
 pub mod state;
 pub mod vae;
 
+pub use crate::ops::tensor::named_vars;
 use crate::sampler::noise::SeededNoise;
 use candle_core::{Tensor, Var};
-use candle_nn::VarMap;
 use rand::Rng;
 
 /// The RNG seed of step `step` (0-based) of a run seeded `seed`: every draw of a step comes from
@@ -40,20 +41,6 @@ pub fn draw_examples_and_timesteps(
         .map(|_| rng.rng().random_range(0..timesteps))
         .collect();
     (indices, drawn)
-}
-
-/// The VarMap's variables sorted by name (a VarMap is a HashMap, whose order changes between
-/// runs; every loop over parameters that touches an RNG or a file goes through this order).
-pub fn named_vars(varmap: &VarMap) -> Vec<(String, Var)> {
-    let mut named: Vec<(String, Var)> = varmap
-        .data()
-        .lock()
-        .expect("VarMap lock")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    named.sort_by(|a, b| a.0.cmp(&b.0));
-    named
 }
 
 /// Re-initialises every variable from a seeded RNG (candle's initialisers draw from an unseeded

@@ -5,19 +5,20 @@
 //! the noise and the flips. A run resumed from step k's checkpoint therefore takes exactly the
 //! steps the uninterrupted run would have taken.
 
-use super::config::{Loss, TrainConfig};
+use super::config::TrainConfig;
 use super::optim::AdamWParams;
 use super::state::{TrainerKind, TrainerState, UpdateRule};
 use super::{named_vars, seeded_init};
 use crate::checkpoint;
 use crate::data::idx::LabelledImages;
+use crate::diffusion::config::Loss;
+use crate::diffusion::likelihood::DiffusionTables;
+use crate::diffusion::schedule::{q_sample, NoiseSchedule};
 use crate::error::{file_error, Result};
-use crate::likelihood::DiffusionTables;
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::unet::UNetConditioning;
 use crate::pipeline::pixel::{PixelDiffusion, CONFIG_KEY};
 use crate::sampler::noise::SeededNoise;
-use crate::schedule::{q_sample, NoiseSchedule, PredictionType};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use rand::Rng;
@@ -58,7 +59,7 @@ impl PixelTrainer {
         let device = device.clone();
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
-        let unet = UNet2DConditionModel::new(config.unet_config()?, vb)?;
+        let unet = UNet2DConditionModel::new(config.description().unet_config()?, vb)?;
         let named = named_vars(&varmap);
         seeded_init(&named, &mut SeededNoise::new(config.train.seed), &zero_init)?;
         let t = &config.train;
@@ -72,7 +73,7 @@ impl PixelTrainer {
             },
         };
         let state = TrainerState::new(named, rule, Some(t.ema_decay))?;
-        let schedule = config.scheduler_config()?.noise_schedule()?;
+        let schedule = config.description().scheduler_config().noise_schedule()?;
         Ok(Self {
             tables: DiffusionTables::new(&schedule),
             schedule,
@@ -155,9 +156,9 @@ impl PixelTrainer {
             .forward(&xt, &t, &UNetConditioning::classes(labels))?;
         let channels = x0.dim(1)?;
         let prediction = output.narrow(1, 0, channels)?;
-        let target = crate::schedule::training_target(
+        let target = crate::diffusion::schedule::training_target(
             &self.schedule,
-            PredictionType::parse(&cfg.diffusion.prediction_type)?,
+            cfg.diffusion.prediction_type,
             &x0,
             &eps,
             &timesteps,
@@ -178,7 +179,7 @@ impl PixelTrainer {
                 &frozen,
                 &xt,
                 &timesteps,
-                self.schedule_variance()?,
+                self.config.diffusion.variance,
                 false,
             )?;
             let vb = self
@@ -200,10 +201,6 @@ impl PixelTrainer {
             grad_norm: applied.grad_norm,
             learning_rate: applied.learning_rate,
         })
-    }
-
-    fn schedule_variance(&self) -> Result<crate::sampler::ddpm::VarianceType> {
-        Ok(self.config.scheduler_config()?.variance_type)
     }
 
     /// The full training state: weights, their average, AdamW's moments, the step.
@@ -236,7 +233,7 @@ impl PixelTrainer {
     /// The averaged weights as a model to sample from.
     pub fn ema_model(&self) -> Result<PixelDiffusion> {
         let weights: HashMap<String, Tensor> = self.state.output_weights()?.into_iter().collect();
-        PixelDiffusion::from_tensors(self.config.clone(), weights, &self.device)
+        PixelDiffusion::from_tensors(self.config.description(), weights, &self.device)
     }
 
     /// The current raw weights by name (for tests and comparisons).

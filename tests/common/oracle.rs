@@ -25,7 +25,7 @@ impl GaussianOracle {
     pub fn kernel(&self, label: f64) -> (f64, f64) {
         match &self.labels {
             Labels::Discrete(sigmas) => {
-                let sigma_ve = diffuse::schedule::interp(label, sigmas);
+                let sigma_ve = diffuse::diffusion::schedule::interp(label, sigmas);
                 let alpha = 1.0 / (1.0 + sigma_ve * sigma_ve).sqrt();
                 (alpha, sigma_ve * alpha)
             }

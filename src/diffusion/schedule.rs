@@ -22,12 +22,14 @@ pub enum BetaSchedule {
 }
 
 /// What the network predicts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum PredictionType {
     /// The noise epsilon (DDPM eq. 11).
     #[default]
     Epsilon,
     /// The velocity v = alpha_t eps - sigma_t x_0 (Salimans & Ho 2022, section 4).
+    #[serde(alias = "v")]
     VPrediction,
     /// The clean sample x_0.
     Sample,
@@ -356,7 +358,7 @@ pub fn karras_sigmas(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64> {
 /// process alpha_t^2 + sigma_t^2 = 1; for VE alpha_t = 1) (DDPM eq. 4 rewritten; v as in Salimans & Ho 2022, eq. 10).
 pub mod prediction {
     use super::PredictionType;
-    use crate::tensor_ops::lincomb;
+    use crate::ops::tensor::lincomb;
     use candle_core::{Result, Tensor};
 
     /// x_0 from the model output at (alpha_t, sigma_t).

@@ -8,7 +8,7 @@
 //! tiles): one more Q K^T product for a fraction of the memory.
 
 use super::vector_math::{exp_nonpositive, with_avx2_fma};
-use crate::tensor_ops::contiguous_f32;
+use crate::ops::tensor::contiguous_f32;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 

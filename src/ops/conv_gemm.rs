@@ -19,7 +19,7 @@
 //! backward pass computes the input gradient with a direct transposed-convolution loop.
 
 use super::vector_math;
-use crate::tensor_ops::contiguous_f32;
+use crate::ops::tensor::contiguous_f32;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -961,10 +961,10 @@ mod tests {
     use super::*;
     use candle_core::Var;
 
-    use crate::tensor_ops::seeded_randn as seeded;
+    use crate::ops::tensor::seeded_randn as seeded;
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        crate::tensor_ops::max_abs(&(a - b).unwrap()).unwrap()
+        crate::ops::tensor::max_abs(&(a - b).unwrap()).unwrap()
     }
 
     /// (batch, channels, out_channels, kernel, stride, padding, height, width): 3x3 and 1x1
@@ -1012,7 +1012,7 @@ mod tests {
                 .apply_op3(&weight, &bias, Conv2dGemm { stride, padding })
                 .unwrap();
             assert_eq!(ours.dims(), reference.dims(), "{name}");
-            let scale = crate::tensor_ops::max_abs(&reference).unwrap().max(1.0);
+            let scale = crate::ops::tensor::max_abs(&reference).unwrap().max(1.0);
             assert!(max_diff(&ours, &reference) <= 1e-5 * scale, "{name}");
             let probe = seeded(ours.dims(), 4);
             let gradients = |out: &Tensor| {
@@ -1026,7 +1026,7 @@ mod tests {
             let (g_ours, g_ref) = (gradients(&ours), gradients(&reference));
             for (what, var) in [("input", &x), ("weight", &weight), ("bias", &bias)] {
                 let (a, b) = (g_ours.get(var).unwrap(), g_ref.get(var).unwrap());
-                let scale = crate::tensor_ops::max_abs(b).unwrap().max(1.0);
+                let scale = crate::ops::tensor::max_abs(b).unwrap().max(1.0);
                 assert!(
                     max_diff(a, b) <= 1e-5 * scale,
                     "{name}: {what} gradient off by {}",

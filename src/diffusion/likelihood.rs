@@ -3,8 +3,8 @@
 //! training loss and `diffuse eval`; and the exact likelihood of the probability-flow ODE
 //! (Song et al. 2021, section 4.3 and appendix D.2).
 
-use crate::sampler::ddpm::{split_learned_variance, VarianceType};
-use crate::schedule::{per_row, NoiseSchedule};
+use crate::diffusion::schedule::{per_row, NoiseSchedule};
+use crate::diffusion::variance::{split_learned_variance, Variance};
 use candle_core::{Result, Tensor};
 use std::f64::consts::LN_2;
 
@@ -145,7 +145,7 @@ impl DiffusionTables {
         output: &Tensor,
         xt: &Tensor,
         timesteps: &[usize],
-        variance: VarianceType,
+        variance: Variance,
         clip: bool,
     ) -> Result<(Tensor, Tensor)> {
         let (eps, v) = if variance.is_learned() {
@@ -161,7 +161,7 @@ impl DiffusionTables {
         let x0 = if clip { x0.clamp(-1f32, 1f32)? } else { x0 };
         let (mean, _) = self.q_posterior(&x0, xt, timesteps)?;
         let log_variance = match (variance, v) {
-            (VarianceType::LearnedRange, Some(v)) => {
+            (Variance::LearnedRange, Some(v)) => {
                 // Eq. 15 row by row, with each row's bounds.
                 let min_log = self.rows(&self.posterior_log_variance_clipped, timesteps, &v)?;
                 let max_log = per_row(
@@ -175,7 +175,7 @@ impl DiffusionTables {
                 (frac.broadcast_mul(&max_log)?
                     + frac.affine(-1.0, 1.0)?.broadcast_mul(&min_log)?)?
             }
-            (VarianceType::FixedLarge, _) => {
+            (Variance::FixedLarge, _) => {
                 // beta_t, with beta~_1 at t = 0 so that the decoder is not degenerate.
                 let table: Vec<f64> = (0..self.num_timesteps())
                     .map(|t| {
@@ -264,13 +264,13 @@ pub struct OdeLikelihood {
 /// `eps_model(x, t)` must be differentiable in `x` (the model's weights plain tensors).
 pub fn ode_bits_per_dim(
     eps_model: &mut dyn FnMut(&Tensor, f64) -> Result<Tensor>,
-    sde: &crate::sampler::sde::VpSde,
+    sde: &crate::diffusion::sde::VpSde,
     x: &Tensor,
     probe: &Tensor,
     t_min: f64,
-    tolerance: crate::sampler::rk45::Tolerance,
+    tolerance: crate::ops::ode::Tolerance,
 ) -> Result<OdeLikelihood> {
-    use crate::sampler::sde::Sde;
+    use crate::diffusion::sde::Sde;
     let shape = x.shape().clone();
     let batch = x.dim(0)?;
     let dims = x.elem_count() / batch;
@@ -300,7 +300,7 @@ pub fn ode_bits_per_dim(
         let divergence = div_eps.affine(-drift_coeff / sigma, drift_coeff * dims as f64)?;
         Tensor::cat(&[&drift.flatten_from(1)?, &divergence.unsqueeze(1)?], 1)
     };
-    let end = crate::sampler::rk45::dormand_prince(
+    let end = crate::ops::ode::dormand_prince(
         &mut slope,
         state,
         (t_min, 1.0),
@@ -332,9 +332,9 @@ pub fn ode_bits_per_dim(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sampler::rk45::Tolerance;
-    use crate::sampler::sde::{Sde, VpBeta, VpSde};
-    use crate::schedule::BetaSchedule;
+    use crate::diffusion::schedule::BetaSchedule;
+    use crate::diffusion::sde::{Sde, VpBeta, VpSde};
+    use crate::ops::ode::Tolerance;
     use candle_core::Device;
 
     fn scalar(values: &[f32]) -> Tensor {
@@ -410,7 +410,7 @@ mod tests {
                 &scalar(&eps),
                 &scalar(&xt),
                 &timesteps,
-                VarianceType::FixedSmall,
+                Variance::FixedSmall,
                 false,
             )
             .unwrap();

@@ -63,7 +63,7 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    use crate::tensor_ops::seeded_randn as seeded;
+    use crate::ops::tensor::seeded_randn as seeded;
 
     type Conv = fn(&Tensor, &Tensor, Option<&Tensor>, usize, usize) -> Result<Tensor>;
 
@@ -91,8 +91,9 @@ mod tests {
                     .unwrap();
                 let ours = conv(&x, &weight, Some(&bias), stride, padding).unwrap();
                 assert_eq!(ours.dims(), reference.dims(), "{name}");
-                let diff =
-                    |a: &Tensor, b: &Tensor| crate::tensor_ops::max_abs(&(a - b).unwrap()).unwrap();
+                let diff = |a: &Tensor, b: &Tensor| {
+                    crate::ops::tensor::max_abs(&(a - b).unwrap()).unwrap()
+                };
                 assert!(diff(&ours, &reference) < 1e-5, "{name}");
                 let probe = seeded(ours.dims(), 4);
                 let g_ref = (&reference * &probe)

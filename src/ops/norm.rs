@@ -4,7 +4,7 @@
 //! sums); in the pixel-DDPM U-Net that chain cost more than the convolutions.
 
 use super::vector_math::{self, silu, silu_derivative, with_avx2_fma};
-use crate::tensor_ops::contiguous_f32;
+use crate::ops::tensor::contiguous_f32;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
@@ -328,7 +328,7 @@ mod tests {
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        crate::tensor_ops::max_abs(&(a - b).unwrap()).unwrap()
+        crate::ops::tensor::max_abs(&(a - b).unwrap()).unwrap()
     }
 
     /// Forward values and all three gradients equal candle-nn's composed GroupNorm.

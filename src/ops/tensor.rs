@@ -51,6 +51,20 @@ pub fn contiguous_f32<'a>(
 }
 
 /// A standard-normal tensor of `shape` from `seed` (tests).
+/// The VarMap's variables sorted by name (a VarMap is a HashMap, whose order changes between
+/// runs; every loop over parameters that touches an RNG or a file goes through this order).
+pub fn named_vars(varmap: &candle_nn::VarMap) -> Vec<(String, candle_core::Var)> {
+    let mut named: Vec<(String, candle_core::Var)> = varmap
+        .data()
+        .lock()
+        .expect("VarMap lock")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    named
+}
+
 #[cfg(test)]
 pub fn seeded_randn(shape: &[usize], seed: u64) -> Tensor {
     crate::sampler::noise::SeededNoise::new(seed)

@@ -3,7 +3,7 @@
 //! An SDE dx = f(x, t) dt + g(t) dw on t in [0, 1] with linear drift f(x, t) = f(t) x. Its
 //! reverse (eq. 6) is dx = [f(t) x - g(t)^2 grad log p_t(x)] dt + g(t) dw_bar.
 
-use crate::schedule::{interp, prediction, NoiseSchedule, PredictionType};
+use crate::diffusion::schedule::{interp, prediction, NoiseSchedule, PredictionType};
 use candle_core::{Result, Tensor};
 
 /// One step of an SDE's time discretisation, x_{i+1} = x_i + f_i x_i + G_i z (Song et al.

@@ -1,0 +1,15 @@
+//! Kernels and runtime settings, the layer everything else stands on: tensor helpers (`tensor`),
+//! the process's numeric settings and memory readings (`runtime`), the adaptive ODE integrator
+//! (`ode`), and the CPU ops with their own backward passes: convolution as in-place matrix
+//! products (`conv_gemm`), convolution as shifted views for GPUs (`im2col`), blocked attention
+//! (`attention`), fused group norm (`norm`), and the vectorised element-wise functions they share
+//! (`vector_math`).
+
+pub mod attention;
+pub mod conv_gemm;
+pub mod im2col;
+pub mod norm;
+pub mod ode;
+pub mod runtime;
+pub mod tensor;
+pub mod vector_math;
