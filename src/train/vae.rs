@@ -365,8 +365,6 @@ impl VaeTrainer {
     }
 }
 
-/// Grey-level images (the embedded model's data).
-
 /// An autoencoder run in a training session: the trainer and its images.
 pub struct VaeRun {
     pub trainer: VaeTrainer,

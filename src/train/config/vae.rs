@@ -244,6 +244,7 @@ impl VaeTrainConfig {
     }
 }
 
+/// Grey-level images (the embedded model's data).
 fn grey_channels() -> usize {
     1
 }
