@@ -1,6 +1,7 @@
 //! The flags every training command shares, meaning the same thing in each: `--device`,
 //! `--out-dir`, `--steps`, `--resume`, `--time-limit`, `--json`.
 
+use crate::train::config::OptimConfig;
 use crate::train::session::{self, SessionSettings, SessionSummary};
 use clap::Args;
 use std::path::PathBuf;
@@ -36,6 +37,16 @@ pub struct Cadence {
     pub sample_every: usize,
 }
 
+impl From<&OptimConfig> for Cadence {
+    fn from(train: &OptimConfig) -> Self {
+        Self {
+            log_every: train.log_every,
+            checkpoint_every: train.checkpoint_every,
+            sample_every: train.sample_every,
+        }
+    }
+}
+
 impl SessionArgs {
     /// The session's settings: the flags over the config's output folder and step count.
     pub fn settings(
@@ -58,8 +69,44 @@ impl SessionArgs {
         })
     }
 
+    /// [`Self::settings`] over a config's `out_dir` and `steps`, which are then set to what the
+    /// session uses, so that the config saved with the run says what ran.
+    pub fn apply(
+        &self,
+        out_dir: &mut PathBuf,
+        steps: &mut usize,
+        cadence: Cadence,
+    ) -> anyhow::Result<SessionSettings> {
+        let settings = self.settings(out_dir.clone(), *steps, cadence)?;
+        out_dir.clone_from(&settings.out_dir);
+        *steps = settings.total_steps;
+        Ok(settings)
+    }
+
     pub fn device(&self) -> anyhow::Result<candle_core::Device> {
         super::parse_training_device(&self.device)
+    }
+}
+
+/// The trainer continued from `checkpoint` when the session resumes (saying so), else a fresh
+/// one.
+pub fn start<T>(
+    settings: &SessionSettings,
+    checkpoint: &std::path::Path,
+    resume: impl FnOnce(&std::path::Path) -> crate::Result<T>,
+    fresh: impl FnOnce() -> crate::Result<T>,
+    step: impl Fn(&T) -> usize,
+) -> anyhow::Result<T> {
+    if settings.resume {
+        let trainer = resume(checkpoint)?;
+        eprintln!(
+            "resuming {} at step {}",
+            checkpoint.display(),
+            step(&trainer)
+        );
+        Ok(trainer)
+    } else {
+        Ok(fresh()?)
     }
 }
 

@@ -2,7 +2,7 @@
 //! `--config configs/tiny-ldm.toml` (a text-to-image latent model): the config's
 //! `[model] autoencoder` says which; both run in the training session.
 
-use super::session_args::{report, Cadence, SessionArgs};
+use super::session_args::{report, start, Cadence, SessionArgs};
 use crate::data::idx::{LabelledImages, Split};
 use crate::train::config::LdmTrainConfig;
 use crate::train::config::{TrainConfig, TrainingConfig};
@@ -45,17 +45,11 @@ fn train_pixel(args: &TrainArgs, mut config: TrainConfig) -> anyhow::Result<()> 
     if let Some(data) = &args.data {
         config.data.path = data.clone();
     }
-    let settings = args.session.settings(
-        config.train.out_dir.clone(),
-        config.train.steps,
-        Cadence {
-            log_every: config.train.log_every,
-            checkpoint_every: config.train.checkpoint_every,
-            sample_every: config.train.sample_every,
-        },
-    )?;
-    config.train.out_dir = settings.out_dir.clone();
-    config.train.steps = settings.total_steps;
+    let cadence = Cadence::from(&config.train);
+    let train = &mut config.train;
+    let settings = args
+        .session
+        .apply(&mut train.out_dir, &mut train.steps, cadence)?;
     config.validate()?;
     let out_dir = settings.out_dir.clone();
     let checkpoint = check_out_dir(&out_dir, settings.resume)?;
@@ -78,17 +72,13 @@ fn train_pixel(args: &TrainArgs, mut config: TrainConfig) -> anyhow::Result<()> 
         }
     }
     let device = args.session.device()?;
-    let trainer = if settings.resume {
-        let trainer = PixelTrainer::resume(config.clone(), &checkpoint, &device)?;
-        eprintln!(
-            "resuming {} at step {}",
-            checkpoint.display(),
-            trainer.step()
-        );
-        trainer
-    } else {
-        PixelTrainer::new(config.clone(), &device)?
-    };
+    let trainer = start(
+        &settings,
+        &checkpoint,
+        |path| PixelTrainer::resume(config.clone(), path, &device),
+        || PixelTrainer::new(config.clone(), &device),
+        PixelTrainer::step,
+    )?;
     std::fs::create_dir_all(&out_dir)?;
     std::fs::write(out_dir.join("config.toml"), config.to_toml())?;
     eprintln!(
@@ -119,17 +109,11 @@ fn train_latent(args: &TrainArgs, mut config: LdmTrainConfig) -> anyhow::Result<
         args.data.is_none(),
         "--data names one folder; a text-to-image config lists its folders in data.paths"
     );
-    let settings = args.session.settings(
-        config.train.out_dir.clone(),
-        config.train.steps,
-        Cadence {
-            log_every: config.train.log_every,
-            checkpoint_every: config.train.checkpoint_every,
-            sample_every: config.train.sample_every,
-        },
-    )?;
-    config.train.out_dir = settings.out_dir.clone();
-    config.train.steps = settings.total_steps;
+    let cadence = Cadence::from(&config.train);
+    let train = &mut config.train;
+    let settings = args
+        .session
+        .apply(&mut train.out_dir, &mut train.steps, cadence)?;
     let pipeline_dtype = super::parse_dtype("--pipeline-dtype", &args.pipeline_dtype)?;
     config.validate()?;
     let out_dir = settings.out_dir.clone();
@@ -148,17 +132,13 @@ fn train_latent(args: &TrainArgs, mut config: LdmTrainConfig) -> anyhow::Result<
     })?;
     bar.finish_and_clear();
     let dims = data.latent_dims()?;
-    let trainer = if settings.resume {
-        let trainer = LdmTrainer::resume(config.clone(), dims, &checkpoint, &device)?;
-        eprintln!(
-            "resuming {} at step {}",
-            checkpoint.display(),
-            trainer.step()
-        );
-        trainer
-    } else {
-        LdmTrainer::new(config.clone(), dims, &device)?
-    };
+    let trainer = start(
+        &settings,
+        &checkpoint,
+        |path| LdmTrainer::resume(config.clone(), dims, path, &device),
+        || LdmTrainer::new(config.clone(), dims, &device),
+        LdmTrainer::step,
+    )?;
     std::fs::create_dir_all(&out_dir)?;
     std::fs::write(out_dir.join("config.toml"), config.to_toml())?;
     eprintln!(

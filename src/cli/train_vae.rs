@@ -2,7 +2,7 @@
 //! shared loop (`train_loop`: progress, loss CSV and curve, atomic checkpoints, Ctrl-C saving,
 //! `--resume`), and writes it in the diffusers `vae/` layout with its latent scaling factor.
 
-use super::session_args::{report, Cadence, SessionArgs};
+use super::session_args::{report, start, Cadence, SessionArgs};
 use crate::data::idx::load_pooled;
 use crate::data::idx::Split;
 use crate::pipeline::pixel::grid;
@@ -23,34 +23,28 @@ pub struct TrainVaeArgs {
 
 pub fn run(args: TrainVaeArgs) -> anyhow::Result<()> {
     let mut config = VaeTrainConfig::from_file(&args.config)?;
-    let settings = args.session.settings(
-        config.train.out_dir.clone(),
-        config.train.steps,
-        Cadence {
-            log_every: config.train.log_every,
-            checkpoint_every: config.train.checkpoint_every,
-            sample_every: 0,
-        },
-    )?;
-    config.train.out_dir = settings.out_dir.clone();
-    config.train.steps = settings.total_steps;
+    let cadence = Cadence {
+        log_every: config.train.log_every,
+        checkpoint_every: config.train.checkpoint_every,
+        sample_every: 0,
+    };
+    let train = &mut config.train;
+    let settings = args
+        .session
+        .apply(&mut train.out_dir, &mut train.steps, cadence)?;
     let out_dir = settings.out_dir.clone();
     let checkpoint = check_out_dir(&out_dir, settings.resume)?;
     // Data first: a bad file stops the run before any work.
     let train = load_pooled(&config.data.paths, Split::Train)?;
     let test = load_pooled(&config.data.paths, Split::Test)?;
     let device = args.session.device()?;
-    let trainer = if settings.resume {
-        let trainer = VaeTrainer::resume(config.clone(), &checkpoint, &device)?;
-        eprintln!(
-            "resuming {} at step {}",
-            checkpoint.display(),
-            trainer.step()
-        );
-        trainer
-    } else {
-        VaeTrainer::new(config.clone(), &device)?
-    };
+    let trainer = start(
+        &settings,
+        &checkpoint,
+        |path| VaeTrainer::resume(config.clone(), path, &device),
+        || VaeTrainer::new(config.clone(), &device),
+        VaeTrainer::step,
+    )?;
     let total = settings.total_steps;
     eprintln!(
         "training a {:.2} M-parameter VAE on {} images ({}x{} padded to {s}x{s}), {total} steps of batch {}",

@@ -8,9 +8,7 @@ use super::optim::AdamWParams;
 use super::state::{TrainerKind, TrainerState, UpdateRule};
 use crate::checkpoint;
 use crate::data::folder::{load_square, ImageFolder, Skipped};
-use crate::diffusion::schedule::{
-    min_snr_weights, q_sample, training_target, NoiseSchedule, PredictionType,
-};
+use crate::diffusion::schedule::{min_snr_weights, NoiseSchedule, PredictionType};
 use crate::error::{Error, Result};
 use crate::model::config::{read_json, UNetConfig};
 use crate::model::lora::{DOWN, META_ALPHA, META_RANK, UP};
@@ -496,17 +494,17 @@ impl UnetTrainer {
         noise: &Tensor,
         weights: Option<&[f64]>,
     ) -> Result<Tensor> {
-        let xt = q_sample(&self.schedule, x0, timesteps, noise)?;
-        let t = Tensor::from_vec(
-            timesteps.iter().map(|t| *t as f32).collect::<Vec<_>>(),
-            timesteps.len(),
-            x0.device(),
+        let noised =
+            super::NoisedBatch::new(&self.schedule, self.prediction, x0, timesteps, noise)?;
+        let prediction = self.unet.forward(
+            &noised.xt,
+            &noised.t,
+            &UNetConditioning::text(context.clone()),
         )?;
-        let prediction = self
-            .unet
-            .forward(&xt, &t, &UNetConditioning::text(context.clone()))?;
-        let target = training_target(&self.schedule, self.prediction, x0, noise, timesteps)?;
-        let per_image = (prediction - target)?.sqr()?.flatten_from(1)?.mean(1)?;
+        let per_image = (prediction - &noised.target)?
+            .sqr()?
+            .flatten_from(1)?
+            .mean(1)?;
         Ok(match weights {
             None => per_image.mean_all()?,
             Some(w) => {
@@ -546,9 +544,8 @@ impl UnetTrainer {
     fn draw(&self, data: &TrainingData, count: usize) -> Result<StepDraws> {
         let s = &self.settings;
         let n_train = self.schedule.num_train_timesteps();
-        let mut rng = SeededNoise::new(super::step_seed(s.seed, self.state.step));
-        let (indices, timesteps) =
-            super::draw_examples_and_timesteps(&mut rng, count, data.len(), n_train);
+        let (mut rng, indices, timesteps) =
+            super::draw_examples_and_timesteps(s.seed, self.state.step, count, data.len(), n_train);
         let mut shape = data.latents.dims().to_vec();
         shape[0] = count;
         let mut noise = rng.randn(&shape)?;
@@ -665,15 +662,15 @@ impl UnetTrainer {
     /// or another model is refused, naming what differs.
     pub fn resume_from(&mut self, path: &Path, examples: usize) -> Result<()> {
         let device = self.state.vars()[0].device().clone();
-        let loaded = checkpoint::load(path, &device)?;
-        let header = super::state::read_header(&loaded, path, TrainerKind::Finetune)?;
-        super::state::check_same_sections(
+        let (loaded, step) = super::state::open_for_resume(
             path,
-            &header.config,
+            &device,
+            TrainerKind::Finetune,
             &self.config_toml(examples),
             &["images", "finetune"],
+            |saved| Ok(saved.to_string()),
         )?;
-        self.state.restore(&loaded, path, header.step)
+        self.state.restore(&loaded, path, step)
     }
 
     /// A copy of the trainable weights by name (a copy: the variables change in place).

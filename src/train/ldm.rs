@@ -16,9 +16,9 @@ use super::config::LdmTrainConfig;
 use super::latent_data::LatentData;
 use super::optim::AdamWParams;
 use super::state::{TrainerKind, TrainerState, UpdateRule};
-use super::{named_vars, seeded_init};
+use super::{named_vars, seeded_init, NoisedBatch};
 use crate::checkpoint;
-use crate::diffusion::schedule::{q_sample, NoiseSchedule};
+use crate::diffusion::schedule::NoiseSchedule;
 use crate::error::{Error, Result};
 use crate::model::config::{ClipTextConfig, UNetConfig};
 use crate::model::text::ClipTextModel;
@@ -123,18 +123,15 @@ impl LdmTrainer {
         device: &Device,
     ) -> Result<Self> {
         let mut trainer = Self::new(config, latent_dims, device)?;
-        let loaded = checkpoint::load(path, device)?;
-        let header = super::state::read_header(&loaded, path, TrainerKind::Latent)?;
-        let saved = LdmTrainConfig::from_toml_str(&header.config).map_err(|e| {
-            crate::error::file_error(path, format!("its training config is not valid: {e}"))
-        })?;
-        super::state::check_same_sections(
+        let (loaded, step) = super::state::open_for_resume(
             path,
-            &saved.to_toml(),
+            device,
+            TrainerKind::Latent,
             &trainer.config.to_toml(),
             &["data", "model", "diffusion"],
+            |saved| Ok(LdmTrainConfig::from_toml_str(saved)?.to_toml()),
         )?;
-        trainer.state.restore(&loaded, path, header.step)?;
+        trainer.state.restore(&loaded, path, step)?;
         Ok(trainer)
     }
 
@@ -153,9 +150,13 @@ impl LdmTrainer {
         let cfg = &self.config;
         let batch = cfg.train.batch_size;
         let n_train = self.schedule.num_train_timesteps();
-        let mut rng = SeededNoise::new(super::step_seed(cfg.train.seed, self.state.step));
-        let (indices, timesteps) =
-            super::draw_examples_and_timesteps(&mut rng, batch, data.len(), n_train);
+        let (mut rng, indices, timesteps) = super::draw_examples_and_timesteps(
+            cfg.train.seed,
+            self.state.step,
+            batch,
+            data.len(),
+            n_train,
+        );
         let mut ids: Vec<u32> = Vec::with_capacity(batch * data.empty_ids.len());
         for &i in &indices {
             let dropped = rng.rng().random_bool(cfg.data.caption_dropout);
@@ -175,25 +176,19 @@ impl LdmTrainer {
         )?;
         let x0 = data.latents.index_select(&index, 0)?.to_device(&device)?;
         let eps = rng.randn(x0.dims())?.to_device(&device)?;
-        let xt = q_sample(&self.schedule, &x0, &timesteps, &eps)?;
-        let ids = Tensor::from_vec(ids, (batch, data.empty_ids.len()), &device)?;
-        let context = self.text_encoder.forward(&ids)?;
-        let t = Tensor::from_vec(
-            timesteps.iter().map(|t| *t as f32).collect::<Vec<_>>(),
-            batch,
-            &device,
-        )?;
-        let prediction = self
-            .unet
-            .forward(&xt, &t, &UNetConditioning::text(context))?;
-        let target = crate::diffusion::schedule::training_target(
+        let noised = NoisedBatch::new(
             &self.schedule,
             cfg.diffusion.prediction_type,
             &x0,
-            &eps,
             &timesteps,
+            &eps,
         )?;
-        let loss = (prediction - &target)?.sqr()?.mean_all()?;
+        let ids = Tensor::from_vec(ids, (batch, data.empty_ids.len()), &device)?;
+        let context = self.text_encoder.forward(&ids)?;
+        let prediction =
+            self.unet
+                .forward(&noised.xt, &noised.t, &UNetConditioning::text(context))?;
+        let loss = (prediction - &noised.target)?.sqr()?.mean_all()?;
         let (value, grads) = super::checked_loss_backward(&loss, self.state.step)?;
         let applied = self.state.apply(&grads)?;
         Ok(LdmStepStats {

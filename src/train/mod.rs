@@ -14,6 +14,7 @@ pub mod session;
 pub mod state;
 pub mod vae;
 
+use crate::diffusion::schedule::{q_sample, training_target, NoiseSchedule, PredictionType};
 pub use crate::ops::tensor::named_vars;
 use crate::sampler::noise::SeededNoise;
 use candle_core::{Tensor, Var};
@@ -25,22 +26,54 @@ pub fn step_seed(seed: u64, step: usize) -> u64 {
     seed ^ (step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
-/// One step's examples and timesteps, uniform over the data and over the `timesteps` training
-/// timesteps (DDPM algorithm 1, lines 2-3), drawn from the step's RNG in this order: the resume
-/// tests hold every trainer to it.
+/// The draws that open step `step` (0-based) of a run seeded `seed`: the step's RNG, then
+/// `batch` examples and timesteps, uniform over the data and over the `timesteps` training
+/// timesteps (DDPM algorithm 1, lines 2-3), drawn in this order (the resume tests hold every
+/// trainer to it). The rest of the step's draws come from the returned RNG.
 pub fn draw_examples_and_timesteps(
-    rng: &mut SeededNoise,
+    seed: u64,
+    step: usize,
     batch: usize,
     examples: usize,
     timesteps: usize,
-) -> (Vec<usize>, Vec<usize>) {
+) -> (SeededNoise, Vec<usize>, Vec<usize>) {
+    let mut rng = SeededNoise::new(step_seed(seed, step));
     let indices = (0..batch)
         .map(|_| rng.rng().random_range(0..examples))
         .collect();
     let drawn = (0..batch)
         .map(|_| rng.rng().random_range(0..timesteps))
         .collect();
-    (indices, drawn)
+    (rng, indices, drawn)
+}
+
+/// A batch of clean examples noised to their timesteps: x_t = sqrt(abar_t) x_0 +
+/// sqrt(1 - abar_t) eps (DDPM eq. 4), the timesteps as the U-Net takes them, and what the network
+/// regresses to under `prediction` (eps in DDPM eq. 14, v or x_0 otherwise).
+pub struct NoisedBatch {
+    pub xt: Tensor,
+    /// The timesteps as an (N,) f32 tensor on the examples' device.
+    pub t: Tensor,
+    pub target: Tensor,
+}
+
+impl NoisedBatch {
+    pub fn new(
+        schedule: &NoiseSchedule,
+        prediction: PredictionType,
+        x0: &Tensor,
+        timesteps: &[usize],
+        eps: &Tensor,
+    ) -> crate::Result<Self> {
+        let xt = q_sample(schedule, x0, timesteps, eps)?;
+        let t = Tensor::from_vec(
+            timesteps.iter().map(|t| *t as f32).collect::<Vec<_>>(),
+            timesteps.len(),
+            x0.device(),
+        )?;
+        let target = training_target(schedule, prediction, x0, eps, timesteps)?;
+        Ok(Self { xt, t, target })
+    }
 }
 
 /// Re-initialises every variable from a seeded RNG (candle's initialisers draw from an unseeded

@@ -8,13 +8,13 @@
 use super::config::TrainConfig;
 use super::optim::AdamWParams;
 use super::state::{TrainerKind, TrainerState, UpdateRule};
-use super::{named_vars, seeded_init};
+use super::{named_vars, seeded_init, NoisedBatch};
 use crate::checkpoint;
 use crate::data::idx::LabelledImages;
 use crate::diffusion::config::Loss;
 use crate::diffusion::likelihood::DiffusionTables;
-use crate::diffusion::schedule::{q_sample, NoiseSchedule};
-use crate::error::{file_error, Result};
+use crate::diffusion::schedule::NoiseSchedule;
+use crate::error::Result;
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::unet::UNetConditioning;
 use crate::pipeline::pixel::{PixelDiffusion, CONFIG_KEY};
@@ -91,17 +91,15 @@ impl PixelTrainer {
     /// resumed run a continuation rather than a replay.
     pub fn resume(config: TrainConfig, path: &Path, device: &Device) -> Result<Self> {
         let mut trainer = Self::new(config, device)?;
-        let loaded = checkpoint::load(path, device)?;
-        let header = super::state::read_header(&loaded, path, TrainerKind::Pixel)?;
-        let saved = TrainConfig::from_toml_str(&header.config)
-            .map_err(|e| file_error(path, format!("its training config is not valid: {e}")))?;
-        super::state::check_same_sections(
+        let (loaded, step) = super::state::open_for_resume(
             path,
-            &saved.to_toml(),
+            device,
+            TrainerKind::Pixel,
             &trainer.config.to_toml(),
             &["model", "diffusion"],
+            |saved| Ok(TrainConfig::from_toml_str(saved)?.to_toml()),
         )?;
-        trainer.state.restore(&loaded, path, header.step)?;
+        trainer.state.restore(&loaded, path, step)?;
         Ok(trainer)
     }
 
@@ -119,9 +117,13 @@ impl PixelTrainer {
         let cfg = &self.config;
         let batch = cfg.train.batch_size;
         let n_train = self.schedule.num_train_timesteps();
-        let mut rng = SeededNoise::new(super::step_seed(cfg.train.seed, self.state.step));
-        let (indices, timesteps) =
-            super::draw_examples_and_timesteps(&mut rng, batch, data.len(), n_train);
+        let (mut rng, indices, timesteps) = super::draw_examples_and_timesteps(
+            cfg.train.seed,
+            self.state.step,
+            batch,
+            data.len(),
+            n_train,
+        );
         let device = self.device.clone();
         // The batch is assembled (and flipped) on the CPU, then moved once.
         let mut x0 = data.batch(&indices, &Device::Cpu)?;
@@ -141,30 +143,25 @@ impl PixelTrainer {
         }
         let x0 = x0.to_device(&device)?;
         let eps = rng.randn(x0.dims())?.to_device(&device)?;
-        let xt = q_sample(&self.schedule, &x0, &timesteps, &eps)?;
+        let noised = NoisedBatch::new(
+            &self.schedule,
+            cfg.diffusion.prediction_type,
+            &x0,
+            &timesteps,
+            &eps,
+        )?;
+        let (xt, target) = (&noised.xt, &noised.target);
         let labels = match cfg.model.num_classes {
             Some(_) => Some(data.label_batch(&indices, &device)?),
             None => None,
         };
-        let t = Tensor::from_vec(
-            timesteps.iter().map(|t| *t as f32).collect::<Vec<_>>(),
-            batch,
-            &device,
-        )?;
         let output = self
             .unet
-            .forward(&xt, &t, &UNetConditioning::classes(labels))?;
+            .forward(xt, &noised.t, &UNetConditioning::classes(labels))?;
         let channels = x0.dim(1)?;
         let prediction = output.narrow(1, 0, channels)?;
-        let target = crate::diffusion::schedule::training_target(
-            &self.schedule,
-            cfg.diffusion.prediction_type,
-            &x0,
-            &eps,
-            &timesteps,
-        )?;
         // L_simple, DDPM eq. 14.
-        let mse = (prediction - &target)?.sqr()?.mean_all()?;
+        let mse = (prediction - target)?.sqr()?.mean_all()?;
         let (loss, vb_value) = if cfg.diffusion.loss == Loss::Hybrid {
             // The bound's term with the mean's gradient stopped: it trains only the variance
             // (Nichol & Dhariwal, section 3.1). lambda T L_t estimates lambda L_vlb.
@@ -177,14 +174,14 @@ impl PixelTrainer {
             )?;
             let (mean, log_variance) = self.tables.p_mean_variance(
                 &frozen,
-                &xt,
+                xt,
                 &timesteps,
                 self.config.diffusion.variance,
                 false,
             )?;
             let vb = self
                 .tables
-                .vb_term_bits(&x0, &xt, &timesteps, &mean, &log_variance)?
+                .vb_term_bits(&x0, xt, &timesteps, &mean, &log_variance)?
                 .mean_all()?;
             let weight = cfg.diffusion.vlb_weight * n_train as f64;
             let value = vb.to_scalar::<f32>()? as f64;

@@ -329,6 +329,26 @@ pub fn read_header(loaded: &Loaded, path: &Path, kind: TrainerKind) -> Result<Ch
     })
 }
 
+/// Opens the checkpoint at `path` for a `kind` run whose config is `current` (TOML): its layout
+/// read (see [`read_header`]), its saved config passed through `normalise` (parsed and written
+/// again as the trainer writes it, so that spacing and defaults are not differences), and the
+/// two configs required to agree on `sections`. Returns the file's tensors and its step.
+pub fn open_for_resume(
+    path: &Path,
+    device: &candle_core::Device,
+    kind: TrainerKind,
+    current: &str,
+    sections: &[&str],
+    normalise: impl Fn(&str) -> Result<String>,
+) -> Result<(Loaded, usize)> {
+    let loaded = checkpoint::load(path, device)?;
+    let header = read_header(&loaded, path, kind)?;
+    let saved = normalise(&header.config)
+        .map_err(|e| file_error(path, format!("its training config is not valid: {e}")))?;
+    check_same_sections(path, &saved, current, sections)?;
+    Ok((loaded, header.step))
+}
+
 /// The values of `sections` that differ between two TOML configs, each as
 /// `section.key (checkpoint: saved, this run: current)`: what a refusal to resume names.
 pub fn differences(saved: &str, current: &str, sections: &[&str]) -> Vec<String> {

@@ -312,23 +312,20 @@ impl VaeTrainer {
     /// Continues from [`Self::save`]'s file; a checkpoint of another model is refused.
     pub fn resume(config: VaeTrainConfig, path: &Path, device: &Device) -> Result<Self> {
         let mut trainer = Self::new(config, device)?;
-        let loaded = checkpoint::load(path, device)?;
-        let header = super::state::read_header(&loaded, path, TrainerKind::Vae)?;
-        let saved = VaeTrainConfig::from_toml_str(&header.config).map_err(|e| {
-            crate::error::file_error(path, format!("its training config is not valid: {e}"))
-        })?;
-        super::state::check_same_sections(
+        let (loaded, step) = super::state::open_for_resume(
             path,
-            &saved.to_toml(),
+            device,
+            TrainerKind::Vae,
             &trainer.config.to_toml(),
             &["model", "data"],
+            |saved| Ok(VaeTrainConfig::from_toml_str(saved)?.to_toml()),
         )?;
         for (name, var) in trainer.frozen() {
             var.set(&loaded.tensor_like(path, &format!("model.{name}"), var.dims())?)?;
         }
-        trainer.state.restore(&loaded, path, header.step)?;
+        trainer.state.restore(&loaded, path, step)?;
         if let Some(adversary) = &mut trainer.adversary {
-            adversary.state.restore(&loaded, path, header.step)?;
+            adversary.state.restore(&loaded, path, step)?;
         }
         Ok(trainer)
     }
