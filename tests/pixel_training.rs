@@ -122,6 +122,28 @@ fn interrupted_and_resumed_run_ends_with_the_same_weights() {
             .unwrap()
         };
         assert_eq!(common::max_abs_diff(&sample(&a), &sample(&b)), 0.0);
+
+        // The same checkpoint in the layout written before the one training layout (format
+        // "diffuse-pixel-ddpm", the config under "diffuse.train_config") resumes the same way.
+        let loaded = diffuse::checkpoint::load(&checkpoint, &Device::Cpu).unwrap();
+        let mut tensors: Vec<(String, candle_core::Tensor)> = loaded.tensors.into_iter().collect();
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        let earlier = dir.join("earlier.safetensors");
+        diffuse::checkpoint::save(
+            &earlier,
+            &tensors,
+            &std::collections::BTreeMap::from([
+                ("format".to_string(), "diffuse-pixel-ddpm".to_string()),
+                ("diffuse.step".to_string(), "3".to_string()),
+                ("diffuse.train_config".to_string(), config.to_toml()),
+            ]),
+        )
+        .unwrap();
+        let mut from_earlier = PixelTrainer::resume(config.clone(), &earlier, &Device::Cpu).unwrap();
+        for _ in 0..3 {
+            from_earlier.train_step(&data).unwrap();
+        }
+        assert_eq!(max_weight_diff(&straight, &from_earlier), 0.0);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -414,6 +414,60 @@ pub fn check_same_sections(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
+
+    fn header(entries: &[(&str, &str)]) -> Loaded {
+        Loaded {
+            tensors: HashMap::new(),
+            metadata: entries
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn earlier_layouts_are_read_or_refused_by_name() {
+        let path = Path::new("run/checkpoint.safetensors");
+        // This layout, and the pixel, latent and VAE layouts before it (their own format name
+        // and config key, the same tensors), are read.
+        let current = header(&[
+            ("format", CHECKPOINT_FORMAT),
+            (TRAINER_KEY, "vae"),
+            (STEP_KEY, "7"),
+            (CONFIG_KEY, "[model]"),
+        ]);
+        let read = read_header(&current, path, TrainerKind::Vae).unwrap();
+        assert_eq!((read.step, read.config.as_str()), (7, "[model]"));
+        for (kind, format, key) in [
+            (TrainerKind::Pixel, "diffuse-pixel-ddpm", "diffuse.train_config"),
+            (TrainerKind::Latent, "diffuse-ldm", "diffuse.ldm_train_config"),
+            (TrainerKind::Vae, "diffuse-vae", "diffuse.vae_train_config"),
+        ] {
+            let earlier = header(&[("format", format), (STEP_KEY, "3"), (key, "[data]")]);
+            let read = read_header(&earlier, path, kind).unwrap();
+            assert_eq!((read.step, read.config.as_str()), (3, "[data]"), "{format}");
+        }
+        // Fine-tuning's earlier layout is refused, saying what changed.
+        let finetune = header(&[("format", "diffuse-finetune"), ("step", "3")]);
+        let err = read_header(&finetune, path, TrainerKind::Finetune)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("checkpoint.safetensors") && err.contains("`param.`"),
+            "{err}"
+        );
+        // Another trainer's checkpoint, of either layout, is refused naming the trainer.
+        let err = read_header(&current, path, TrainerKind::Pixel)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("vae trainer") && err.contains("diffuse train"), "{err}");
+        let earlier_vae = header(&[("format", "diffuse-vae"), (STEP_KEY, "3")]);
+        let err = read_header(&earlier_vae, path, TrainerKind::Latent)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"diffuse-vae\""), "{err}");
+    }
 
     #[test]
     fn differences_name_each_changed_value_with_both_sides() {
