@@ -45,7 +45,7 @@ for i, (name, colour) in enumerate([("red", (220, 30, 30)), ("blue", (30, 30, 22
     Image.new("RGB", (128, 128), colour).save(d / f"{i}.png")
     (d / f"{i}.txt").write_text(f"a {name} square")
 PY
-"$BIN/diffuse" finetune --device cuda --model tests/fixtures/tiny-sd --data "$WORK/captioned" --out "$WORK/finetune" \
+"$BIN/diffuse" finetune --device cuda --model tests/fixtures/tiny-sd --data "$WORK/captioned" --out-dir "$WORK/finetune" \
     --steps 6 --lora-rank 4 --checkpoint-every 3 --json 2>&1 | tee "$OUT/finetune.log" | tail -3 || status=1
 
 echo "== 4. compare.sh on the GPU"
