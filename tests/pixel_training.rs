@@ -139,7 +139,8 @@ fn interrupted_and_resumed_run_ends_with_the_same_weights() {
             ]),
         )
         .unwrap();
-        let mut from_earlier = PixelTrainer::resume(config.clone(), &earlier, &Device::Cpu).unwrap();
+        let mut from_earlier =
+            PixelTrainer::resume(config.clone(), &earlier, &Device::Cpu).unwrap();
         for _ in 0..3 {
             from_earlier.train_step(&data).unwrap();
         }

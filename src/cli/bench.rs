@@ -55,7 +55,8 @@ pub struct BenchArgs {
     /// train-pixel: the batch size (default: the config's).
     #[arg(long)]
     pub batch: Option<usize>,
-    /// Where to run: cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
+    /// Where to run: cpu, cuda or cuda:N (cuda needs a build with `--features cuda`), or auto.
+    /// The CPU unless asked: a benchmark measures one named device, never whichever is found.
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// finetune-lora: the adapters' rank.

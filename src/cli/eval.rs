@@ -18,8 +18,9 @@ use std::time::Instant;
 
 #[derive(Debug, Clone, Args)]
 pub struct EvalArgs {
-    /// Where to run: cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
-    #[arg(long, default_value = "cpu")]
+    /// Where to run: auto (the GPU when this binary has CUDA and the machine a GPU, else the
+    /// CPU), cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
+    #[arg(long, default_value = "auto")]
     pub device: String,
     /// A checkpoint or weights file from `diffuse train`.
     #[arg(long)]

@@ -12,8 +12,9 @@ use std::path::PathBuf;
 
 #[derive(Debug, Clone, Args)]
 pub struct SampleArgs {
-    /// Where to run: cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
-    #[arg(long, default_value = "cpu")]
+    /// Where to run: auto (the GPU when this binary has CUDA and the machine a GPU, else the
+    /// CPU), cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
+    #[arg(long, default_value = "auto")]
     pub device: String,
     /// A checkpoint or weights file from `diffuse train` (e.g. weights/ddpm-mnist.safetensors).
     #[arg(long)]

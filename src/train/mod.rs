@@ -5,6 +5,7 @@
 pub mod config;
 pub mod discriminator;
 pub mod finetune;
+pub mod finetune_data;
 pub mod latent_data;
 pub mod ldm;
 pub mod optim;
@@ -12,6 +13,7 @@ pub mod pixel;
 pub mod plot;
 pub mod session;
 pub mod state;
+pub mod unet_trainer;
 pub mod vae;
 
 use crate::diffusion::schedule::{q_sample, training_target, NoiseSchedule, PredictionType};

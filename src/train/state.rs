@@ -440,8 +440,16 @@ mod tests {
         let read = read_header(&current, path, TrainerKind::Vae).unwrap();
         assert_eq!((read.step, read.config.as_str()), (7, "[model]"));
         for (kind, format, key) in [
-            (TrainerKind::Pixel, "diffuse-pixel-ddpm", "diffuse.train_config"),
-            (TrainerKind::Latent, "diffuse-ldm", "diffuse.ldm_train_config"),
+            (
+                TrainerKind::Pixel,
+                "diffuse-pixel-ddpm",
+                "diffuse.train_config",
+            ),
+            (
+                TrainerKind::Latent,
+                "diffuse-ldm",
+                "diffuse.ldm_train_config",
+            ),
             (TrainerKind::Vae, "diffuse-vae", "diffuse.vae_train_config"),
         ] {
             let earlier = header(&[("format", format), (STEP_KEY, "3"), (key, "[data]")]);
@@ -461,7 +469,10 @@ mod tests {
         let err = read_header(&current, path, TrainerKind::Pixel)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("vae trainer") && err.contains("diffuse train"), "{err}");
+        assert!(
+            err.contains("vae trainer") && err.contains("diffuse train"),
+            "{err}"
+        );
         let earlier_vae = header(&[("format", "diffuse-vae"), (STEP_KEY, "3")]);
         let err = read_header(&earlier_vae, path, TrainerKind::Latent)
             .unwrap_err()

@@ -5,11 +5,13 @@
 //! ([`TrainingConfig`]); `diffuse train-vae` reads [`VaeTrainConfig`].
 
 pub mod common;
+pub mod finetune;
 pub mod latent;
 pub mod pixel;
 pub mod vae;
 
 pub use common::{config_dir, parse_toml, read_config, relative_to, OptimConfig};
+pub use finetune::FinetuneSettings;
 pub use latent::LdmTrainConfig;
 pub use pixel::{DataConfig, TrainConfig};
 pub use vae::VaeTrainConfig;
