@@ -111,13 +111,26 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             &args.checkpoint,
         )?)
         .with_context(|| format!("{}: its training config", args.checkpoint.display()))?;
-    let data_dir = args
-        .data
-        .clone()
-        .unwrap_or_else(|| trained.data.path.clone());
+    // The training config's data path is absolute when it came from a config file (its paths
+    // are taken from the file's folder); a relative one (files written before that) names no
+    // folder for sure, so it is not guessed from the working directory.
+    let data_dir = match &args.data {
+        Some(dir) => dir.clone(),
+        None if trained.data.path.is_absolute() => trained.data.path.clone(),
+        None => PathBuf::new(),
+    };
+    let data_missing = args.data.is_none() && !trained.data.path.is_absolute();
     let mut report = serde_json::Map::new();
     let batch = args.batch.max(1);
     let needs_data = args.subset > 0 || args.ode_subset > 0;
+    if needs_data && data_missing {
+        anyhow::bail!(
+            "{}: its training config's data.path ({}) is relative to where that run started; \
+             give --data DIR (the folder with the IDX test files)",
+            args.checkpoint.display(),
+            trained.data.path.display()
+        );
+    }
     let test = if needs_data {
         Some(
             LabelledImages::load(&data_dir, Split::Test)
