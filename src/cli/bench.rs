@@ -197,7 +197,7 @@ fn bench_train_pixel(args: &BenchArgs) -> anyhow::Result<()> {
             .map(|_| rng.rng().random::<u8>())
             .collect(),
         labels: (0..count)
-            .map(|i| (i % config.model.num_classes.unwrap_or(1)) as u8)
+            .map(|i| (i % config.model.num_classes.unwrap_or(1)) as u16)
             .collect(),
         height: size,
         width: size,

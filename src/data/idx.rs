@@ -1,4 +1,6 @@
-//! The IDX files of MNIST and Fashion-MNIST (big-endian header, then raw bytes), plain or gzipped.
+//! The IDX files of MNIST, Fashion-MNIST and the Quick, Draw! doodles (big-endian header, then
+//! raw values), plain or gzipped. Labels are bytes (magic 0x801, `*-labels-idx1-ubyte`) or, for
+//! more than 256 classes, 16-bit big-endian integers (magic 0xB01, `*-labels-idx1-short`).
 
 use crate::error::{file_error, Error, Result};
 use candle_core::{Device, Tensor};
@@ -7,13 +9,14 @@ use std::path::{Path, PathBuf};
 
 const IMAGES_MAGIC: u32 = 0x0000_0803;
 const LABELS_MAGIC: u32 = 0x0000_0801;
+const SHORT_LABELS_MAGIC: u32 = 0x0000_0B01;
 
 /// A split of a labelled gray-image dataset, kept as the original bytes.
 #[derive(Debug, Clone)]
 pub struct LabelledImages {
     /// `count * height * width` bytes, image after image, row-major; 0 is background.
     pub pixels: Vec<u8>,
-    pub labels: Vec<u8>,
+    pub labels: Vec<u16>,
     pub height: usize,
     pub width: usize,
 }
@@ -91,54 +94,78 @@ pub fn read_images(path: &Path) -> Result<(Vec<u8>, usize, usize, usize)> {
     Ok((bytes[16..].to_vec(), count, rows, cols))
 }
 
-/// An IDX label file (magic 0x801).
-pub fn read_labels(path: &Path) -> Result<Vec<u8>> {
+/// An IDX label file: bytes (magic 0x801) or 16-bit big-endian integers (magic 0xB01).
+pub fn read_labels(path: &Path) -> Result<Vec<u16>> {
     let bytes = read_maybe_gz(path)?;
     let h = header(&bytes, 2, path)?;
-    if h[0] != LABELS_MAGIC as usize {
+    let width = match h[0] as u32 {
+        LABELS_MAGIC => 1,
+        SHORT_LABELS_MAGIC => 2,
+        other => {
+            return Err(file_error(
+                path,
+                format!(
+                    "magic number {other:#010x}, expected {LABELS_MAGIC:#010x} (IDX byte labels) \
+                     or {SHORT_LABELS_MAGIC:#010x} (IDX 16-bit labels)"
+                ),
+            ))
+        }
+    };
+    let expected = h[1].checked_mul(width).and_then(|n| n.checked_add(8));
+    if Some(bytes.len()) != expected {
         return Err(file_error(
             path,
             format!(
-                "magic number {:#010x}, expected {LABELS_MAGIC:#010x} (IDX labels)",
-                h[0]
-            ),
-        ));
-    }
-    if bytes.len() != 8 + h[1] {
-        return Err(file_error(
-            path,
-            format!(
-                "{} bytes, expected {} for {} labels (truncated?)",
+                "{} bytes, expected 8 + {width} x {} for {} labels (truncated?)",
                 bytes.len(),
-                8 + h[1],
+                h[1],
                 h[1]
             ),
         ));
     }
-    Ok(bytes[8..].to_vec())
+    Ok(match width {
+        1 => bytes[8..].iter().map(|&b| b as u16).collect(),
+        _ => bytes[8..]
+            .chunks_exact(2)
+            .map(|b| u16::from_be_bytes([b[0], b[1]]))
+            .collect(),
+    })
 }
 
-/// `dir/<stem>-<kind>-idx<n>-ubyte`, with or without `.gz`.
-fn find_file(dir: &Path, name: &str) -> Result<PathBuf> {
-    let plain = dir.join(name);
-    let gz = dir.join(format!("{name}.gz"));
-    if gz.is_file() {
-        Ok(gz)
-    } else if plain.is_file() {
-        Ok(plain)
-    } else {
-        Err(file_error(
-            &gz,
-            format!("missing (looked for {name} and {name}.gz in this folder)"),
-        ))
-    }
+/// The first of `dir/<name>.gz` and `dir/<name>` for each of `names` that exists.
+fn find_file(dir: &Path, names: &[&str]) -> Result<PathBuf> {
+    let candidates: Vec<PathBuf> = names
+        .iter()
+        .flat_map(|name| [dir.join(format!("{name}.gz")), dir.join(name)])
+        .collect();
+    candidates
+        .iter()
+        .find(|path| path.is_file())
+        .cloned()
+        .ok_or_else(|| {
+            let looked: Vec<String> = names
+                .iter()
+                .flat_map(|name| [name.to_string(), format!("{name}.gz")])
+                .collect();
+            file_error(
+                &candidates[0],
+                format!("missing (looked for {} in this folder)", looked.join(", ")),
+            )
+        })
 }
 
 impl LabelledImages {
     /// Reads one split of an MNIST-layout folder.
     pub fn load(dir: &Path, split: Split) -> Result<Self> {
-        let images_path = find_file(dir, &format!("{}-images-idx3-ubyte", split.stem()))?;
-        let labels_path = find_file(dir, &format!("{}-labels-idx1-ubyte", split.stem()))?;
+        let stem = split.stem();
+        let images_path = find_file(dir, &[&format!("{stem}-images-idx3-ubyte")])?;
+        let labels_path = find_file(
+            dir,
+            &[
+                &format!("{stem}-labels-idx1-ubyte"),
+                &format!("{stem}-labels-idx1-short"),
+            ],
+        )?;
         let (pixels, count, height, width) = read_images(&images_path)?;
         let labels = read_labels(&labels_path)?;
         if labels.len() != count {
@@ -254,6 +281,49 @@ mod tests {
             let mut file = file;
             file.write_all(&bytes).unwrap();
         }
+    }
+
+    /// The Quick, Draw! layout: 16-bit labels (magic 0xB01) in `*-labels-idx1-short`, values
+    /// past 255 kept; a count that does not match the bytes is named.
+    #[test]
+    fn reads_sixteen_bit_labels() {
+        let dir = std::env::temp_dir().join(format!("diffuse-idx16-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        write_idx(
+            &dir.join("t10k-images-idx3-ubyte.gz"),
+            IMAGES_MAGIC,
+            &[3, 1, 1],
+            &[0, 128, 255],
+            true,
+        );
+        let labels: Vec<u8> = [0u16, 344, 300]
+            .iter()
+            .flat_map(|l| l.to_be_bytes())
+            .collect();
+        write_idx(
+            &dir.join("t10k-labels-idx1-short.gz"),
+            SHORT_LABELS_MAGIC,
+            &[3],
+            &labels,
+            true,
+        );
+        let data = LabelledImages::load(&dir, Split::Test).unwrap();
+        assert_eq!(data.labels, vec![0, 344, 300]);
+        write_idx(
+            &dir.join("t10k-labels-idx1-short.gz"),
+            SHORT_LABELS_MAGIC,
+            &[3],
+            &labels[..5],
+            true,
+        );
+        let err = LabelledImages::load(&dir, Split::Test)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("t10k-labels-idx1-short.gz") && err.contains("truncated"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
