@@ -4,7 +4,8 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use diffuse::data::idx::{LabelledImages, Split};
+use diffuse::data::idx::Split;
+use diffuse::data::image_set::{ImageSet, ImageSources};
 use diffuse::model::config::{read_json, VaeConfig};
 use diffuse::model::vae::AutoencoderKL;
 use diffuse::train::config::VaeTrainConfig;
@@ -42,6 +43,15 @@ log_every = 5
         data.display(),
         out.display()
     )
+}
+
+/// The tiny configs' images: one IDX folder at 8x8, grey.
+fn images(dir: &Path, split: Split) -> ImageSet {
+    let sources = ImageSources {
+        idx: vec![dir.to_path_buf()],
+        emoji: vec![],
+    };
+    ImageSet::load(&sources, split, 8, 1, [255; 3], false).unwrap()
 }
 
 fn values(tensor: &Tensor) -> Vec<f32> {
@@ -94,7 +104,7 @@ fn train_vae_lowers_the_loss_and_writes_a_loadable_vae() {
         |vb| AutoencoderKL::new(vae_config, vb),
     )
     .unwrap();
-    let data = LabelledImages::load(&dir.join("data"), Split::Test).unwrap();
+    let data = images(&dir.join("data"), Split::Test);
     let x = data.batch(&[0, 1], &Device::Cpu).unwrap();
     let posterior = vae.encode(&x).unwrap();
     assert_eq!(posterior.mean.dims(), &[2, 2, 4, 4]);
@@ -120,7 +130,7 @@ fn resumed_vae_training_equals_uninterrupted_one() {
     let dir = temp_dir("resume");
     common::write_idx_dataset(&dir.join("data"), 12, 8);
     let config = VaeTrainConfig::from_toml_str(&tiny_config(&dir.join("data"), &dir, "")).unwrap();
-    let data = LabelledImages::load(&dir.join("data"), Split::Train).unwrap();
+    let data = images(&dir.join("data"), Split::Train);
     let mut straight = VaeTrainer::new(config.clone(), &Device::Cpu).unwrap();
     for _ in 0..4 {
         straight.train_step(&data).unwrap();
@@ -172,7 +182,7 @@ fn bad_vae_configs_are_named() {
 fn decoder_only_fine_tuning_keeps_the_encoder() {
     let dir = temp_dir("decoder");
     common::write_idx_dataset(&dir.join("data"), 12, 8);
-    let data = LabelledImages::load(&dir.join("data"), Split::Train).unwrap();
+    let data = images(&dir.join("data"), Split::Train);
     let config = VaeTrainConfig::from_toml_str(&tiny_config(&dir.join("data"), &dir, "")).unwrap();
     let mut base = VaeTrainer::new(config, &Device::Cpu).unwrap();
     for _ in 0..3 {
@@ -218,7 +228,7 @@ fn decoder_only_fine_tuning_keeps_the_encoder() {
 fn adversarial_vae_training_resumes_exactly() {
     let dir = temp_dir("adversarial");
     common::write_idx_dataset(&dir.join("data"), 12, 8);
-    let data = LabelledImages::load(&dir.join("data"), Split::Train).unwrap();
+    let data = images(&dir.join("data"), Split::Train);
     let extra = "adversarial_weight = 0.1\nadversarial_start = 1\ndiscriminator_channels = 4";
     let config =
         VaeTrainConfig::from_toml_str(&tiny_config(&dir.join("data"), &dir, extra)).unwrap();

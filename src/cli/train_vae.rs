@@ -3,8 +3,8 @@
 //! `--resume`), and writes it in the diffusers `vae/` layout with its latent scaling factor.
 
 use super::session_args::{report, start, Cadence, SessionArgs};
-use crate::data::idx::load_pooled;
 use crate::data::idx::Split;
+use crate::data::image_set::ImageSet;
 use crate::pipeline::pixel::grid;
 use crate::train::config::VaeTrainConfig;
 use crate::train::session::{check_out_dir, run_session};
@@ -35,8 +35,18 @@ pub fn run(args: TrainVaeArgs) -> anyhow::Result<()> {
     let out_dir = settings.out_dir.clone();
     let checkpoint = check_out_dir(&out_dir, settings.resume)?;
     // Data first: a bad file stops the run before any work.
-    let train = load_pooled(&config.data.paths, Split::Train)?;
-    let test = load_pooled(&config.data.paths, Split::Test)?;
+    let load = |split| {
+        ImageSet::load(
+            &config.data.sources(),
+            split,
+            config.data.image_size,
+            config.model.channels,
+            config.data.background,
+            false,
+        )
+    };
+    let train = load(Split::Train)?;
+    let test = load(Split::Test)?;
     let device = args.session.device()?;
     let trainer = start(
         &settings,
@@ -47,11 +57,11 @@ pub fn run(args: TrainVaeArgs) -> anyhow::Result<()> {
     )?;
     let total = settings.total_steps;
     eprintln!(
-        "training a {:.2} M-parameter VAE on {} images ({}x{} padded to {s}x{s}), {total} steps of batch {}",
+        "training a {:.2} M-parameter VAE on {} images ({} channels at {s}x{s}), {total} steps \
+         of batch {}",
         trainer.parameter_count() as f64 / 1e6,
         train.len(),
-        train.height,
-        train.width,
+        train.channels,
         config.train.batch_size,
         s = config.data.image_size,
     );
@@ -68,12 +78,13 @@ pub fn run(args: TrainVaeArgs) -> anyhow::Result<()> {
     let scaling_factor = trainer.scaling_factor(&train)?;
     let vae_dir = out_dir.join("vae");
     trainer.write_diffusers(&vae_dir, scaling_factor)?;
-    // Eight test images over their reconstructions.
-    let originals = crate::data::idx::pad_to(
-        &test.batch(&(0..8).collect::<Vec<_>>(), &candle_core::Device::Cpu)?,
-        config.data.image_size,
-    )?
-    .to_device(&device)?;
+    // Eight test images, spread over the sources, over their reconstructions.
+    let originals = test
+        .batch(
+            &crate::train::vae::evenly_spaced(test.len(), 8),
+            &candle_core::Device::Cpu,
+        )?
+        .to_device(&device)?;
     let pairs = candle_core::Tensor::cat(
         &[
             originals.clone(),

@@ -220,32 +220,6 @@ impl LabelledImages {
     }
 }
 
-/// The training images of every folder, pooled; all must share one size.
-pub fn load_pooled(paths: &[PathBuf], split: Split) -> Result<LabelledImages> {
-    let mut pooled: Option<LabelledImages> = None;
-    for path in paths {
-        let part = LabelledImages::load(path, split)?;
-        pooled = Some(match pooled {
-            None => part,
-            Some(mut all) => {
-                if (all.height, all.width) != (part.height, part.width) {
-                    return Err(Error::File {
-                        path: path.display().to_string(),
-                        message: format!(
-                            "images are {}x{}, but the folders before have {}x{}",
-                            part.height, part.width, all.height, all.width
-                        ),
-                    });
-                }
-                all.pixels.extend_from_slice(&part.pixels);
-                all.labels.extend_from_slice(&part.labels);
-                all
-            }
-        });
-    }
-    pooled.ok_or_else(|| Error::bad_value("data.paths", "[]", "at least one folder"))
-}
-
 /// (B, C, h, w) images in [-1, 1] padded with black (-1) to `size` x `size`, centred.
 pub fn pad_to(images: &Tensor, size: usize) -> Result<Tensor> {
     let (_, _, h, w) = images.dims4()?;

@@ -3,9 +3,8 @@
 
 use super::config::LdmTrainConfig;
 use crate::checkpoint;
-use crate::data::captions::{ClassCaptions, EXTRA_TEMPLATES};
-use crate::data::idx::pad_to;
-use crate::data::idx::{LabelledImages, Split};
+use crate::data::idx::Split;
+use crate::data::image_set::ImageSet;
 use crate::error::{Error, Result};
 use crate::model::config::{read_json, VaeConfig};
 use crate::model::vae::AutoencoderKL;
@@ -31,8 +30,9 @@ pub struct LatentData {
 }
 
 impl LatentData {
-    /// Reads every folder's training split and `classes.json`, and encodes the images with the
-    /// autoencoder in `config.model.vae` (posterior means, scaled), `batch` at a time.
+    /// Reads every source's split (IDX folders with their `classes.json`, emoji folders) at the
+    /// autoencoder's channel count, and encodes the images with the autoencoder in
+    /// `config.model.vae` (posterior means, scaled), 500 at a time.
     ///
     /// With `cache`, the latents are read from that file when it was written for the same
     /// autoencoder (weights and config), folders, image size and split, and written there
@@ -56,49 +56,25 @@ impl LatentData {
             .filter(|loaded| loaded.metadata.get(CACHE_KEY) == Some(&cache_key))
             .and_then(|mut loaded| loaded.tensors.remove("latents"));
         let tokenizer = ClipTokenizer::from_dir(&config.model.tokenizer)?;
-        let mut datasets = Vec::new();
-        let mut captions: Vec<Vec<String>> = Vec::new();
-        for path in &config.data.paths {
-            let images = LabelledImages::load(path, split)?;
-            let own = ClassCaptions::load(&path.join("classes.json"), EXTRA_TEMPLATES)?;
-            if let Some(bad) = images
-                .labels
-                .iter()
-                .find(|l| **l as usize >= own.num_classes())
-            {
-                return Err(Error::File {
-                    path: path.display().to_string(),
-                    message: format!(
-                        "label {bad} has no class in classes.json ({} classes)",
-                        own.num_classes()
-                    ),
-                });
-            }
-            datasets.push((captions.len(), images));
-            captions.extend(own.captions);
-        }
-        let total: usize = datasets.iter().map(|(_, d)| d.len()).sum();
-        let classes: Vec<usize> = datasets
-            .iter()
-            .flat_map(|(offset, images)| images.labels.iter().map(move |l| offset + *l as usize))
-            .collect();
+        let images = ImageSet::load(
+            &config.data.sources(),
+            split,
+            config.data.image_size,
+            vae_config.in_channels,
+            config.data.background,
+            true,
+        )?;
+        let total = images.len();
         let latents = match cached.filter(|l| l.dim(0).ok() == Some(total)) {
             Some(latents) => latents,
             None => {
                 let mut chunks = Vec::new();
-                let mut done = 0;
-                for (_, images) in &datasets {
-                    for start in (0..images.len()).step_by(500) {
-                        let indices: Vec<usize> = (start..images.len().min(start + 500)).collect();
-                        let x = pad_to(
-                            &images.batch(&indices, &Device::Cpu)?,
-                            config.data.image_size,
-                        )?;
-                        let mean = vae.encode(&x)?.mean;
-                        chunks.push(mean.affine(vae_config.scaling_factor, 0.0)?);
-                        done += indices.len();
-                        progress(done, total);
-                    }
+                let all: Vec<usize> = (0..total).collect();
+                for indices in all.chunks(500) {
+                    let x = images.batch(indices, &Device::Cpu)?;
+                    let mean = vae.encode(&x)?.mean;
+                    chunks.push(mean.affine(vae_config.scaling_factor, 0.0)?);
+                    progress(indices[indices.len() - 1] + 1, total);
                 }
                 let latents = Tensor::cat(&chunks, 0)?;
                 if let Some(path) = cache {
@@ -111,6 +87,9 @@ impl LatentData {
                 latents
             }
         };
+        let ImageSet {
+            classes, captions, ..
+        } = images;
         let encode = |text: &str| tokenizer.encode(text).map(|e| e.ids);
         let caption_ids = captions
             .iter()
@@ -161,6 +140,10 @@ fn latent_cache_key(config: &LdmTrainConfig, split: Split, vae_weights: &Path) -
     read(&config.model.vae.join("config.json"))?.hash(&mut hasher);
     config.data.paths.hash(&mut hasher);
     config.data.image_size.hash(&mut hasher);
+    if !config.data.emoji.is_empty() {
+        config.data.emoji.hash(&mut hasher);
+        config.data.background.hash(&mut hasher);
+    }
     split.stem().hash(&mut hasher);
     Ok(format!("{:016x}", hasher.finish()))
 }

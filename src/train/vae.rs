@@ -11,8 +11,7 @@ use super::discriminator::{discriminator_hinge_loss, generator_hinge_loss, Patch
 use super::state::{TrainerKind, TrainerState};
 use super::{named_vars, seeded_init};
 use crate::checkpoint;
-use crate::data::idx::pad_to;
-use crate::data::idx::LabelledImages;
+use crate::data::image_set::ImageSet;
 use crate::error::{Error, Result};
 use crate::model::vae::AutoencoderKL;
 use crate::sampler::noise::SeededNoise;
@@ -147,14 +146,9 @@ impl VaeTrainer {
         self.state.parameter_count()
     }
 
-    /// The images at `indices`, padded, on the trainer's device.
-    fn images(&self, data: &LabelledImages, indices: &[usize]) -> Result<Tensor> {
-        pad_to(
-            &data.batch(indices, &Device::Cpu)?,
-            self.config.data.image_size,
-        )?
-        .to_device(&self.device)
-        .map_err(Into::into)
+    /// The images at `indices` on the trainer's device.
+    fn images(&self, data: &ImageSet, indices: &[usize]) -> Result<Tensor> {
+        Ok(data.batch(indices, &Device::Cpu)?.to_device(&self.device)?)
     }
 
     /// The reconstruction from a posterior draw, its mean per-pixel L1, and the KL per image.
@@ -180,7 +174,7 @@ impl VaeTrainer {
     /// paper's sum-per-image losses divided by the pixel count) + adversarial_weight times the
     /// decoder's hinge loss once past `adversarial_start`; then one discriminator step on the same
     /// images and their reconstructions.
-    pub fn train_step(&mut self, data: &LabelledImages) -> Result<VaeStepStats> {
+    pub fn train_step(&mut self, data: &ImageSet) -> Result<VaeStepStats> {
         let t = &self.config.train;
         let step = self.state.step;
         let mut rng = SeededNoise::new(super::step_seed(t.seed, step));
@@ -239,13 +233,13 @@ impl VaeTrainer {
     }
 
     /// Mean per-pixel L1 and PSNR (dB, images in [-1, 1] taken as [0, 1]) of the reconstructions
-    /// of the first `n` images of `data`.
-    pub fn evaluate(&self, data: &LabelledImages, n: usize) -> Result<(f64, f64)> {
-        let n = n.min(data.len());
+    /// of `n` images spread evenly over `data` (every source of a pooled set counts).
+    pub fn evaluate(&self, data: &ImageSet, n: usize) -> Result<(f64, f64)> {
+        let spread = evenly_spaced(data.len(), n);
+        let n = spread.len();
         let (mut l1, mut squared) = (0.0, 0.0);
-        for start in (0..n).step_by(100) {
-            let indices: Vec<usize> = (start..n.min(start + 100)).collect();
-            let x = self.images(data, &indices)?;
+        for indices in spread.chunks(100) {
+            let x = self.images(data, indices)?;
             let error = (self.reconstruct(&x)?.clamp(-1f32, 1f32)? - &x)?;
             let count = indices.len() as f64;
             l1 += error.abs()?.mean_all()?.to_scalar::<f32>()? as f64 * count;
@@ -256,16 +250,15 @@ impl VaeTrainer {
         Ok((l1, 10.0 * (1.0 / (mse / 4.0)).log10()))
     }
 
-    /// 1 / standard deviation of the posterior means of up to 1000 images: the factor that gives
-    /// the diffusion model latents of unit variance (LDM section 4.3.2).
-    pub fn scaling_factor(&self, data: &LabelledImages) -> Result<f64> {
-        let n = data.len().min(1000);
+    /// 1 / standard deviation of the posterior means of up to 1000 images spread evenly over
+    /// `data`: the factor that gives the diffusion model latents of unit variance (LDM section
+    /// 4.3.2).
+    pub fn scaling_factor(&self, data: &ImageSet) -> Result<f64> {
         let mut means = Vec::new();
-        for start in (0..n).step_by(100) {
-            let indices: Vec<usize> = (start..n.min(start + 100)).collect();
+        for indices in evenly_spaced(data.len(), 1000).chunks(100) {
             means.push(
                 self.vae
-                    .encode(&self.images(data, &indices)?)?
+                    .encode(&self.images(data, indices)?)?
                     .mean
                     .detach()
                     .flatten_all()?,
@@ -362,10 +355,16 @@ impl VaeTrainer {
     }
 }
 
+/// `n` indices (or all `len`, if fewer) spread evenly over 0..`len`: i * len / n.
+pub fn evenly_spaced(len: usize, n: usize) -> Vec<usize> {
+    let n = n.min(len);
+    (0..n).map(|i| i * len / n).collect()
+}
+
 /// An autoencoder run in a training session: the trainer and its images.
 pub struct VaeRun {
     pub trainer: VaeTrainer,
-    pub data: LabelledImages,
+    pub data: ImageSet,
 }
 
 impl super::session::Trainer for VaeRun {

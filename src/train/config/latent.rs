@@ -24,8 +24,16 @@ pub struct LdmTrainConfig {
 #[serde(deny_unknown_fields)]
 pub struct LdmDataConfig {
     /// MNIST-layout IDX folders, each with a `classes.json`; their classes are numbered on.
+    #[serde(default)]
     pub paths: Vec<PathBuf>,
-    /// Images are padded with black to this square size before encoding.
+    /// Emoji folders (`metadata.jsonl` and RGBA pictures), after the IDX folders.
+    #[serde(default)]
+    pub emoji: Vec<PathBuf>,
+    /// The colour transparent emoji are composited over.
+    #[serde(default = "super::vae::white")]
+    pub background: [u8; 3],
+    /// Images are enlarged by a whole factor and padded with black to this square size before
+    /// encoding; emoji are averaged down to it.
     pub image_size: usize,
     /// The fraction of examples trained with the empty caption (classifier-free guidance).
     #[serde(default = "caption_dropout")]
@@ -79,6 +87,15 @@ fn groups() -> usize {
     32
 }
 
+impl LdmDataConfig {
+    pub fn sources(&self) -> crate::data::image_set::ImageSources {
+        crate::data::image_set::ImageSources {
+            idx: self.paths.clone(),
+            emoji: self.emoji.clone(),
+        }
+    }
+}
+
 impl LdmTrainConfig {
     pub fn from_toml_str(text: &str) -> Result<Self> {
         let config: Self = parse_toml(text)?;
@@ -89,7 +106,7 @@ impl LdmTrainConfig {
     /// Takes the config's relative paths (data, autoencoder, tokenizer, output) from `base`,
     /// the config file's folder.
     pub fn rebase(&mut self, base: &Path) {
-        for data in &mut self.data.paths {
+        for data in self.data.paths.iter_mut().chain(&mut self.data.emoji) {
             relative_to(base, data);
         }
         relative_to(base, &mut self.model.vae);

@@ -2,6 +2,7 @@
 //! training (L1 + KL, optionally adversarial).
 
 use super::common::{config_dir, parse_toml, read_config, relative_to};
+use crate::data::image_set::ImageSources;
 use crate::error::{Error, Result};
 use crate::model::config::VaeConfig;
 use crate::train::optim::AdamWParams;
@@ -21,10 +22,32 @@ pub struct VaeTrainConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct VaeDataConfig {
-    /// MNIST-layout IDX folders whose training images are pooled (same image size each).
+    /// MNIST-layout IDX folders whose training images are pooled, each with a `classes.json`.
+    #[serde(default)]
     pub paths: Vec<PathBuf>,
-    /// Images are padded with black to this square size (a multiple of the downsampling).
+    /// Emoji folders (`metadata.jsonl` and RGBA pictures), pooled after the IDX folders.
+    #[serde(default)]
+    pub emoji: Vec<PathBuf>,
+    /// The colour transparent emoji are composited over.
+    #[serde(default = "white")]
+    pub background: [u8; 3],
+    /// Images are enlarged by a whole factor and padded with black to this square size (a
+    /// multiple of the downsampling); emoji are averaged down to it.
     pub image_size: usize,
+}
+
+impl VaeDataConfig {
+    pub fn sources(&self) -> ImageSources {
+        ImageSources {
+            idx: self.paths.clone(),
+            emoji: self.emoji.clone(),
+        }
+    }
+}
+
+/// White, the background emoji are drawn on.
+pub fn white() -> [u8; 3] {
+    [255, 255, 255]
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -113,7 +136,7 @@ impl VaeTrainConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let mut config = read_config(path, Self::from_toml_str)?;
         let base = config_dir(path);
-        for data in &mut config.data.paths {
+        for data in config.data.paths.iter_mut().chain(&mut config.data.emoji) {
             relative_to(base, data);
         }
         if let Some(init) = &mut config.train.init {

@@ -1,0 +1,233 @@
+//! Captioned images from several datasets at one size and channel count: IDX folders with their
+//! `classes.json` (digits, clothes, doodles) and emoji folders, pooled for the autoencoder and the
+//! text-to-image trainer. Every image belongs to a caption set ("class"): an IDX label's class, or
+//! for an emoji its own picture's phrasings.
+
+use super::captions::{ClassCaptions, EXTRA_TEMPLATES};
+use super::emoji;
+use super::idx::{LabelledImages, Split};
+use crate::error::{file_error, Error, Result};
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// The datasets of a training config's `[data]` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct ImageSources {
+    /// MNIST-layout IDX folders, each with a `classes.json`.
+    pub idx: Vec<PathBuf>,
+    /// Emoji folders (`metadata.jsonl`, RGBA pictures).
+    pub emoji: Vec<PathBuf>,
+}
+
+/// The pooled images, `channels` x `size` x `size` bytes each, with their caption sets.
+#[derive(Debug, Clone)]
+pub struct ImageSet {
+    /// Image after image, channel planes in order, row-major.
+    pub pixels: Vec<u8>,
+    pub size: usize,
+    pub channels: usize,
+    /// Each image's caption set.
+    pub classes: Vec<usize>,
+    /// `captions[class]`: the phrasings of that caption set, the primary one first.
+    pub captions: Vec<Vec<String>>,
+}
+
+/// The emoji pictures a split holds: the training split all of them, the test split every 20th
+/// (the set has no held-out pictures; the test figures of an emoji-trained autoencoder are
+/// therefore on pictures it saw).
+fn emoji_in_split(index: usize, split: Split) -> bool {
+    match split {
+        Split::Train => true,
+        Split::Test => index.is_multiple_of(20),
+    }
+}
+
+/// A grey `h` x `w` picture placed on a `size` x `size` canvas: enlarged by the whole factor
+/// `size / max(h, w)` (nearest neighbour, at least 1), centred, the margin 0 (the datasets'
+/// black), then repeated over `channels`.
+pub fn place_grey(pixels: &[u8], h: usize, w: usize, size: usize, channels: usize) -> Vec<u8> {
+    let factor = (size / h.max(w)).max(1);
+    let (sh, sw) = (h * factor, w * factor);
+    let (top, left) = (size.saturating_sub(sh) / 2, size.saturating_sub(sw) / 2);
+    let mut plane = vec![0u8; size * size];
+    for y in 0..sh.min(size) {
+        for x in 0..sw.min(size) {
+            plane[(top + y) * size + left + x] = pixels[(y / factor) * w + x / factor];
+        }
+    }
+    plane.repeat(channels)
+}
+
+/// Interleaved RGB bytes as `channels` planes: the three planes, or their BT.601 luma.
+fn planes_of_rgb(rgb: &[u8], channels: usize) -> Vec<u8> {
+    let n = rgb.len() / 3;
+    if channels == 1 {
+        return rgb
+            .chunks_exact(3)
+            .map(|p| {
+                (0.299 * p[0] as f64 + 0.587 * p[1] as f64 + 0.114 * p[2] as f64).round() as u8
+            })
+            .collect();
+    }
+    (0..3)
+        .flat_map(|c| (0..n).map(move |i| rgb[3 * i + c]))
+        .collect()
+}
+
+impl ImageSet {
+    /// Reads `split` of every source at `size` x `size` and `channels` (1 or 3), emoji composited
+    /// over `background`. Classes of later sources are numbered after earlier ones'. With
+    /// `captions` false (an autoencoder needs none) an IDX folder may lack its `classes.json`, and
+    /// its classes then have no captions.
+    pub fn load(
+        sources: &ImageSources,
+        split: Split,
+        size: usize,
+        channels: usize,
+        background: [u8; 3],
+        captions: bool,
+    ) -> Result<Self> {
+        if channels != 1 && channels != 3 {
+            return Err(Error::bad_value("channels", channels, "1 or 3"));
+        }
+        if sources.idx.is_empty() && sources.emoji.is_empty() {
+            return Err(Error::bad_value(
+                "data.paths / data.emoji",
+                "[]",
+                "at least one folder",
+            ));
+        }
+        let mut set = Self {
+            pixels: Vec::new(),
+            size,
+            channels,
+            classes: Vec::new(),
+            captions: Vec::new(),
+        };
+        for path in &sources.idx {
+            let images = LabelledImages::load(path, split)?;
+            let classes_file = path.join("classes.json");
+            let own = if captions || classes_file.exists() {
+                ClassCaptions::load(&classes_file, EXTRA_TEMPLATES)?
+            } else {
+                let count = images.labels.iter().max().map_or(0, |l| *l as usize + 1);
+                ClassCaptions {
+                    captions: vec![Vec::new(); count],
+                }
+            };
+            if let Some(bad) = images
+                .labels
+                .iter()
+                .find(|l| **l as usize >= own.num_classes())
+            {
+                return Err(file_error(
+                    path,
+                    format!(
+                        "label {bad} has no class in classes.json ({} classes)",
+                        own.num_classes()
+                    ),
+                ));
+            }
+            if images.height.max(images.width) > size {
+                return Err(file_error(
+                    path,
+                    format!(
+                        "images are {}x{}, larger than data.image_size = {size}",
+                        images.height, images.width
+                    ),
+                ));
+            }
+            let offset = set.captions.len();
+            let area = images.height * images.width;
+            for (i, label) in images.labels.iter().enumerate() {
+                set.pixels.extend(place_grey(
+                    &images.pixels[i * area..(i + 1) * area],
+                    images.height,
+                    images.width,
+                    size,
+                    channels,
+                ));
+                set.classes.push(offset + *label as usize);
+            }
+            set.captions.extend(own.captions);
+        }
+        for dir in &sources.emoji {
+            for (i, entry) in emoji::read_metadata(dir)?.iter().enumerate() {
+                if !emoji_in_split(i, split) {
+                    continue;
+                }
+                let rgb = emoji::composited_rgb(dir, entry, size, background)?;
+                set.pixels.extend(planes_of_rgb(&rgb, channels));
+                set.classes.push(set.captions.len());
+                set.captions.push(emoji::captions_of(entry));
+            }
+        }
+        Ok(set)
+    }
+
+    pub fn len(&self) -> usize {
+        self.classes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.classes.is_empty()
+    }
+
+    /// The images at `indices` as a (B, C, size, size) f32 tensor in [-1, 1] (`u8 / 127.5 - 1`).
+    pub fn batch(&self, indices: &[usize], device: &Device) -> Result<Tensor> {
+        let each = self.channels * self.size * self.size;
+        let mut values = Vec::with_capacity(indices.len() * each);
+        for &i in indices {
+            values.extend(
+                self.pixels[i * each..(i + 1) * each]
+                    .iter()
+                    .map(|&p| p as f32 / 127.5 - 1.0),
+            );
+        }
+        Ok(Tensor::from_vec(
+            values,
+            (indices.len(), self.channels, self.size, self.size),
+            device,
+        )?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grey_pictures_are_enlarged_centred_and_repeated() {
+        // 2x2 on a 5x5 canvas: factor 2, a 4x4 block from (0, 0), one column and row of margin.
+        let placed = place_grey(&[1, 2, 3, 4], 2, 2, 5, 1);
+        assert_eq!(
+            placed,
+            vec![
+                1, 1, 2, 2, 0, //
+                1, 1, 2, 2, 0, //
+                3, 3, 4, 4, 0, //
+                3, 3, 4, 4, 0, //
+                0, 0, 0, 0, 0,
+            ]
+        );
+        // 28x28 digits on 32: factor 1, 2 pixels of margin each side, as the 32x32 models pad.
+        let digit: Vec<u8> = (0..28 * 28).map(|i| (i % 251) as u8).collect();
+        let on_32 = place_grey(&digit, 28, 28, 32, 3);
+        assert_eq!(on_32.len(), 3 * 32 * 32);
+        assert_eq!(on_32[2 * 32 + 2], digit[0]);
+        assert_eq!(
+            on_32[32 * 32 + 2 * 32 + 2],
+            digit[0],
+            "the green plane repeats it"
+        );
+        assert_eq!(on_32[0], 0);
+    }
+
+    #[test]
+    fn rgb_becomes_planes_or_luma() {
+        let rgb = [10, 20, 30, 200, 100, 50];
+        assert_eq!(planes_of_rgb(&rgb, 3), vec![10, 200, 20, 100, 30, 50]);
+        assert_eq!(planes_of_rgb(&rgb, 1), vec![18, 124]);
+    }
+}
