@@ -11,7 +11,8 @@ use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
 
 /// The files of the pipeline, relative to its folder.
-const FILES: [(&str, &[u8]); 11] = [
+const FILES: [(&str, &[u8]); 12] = [
+    ("concepts.json", include_bytes!("../weights/concepts.json")),
     (
         "model_index.json",
         include_bytes!("../weights/model_index.json"),

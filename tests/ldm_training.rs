@@ -143,8 +143,18 @@ fn training_lowers_the_loss_and_writes_a_pipeline_txt2img_loads() {
         .output()
         .unwrap();
     common::assert_success(&result);
+    assert!(
+        !String::from_utf8_lossy(&result.stderr).contains("warning"),
+        "a trained caption is known"
+    );
     let png = image::open(&image).unwrap();
     assert_eq!((png.width(), png.height()), (8, 8));
+    // The pipeline lists the caption sets it was trained on, which txt2img searches.
+    let concepts = diffuse::pipeline::concepts::Concepts::read(&dir.join("out/pipeline"))
+        .unwrap()
+        .expect("pipeline/concepts.json");
+    assert_eq!(concepts.concepts.len(), 2);
+    assert_eq!(concepts.concepts[0][0], "a bright left half");
     // Starting over an existing run is refused, nothing touched.
     let again = std::process::Command::new(bin)
         .args(["train", "--config"])

@@ -20,6 +20,73 @@ fn weights() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("weights")
 }
 
+/// The shipped `concepts.json` holds exactly the caption sets the model was trained on (the two
+/// datasets' `classes.json` captions with the paraphrases the trainer adds).
+#[test]
+fn the_shipped_concepts_are_the_training_captions() {
+    let shipped = diffuse::pipeline::concepts::Concepts::read(&weights())
+        .unwrap()
+        .expect("weights/concepts.json");
+    let mut trained = Vec::new();
+    for name in ["mnist", "fashion-mnist"] {
+        let path = fixture_path("classes").join(format!("{name}.json"));
+        trained.extend(
+            ClassCaptions::load(&path, EXTRA_TEMPLATES)
+                .unwrap()
+                .captions,
+        );
+    }
+    assert_eq!(shipped.concepts, trained);
+}
+
+/// A prompt naming nothing the model knows is said to be so, with where to look; listing and
+/// searching what it knows generates nothing.
+#[test]
+fn an_unknown_prompt_is_named_and_the_concepts_are_listed() {
+    let dir = std::env::temp_dir().join(format!("diffuse-concepts-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let txt2img = || std::process::Command::new(env!("CARGO_BIN_EXE_txt2img"));
+    let result = txt2img()
+        .args(["a cat", "--steps", "2", "--seed", "1", "--output"])
+        .arg(dir.join("cat.png"))
+        .output()
+        .unwrap();
+    common::assert_success(&result);
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(
+        stderr.contains("no word of \"a cat\"")
+            && stderr.contains("--list-concepts")
+            && stderr.contains("--model sd15"),
+        "{stderr}"
+    );
+    let listed = txt2img().args(["--list-concepts"]).output().unwrap();
+    common::assert_success(&listed);
+    let lines: Vec<String> = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(lines.len(), 20);
+    assert_eq!(lines[7], "a handwritten digit seven");
+    let searched = txt2img()
+        .args(["--list-concepts", "BOOT"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&searched.stdout).trim(),
+        "a photo of an ankle boot"
+    );
+    // A model without concepts.json is said to have none to list.
+    let plain = txt2img()
+        .arg("--model")
+        .arg(fixture_path("tiny-sd"))
+        .arg("--list-concepts")
+        .output()
+        .unwrap();
+    assert!(!plain.status.success());
+    assert!(String::from_utf8_lossy(&plain.stderr).contains("concepts.json"));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 #[test]
 fn txt2img_without_a_model_draws_a_sneaker_with_the_embedded_one() {
     let dir = std::env::temp_dir().join(format!("diffuse-embedded-{}", std::process::id()));
@@ -34,6 +101,10 @@ fn txt2img_without_a_model_draws_a_sneaker_with_the_embedded_one() {
     common::assert_success(&result);
     let stderr = String::from_utf8_lossy(&result.stderr);
     assert!(stderr.contains("embedded default model"), "{stderr}");
+    assert!(
+        !stderr.contains("warning"),
+        "a known prompt is not warned about: {stderr}"
+    );
     let images: Vec<Tensor> = (1..=4)
         .map(|k| {
             let png =

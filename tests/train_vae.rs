@@ -50,6 +50,7 @@ fn images(dir: &Path, split: Split) -> ImageSet {
     let sources = ImageSources {
         idx: vec![dir.to_path_buf()],
         emoji: vec![],
+        emoji_repeat: 1,
     };
     ImageSet::load(&sources, split, 8, 1, [255; 3], false).unwrap()
 }

@@ -162,7 +162,7 @@ fn train_latent(args: &TrainArgs, mut config: LdmTrainConfig) -> anyhow::Result<
     if summary.steps_run == 0 {
         // Nothing trained (resumed at the last step): the pipeline is still written, so that
         // `--resume --pipeline-dtype f16` exports a finished run.
-        run.trainer.write_pipeline(&pipeline, pipeline_dtype)?;
+        run.write_pipeline(&out_dir)?;
     }
     let mut json = report(&summary, &format!("pipeline: {}", pipeline.display()));
     if args.session.json {

@@ -3,6 +3,7 @@
 use super::sampler_args::SamplerArgs;
 use super::single_file_args::SingleFileArgs;
 use crate::image_io::save_png;
+use crate::pipeline::concepts::{Concepts, CONCEPTS_FILE};
 use crate::pipeline::request::GenerationRequest;
 use crate::pipeline::txt2img::SizeConditioning;
 use crate::pipeline::{LoadOptions, StableDiffusion};
@@ -104,6 +105,11 @@ pub struct Txt2imgArgs {
     /// Generate even when the size and batch look too large for the memory available.
     #[arg(long)]
     pub no_memory_check: bool,
+    /// Print what the model was trained to draw (the embedded model, or a model trained by
+    /// `diffuse train`), each with its main caption; with a word, only the ones whose captions
+    /// contain it. Nothing is generated.
+    #[arg(long, value_name = "WORD", num_args = 0..=1, default_missing_value = "")]
+    pub list_concepts: Option<String>,
 }
 
 /// What `--model` names, or the embedded default's folder.
@@ -234,7 +240,61 @@ fn request(args: &Txt2imgArgs, prompts: Vec<String>) -> anyhow::Result<Generatio
     })
 }
 
+/// `--list-concepts [WORD]`: the model's caption sets, from its `concepts.json`.
+fn list_concepts(model: Option<&str>, query: &str) -> anyhow::Result<()> {
+    let spec = model_spec(model)?;
+    let dir = Path::new(&spec);
+    let Some(concepts) = Concepts::read(dir)? else {
+        bail!(
+            "{spec}: has no {CONCEPTS_FILE}, so what it knows is not listed (models trained \
+             elsewhere know what their own training data held)"
+        );
+    };
+    let found = concepts.search(query);
+    let mut out = std::io::stdout().lock();
+    for caption in &found {
+        // A closed pipe (`| head`) ends the listing quietly.
+        if std::io::Write::write_all(&mut out, format!("{caption}\n").as_bytes()).is_err() {
+            return Ok(());
+        }
+    }
+    eprintln!(
+        "{} of the {} things this model was trained on{}",
+        found.len(),
+        concepts.concepts.len(),
+        if query.is_empty() {
+            String::new()
+        } else {
+            format!(" match \"{query}\"")
+        }
+    );
+    Ok(())
+}
+
+/// Says so for each prompt whose naming words the model was never trained on.
+fn warn_unknown(concepts: &Concepts, prompts: &[String], embedded: bool) {
+    for prompt in prompts {
+        if concepts.knows(prompt) {
+            continue;
+        }
+        eprintln!(
+            "warning: no word of \"{prompt}\" names anything this model was trained on ({} \
+             things); it will draw one of those. `txt2img --list-concepts` lists them \
+             (`--list-concepts WORD` searches){}",
+            concepts.concepts.len(),
+            if embedded {
+                "; for real pictures use --model sd15"
+            } else {
+                ""
+            }
+        );
+    }
+}
+
 pub fn run(args: Txt2imgArgs) -> anyhow::Result<()> {
+    if let Some(query) = &args.list_concepts {
+        return list_concepts(args.model.as_deref(), query);
+    }
     // Check everything cheap before loading weights.
     let request = request(&args, prompts(&args)?)?;
     request.validate()?;
@@ -275,6 +335,9 @@ pub fn run(args: Txt2imgArgs) -> anyhow::Result<()> {
         recognised.map_or(String::new(), |r| format!(" ({}, single file)", r.name())),
         load_start.elapsed().as_secs_f64()
     );
+    if let Some(concepts) = Concepts::read(&sd.root)? {
+        warn_unknown(&concepts, &request.prompts, args.model.is_none());
+    }
     let generation = request.prepare(&sd, preset)?;
     let total_images = generation.total_images();
     let interrupted = Arc::new(AtomicBool::new(false));

@@ -18,6 +18,9 @@ pub struct ImageSources {
     pub idx: Vec<PathBuf>,
     /// Emoji folders (`metadata.jsonl`, RGBA pictures).
     pub emoji: Vec<PathBuf>,
+    /// How many times each emoji picture is in the pool the training steps draw from (a few
+    /// thousand pictures beside 150,000 grey ones would otherwise be one draw in forty).
+    pub emoji_repeat: usize,
 }
 
 /// The pooled images, `channels` x `size` x `size` bytes each, with their caption sets.
@@ -31,6 +34,9 @@ pub struct ImageSet {
     pub classes: Vec<usize>,
     /// `captions[class]`: the phrasings of that caption set, the primary one first.
     pub captions: Vec<Vec<String>>,
+    /// The pool training draws from: image indices, an emoji's `emoji_repeat` times. Indices
+    /// given to [`ImageSet::batch`] and counted by [`ImageSet::len`] are positions in it.
+    pub pool: Vec<usize>,
 }
 
 /// The emoji pictures a split holds: the training split all of them, the test split every 20th
@@ -104,6 +110,7 @@ impl ImageSet {
             channels,
             classes: Vec::new(),
             captions: Vec::new(),
+            pool: Vec::new(),
         };
         for path in &sources.idx {
             let images = LabelledImages::load(path, split)?;
@@ -148,6 +155,7 @@ impl ImageSet {
                     size,
                     channels,
                 ));
+                set.pool.push(set.classes.len());
                 set.classes.push(offset + *label as usize);
             }
             set.captions.extend(own.captions);
@@ -159,6 +167,9 @@ impl ImageSet {
                 }
                 let rgb = emoji::composited_rgb(dir, entry, size, background)?;
                 set.pixels.extend(planes_of_rgb(&rgb, channels));
+                let image = set.classes.len();
+                set.pool
+                    .extend(std::iter::repeat_n(image, sources.emoji_repeat.max(1)));
                 set.classes.push(set.captions.len());
                 set.captions.push(emoji::captions_of(entry));
             }
@@ -166,16 +177,30 @@ impl ImageSet {
         Ok(set)
     }
 
+    /// The size of the pool (each emoji counted `emoji_repeat` times).
     pub fn len(&self) -> usize {
-        self.classes.len()
+        self.pool.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.classes.is_empty()
+        self.pool.is_empty()
     }
 
-    /// The images at `indices` as a (B, C, size, size) f32 tensor in [-1, 1] (`u8 / 127.5 - 1`).
+    /// The caption set of pool position `index`.
+    pub fn class_of(&self, index: usize) -> usize {
+        self.classes[self.pool[index]]
+    }
+
+    /// The images at pool positions `indices` as a (B, C, size, size) f32 tensor in [-1, 1]
+    /// (`u8 / 127.5 - 1`).
     pub fn batch(&self, indices: &[usize], device: &Device) -> Result<Tensor> {
+        let images: Vec<usize> = indices.iter().map(|&i| self.pool[i]).collect();
+        self.image_batch(&images, device)
+    }
+
+    /// The images `images` (indices into the images, not the pool), as [`ImageSet::batch`].
+    pub fn image_batch(&self, images: &[usize], device: &Device) -> Result<Tensor> {
+        let indices = images;
         let each = self.channels * self.size * self.size;
         let mut values = Vec::with_capacity(indices.len() * each);
         for &i in indices {

@@ -1,6 +1,7 @@
 //! Pipelines: a Stable Diffusion model folder loaded as one bundle, classifier-free guidance,
 //! and txt2img.
 
+pub mod concepts;
 pub mod convert;
 pub mod guidance;
 pub mod pixel;

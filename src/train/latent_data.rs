@@ -20,7 +20,10 @@ use std::path::Path;
 pub struct LatentData {
     /// (N, C, h, w) posterior means times the VAE's scaling factor.
     pub latents: Tensor,
+    /// Each image's caption set.
     pub classes: Vec<usize>,
+    /// The images training draws from, an emoji `emoji_repeat` times (see `ImageSet::pool`).
+    pub pool: Vec<usize>,
     /// `caption_ids[class][k]`: the `max_length` ids of the k-th caption of `class`.
     pub caption_ids: Vec<Vec<Vec<u32>>>,
     /// The captions themselves, for the pipeline's evaluation prompts.
@@ -64,14 +67,14 @@ impl LatentData {
             config.data.background,
             true,
         )?;
-        let total = images.len();
+        let total = images.classes.len();
         let latents = match cached.filter(|l| l.dim(0).ok() == Some(total)) {
             Some(latents) => latents,
             None => {
                 let mut chunks = Vec::new();
                 let all: Vec<usize> = (0..total).collect();
                 for indices in all.chunks(500) {
-                    let x = images.batch(indices, &Device::Cpu)?;
+                    let x = images.image_batch(indices, &Device::Cpu)?;
                     let mean = vae.encode(&x)?.mean;
                     chunks.push(mean.affine(vae_config.scaling_factor, 0.0)?);
                     progress(indices[indices.len() - 1] + 1, total);
@@ -88,7 +91,10 @@ impl LatentData {
             }
         };
         let ImageSet {
-            classes, captions, ..
+            classes,
+            captions,
+            pool,
+            ..
         } = images;
         let encode = |text: &str| tokenizer.encode(text).map(|e| e.ids);
         let caption_ids = captions
@@ -98,18 +104,20 @@ impl LatentData {
         Ok(Self {
             latents,
             classes,
+            pool,
             caption_ids,
             captions,
             empty_ids: encode("")?,
         })
     }
 
+    /// The size of the pool training draws from.
     pub fn len(&self) -> usize {
-        self.classes.len()
+        self.pool.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.classes.is_empty()
+        self.pool.is_empty()
     }
 
     pub fn num_classes(&self) -> usize {

@@ -164,13 +164,16 @@ impl LdmTrainer {
             if dropped {
                 ids.extend(&data.empty_ids);
             } else {
-                let own = &data.caption_ids[data.classes[i]];
+                let own = &data.caption_ids[data.classes[data.pool[i]]];
                 ids.extend(&own[(phrasing % own.len() as u64) as usize]);
             }
         }
         let device = self.device.clone();
         let index = Tensor::from_vec(
-            indices.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+            indices
+                .iter()
+                .map(|&i| data.pool[i] as u32)
+                .collect::<Vec<_>>(),
             batch,
             &Device::Cpu,
         )?;
@@ -324,6 +327,19 @@ pub struct LdmRun {
     pub pipeline_dtype: DType,
 }
 
+impl LdmRun {
+    /// `out_dir/pipeline/` from the averaged weights, with the caption sets it was trained on
+    /// (`concepts.json`, which `txt2img` checks prompts against).
+    pub fn write_pipeline(&self, out_dir: &Path) -> Result<()> {
+        let dir = out_dir.join(PIPELINE_DIR);
+        self.trainer.write_pipeline(&dir, self.pipeline_dtype)?;
+        crate::pipeline::concepts::Concepts {
+            concepts: self.data.captions.clone(),
+        }
+        .write(&dir)
+    }
+}
+
 impl super::session::Trainer for LdmRun {
     fn step(&self) -> usize {
         self.trainer.step()
@@ -341,8 +357,7 @@ impl super::session::Trainer for LdmRun {
     fn save(&mut self, out_dir: &Path) -> Result<()> {
         self.trainer
             .save(&out_dir.join(super::session::CHECKPOINT_FILE))?;
-        self.trainer
-            .write_pipeline(&out_dir.join(PIPELINE_DIR), self.pipeline_dtype)
+        self.write_pipeline(out_dir)
     }
 
     /// Four samples of every class's own caption, one class a column, from the pipeline folder

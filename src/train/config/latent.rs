@@ -29,6 +29,9 @@ pub struct LdmDataConfig {
     /// Emoji folders (`metadata.jsonl` and RGBA pictures), after the IDX folders.
     #[serde(default)]
     pub emoji: Vec<PathBuf>,
+    /// How many times each emoji is in the pool training draws from.
+    #[serde(default = "super::vae::one_each")]
+    pub emoji_repeat: usize,
     /// The colour transparent emoji are composited over.
     #[serde(default = "super::vae::white")]
     pub background: [u8; 3],
@@ -92,6 +95,7 @@ impl LdmDataConfig {
         crate::data::image_set::ImageSources {
             idx: self.paths.clone(),
             emoji: self.emoji.clone(),
+            emoji_repeat: self.emoji_repeat,
         }
     }
 }

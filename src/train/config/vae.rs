@@ -28,6 +28,9 @@ pub struct VaeDataConfig {
     /// Emoji folders (`metadata.jsonl` and RGBA pictures), pooled after the IDX folders.
     #[serde(default)]
     pub emoji: Vec<PathBuf>,
+    /// How many times each emoji is in the pool training draws from.
+    #[serde(default = "one_each")]
+    pub emoji_repeat: usize,
     /// The colour transparent emoji are composited over.
     #[serde(default = "white")]
     pub background: [u8; 3],
@@ -41,8 +44,14 @@ impl VaeDataConfig {
         ImageSources {
             idx: self.paths.clone(),
             emoji: self.emoji.clone(),
+            emoji_repeat: self.emoji_repeat,
         }
     }
+}
+
+/// Every picture once in the pool.
+pub fn one_each() -> usize {
+    1
 }
 
 /// White, the background emoji are drawn on.
