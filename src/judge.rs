@@ -37,9 +37,59 @@ pub fn fd_floor(judge: &Path, n: usize) -> Option<f64> {
     json.get(format!("fd_train{n}_subset_vs_test"))?.as_f64()
 }
 
-/// conv 3x3 (1 -> 32) - ReLU - maxpool 2 - conv 3x3 (32 -> 64) - ReLU - maxpool 2 - linear
-/// 3136 -> 128 - ReLU (features) - linear 128 -> 10 (logits).
+/// What a judge takes and tells apart: (channels, size, size) images in [-1, 1], `classes`
+/// classes. The public judges are grey 28x28 with 10 classes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JudgeShape {
+    pub channels: usize,
+    pub size: usize,
+    pub classes: usize,
+}
+
+impl JudgeShape {
+    /// The public judges' shape (MNIST, Fashion-MNIST).
+    pub const GREY_28: Self = Self {
+        channels: 1,
+        size: 28,
+        classes: 10,
+    };
+
+    /// The first linear layer's inputs: 64 maps of size / 4 squared.
+    fn flat(&self) -> usize {
+        64 * (self.size / 4) * (self.size / 4)
+    }
+
+    /// The shape a judge's weights file holds: the input channels from `conv1`, the size from
+    /// `fc1`'s inputs, the classes from `fc2`.
+    pub fn of_weights(path: &Path) -> Result<Self> {
+        let shapes = crate::weights::tensor_shapes(path)?;
+        let dim = |name: &str, axis: usize| {
+            shapes
+                .get(name)
+                .and_then(|s| s.get(axis).copied())
+                .ok_or_else(|| crate::error::file_error(path, format!("has no tensor {name}")))
+        };
+        let flat = dim("fc1.weight", 1)?;
+        let side = ((flat / 64) as f64).sqrt().round() as usize;
+        if 64 * side * side != flat {
+            return Err(crate::error::file_error(
+                path,
+                format!("fc1.weight takes {flat} inputs, not 64 maps of a square size"),
+            ));
+        }
+        Ok(Self {
+            channels: dim("conv1.weight", 1)?,
+            size: 4 * side,
+            classes: dim("fc2.weight", 0)?,
+        })
+    }
+}
+
+/// conv 3x3 (C -> 32) - ReLU - maxpool 2 - conv 3x3 (32 -> 64) - ReLU - maxpool 2 - linear
+/// 64 (S/4)^2 -> 128 - ReLU (features) - linear 128 -> K (logits); for the public judges C = 1,
+/// S = 28, K = 10.
 pub struct Judge {
+    pub shape: JudgeShape,
     conv1: Conv2d,
     conv2: Conv2d,
     fc1: Linear,
@@ -53,32 +103,37 @@ pub struct Verdict {
 }
 
 impl Judge {
-    pub fn new(vb: VarBuilder) -> candle_core::Result<Self> {
+    pub fn new(shape: JudgeShape, vb: VarBuilder) -> candle_core::Result<Self> {
         let same = Conv2dConfig {
             padding: 1,
             ..Default::default()
         };
         Ok(Self {
-            conv1: conv2d(1, 32, 3, same, vb.pp("conv1"))?,
+            shape,
+            conv1: conv2d(shape.channels, 32, 3, same, vb.pp("conv1"))?,
             conv2: conv2d(32, 64, 3, same, vb.pp("conv2"))?,
-            fc1: linear(3136, FEATURES, vb.pp("fc1"))?,
-            fc2: linear(FEATURES, 10, vb.pp("fc2"))?,
+            fc1: linear(shape.flat(), FEATURES, vb.pp("fc1"))?,
+            fc2: linear(FEATURES, shape.classes, vb.pp("fc2"))?,
         })
     }
 
-    /// Loads `dir/model.safetensors` (a judge folder).
+    /// Loads `dir/model.safetensors` (a judge folder), its shape read from the weights.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
-        load_checked(&dir.join("model.safetensors"), DType::F32, device, |vb| {
-            Ok(Self::new(vb)?)
-        })
+        let path = dir.join("model.safetensors");
+        let shape = JudgeShape::of_weights(&path)?;
+        load_checked(&path, DType::F32, device, |vb| Ok(Self::new(shape, vb)?))
     }
 
-    /// Scores (N, 1, 28, 28) images already normalised to [-1, 1].
+    /// Scores (N, C, S, S) images already normalised to [-1, 1].
     pub fn forward(&self, x: &Tensor) -> Result<Verdict> {
         let (_, c, h, w) = x.dims4()?;
-        if (c, h, w) != (1, 28, 28) {
+        let s = self.shape;
+        if (c, h, w) != (s.channels, s.size, s.size) {
             return Err(Error::Msg(format!(
-                "the judge scores (N, 1, 28, 28) images, got {:?}",
+                "the judge scores (N, {}, {}, {}) images, got {:?}",
+                s.channels,
+                s.size,
+                s.size,
                 x.dims()
             )));
         }
@@ -133,9 +188,9 @@ impl Verdict {
             .to_scalar::<f64>()?)
     }
 
-    /// How many images fall in each of the 10 classes.
+    /// How many images fall in each class.
     pub fn histogram(&self) -> Result<Vec<usize>> {
-        let mut counts = vec![0usize; 10];
+        let mut counts = vec![0usize; self.logits.dim(D::Minus1)?];
         for c in self.predicted()? {
             counts[c as usize] += 1;
         }

@@ -1,7 +1,7 @@
 //! Every training config in `configs/` reads as the config of the command its header names, with
 //! its paths taken from the file's folder.
 
-use diffuse::train::config::{TrainingConfig, VaeTrainConfig};
+use diffuse::train::config::{JudgeTrainConfig, TrainingConfig, VaeTrainConfig};
 use std::path::{Path, PathBuf};
 
 fn configs() -> PathBuf {
@@ -17,7 +17,12 @@ fn every_training_config_reads() {
         if path.extension().is_none_or(|e| e != "toml") || name.starts_with("finetune") {
             continue;
         }
-        let out_dir = if name.contains("vae") {
+        let out_dir = if name.starts_with("judge") {
+            JudgeTrainConfig::from_file(&path)
+                .unwrap_or_else(|e| panic!("{name}: {e}"))
+                .train
+                .out_dir
+        } else if name.contains("vae") {
             VaeTrainConfig::from_file(&path)
                 .unwrap_or_else(|e| panic!("{name}: {e}"))
                 .train
@@ -44,5 +49,5 @@ fn every_training_config_reads() {
         );
         read += 1;
     }
-    assert!(read >= 7, "{read} configs read");
+    assert!(read >= 9, "{read} configs read");
 }

@@ -261,3 +261,43 @@ fn adversarial_vae_training_resumes_exactly() {
     assert!(err.contains("train.discriminator_channels = 3"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `train-judge` on an IDX folder learns its two classes (left or right half bright) from the
+/// training split and reads the test split, writing a judge folder that `Judge::load` reads back
+/// with its shape.
+#[test]
+fn a_trained_judge_reads_its_classes_and_loads_back() {
+    let dir = temp_dir("judge");
+    common::write_idx_dataset(&dir.join("data"), 16, 8);
+    let config = dir.join("judge.toml");
+    std::fs::write(
+        &config,
+        "[data]\nkind = \"idx\"\npath = \"data\"\n[train]\nsteps = 60\nbatch_size = 8\n\
+         learning_rate = 0.003\nout_dir = \"run\"\ncheckpoint_every = 30\nlog_every = 10\n",
+    )
+    .unwrap();
+    let result = std::process::Command::new(env!("CARGO_BIN_EXE_diffuse"))
+        .args(["train-judge", "--json", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    common::assert_success(&result);
+    let json = common::last_json_line(&result.stdout);
+    assert_eq!(json["classes"], 2);
+    assert_eq!(json["test_accuracy"], 1.0, "{json}");
+    let judge = diffuse::judge::Judge::load(&dir.join("run/judge"), &Device::Cpu).unwrap();
+    assert_eq!(
+        judge.shape,
+        diffuse::judge::JudgeShape {
+            channels: 1,
+            size: 8,
+            classes: 2
+        }
+    );
+    let test = images(&dir.join("data"), Split::Test);
+    let verdict = judge
+        .score(&test.batch(&[0, 1], &Device::Cpu).unwrap())
+        .unwrap();
+    assert_eq!(verdict.predicted().unwrap(), vec![0, 1]);
+    std::fs::remove_dir_all(&dir).ok();
+}

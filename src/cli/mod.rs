@@ -12,6 +12,7 @@ pub mod session_args;
 pub mod single_file_args;
 pub mod toy;
 pub mod train;
+pub mod train_judge;
 pub mod train_vae;
 pub mod txt2img;
 
@@ -42,6 +43,8 @@ pub enum Command {
     Train(train::TrainArgs),
     /// Train the latent autoencoder (KL VAE) of a small latent diffusion model.
     TrainVae(train_vae::TrainVaeArgs),
+    /// Train a judge: a small classifier that reads generated images as a dataset's classes.
+    TrainJudge(train_judge::TrainJudgeArgs),
     /// Draw images from a trained pixel-space model.
     Sample(sample::SampleArgs),
     /// Likelihood (bound and ODE) and judged sample quality of a trained pixel-space model.
@@ -62,6 +65,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::Train(args) => train::run(args),
         Command::TrainVae(args) => train_vae::run(args),
+        Command::TrainJudge(args) => train_judge::run(args),
         Command::Sample(args) => sample::run(args),
         Command::Eval(args) => eval::run(args),
         Command::EvalTxt2img(args) => eval_txt2img::run(args),

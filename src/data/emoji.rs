@@ -95,6 +95,39 @@ pub fn composited_rgb(
     Ok(out)
 }
 
+/// The concept of a picture: its file stem, the code point sequence shared by its styles.
+pub fn concept_of(entry: &EmojiEntry) -> &str {
+    let name = entry
+        .file_name
+        .rsplit('/')
+        .next()
+        .unwrap_or(&entry.file_name);
+    name.strip_suffix(".png").unwrap_or(name)
+}
+
+/// The pictures of `styles`, labelled by concept: (entries, labels), labels numbering the
+/// concepts of all the metadata in order of first appearance, so that every style split of one
+/// folder numbers them alike; and the concepts' captions (`text`) by label.
+pub fn by_concept<'a>(
+    entries: &'a [EmojiEntry],
+    styles: &[String],
+) -> (Vec<(&'a EmojiEntry, usize)>, Vec<String>) {
+    let mut index = std::collections::HashMap::new();
+    let mut names = Vec::new();
+    for entry in entries {
+        index.entry(concept_of(entry)).or_insert_with(|| {
+            names.push(entry.text.clone());
+            names.len() - 1
+        });
+    }
+    let picked = entries
+        .iter()
+        .filter(|e| styles.iter().any(|s| s == &e.style))
+        .map(|e| (e, index[concept_of(e)]))
+        .collect();
+    (picked, names)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

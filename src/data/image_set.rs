@@ -177,6 +177,39 @@ impl ImageSet {
         Ok(set)
     }
 
+    /// The emoji pictures of `styles` in `dir`, labelled by concept (the class of each picture is
+    /// its concept, whose one caption is its `text`): what an emoji judge trains and is tested on.
+    pub fn emoji_concepts(
+        dir: &std::path::Path,
+        styles: &[String],
+        size: usize,
+        channels: usize,
+        background: [u8; 3],
+    ) -> Result<Self> {
+        let entries = emoji::read_metadata(dir)?;
+        let (picked, names) = emoji::by_concept(&entries, styles);
+        if picked.is_empty() {
+            return Err(file_error(
+                dir,
+                format!("has no pictures of the styles {styles:?}"),
+            ));
+        }
+        let mut set = Self {
+            pixels: Vec::with_capacity(picked.len() * channels * size * size),
+            size,
+            channels,
+            classes: Vec::with_capacity(picked.len()),
+            captions: names.into_iter().map(|n| vec![n]).collect(),
+            pool: (0..picked.len()).collect(),
+        };
+        for (entry, concept) in picked {
+            let rgb = emoji::composited_rgb(dir, entry, size, background)?;
+            set.pixels.extend(planes_of_rgb(&rgb, channels));
+            set.classes.push(concept);
+        }
+        Ok(set)
+    }
+
     /// The size of the pool (each emoji counted `emoji_repeat` times).
     pub fn len(&self) -> usize {
         self.pool.len()

@@ -6,6 +6,7 @@ pub mod config;
 pub mod discriminator;
 pub mod finetune;
 pub mod finetune_data;
+pub mod judge;
 pub mod latent_data;
 pub mod ldm;
 pub mod optim;

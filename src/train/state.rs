@@ -30,6 +30,7 @@ pub enum TrainerKind {
     Latent,
     Vae,
     Finetune,
+    Judge,
 }
 
 impl TrainerKind {
@@ -39,6 +40,7 @@ impl TrainerKind {
             TrainerKind::Latent => "latent",
             TrainerKind::Vae => "vae",
             TrainerKind::Finetune => "finetune",
+            TrainerKind::Judge => "judge",
         }
     }
 
@@ -48,6 +50,7 @@ impl TrainerKind {
             TrainerKind::Pixel | TrainerKind::Latent => "diffuse train",
             TrainerKind::Vae => "diffuse train-vae",
             TrainerKind::Finetune => "diffuse finetune",
+            TrainerKind::Judge => "diffuse train-judge",
         }
     }
 
@@ -59,7 +62,7 @@ impl TrainerKind {
             TrainerKind::Pixel => Some(("diffuse-pixel-ddpm", "diffuse.train_config")),
             TrainerKind::Latent => Some(("diffuse-ldm", "diffuse.ldm_train_config")),
             TrainerKind::Vae => Some(("diffuse-vae", "diffuse.vae_train_config")),
-            TrainerKind::Finetune => None,
+            TrainerKind::Finetune | TrainerKind::Judge => None,
         }
     }
 }

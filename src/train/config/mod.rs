@@ -6,12 +6,14 @@
 
 pub mod common;
 pub mod finetune;
+pub mod judge;
 pub mod latent;
 pub mod pixel;
 pub mod vae;
 
 pub use common::{config_dir, parse_toml, read_config, relative_to, OptimConfig};
 pub use finetune::FinetuneSettings;
+pub use judge::JudgeTrainConfig;
 pub use latent::LdmTrainConfig;
 pub use pixel::{DataConfig, TrainConfig};
 pub use vae::VaeTrainConfig;

@@ -82,7 +82,7 @@ pub struct VaeOptimConfig {
     pub learning_rate: f64,
     #[serde(default)]
     pub warmup_steps: usize,
-    #[serde(default = "grad_clip")]
+    #[serde(default = "grad_clip_default")]
     pub grad_clip: f64,
     /// Weight of the KL term against the per-pixel L1 loss, both per image (LDM's 1e-6).
     #[serde(default = "kl_weight")]
@@ -109,9 +109,9 @@ pub struct VaeOptimConfig {
     #[serde(default = "discriminator_channels")]
     pub discriminator_channels: usize,
     pub out_dir: PathBuf,
-    #[serde(default = "every_500")]
+    #[serde(default = "checkpoint_every_default")]
     pub checkpoint_every: usize,
-    #[serde(default = "every_50")]
+    #[serde(default = "log_every_default")]
     pub log_every: usize,
 }
 
@@ -121,16 +121,16 @@ fn discriminator_channels() -> usize {
 fn norm_groups_default() -> usize {
     8
 }
-fn grad_clip() -> f64 {
+fn grad_clip_default() -> f64 {
     1.0
 }
 fn kl_weight() -> f64 {
     1e-6
 }
-fn every_500() -> usize {
+fn checkpoint_every_default() -> usize {
     500
 }
-fn every_50() -> usize {
+fn log_every_default() -> usize {
     50
 }
 
