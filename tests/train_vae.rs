@@ -51,6 +51,7 @@ fn images(dir: &Path, split: Split) -> ImageSet {
         idx: vec![dir.to_path_buf()],
         emoji: vec![],
         emoji_repeat: 1,
+        per_class_limit: None,
     };
     ImageSet::load(&sources, split, 8, 1, [255; 3], false).unwrap()
 }
@@ -65,6 +66,34 @@ fn assert_same_weights(a: &VaeTrainer, b: &VaeTrainer) {
     for ((name, x), (_, y)) in a.weights().unwrap().iter().zip(b.weights().unwrap()) {
         assert_eq!(values(x), values(&y), "{name} differs after resuming");
     }
+}
+
+#[test]
+fn per_class_limit_keeps_the_first_images_of_each_class() {
+    let dir = temp_dir("limit");
+    // 12 images alternating between classes 0 and 1; image i's bright pixels are 200 + i.
+    common::write_idx_dataset(&dir, 12, 8);
+    let all = images(&dir, Split::Train);
+    let limited = ImageSet::load(
+        &ImageSources {
+            idx: vec![dir.clone()],
+            emoji: vec![],
+            emoji_repeat: 1,
+            per_class_limit: Some(2),
+        },
+        Split::Train,
+        8,
+        1,
+        [255; 3],
+        false,
+    )
+    .unwrap();
+    assert_eq!(all.len(), 12);
+    assert_eq!(limited.len(), 4);
+    let classes: Vec<usize> = (0..4).map(|i| limited.class_of(i)).collect();
+    assert_eq!(classes, [0, 1, 0, 1]);
+    // The kept images are the dataset's first four, pixel for pixel.
+    assert_eq!(limited.pixels, all.pixels[..4 * 64]);
 }
 
 #[test]

@@ -35,6 +35,7 @@ pub fn judge_data(config: &JudgeTrainConfig) -> Result<(ImageSet, ImageSet)> {
                 idx: vec![path.clone()],
                 emoji: vec![],
                 emoji_repeat: 1,
+                per_class_limit: None,
             };
             let size = crate::data::idx::LabelledImages::load(path, Split::Test)?.height;
             let load = |split| ImageSet::load(&sources, split, size, 1, [0; 3], false);

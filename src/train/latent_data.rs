@@ -152,6 +152,9 @@ fn latent_cache_key(config: &LdmTrainConfig, split: Split, vae_weights: &Path) -
         config.data.emoji.hash(&mut hasher);
         config.data.background.hash(&mut hasher);
     }
+    if let Some(limit) = config.data.per_class_limit {
+        limit.hash(&mut hasher);
+    }
     split.stem().hash(&mut hasher);
     Ok(format!("{:016x}", hasher.finish()))
 }

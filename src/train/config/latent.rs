@@ -29,6 +29,9 @@ pub struct LdmDataConfig {
     /// Emoji folders (`metadata.jsonl` and RGBA pictures), after the IDX folders.
     #[serde(default)]
     pub emoji: Vec<PathBuf>,
+    /// At most this many images of each class of an IDX folder (the first ones).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_class_limit: Option<usize>,
     /// How many times each emoji is in the pool training draws from.
     #[serde(default = "super::vae::one_each")]
     pub emoji_repeat: usize,
@@ -96,6 +99,7 @@ impl LdmDataConfig {
             idx: self.paths.clone(),
             emoji: self.emoji.clone(),
             emoji_repeat: self.emoji_repeat,
+            per_class_limit: self.per_class_limit,
         }
     }
 }
