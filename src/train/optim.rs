@@ -64,7 +64,9 @@ impl AdamW {
             let Some(grad) = grads.get(var) else {
                 continue;
             };
-            let grad = grad.affine(grad_scale, 0.0)?;
+            // A variable's gradient can still hold the op that made it (and through it the step's
+            // activations); moments built on it would chain every step's graph to the next.
+            let grad = grad.detach().affine(grad_scale, 0.0)?;
             let m =
                 (self.first_moments[i].affine(p.beta1, 0.0)? + grad.affine(1.0 - p.beta1, 0.0)?)?;
             let v = (self.second_moments[i].affine(p.beta2, 0.0)?
@@ -163,6 +165,26 @@ pub fn warmup_lr(peak: f64, step: usize, warmup_steps: usize) -> f64 {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// In `a @ b` the gradient of `a` is computed from the variable `b` and so carries an op;
+    /// moments built on it without detaching would keep every step's graph alive (the judge
+    /// trainer grew by 25 MB a step that way).
+    #[test]
+    fn moments_hold_no_graph_of_the_step() {
+        let a = Var::from_vec(vec![1.0f32, 2.0, 3.0, 4.0], (2, 2), &Device::Cpu).unwrap();
+        let b = Var::from_vec(vec![0.5f32, -1.0, 2.0, 1.5], (2, 2), &Device::Cpu).unwrap();
+        let vars = [a.clone(), b.clone()];
+        let mut opt = AdamW::new(&vars, AdamWParams::default()).unwrap();
+        for _ in 0..2 {
+            let loss = a.as_tensor().matmul(b.as_tensor()).unwrap().sum_all().unwrap();
+            let grads = loss.backward().unwrap();
+            assert!(grads.get(&a).unwrap().track_op());
+            opt.step(&vars, &grads, 0.1, 1.0).unwrap();
+        }
+        for moment in opt.first_moments.iter().chain(&opt.second_moments) {
+            assert!(!moment.track_op());
+        }
+    }
 
     #[test]
     fn adamw_matches_a_hand_computed_update() {
