@@ -163,6 +163,58 @@ impl Judge {
     }
 }
 
+/// Images from a pipeline ((N, C, H, W) in [0, 1]) as a judge of `shape` reads them, in
+/// [-1, 1]: colour averaged to grey for a grey judge (grey repeated for a colour one), shrunk by
+/// the whole factor `H / size` (box average: the embedded default draws a 28x28 picture doubled
+/// and centred on 64x64, which comes back as the centre of 32x32), then the centre `size` x
+/// `size`.
+pub fn judge_view(images: &Tensor, shape: JudgeShape) -> Result<Tensor> {
+    let (_, c, h, w) = images.dims4()?;
+    let size = shape.size;
+    if h < size || w < size {
+        return Err(Error::Msg(format!(
+            "the judge scores {size}x{size} images; these are {h}x{w}"
+        )));
+    }
+    let images = match (c, shape.channels) {
+        (c, k) if c == k => images.clone(),
+        (3, 1) => images.mean_keepdim(1)?,
+        (1, k) => images.repeat((1, k, 1, 1))?,
+        (c, k) => {
+            return Err(Error::Msg(format!(
+                "the judge reads {k}-channel images; these have {c} channels"
+            )))
+        }
+    };
+    let factor = h.min(w) / size;
+    let images = if factor > 1 {
+        images.avg_pool2d(factor)?
+    } else {
+        images
+    };
+    let (_, _, h, w) = images.dims4()?;
+    Ok(images
+        .narrow(2, (h - size) / 2, size)?
+        .narrow(3, (w - size) / 2, size)?
+        .affine(2.0, -1.0)?)
+}
+
+/// The class names of a judge folder's `classes.json` (`{"classes": [...]}`).
+pub fn judge_class_names(dir: &Path) -> Result<Vec<String>> {
+    let path = dir.join("classes.json");
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| crate::error::file_error(&path, e.to_string()))?;
+    #[derive(serde::Deserialize)]
+    struct Classes {
+        classes: Vec<String>,
+    }
+    serde_json::from_str::<Classes>(&text)
+        .map(|c| c.classes)
+        .map_err(|e| {
+            crate::error::file_error(&path, format!("expected {{\"classes\": [names]}}: {e}"))
+        })
+}
+
 /// round((x + 1) 127.5) clamped to 0..255, then back to u8 / 127.5 - 1.
 pub fn quantize_u8(x: &Tensor) -> Result<Tensor> {
     Ok(x.to_dtype(DType::F32)?

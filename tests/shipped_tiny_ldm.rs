@@ -7,10 +7,10 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use common::fixture_path;
-use diffuse::cli::eval_txt2img::judge_view;
 use diffuse::data::captions::{ClassCaptions, EXTRA_TEMPLATES};
 use diffuse::hub::EMBEDDED;
 use diffuse::judge::Judge;
+use diffuse::judge::{judge_view, JudgeShape};
 use diffuse::pipeline::txt2img::{sample_prompts, PromptGuidance};
 use diffuse::pipeline::{LoadOptions, StableDiffusion};
 use diffuse::sampler::{build_sampler, SamplerKind, SamplerOptions};
@@ -113,7 +113,7 @@ fn txt2img_without_a_model_draws_a_sneaker_with_the_embedded_one() {
             png.narrow(0, 0, 1).unwrap()
         })
         .collect();
-    let judged = judge_view(&Tensor::stack(&images, 0).unwrap()).unwrap();
+    let judged = judge_view(&Tensor::stack(&images, 0).unwrap(), JudgeShape::GREY_28).unwrap();
     let judge = Judge::load(&fixture_path("judges/fashion-mnist"), &Device::Cpu).unwrap();
     let verdict = judge.score(&judged).unwrap();
     // Fashion-MNIST's class 7 is the sneaker.
@@ -156,7 +156,9 @@ fn every_class_caption_is_drawn_as_its_class() {
         )
         .unwrap();
         let judge = Judge::load(&fixture_path(&format!("judges/{name}")), &Device::Cpu).unwrap();
-        let verdict = judge.score(&judge_view(&images).unwrap()).unwrap();
+        let verdict = judge
+            .score(&judge_view(&images, JudgeShape::GREY_28).unwrap())
+            .unwrap();
         let labels: Vec<u32> = (0..10u32)
             .flat_map(|c| std::iter::repeat_n(c, per_prompt))
             .collect();

@@ -3,7 +3,10 @@
 //! dataset's classes), in the shared training session, and writes it as a judge folder.
 
 use super::session_args::{report, start, Cadence, SessionArgs};
+use crate::data::captions::ClassesFile;
+use crate::data::image_set::ImageSet;
 use crate::judge::JudgeShape;
+use crate::train::config::judge::JudgeData;
 use crate::train::config::JudgeTrainConfig;
 use crate::train::judge::{judge_data, JudgeRun, JudgeTrainer};
 use crate::train::session::{check_out_dir, run_session};
@@ -66,13 +69,7 @@ pub fn run(args: TrainJudgeArgs) -> anyhow::Result<()> {
     let train_accuracy = trainer.accuracy(&data)?;
     let test_accuracy = trainer.accuracy(&test)?;
     let judge_dir = out_dir.join("judge");
-    // A class without captions (an IDX folder without classes.json) is named by its label.
-    let names: Vec<String> = data
-        .captions
-        .iter()
-        .enumerate()
-        .map(|(label, c)| c.first().cloned().unwrap_or_else(|| label.to_string()))
-        .collect();
+    let names = class_names(&config, &data)?;
     trainer.write_judge(&judge_dir, &names)?;
     let mut json = report(
         &summary,
@@ -97,4 +94,22 @@ pub fn run(args: TrainJudgeArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::Value::Object(json));
     }
     Ok(())
+}
+
+/// The names a judge folder gives its classes: an IDX dataset's own class names ("cat",
+/// "Sneaker") from its `classes.json`, an emoji concept's `text`; a class of a folder without
+/// `classes.json` is named by its label.
+fn class_names(config: &JudgeTrainConfig, data: &ImageSet) -> anyhow::Result<Vec<String>> {
+    if let JudgeData::Idx { path } = &config.data {
+        let classes = path.join("classes.json");
+        if classes.is_file() {
+            return Ok(ClassesFile::read(&classes)?.classes);
+        }
+    }
+    Ok(data
+        .captions
+        .iter()
+        .enumerate()
+        .map(|(label, c)| c.first().cloned().unwrap_or_else(|| label.to_string()))
+        .collect())
 }

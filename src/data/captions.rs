@@ -19,6 +19,20 @@ pub struct ClassesFile {
     pub alternative_templates: Vec<String>,
 }
 
+impl ClassesFile {
+    /// Reads a `classes.json`; errors name the file.
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::File {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        serde_json::from_str(&text).map_err(|e| Error::File {
+            path: path.display().to_string(),
+            message: format!("not a classes.json: {e}"),
+        })
+    }
+}
+
 /// Paraphrases added to every dataset's own templates. `{word}` is the class's word,
 /// `{digit}` its name.
 pub const EXTRA_TEMPLATES: &[&str] = &["{word}", "a picture of {word}"];
@@ -48,14 +62,7 @@ impl ClassCaptions {
     /// The captions of `classes.json` at `path` with `extra` templates added; duplicates are
     /// dropped, so a template that reads the same for a class counts once.
     pub fn load(path: &Path, extra: &[&str]) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::File {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })?;
-        let file: ClassesFile = serde_json::from_str(&text).map_err(|e| Error::File {
-            path: path.display().to_string(),
-            message: format!("not a classes.json: {e}"),
-        })?;
+        let file = ClassesFile::read(path)?;
         Self::from_file(&file, extra).map_err(|e| Error::File {
             path: path.display().to_string(),
             message: e.to_string(),

@@ -7,3 +7,4 @@ pub mod emoji;
 pub mod folder;
 pub mod idx;
 pub mod image_set;
+pub mod judged_prompts;

@@ -408,8 +408,6 @@ impl Denoiser for PixelDenoiser<'_> {
     }
 }
 
-/// Tiles (n, C, H, W) images in [-1, 1] into one (C, rows H, cols W) image in [0, 1], `cols`
-/// across, with 2-pixel gaps.
 /// A grid of `images` given class-major (all images of the first class, then the next, the same
 /// number each), one class a column.
 pub fn class_columns_grid(images: &Tensor, classes: usize) -> Result<Tensor> {
@@ -423,6 +421,8 @@ pub fn class_columns_grid(images: &Tensor, classes: usize) -> Result<Tensor> {
     grid(&by_row, classes)
 }
 
+/// Tiles (n, C, H, W) images in [-1, 1] into one (C, rows H, cols W) image in [0, 1], `cols`
+/// across, with 2-pixel gaps.
 pub fn grid(images: &Tensor, cols: usize) -> Result<Tensor> {
     let (n, c, h, w) = images.dims4()?;
     let cols = cols.max(1).min(n.max(1));

@@ -176,7 +176,12 @@ mod tests {
         let vars = [a.clone(), b.clone()];
         let mut opt = AdamW::new(&vars, AdamWParams::default()).unwrap();
         for _ in 0..2 {
-            let loss = a.as_tensor().matmul(b.as_tensor()).unwrap().sum_all().unwrap();
+            let loss = a
+                .as_tensor()
+                .matmul(b.as_tensor())
+                .unwrap()
+                .sum_all()
+                .unwrap();
             let grads = loss.backward().unwrap();
             assert!(grads.get(&a).unwrap().track_op());
             opt.step(&vars, &grads, 0.1, 1.0).unwrap();
