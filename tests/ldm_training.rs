@@ -264,3 +264,68 @@ fn bad_configs_are_named() {
         .to_string();
     assert!(e.contains("classes.json"), "{e}");
 }
+
+#[test]
+fn a_run_can_start_from_an_earlier_pipeline() {
+    let dir = temp_dir("init");
+    setup(&dir);
+    let config = LdmTrainConfig::from_toml_str(&config_text(&dir, "")).unwrap();
+    let data = LatentData::load(&config, Split::Train, None, |_, _| {}).unwrap();
+    let dims = data.latent_dims().unwrap();
+    let mut earlier = LdmTrainer::new(config.clone(), dims, &Device::Cpu).unwrap();
+    for _ in 0..3 {
+        earlier.train_step(&data).unwrap();
+    }
+    let pipeline = dir.join("earlier");
+    earlier
+        .write_pipeline(&pipeline, candle_core::DType::F16)
+        .unwrap();
+    let init = format!("init = \"{}\"", pipeline.display());
+    let later_config = LdmTrainConfig::from_toml_str(&config_text(&dir, &init)).unwrap();
+    let later = LdmTrainer::new(later_config, dims, &Device::Cpu).unwrap();
+    let fresh = LdmTrainer::new(config.clone(), dims, &Device::Cpu).unwrap();
+    let (later_weights, fresh_weights) = (later.weights().unwrap(), fresh.weights().unwrap());
+    let mut compared = 0;
+    for (component, file) in [
+        ("text_encoder.", "text_encoder/model.safetensors"),
+        ("unet.", "unet/diffusion_pytorch_model.safetensors"),
+    ] {
+        let saved = candle_core::safetensors::load(pipeline.join(file), &Device::Cpu).unwrap();
+        for (key, tensor) in saved {
+            let name = format!("{component}{key}");
+            let expected = tensor.to_dtype(candle_core::DType::F32).unwrap();
+            assert_eq!(
+                common::max_abs_diff(&later_weights[&name], &expected),
+                0.0,
+                "{name}"
+            );
+            compared += 1;
+        }
+    }
+    assert_eq!(
+        compared,
+        later_weights.len(),
+        "every variable comes from the pipeline"
+    );
+    // The zero-initialised output conv of a fresh run has learnt something in the earlier one.
+    assert!(
+        common::max_abs_diff(
+            &later_weights["unet.conv_out.weight"],
+            &fresh_weights["unet.conv_out.weight"]
+        ) > 0.0
+    );
+    // A pipeline of another shape is refused, naming the file and tensor.
+    let wider = config_text(&dir, &init).replace("text_hidden_size = 16", "text_hidden_size = 32");
+    let err = LdmTrainer::new(
+        LdmTrainConfig::from_toml_str(&wider).unwrap(),
+        dims,
+        &Device::Cpu,
+    )
+    .err()
+    .expect("a pipeline of another shape must be refused")
+    .to_string();
+    assert!(
+        err.contains("text_encoder/model.safetensors") && err.contains("shape"),
+        "{err}"
+    );
+}

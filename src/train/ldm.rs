@@ -26,7 +26,7 @@ use crate::model::unet::UNet2DConditionModel;
 use crate::model::unet::UNetConditioning;
 use crate::sampler::noise::SeededNoise;
 use crate::sampler::SchedulerConfig;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use rand::Rng;
 use std::collections::{BTreeMap, HashMap};
@@ -64,6 +64,28 @@ fn zero_init(name: &str) -> bool {
             || name.starts_with("unet.conv_out."))
 }
 
+/// Sets every variable from a pipeline folder's `text_encoder/model.safetensors` and
+/// `unet/diffusion_pytorch_model.safetensors` (any float dtype); a missing tensor or another
+/// shape is an error naming the file and tensor.
+fn start_from_pipeline(named: &[(String, Var)], dir: &Path, device: &Device) -> Result<()> {
+    let parts = [
+        (TEXT_PREFIX, dir.join("text_encoder/model.safetensors")),
+        (
+            UNET_PREFIX,
+            dir.join("unet/diffusion_pytorch_model.safetensors"),
+        ),
+    ];
+    for (prefix, path) in parts {
+        let loaded = checkpoint::load(&path, device)?;
+        for (name, var) in named.iter().filter(|(n, _)| n.starts_with(prefix)) {
+            let key = &name[prefix.len()..];
+            let tensor = loaded.tensor_like(&path, key, var.dims())?;
+            var.set(&tensor.to_dtype(DType::F32)?)?;
+        }
+    }
+    Ok(())
+}
+
 impl LdmTrainer {
     /// A fresh text encoder and U-Net for latents of `latent_dims` (C, h, w), initialised from
     /// `config.train.seed`.
@@ -89,6 +111,9 @@ impl LdmTrainer {
             UNet2DConditionModel::new(unet_config, vb.pp(UNET_PREFIX.trim_end_matches('.')))?;
         let named = named_vars(&varmap);
         seeded_init(&named, &mut SeededNoise::new(config.train.seed), &zero_init)?;
+        if let Some(dir) = &config.model.init {
+            start_from_pipeline(&named, dir, device)?;
+        }
         let t = &config.train;
         let rule = UpdateRule {
             learning_rate: t.learning_rate,

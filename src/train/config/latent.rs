@@ -84,6 +84,11 @@ pub struct LdmModelConfig {
     pub attention_heads: usize,
     #[serde(default = "groups")]
     pub norm_num_groups: usize,
+    /// A pipeline folder this run's text encoder and U-Net start from (the averaged weights a
+    /// run of the same model wrote), with fresh optimizer moments: how training goes on where
+    /// the checkpoint of the earlier run is gone but its pipeline was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<PathBuf>,
 }
 
 fn caption_dropout() -> f64 {
@@ -119,6 +124,9 @@ impl LdmTrainConfig {
         }
         relative_to(base, &mut self.model.vae);
         relative_to(base, &mut self.model.tokenizer);
+        if let Some(init) = &mut self.model.init {
+            relative_to(base, init);
+        }
         relative_to(base, &mut self.train.out_dir);
     }
 
