@@ -44,6 +44,54 @@ pub fn judge_data(config: &JudgeTrainConfig) -> Result<(ImageSet, ImageSet)> {
     }
 }
 
+/// How one training picture is moved: by (dy, dx) pixels, mirrored or not.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Augment {
+    dy: isize,
+    dx: isize,
+    flip: bool,
+}
+
+impl Augment {
+    fn draw(rng: &mut impl rand::Rng, shift: usize, flip: bool) -> Self {
+        let s = shift as i64;
+        Self {
+            dy: rng.random_range(-s..=s) as isize,
+            dx: rng.random_range(-s..=s) as isize,
+            flip: flip && rng.random_bool(0.5),
+        }
+    }
+}
+
+/// (B, C, S, S) pictures each moved as `moves` says: content shifted by (dy, dx) with the edge
+/// pixels repeated into the gap, then mirrored left to right where asked.
+fn augment(x: &Tensor, moves: &[Augment]) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    let pad = moves
+        .iter()
+        .map(|m| m.dy.unsigned_abs().max(m.dx.unsigned_abs()))
+        .max()
+        .unwrap_or(0);
+    let padded = x.pad_with_same(2, pad, pad)?.pad_with_same(3, pad, pad)?;
+    let reversed = Tensor::from_vec((0..w as u32).rev().collect::<Vec<_>>(), w, x.device())?;
+    let pictures = moves
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let moved = padded
+                .get(i)?
+                .narrow(1, (pad as isize - m.dy) as usize, h)?
+                .narrow(2, (pad as isize - m.dx) as usize, w)?;
+            if m.flip {
+                moved.contiguous()?.index_select(&reversed, 2)
+            } else {
+                Ok(moved)
+            }
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::stack(&pictures, 0)?)
+}
+
 /// A judge being trained.
 pub struct JudgeTrainer {
     pub config: JudgeTrainConfig,
@@ -113,16 +161,23 @@ impl JudgeTrainer {
     /// batch, gradient norm, learning rate).
     pub fn train_step(&mut self, data: &ImageSet) -> Result<[f64; 4]> {
         let t = &self.config.train;
-        let (_, indices, _) = super::draw_examples_and_timesteps(
+        let (mut rng, indices, _) = super::draw_examples_and_timesteps(
             t.seed,
             self.state.step,
             t.batch_size,
             data.len(),
             1,
         );
-        let x = data
-            .batch(&indices, &Device::Cpu)?
-            .to_device(&self.device)?;
+        let x = data.batch(&indices, &Device::Cpu)?;
+        let x = if t.augment_shift > 0 || t.augment_flip {
+            let moves: Vec<Augment> = (0..indices.len())
+                .map(|_| Augment::draw(rng.rng(), t.augment_shift, t.augment_flip))
+                .collect();
+            augment(&x, &moves)?
+        } else {
+            x
+        };
+        let x = x.to_device(&self.device)?;
         let labels: Vec<u32> = indices.iter().map(|&i| data.class_of(i) as u32).collect();
         let labels = Tensor::from_vec(labels, indices.len(), &self.device)?;
         let logits = self.judge.forward(&x)?.logits;
@@ -205,5 +260,54 @@ impl super::session::Trainer for JudgeRun {
     fn save(&mut self, out_dir: &Path) -> Result<()> {
         self.trainer
             .save(&out_dir.join(super::session::CHECKPOINT_FILE))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn augment_shifts_with_edge_pixels_and_mirrors() {
+        // One 1x3x3 picture with values 0..9, row-major.
+        let x = Tensor::arange(0f32, 9.0, &Device::Cpu)
+            .unwrap()
+            .reshape((1, 1, 3, 3))
+            .unwrap();
+        let rows = |m: Augment| -> Vec<Vec<f32>> {
+            augment(&x, &[m])
+                .unwrap()
+                .get(0)
+                .unwrap()
+                .get(0)
+                .unwrap()
+                .to_vec2()
+                .unwrap()
+        };
+        let still = Augment {
+            dy: 0,
+            dx: 0,
+            flip: false,
+        };
+        assert_eq!(rows(still), [[0., 1., 2.], [3., 4., 5.], [6., 7., 8.]]);
+        // Content moves one down and one right; the top row and left column repeat the edge.
+        let moved = Augment {
+            dy: 1,
+            dx: 1,
+            flip: false,
+        };
+        assert_eq!(rows(moved), [[0., 0., 1.], [0., 0., 1.], [3., 3., 4.]]);
+        let mirrored = Augment {
+            dy: 0,
+            dx: 0,
+            flip: true,
+        };
+        assert_eq!(rows(mirrored), [[2., 1., 0.], [5., 4., 3.], [8., 7., 6.]]);
+        let up_left = Augment {
+            dy: -1,
+            dx: -1,
+            flip: false,
+        };
+        assert_eq!(rows(up_left), [[4., 5., 5.], [7., 8., 8.], [7., 8., 8.]]);
     }
 }

@@ -44,6 +44,13 @@ pub struct JudgeOptimConfig {
     pub checkpoint_every: usize,
     #[serde(default = "log_every_default")]
     pub log_every: usize,
+    /// Each training picture moved by up to this many pixels each way (its edge pixels
+    /// repeated), a fresh draw every step: the judge learns a concept, not where it sits.
+    #[serde(default)]
+    pub augment_shift: usize,
+    /// Each training picture mirrored left to right with probability 1/2.
+    #[serde(default)]
+    pub augment_flip: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
