@@ -10,6 +10,7 @@ use candle_nn::{conv2d, linear, Conv2d, Conv2dConfig, Linear, VarBuilder};
 use nalgebra::{DMatrix, DVector, SymmetricEigen};
 use std::path::{Path, PathBuf};
 
+/// The public judges' feature width (the penultimate layer's).
 pub const FEATURES: usize = 128;
 
 /// The judges and class lists shipped with the source (copies of `../shared`'s, so that a
@@ -20,7 +21,8 @@ fn shipped(relative: &str) -> PathBuf {
         .join(relative)
 }
 
-/// The shipped judge folder of a dataset (`mnist`, `fashion-mnist`), when there is one.
+/// The shipped judge folder of a dataset (`mnist`, `fashion-mnist`, `emoji`, `doodles`), when
+/// there is one.
 pub fn shipped_judge(name: &str) -> Option<PathBuf> {
     Some(shipped("judges").join(name)).filter(|p| p.join("model.safetensors").is_file())
 }
@@ -44,6 +46,9 @@ pub struct JudgeShape {
     pub channels: usize,
     pub size: usize,
     pub classes: usize,
+    /// The two convolutions' channels and the feature width: [32, 64, 128] for the public
+    /// judges ([`JudgeShape::PUBLIC_WIDTHS`]).
+    pub widths: [usize; 3],
 }
 
 impl JudgeShape {
@@ -52,15 +57,18 @@ impl JudgeShape {
         channels: 1,
         size: 28,
         classes: 10,
+        widths: Self::PUBLIC_WIDTHS,
     };
 
-    /// The first linear layer's inputs: 64 maps of size / 4 squared.
+    pub const PUBLIC_WIDTHS: [usize; 3] = [32, 64, FEATURES];
+
+    /// The first linear layer's inputs: the second convolution's maps, size / 4 squared.
     fn flat(&self) -> usize {
-        64 * (self.size / 4) * (self.size / 4)
+        self.widths[1] * (self.size / 4) * (self.size / 4)
     }
 
-    /// The shape a judge's weights file holds: the input channels from `conv1`, the size from
-    /// `fc1`'s inputs, the classes from `fc2`.
+    /// The shape a judge's weights file holds: the input channels and widths from `conv1`,
+    /// `conv2` and `fc1`, the size from `fc1`'s inputs, the classes from `fc2`.
     pub fn of_weights(path: &Path) -> Result<Self> {
         let shapes = crate::weights::tensor_shapes(path)?;
         let dim = |name: &str, axis: usize| {
@@ -69,25 +77,32 @@ impl JudgeShape {
                 .and_then(|s| s.get(axis).copied())
                 .ok_or_else(|| crate::error::file_error(path, format!("has no tensor {name}")))
         };
+        let widths = [
+            dim("conv1.weight", 0)?,
+            dim("conv2.weight", 0)?,
+            dim("fc1.weight", 0)?,
+        ];
         let flat = dim("fc1.weight", 1)?;
-        let side = ((flat / 64) as f64).sqrt().round() as usize;
-        if 64 * side * side != flat {
+        let maps = widths[1].max(1);
+        let side = ((flat / maps) as f64).sqrt().round() as usize;
+        if maps * side * side != flat {
             return Err(crate::error::file_error(
                 path,
-                format!("fc1.weight takes {flat} inputs, not 64 maps of a square size"),
+                format!("fc1.weight takes {flat} inputs, not {maps} maps of a square size"),
             ));
         }
         Ok(Self {
             channels: dim("conv1.weight", 1)?,
             size: 4 * side,
             classes: dim("fc2.weight", 0)?,
+            widths,
         })
     }
 }
 
-/// conv 3x3 (C -> 32) - ReLU - maxpool 2 - conv 3x3 (32 -> 64) - ReLU - maxpool 2 - linear
-/// 64 (S/4)^2 -> 128 - ReLU (features) - linear 128 -> K (logits); for the public judges C = 1,
-/// S = 28, K = 10.
+/// conv 3x3 (C -> W1) - ReLU - maxpool 2 - conv 3x3 (W1 -> W2) - ReLU - maxpool 2 - linear
+/// W2 (S/4)^2 -> F - ReLU (features) - linear F -> K (logits); for the public judges C = 1,
+/// S = 28, K = 10, (W1, W2, F) = (32, 64, 128).
 pub struct Judge {
     pub shape: JudgeShape,
     conv1: Conv2d,
@@ -104,16 +119,17 @@ pub struct Verdict {
 
 impl Judge {
     pub fn new(shape: JudgeShape, vb: VarBuilder) -> candle_core::Result<Self> {
+        let [w1, w2, features] = shape.widths;
         let same = Conv2dConfig {
             padding: 1,
             ..Default::default()
         };
         Ok(Self {
             shape,
-            conv1: conv2d(shape.channels, 32, 3, same, vb.pp("conv1"))?,
-            conv2: conv2d(32, 64, 3, same, vb.pp("conv2"))?,
-            fc1: linear(shape.flat(), FEATURES, vb.pp("fc1"))?,
-            fc2: linear(FEATURES, shape.classes, vb.pp("fc2"))?,
+            conv1: conv2d(shape.channels, w1, 3, same, vb.pp("conv1"))?,
+            conv2: conv2d(w1, w2, 3, same, vb.pp("conv2"))?,
+            fc1: linear(shape.flat(), features, vb.pp("fc1"))?,
+            fc2: linear(features, shape.classes, vb.pp("fc2"))?,
         })
     }
 

@@ -302,7 +302,8 @@ fn a_trained_judge_reads_its_classes_and_loads_back() {
     std::fs::write(
         &config,
         "[data]\nkind = \"idx\"\npath = \"data\"\n[train]\nsteps = 60\nbatch_size = 8\n\
-         learning_rate = 0.003\nout_dir = \"run\"\ncheckpoint_every = 30\nlog_every = 10\n",
+         learning_rate = 0.003\nout_dir = \"run\"\ncheckpoint_every = 30\nlog_every = 10\n\
+         [model]\nwidths = [8, 16, 24]\n",
     )
     .unwrap();
     let result = std::process::Command::new(env!("CARGO_BIN_EXE_diffuse"))
@@ -320,7 +321,8 @@ fn a_trained_judge_reads_its_classes_and_loads_back() {
         diffuse::judge::JudgeShape {
             channels: 1,
             size: 8,
-            classes: 2
+            classes: 2,
+            widths: [8, 16, 24],
         }
     );
     let test = images(&dir.join("data"), Split::Test);

@@ -48,10 +48,12 @@ pub struct EvalTxt2imgArgs {
     /// by --doodle-judge.
     #[arg(long)]
     pub prompts: Option<PathBuf>,
-    /// A judge folder (train-judge's `judge/`) whose classes are emoji concepts.
+    /// A judge folder (train-judge's `judge/`) whose classes are emoji concepts (default: the
+    /// shipped one, tests/fixtures/judges/emoji, trained by configs/judge-emoji.toml).
     #[arg(long)]
     pub emoji_judge: Option<PathBuf>,
-    /// A judge folder whose classes are the Quick, Draw! classes.
+    /// A judge folder whose classes are the Quick, Draw! classes (default: the shipped one,
+    /// trained by configs/judge-doodles.toml).
     #[arg(long)]
     pub doodle_judge: Option<PathBuf>,
     /// Images per listed prompt and style.
@@ -220,23 +222,28 @@ fn judged_sets(args: &EvalTxt2imgArgs) -> anyhow::Result<Vec<JudgedSet>> {
         let list = read_judged_prompts(path)?;
         let emoji = args
             .emoji_judge
-            .as_ref()
+            .clone()
+            .or_else(|| shipped_judge("emoji"))
             .context("--prompts needs --emoji-judge (a judge folder of emoji concepts)")?;
         sets.push(listed_set(
             "emoji",
             &list,
             path,
-            emoji,
+            &emoji,
             EMOJI_SUFFIX,
             |p| Some(p.emoji.as_str()),
             args.per_listed_prompt,
         )?);
-        if let Some(doodle) = &args.doodle_judge {
+        if let Some(doodle) = args
+            .doodle_judge
+            .clone()
+            .or_else(|| shipped_judge("doodles"))
+        {
             sets.push(listed_set(
                 "doodles",
                 &list,
                 path,
-                doodle,
+                &doodle,
                 DOODLE_SUFFIX,
                 |p| p.doodle.as_deref(),
                 args.per_listed_prompt,

@@ -41,6 +41,7 @@ pub fn run(args: TrainJudgeArgs) -> anyhow::Result<()> {
         channels: train.channels,
         size: train.size,
         classes: train.captions.len(),
+        widths: config.model.widths,
     };
     let device = args.session.device()?;
     let trainer = start(

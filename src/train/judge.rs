@@ -142,7 +142,7 @@ impl JudgeTrainer {
             device,
             TrainerKind::Judge,
             &trainer.config.to_toml(),
-            &["data"],
+            &["data", "model"],
             |saved| Ok(JudgeTrainConfig::from_toml_str(saved)?.to_toml()),
         )?;
         trainer.state.restore(&loaded, path, step)?;

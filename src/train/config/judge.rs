@@ -57,7 +57,25 @@ pub struct JudgeOptimConfig {
 #[serde(deny_unknown_fields)]
 pub struct JudgeTrainConfig {
     pub data: JudgeData,
+    #[serde(default)]
+    pub model: JudgeModelConfig,
     pub train: JudgeOptimConfig,
+}
+
+/// The judge network's widths (`judge::Judge`): the two convolutions' channels and the
+/// features; the public judges' [32, 64, 128] when left out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JudgeModelConfig {
+    pub widths: [usize; 3],
+}
+
+impl Default for JudgeModelConfig {
+    fn default() -> Self {
+        Self {
+            widths: crate::judge::JudgeShape::PUBLIC_WIDTHS,
+        }
+    }
 }
 
 impl JudgeTrainConfig {
@@ -89,6 +107,13 @@ impl JudgeTrainConfig {
                 "train.steps / train.batch_size / train.checkpoint_every",
                 0,
                 "positive integers",
+            ));
+        }
+        if self.model.widths.contains(&0) {
+            return Err(Error::bad_value(
+                "model.widths",
+                format!("{:?}", self.model.widths),
+                "three positive channel counts",
             ));
         }
         if let JudgeData::Emoji {
