@@ -217,18 +217,12 @@ pub fn judge_view(images: &Tensor, shape: JudgeShape) -> Result<Tensor> {
 
 /// The class names of a judge folder's `classes.json` (`{"classes": [...]}`).
 pub fn judge_class_names(dir: &Path) -> Result<Vec<String>> {
-    let path = dir.join("classes.json");
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| crate::error::file_error(&path, e.to_string()))?;
     #[derive(serde::Deserialize)]
     struct Classes {
         classes: Vec<String>,
     }
-    serde_json::from_str::<Classes>(&text)
-        .map(|c| c.classes)
-        .map_err(|e| {
-            crate::error::file_error(&path, format!("expected {{\"classes\": [names]}}: {e}"))
-        })
+    let classes: Classes = crate::model::config::read_json(&dir.join("classes.json"))?;
+    Ok(classes.classes)
 }
 
 /// round((x + 1) 127.5) clamped to 0..255, then back to u8 / 127.5 - 1.

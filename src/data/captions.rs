@@ -22,14 +22,7 @@ pub struct ClassesFile {
 impl ClassesFile {
     /// Reads a `classes.json`; errors name the file.
     pub fn read(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::File {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })?;
-        serde_json::from_str(&text).map_err(|e| Error::File {
-            path: path.display().to_string(),
-            message: format!("not a classes.json: {e}"),
-        })
+        crate::model::config::read_json(path)
     }
 }
 
