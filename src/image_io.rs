@@ -32,22 +32,19 @@ fn fits_latin1(text: &str) -> bool {
     text.chars().all(|c| c != '\0' && (c as u32) <= 0xFF)
 }
 
-/// Writes a PNG; `parameters` goes into a text chunk named `parameters`: `tEXt` when it is
-/// Latin-1, else UTF-8 `iTXt` (what PIL writes then, and what A1111-style readers take), so any
-/// prompt can be stored. The file is written to a temporary name and renamed, so a failure or
-/// a kill never leaves half an image.
-pub fn save_png(image: &Tensor, path: &Path, parameters: Option<&str>) -> Result<()> {
+/// An image as PNG bytes; `parameters` goes into a text chunk named `parameters`: `tEXt` when
+/// it is Latin-1, else UTF-8 `iTXt` (what PIL writes then, and what A1111-style readers take),
+/// so any prompt can be stored.
+pub fn encode_png(image: &Tensor, parameters: Option<&str>) -> Result<Vec<u8>> {
     let (w, h, bytes) = to_rgb8(image)?;
     let color = if image.dim(0)? == 1 {
         png::ColorType::Grayscale
     } else {
         png::ColorType::Rgb
     };
-    let io_error = |e: &dyn std::fmt::Display| crate::error::file_error(path, e.to_string());
-    let tmp = partial_path(path);
-    let written = (|| -> std::result::Result<(), Box<dyn std::error::Error>> {
-        let file = std::fs::File::create(&tmp)?;
-        let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), w, h);
+    let mut out = Vec::new();
+    let encoded = (|| -> std::result::Result<(), png::EncodingError> {
+        let mut encoder = png::Encoder::new(&mut out, w, h);
         encoder.set_color(color);
         encoder.set_depth(png::BitDepth::Eight);
         if let Some(text) = parameters {
@@ -60,10 +57,19 @@ pub fn save_png(image: &Tensor, path: &Path, parameters: Option<&str>) -> Result
         }
         let mut writer = encoder.write_header()?;
         writer.write_image_data(&bytes)?;
-        writer.finish()?;
-        Ok(())
+        writer.finish()
     })();
-    if let Err(e) = written {
+    encoded.map_err(|e| Error::Msg(format!("encoding a PNG: {e}")))?;
+    Ok(out)
+}
+
+/// Writes [`encode_png`]'s bytes to a temporary name and renames them into place, so a failure
+/// or a kill never leaves half an image.
+pub fn save_png(image: &Tensor, path: &Path, parameters: Option<&str>) -> Result<()> {
+    let bytes = encode_png(image, parameters)?;
+    let io_error = |e: &dyn std::fmt::Display| crate::error::file_error(path, e.to_string());
+    let tmp = partial_path(path);
+    if let Err(e) = std::fs::write(&tmp, &bytes) {
         let _ = std::fs::remove_file(&tmp);
         return Err(io_error(&e));
     }
@@ -174,9 +180,23 @@ pub fn decode_image(path: &Path) -> Result<image::DynamicImage> {
         path: path.display().to_string(),
         message,
     };
-    let mut reader = image::ImageReader::open(path)
+    let reader = image::ImageReader::open(path)
         .and_then(|r| r.with_guessed_format())
         .map_err(|e| file_error(format!("cannot be read: {e}")))?;
+    decode_limited(reader).map_err(file_error)
+}
+
+/// [`decode_image`] for an image held in memory (an upload); errors name it as `what`.
+pub fn decode_image_bytes(bytes: &[u8], what: &str) -> Result<image::DynamicImage> {
+    let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| Error::Msg(format!("{what}: cannot be read: {e}")))?;
+    decode_limited(reader).map_err(|message| Error::Msg(format!("{what}: {message}")))
+}
+
+fn decode_limited<R: std::io::BufRead + std::io::Seek>(
+    mut reader: image::ImageReader<R>,
+) -> std::result::Result<image::DynamicImage, String> {
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(MAX_SIDE);
     limits.max_image_height = Some(MAX_SIDE);
@@ -184,7 +204,7 @@ pub fn decode_image(path: &Path) -> Result<image::DynamicImage> {
     reader.limits(limits);
     reader
         .decode()
-        .map_err(|e| file_error(format!("not a readable image: {e}")))
+        .map_err(|e| format!("not a readable image: {e}"))
 }
 
 /// Reads an image (PNG, JPEG, WebP; gray, RGBA and 16-bit become 8-bit RGB) as (3, H, W) in

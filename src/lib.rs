@@ -4,7 +4,7 @@
 //! kernels ([`ops`], [`error`]) -> networks and files ([`model`], [`weights`], [`tokenizer`],
 //! [`hub`], [`image_io`], [`data`], ...) -> the diffusion process ([`diffusion`]) -> samplers
 //! ([`sampler`]) -> inference pipelines ([`pipeline`]) -> training ([`train`], [`toy`]) -> front
-//! ends ([`cli`] and the binaries).
+//! ends ([`cli`], [`serve`] and the binaries).
 
 pub mod checkpoint;
 pub mod cli;
@@ -19,6 +19,7 @@ pub mod model;
 pub mod ops;
 pub mod pipeline;
 pub mod sampler;
+pub mod serve;
 pub mod single_file;
 pub mod tokenizer;
 pub mod toy;

@@ -22,7 +22,7 @@ fn layer(path: &str) -> (usize, &'static str) {
         "sampler" => (3, "samplers"),
         "pipeline" => (4, "pipelines"),
         "train" | "toy" => (5, "training"),
-        "cli" | "bin" | "main" | "lib" => (6, "front ends"),
+        "cli" | "serve" | "bin" | "main" | "lib" => (6, "front ends"),
         other => panic!("src/{path}: module `{other}` has no layer; add it to tests/layers.rs"),
     }
 }

@@ -8,6 +8,7 @@ pub mod eval_txt2img;
 pub mod finetune;
 pub mod sample;
 pub mod sampler_args;
+pub mod serve;
 pub mod session_args;
 pub mod single_file_args;
 pub mod toy;
@@ -53,6 +54,8 @@ pub enum Command {
     EvalTxt2img(eval_txt2img::EvalTxt2imgArgs),
     /// Fine-tune a Stable Diffusion U-Net on a folder of captioned images (full or LoRA).
     Finetune(Box<finetune::FinetuneArgs>),
+    /// Serve models over HTTP: AUTOMATIC1111's API, OpenAI's images API and a web page.
+    Serve(Box<serve::ServeArgs>),
     /// Convert a single-file checkpoint to a diffusers folder, or a folder to a single file.
     Convert(convert::ConvertArgs),
 }
@@ -71,6 +74,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::EvalTxt2img(args) => eval_txt2img::run(args),
         Command::Finetune(args) => finetune::run(*args),
         Command::Convert(args) => convert::run(args),
+        Command::Serve(args) => serve::run(*args),
         Command::Samplers => {
             for entry in crate::sampler::registry::REGISTRY {
                 println!("{:>9}  {}", entry.name, entry.guide);

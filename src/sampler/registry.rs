@@ -64,6 +64,18 @@ impl SamplerKind {
             .ok_or_else(|| Error::bad_value("_class_name", class, &class_names()))
     }
 
+    /// The name AUTOMATIC1111's API uses, else the command-line name.
+    pub fn a1111_name(self) -> &'static str {
+        info(self).a1111_name.unwrap_or(info(self).name)
+    }
+
+    /// The sampler an AUTOMATIC1111 `sampler_name` picks (its own names, any case, or ours).
+    pub fn from_a1111_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| {
+            k.a1111_name().eq_ignore_ascii_case(name) || k.cli_name().eq_ignore_ascii_case(name)
+        })
+    }
+
     /// Samplers that walk a sigma grid and so can take Karras spacing.
     pub fn uses_sigmas(self) -> bool {
         info(self).uses_sigmas
@@ -82,12 +94,16 @@ pub struct SamplerInfo {
     pub guide: &'static str,
     /// Walks a sigma grid, so takes Karras spacing.
     pub uses_sigmas: bool,
+    /// The name AUTOMATIC1111's web UI and API give the same solver (`sampler_name`), where it
+    /// has one.
+    pub a1111_name: Option<&'static str>,
 }
 
 pub const REGISTRY: [SamplerInfo; 13] = [
     SamplerInfo {
         kind: SamplerKind::Ddpm,
         name: "ddpm",
+        a1111_name: Some("DDPM"),
         class_names: &["DDPMScheduler"],
         guide: "DDPM ancestral sampling (Ho et al. 2020): the reference; needs hundreds of steps",
         uses_sigmas: false,
@@ -95,6 +111,7 @@ pub const REGISTRY: [SamplerInfo; 13] = [
     SamplerInfo {
         kind: SamplerKind::Ddim,
         name: "ddim",
+        a1111_name: Some("DDIM"),
         class_names: &["DDIMScheduler"],
         guide: "DDIM (Song et al. 2021): deterministic at eta 0, good from 20-50 steps; --eta 1 is DDPM-like",
         uses_sigmas: false,
@@ -102,6 +119,7 @@ pub const REGISTRY: [SamplerInfo; 13] = [
     SamplerInfo {
         kind: SamplerKind::Pndm,
         name: "pndm",
+        a1111_name: Some("PLMS"),
         class_names: &["PNDMScheduler"],
         guide: "PLMS (Liu et al. 2022): SD 1.x's default; 4th-order multistep, fine at 50 steps",
         uses_sigmas: false,
@@ -109,6 +127,7 @@ pub const REGISTRY: [SamplerInfo; 13] = [
     SamplerInfo {
         kind: SamplerKind::Lms,
         name: "lms",
+        a1111_name: Some("LMS"),
         class_names: &["LMSDiscreteScheduler"],
         guide: "linear multistep on the sigma ODE: smooth results at 20-50 steps",
         uses_sigmas: true,
@@ -116,6 +135,7 @@ pub const REGISTRY: [SamplerInfo; 13] = [
     SamplerInfo {
         kind: SamplerKind::Euler,
         name: "euler",
+        a1111_name: Some("Euler"),
         class_names: &["EulerDiscreteScheduler"],
         guide: "Euler on the probability-flow ODE: simple and robust, 20-50 steps",
         uses_sigmas: true,
@@ -123,6 +143,7 @@ pub const REGISTRY: [SamplerInfo; 13] = [
     SamplerInfo {
         kind: SamplerKind::EulerAncestral,
         name: "euler-a",
+        a1111_name: Some("Euler a"),
         class_names: &["EulerAncestralDiscreteScheduler"],
         guide: "Euler ancestral: adds fresh noise each step; varied, softer images; not convergent in steps",
         uses_sigmas: true,
@@ -130,6 +151,7 @@ pub const REGISTRY: [SamplerInfo; 13] = [
     SamplerInfo {
         kind: SamplerKind::Heun,
         name: "heun",
+        a1111_name: Some("Heun"),
         class_names: &["HeunDiscreteScheduler"],
         guide: "Heun (Karras et al. 2022): 2nd order, 2 evaluations a step; accurate at 10-30 steps",
         uses_sigmas: true,
@@ -137,6 +159,7 @@ pub const REGISTRY: [SamplerInfo; 13] = [
     SamplerInfo {
         kind: SamplerKind::DpmPp2m,
         name: "dpmpp-2m",
+        a1111_name: Some("DPM++ 2M"),
         class_names: &["DPMSolverMultistepScheduler"],
         guide: "DPM-Solver++(2M): the best quality for few steps (15-25), with --karras",
         uses_sigmas: true,
@@ -144,6 +167,7 @@ pub const REGISTRY: [SamplerInfo; 13] = [
     SamplerInfo {
         kind: SamplerKind::UniPc,
         name: "unipc",
+        a1111_name: Some("UniPC"),
         class_names: &["UniPCMultistepScheduler"],
         guide: "UniPC: predictor-corrector multistep; strongest at very few steps (5-15)",
         uses_sigmas: true,
@@ -151,6 +175,7 @@ pub const REGISTRY: [SamplerInfo; 13] = [
     SamplerInfo {
         kind: SamplerKind::Rk45,
         name: "rk45",
+        a1111_name: None,
         class_names: &[],
         guide: "adaptive Dormand-Prince on the ODE: set accuracy by --rtol/--atol; reports evaluations",
         uses_sigmas: true,
@@ -158,6 +183,7 @@ pub const REGISTRY: [SamplerInfo; 13] = [
     SamplerInfo {
         kind: SamplerKind::Sde,
         name: "sde",
+        a1111_name: None,
         class_names: &["ScoreSdeVpScheduler"],
         guide: "reverse-SDE Euler-Maruyama (Song et al. 2021): stochastic, needs many steps",
         uses_sigmas: false,
@@ -165,6 +191,7 @@ pub const REGISTRY: [SamplerInfo; 13] = [
     SamplerInfo {
         kind: SamplerKind::Pc,
         name: "pc",
+        a1111_name: None,
         class_names: &["ScoreSdeVeScheduler"],
         guide: "predictor-corrector (Song et al. 2021, Alg. 2/3): reverse diffusion + Langevin; best SDE quality",
         uses_sigmas: false,
@@ -172,6 +199,7 @@ pub const REGISTRY: [SamplerInfo; 13] = [
     SamplerInfo {
         kind: SamplerKind::Ald,
         name: "ald",
+        a1111_name: None,
         class_names: &[],
         guide: "annealed Langevin dynamics (NCSN): corrector only; needs many steps and corrector iterations",
         uses_sigmas: false,
