@@ -198,7 +198,11 @@ impl A1111Request {
             if !(0.0..=1.0).contains(&eta) {
                 return Err(ApiError::field("eta", format!("{eta} is not in 0 to 1")));
             }
-            request.sampler_options.eta = eta;
+            // A1111 clients send eta whatever the sampler (webuiapi always sends 1); as in
+            // A1111, only a sampler that has an eta uses it.
+            if request.sampler == Some(SamplerKind::Ddim) {
+                request.sampler_options.eta = eta;
+            }
         }
         if img2img {
             let Some(first) = self.init_images.first() else {
