@@ -355,6 +355,49 @@ fn hostile_requests_get_errors_naming_the_field_and_the_server_stays_up() {
         assert_eq!(status, 422, "{name}: {answer}");
         assert_eq!(answer["error"]["param"], *needle, "{name}: {answer}");
     }
+    // Byte-level mutations of valid bodies: every answer is an answer (no panic, no dropped
+    // connection), and only whole, valid requests generate.
+    let seeds = [
+        json!({"prompt": "a photo of a bag", "steps": 2, "seed": 1, "width": 32, "height": 32, "sampler_name": "Euler a", "batch_size": 1}).to_string(),
+        json!({"prompt": "a cat <lora:x:0.5>", "init_images": [tiny_png()], "mask": tiny_png(), "denoising_strength": 0.5}).to_string(),
+    ];
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut statuses = std::collections::BTreeMap::new();
+    for round in 0..150 {
+        let mut body = seeds[round % seeds.len()].as_bytes().to_vec();
+        for _ in 0..1 + next() % 4 {
+            let at = (next() as usize) % body.len();
+            match next() % 3 {
+                0 => body[at] = (next() % 256) as u8,
+                1 => body.truncate(at),
+                _ => {
+                    let bytes = b"{}[]\",:-9e\0";
+                    body.insert(at, bytes[(next() as usize) % bytes.len()])
+                }
+            }
+            if body.is_empty() {
+                body.push(b'{');
+            }
+        }
+        let path = ["/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/api/v1/jobs"][round % 3];
+        let (status, answer) = server.post_raw(path, &body);
+        assert!(
+            [200, 202, 400, 413, 415, 422].contains(&status),
+            "{path} {}: {status} {answer}",
+            String::from_utf8_lossy(&body)
+        );
+        if status >= 400 {
+            assert!(answer["detail"].is_string(), "{answer}");
+        }
+        *statuses.entry(status).or_insert(0) += 1;
+    }
+    eprintln!("mutated bodies, answers by status: {statuses:?}");
     let (status, _, _) = server.call("GET", "/api/v1/jobs/999999", None);
     assert_eq!(status, 404);
     let (status, _, _) = server.call("GET", "/sdapi/v1/nothing-here", None);
@@ -548,6 +591,24 @@ fn a_key_guards_the_api_and_is_needed_beyond_loopback() {
     let body = json!({"prompt": "a cat"});
     let (status, _, _) = server.call("POST", "/v1/images/generations", Some(&body));
     assert_eq!(status, 401);
+    // CORS is off unless asked for.
+    let origin_header = |server: &Server| {
+        ureq::get(&server.url("/v1/models"))
+            .set("Origin", "http://example.test")
+            .set("Authorization", "Bearer s3cret")
+            .call()
+            .unwrap()
+            .header("access-control-allow-origin")
+            .map(str::to_string)
+    };
+    assert_eq!(origin_header(&server), None);
+    let open = Server::start(&[
+        "--api-key",
+        "s3cret",
+        "--cors-origin",
+        "http://example.test",
+    ]);
+    assert_eq!(origin_header(&open).as_deref(), Some("http://example.test"));
     // The page itself loads; it asks for the key when the API refuses.
     let page = ureq::get(&server.url("/"))
         .call()

@@ -3,11 +3,11 @@
 //! `alwayson_scripts`, ...) are accepted and ignored, as A1111 ignores settings it lacks.
 
 use super::http::{
-    base64_png, capped, compact_timestamp, decode_base64_image, json_body, prompt_field,
-    run_to_end, unix_seconds, ApiError, ApiResult,
+    base64_png, capped, compact_timestamp, decode_base64_image, json_body, prompt_and_loras,
+    prompt_field, run_to_end, unix_seconds, ApiError, ApiResult,
 };
 use super::jobs::{JobSpec, JobStatus, Phase};
-use super::models::{take_lora_tags, ModelChoice};
+use super::models::ModelChoice;
 use super::State;
 use crate::pipeline::request::GenerationRequest;
 use crate::sampler::SamplerKind;
@@ -101,25 +101,12 @@ impl A1111Request {
     /// The job this body asks for, every field checked against the server's caps.
     pub fn to_job(&self, state: &State, img2img: bool) -> ApiResult<JobSpec> {
         let limits = &state.limits;
-        prompt_field("prompt", &self.prompt, limits.max_prompt_chars)?;
         prompt_field(
             "negative_prompt",
             &self.negative_prompt,
             limits.max_prompt_chars,
         )?;
-        let (prompt, loras) = take_lora_tags(&self.prompt).map_err(|m| ApiError {
-            param: Some("prompt".into()),
-            ..ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, m)
-        })?;
-        if prompt.trim().is_empty() {
-            return Err(ApiError::field("prompt", "is empty"));
-        }
-        for (name, _) in &loras {
-            state
-                .store
-                .find_lora(name)
-                .map_err(|m| ApiError::field("prompt", m))?;
-        }
+        let (prompt, loras) = prompt_and_loras(state, &self.prompt)?;
         let model = match self.override_settings.get("sd_model_checkpoint") {
             None => state.store.current(),
             Some(Value::String(name)) => state

@@ -193,6 +193,26 @@ pub fn prompt_field(field: &str, text: &str, max_chars: usize) -> ApiResult<()> 
     Ok(())
 }
 
+/// A prompt's text without its `<lora:NAME:WEIGHT>` tags, and those LoRAs, each one the server
+/// has; the prompt within the length cap and not empty.
+pub fn prompt_and_loras(state: &State, text: &str) -> ApiResult<(String, Vec<(String, f64)>)> {
+    prompt_field("prompt", text, state.limits.max_prompt_chars)?;
+    let (prompt, loras) = super::models::take_lora_tags(text).map_err(|m| ApiError {
+        param: Some("prompt".into()),
+        ..ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, m)
+    })?;
+    if prompt.trim().is_empty() {
+        return Err(ApiError::field("prompt", "is empty"));
+    }
+    for (name, _) in &loras {
+        state
+            .store
+            .find_lora(name)
+            .map_err(|m| ApiError::field("prompt", m))?;
+    }
+    Ok((prompt, loras))
+}
+
 /// A base64 image (with or without a `data:image/...;base64,` prefix), decoded with the same
 /// limits as image files.
 pub fn decode_base64_image(field: &str, text: &str) -> ApiResult<image::DynamicImage> {

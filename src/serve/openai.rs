@@ -2,14 +2,13 @@
 //! SDKs call them. Images come back as `b64_json`; this server keeps no files to link to.
 
 use super::http::{
-    base64_png, capped, json_body, prompt_field, run_to_end, unix_seconds, ApiError, ApiResult,
+    base64_png, capped, json_body, prompt_and_loras, run_to_end, unix_seconds, ApiError, ApiResult,
 };
 use super::jobs::JobSpec;
-use super::models::{take_lora_tags, ModelChoice};
+use super::models::ModelChoice;
 use super::State;
 use crate::pipeline::request::GenerationRequest;
 use axum::extract::rejection::JsonRejection;
-use axum::http::StatusCode;
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -70,20 +69,7 @@ fn parse_size(size: &str, max_side: usize) -> ApiResult<Option<(usize, usize)>> 
 impl ImagesRequest {
     fn to_job(&self, state: &State) -> ApiResult<JobSpec> {
         let limits = &state.limits;
-        prompt_field("prompt", &self.prompt, limits.max_prompt_chars)?;
-        let (prompt, loras) = take_lora_tags(&self.prompt).map_err(|m| ApiError {
-            param: Some("prompt".into()),
-            ..ApiError::new(StatusCode::BAD_REQUEST, m)
-        })?;
-        if prompt.trim().is_empty() {
-            return Err(ApiError::field("prompt", "is empty"));
-        }
-        for (name, _) in &loras {
-            state
-                .store
-                .find_lora(name)
-                .map_err(|m| ApiError::field("prompt", m))?;
-        }
+        let (prompt, loras) = prompt_and_loras(state, &self.prompt)?;
         let model = match self.model.as_deref() {
             None => state.store.current(),
             Some(name) if OPENAI_MODEL_NAMES.contains(&name) => state.store.current(),
