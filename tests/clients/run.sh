@@ -17,4 +17,4 @@ if [ ! -x "${CHROMIUM:-/usr/bin/chromium}" ]; then
     $sudo_if_needed apt-get install -y -q chromium >/dev/null
 fi
 cargo build --release --bin diffuse
-"$venv/bin/python" tests/clients/test_clients.py --diffuse target/release/diffuse "$@"
+"$venv/bin/python" tests/clients/test_clients.py --diffuse "${CARGO_TARGET_DIR:-target}/release/diffuse" "$@"
