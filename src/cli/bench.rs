@@ -411,6 +411,7 @@ fn bench_txt2img(args: &BenchArgs) -> anyhow::Result<()> {
         force_zeros_for_empty_prompt: xl,
         unet,
         vae,
+        tiny_vae: None,
         scheduler: SchedulerConfig::from_json_str(&scheduler)?,
         options: LoadOptions {
             dtype,

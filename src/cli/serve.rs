@@ -63,6 +63,10 @@ pub struct ServeArgs {
     pub dtype: String,
     #[arg(long, default_value = "f32")]
     pub vae_dtype: String,
+    /// Decode with TAESD (an AutoencoderTiny folder or hub id) instead of the VAE: fast previews
+    /// and pictures.
+    #[arg(long, value_name = "DIR_OR_ID")]
+    pub vae_decoder: Option<String>,
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -120,6 +124,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         vae_dtype: super::parse_dtype("--vae-dtype", &args.vae_dtype)?,
         device: super::parse_device(&args.device)?,
         loras: Vec::new(),
+        vae_decoder: args.vae_decoder.clone(),
     };
     let store = Arc::new(ModelStore::new(
         models,

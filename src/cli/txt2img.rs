@@ -89,6 +89,11 @@ pub struct Txt2imgArgs {
     /// VAE dtype (f32 by default: f16 SD VAEs overflow to black images).
     #[arg(long, default_value = "f32")]
     pub vae_dtype: String,
+    /// Decode with TAESD (a diffusers AutoencoderTiny folder or hub id: madebyollin/taesd for
+    /// SD 1.x/2.x, madebyollin/taesdxl for SDXL) instead of the VAE: a fraction of the time,
+    /// slightly softer pictures.
+    #[arg(long, value_name = "DIR_OR_ID")]
+    pub vae_decoder: Option<String>,
     /// SDXL: the size the image is to look as if cut from, W,H (default: the output size).
     #[arg(long, value_parser = parse_pair, value_name = "W,H")]
     pub original_size: Option<(usize, usize)>,
@@ -307,6 +312,7 @@ pub fn run(args: Txt2imgArgs) -> anyhow::Result<()> {
             .map(|arg| crate::model::lora::parse_lora_arg(arg))
             .collect::<crate::Result<_>>()?,
         device: super::parse_device(&args.device)?,
+        vae_decoder: args.vae_decoder.clone(),
     };
     for (path, _) in &options.loras {
         anyhow::ensure!(path.is_file(), "--lora {}: no such file", path.display());

@@ -68,6 +68,12 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 #[derive(Debug, Clone)]
 pub struct Conv2d(candle_nn::Conv2d);
 
+impl From<candle_nn::Conv2d> for Conv2d {
+    fn from(conv: candle_nn::Conv2d) -> Self {
+        Self(conv)
+    }
+}
+
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let config = self.0.config();

@@ -10,6 +10,7 @@
 pub mod blocks;
 pub mod config;
 pub mod lora;
+pub mod taesd;
 pub mod text;
 pub mod unet;
 pub mod vae;

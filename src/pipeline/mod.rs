@@ -13,6 +13,7 @@ pub mod txt2img;
 use crate::error::{file_error, Error, Result};
 use crate::model::config::read_json;
 use crate::model::lora::{add_deltas, Component, LoraFile};
+use crate::model::taesd::TinyAutoencoder;
 use crate::model::text::ClipTextModel;
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::vae::AutoencoderKL;
@@ -34,6 +35,9 @@ pub struct LoadOptions {
     pub device: Device,
     /// LoRA files merged into the text encoder and U-Net, each with its multiplier.
     pub loras: Vec<(PathBuf, f64)>,
+    /// A TAESD (`AutoencoderTiny`) folder or hub id whose decoder turns latents into pictures
+    /// instead of the VAE's (previews and final images); the VAE still encodes init images.
+    pub vae_decoder: Option<String>,
 }
 
 impl Default for LoadOptions {
@@ -43,6 +47,7 @@ impl Default for LoadOptions {
             vae_dtype: DType::F32,
             device: Device::Cpu,
             loras: Vec::new(),
+            vae_decoder: None,
         }
     }
 }
@@ -97,6 +102,8 @@ pub struct StableDiffusion {
     pub force_zeros_for_empty_prompt: bool,
     pub unet: UNet2DConditionModel,
     pub vae: AutoencoderKL,
+    /// TAESD's decoder, used by [`Self::decode`] when loaded (`LoadOptions::vae_decoder`).
+    pub tiny_vae: Option<TinyAutoencoder>,
     pub scheduler: SchedulerConfig,
     pub options: LoadOptions,
 }
@@ -218,6 +225,35 @@ fn lora_updates(
     Ok(updates)
 }
 
+/// Loads a TAESD folder (or hub id) to decode this model's latents, refusing one whose latent
+/// channels or scale differ from the VAE's.
+fn load_tiny_vae(
+    spec: &str,
+    vae: &AutoencoderKL,
+    dtype: DType,
+    device: &Device,
+) -> Result<TinyAutoencoder> {
+    let dir = crate::hub::resolve(spec, false)?;
+    let (config, weights) = crate::model::taesd::folder_files(&dir)?;
+    let vae_factor = 1 << (vae.config.block_out_channels.len() - 1);
+    if config.latent_channels != vae.config.latent_channels || config.scale_factor() != vae_factor {
+        return Err(crate::error::file_error(
+            &dir,
+            format!(
+                "decodes {} latent channels at {}x; this model's VAE has {} at {}x (TAESD for \
+                 SD 1.x/2.x is madebyollin/taesd, for SDXL madebyollin/taesdxl)",
+                config.latent_channels,
+                config.scale_factor(),
+                vae.config.latent_channels,
+                vae_factor
+            ),
+        ));
+    }
+    crate::weights::load_checked(&weights, dtype, device, |vb| {
+        TinyAutoencoder::new(&config, vb)
+    })
+}
+
 impl StableDiffusion {
     /// Loads `model_index.json`, `tokenizer/`, `text_encoder/`, `unet/`, `vae/`, `scheduler/`.
     pub fn load_dir(root: &Path, options: LoadOptions) -> Result<Self> {
@@ -315,6 +351,10 @@ impl StableDiffusion {
             )?),
         };
         options.vae_dtype = vae_dtype;
+        let tiny_vae = match &options.vae_decoder {
+            Some(spec) => Some(load_tiny_vae(spec, &vae, vae_dtype, device)?),
+            None => None,
+        };
         Ok(Self {
             root: root.to_path_buf(),
             kind,
@@ -325,6 +365,7 @@ impl StableDiffusion {
             force_zeros_for_empty_prompt: parts.force_zeros_for_empty_prompt,
             unet,
             vae,
+            tiny_vae,
             scheduler: parts.scheduler,
             options,
         })
@@ -442,8 +483,17 @@ impl StableDiffusion {
         1 << (self.vae.config.block_out_channels.len() - 1)
     }
 
-    /// Latents (scaled, as the U-Net sees them) to images in [0, 1], (B, 3, H, W), f32.
+    /// Latents (scaled, as the U-Net sees them) to images in [0, 1], (B, 3, H, W), f32: by
+    /// TAESD's decoder when one is loaded, else the VAE's.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        if let Some(tiny) = &self.tiny_vae {
+            let c = &tiny.config;
+            let z = latents
+                .to_dtype(self.options.vae_dtype)?
+                .affine(1.0 / c.scaling_factor, c.shift_factor)?;
+            let image = tiny.decode(&z)?.to_dtype(DType::F32)?;
+            return Ok(image.affine(0.5, 0.5)?.clamp(0.0, 1.0)?);
+        }
         let c = &self.vae.config;
         let mut z = latents
             .to_dtype(self.options.vae_dtype)?
