@@ -25,6 +25,7 @@ CASES=(
     "U-Net CFG step 256x256 f32|unet --size 256|unet --size 256"
     "U-Net CFG step 512x512 f32|unet --size 512|unet --size 512"
     "VAE decode 512x512 f32|vae-decode --size 512|vae-decode --size 512"
+    "TAESD decode 512x512 f32|taesd-decode --size 512|taesd-decode --size 512"
     "CLIP text encoder, 2 x 77 tokens f32|text-encoder|text-encoder"
     "pixel-DDPM training step (MNIST config, batch 64)|train-pixel|train-pixel"
     "txt2img 256x256, 20 DDIM steps f32|txt2img --size 256|txt2img --size 256|1"

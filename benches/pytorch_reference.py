@@ -88,6 +88,22 @@ def vae_decode(args):
     return model, step
 
 
+def taesd_decode(args):
+    from diffusers import AutoencoderTiny
+
+    # madebyollin/taesd's config is AutoencoderTiny's defaults.
+    config = load_config(args.config) if args.config else {}
+    model = AutoencoderTiny(**config).eval().to(DTYPES[args.dtype])
+    latent = args.size // 8
+    z = torch.randn(1, model.config.latent_channels, latent, latent, dtype=DTYPES[args.dtype])
+
+    def step():
+        with torch.inference_mode():
+            model.decode(z)
+
+    return model, step
+
+
 def text_encoder(args):
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -211,7 +227,8 @@ def train_pixel(args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "component", choices=["unet", "vae-decode", "text-encoder", "train-pixel", "txt2img"]
+        "component",
+        choices=["unet", "vae-decode", "taesd-decode", "text-encoder", "train-pixel", "txt2img"],
     )
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--runs", type=int, default=3)
@@ -231,6 +248,7 @@ def main():
     build = {
         "unet": unet_step,
         "vae-decode": vae_decode,
+        "taesd-decode": taesd_decode,
         "text-encoder": text_encoder,
         "train-pixel": train_pixel,
         "txt2img": txt2img,

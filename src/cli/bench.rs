@@ -2,6 +2,7 @@
 //! default), so no download is needed.
 
 use crate::model::config::{ClipTextConfig, UNetConfig, VaeConfig};
+use crate::model::taesd::{TinyAutoencoder, TinyAutoencoderConfig};
 use crate::model::text::ClipTextModel;
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::unet::{TextTimeConditioning, UNetConditioning};
@@ -18,6 +19,8 @@ pub enum Component {
     Unet,
     /// One VAE decode.
     VaeDecode,
+    /// One TAESD (AutoencoderTiny) decode, madebyollin/taesd's shape (or --config).
+    TaesdDecode,
     /// One CLIP text-encoder call for a CFG pair of prompts (batch 2, 77 tokens).
     TextEncoder,
     /// One pixel-DDPM training step (forward, backward, AdamW, EMA) of a `diffuse train`
@@ -476,6 +479,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
         Component::Unet
         | Component::VaeDecode
+        | Component::TaesdDecode
         | Component::TextEncoder
         | Component::FinetuneLora
         | Component::Txt2img => {}
@@ -497,6 +501,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         None => match args.component {
             Component::Unet => SD15_UNET.to_string(),
             Component::VaeDecode => SD15_VAE.to_string(),
+            // madebyollin/taesd's config is AutoencoderTiny's defaults.
+            Component::TaesdDecode => "{}".to_string(),
             Component::TextEncoder => SD15_TEXT_ENCODER.to_string(),
             _ => unreachable!("handled above"),
         },
@@ -510,6 +516,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         Component::VaeDecode => {
             let config: VaeConfig = serde_json::from_str(&config_text)?;
             random_weights(dtype, &device, |vb| AutoencoderKL::new(config, vb))?
+        }
+        Component::TaesdDecode => {
+            let config: TinyAutoencoderConfig = serde_json::from_str(&config_text)?;
+            random_weights(dtype, &device, |vb| TinyAutoencoder::new(&config, vb))?
         }
         Component::TextEncoder => {
             let config: ClipTextConfig = serde_json::from_str(&config_text)?;
@@ -562,6 +572,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             let z =
                 Tensor::randn(0f32, 1., (1, channels, latent, latent), &device)?.to_dtype(dtype)?;
             Box::new(move || vae.decode(&z))
+        }
+        Component::TaesdDecode => {
+            let config: TinyAutoencoderConfig = serde_json::from_str(&config_text)?;
+            let channels = config.latent_channels;
+            let latent = args.size / config.scale_factor();
+            let taesd = TinyAutoencoder::new(&config, vb)?;
+            let z =
+                Tensor::randn(0f32, 1., (1, channels, latent, latent), &device)?.to_dtype(dtype)?;
+            Box::new(move || taesd.decode(&z).map_err(candle_core::Error::wrap))
         }
         Component::TextEncoder => {
             let config: ClipTextConfig = serde_json::from_str(&config_text)?;
