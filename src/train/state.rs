@@ -352,6 +352,10 @@ pub fn open_for_resume(
     Ok((loaded, header.step))
 }
 
+/// Settings that only say where a run starts (the weights it starts from): a resumed run
+/// starts from its checkpoint, so they may differ.
+const STARTING_ONLY: [&str; 1] = ["model.init"];
+
 /// The values of `sections` that differ between two TOML configs, each as
 /// `section.key (checkpoint: saved, this run: current)`: what a refusal to resume names.
 pub fn differences(saved: &str, current: &str, sections: &[&str]) -> Vec<String> {
@@ -382,6 +386,9 @@ pub fn differences(saved: &str, current: &str, sections: &[&str]) -> Vec<String>
                 } else {
                     format!("{section}.{key}")
                 };
+                if STARTING_ONLY.contains(&name.as_str()) {
+                    continue;
+                }
                 differing.push(format!(
                     "{name} (checkpoint: {}, this run: {})",
                     shown(a.get(key)),
@@ -499,5 +506,8 @@ mod tests {
             vec!["images (checkpoint: 4, this run: 5)".to_string()]
         );
         assert!(differences(saved, saved, &["model", "train"]).is_empty());
+        // Where a run started from does not bind its resumption.
+        let started = "[model]\na = 1\ninit = \"earlier/pipeline\"\n";
+        assert!(differences("[model]\na = 1\n", started, &["model"]).is_empty());
     }
 }
