@@ -61,6 +61,18 @@ fn a_pipeline_with_a_tiny_decoder_decodes_as_diffusers_does() {
         max_abs_diff(&kl, &images) > 0.01,
         "the tiny decoder was not used"
     );
+    // As the preview decoder only: previews from TAESD, pictures from the VAE.
+    let options = LoadOptions {
+        preview_decoder: Some(fixture_path("tiny-taesd").display().to_string()),
+        ..Default::default()
+    };
+    let previewing = StableDiffusion::load_dir(&fixture_path("tiny-sd"), options).unwrap();
+    let latents = fixture.tensor("latents");
+    assert_eq!(max_abs_diff(&previewing.decode(latents).unwrap(), &kl), 0.0);
+    assert_eq!(
+        max_abs_diff(&previewing.decode_preview(latents).unwrap(), &images),
+        0.0
+    );
 }
 
 #[test]

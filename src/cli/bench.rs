@@ -415,6 +415,7 @@ fn bench_txt2img(args: &BenchArgs) -> anyhow::Result<()> {
         unet,
         vae,
         tiny_vae: None,
+        tiny_vae_for_images: false,
         scheduler: SchedulerConfig::from_json_str(&scheduler)?,
         options: LoadOptions {
             dtype,

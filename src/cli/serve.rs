@@ -65,8 +65,11 @@ pub struct ServeArgs {
     pub vae_dtype: String,
     /// Decode with TAESD (an AutoencoderTiny folder or hub id) instead of the VAE: fast previews
     /// and pictures.
-    #[arg(long, value_name = "DIR_OR_ID")]
+    #[arg(long, value_name = "DIR_OR_ID", conflicts_with = "preview_decoder")]
     pub vae_decoder: Option<String>,
+    /// TAESD for progress previews only (final pictures keep the VAE).
+    #[arg(long, value_name = "DIR_OR_ID")]
+    pub preview_decoder: Option<String>,
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -125,6 +128,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         device: super::parse_device(&args.device)?,
         loras: Vec::new(),
         vae_decoder: args.vae_decoder.clone(),
+        preview_decoder: args.preview_decoder.clone(),
     };
     let store = Arc::new(ModelStore::new(
         models,

@@ -313,6 +313,7 @@ pub fn run(args: Txt2imgArgs) -> anyhow::Result<()> {
             .collect::<crate::Result<_>>()?,
         device: super::parse_device(&args.device)?,
         vae_decoder: args.vae_decoder.clone(),
+        preview_decoder: None,
     };
     for (path, _) in &options.loras {
         anyhow::ensure!(path.is_file(), "--lora {}: no such file", path.display());

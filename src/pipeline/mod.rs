@@ -38,6 +38,9 @@ pub struct LoadOptions {
     /// A TAESD (`AutoencoderTiny`) folder or hub id whose decoder turns latents into pictures
     /// instead of the VAE's (previews and final images); the VAE still encodes init images.
     pub vae_decoder: Option<String>,
+    /// A TAESD folder or hub id for previews only ([`StableDiffusion::decode_preview`]); final
+    /// images keep the VAE.
+    pub preview_decoder: Option<String>,
 }
 
 impl Default for LoadOptions {
@@ -48,6 +51,7 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             loras: Vec::new(),
             vae_decoder: None,
+            preview_decoder: None,
         }
     }
 }
@@ -102,8 +106,11 @@ pub struct StableDiffusion {
     pub force_zeros_for_empty_prompt: bool,
     pub unet: UNet2DConditionModel,
     pub vae: AutoencoderKL,
-    /// TAESD's decoder, used by [`Self::decode`] when loaded (`LoadOptions::vae_decoder`).
+    /// TAESD's decoder: for every picture (`LoadOptions::vae_decoder`) or for previews only
+    /// (`LoadOptions::preview_decoder`).
     pub tiny_vae: Option<TinyAutoencoder>,
+    /// Final images come from `tiny_vae` too, not only previews.
+    pub tiny_vae_for_images: bool,
     pub scheduler: SchedulerConfig,
     pub options: LoadOptions,
 }
@@ -351,10 +358,20 @@ impl StableDiffusion {
             )?),
         };
         options.vae_dtype = vae_dtype;
-        let tiny_vae = match &options.vae_decoder {
+        let tiny_spec = match (&options.vae_decoder, &options.preview_decoder) {
+            (Some(_), Some(_)) => {
+                return Err(Error::Msg(
+                    "give a VAE decoder (used for previews too) or a preview decoder, not both"
+                        .into(),
+                ))
+            }
+            (spec, None) | (None, spec) => spec.as_deref(),
+        };
+        let tiny_vae = match tiny_spec {
             Some(spec) => Some(load_tiny_vae(spec, &vae, vae_dtype, device)?),
             None => None,
         };
+        let tiny_vae_for_images = options.vae_decoder.is_some();
         Ok(Self {
             root: root.to_path_buf(),
             kind,
@@ -366,6 +383,7 @@ impl StableDiffusion {
             unet,
             vae,
             tiny_vae,
+            tiny_vae_for_images,
             scheduler: parts.scheduler,
             options,
         })
@@ -484,16 +502,32 @@ impl StableDiffusion {
     }
 
     /// Latents (scaled, as the U-Net sees them) to images in [0, 1], (B, 3, H, W), f32: by
-    /// TAESD's decoder when one is loaded, else the VAE's.
+    /// TAESD's decoder when it is loaded for images, else the VAE's.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        if let Some(tiny) = &self.tiny_vae {
-            let c = &tiny.config;
-            let z = latents
-                .to_dtype(self.options.vae_dtype)?
-                .affine(1.0 / c.scaling_factor, c.shift_factor)?;
-            let image = tiny.decode(&z)?.to_dtype(DType::F32)?;
-            return Ok(image.affine(0.5, 0.5)?.clamp(0.0, 1.0)?);
+        match &self.tiny_vae {
+            Some(tiny) if self.tiny_vae_for_images => self.decode_tiny(tiny, latents),
+            _ => self.decode_vae(latents),
         }
+    }
+
+    /// [`Self::decode`] for a progress preview: TAESD's decoder whenever one is loaded.
+    pub fn decode_preview(&self, latents: &Tensor) -> Result<Tensor> {
+        match &self.tiny_vae {
+            Some(tiny) => self.decode_tiny(tiny, latents),
+            None => self.decode_vae(latents),
+        }
+    }
+
+    fn decode_tiny(&self, tiny: &TinyAutoencoder, latents: &Tensor) -> Result<Tensor> {
+        let c = &tiny.config;
+        let z = latents
+            .to_dtype(self.options.vae_dtype)?
+            .affine(1.0 / c.scaling_factor, c.shift_factor)?;
+        let image = tiny.decode(&z)?.to_dtype(DType::F32)?;
+        Ok(image.affine(0.5, 0.5)?.clamp(0.0, 1.0)?)
+    }
+
+    fn decode_vae(&self, latents: &Tensor) -> Result<Tensor> {
         let c = &self.vae.config;
         let mut z = latents
             .to_dtype(self.options.vae_dtype)?

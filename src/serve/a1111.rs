@@ -353,7 +353,7 @@ pub async fn preview(state: &State, job_id: u64, status: &JobStatus) -> Option<S
     }
     let png = tokio::task::spawn_blocking(move || -> crate::Result<Vec<u8>> {
         let first = latents.narrow(0, 0, 1)?;
-        let image = model.sd.decode(&first)?.get(0)?;
+        let image = model.sd.decode_preview(&first)?.get(0)?;
         crate::image_io::encode_png(&image, None)
     })
     .await
