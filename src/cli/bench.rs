@@ -160,7 +160,11 @@ fn time_runs(
     println!(
         "{label}: median {median:.3} s, min {min:.3} s, max {max:.3} s over {runs} runs, peak RSS {peak:.0} MiB ({resident_before:.0} MiB before the first run)"
     );
+    let (cpu, features) = crate::ops::runtime::cpu_description();
+    eprintln!("cpu: {cpu} ({})", features.join(" "));
     if let Some(serde_json::Value::Object(mut fields)) = json {
+        fields.insert("cpu".into(), cpu.into());
+        fields.insert("cpu_features".into(), features.into());
         fields.insert("runs".into(), times.into());
         fields.insert("median_s".into(), median.into());
         fields.insert("min_s".into(), min.into());

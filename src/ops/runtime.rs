@@ -119,3 +119,45 @@ mod tests {
         assert_eq!(super::meminfo_field(text, "SwapFree"), None);
     }
 }
+
+/// The CPU's model name (from /proc/cpuinfo, where there is one) and the instruction-set
+/// extensions that decide which kernels can run, detected at run time: what every timing is
+/// quoted beside.
+pub fn cpu_description() -> (String, Vec<&'static str>) {
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, name)| name.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    (model, cpu_features())
+}
+
+#[cfg(target_arch = "x86_64")]
+fn cpu_features() -> Vec<&'static str> {
+    let detected = [
+        ("avx2", is_x86_feature_detected!("avx2")),
+        ("fma", is_x86_feature_detected!("fma")),
+        ("f16c", is_x86_feature_detected!("f16c")),
+        ("avx_vnni", is_x86_feature_detected!("avxvnni")),
+        ("avx512f", is_x86_feature_detected!("avx512f")),
+        ("avx512bw", is_x86_feature_detected!("avx512bw")),
+        ("avx512vl", is_x86_feature_detected!("avx512vl")),
+        ("avx512_vnni", is_x86_feature_detected!("avx512vnni")),
+        ("avx512_bf16", is_x86_feature_detected!("avx512bf16")),
+        ("avx512_fp16", is_x86_feature_detected!("avx512fp16")),
+    ];
+    detected
+        .into_iter()
+        .filter(|(_, present)| *present)
+        .map(|(name, _)| name)
+        .collect()
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn cpu_features() -> Vec<&'static str> {
+    Vec::new()
+}
