@@ -110,16 +110,6 @@ fn meminfo_field(meminfo: &str, name: &str) -> Option<u64> {
     Some(kib * 1024)
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn meminfo_fields_are_read_in_bytes() {
-        let text = "MemTotal:       24576000 kB\nMemAvailable:   1000 kB\n";
-        assert_eq!(super::meminfo_field(text, "MemAvailable"), Some(1_024_000));
-        assert_eq!(super::meminfo_field(text, "SwapFree"), None);
-    }
-}
-
 /// The CPU's model name (from /proc/cpuinfo, where there is one) and the instruction-set
 /// extensions that decide which kernels can run, detected at run time: what every timing is
 /// quoted beside.
@@ -160,4 +150,14 @@ fn cpu_features() -> Vec<&'static str> {
 #[cfg(not(target_arch = "x86_64"))]
 fn cpu_features() -> Vec<&'static str> {
     Vec::new()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn meminfo_fields_are_read_in_bytes() {
+        let text = "MemTotal:       24576000 kB\nMemAvailable:   1000 kB\n";
+        assert_eq!(super::meminfo_field(text, "MemAvailable"), Some(1_024_000));
+        assert_eq!(super::meminfo_field(text, "SwapFree"), None);
+    }
 }
