@@ -75,33 +75,6 @@ pub struct ServeArgs {
     pub device: String,
 }
 
-/// The default model's entry: the embedded one, a short name, or a path named by its stem.
-fn default_entry(model: Option<&str>) -> anyhow::Result<ModelEntry> {
-    Ok(match model {
-        None => ModelEntry {
-            name: crate::serve::models::EMBEDDED_NAME.into(),
-            spec: crate::embedded::model_dir()?.display().to_string(),
-            preset: Some(&crate::hub::EMBEDDED),
-        },
-        Some(spec) => {
-            let path = std::path::Path::new(spec);
-            let name = match path.exists() {
-                true => path
-                    .file_stem()
-                    .and_then(|n| n.to_str())
-                    .unwrap_or(spec)
-                    .to_string(),
-                false => spec.to_string(),
-            };
-            ModelEntry {
-                name,
-                spec: spec.to_string(),
-                preset: crate::hub::preset(spec),
-            }
-        }
-    })
-}
-
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let access = Access {
         api_key: args.api_key.clone().filter(|k| !k.is_empty()),
@@ -110,7 +83,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     crate::serve::check_exposure(&args.listen, &access, args.no_auth)?;
     anyhow::ensure!(args.workers >= 1, "--workers must be at least 1");
     anyhow::ensure!(args.queue_size >= 1, "--queue-size must be at least 1");
-    let mut models = vec![default_entry(args.model.as_deref())?];
+    let mut models = vec![ModelEntry::for_model_flag(args.model.as_deref())?];
     if let Some(dir) = &args.models_dir {
         for entry in scan_models(dir)? {
             if models.iter().all(|m| m.name != entry.name) {

@@ -206,7 +206,8 @@ impl A1111Request {
                 }
                 request.mask = Some(mask);
             }
-            let strength = self.denoising_strength.unwrap_or(0.75);
+            // Left out: the library's default strength.
+            let strength = self.denoising_strength.unwrap_or(request.strength);
             if !(strength > 0.0 && strength <= 1.0) {
                 return Err(ApiError::field(
                     "denoising_strength",

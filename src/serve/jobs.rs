@@ -291,16 +291,17 @@ impl JobQueue {
     /// many requests come.
     fn forget_old(&self) {
         let mut known = lock(&self.known);
-        let mut over: Vec<(u64, SystemTime)> = known
+        // Ids grow with submission, so the smallest are the oldest.
+        let mut over: Vec<u64> = known
             .values()
             .filter(|job| job.lock().phase.is_over())
-            .map(|job| (job.id, job.submitted))
+            .map(|job| job.id)
             .collect();
         if over.len() <= KEPT_FINISHED {
             return;
         }
-        over.sort_by_key(|(id, _)| *id);
-        for (id, _) in &over[..over.len() - KEPT_FINISHED] {
+        over.sort_unstable();
+        for id in &over[..over.len() - KEPT_FINISHED] {
             known.remove(id);
         }
     }

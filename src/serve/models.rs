@@ -24,6 +24,36 @@ pub struct ModelEntry {
     pub preset: Option<&'static Preset>,
 }
 
+impl ModelEntry {
+    /// The server's default model: the embedded one, a short name or hub id, or a path named
+    /// by its stem.
+    pub fn for_model_flag(model: Option<&str>) -> anyhow::Result<Self> {
+        Ok(match model {
+            None => Self {
+                name: EMBEDDED_NAME.into(),
+                spec: crate::embedded::model_dir()?.display().to_string(),
+                preset: Some(&crate::hub::EMBEDDED),
+            },
+            Some(spec) => {
+                let path = Path::new(spec);
+                let name = match path.exists() {
+                    true => path
+                        .file_stem()
+                        .and_then(|n| n.to_str())
+                        .unwrap_or(spec)
+                        .to_string(),
+                    false => spec.to_string(),
+                };
+                Self {
+                    name,
+                    spec: spec.to_string(),
+                    preset: crate::hub::preset(spec),
+                }
+            }
+        })
+    }
+}
+
 /// One LoRA file in `--lora-dir`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct LoraEntry {
