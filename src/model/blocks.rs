@@ -1,9 +1,10 @@
 //! Layers shared by the U-Net and the VAE, named as diffusers names them.
 
+use super::dense::Dense;
 use super::lora::LoraLinear;
 pub use crate::ops::norm::{group_norm, GroupNorm};
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{conv2d, linear, linear_no_bias, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{conv2d, linear, linear_no_bias, Conv2dConfig, VarBuilder};
 
 /// Layer normalisation over the last dimension (Ba et al. 2016), composed from elementary ops
 /// so that it has a backward pass (candle's fused `LayerNorm` has none).
@@ -30,10 +31,11 @@ impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if !(x.track_op() || self.weight.track_op() || self.bias.track_op()) {
             // Inference: candle's fused kernel (it has no backward, and none is needed).
+            let to_x = |t: &Tensor| t.to_dtype(x.dtype());
             return candle_nn::ops::layer_norm(
                 &x.contiguous()?,
-                &self.weight,
-                &self.bias,
+                &to_x(&self.weight)?,
+                &to_x(&self.bias)?,
                 self.eps as f32,
             );
         }
@@ -63,31 +65,117 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// A 2-D convolution, routed around what candle 0.11 does slowly. On the CPU it is matrix
 /// products in place (`conv_gemm`), forward and backward: candle re-lays out input and kernel on
 /// one thread at every call, computes the input gradient with a direct transposed-convolution
-/// loop, and has no bf16 kernel (bf16 is widened per call). On GPUs, training stacks shifted
-/// views (`im2col::conv2d_taps`, for the same input gradient); inference is candle's own.
+/// loop, and has no bf16 kernel (bf16 is widened per call). A bf16 kernel of stride 1 on a CPU
+/// with AVX512_BF16 is packed once for the pair-dot kernel (`ops::gemm_bf16`), in place of the
+/// loaded one. On GPUs, training stacks shifted views (`im2col::conv2d_taps`, for the same input
+/// gradient); inference is candle's own.
 #[derive(Debug, Clone)]
-pub struct Conv2d(candle_nn::Conv2d);
+pub enum Conv2d {
+    Plain(candle_nn::Conv2d),
+    PackedBf16(Box<PackedConv>),
+}
+
+#[derive(Debug, Clone)]
+pub struct PackedConv {
+    /// `gemm_bf16::pack_conv_weight` of the kernel.
+    words: Tensor,
+    bias: Option<Tensor>,
+    bias_values: Option<Vec<f32>>,
+    channels: usize,
+    kernel: (usize, usize),
+    config: Conv2dConfig,
+}
 
 impl From<candle_nn::Conv2d> for Conv2d {
     fn from(conv: candle_nn::Conv2d) -> Self {
-        Self(conv)
+        let (weight, config) = (conv.weight(), conv.config());
+        let packable = weight.dtype() == DType::BF16
+            && weight.device().is_cpu()
+            && !weight.is_variable()
+            && config.stride == 1
+            && config.groups == 1
+            && config.dilation == 1
+            && crate::ops::gemm_bf16::dot_available();
+        if !packable {
+            return Self::Plain(conv);
+        }
+        let packed = (|| -> Result<PackedConv> {
+            let (_, channels, kh, kw) = weight.dims4()?;
+            Ok(PackedConv {
+                words: crate::ops::gemm_bf16::pack_conv_weight(weight)?,
+                bias: conv.bias().cloned(),
+                bias_values: crate::ops::gemm_bf16::bias_values(conv.bias())?,
+                channels,
+                kernel: (kh, kw),
+                config: *config,
+            })
+        })();
+        match packed {
+            Ok(packed) => Self::PackedBf16(Box::new(packed)),
+            Err(_) => Self::Plain(conv),
+        }
+    }
+}
+
+impl Conv2d {
+    /// The kernel's dtype.
+    pub fn dtype(&self) -> DType {
+        match self {
+            Self::Plain(conv) => conv.weight().dtype(),
+            Self::PackedBf16(_) => DType::BF16,
+        }
+    }
+
+    /// The convolution with its kernel as loaded (unpacked where packed).
+    fn plain(&self) -> Result<candle_nn::Conv2d> {
+        match self {
+            Self::Plain(conv) => Ok(conv.clone()),
+            Self::PackedBf16(p) => {
+                let (kh, kw) = p.kernel;
+                let weight =
+                    crate::ops::gemm_bf16::unpack_conv_weight(&p.words, p.channels, kh, kw)?
+                        .to_device(p.words.device())?;
+                Ok(candle_nn::Conv2d::new(weight, p.bias.clone(), p.config))
+            }
+        }
     }
 }
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let config = self.0.config();
-        let training = x.track_op() || self.0.weight().track_op();
-        let (weight, bias) = (self.0.weight(), self.0.bias());
+        let conv = match self {
+            Self::PackedBf16(p)
+                if x.device().is_cpu()
+                    && !x.track_op()
+                    && matches!(x.dtype(), DType::BF16 | DType::F32) =>
+            {
+                return x.contiguous()?.apply_op2_no_bwd(
+                    &p.words,
+                    &crate::ops::gemm_bf16::Conv2dBf16 {
+                        channels: p.channels,
+                        kernel: p.kernel,
+                        padding: p.config.padding,
+                        bias: p.bias_values.clone(),
+                    },
+                );
+            }
+            Self::Plain(conv) => std::borrow::Cow::Borrowed(conv),
+            Self::PackedBf16(_) => std::borrow::Cow::Owned(self.plain()?),
+        };
+        let config = conv.config();
+        let training = x.track_op() || conv.weight().track_op();
+        let (weight, bias) = (conv.weight(), conv.bias());
         let (stride, padding) = (config.stride, config.padding);
         if config.groups != 1 || config.dilation != 1 {
-            return self.0.forward(x);
+            return conv.forward(x);
         }
-        match (x.device().is_cpu(), training, x.dtype()) {
-            (true, _, DType::F32) => {
+        match (x.device().is_cpu(), training, x.dtype(), weight.dtype()) {
+            (true, _, DType::F32, DType::F32) => {
                 crate::ops::conv_gemm::conv2d(x, weight, bias, stride, padding)
             }
-            (true, _, DType::BF16) => {
+            // bf16 kernels elsewhere: products in f32 (candle has no bf16 convolution kernel),
+            // the output in the activations' dtype.
+            (true, _, DType::BF16 | DType::F32, DType::BF16) => {
                 let widen = |t: &Tensor| t.to_dtype(DType::F32);
                 let bias = bias.map(widen).transpose()?;
                 crate::ops::conv_gemm::conv2d(
@@ -97,10 +185,12 @@ impl Module for Conv2d {
                     stride,
                     padding,
                 )?
-                .to_dtype(DType::BF16)
+                .to_dtype(x.dtype())
             }
-            (false, true, _) => crate::ops::im2col::conv2d_taps(x, weight, bias, stride, padding),
-            _ => self.0.forward(x),
+            (false, true, _, _) => {
+                crate::ops::im2col::conv2d_taps(x, weight, bias, stride, padding)
+            }
+            _ => conv.forward(x),
         }
     }
 }
@@ -123,11 +213,11 @@ pub fn conv3x3(
         },
         vb,
     )
-    .map(Conv2d)
+    .map(Conv2d::from)
 }
 
 pub fn conv1x1(cin: usize, cout: usize, vb: VarBuilder) -> Result<Conv2d> {
-    conv2d(cin, cout, 1, Default::default(), vb).map(Conv2d)
+    conv2d(cin, cout, 1, Default::default(), vb).map(Conv2d::from)
 }
 
 /// Multi-head scaled dot-product attention, softmax(Q K^T / sqrt(d)) V (Vaswani et al. 2017,
@@ -202,9 +292,21 @@ impl Attention {
             (q, k)
         };
         let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let cpu_inference = q.device().is_cpu() && !(q.track_op() || k.track_op() || v.track_op());
         let per_head = if q.device().is_cpu() && q.dtype() == DType::F32 && v.dtype() == DType::F32
         {
             crate::ops::attention::memory_efficient_attention(&q, &k, &v, scale)?
+        } else if cpu_inference && v.dtype() == DType::BF16 {
+            // candle's bf16 products widen element by element and its composed attention holds
+            // the whole score matrix: the f32 blocked kernel is faster on both counts.
+            let widen = |t: &Tensor| t.to_dtype(DType::F32);
+            crate::ops::attention::memory_efficient_attention(
+                &widen(&q)?,
+                &widen(&k)?,
+                &widen(&v)?,
+                scale,
+            )?
+            .to_dtype(DType::BF16)?
         } else {
             let scores = (q.matmul(&k.t()?)? * scale)?;
             softmax_last_dim(&scores)?.to_dtype(dtype)?.matmul(&v)?
@@ -348,7 +450,7 @@ impl BasicTransformerBlock {
 #[derive(Debug, Clone)]
 enum Projection {
     Conv(Conv2d),
-    Linear(Linear),
+    Linear(Dense),
 }
 
 /// diffusers' `Transformer2DModel`: group norm, projection in, transformer blocks over the
@@ -374,7 +476,7 @@ impl Transformer2D {
     pub fn new(channels: usize, s: &TransformerSettings, vb: VarBuilder) -> Result<Self> {
         let projection = |name: &str| -> Result<Projection> {
             Ok(if s.linear_projection {
-                Projection::Linear(linear(channels, channels, vb.pp(name))?)
+                Projection::Linear(linear(channels, channels, vb.pp(name))?.into())
             } else {
                 Projection::Conv(conv1x1(channels, channels, vb.pp(name))?)
             })
@@ -427,7 +529,7 @@ impl Transformer2D {
 pub struct ResnetBlock2D {
     norm1: GroupNorm,
     conv1: Conv2d,
-    time_emb_proj: Option<Linear>,
+    time_emb_proj: Option<Dense>,
     norm2: GroupNorm,
     conv2: Conv2d,
     conv_shortcut: Option<Conv2d>,
@@ -448,7 +550,7 @@ impl ResnetBlock2D {
             conv1: conv3x3(cin, cout, 1, 1, vb.pp("conv1"))?,
             time_emb_proj: s
                 .temb_channels
-                .map(|t| linear(t, cout, vb.pp("time_emb_proj")))
+                .map(|t| linear(t, cout, vb.pp("time_emb_proj")).map(Dense::from))
                 .transpose()?,
             norm2: group_norm(s.groups, cout, s.eps, vb.pp("norm2"))?,
             conv2: conv3x3(cout, cout, 1, 1, vb.pp("conv2"))?,

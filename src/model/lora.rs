@@ -13,6 +13,7 @@
 //!   as the original checkpoint does (`input_blocks_4_1_...`), renamed here to diffusers'. Its
 //!   convolution adapters (LoCon) merge the same way.
 
+use super::dense::Dense;
 use crate::error::{file_error, Error, Result};
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
@@ -33,7 +34,7 @@ pub const META_RANK: &str = "lora_rank";
 /// it.
 #[derive(Debug, Clone)]
 pub struct LoraLinear {
-    base: Linear,
+    base: Dense,
     adapter: Option<(Linear, Linear)>,
 }
 
@@ -41,7 +42,7 @@ impl LoraLinear {
     pub fn new(base: Linear, vb: &VarBuilder) -> candle_core::Result<Self> {
         if !vb.contains_tensor(DOWN) {
             return Ok(Self {
-                base,
+                base: base.into(),
                 adapter: None,
             });
         }
@@ -61,7 +62,7 @@ impl LoraLinear {
             )
         }
         Ok(Self {
-            base,
+            base: base.into(),
             adapter: Some((Linear::new(down, None), Linear::new(up, None))),
         })
     }

@@ -9,6 +9,7 @@
 
 pub mod blocks;
 pub mod config;
+pub mod dense;
 pub mod lora;
 pub mod taesd;
 pub mod text;

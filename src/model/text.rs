@@ -5,15 +5,16 @@
 
 use super::blocks::LayerNorm;
 use super::config::ClipTextConfig;
+use super::dense::Dense;
 use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::{embedding, linear, Embedding, Linear, VarBuilder};
 
 #[derive(Debug, Clone)]
 struct ClipAttention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    out_proj: Linear,
+    q_proj: Dense,
+    k_proj: Dense,
+    v_proj: Dense,
+    out_proj: Dense,
     heads: usize,
 }
 
@@ -21,10 +22,10 @@ impl ClipAttention {
     fn new(c: &ClipTextConfig, vb: VarBuilder) -> Result<Self> {
         let d = c.hidden_size;
         Ok(Self {
-            q_proj: linear(d, d, vb.pp("q_proj"))?,
-            k_proj: linear(d, d, vb.pp("k_proj"))?,
-            v_proj: linear(d, d, vb.pp("v_proj"))?,
-            out_proj: linear(d, d, vb.pp("out_proj"))?,
+            q_proj: linear(d, d, vb.pp("q_proj"))?.into(),
+            k_proj: linear(d, d, vb.pp("k_proj"))?.into(),
+            v_proj: linear(d, d, vb.pp("v_proj"))?.into(),
+            out_proj: linear(d, d, vb.pp("out_proj"))?.into(),
             heads: c.num_attention_heads,
         })
     }
@@ -52,8 +53,8 @@ struct ClipLayer {
     layer_norm1: LayerNorm,
     self_attn: ClipAttention,
     layer_norm2: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
+    fc1: Dense,
+    fc2: Dense,
     quick_gelu: bool,
 }
 
@@ -63,8 +64,8 @@ impl ClipLayer {
             layer_norm1: LayerNorm::new(c.hidden_size, c.layer_norm_eps, vb.pp("layer_norm1"))?,
             self_attn: ClipAttention::new(c, vb.pp("self_attn"))?,
             layer_norm2: LayerNorm::new(c.hidden_size, c.layer_norm_eps, vb.pp("layer_norm2"))?,
-            fc1: linear(c.hidden_size, c.intermediate_size, vb.pp("mlp.fc1"))?,
-            fc2: linear(c.intermediate_size, c.hidden_size, vb.pp("mlp.fc2"))?,
+            fc1: linear(c.hidden_size, c.intermediate_size, vb.pp("mlp.fc1"))?.into(),
+            fc2: linear(c.intermediate_size, c.hidden_size, vb.pp("mlp.fc2"))?.into(),
             quick_gelu: c.hidden_act == "quick_gelu",
         })
     }

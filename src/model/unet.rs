@@ -7,9 +7,10 @@ use super::blocks::{
     TransformerSettings, Upsample2D,
 };
 use super::config::UNetConfig;
+use super::dense::Dense;
 use crate::ops::norm::{group_norm, GroupNorm};
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{embedding, linear, Embedding, Linear, VarBuilder};
+use candle_nn::{embedding, linear, Embedding, VarBuilder};
 
 #[derive(Debug, Clone)]
 struct DownBlock {
@@ -133,16 +134,16 @@ impl UNetConditioning {
 #[derive(Debug, Clone)]
 struct TextTimeEmbedding {
     time_dim: usize,
-    linear_1: Linear,
-    linear_2: Linear,
+    linear_1: Dense,
+    linear_2: Dense,
 }
 
 #[derive(Debug, Clone)]
 pub struct UNet2DConditionModel {
     pub config: UNetConfig,
     conv_in: Conv2d,
-    time_linear_1: Linear,
-    time_linear_2: Linear,
+    time_linear_1: Dense,
+    time_linear_2: Dense,
     class_embedding: Option<Embedding>,
     text_time_embedding: Option<TextTimeEmbedding>,
     down_blocks: Vec<DownBlock>,
@@ -180,8 +181,8 @@ impl UNet2DConditionModel {
         };
 
         let conv_in = conv3x3(config.in_channels, channels[0], 1, 1, vb.pp("conv_in"))?;
-        let time_linear_1 = linear(channels[0], temb_dim, vb.pp("time_embedding.linear_1"))?;
-        let time_linear_2 = linear(temb_dim, temb_dim, vb.pp("time_embedding.linear_2"))?;
+        let time_linear_1 = linear(channels[0], temb_dim, vb.pp("time_embedding.linear_1"))?.into();
+        let time_linear_2 = linear(temb_dim, temb_dim, vb.pp("time_embedding.linear_2"))?.into();
         let class_embedding = config
             .num_class_embeds
             .map(|k| embedding(k, temb_dim, vb.pp("class_embedding")))
@@ -193,8 +194,8 @@ impl UNet2DConditionModel {
         ) {
             (Some("text_time"), Some(time_dim), Some(input_dim)) => Some(TextTimeEmbedding {
                 time_dim,
-                linear_1: linear(input_dim, temb_dim, vb.pp("add_embedding.linear_1"))?,
-                linear_2: linear(temb_dim, temb_dim, vb.pp("add_embedding.linear_2"))?,
+                linear_1: linear(input_dim, temb_dim, vb.pp("add_embedding.linear_1"))?.into(),
+                linear_2: linear(temb_dim, temb_dim, vb.pp("add_embedding.linear_2"))?.into(),
             }),
             _ => None,
         };
@@ -336,6 +337,9 @@ impl UNet2DConditionModel {
         timesteps: &Tensor,
         conditioning: &UNetConditioning,
     ) -> Result<Tensor> {
+        let output_dtype = x.dtype();
+        let dtype = crate::ops::gemm_bf16::activation_dtype(self.conv_in.dtype(), x.device());
+        let x = &x.to_dtype(dtype)?;
         let c0 = self.config.block_out_channels[0];
         let features = timestep_features(
             timesteps,
@@ -348,7 +352,9 @@ impl UNet2DConditionModel {
             .time_linear_2
             .forward(&self.time_linear_1.forward(&features)?.silu()?)?;
         match (&self.class_embedding, &conditioning.class_labels) {
-            (Some(table), Some(labels)) => temb = (temb + table.forward(labels)?)?,
+            (Some(table), Some(labels)) => {
+                temb = (temb + table.forward(labels)?.to_dtype(dtype)?)?
+            }
             (Some(_), None) => {
                 candle_core::bail!("this U-Net is class-conditional: give class labels")
             }
@@ -373,7 +379,7 @@ impl UNet2DConditionModel {
             || self.down_blocks.iter().any(|b| !b.attentions.is_empty());
         let empty = Tensor::zeros(1, x.dtype(), x.device())?;
         let context = match &conditioning.context {
-            Some(c) => c,
+            Some(c) => &c.to_dtype(dtype)?,
             None if needs_context => {
                 candle_core::bail!("this U-Net has cross-attention: give encoder hidden states")
             }
@@ -423,7 +429,9 @@ impl UNet2DConditionModel {
                 h = up.forward(&h, size)?;
             }
         }
-        self.conv_out.forward(&self.conv_norm_out.forward_silu(&h)?)
+        self.conv_out
+            .forward(&self.conv_norm_out.forward_silu(&h)?)?
+            .to_dtype(output_dtype)
     }
 
     /// diffusers' `add_embedding(cat(text_embeds, flatten(add_time_proj(time_ids))))`.

@@ -4,29 +4,31 @@
 use super::blocks::Conv2d;
 use super::blocks::{conv1x1, conv3x3, Downsample2D, ResnetBlock2D, ResnetSettings, Upsample2D};
 use super::config::VaeConfig;
+use super::dense::Dense;
+use crate::ops::gemm_bf16::activation_dtype;
 use crate::ops::norm::{group_norm, GroupNorm};
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{linear, Linear, VarBuilder};
+use candle_nn::{linear, VarBuilder};
 
 /// The VAE's mid-block attention: one head over all channels, with biases and a group norm
 /// (`attentions.0.{group_norm, to_q, to_k, to_v, to_out.0}`).
 #[derive(Debug, Clone)]
 struct VaeAttention {
     group_norm: GroupNorm,
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
-    to_out: Linear,
+    to_q: Dense,
+    to_k: Dense,
+    to_v: Dense,
+    to_out: Dense,
 }
 
 impl VaeAttention {
     fn new(channels: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             group_norm: group_norm(groups, channels, 1e-6, vb.pp("group_norm"))?,
-            to_q: linear(channels, channels, vb.pp("to_q"))?,
-            to_k: linear(channels, channels, vb.pp("to_k"))?,
-            to_v: linear(channels, channels, vb.pp("to_v"))?,
-            to_out: linear(channels, channels, vb.pp("to_out.0"))?,
+            to_q: linear(channels, channels, vb.pp("to_q"))?.into(),
+            to_k: linear(channels, channels, vb.pp("to_k"))?.into(),
+            to_v: linear(channels, channels, vb.pp("to_v"))?.into(),
+            to_out: linear(channels, channels, vb.pp("to_out.0"))?.into(),
         })
     }
 
@@ -259,11 +261,13 @@ impl AutoencoderKL {
 
     /// Images in [-1, 1] (B, 3, H, W) to the latent posterior (unscaled).
     pub fn encode(&self, x: &Tensor) -> Result<DiagonalGaussian> {
-        let mut moments = self.encoder.forward(x)?;
+        let dtype = activation_dtype(self.encoder.conv_in.dtype(), x.device());
+        let mut moments = self.encoder.forward(&x.to_dtype(dtype)?)?;
         if let Some(q) = &self.quant_conv {
             moments = q.forward(&moments)?;
         }
         let latent = self.config.latent_channels;
+        let moments = moments.to_dtype(x.dtype())?;
         Ok(DiagonalGaussian {
             mean: moments.narrow(1, 0, latent)?,
             logvar: moments.narrow(1, latent, latent)?.clamp(-30.0, 20.0)?,
@@ -272,10 +276,12 @@ impl AutoencoderKL {
 
     /// Raw latents (already divided by the scaling factor) to images, unclamped.
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
+        let output_dtype = z.dtype();
+        let z = z.to_dtype(activation_dtype(self.decoder.conv_in.dtype(), z.device()))?;
         let z = match &self.post_quant_conv {
-            Some(p) => p.forward(z)?,
-            None => z.clone(),
+            Some(p) => p.forward(&z)?,
+            None => z,
         };
-        self.decoder.forward(&z)
+        self.decoder.forward(&z)?.to_dtype(output_dtype)
     }
 }

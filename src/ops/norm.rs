@@ -47,14 +47,16 @@ impl GroupNorm {
     fn fused(&self, x: &Tensor) -> bool {
         x.device().is_cpu()
             && x.dtype() == DType::F32
-            && self.weight.dtype() == DType::F32
+            && matches!(self.weight.dtype(), DType::F32 | DType::BF16)
             && x.rank() >= 3
     }
 
+    /// The fused op; bf16 parameters (a bf16 model keeping f32 activations) are widened.
     fn apply(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        let widen = |t: &Tensor| t.to_dtype(DType::F32);
         x.contiguous()?.apply_op3(
-            &self.weight,
-            &self.bias,
+            &widen(&self.weight)?,
+            &widen(&self.bias)?,
             FusedGroupNorm {
                 groups: self.groups,
                 eps: self.eps,

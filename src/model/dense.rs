@@ -1,0 +1,103 @@
+//! Linear layers, y = x W^T + b, holding their weight in the form the fastest product on this
+//! machine reads: as loaded, or packed once for the bf16 pair-dot kernel (`ops::gemm_bf16`)
+//! when a bf16 model runs on a CPU with AVX512_BF16, in place of the loaded weight.
+
+use crate::ops::gemm_bf16;
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::Linear;
+
+#[derive(Debug, Clone)]
+pub enum Dense {
+    Plain(Linear),
+    PackedBf16(PackedLinear),
+}
+
+#[derive(Debug, Clone)]
+pub struct PackedLinear {
+    /// `gemm_bf16::pack_linear_weight` of the weight.
+    words: Tensor,
+    bias: Option<Tensor>,
+    bias_values: Option<Vec<f32>>,
+    in_features: usize,
+    out_features: usize,
+}
+
+impl From<Linear> for Dense {
+    /// Packs a bf16 CPU layer where the CPU has the pair dot product; any other stays as it is.
+    fn from(layer: Linear) -> Self {
+        let weight = layer.weight();
+        let packable = weight.dtype() == DType::BF16
+            && weight.device().is_cpu()
+            && !weight.is_variable()
+            && gemm_bf16::dot_available();
+        if !packable {
+            return Self::Plain(layer);
+        }
+        let packed = (|| -> Result<PackedLinear> {
+            let (out_features, in_features) = weight.dims2()?;
+            Ok(PackedLinear {
+                words: gemm_bf16::pack_linear_weight(weight)?,
+                bias: layer.bias().cloned(),
+                bias_values: gemm_bf16::bias_values(layer.bias())?,
+                in_features,
+                out_features,
+            })
+        })();
+        match packed {
+            Ok(packed) => Self::PackedBf16(packed),
+            Err(_) => Self::Plain(layer),
+        }
+    }
+}
+
+impl Dense {
+    /// (out features, in features).
+    pub fn dims(&self) -> Result<(usize, usize)> {
+        match self {
+            Self::Plain(layer) => layer.weight().dims2(),
+            Self::PackedBf16(p) => Ok((p.out_features, p.in_features)),
+        }
+    }
+
+    /// The layer with its weight as loaded (unpacked where packed).
+    fn plain(&self) -> Result<Linear> {
+        match self {
+            Self::Plain(layer) => Ok(layer.clone()),
+            Self::PackedBf16(p) => {
+                let weight =
+                    gemm_bf16::unpack_linear_weight(&p.words, p.in_features, p.out_features)?
+                        .to_device(p.words.device())?;
+                Ok(Linear::new(weight, p.bias.clone()))
+            }
+        }
+    }
+}
+
+impl Module for Dense {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::PackedBf16(p)
+                if x.device().is_cpu()
+                    && !x.track_op()
+                    && matches!(x.dtype(), DType::BF16 | DType::F32) =>
+            {
+                x.contiguous()?.apply_op2_no_bwd(
+                    &p.words,
+                    &gemm_bf16::LinearBf16 {
+                        in_features: p.in_features,
+                        out_features: p.out_features,
+                        bias: p.bias_values.clone(),
+                    },
+                )
+            }
+            Self::Plain(layer) if layer.weight().dtype() == x.dtype() => layer.forward(x),
+            // Weights of another dtype than the activations (a bf16 model keeping f32
+            // activations, or a packed layer asked for a gradient): widened to theirs.
+            _ => {
+                let layer = self.plain()?;
+                let to_x = |t: &Tensor| t.to_dtype(x.dtype());
+                Linear::new(to_x(layer.weight())?, layer.bias().map(to_x).transpose()?).forward(x)
+            }
+        }
+    }
+}

@@ -1,0 +1,1037 @@
+//! bf16 matrix products with f32 accumulation for CPU inference, built on AVX512_BF16's pair dot
+//! product `vdpbf16ps`: each of 16 f32 lanes adds `a[2i] b[2i] + a[2i+1] b[2i+1]`, 32
+//! multiply-adds an instruction where an f32 FMA does 16. Both operands are therefore stored as
+//! pairs along k, two bf16 in one u32 (the even k in the low half):
+//! - the left matrix A (M x K) row-major, so a row's pair at k is one 32-bit broadcast;
+//! - the right matrix B (K x N) as rows of pairs, `[k / 2][n]`, so 16 adjacent columns of a pair
+//!   row are one 512-bit load.
+//!
+//! A product may sum several "taps": the same A row read at another offset and B read some columns
+//! further on. That is a stride-1 convolution without im2col: for kernel tap (ky, kx), B is the
+//! zero-padded input itself, shifted by `ky * padded_width + kx` pixels, so the input is packed
+//! once (C x pixels) rather than expanded nine times (9C x pixels), and every output pixel of a
+//! padded row is computed (the few past the row's end are dropped).
+//!
+//! Without AVX512_BF16 the same packed operands go through a scalar loop (tests, and any caller
+//! that asks); the models instead widen to f32 there, whose kernels are faster than that loop.
+
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use half::bf16;
+use rayon::prelude::*;
+
+/// Output columns per micro-tile: two 16-lane registers.
+const STRIP: usize = 32;
+/// Output rows per micro-tile: 12 rows x 2 registers = 24 accumulators, with the two B loads and
+/// the broadcast A pair 27 of the 32 vector registers.
+const TILE_ROWS: usize = 12;
+/// k pairs per cache block: a strip's B block (128 pairs x 32 columns x 4 bytes = 16 KiB) and a
+/// group's A blocks (4 tiles x 12 rows x 128 pairs x 4 bytes = 24 KiB) share the 48 KiB L1.
+const PAIRS_PER_BLOCK: usize = 128;
+
+/// Whether this CPU has the pair dot product (AVX512F and AVX512_BF16), detected at run time.
+pub fn dot_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// An activation element the products read: bf16 as it is, f32 rounded to bf16 while packing
+/// (the mixed mode of bf16 weights and f32 activations between the products).
+pub trait ProductInput: Copy + Send + Sync + 'static {
+    fn to_bf16(self) -> bf16;
+}
+
+impl ProductInput for bf16 {
+    #[inline(always)]
+    fn to_bf16(self) -> bf16 {
+        self
+    }
+}
+
+impl ProductInput for f32 {
+    #[inline(always)]
+    fn to_bf16(self) -> bf16 {
+        bf16::from_f32(self)
+    }
+}
+
+/// An op's output element: the input's dtype, written from the f32 sums.
+trait ProductOutput: ProductInput + Default {
+    fn from_sum(sum: f32) -> Self;
+    fn storage(values: Vec<Self>) -> CpuStorage;
+}
+
+impl ProductOutput for bf16 {
+    #[inline(always)]
+    fn from_sum(sum: f32) -> Self {
+        bf16::from_f32(sum)
+    }
+    fn storage(values: Vec<Self>) -> CpuStorage {
+        CpuStorage::BF16(values)
+    }
+}
+
+impl ProductOutput for f32 {
+    #[inline(always)]
+    fn from_sum(sum: f32) -> Self {
+        sum
+    }
+    fn storage(values: Vec<Self>) -> CpuStorage {
+        CpuStorage::F32(values)
+    }
+}
+
+/// The dtype a network with `weights` of this dtype on `device` keeps its activations in during
+/// inference: f32 for bf16 weights on a CPU with the pair dot product, whose products round
+/// their inputs to bf16 as they pack them and accumulate in f32, so that every other op (norms,
+/// attention, activations, sums) runs in the f32 kernels; otherwise the weights' own.
+pub fn activation_dtype(weights: DType, device: &candle_core::Device) -> DType {
+    if weights == DType::BF16 && device.is_cpu() && dot_available() {
+        DType::F32
+    } else {
+        weights
+    }
+}
+
+/// Two bf16 values as one pair word, `lo` in the low half.
+#[inline(always)]
+fn pair(lo: bf16, hi: bf16) -> u32 {
+    u32::from(lo.to_bits()) | (u32::from(hi.to_bits()) << 16)
+}
+
+/// A row length (in 4-byte words) of at least `words`, a whole number of strips, chosen so that
+/// rows over 4 KiB long do not start at the same offset within a page: the rows of a k block
+/// would otherwise share one set of the L1 cache (whose set index is the address modulo 4 KiB)
+/// and evict each other, which made 256x256 VAE layers run at half speed.
+fn row_stride(words: usize) -> usize {
+    const PAGE_WORDS: usize = 1024;
+    let words = round_up(words, STRIP);
+    if words < PAGE_WORDS {
+        return words;
+    }
+    // Two cache lines past a page multiple.
+    words + (PAGE_WORDS + STRIP - words % PAGE_WORDS) % PAGE_WORDS
+}
+
+/// `round_up(x, m)`.
+fn round_up(x: usize, m: usize) -> usize {
+    x.div_ceil(m) * m
+}
+
+/// `out[r][c] = sum over taps t, pairs p of A[r][t * lhs_tap + p] . B[p][c + shifts[t]]`, where
+/// `.` is the pair dot product. Reads `rows x (taps x pairs)` pairs of A and, for every computed
+/// column `c < cols` (a multiple of 32), B's columns `c + shift`.
+#[derive(Clone, Copy)]
+pub struct PairProduct<'a> {
+    pub rows: usize,
+    /// Output columns computed: a multiple of 32 (callers pad B and drop what they do not need).
+    pub cols: usize,
+    /// k pairs per tap.
+    pub pairs: usize,
+    pub lhs: &'a [u32],
+    /// Pair words from one row of A to the next.
+    pub lhs_row: usize,
+    /// Pair words from one tap's block of a row of A to the next.
+    pub lhs_tap: usize,
+    pub rhs: &'a [u32],
+    /// Pair words from one pair row of B to the next.
+    pub rhs_row: usize,
+    /// The column offset into B of each tap.
+    pub shifts: &'a [usize],
+}
+
+impl PairProduct<'_> {
+    fn check(&self, out: &[f32], out_row: usize) -> Result<()> {
+        let taps = self.shifts.len();
+        let max_shift = self.shifts.iter().copied().max().unwrap_or(0);
+        let lhs_needed = (self.rows.max(1) - 1) * self.lhs_row
+            + taps.saturating_sub(1) * self.lhs_tap
+            + self.pairs;
+        let rhs_needed = self.pairs.saturating_sub(1) * self.rhs_row + self.cols + max_shift;
+        if !self.cols.is_multiple_of(STRIP)
+            || out_row < self.cols
+            || out.len() < self.rows * out_row
+            || self.lhs.len() < lhs_needed
+            || (self.pairs > 0 && self.rhs.len() < rhs_needed)
+        {
+            candle_core::bail!(
+                "bf16 product: operands too short for {} rows x {} columns x {} pairs x {taps} taps",
+                self.rows,
+                self.cols,
+                self.pairs
+            )
+        }
+        Ok(())
+    }
+
+    /// Computes the product into `out` (`rows` rows of `out_row` floats), rows split between
+    /// rayon's threads in groups of whole micro-tiles.
+    pub fn run(&self, out: &mut [f32], out_row: usize) -> Result<()> {
+        self.run_on(out, out_row, dot_available())
+    }
+
+    /// [`Self::run`] with the pair dot product (`use_dot`, which the CPU must have) or the scalar
+    /// loop.
+    fn run_on(&self, out: &mut [f32], out_row: usize, use_dot: bool) -> Result<()> {
+        self.check(out, out_row)?;
+        let use_dot = use_dot && dot_available();
+        // Tasks are blocks of whole tiles by runs of strips: split by columns first, so that a
+        // task's strips are reused by all its tiles (a layer of few output channels over a large
+        // map would otherwise give each task one tile and read B from memory once a tile).
+        let tiles = self.rows.div_ceil(TILE_ROWS);
+        let strips = self.cols / STRIP;
+        let target = 4 * rayon::current_num_threads();
+        let column_tasks = strips.clamp(1, target);
+        let row_tasks = target.div_ceil(column_tasks).clamp(1, tiles.max(1));
+        let (tiles_per_task, strips_per_task) =
+            (tiles.div_ceil(row_tasks), strips.div_ceil(column_tasks));
+        let out = OutPtr(out.as_mut_ptr());
+        (0..row_tasks * column_tasks)
+            .into_par_iter()
+            .for_each(|task| {
+                let (row_task, column_task) = (task / column_tasks, task % column_tasks);
+                let first_row = row_task * tiles_per_task * TILE_ROWS;
+                let rows = first_row..((row_task + 1) * tiles_per_task * TILE_ROWS).min(self.rows);
+                let first_strip = column_task * strips_per_task;
+                let strips = first_strip..((column_task + 1) * strips_per_task).min(strips);
+                if !rows.is_empty() && !strips.is_empty() {
+                    // SAFETY: `check` bounds every index of the product; the tasks' blocks of
+                    // rows and columns are disjoint, so no two threads write one element.
+                    unsafe { self.run_block(rows, strips, out, out_row, use_dot) };
+                }
+            });
+        Ok(())
+    }
+
+    /// Rows `rows` by strips `strips` of the product on this thread: k blocks outermost, so that
+    /// each strip's B block comes from memory once per task and is reused from L1 by every tile.
+    ///
+    /// # Safety
+    /// `out` must hold the block (rows of `out_row` floats) and nothing else may touch it.
+    unsafe fn run_block(
+        &self,
+        rows: std::ops::Range<usize>,
+        strips: std::ops::Range<usize>,
+        out: OutPtr,
+        out_row: usize,
+        use_dot: bool,
+    ) {
+        let total_pairs = self.shifts.len() * self.pairs;
+        if total_pairs == 0 {
+            for row in rows {
+                let first = out.0.add(row * out_row + strips.start * STRIP);
+                std::ptr::write_bytes(first, 0, strips.len() * STRIP);
+            }
+            return;
+        }
+        let mut k0 = 0;
+        while k0 < total_pairs {
+            let k1 = (k0 + PAIRS_PER_BLOCK).min(total_pairs);
+            for strip in strips.clone() {
+                for row in rows.clone().step_by(TILE_ROWS) {
+                    let tile = Tile {
+                        row,
+                        rows: (rows.end - row).min(TILE_ROWS),
+                        col: strip * STRIP,
+                        k: k0..k1,
+                        accumulate: k0 > 0,
+                    };
+                    let tile_out = out.0.add(row * out_row);
+                    #[cfg(target_arch = "x86_64")]
+                    if use_dot {
+                        // SAFETY: the CPU has AVX512F and AVX512_BF16 (`dot_available`); the
+                        // caller vouches for the tile's indices.
+                        dot_tile(self, &tile, tile_out, out_row);
+                        continue;
+                    }
+                    let _ = use_dot;
+                    scalar_tile(self, &tile, tile_out, out_row);
+                }
+            }
+            k0 = k1;
+        }
+    }
+
+    /// The pair words of tap-and-pair index range `k` of row `row`'s A and of B's rows, each as
+    /// (A offset, B offset) for column 0 of the tile.
+    fn segments(
+        &self,
+        row: usize,
+        k: std::ops::Range<usize>,
+    ) -> impl Iterator<Item = Segment> + '_ {
+        let pairs = self.pairs.max(1);
+        let first_tap = k.start / pairs;
+        let last_tap = k.end.div_ceil(pairs);
+        (first_tap..last_tap).filter_map(move |tap| {
+            let start = k.start.max(tap * pairs) - tap * pairs;
+            let end = k.end.min((tap + 1) * pairs) - tap * pairs;
+            (end > start && self.pairs > 0).then(|| Segment {
+                lhs: row * self.lhs_row + tap * self.lhs_tap + start,
+                rhs: start * self.rhs_row + self.shifts[tap],
+                pairs: end - start,
+            })
+        })
+    }
+}
+
+/// The output of a product, shared by the tasks that write disjoint blocks of it.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+
+// SAFETY: the tasks of one product write disjoint elements (see `PairProduct::run_on`).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// One micro-tile's work: rows `row..row + rows`, columns `col..col + 32`, the k pairs `k` of
+/// the flattened (tap, pair) order.
+struct Tile {
+    row: usize,
+    rows: usize,
+    col: usize,
+    k: std::ops::Range<usize>,
+    accumulate: bool,
+}
+
+/// A run of k pairs within one tap.
+struct Segment {
+    lhs: usize,
+    rhs: usize,
+    pairs: usize,
+}
+
+#[inline(always)]
+fn pair_dot(a: u32, b: u32) -> f32 {
+    let lo = |w: u32| bf16::from_bits(w as u16).to_f32();
+    let hi = |w: u32| bf16::from_bits((w >> 16) as u16).to_f32();
+    lo(a) * lo(b) + hi(a) * hi(b)
+}
+
+/// # Safety
+/// `out` (rows of `out_row` floats from the tile's first row) must hold the tile.
+unsafe fn scalar_tile(p: &PairProduct, tile: &Tile, out: *mut f32, out_row: usize) {
+    for r in 0..tile.rows {
+        let mut sums = [0f32; STRIP];
+        for segment in p.segments(tile.row + r, tile.k.clone()) {
+            for i in 0..segment.pairs {
+                let a = p.lhs[segment.lhs + i];
+                let b_row = segment.rhs + i * p.rhs_row + tile.col;
+                for (c, sum) in sums.iter_mut().enumerate() {
+                    *sum += pair_dot(a, p.rhs[b_row + c]);
+                }
+            }
+        }
+        let dst = std::slice::from_raw_parts_mut(out.add(r * out_row + tile.col), STRIP);
+        for (d, s) in dst.iter_mut().zip(sums) {
+            *d = if tile.accumulate { *d + s } else { s };
+        }
+    }
+}
+
+/// # Safety
+/// The CPU must have AVX512F and AVX512_BF16; every index the tile names must be in bounds.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn dot_tile(p: &PairProduct, tile: &Tile, out: *mut f32, out_row: usize) {
+    macro_rules! rows {
+        ($($n:literal)*) => {
+            match tile.rows {
+                $($n => dot_tile_rows::<$n>(p, tile, out, out_row),)*
+                _ => unreachable!("a tile has 1 to {TILE_ROWS} rows"),
+            }
+        };
+    }
+    rows!(1 2 3 4 5 6 7 8 9 10 11 12)
+}
+
+/// # Safety
+/// As [`dot_tile`], with `R == tile.rows`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[inline]
+unsafe fn dot_tile_rows<const R: usize>(
+    p: &PairProduct,
+    tile: &Tile,
+    out: *mut f32,
+    out_row: usize,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 2]; R];
+    // The rows' segments run in step: every row of A has the same tap layout.
+    for segment in p.segments(tile.row, tile.k.clone()) {
+        let mut a = p.lhs.as_ptr().add(segment.lhs);
+        let mut b = p.rhs.as_ptr().add(segment.rhs + tile.col);
+        for _ in 0..segment.pairs {
+            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.cast()));
+            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(16).cast()));
+            for (r, acc_row) in acc.iter_mut().enumerate() {
+                let a_pair = *a.add(r * p.lhs_row) as i32;
+                let a_pair: __m512bh = std::mem::transmute(_mm512_set1_epi32(a_pair));
+                acc_row[0] = _mm512_dpbf16_ps(acc_row[0], a_pair, b0);
+                acc_row[1] = _mm512_dpbf16_ps(acc_row[1], a_pair, b1);
+            }
+            a = a.add(1);
+            b = b.add(p.rhs_row);
+        }
+    }
+    for (r, acc_row) in acc.iter().enumerate() {
+        let dst = out.add(r * out_row + tile.col);
+        for (half, &value) in acc_row.iter().enumerate() {
+            let dst = dst.add(16 * half);
+            let value = if tile.accumulate {
+                _mm512_add_ps(_mm512_loadu_ps(dst), value)
+            } else {
+                value
+            };
+            _mm512_storeu_ps(dst, value);
+        }
+    }
+}
+
+/// Rows of bf16 values (`rows x len`, row-major) as pair words, each row padded with a zero to
+/// an even length.
+fn pair_rows<T: ProductInput>(values: &[T], rows: usize, len: usize) -> Vec<u32> {
+    let pairs = len.div_ceil(2);
+    let mut words = vec![0u32; rows * pairs];
+    words
+        .par_chunks_mut(pairs.max(1))
+        .zip(values.par_chunks(len.max(1)))
+        .for_each(|(dst, src)| {
+            let mut chunks = src.chunks_exact(2);
+            for (d, two) in dst.iter_mut().zip(&mut chunks) {
+                *d = pair(two[0].to_bf16(), two[1].to_bf16());
+            }
+            if let [last] = chunks.remainder() {
+                dst[pairs - 1] = pair(last.to_bf16(), bf16::ZERO);
+            }
+        });
+    words
+}
+
+fn contiguous<'a, T>(data: &'a [T], layout: &Layout, op: &str, what: &str) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{op}: {what} must be contiguous"),
+    }
+}
+
+/// Binds `$values` to the activations `$x` as a bf16 or an f32 slice, the two dtypes the
+/// products take, and evaluates `$body` with it.
+macro_rules! with_activations {
+    ($op:expr, $x:expr, $layout:expr, |$values:ident| $body:expr) => {
+        match $x {
+            CpuStorage::BF16(data) => {
+                let $values = contiguous(data, $layout, $op, "the input")?;
+                $body
+            }
+            CpuStorage::F32(data) => {
+                let $values = contiguous(data, $layout, $op, "the input")?;
+                $body
+            }
+            _ => candle_core::bail!("{}: the input must be bf16 or f32", $op),
+        }
+    };
+}
+
+/// The bf16 values of a float tensor, flattened.
+fn bf16_values(t: &Tensor) -> Result<Vec<bf16>> {
+    t.to_dtype(DType::BF16)?.flatten_all()?.to_vec1::<bf16>()
+}
+
+/// A linear layer's weight `W` (N, K) as the right-hand operand of `x W^T`: pair rows of `W^T`,
+/// a U32 tensor (K / 2 rounded up, N rounded up to a [`row_stride`]), zero where padded. Packed once when a
+/// model loads, in place of the weight (the same bytes as bf16).
+pub fn pack_linear_weight(weight: &Tensor) -> Result<Tensor> {
+    let (n, k) = weight.dims2()?;
+    let (pairs, cols) = (k.div_ceil(2), row_stride(n));
+    let w_pairs = pair_rows(&bf16_values(weight)?, n, k);
+    let mut words = vec![0u32; pairs * cols];
+    words.par_chunks_mut(cols).enumerate().for_each(|(p, row)| {
+        for (j, word) in row[..n].iter_mut().enumerate() {
+            *word = w_pairs[j * pairs + p];
+        }
+    });
+    Tensor::from_vec(words, (pairs, cols), weight.device())
+}
+
+/// The bf16 weight (N, K) that [`pack_linear_weight`] packed.
+pub fn unpack_linear_weight(
+    words: &Tensor,
+    in_features: usize,
+    out_features: usize,
+) -> Result<Tensor> {
+    let (_, cols) = words.dims2()?;
+    let words = words.flatten_all()?.to_vec1::<u32>()?;
+    let mut weight = vec![bf16::ZERO; out_features * in_features];
+    for (j, row) in weight.chunks_mut(in_features.max(1)).enumerate() {
+        for (i, value) in row.iter_mut().enumerate() {
+            *value = unpair(words[(i / 2) * cols + j], i % 2);
+        }
+    }
+    Tensor::from_vec(
+        weight,
+        (out_features, in_features),
+        &candle_core::Device::Cpu,
+    )
+}
+
+/// A convolution kernel (O, C, kh, kw) as the left-hand operand: for every output channel, each
+/// tap's channel pairs, a U32 tensor (O, kh kw (C / 2 rounded up)). Packed once when a model
+/// loads, in place of the kernel.
+pub fn pack_conv_weight(weight: &Tensor) -> Result<Tensor> {
+    let (out_channels, channels, kh, kw) = weight.dims4()?;
+    let (taps, pairs) = (kh * kw, channels.div_ceil(2));
+    let w = bf16_values(weight)?;
+    let mut words = vec![0u32; out_channels * taps * pairs];
+    words
+        .par_chunks_mut((taps * pairs).max(1))
+        .enumerate()
+        .for_each(|(o, row)| {
+            let kernel = &w[o * channels * taps..][..channels * taps];
+            for tap in 0..taps {
+                for p in 0..pairs {
+                    let lo = kernel[2 * p * taps + tap];
+                    let hi = if 2 * p + 1 < channels {
+                        kernel[(2 * p + 1) * taps + tap]
+                    } else {
+                        bf16::ZERO
+                    };
+                    row[tap * pairs + p] = pair(lo, hi);
+                }
+            }
+        });
+    Tensor::from_vec(words, (out_channels, taps * pairs), weight.device())
+}
+
+/// The bf16 kernel (O, C, kh, kw) that [`pack_conv_weight`] packed.
+pub fn unpack_conv_weight(words: &Tensor, channels: usize, kh: usize, kw: usize) -> Result<Tensor> {
+    let (out_channels, row_len) = words.dims2()?;
+    let (taps, pairs) = (kh * kw, channels.div_ceil(2));
+    if row_len != taps * pairs {
+        candle_core::bail!("conv2d-bf16: a packed kernel row of {row_len} words is not {kh}x{kw} taps of {channels} channels")
+    }
+    let words = words.flatten_all()?.to_vec1::<u32>()?;
+    let mut weight = vec![bf16::ZERO; out_channels * channels * taps];
+    for (o, kernel) in weight.chunks_mut((channels * taps).max(1)).enumerate() {
+        for c in 0..channels {
+            for tap in 0..taps {
+                kernel[c * taps + tap] = unpair(words[o * row_len + tap * pairs + c / 2], c % 2);
+            }
+        }
+    }
+    Tensor::from_vec(
+        weight,
+        (out_channels, channels, kh, kw),
+        &candle_core::Device::Cpu,
+    )
+}
+
+/// Half `half` (0 low, 1 high) of a pair word.
+fn unpair(word: u32, half: usize) -> bf16 {
+    bf16::from_bits((word >> (16 * half)) as u16)
+}
+
+fn contiguous_words<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [u32]> {
+    let CpuStorage::U32(data) = storage else {
+        candle_core::bail!("{op}: the weight must be packed (u32 pair words)")
+    };
+    contiguous(data, layout, op, "the packed weight")
+}
+
+/// `y = x W^T + b` for `x` (..., K) in bf16 or f32 and `W` packed by [`pack_linear_weight`]:
+/// `x.apply_op2_no_bwd(&words, &LinearBf16 { .. })`, `y` in `x`'s dtype. Inference only.
+pub struct LinearBf16 {
+    pub in_features: usize,
+    pub out_features: usize,
+    pub bias: Option<Vec<f32>>,
+}
+
+impl CustomOp2 for LinearBf16 {
+    fn name(&self) -> &'static str {
+        "linear-bf16"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        w: &CpuStorage,
+        w_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, k) = (self.out_features, self.in_features);
+        let Some((&x_k, lead)) = x_layout.shape().dims().split_last() else {
+            candle_core::bail!("linear-bf16: the input has no dimensions")
+        };
+        if x_k != k {
+            candle_core::bail!("linear-bf16: input width {x_k} does not match the layer's {k}")
+        }
+        if w_layout.shape().dims() != [k.div_ceil(2), row_stride(n)] {
+            candle_core::bail!(
+                "linear-bf16: the packed weight {:?} is not that of {k} -> {n}",
+                w_layout.shape()
+            )
+        }
+        if self.bias.as_ref().is_some_and(|b| b.len() != n) {
+            candle_core::bail!("linear-bf16: bias length does not match the {n} outputs")
+        }
+        let w = contiguous_words(w, w_layout, "linear-bf16")?;
+        let m: usize = lead.iter().product();
+        let y = with_activations!("linear-bf16", x, x_layout, |x| self.product(x, w, m)?);
+        let mut shape = lead.to_vec();
+        shape.push(n);
+        Ok((y, Shape::from(shape)))
+    }
+}
+
+impl LinearBf16 {
+    fn product<T: ProductOutput>(&self, x: &[T], rhs: &[u32], m: usize) -> Result<CpuStorage> {
+        let (n, k) = (self.out_features, self.in_features);
+        let pairs = k.div_ceil(2);
+        let cols = round_up(n, STRIP);
+        let out_row = row_stride(n);
+        let lhs = pair_rows(x, m, k);
+        let mut out = vec![0f32; m * out_row];
+        PairProduct {
+            rows: m,
+            cols,
+            pairs,
+            lhs: &lhs,
+            lhs_row: pairs,
+            lhs_tap: 0,
+            rhs,
+            rhs_row: out_row,
+            shifts: &[0],
+        }
+        .run(&mut out, out_row)?;
+        let mut y = vec![T::default(); m * n];
+        y.par_chunks_mut(n.max(1))
+            .zip(out.par_chunks(out_row))
+            .for_each(|(dst, src)| match &self.bias {
+                Some(bias) => {
+                    for ((d, s), b) in dst.iter_mut().zip(src).zip(bias) {
+                        *d = T::from_sum(s + b);
+                    }
+                }
+                None => {
+                    for (d, s) in dst.iter_mut().zip(src) {
+                        *d = T::from_sum(*s);
+                    }
+                }
+            });
+        Ok(T::storage(y))
+    }
+}
+
+/// A stride-1 convolution of `x` (B, C, H, W) in bf16 or f32 with a kernel (O, C, kh, kw) packed
+/// by [`pack_conv_weight`], zero padding `padding`, f32 bias, one group:
+/// `x.apply_op2_no_bwd(&words, &Conv2dBf16 { .. })`, the output in `x`'s dtype. Inference only.
+pub struct Conv2dBf16 {
+    pub channels: usize,
+    pub kernel: (usize, usize),
+    pub padding: usize,
+    pub bias: Option<Vec<f32>>,
+}
+
+/// The shapes of one [`Conv2dBf16`] call.
+struct ConvGeometry {
+    batch: usize,
+    height: usize,
+    width: usize,
+    out_channels: usize,
+    out_h: usize,
+    out_w: usize,
+    padded_w: usize,
+}
+
+impl CustomOp2 for Conv2dBf16 {
+    fn name(&self) -> &'static str {
+        "conv2d-bf16"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        w: &CpuStorage,
+        w_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (batch, channels, height, width) = x_layout.shape().dims4()?;
+        let (kh, kw) = self.kernel;
+        if channels != self.channels {
+            candle_core::bail!(
+                "conv2d-bf16: the input has {channels} channels, the kernel expects {}",
+                self.channels
+            )
+        }
+        let (out_channels, row_len) = w_layout.shape().dims2()?;
+        if row_len != kh * kw * channels.div_ceil(2) {
+            candle_core::bail!(
+                "conv2d-bf16: the packed kernel {:?} is not {kh}x{kw} taps of {channels} channels",
+                w_layout.shape()
+            )
+        }
+        if self.bias.as_ref().is_some_and(|b| b.len() != out_channels) {
+            candle_core::bail!("conv2d-bf16: bias length does not match the {out_channels} outputs")
+        }
+        let (padded_h, padded_w) = (height + 2 * self.padding, width + 2 * self.padding);
+        if kh > padded_h || kw > padded_w {
+            candle_core::bail!("conv2d-bf16: a {kh}x{kw} kernel is larger than the padded input")
+        }
+        let geometry = ConvGeometry {
+            batch,
+            height,
+            width,
+            out_channels,
+            out_h: padded_h - kh + 1,
+            out_w: padded_w - kw + 1,
+            padded_w,
+        };
+        let w = contiguous_words(w, w_layout, "conv2d-bf16")?;
+        let y = with_activations!("conv2d-bf16", x, x_layout, |x| self
+            .product(x, w, &geometry)?);
+        let shape = Shape::from((batch, out_channels, geometry.out_h, geometry.out_w));
+        Ok((y, shape))
+    }
+}
+
+impl Conv2dBf16 {
+    fn product<T: ProductOutput>(
+        &self,
+        x: &[T],
+        lhs: &[u32],
+        g: &ConvGeometry,
+    ) -> Result<CpuStorage> {
+        let &ConvGeometry {
+            batch,
+            height,
+            width,
+            out_channels,
+            out_h,
+            out_w,
+            padded_w,
+        } = g;
+        let channels = self.channels;
+        let (kh, kw) = self.kernel;
+        let pairs = channels.div_ceil(2);
+        let shifts: Vec<usize> = (0..kh)
+            .flat_map(|ky| (0..kw).map(move |kx| ky * padded_w + kx))
+            .collect();
+        let cols = round_up(out_h * padded_w, STRIP);
+        let rhs_row = row_stride(cols + shifts.last().copied().unwrap_or(0));
+        let out_row = row_stride(cols);
+        let plane = height * width;
+        let mut rhs = vec![0u32; pairs * rhs_row];
+        let mut out = vec![0f32; out_channels * out_row];
+        let mut y = vec![T::default(); batch * out_channels * out_h * out_w];
+        for (image, y_image) in y.chunks_mut(out_channels * out_h * out_w).enumerate() {
+            let x_image = &x[image * channels * plane..][..channels * plane];
+            // B[p][pixel of the padded plane] = (x[2p][pixel], x[2p + 1][pixel]); the border
+            // stays zero.
+            rhs.par_chunks_mut(rhs_row)
+                .enumerate()
+                .for_each(|(p, row)| {
+                    let lo_plane = &x_image[2 * p * plane..][..plane];
+                    let hi_plane =
+                        (2 * p + 1 < channels).then(|| &x_image[(2 * p + 1) * plane..][..plane]);
+                    for y in 0..height {
+                        let dst = &mut row[(y + self.padding) * padded_w + self.padding..][..width];
+                        let lo = &lo_plane[y * width..][..width];
+                        match hi_plane {
+                            Some(hi_plane) => {
+                                let hi = &hi_plane[y * width..][..width];
+                                for ((d, &l), &h) in dst.iter_mut().zip(lo).zip(hi) {
+                                    *d = pair(l.to_bf16(), h.to_bf16());
+                                }
+                            }
+                            None => {
+                                for (d, &l) in dst.iter_mut().zip(lo) {
+                                    *d = pair(l.to_bf16(), bf16::ZERO);
+                                }
+                            }
+                        }
+                    }
+                });
+            PairProduct {
+                rows: out_channels,
+                cols,
+                pairs,
+                lhs,
+                lhs_row: shifts.len() * pairs,
+                lhs_tap: pairs,
+                rhs: &rhs,
+                rhs_row,
+                shifts: &shifts,
+            }
+            .run(&mut out, out_row)?;
+            y_image
+                .par_chunks_mut(out_h * out_w)
+                .zip(out.par_chunks(out_row))
+                .enumerate()
+                .for_each(|(o, (dst, src))| {
+                    let bias = self.bias.as_ref().map_or(0.0, |b| b[o]);
+                    for (dst_row, src_row) in dst.chunks_mut(out_w).zip(src.chunks(padded_w)) {
+                        for (d, s) in dst_row.iter_mut().zip(src_row) {
+                            *d = T::from_sum(s + bias);
+                        }
+                    }
+                });
+        }
+        Ok(T::storage(y))
+    }
+}
+
+/// The f32 values of a bias tensor (any float dtype), for the ops above.
+pub fn bias_values(bias: Option<&Tensor>) -> Result<Option<Vec<f32>>> {
+    bias.map(|b| b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>())
+        .transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::tensor::seeded_randn;
+    use candle_core::{DType, Tensor};
+
+    fn bf16_tensor(shape: &[usize], seed: u64) -> Tensor {
+        seeded_randn(shape, seed).to_dtype(DType::BF16).unwrap()
+    }
+
+    /// Largest |got - want| over largest |want|, both read as f32.
+    fn relative_error(got: &Tensor, want: &Tensor) -> f32 {
+        let got = got.to_dtype(DType::F32).unwrap();
+        let diff = crate::ops::tensor::max_abs(&(got - want).unwrap()).unwrap();
+        (diff / crate::ops::tensor::max_abs(want).unwrap()) as f32
+    }
+
+    /// bf16 products are exact in f32 and the sums accumulate in f32, so the only error of note
+    /// is the output's rounding to bf16 (half a unit in the 8th bit, 2^-9 relative).
+    const BF16_OUTPUT: f32 = 4e-3;
+
+    #[test]
+    fn convolutions_match_the_f32_convolution_of_the_same_values() {
+        // Odd channels (a padded pair), more output channels than a tile, K over a k block,
+        // 3x3 with padding, 1x1 without, a kernel wider than tall.
+        for (channels, out_channels, (kh, kw), padding, seed) in [
+            (5, 14, (3, 3), 1, 1),
+            (300, 13, (3, 3), 1, 2),
+            (64, 40, (1, 1), 0, 3),
+            (6, 3, (1, 3), 2, 4),
+        ] {
+            let x = bf16_tensor(&[2, channels, 7, 9], seed);
+            let w = bf16_tensor(&[out_channels, channels, kh, kw], seed + 10);
+            let b = bf16_tensor(&[out_channels], seed + 20);
+            let words = pack_conv_weight(&w).unwrap();
+            let op = Conv2dBf16 {
+                channels,
+                kernel: (kh, kw),
+                padding,
+                bias: bias_values(Some(&b)).unwrap(),
+            };
+            let got = x.apply_op2_no_bwd(&words, &op).unwrap();
+            // f32 activations give the same values in f32.
+            let got_f32 = x
+                .to_dtype(DType::F32)
+                .unwrap()
+                .apply_op2_no_bwd(&words, &op)
+                .unwrap();
+            assert_eq!(got_f32.dtype(), DType::F32);
+            let widen = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            let want = widen(&x)
+                .conv2d(&widen(&w), padding, 1, 1, 1)
+                .unwrap()
+                .broadcast_add(&widen(&b).reshape((1, out_channels, 1, 1)).unwrap())
+                .unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let err = relative_error(&got, &want);
+            assert!(
+                err < BF16_OUTPUT,
+                "conv {channels}->{out_channels} {kh}x{kw}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn linear_layers_match_the_f32_product_of_the_same_values() {
+        // An odd width, outputs not a multiple of 32, rows not a multiple of 12, no bias.
+        for (k, n, bias, seed) in [(77, 45, true, 1), (320, 64, false, 2), (1280, 96, true, 3)] {
+            let x = bf16_tensor(&[2, 25, k], seed);
+            let w = bf16_tensor(&[n, k], seed + 10);
+            let b = bf16_tensor(&[n], seed + 20);
+            let op = LinearBf16 {
+                in_features: k,
+                out_features: n,
+                bias: if bias {
+                    bias_values(Some(&b)).unwrap()
+                } else {
+                    None
+                },
+            };
+            let words = pack_linear_weight(&w).unwrap();
+            let got = x.apply_op2_no_bwd(&words, &op).unwrap();
+            // f32 activations holding bf16 values: the same sums, not rounded to bf16.
+            let got_f32 = x
+                .to_dtype(DType::F32)
+                .unwrap()
+                .apply_op2_no_bwd(&words, &op)
+                .unwrap();
+            let widen = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            let mut want = widen(&x).broadcast_matmul(&widen(&w).t().unwrap()).unwrap();
+            if bias {
+                want = want.broadcast_add(&widen(&b)).unwrap();
+            }
+            let err = relative_error(&got, &want);
+            assert!(err < BF16_OUTPUT, "linear {k}->{n}: {err}");
+            let err = relative_error(&got_f32, &want);
+            assert!(err < 1e-5, "linear, f32 activations {k}->{n}: {err}");
+        }
+    }
+
+    /// The scalar loop and the AVX512_BF16 kernel compute the same f32 sums (up to the order of
+    /// the additions), tile edges and k blocks included; without the instructions the scalar
+    /// loop is checked against f64 sums alone.
+    #[test]
+    fn the_pair_dot_kernel_and_the_scalar_loop_agree() {
+        let (rows, cols, pairs, shifts) = (29, 64, 150, [0usize, 3, 40]);
+        let values = |len: usize, seed: u64| -> Vec<u32> {
+            let v = seeded_randn(&[2 * len], seed).to_vec1::<f32>().unwrap();
+            v.chunks(2)
+                .map(|two| pair(bf16::from_f32(two[0]), bf16::from_f32(two[1])))
+                .collect()
+        };
+        let lhs = values(rows * shifts.len() * pairs, 1);
+        let rhs_row = cols + 40;
+        let rhs = values(pairs * rhs_row, 2);
+        let product = PairProduct {
+            rows,
+            cols,
+            pairs,
+            lhs: &lhs,
+            lhs_row: shifts.len() * pairs,
+            lhs_tap: pairs,
+            rhs: &rhs,
+            rhs_row,
+            shifts: &shifts,
+        };
+        let mut reference = vec![0f64; rows * cols];
+        for r in 0..rows {
+            for c in 0..cols {
+                for (t, shift) in shifts.iter().enumerate() {
+                    for p in 0..pairs {
+                        let a = lhs[r * shifts.len() * pairs + t * pairs + p];
+                        let b = rhs[p * rhs_row + c + shift];
+                        reference[r * cols + c] += f64::from(pair_dot(a, b));
+                    }
+                }
+            }
+        }
+        let scale = reference.iter().fold(0f64, |m, v| m.max(v.abs()));
+        let mut kernels = vec![false];
+        if dot_available() {
+            kernels.push(true);
+        }
+        for use_dot in kernels {
+            let mut out = vec![f32::NAN; rows * (cols + 8)];
+            product.run_on(&mut out, cols + 8, use_dot).unwrap();
+            for r in 0..rows {
+                for c in 0..cols {
+                    let err = (f64::from(out[r * (cols + 8) + c]) - reference[r * cols + c]).abs();
+                    assert!(err < 1e-5 * scale, "dot {use_dot} at ({r}, {c}): {err}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn packed_weights_unpack_to_the_loaded_ones() {
+        let conv = bf16_tensor(&[7, 5, 3, 3], 1);
+        let words = pack_conv_weight(&conv).unwrap();
+        assert_eq!(words.dims(), [7, 9 * 3]);
+        let back = unpack_conv_weight(&words, 5, 3, 3).unwrap();
+        assert_eq!(
+            back.to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            conv.to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        );
+        let linear = bf16_tensor(&[45, 77], 2);
+        let words = pack_linear_weight(&linear).unwrap();
+        assert_eq!(words.dims(), [39, 64]);
+        assert_eq!(row_stride(1280), 2080);
+        assert_eq!(row_stride(900), 928);
+        assert_eq!(row_stride(1100) % 1024, 32);
+        let back = unpack_linear_weight(&words, 77, 45).unwrap();
+        assert_eq!(
+            back.to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            linear
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        );
+    }
+
+    #[test]
+    fn mismatched_operands_are_refused() {
+        let x = bf16_tensor(&[1, 6, 5, 5], 1);
+        let words = pack_conv_weight(&bf16_tensor(&[4, 6, 3, 3], 2)).unwrap();
+        let op = |channels| Conv2dBf16 {
+            channels,
+            kernel: (3, 3),
+            padding: 1,
+            bias: None,
+        };
+        let err = x.apply_op2_no_bwd(&words, &op(8)).unwrap_err().to_string();
+        assert!(err.contains("6 channels, the kernel expects 8"), "{err}");
+        let unpacked = bf16_tensor(&[4, 27], 3);
+        let err = x
+            .apply_op2_no_bwd(&unpacked, &op(6))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("must be packed"), "{err}");
+        let ints = Tensor::zeros((1, 6, 5, 5), DType::U8, &candle_core::Device::Cpu).unwrap();
+        let err = ints
+            .apply_op2_no_bwd(&words, &op(6))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bf16 or f32"), "{err}");
+    }
+
+    #[test]
+    fn operands_too_short_are_refused() {
+        let lhs = vec![0u32; 10];
+        let rhs = vec![0u32; 10];
+        let product = PairProduct {
+            rows: 2,
+            cols: 32,
+            pairs: 5,
+            lhs: &lhs,
+            lhs_row: 5,
+            lhs_tap: 0,
+            rhs: &rhs,
+            rhs_row: 32,
+            shifts: &[0],
+        };
+        let mut out = vec![0f32; 64];
+        let err = product.run(&mut out, 32).unwrap_err().to_string();
+        assert!(err.contains("operands too short"), "{err}");
+    }
+}
