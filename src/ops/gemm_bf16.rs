@@ -448,14 +448,27 @@ fn bf16_values(t: &Tensor) -> Result<Vec<bf16>> {
 pub fn pack_linear_weight(weight: &Tensor) -> Result<Tensor> {
     let (n, k) = weight.dims2()?;
     let (pairs, cols) = (k.div_ceil(2), row_stride(n));
-    let w_pairs = pair_rows(&bf16_values(weight)?, n, k);
-    let mut words = vec![0u32; pairs * cols];
-    words.par_chunks_mut(cols).enumerate().for_each(|(p, row)| {
-        for (j, word) in row[..n].iter_mut().enumerate() {
-            *word = w_pairs[j * pairs + p];
-        }
-    });
+    let words = transposed_pair_rows(&bf16_values(weight)?, n, k, cols);
     Tensor::from_vec(words, (pairs, cols), weight.device())
+}
+
+/// `M^T` of a row-major (rows x len) matrix as pair rows: word `[p][j]` is (M[j][2p],
+/// M[j][2p + 1]), rows `stride` words long, zero where padded.
+fn transposed_pair_rows<T: ProductInput>(
+    values: &[T],
+    rows: usize,
+    len: usize,
+    stride: usize,
+) -> Vec<u32> {
+    let pairs = len.div_ceil(2);
+    let by_row = pair_rows(values, rows, len);
+    let mut words = vec![0u32; pairs * stride];
+    for (p, row) in words.chunks_mut(stride.max(1)).enumerate() {
+        for (j, word) in row[..rows].iter_mut().enumerate() {
+            *word = by_row[j * pairs + p];
+        }
+    }
+    words
 }
 
 /// The bf16 weight (N, K) that [`pack_linear_weight`] packed.
