@@ -321,6 +321,19 @@ fn bench_finetune_lora(args: &BenchArgs) -> anyhow::Result<()> {
     )
 }
 
+/// The dtype the weights are held in, as the pipeline holds them (`gemm_bf16::weight_dtype`),
+/// saying so when it is not the one asked for.
+fn held_dtype(requested: DType, device: &Device) -> DType {
+    let held = crate::ops::gemm_bf16::weight_dtype(requested, device);
+    if held != requested {
+        eprintln!(
+            "{requested:?} weights are held as {held:?}: this CPU has no AVX512_BF16, and every \
+             {requested:?} product would widen to {held:?}"
+        );
+    }
+    held
+}
+
 /// A whole txt2img call with random SD 1.5 weights: the time of everything a user waits for
 /// after loading, and the peak memory beside the weights' size.
 fn bench_txt2img(args: &BenchArgs) -> anyhow::Result<()> {
@@ -499,8 +512,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         Component::Txt2img => return bench_txt2img(&args),
         _ => {}
     }
-    let dtype = super::parse_dtype("--dtype", &args.dtype)?;
     let device = super::parse_device(&args.device)?;
+    let dtype = held_dtype(super::parse_dtype("--dtype", &args.dtype)?, &device);
     let config_text = match &args.config {
         Some(path) => std::fs::read_to_string(path)?,
         None => match args.component {

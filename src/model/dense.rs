@@ -101,3 +101,43 @@ impl Module for Dense {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::tensor::seeded_randn;
+
+    /// A bf16 layer gives the same outputs however it is held: packed (CPU with AVX512_BF16),
+    /// unpacked again for an input that asks for a gradient, or as loaded.
+    #[test]
+    fn packed_layers_compute_what_the_loaded_layer_computes() {
+        let weight = seeded_randn(&[40, 96], 1).to_dtype(DType::BF16).unwrap();
+        let bias = seeded_randn(&[40], 2).to_dtype(DType::BF16).unwrap();
+        let layer = Linear::new(weight.clone(), Some(bias.clone()));
+        let dense = Dense::from(layer.clone());
+        assert_eq!(
+            matches!(dense, Dense::PackedBf16(_)),
+            gemm_bf16::dot_available()
+        );
+        assert_eq!(dense.dims().unwrap(), (40, 96));
+        let x = seeded_randn(&[3, 7, 96], 3);
+        let widened = Linear::new(
+            weight.to_dtype(DType::F32).unwrap(),
+            Some(bias.to_dtype(DType::F32).unwrap()),
+        );
+        let want = widened.forward(&x).unwrap();
+        let scale = crate::ops::tensor::max_abs(&want).unwrap();
+        let tracked = candle_core::Var::from_tensor(&x).unwrap();
+        for (what, got) in [
+            ("f32 input", dense.forward(&x).unwrap()),
+            ("tracked input", dense.forward(tracked.as_tensor()).unwrap()),
+        ] {
+            assert_eq!(got.dtype(), DType::F32, "{what}");
+            let err = crate::ops::tensor::max_abs(&(got - &want).unwrap()).unwrap() / scale;
+            // The packed product rounds x to bf16 (2^-9 relative per element).
+            assert!(err < 1e-2, "{what}: {err}");
+        }
+        let bf16_out = dense.forward(&x.to_dtype(DType::BF16).unwrap()).unwrap();
+        assert_eq!(bf16_out.dtype(), DType::BF16);
+    }
+}

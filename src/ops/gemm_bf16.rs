@@ -98,6 +98,18 @@ pub fn activation_dtype(weights: DType, device: &candle_core::Device) -> DType {
     }
 }
 
+/// The dtype to hold weights asked for in `requested` on `device`: bf16 on a CPU without the
+/// pair dot product is held as f32, since every bf16 product there would widen its operands to
+/// f32 first (candle's bf16 kernels do it element by element): f32's speed, not slower, at
+/// f32's memory. Anything else as asked.
+pub fn weight_dtype(requested: DType, device: &candle_core::Device) -> DType {
+    if requested == DType::BF16 && device.is_cpu() && !dot_available() {
+        DType::F32
+    } else {
+        requested
+    }
+}
+
 /// Two bf16 values as one pair word, `lo` in the low half.
 #[inline(always)]
 fn pair(lo: bf16, hi: bf16) -> u32 {

@@ -304,6 +304,8 @@ impl StableDiffusion {
 
     /// Builds the pipeline from its parts, merging `options.loras` as the weights load.
     pub fn from_parts(parts: PipelineParts, root: &Path, mut options: LoadOptions) -> Result<Self> {
+        options.dtype = crate::ops::gemm_bf16::weight_dtype(options.dtype, &options.device);
+        options.vae_dtype = crate::ops::gemm_bf16::weight_dtype(options.vae_dtype, &options.device);
         let device = &options.device;
         let kind = parts.kind;
         let (text_config, text_weights) = parts.text_encoder;
