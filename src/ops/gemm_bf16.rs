@@ -62,11 +62,14 @@ impl ProductInput for f32 {
 
 /// An op's output element: the input's dtype, written from the f32 sums.
 trait ProductOutput: ProductInput + Default {
+    /// Whether this is f32, the sums' own type.
+    const IS_F32: bool;
     fn from_sum(sum: f32) -> Self;
     fn storage(values: Vec<Self>) -> CpuStorage;
 }
 
 impl ProductOutput for bf16 {
+    const IS_F32: bool = false;
     #[inline(always)]
     fn from_sum(sum: f32) -> Self {
         bf16::from_f32(sum)
@@ -77,6 +80,7 @@ impl ProductOutput for bf16 {
 }
 
 impl ProductOutput for f32 {
+    const IS_F32: bool = true;
     #[inline(always)]
     fn from_sum(sum: f32) -> Self {
         sum
@@ -617,7 +621,10 @@ impl LinearBf16 {
         let (n, k) = (self.out_features, self.in_features);
         let pairs = k.div_ceil(2);
         let cols = round_up(n, STRIP);
-        let out_row = row_stride(n);
+        // f32 outputs of a whole number of strips are written in place: the sums are the
+        // output (a GEGLU layer's at 512x512 is 84 MB, which a second buffer would double).
+        let in_place = T::IS_F32 && cols == n;
+        let out_row = if in_place { n } else { row_stride(n) };
         let lhs = pair_rows(x, m, k);
         let mut out = vec![0f32; m * out_row];
         PairProduct {
@@ -628,10 +635,18 @@ impl LinearBf16 {
             lhs_row: pairs,
             lhs_tap: 0,
             rhs,
-            rhs_row: out_row,
+            rhs_row: row_stride(n),
             shifts: &[0],
         }
         .run(&mut out, out_row)?;
+        if in_place {
+            if let Some(bias) = &self.bias {
+                out.par_chunks_mut(n.max(1)).for_each(|row| {
+                    row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+                });
+            }
+            return Ok(CpuStorage::F32(out));
+        }
         let mut y = vec![T::default(); m * n];
         y.par_chunks_mut(n.max(1))
             .zip(out.par_chunks(out_row))
