@@ -368,7 +368,7 @@ impl candle_core::CustomOp1 for Geglu {
         storage: &candle_core::CpuStorage,
         layout: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use crate::ops::vector_math::{gelu, with_avx2_fma};
+        use crate::ops::vector_math::{gelu, with_wide_vectors};
         use rayon::prelude::*;
         let h = crate::ops::tensor::contiguous_f32(storage, layout, "geglu", "the projection")?;
         let mut dims = layout.shape().dims().to_vec();
@@ -383,7 +383,7 @@ impl candle_core::CustomOp1 for Geglu {
             .zip(h.par_chunks(2 * half))
             .for_each(|(out, row)| {
                 let (hidden, gate) = row.split_at(half);
-                with_avx2_fma(
+                with_wide_vectors(
                     #[inline(always)]
                     || {
                         for ((value, hidden), gate) in out.iter_mut().zip(hidden).zip(gate) {

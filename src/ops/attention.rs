@@ -7,7 +7,7 @@
 //! at a time, as FlashAttention does (Dao et al. 2022, algorithm 4, with whole rows instead of
 //! tiles): one more Q K^T product for a fraction of the memory.
 
-use super::vector_math::{exp_nonpositive, with_avx2_fma};
+use super::vector_math::{exp_nonpositive, with_wide_vectors};
 use crate::ops::tensor::contiguous_f32;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -58,7 +58,7 @@ unsafe fn single_thread_product(
 /// Replaces a row of scores s by exp(scale (s - max s)), the numerators of softmax(scale s), and
 /// returns their sum.
 fn softmax_numerators(row: &mut [f32], scale: f32) -> f32 {
-    with_avx2_fma(
+    with_wide_vectors(
         #[inline(always)]
         || {
             // Eight running maxima and sums, which the compiler keeps in one vector register each.

@@ -3,7 +3,7 @@
 //! over the activation forward and two or more backward (its broadcast reductions are strided
 //! sums); in the pixel-DDPM U-Net that chain cost more than the convolutions.
 
-use super::vector_math::{self, silu, silu_derivative, with_avx2_fma};
+use super::vector_math::{self, silu, silu_derivative, with_wide_vectors};
 use crate::ops::tensor::contiguous_f32;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
@@ -153,7 +153,7 @@ impl CustomOp3 for FusedGroupNorm {
             .zip(x.par_chunks(group_len))
             .enumerate()
             .for_each(|(index, (y, values))| {
-                with_avx2_fma(
+                with_wide_vectors(
                     #[inline(always)]
                     || {
                         let (mean, rstd) = self.moments(values);
@@ -243,7 +243,7 @@ impl CustomOp3 for GroupNormBackward {
             .zip(partial.par_chunks_mut(2 * per_group))
             .enumerate()
             .for_each_init(Vec::new, |through_silu, (index, (dx, sums))| {
-                with_avx2_fma(
+                with_wide_vectors(
                     #[inline(always)]
                     || {
                         let values = &x[index * group_len..][..group_len];

@@ -1,28 +1,43 @@
 //! Element-wise functions and sums written as plain arithmetic that the compiler vectorises,
-//! and [`with_avx2_fma`], which compiles a kernel for AVX2 with FMA where the CPU has them (the
-//! crate targets baseline x86-64, whose vectors are half as wide and which has no FMA).
+//! and [`with_wide_vectors`], which compiles a kernel for AVX-512 or AVX2 with FMA where the CPU
+//! has them (the crate targets baseline x86-64, whose vectors are a quarter as wide and which
+//! has no FMA).
 //!
 //! libm's expf is one call per value: perf showed it as most of a softmax, and as a tenth of a
 //! pixel-DDPM training step through the SiLUs of group norm.
 
-/// Runs `kernel` compiled for AVX2 and FMA where the CPU has both, else as it is. The features
-/// reach only code inlined into the dispatching function, so the kernel closure must be marked
-/// `#[inline(always)]` as must its helpers: a closure left to the inliner is called from both
-/// branches below, is too big to be copied into each, and stays one baseline (SSE2, no FMA)
-/// function; perf showed the softmax running so, four lanes wide.
+/// Runs `kernel` compiled for AVX-512 (16 f32 lanes) or else AVX2 with FMA (8 lanes) where the
+/// CPU has them, else as it is. The features reach only code inlined into the dispatching
+/// function, so the kernel closure must be marked `#[inline(always)]` as must its helpers: a
+/// closure left to the inliner is called from every branch below, is too big to be copied into
+/// each, and stays one baseline (SSE2, no FMA) function; perf showed the softmax running so, four
+/// lanes wide. AVX-512 took 0.2 s off a 512x512 U-Net step (3.2 s in bf16) on a Zen 5.
 #[inline(always)]
-pub fn with_avx2_fma<R>(kernel: impl FnOnce() -> R) -> R {
+pub fn with_wide_vectors<R>(kernel: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has both features.
-        return unsafe { avx2_fma(kernel) };
+    {
+        let avx2_fma = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+        if avx2_fma && is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has all three features.
+            return unsafe { avx512(kernel) };
+        }
+        if avx2_fma {
+            // SAFETY: the CPU has both features.
+            return unsafe { avx2_fma_kernel(kernel) };
+        }
     }
     kernel()
 }
 
 #[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512f")]
+unsafe fn avx512<R>(kernel: impl FnOnce() -> R) -> R {
+    kernel()
+}
+
+#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn avx2_fma<R>(kernel: impl FnOnce() -> R) -> R {
+unsafe fn avx2_fma_kernel<R>(kernel: impl FnOnce() -> R) -> R {
     kernel()
 }
 
