@@ -293,8 +293,11 @@ impl Attention {
         };
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let cpu_inference = q.device().is_cpu() && !(q.track_op() || k.track_op() || v.track_op());
-        let per_head = if q.device().is_cpu() && q.dtype() == DType::F32 && v.dtype() == DType::F32
-        {
+        let all_f32 = q.dtype() == DType::F32 && k.dtype() == DType::F32 && v.dtype() == DType::F32;
+        let per_head = if cpu_inference && all_f32 && self.to_q.packed_bf16() {
+            // A bf16 model keeping f32 activations: its attention products in bf16 as well.
+            crate::ops::attention::attention_with_bf16_products(&q, &k, &v, scale)?
+        } else if q.device().is_cpu() && all_f32 {
             crate::ops::attention::memory_efficient_attention(&q, &k, &v, scale)?
         } else if cpu_inference && v.dtype() == DType::BF16 {
             // candle's bf16 products widen element by element and its composed attention holds

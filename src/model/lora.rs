@@ -68,6 +68,14 @@ impl LoraLinear {
     }
 }
 
+impl LoraLinear {
+    /// Whether the base weight is packed for the bf16 pair-dot kernel (a bf16 model on a CPU
+    /// with AVX512_BF16).
+    pub fn packed_bf16(&self) -> bool {
+        matches!(self.base, Dense::PackedBf16(_))
+    }
+}
+
 impl Module for LoraLinear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = self.base.forward(x)?;

@@ -44,6 +44,18 @@ pub fn dot_available() -> bool {
 /// (the mixed mode of bf16 weights and f32 activations between the products).
 pub trait ProductInput: Copy + Send + Sync + 'static {
     fn to_bf16(self) -> bf16;
+
+    /// A row of values as pair words (`dst` holds half the row, rounded up; an odd row's last
+    /// word pairs its last value with 0).
+    fn pair_row(src: &[Self], dst: &mut [u32]) {
+        let mut chunks = src.chunks_exact(2);
+        for (d, two) in dst.iter_mut().zip(&mut chunks) {
+            *d = pair(two[0].to_bf16(), two[1].to_bf16());
+        }
+        if let ([last], Some(d)) = (chunks.remainder(), dst.get_mut(src.len() / 2)) {
+            *d = pair(last.to_bf16(), bf16::ZERO);
+        }
+    }
 }
 
 impl ProductInput for bf16 {
@@ -57,6 +69,53 @@ impl ProductInput for f32 {
     #[inline(always)]
     fn to_bf16(self) -> bf16 {
         bf16::from_f32(self)
+    }
+
+    /// Two adjacent values are one pair word, so a row's pairs are its bf16 values in order:
+    /// converted 32 at a time by `vcvtne2ps2bf16` where the CPU has it (the scalar rounding of
+    /// the half crate showed as a tenth of a bf16 attention).
+    fn pair_row(src: &[f32], dst: &mut [u32]) {
+        let even = src.len() / 2 * 2;
+        #[cfg(target_arch = "x86_64")]
+        if dot_available() && dst.len() * 2 >= even {
+            // SAFETY: the CPU has AVX512F and AVX512_BF16; `dst` holds `even` u16 values.
+            unsafe { bf16_bits_avx512(&src[..even], dst.as_mut_ptr().cast::<u16>()) };
+            if let ([last], Some(d)) = (&src[even..], dst.get_mut(even / 2)) {
+                *d = pair(last.to_bf16(), bf16::ZERO);
+            }
+            return;
+        }
+        let mut chunks = src.chunks_exact(2);
+        for (d, two) in dst.iter_mut().zip(&mut chunks) {
+            *d = pair(two[0].to_bf16(), two[1].to_bf16());
+        }
+        if let ([last], Some(d)) = (chunks.remainder(), dst.get_mut(src.len() / 2)) {
+            *d = pair(last.to_bf16(), bf16::ZERO);
+        }
+    }
+}
+
+/// `dst[i]` = the bf16 bits of `src[i]`, rounded to nearest even.
+///
+/// # Safety
+/// The CPU must have AVX512F and AVX512_BF16; `dst` must hold `src.len()` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn bf16_bits_avx512(src: &[f32], dst: *mut u16) {
+    use std::arch::x86_64::*;
+    let mut chunks = src.chunks_exact(32);
+    let mut at = dst;
+    for chunk in &mut chunks {
+        let low = _mm512_loadu_ps(chunk.as_ptr());
+        let high = _mm512_loadu_ps(chunk.as_ptr().add(16));
+        // The second operand fills the low 16 values.
+        let both: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(high, low));
+        _mm512_storeu_si512(at.cast(), both);
+        at = at.add(32);
+    }
+    for &value in chunks.remainder() {
+        *at = half::bf16::from_f32(value).to_bits();
+        at = at.add(1);
     }
 }
 
@@ -221,6 +280,22 @@ impl PairProduct<'_> {
                     unsafe { self.run_block(rows, strips, out, out_row, use_dot) };
                 }
             });
+        Ok(())
+    }
+
+    /// [`Self::run`] on this thread alone (for callers whose tasks are the parallel part).
+    pub fn run_here(&self, out: &mut [f32], out_row: usize) -> Result<()> {
+        self.check(out, out_row)?;
+        // SAFETY: `check` bounds every index; `out` is borrowed mutably for the whole call.
+        unsafe {
+            self.run_block(
+                0..self.rows,
+                0..self.cols / STRIP,
+                OutPtr(out.as_mut_ptr()),
+                out_row,
+                dot_available(),
+            )
+        };
         Ok(())
     }
 
@@ -416,15 +491,7 @@ fn pair_rows<T: ProductInput>(values: &[T], rows: usize, len: usize) -> Vec<u32>
     words
         .par_chunks_mut(pairs.max(1))
         .zip(values.par_chunks(len.max(1)))
-        .for_each(|(dst, src)| {
-            let mut chunks = src.chunks_exact(2);
-            for (d, two) in dst.iter_mut().zip(&mut chunks) {
-                *d = pair(two[0].to_bf16(), two[1].to_bf16());
-            }
-            if let [last] = chunks.remainder() {
-                dst[pairs - 1] = pair(last.to_bf16(), bf16::ZERO);
-            }
-        });
+        .for_each(|(dst, src)| T::pair_row(src, dst));
     words
 }
 
@@ -485,6 +552,140 @@ fn transposed_pair_rows<T: ProductInput>(
         }
     }
     words
+}
+
+/// A row-major (rows x cols) matrix as pair rows along its rows: word `[p][c]` is (M[2p][c],
+/// M[2p + 1][c]), rows `stride` words long, zero where padded.
+fn interleaved_pair_rows(values: &[f32], rows: usize, cols: usize, stride: usize) -> Vec<u32> {
+    let pairs = rows.div_ceil(2);
+    let mut words = vec![0u32; pairs * stride];
+    for (p, dst) in words.chunks_mut(stride.max(1)).enumerate() {
+        let lo = &values[2 * p * cols..][..cols];
+        let hi = values.get((2 * p + 1) * cols..(2 * p + 2) * cols);
+        for (c, d) in dst[..cols].iter_mut().enumerate() {
+            *d = pair(lo[c].to_bf16(), hi.map_or(bf16::ZERO, |hi| hi[c].to_bf16()));
+        }
+    }
+    words
+}
+
+/// The keys and values of attention heads packed as right-hand operands, so that softmax(Q K^T
+/// scale) V runs through the pair dot product one block of query rows at a time: per head,
+/// `K^T` as pair rows along the head width and `V` as pair rows along the keys.
+pub struct PackedHeads {
+    keys: Vec<Vec<u32>>,
+    values: Vec<Vec<u32>>,
+    /// The queries' and keys' width, the keys' count, the values' width.
+    dims: (usize, usize, usize),
+}
+
+/// One thread's scratch space for [`PackedHeads`], kept from block to block.
+#[derive(Default)]
+pub struct HeadScratch {
+    lhs: Vec<u32>,
+    product: Vec<f32>,
+}
+
+impl PackedHeads {
+    /// `k` (heads, M, d) and `v` (heads, M, dv), contiguous.
+    pub fn new(k: &[f32], v: &[f32], heads: usize, m: usize, d: usize, dv: usize) -> Self {
+        let (keys, values) = (0..heads)
+            .into_par_iter()
+            .map(|head| {
+                let k_head = &k[head * m * d..][..m * d];
+                let v_head = &v[head * m * dv..][..m * dv];
+                (
+                    transposed_pair_rows(k_head, m, d, row_stride(m)),
+                    interleaved_pair_rows(v_head, m, dv, row_stride(dv)),
+                )
+            })
+            .unzip();
+        Self {
+            keys,
+            values,
+            dims: (d, m, dv),
+        }
+    }
+
+    /// The length of a row of [`Self::scores`]: the keys' count, padded (padding scores 0).
+    pub fn score_row(&self) -> usize {
+        row_stride(self.dims.1)
+    }
+
+    /// `scores` (rows x [`Self::score_row`]) = `q_block` (rows x d) K^T of head `head`.
+    pub fn scores(
+        &self,
+        head: usize,
+        q_block: &[f32],
+        scratch: &mut HeadScratch,
+        scores: &mut Vec<f32>,
+    ) -> Result<()> {
+        let (d, m, _) = self.dims;
+        let pairs = d.div_ceil(2);
+        let rows = q_block.len() / d.max(1);
+        scratch.lhs.resize(rows * pairs, 0);
+        for (src, dst) in q_block
+            .chunks(d.max(1))
+            .zip(scratch.lhs.chunks_mut(pairs.max(1)))
+        {
+            f32::pair_row(src, dst);
+        }
+        scores.resize(rows * self.score_row(), 0.0);
+        PairProduct {
+            rows,
+            cols: round_up(m, STRIP),
+            pairs,
+            lhs: &scratch.lhs,
+            lhs_row: pairs,
+            lhs_tap: 0,
+            rhs: &self.keys[head],
+            rhs_row: self.score_row(),
+            shifts: &[0],
+        }
+        .run_here(scores, self.score_row())
+    }
+
+    /// `out` (rows x dv) = `weights` (rows x [`Self::score_row`], the first M of each row
+    /// used) V of head `head`.
+    pub fn weighted_values(
+        &self,
+        head: usize,
+        weights: &[f32],
+        scratch: &mut HeadScratch,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let (_, m, dv) = self.dims;
+        let rows = out.len() / dv.max(1);
+        let pairs = m.div_ceil(2);
+        scratch.lhs.resize(rows * pairs, 0);
+        for (src, dst) in weights
+            .chunks(self.score_row())
+            .zip(scratch.lhs.chunks_mut(pairs.max(1)))
+        {
+            f32::pair_row(&src[..m], dst);
+        }
+        let out_row = row_stride(dv);
+        scratch.product.resize(rows * out_row, 0.0);
+        PairProduct {
+            rows,
+            cols: round_up(dv, STRIP),
+            pairs,
+            lhs: &scratch.lhs,
+            lhs_row: pairs,
+            lhs_tap: 0,
+            rhs: &self.values[head],
+            rhs_row: out_row,
+            shifts: &[0],
+        }
+        .run_here(&mut scratch.product, out_row)?;
+        for (dst, src) in out
+            .chunks_mut(dv.max(1))
+            .zip(scratch.product.chunks(out_row))
+        {
+            dst.copy_from_slice(&src[..dv]);
+        }
+        Ok(())
+    }
 }
 
 /// The bf16 weight (N, K) that [`pack_linear_weight`] packed.
@@ -1053,6 +1254,27 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("bf16 or f32"), "{err}");
+    }
+
+    /// The vector conversion rounds as the half crate does (nearest even), odd rows included.
+    #[test]
+    fn f32_rows_pair_as_the_scalar_rounding_does() {
+        let values = seeded_randn(&[101], 5).to_vec1::<f32>().unwrap();
+        let values: Vec<f32> = values.iter().map(|v| v * 1e3).collect();
+        for len in [101, 100, 64, 33, 1] {
+            let src = &values[..len];
+            let mut got = vec![0u32; len.div_ceil(2)];
+            f32::pair_row(src, &mut got);
+            let mut want = vec![0u32; len.div_ceil(2)];
+            for (i, w) in want.iter_mut().enumerate() {
+                let lo = bf16::from_f32(src[2 * i]);
+                let hi = src
+                    .get(2 * i + 1)
+                    .map_or(bf16::ZERO, |&v| bf16::from_f32(v));
+                *w = pair(lo, hi);
+            }
+            assert_eq!(got, want, "length {len}");
+        }
     }
 
     #[test]
