@@ -33,8 +33,8 @@ pub enum Component {
     /// caption states, with random weights of SD 1.5's U-Net (or --config).
     FinetuneLora,
     /// A whole text-to-image call at --size with random weights of SD 1.5 (text encoder, U-Net,
-    /// VAE; or of the diffusers folder --config): a prompt and the empty prompt encoded, --steps
-    /// DDIM steps with guidance 7.5, one decode.
+    /// VAE; or of the diffusers folder --config): the prompt (and the empty prompt when guided)
+    /// encoded, --steps DDIM steps with --guidance, one decode (TAESD with --vae-decoder taesd).
     Txt2img,
 }
 
@@ -68,6 +68,14 @@ pub struct BenchArgs {
     /// txt2img: sampler steps.
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
+    /// txt2img: classifier-free guidance scale; 1 or less runs one U-Net call a step (as
+    /// sd-turbo does).
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance: f64,
+    /// txt2img: `taesd` decodes with random weights of madebyollin/taesd's shape instead of the
+    /// VAE.
+    #[arg(long, value_parser = ["taesd"])]
+    pub vae_decoder: Option<String>,
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
@@ -340,8 +348,8 @@ fn bench_txt2img(args: &BenchArgs) -> anyhow::Result<()> {
     use crate::pipeline::txt2img::{txt2img, Txt2ImgRequest};
     use crate::pipeline::{LoadOptions, StableDiffusion};
     use crate::sampler::{build_sampler, SamplerKind, SamplerOptions, SchedulerConfig};
-    let dtype = super::parse_dtype("--dtype", &args.dtype)?;
     let device = super::parse_device(&args.device)?;
+    let dtype = held_dtype(super::parse_dtype("--dtype", &args.dtype)?, &device);
     anyhow::ensure!(
         args.steps > 0,
         "--steps = 0 is not allowed; expected at least 1"
@@ -396,6 +404,16 @@ fn bench_txt2img(args: &BenchArgs) -> anyhow::Result<()> {
         AutoencoderKL::new(vae_config.clone(), vb)
     })?;
     let vae = AutoencoderKL::new(vae_config, vb)?;
+    let (tiny_vae, tiny_params) = match args.vae_decoder.as_deref() {
+        Some(_) => {
+            let config: TinyAutoencoderConfig = serde_json::from_str("{}")?;
+            let (vb, params) = random_weights(DType::F32, &device, |vb| {
+                TinyAutoencoder::new(&config, vb)
+            })?;
+            (Some(TinyAutoencoder::new(&config, vb)?), params)
+        }
+        None => (None, 0),
+    };
     let (text_encoder_2, text_params_2) = match text_config_2 {
         Some(config) => {
             let projection = config.projection_dim.unwrap_or(config.hidden_size);
@@ -431,8 +449,8 @@ fn bench_txt2img(args: &BenchArgs) -> anyhow::Result<()> {
         force_zeros_for_empty_prompt: xl,
         unet,
         vae,
-        tiny_vae: None,
-        tiny_vae_for_images: false,
+        tiny_vae_for_images: tiny_vae.is_some(),
+        tiny_vae,
         scheduler: SchedulerConfig::from_json_str(&scheduler)?,
         options: LoadOptions {
             dtype,
@@ -446,17 +464,20 @@ fn bench_txt2img(args: &BenchArgs) -> anyhow::Result<()> {
         &SamplerOptions::default(),
         args.steps,
     )?;
-    let request = Txt2ImgRequest::new(
+    let mut request = Txt2ImgRequest::new(
         "a photograph of an astronaut riding a horse",
         args.size,
         args.size,
     );
+    request.guidance = args.guidance;
     let weights_mb = ((text_params + unet_params) * dtype.size_in_bytes()
-        + vae_params * DType::F32.size_in_bytes()) as f64
+        + (vae_params + tiny_params) * DType::F32.size_in_bytes()) as f64
         / (1024.0 * 1024.0);
     eprintln!(
-        "txt2img at {size}x{size}, {} DDIM steps: {:.0} MiB of weights, built in {:.1} s",
+        "txt2img at {size}x{size}, {} DDIM steps, guidance {}{}: {:.0} MiB of weights, built in {:.1} s",
         args.steps,
+        args.guidance,
+        if sd.tiny_vae.is_some() { ", TAESD decode" } else { "" },
         weights_mb,
         build_start.elapsed().as_secs_f64(),
         size = args.size
@@ -465,8 +486,10 @@ fn bench_txt2img(args: &BenchArgs) -> anyhow::Result<()> {
         "component": "Txt2img",
         "size": args.size,
         "steps": args.steps,
+        "guidance": args.guidance,
+        "vae_decoder": args.vae_decoder.as_deref().unwrap_or("vae"),
         "dtype": args.dtype,
-        "parameters": text_params + unet_params + vae_params,
+        "parameters": text_params + unet_params + vae_params + tiny_params,
         "weights_mb": weights_mb,
     });
     time_runs(
