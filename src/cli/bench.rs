@@ -407,9 +407,8 @@ fn bench_txt2img(args: &BenchArgs) -> anyhow::Result<()> {
     let (tiny_vae, tiny_params) = match args.vae_decoder.as_deref() {
         Some(_) => {
             let config: TinyAutoencoderConfig = serde_json::from_str("{}")?;
-            let (vb, params) = random_weights(DType::F32, &device, |vb| {
-                TinyAutoencoder::new(&config, vb)
-            })?;
+            let (vb, params) =
+                random_weights(DType::F32, &device, |vb| TinyAutoencoder::new(&config, vb))?;
             (Some(TinyAutoencoder::new(&config, vb)?), params)
         }
         None => (None, 0),

@@ -12,9 +12,12 @@
 //! once (C x pixels) rather than expanded nine times (9C x pixels), and every output pixel of a
 //! padded row is computed (the few past the row's end are dropped).
 //!
+//! Where the CPU has AMX tiles ([`super::amx`]) the same operands feed `tdpbf16ps` in 32 x 32
+//! blocks, 256 times the work of an AVX-512 instruction; the edges go through `vdpbf16ps`.
 //! Without AVX512_BF16 the same packed operands go through a scalar loop (tests, and any caller
 //! that asks); the models instead widen to f32 there, whose kernels are faster than that loop.
 
+use super::amx;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use half::bf16;
 use rayon::prelude::*;
@@ -27,6 +30,44 @@ const TILE_ROWS: usize = 12;
 /// k pairs per cache block: a strip's B block (128 pairs x 32 columns x 4 bytes = 16 KiB) and a
 /// group's A blocks (4 tiles x 12 rows x 128 pairs x 4 bytes = 24 KiB) share the 48 KiB L1.
 const PAIRS_PER_BLOCK: usize = 128;
+/// Output rows and columns of an AMX block: 2 x 2 tiles of 16 x 16 sums.
+const TILE_BLOCK: usize = 32;
+/// k pairs per cache block of the AMX kernel. The sums go back to memory once a block, which at
+/// AMX's speed costs more than re-reading A from L2: SD 1.5's 512 U-Net step took 3.81 s with
+/// blocks of 256 pairs, 3.41-3.60 with 768, 3.31-3.39 with 1536 and 3.33-3.39 with 4096 (2-core
+/// Xeon with AMX).
+const TILE_PAIRS_PER_BLOCK: usize = 1536;
+
+/// The kernels of a [`PairProduct`], slowest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Kernel {
+    Scalar,
+    /// AVX512_BF16's `vdpbf16ps`.
+    Dot,
+    /// AMX tiles (`tdpbf16ps`).
+    Tiles,
+}
+
+impl Kernel {
+    /// The fastest kernel this CPU has.
+    fn best() -> Self {
+        if amx::tiles_available() {
+            Kernel::Tiles
+        } else if dot_available() {
+            Kernel::Dot
+        } else {
+            Kernel::Scalar
+        }
+    }
+
+    /// The rows a task's share is a multiple of.
+    fn tile_rows(self) -> usize {
+        match self {
+            Kernel::Tiles => TILE_BLOCK,
+            _ => TILE_ROWS,
+        }
+    }
+}
 
 /// Whether this CPU has the pair dot product (AVX512F and AVX512_BF16), detected at run time.
 pub fn dot_available() -> bool {
@@ -247,18 +288,18 @@ impl PairProduct<'_> {
     /// Computes the product into `out` (`rows` rows of `out_row` floats), rows split between
     /// rayon's threads in groups of whole micro-tiles.
     pub fn run(&self, out: &mut [f32], out_row: usize) -> Result<()> {
-        self.run_on(out, out_row, dot_available())
+        self.run_on(out, out_row, Kernel::best())
     }
 
-    /// [`Self::run`] with the pair dot product (`use_dot`, which the CPU must have) or the scalar
-    /// loop.
-    fn run_on(&self, out: &mut [f32], out_row: usize, use_dot: bool) -> Result<()> {
+    /// [`Self::run`] with `kernel` (one the CPU has; otherwise the best it has).
+    fn run_on(&self, out: &mut [f32], out_row: usize, kernel: Kernel) -> Result<()> {
         self.check(out, out_row)?;
-        let use_dot = use_dot && dot_available();
+        let kernel = kernel.min(Kernel::best());
         // Tasks are blocks of whole tiles by runs of strips: split by columns first, so that a
         // task's strips are reused by all its tiles (a layer of few output channels over a large
         // map would otherwise give each task one tile and read B from memory once a tile).
-        let tiles = self.rows.div_ceil(TILE_ROWS);
+        let tile_rows = kernel.tile_rows();
+        let tiles = self.rows.div_ceil(tile_rows);
         let strips = self.cols / STRIP;
         let target = 4 * rayon::current_num_threads();
         let column_tasks = strips.clamp(1, target);
@@ -270,14 +311,14 @@ impl PairProduct<'_> {
             .into_par_iter()
             .for_each(|task| {
                 let (row_task, column_task) = (task / column_tasks, task % column_tasks);
-                let first_row = row_task * tiles_per_task * TILE_ROWS;
-                let rows = first_row..((row_task + 1) * tiles_per_task * TILE_ROWS).min(self.rows);
+                let first_row = row_task * tiles_per_task * tile_rows;
+                let rows = first_row..((row_task + 1) * tiles_per_task * tile_rows).min(self.rows);
                 let first_strip = column_task * strips_per_task;
                 let strips = first_strip..((column_task + 1) * strips_per_task).min(strips);
                 if !rows.is_empty() && !strips.is_empty() {
                     // SAFETY: `check` bounds every index of the product; the tasks' blocks of
                     // rows and columns are disjoint, so no two threads write one element.
-                    unsafe { self.run_block(rows, strips, out, out_row, use_dot) };
+                    unsafe { self.run_block(rows, strips, out, out_row, kernel) };
                 }
             });
         Ok(())
@@ -293,7 +334,7 @@ impl PairProduct<'_> {
                 0..self.cols / STRIP,
                 OutPtr(out.as_mut_ptr()),
                 out_row,
-                dot_available(),
+                Kernel::best(),
             )
         };
         Ok(())
@@ -310,7 +351,7 @@ impl PairProduct<'_> {
         strips: std::ops::Range<usize>,
         out: OutPtr,
         out_row: usize,
-        use_dot: bool,
+        kernel: Kernel,
     ) {
         let total_pairs = self.shifts.len() * self.pairs;
         if total_pairs == 0 {
@@ -320,6 +361,12 @@ impl PairProduct<'_> {
             }
             return;
         }
+        #[cfg(target_arch = "x86_64")]
+        if kernel == Kernel::Tiles {
+            self.run_block_tiles(rows, strips, out, out_row);
+            return;
+        }
+        let use_dot = kernel == Kernel::Dot;
         let mut k0 = 0;
         while k0 < total_pairs {
             let k1 = (k0 + PAIRS_PER_BLOCK).min(total_pairs);
@@ -345,6 +392,53 @@ impl PairProduct<'_> {
                 }
             }
             k0 = k1;
+        }
+    }
+
+    /// [`Self::run_block`] with AMX tiles: 32 x 32 blocks of the output (four sum tiles), k in
+    /// blocks of [`TILE_PAIRS_PER_BLOCK`]; the rows past the last whole 32 go through the
+    /// AVX512_BF16 micro-tiles.
+    ///
+    /// # Safety
+    /// As [`Self::run_block`]; [`amx::tiles_available`] must be true.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn run_block_tiles(
+        &self,
+        rows: std::ops::Range<usize>,
+        strips: std::ops::Range<usize>,
+        out: OutPtr,
+        out_row: usize,
+    ) {
+        let total_pairs = self.shifts.len() * self.pairs;
+        let whole_end = rows.start + rows.len() / TILE_BLOCK * TILE_BLOCK;
+        let tiles = amx::Tiles::configure();
+        let mut scratch = TailScratch::new();
+        for k0 in (0..total_pairs).step_by(TILE_PAIRS_PER_BLOCK) {
+            let k = k0..(k0 + TILE_PAIRS_PER_BLOCK).min(total_pairs);
+            for strip in strips.clone() {
+                for row in (rows.start..whole_end).step_by(TILE_BLOCK) {
+                    let block = Tile {
+                        row,
+                        rows: TILE_BLOCK,
+                        col: strip * STRIP,
+                        k: k.clone(),
+                        accumulate: k0 > 0,
+                    };
+                    let block_out = out.0.add(row * out_row);
+                    amx_block(self, &block, block_out, out_row, &tiles, &mut scratch);
+                }
+                for row in (whole_end..rows.end).step_by(TILE_ROWS) {
+                    let tile = Tile {
+                        row,
+                        rows: (rows.end - row).min(TILE_ROWS),
+                        col: strip * STRIP,
+                        k: k.clone(),
+                        accumulate: k0 > 0,
+                    };
+                    // SAFETY: AMX comes with AVX512_BF16 (`amx::tiles_available`).
+                    dot_tile(self, &tile, out.0.add(row * out_row), out_row);
+                }
+            }
         }
     }
 
@@ -481,6 +575,106 @@ unsafe fn dot_tile_rows<const R: usize>(
             _mm512_storeu_ps(dst, value);
         }
     }
+}
+
+/// Zero-padded copies of the last k pairs of a segment when they do not fill a tile (a tile
+/// reads 16 pairs; the words past them may lie past an operand's end), for the A rows and B
+/// columns of one AMX block.
+#[cfg(target_arch = "x86_64")]
+#[repr(C, align(64))]
+struct TailScratch {
+    lhs: [u32; TILE_BLOCK * amx::TILE_WORDS],
+    rhs: [u32; amx::TILE_ROWS * TILE_BLOCK],
+}
+
+#[cfg(target_arch = "x86_64")]
+impl TailScratch {
+    fn new() -> Box<Self> {
+        Box::new(Self {
+            lhs: [0; TILE_BLOCK * amx::TILE_WORDS],
+            rhs: [0; amx::TILE_ROWS * TILE_BLOCK],
+        })
+    }
+}
+
+/// One 32 x 32 block of the product over the k pairs `block.k` with AMX tiles: sums in tiles
+/// 0-3 (rows 0-15 and 16-31 by columns 0-15 and 16-31), A's two row halves in tiles 4-5, B's two
+/// column halves in 6-7, 16 pairs a step, read where they lie.
+///
+/// # Safety
+/// `_tiles` configured on this thread; `out` (rows of `out_row` floats from the block's first
+/// row) must hold the block; every index the block names must be in bounds.
+#[cfg(target_arch = "x86_64")]
+unsafe fn amx_block(
+    p: &PairProduct,
+    block: &Tile,
+    out: *mut f32,
+    out_row: usize,
+    _tiles: &amx::Tiles,
+    scratch: &mut TailScratch,
+) {
+    use amx::{amx_dot_bf16, amx_load, amx_store, amx_zero};
+    const STEP: usize = amx::TILE_WORDS;
+    let half = amx::TILE_ROWS;
+    let sums = out.add(block.col);
+    let sums_low = sums.add(half * out_row);
+    let sum_stride = out_row * 4;
+    if block.accumulate {
+        amx_load!(0, sums, sum_stride);
+        amx_load!(1, sums.add(half), sum_stride);
+        amx_load!(2, sums_low, sum_stride);
+        amx_load!(3, sums_low.add(half), sum_stride);
+    } else {
+        amx_zero!(0);
+        amx_zero!(1);
+        amx_zero!(2);
+        amx_zero!(3);
+    }
+    let (lhs_stride, rhs_stride) = (p.lhs_row * 4, p.rhs_row * 4);
+    for segment in p.segments(block.row, block.k.clone()) {
+        let a = p.lhs.as_ptr().add(segment.lhs);
+        let b = p.rhs.as_ptr().add(segment.rhs + block.col);
+        let whole = segment.pairs / STEP * STEP;
+        for i in (0..whole).step_by(STEP) {
+            amx_load!(4, a.add(i), lhs_stride);
+            amx_load!(5, a.add(half * p.lhs_row + i), lhs_stride);
+            amx_load!(6, b.add(i * p.rhs_row), rhs_stride);
+            amx_load!(7, b.add(i * p.rhs_row + half), rhs_stride);
+            amx_dot_bf16!(0, 4, 6);
+            amx_dot_bf16!(1, 4, 7);
+            amx_dot_bf16!(2, 5, 6);
+            amx_dot_bf16!(3, 5, 7);
+        }
+        let tail = segment.pairs - whole;
+        if tail > 0 {
+            for (r, dst) in scratch.lhs.chunks_exact_mut(STEP).enumerate() {
+                let src = std::slice::from_raw_parts(a.add(r * p.lhs_row + whole), tail);
+                dst[..tail].copy_from_slice(src);
+                dst[tail..].fill(0);
+            }
+            for (q, dst) in scratch.rhs.chunks_exact_mut(TILE_BLOCK).enumerate() {
+                if q < tail {
+                    let src = b.add((whole + q) * p.rhs_row);
+                    dst.copy_from_slice(std::slice::from_raw_parts(src, TILE_BLOCK));
+                } else {
+                    dst.fill(0);
+                }
+            }
+            let (lhs, rhs) = (scratch.lhs.as_ptr(), scratch.rhs.as_ptr());
+            amx_load!(4, lhs, STEP * 4);
+            amx_load!(5, lhs.add(half * STEP), STEP * 4);
+            amx_load!(6, rhs, TILE_BLOCK * 4);
+            amx_load!(7, rhs.add(half), TILE_BLOCK * 4);
+            amx_dot_bf16!(0, 4, 6);
+            amx_dot_bf16!(1, 4, 7);
+            amx_dot_bf16!(2, 5, 6);
+            amx_dot_bf16!(3, 5, 7);
+        }
+    }
+    amx_store!(0, sums, sum_stride);
+    amx_store!(1, sums.add(half), sum_stride);
+    amx_store!(2, sums_low, sum_stride);
+    amx_store!(3, sums_low.add(half), sum_stride);
 }
 
 /// Rows of bf16 values (`rows x len`, row-major) as pair words, each row padded with a zero to
@@ -1131,12 +1325,17 @@ mod tests {
         }
     }
 
-    /// The scalar loop and the AVX512_BF16 kernel compute the same f32 sums (up to the order of
-    /// the additions), tile edges and k blocks included; without the instructions the scalar
-    /// loop is checked against f64 sums alone.
+    /// The scalar loop, the AVX512_BF16 kernel and the AMX tiles compute the same f32 sums (up
+    /// to the order of the additions), tile edges, k tails and k blocks included; each kernel
+    /// the CPU lacks is left out (the scalar loop is always checked against f64 sums).
     #[test]
-    fn the_pair_dot_kernel_and_the_scalar_loop_agree() {
-        let (rows, cols, pairs, shifts) = (29, 64, 150, [0usize, 3, 40]);
+    fn every_kernel_computes_the_pair_products() {
+        for (rows, pairs) in [(29, 150), (75, 150), (64, 16), (33, 7)] {
+            pair_products_agree(rows, 64, pairs, &[0, 3, 40]);
+        }
+    }
+
+    fn pair_products_agree(rows: usize, cols: usize, pairs: usize, shifts: &[usize]) {
         let values = |len: usize, seed: u64| -> Vec<u32> {
             let v = seeded_randn(&[2 * len], seed).to_vec1::<f32>().unwrap();
             v.chunks(2)
@@ -1144,7 +1343,7 @@ mod tests {
                 .collect()
         };
         let lhs = values(rows * shifts.len() * pairs, 1);
-        let rhs_row = cols + 40;
+        let rhs_row = cols + shifts.iter().max().copied().unwrap_or(0);
         let rhs = values(pairs * rhs_row, 2);
         let product = PairProduct {
             rows,
@@ -1155,7 +1354,7 @@ mod tests {
             lhs_tap: pairs,
             rhs: &rhs,
             rhs_row,
-            shifts: &shifts,
+            shifts,
         };
         let mut reference = vec![0f64; rows * cols];
         for r in 0..rows {
@@ -1170,17 +1369,17 @@ mod tests {
             }
         }
         let scale = reference.iter().fold(0f64, |m, v| m.max(v.abs()));
-        let mut kernels = vec![false];
-        if dot_available() {
-            kernels.push(true);
-        }
-        for use_dot in kernels {
+        let kernels = [Kernel::Scalar, Kernel::Dot, Kernel::Tiles];
+        for kernel in kernels.into_iter().filter(|&k| k <= Kernel::best()) {
             let mut out = vec![f32::NAN; rows * (cols + 8)];
-            product.run_on(&mut out, cols + 8, use_dot).unwrap();
+            product.run_on(&mut out, cols + 8, kernel).unwrap();
             for r in 0..rows {
                 for c in 0..cols {
                     let err = (f64::from(out[r * (cols + 8) + c]) - reference[r * cols + c]).abs();
-                    assert!(err < 1e-5 * scale, "dot {use_dot} at ({r}, {c}): {err}");
+                    assert!(
+                        err < 1e-5 * scale,
+                        "{kernel:?} at ({r}, {c}), {rows}x{pairs}: {err}"
+                    );
                 }
             }
         }

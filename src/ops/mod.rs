@@ -5,6 +5,7 @@
 //! (`attention`), fused group norm (`norm`), and the vectorised element-wise functions they share
 //! (`vector_math`).
 
+pub mod amx;
 pub mod attention;
 pub mod conv_gemm;
 pub mod gemm_bf16;

@@ -139,6 +139,7 @@ fn cpu_features() -> Vec<&'static str> {
         ("avx512_vnni", is_x86_feature_detected!("avx512vnni")),
         ("avx512_bf16", is_x86_feature_detected!("avx512bf16")),
         ("avx512_fp16", is_x86_feature_detected!("avx512fp16")),
+        ("amx_bf16", super::amx::cpu_has_amx_bf16()),
     ];
     detected
         .into_iter()
