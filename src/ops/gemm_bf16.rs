@@ -1330,7 +1330,7 @@ mod tests {
     /// the CPU lacks is left out (the scalar loop is always checked against f64 sums).
     #[test]
     fn every_kernel_computes_the_pair_products() {
-        for (rows, pairs) in [(29, 150), (75, 150), (64, 16), (33, 7)] {
+        for (rows, pairs) in [(29, 150), (75, 150), (64, 16), (33, 7), (40, 600)] {
             pair_products_agree(rows, 64, pairs, &[0, 3, 40]);
         }
     }
