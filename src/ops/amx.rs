@@ -9,11 +9,11 @@
 //! [`tiles_available`] does once.
 
 /// Whether this CPU and kernel let the process use AMX tiles with bf16 products (AMX-TILE and
-/// AMX-BF16 by CPUID, the tile state granted by Linux), with AVX512_BF16 beside them for the
-/// edges a tile does not cover. Asked once; the answer cannot change while the process runs.
+/// AMX-BF16 by CPUID, the tile state granted by Linux). Asked once; the answer cannot change
+/// while the process runs.
 pub fn tiles_available() -> bool {
     static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVAILABLE.get_or_init(|| cpu_has_amx_bf16() && super::gemm_bf16::dot_available() && grant())
+    *AVAILABLE.get_or_init(|| cpu_has_amx_bf16() && grant())
 }
 
 /// Whether CPUID reports AMX tiles with bf16 products (whether Linux grants them is

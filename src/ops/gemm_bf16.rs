@@ -49,9 +49,9 @@ enum Kernel {
 }
 
 impl Kernel {
-    /// The fastest kernel this CPU has.
+    /// The fastest kernel this CPU has (the tiles' edges go through the pair dot product).
     fn best() -> Self {
-        if amx::tiles_available() {
+        if dot_available() && amx::tiles_available() {
             Kernel::Tiles
         } else if dot_available() {
             Kernel::Dot
@@ -400,7 +400,7 @@ impl PairProduct<'_> {
     /// AVX512_BF16 micro-tiles.
     ///
     /// # Safety
-    /// As [`Self::run_block`]; [`amx::tiles_available`] must be true.
+    /// As [`Self::run_block`]; [`amx::tiles_available`] and [`dot_available`] must be true.
     #[cfg(target_arch = "x86_64")]
     unsafe fn run_block_tiles(
         &self,
@@ -435,7 +435,7 @@ impl PairProduct<'_> {
                         k: k.clone(),
                         accumulate: k0 > 0,
                     };
-                    // SAFETY: AMX comes with AVX512_BF16 (`amx::tiles_available`).
+                    // SAFETY: the tiles are chosen only beside AVX512_BF16 (`Kernel::best`).
                     dot_tile(self, &tile, out.0.add(row * out_row), out_row);
                 }
             }

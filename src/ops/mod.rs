@@ -3,7 +3,8 @@
 //! (`ode`), and the CPU ops with their own backward passes: convolution as in-place matrix
 //! products (`conv_gemm`), convolution as shifted views for GPUs (`im2col`), blocked attention
 //! (`attention`), fused group norm (`norm`), and the vectorised element-wise functions they share
-//! (`vector_math`).
+//! (`vector_math`); bf16 products for inference (`gemm_bf16`) on AVX512_BF16 or AMX tiles
+//! (`amx`).
 
 pub mod amx;
 pub mod attention;
