@@ -59,8 +59,8 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 32)]
     pub max_body_mib: usize,
     /// Weights dtype of the text encoder and U-Net: f32, f16, bf16. On a CPU, bf16 runs its
-    /// products with AVX512_BF16 where the CPU has it (about 0.6x f32's time) and is held as
-    /// f32 where it does not.
+    /// products on AMX tiles or with AVX512_BF16 where the CPU has them (about half f32's time)
+    /// and is held as f32 where it has neither.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
     #[arg(long, default_value = "f32")]

@@ -80,8 +80,8 @@ pub struct Txt2imgArgs {
     #[arg(long, short, default_value = "txt2img.png")]
     pub output: PathBuf,
     /// Weights dtype of the text encoder and U-Net: f32, f16, bf16. On a CPU, bf16 runs its
-    /// products with AVX512_BF16 where the CPU has it (about 0.6x f32's time) and is held as
-    /// f32 where it does not.
+    /// products on AMX tiles or with AVX512_BF16 where the CPU has them (about half f32's time)
+    /// and is held as f32 where it has neither.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
     /// A LoRA file to merge into the model, FILE or FILE:SCALE (repeatable): diffusers/PEFT

@@ -89,13 +89,10 @@ pub struct PackedConv {
 impl From<candle_nn::Conv2d> for Conv2d {
     fn from(conv: candle_nn::Conv2d) -> Self {
         let (weight, config) = (conv.weight(), conv.config());
-        let packable = weight.dtype() == DType::BF16
-            && weight.device().is_cpu()
-            && !weight.is_variable()
+        let packable = crate::ops::gemm_bf16::packs_weight(weight)
             && config.stride == 1
             && config.groups == 1
-            && config.dilation == 1
-            && crate::ops::gemm_bf16::dot_available();
+            && config.dilation == 1;
         if !packable {
             return Self::Plain(conv);
         }

@@ -26,11 +26,7 @@ impl From<Linear> for Dense {
     /// Packs a bf16 CPU layer where the CPU has the pair dot product; any other stays as it is.
     fn from(layer: Linear) -> Self {
         let weight = layer.weight();
-        let packable = weight.dtype() == DType::BF16
-            && weight.device().is_cpu()
-            && !weight.is_variable()
-            && gemm_bf16::dot_available();
-        if !packable {
+        if !gemm_bf16::packs_weight(weight) {
             return Self::Plain(layer);
         }
         let packed = (|| -> Result<PackedLinear> {

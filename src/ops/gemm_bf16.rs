@@ -69,6 +69,15 @@ impl Kernel {
     }
 }
 
+/// Whether a loaded weight is one this module packs: bf16, on the CPU, not trained (a variable
+/// keeps its own storage), on a CPU with the pair dot product.
+pub fn packs_weight(weight: &Tensor) -> bool {
+    weight.dtype() == DType::BF16
+        && weight.device().is_cpu()
+        && !weight.is_variable()
+        && dot_available()
+}
+
 /// Whether this CPU has the pair dot product (AVX512F and AVX512_BF16), detected at run time.
 pub fn dot_available() -> bool {
     #[cfg(target_arch = "x86_64")]
