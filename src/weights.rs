@@ -1,6 +1,7 @@
 //! Weight files: safetensors only, memory-mapped, with errors that name the file.
 
 use crate::error::{file_error, Error, Result};
+use crate::ops::q8;
 use crate::single_file::{NameMap, Source, Transform};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
@@ -201,12 +202,18 @@ impl CheckedSafetensors {
         let Some(source) = self.source(name) else {
             return Ok(None);
         };
-        if self.inner.get(&source.key).is_err() {
+        let Ok(view) = self.inner.get(&source.key) else {
             return Ok(None);
-        }
-        Ok(Some(
-            source.transform.apply(self.inner.load(&source.key, dev)?)?,
-        ))
+        };
+        let stored = match view.dtype() {
+            // candle has no i8: q8 integers are held as offset bytes (`ops::q8`).
+            safetensors::Dtype::I8 => {
+                let bytes: Vec<u8> = view.data().iter().map(|&b| q8::offset_byte(b)).collect();
+                candle_core::Tensor::from_vec(bytes, view.shape(), dev)?
+            }
+            _ => self.inner.load(&source.key, dev)?,
+        };
+        Ok(Some(source.transform.apply(stored)?))
     }
 
     /// The shape `name` has as the model sees it.
@@ -294,6 +301,23 @@ impl candle_nn::var_builder::SimpleBackend for SharedChecked {
         let Some(weight) = this.read(name, dev)? else {
             candle_core::bail!("{}: missing tensor {name}", this.file)
         };
+        if weight.dtype() == DType::U8 && dtype != DType::U8 {
+            candle_core::bail!(
+                "{}: tensor {} holds 8-bit integers (q8), which this layer cannot read; \
+                 only linear and convolution weights with a {} may be q8",
+                this.file,
+                this.display_name(name),
+                q8::SCALE_NAME
+            )
+        }
+        if weight.dtype() == DType::U8 && this.attachments.deltas.contains_key(name) {
+            candle_core::bail!(
+                "{}: tensor {} is q8; a LoRA merges into float weights (load the original \
+                 model with --dtype q8 to quantize after merging)",
+                this.file,
+                this.display_name(name)
+            )
+        }
         match this.attachments.deltas.get(name) {
             // The merge in f32, so that a half-precision model gets the update rounded once.
             Some(delta) => (weight.to_dtype(DType::F32)? + delta.to_device(dev)?)?.to_dtype(dtype),
@@ -344,7 +368,7 @@ pub fn load_checked_with<T>(
     build: impl FnOnce(VarBuilder) -> Result<T>,
 ) -> Result<T> {
     let weights = ComponentWeights::File(path.to_path_buf());
-    load_component(&weights, dtype, device, attachments, build)
+    load_component(&weights, dtype, false, device, attachments, build)
 }
 
 /// Checks that `build` finds every weight it needs in `weights` with the right shape, and that
@@ -359,28 +383,148 @@ pub fn check_component<T>(
         &Device::Cpu,
         Attachments::default(),
         true,
+        None::<fn(_) -> QuantizingBackend>,
         build,
     )
     .map(|_| ())
 }
 
-/// [`load_checked_with`] for a component's weights wherever they are stored.
+/// [`load_checked_with`] for a component's weights wherever they are stored; with `q8`, the
+/// linear and convolution weights are quantized as they load ([`QuantizingBackend`]).
 pub fn load_component<T>(
     weights: &ComponentWeights,
     dtype: DType,
+    q8: bool,
     device: &Device,
     attachments: Attachments,
     build: impl FnOnce(VarBuilder) -> Result<T>,
 ) -> Result<T> {
-    build_component(weights, dtype, device, attachments, false, build)
+    let view = q8.then_some(QuantizingBackend::wrapping);
+    build_component(weights, dtype, device, attachments, false, view, build)
 }
 
-fn build_component<T>(
+/// The q8 tensors (`ops::q8`) that loading `weights` with `--dtype q8` makes, by name: each
+/// quantized layer's `weight` as offset bytes (U8) and its `weight_scale` (F32). What
+/// `diffuse convert --dtype q8` writes in place of the float weights.
+pub fn quantized_tensors(
+    weights: &ComponentWeights,
+    build: impl FnOnce(VarBuilder) -> Result<()>,
+) -> Result<std::collections::BTreeMap<String, candle_core::Tensor>> {
+    let made = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::new()));
+    let view = {
+        let made = made.clone();
+        move |inner| QuantizingBackend {
+            inner,
+            made: Some(made),
+        }
+    };
+    let device = Device::Cpu;
+    build_component(
+        weights,
+        DType::F32,
+        &device,
+        Attachments::default(),
+        false,
+        Some(view),
+        build,
+    )?;
+    let made = std::mem::take(&mut *made.lock().expect("lock"));
+    Ok(made)
+}
+
+/// A view of float weights as a q8 file (`ops::q8`) would hold them: it offers
+/// `<layer>.weight_scale` beside every `<layer>.weight`, and gives the weight as offset bytes
+/// when asked for U8, both computed from the stored weight; so the layers that read q8 weights
+/// (`dense::linear`, `blocks::conv`) find them, and every other tensor reads as stored. A
+/// weight already stored as q8 passes through.
+pub struct QuantizingBackend {
+    inner: Box<dyn candle_nn::var_builder::SimpleBackend>,
+    /// Where the tensors it makes are kept (for a conversion), if anywhere.
+    made: Option<QuantizedTensors>,
+}
+
+type QuantizedTensors =
+    std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, candle_core::Tensor>>>;
+
+impl QuantizingBackend {
+    pub fn wrapping(inner: Box<dyn candle_nn::var_builder::SimpleBackend>) -> Self {
+        Self { inner, made: None }
+    }
+
+    fn keep(&self, name: &str, tensor: &candle_core::Tensor) {
+        if let Some(made) = &self.made {
+            made.lock()
+                .expect("lock")
+                .insert(name.to_string(), tensor.clone());
+        }
+    }
+}
+
+impl candle_nn::var_builder::SimpleBackend for QuantizingBackend {
+    fn get(
+        &self,
+        shape: candle_core::Shape,
+        name: &str,
+        hints: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        if self.inner.contains_tensor(name) && !name.ends_with(q8::SCALE_NAME) {
+            let scale_name = format!("{name}_scale");
+            let stored_q8 = self.inner.contains_tensor(&scale_name);
+            if dtype != DType::U8 || stored_q8 || !name.ends_with("weight") {
+                return self.inner.get(shape, name, hints, dtype, dev);
+            }
+            let weight = self.inner.get(shape, name, hints, DType::F32, dev)?;
+            let (bytes, scales) = q8::quantize(&weight, name)?;
+            self.keep(name, &bytes);
+            self.keep(&scale_name, &scales);
+            return Ok(bytes);
+        }
+        match name.strip_suffix(q8::SCALE_NAME) {
+            Some(layer) if !self.inner.contains_tensor(name) => {
+                let weight_name = format!("{layer}weight");
+                let weight = self.inner.get_unchecked(&weight_name, DType::F32, dev)?;
+                let (_, scales) = q8::quantize(&weight, &weight_name)?;
+                if scales.dims() != shape.dims() {
+                    candle_core::bail!(
+                        "{weight_name}: {} output channels, the layer expects {:?}",
+                        scales.elem_count(),
+                        shape.dims()
+                    )
+                }
+                Ok(scales)
+            }
+            _ => self.inner.get(shape, name, hints, dtype, dev),
+        }
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        self.inner.get_unchecked(name, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.inner.contains_tensor(name)
+            || name
+                .strip_suffix(q8::SCALE_NAME)
+                .is_some_and(|layer| self.inner.contains_tensor(&format!("{layer}weight")))
+    }
+}
+
+type Backend = Box<dyn candle_nn::var_builder::SimpleBackend>;
+
+fn build_component<T, V: candle_nn::var_builder::SimpleBackend + 'static>(
     weights: &ComponentWeights,
     dtype: DType,
     device: &Device,
     attachments: Attachments,
     shapes_only: bool,
+    view: Option<impl FnOnce(Backend) -> V>,
     build: impl FnOnce(VarBuilder) -> Result<T>,
 ) -> Result<T> {
     let path = weights.path();
@@ -400,11 +544,12 @@ fn build_component<T>(
         used: Default::default(),
         shapes_only,
     });
-    let vb = VarBuilder::from_backend(
-        Box::new(SharedChecked(checked.clone())),
-        dtype,
-        device.clone(),
-    );
+    let backend: Backend = Box::new(SharedChecked(checked.clone()));
+    let backend: Backend = match view {
+        Some(view) => Box::new(view(backend)),
+        None => backend,
+    };
+    let vb = VarBuilder::from_backend(backend, dtype, device.clone());
     let model = build(vb)?;
     let used = checked.used.lock().expect("lock");
     let unexpected: Vec<String> = checked

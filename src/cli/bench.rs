@@ -48,7 +48,7 @@ pub struct BenchArgs {
     /// Timed runs after one warm-up run.
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
-    /// f32, f16 or bf16.
+    /// f32, f16, bf16 or q8 (as txt2img's --dtype).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
     /// A diffusers config.json to benchmark instead of SD 1.5's (train-pixel: a TOML training
@@ -99,6 +99,7 @@ pub const SD15_SCHEDULER: &str = include_str!("../../configs/sd15/scheduler.json
 /// over variables would record its whole graph for a backward pass.
 fn random_weights<T, E: std::error::Error + Send + Sync + 'static>(
     dtype: DType,
+    q8: bool,
     device: &Device,
     build: impl FnOnce(VarBuilder) -> Result<T, E>,
 ) -> anyhow::Result<(VarBuilder<'static>, usize)> {
@@ -112,7 +113,16 @@ fn random_weights<T, E: std::error::Error + Send + Sync + 'static>(
         .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
         .collect();
     let count = weights.values().map(|t| t.elem_count()).sum();
-    Ok((VarBuilder::from_tensors(weights, dtype, device), count))
+    let vb = match q8 {
+        // As `--dtype q8` loads a file: linear and convolution weights quantized.
+        true => VarBuilder::from_backend(
+            Box::new(crate::weights::QuantizingBackend::wrapping(Box::new(weights))),
+            dtype,
+            device.clone(),
+        ),
+        false => VarBuilder::from_tensors(weights, dtype, device),
+    };
+    Ok((vb, count))
 }
 
 /// A memory figure of this process from `/proc/self/status` in MiB (0 where there is none).
@@ -349,7 +359,8 @@ fn bench_txt2img(args: &BenchArgs) -> anyhow::Result<()> {
     use crate::pipeline::{LoadOptions, StableDiffusion};
     use crate::sampler::{build_sampler, SamplerKind, SamplerOptions, SchedulerConfig};
     let device = super::parse_device(&args.device)?;
-    let dtype = held_dtype(super::parse_dtype("--dtype", &args.dtype)?, &device);
+    let (dtype, q8) = super::parse_weights_dtype("--dtype", &args.dtype)?;
+    let dtype = held_dtype(dtype, &device);
     anyhow::ensure!(
         args.steps > 0,
         "--steps = 0 is not allowed; expected at least 1"
@@ -389,18 +400,18 @@ fn bench_txt2img(args: &BenchArgs) -> anyhow::Result<()> {
     let build_start = Instant::now();
     let text_config: ClipTextConfig =
         serde_json::from_str(&read("text_encoder", "config.json", SD15_TEXT_ENCODER)?)?;
-    let (vb, text_params) = random_weights(dtype, &device, |vb| {
+    let (vb, text_params) = random_weights(dtype, q8, &device, |vb| {
         ClipTextModel::new(text_config.clone(), vb)
     })?;
     let text_encoder = ClipTextModel::new(text_config, vb)?;
     let unet_config: UNetConfig = serde_json::from_str(&read("unet", "config.json", SD15_UNET)?)?;
-    let (vb, unet_params) = random_weights(dtype, &device, |vb| {
+    let (vb, unet_params) = random_weights(dtype, q8, &device, |vb| {
         UNet2DConditionModel::new(unet_config.clone(), vb)
     })?;
     let unet = UNet2DConditionModel::new(unet_config, vb)?;
     // The VAE in f32 whatever --dtype says, as txt2img loads it by default.
     let vae_config: VaeConfig = serde_json::from_str(&read("vae", "config.json", SD15_VAE)?)?;
-    let (vb, vae_params) = random_weights(DType::F32, &device, |vb| {
+    let (vb, vae_params) = random_weights(DType::F32, false, &device, |vb| {
         AutoencoderKL::new(vae_config.clone(), vb)
     })?;
     let vae = AutoencoderKL::new(vae_config, vb)?;
@@ -408,7 +419,7 @@ fn bench_txt2img(args: &BenchArgs) -> anyhow::Result<()> {
         Some(_) => {
             let config: TinyAutoencoderConfig = serde_json::from_str("{}")?;
             let (vb, params) =
-                random_weights(DType::F32, &device, |vb| TinyAutoencoder::new(&config, vb))?;
+                random_weights(DType::F32, false, &device, |vb| TinyAutoencoder::new(&config, vb))?;
             (Some(TinyAutoencoder::new(&config, vb)?), params)
         }
         None => (None, 0),
@@ -417,7 +428,7 @@ fn bench_txt2img(args: &BenchArgs) -> anyhow::Result<()> {
         Some(config) => {
             let projection = config.projection_dim.unwrap_or(config.hidden_size);
             let hidden = config.hidden_size;
-            let (vb, params) = random_weights(dtype, &device, |vb| {
+            let (vb, params) = random_weights(dtype, q8, &device, |vb| {
                 // Made first so the encoder finds it, as in a CLIPTextModelWithProjection file.
                 vb.get_with_hints(
                     (projection, hidden),
@@ -453,6 +464,7 @@ fn bench_txt2img(args: &BenchArgs) -> anyhow::Result<()> {
         scheduler: SchedulerConfig::from_json_str(&scheduler)?,
         options: LoadOptions {
             dtype,
+            q8,
             device: device.clone(),
             ..Default::default()
         },
@@ -469,7 +481,9 @@ fn bench_txt2img(args: &BenchArgs) -> anyhow::Result<()> {
         args.size,
     );
     request.guidance = args.guidance;
-    let weights_mb = ((text_params + unet_params) * dtype.size_in_bytes()
+    // q8: about a byte a weight (norms, biases and embeddings, a few percent, are bf16).
+    let held_bytes = if q8 { 1 } else { dtype.size_in_bytes() };
+    let weights_mb = ((text_params + unet_params) * held_bytes
         + (vae_params + tiny_params) * DType::F32.size_in_bytes()) as f64
         / (1024.0 * 1024.0);
     eprintln!(
@@ -535,7 +549,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         _ => {}
     }
     let device = super::parse_device(&args.device)?;
-    let dtype = held_dtype(super::parse_dtype("--dtype", &args.dtype)?, &device);
+    let (dtype, q8) = super::parse_weights_dtype("--dtype", &args.dtype)?;
+    let dtype = held_dtype(dtype, &device);
     let config_text = match &args.config {
         Some(path) => std::fs::read_to_string(path)?,
         None => match args.component {
@@ -551,19 +566,19 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let (vb, params) = match args.component {
         Component::Unet => {
             let config: UNetConfig = serde_json::from_str(&config_text)?;
-            random_weights(dtype, &device, |vb| UNet2DConditionModel::new(config, vb))?
+            random_weights(dtype, q8, &device, |vb| UNet2DConditionModel::new(config, vb))?
         }
         Component::VaeDecode => {
             let config: VaeConfig = serde_json::from_str(&config_text)?;
-            random_weights(dtype, &device, |vb| AutoencoderKL::new(config, vb))?
+            random_weights(dtype, q8, &device, |vb| AutoencoderKL::new(config, vb))?
         }
         Component::TaesdDecode => {
             let config: TinyAutoencoderConfig = serde_json::from_str(&config_text)?;
-            random_weights(dtype, &device, |vb| TinyAutoencoder::new(&config, vb))?
+            random_weights(dtype, q8, &device, |vb| TinyAutoencoder::new(&config, vb))?
         }
         Component::TextEncoder => {
             let config: ClipTextConfig = serde_json::from_str(&config_text)?;
-            random_weights(dtype, &device, |vb| ClipTextModel::new(config, vb))?
+            random_weights(dtype, q8, &device, |vb| ClipTextModel::new(config, vb))?
         }
         _ => unreachable!("handled above"),
     };

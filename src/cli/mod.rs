@@ -95,6 +95,18 @@ pub fn parse_dtype(flag: &str, name: &str) -> anyhow::Result<candle_core::DType>
     })
 }
 
+/// A weights `--dtype` flag's value: f32, f16, bf16, or q8 (8-bit linear and convolution
+/// weights, `ops::q8`, the rest held as bf16): the float dtype and whether to quantize.
+pub fn parse_weights_dtype(flag: &str, name: &str) -> anyhow::Result<(candle_core::DType, bool)> {
+    match name {
+        "q8" => Ok((candle_core::DType::BF16, true)),
+        other => match parse_dtype(flag, other) {
+            Ok(dtype) => Ok((dtype, false)),
+            Err(_) => anyhow::bail!("{flag} = {other} is not allowed; expected f32, f16, bf16 or q8"),
+        },
+    }
+}
+
 /// A `--device` flag's value for generation (full-precision f32 on a GPU): `auto`, `cpu`,
 /// `cuda` or `cuda:N`. `auto` is the first GPU when this binary has CUDA and the machine a GPU,
 /// else the CPU; which one is printed.

@@ -58,9 +58,11 @@ pub struct ServeArgs {
     /// Largest request body, in MiB (base64 images included).
     #[arg(long, default_value_t = 32)]
     pub max_body_mib: usize,
-    /// Weights dtype of the text encoder and U-Net: f32, f16, bf16. On a CPU, bf16 runs its
-    /// products on AMX tiles or with AVX512_BF16 where the CPU has them (about half f32's time)
-    /// and is held as f32 where it has neither.
+    /// Weights dtype of the text encoder and U-Net: f32, f16, bf16 or q8. On a CPU, bf16 runs
+    /// its products on AMX tiles or with AVX512_BF16 where the CPU has them (about half f32's
+    /// time) and is held as f32 where it has neither. q8 holds linear and convolution weights as
+    /// 8-bit integers with a scale per output channel (a quarter of f32's memory), quantized as
+    /// they load (or read from a `diffuse convert --dtype q8` folder), products as bf16's.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
     #[arg(long, default_value = "f32")]
@@ -97,8 +99,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         Some(dir) => scan_loras(dir)?,
         None => Vec::new(),
     };
+    let (dtype, q8) = super::parse_weights_dtype("--dtype", &args.dtype)?;
     let load = LoadOptions {
-        dtype: super::parse_dtype("--dtype", &args.dtype)?,
+        dtype,
+        q8,
         vae_dtype: super::parse_dtype("--vae-dtype", &args.vae_dtype)?,
         device: super::parse_device(&args.device)?,
         loras: Vec::new(),

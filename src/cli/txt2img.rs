@@ -79,9 +79,11 @@ pub struct Txt2imgArgs {
     /// Output PNG; numbered (name-1.png, ...) when there are several images.
     #[arg(long, short, default_value = "txt2img.png")]
     pub output: PathBuf,
-    /// Weights dtype of the text encoder and U-Net: f32, f16, bf16. On a CPU, bf16 runs its
-    /// products on AMX tiles or with AVX512_BF16 where the CPU has them (about half f32's time)
-    /// and is held as f32 where it has neither.
+    /// Weights dtype of the text encoder and U-Net: f32, f16, bf16 or q8. On a CPU, bf16 runs
+    /// its products on AMX tiles or with AVX512_BF16 where the CPU has them (about half f32's
+    /// time) and is held as f32 where it has neither. q8 holds linear and convolution weights as
+    /// 8-bit integers with a scale per output channel (a quarter of f32's memory), quantized as
+    /// they load (or read from a `diffuse convert --dtype q8` folder), products as bf16's.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
     /// A LoRA file to merge into the model, FILE or FILE:SCALE (repeatable): diffusers/PEFT
@@ -305,8 +307,10 @@ pub fn run(args: Txt2imgArgs) -> anyhow::Result<()> {
     // Check everything cheap before loading weights.
     let request = request(&args, prompts(&args)?)?;
     request.validate()?;
+    let (dtype, q8) = super::parse_weights_dtype("--dtype", &args.dtype)?;
     let options = LoadOptions {
-        dtype: super::parse_dtype("--dtype", &args.dtype)?,
+        dtype,
+        q8,
         vae_dtype: super::parse_dtype("--vae-dtype", &args.vae_dtype)?,
         loras: args
             .loras

@@ -4,7 +4,8 @@ use super::dense::Dense;
 use super::lora::LoraLinear;
 pub use crate::ops::norm::{group_norm, GroupNorm};
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{conv2d, linear, linear_no_bias, Conv2dConfig, VarBuilder};
+use super::dense::{linear, linear_no_bias};
+use candle_nn::{conv2d, Conv2dConfig, VarBuilder};
 
 /// Layer normalisation over the last dimension (Ba et al. 2016), composed from elementary ops
 /// so that it has a backward pass (candle's fused `LayerNorm` has none).
@@ -73,6 +74,100 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 pub enum Conv2d {
     Plain(candle_nn::Conv2d),
     PackedBf16(Box<PackedConv>),
+    Quantized(Box<QuantizedConv>),
+}
+
+/// A convolution with a q8 kernel (`ops::q8`): offset bytes packed for the bf16 kernels where
+/// the CPU has the pair dot product and the convolution is one they run (stride 1, one group),
+/// else as loaded and dequantized per call.
+#[derive(Debug, Clone)]
+pub struct QuantizedConv {
+    bytes: Tensor,
+    packed: bool,
+    scales: Tensor,
+    scale_values: Vec<f32>,
+    bias: Option<Tensor>,
+    bias_values: Option<Vec<f32>>,
+    channels: usize,
+    kernel: (usize, usize),
+    config: Conv2dConfig,
+    /// The dtype of the model's other weights, which its activations follow.
+    dtype: DType,
+}
+
+impl QuantizedConv {
+    fn new(
+        bytes: Tensor,
+        scales: Tensor,
+        bias: Option<Tensor>,
+        config: Conv2dConfig,
+        dtype: DType,
+    ) -> Result<Self> {
+        use crate::ops::gemm_bf16;
+        let (_, channels, kh, kw) = bytes.dims4()?;
+        let packed = bytes.device().is_cpu()
+            && gemm_bf16::dot_available()
+            && config.stride == 1
+            && config.groups == 1
+            && config.dilation == 1;
+        Ok(Self {
+            bytes: match packed {
+                true => gemm_bf16::pack_conv_weight_q8(&bytes)?,
+                false => bytes,
+            },
+            packed,
+            scale_values: scales.to_dtype(DType::F32)?.to_vec1()?,
+            scales,
+            bias_values: gemm_bf16::bias_values(bias.as_ref())?,
+            bias,
+            channels,
+            kernel: (kh, kw),
+            config,
+            dtype,
+        })
+    }
+
+    /// The f32 kernel the bytes and scales stand for.
+    fn dequantized(&self) -> Result<Tensor> {
+        use crate::ops::{gemm_bf16, q8};
+        if !self.packed {
+            return q8::dequantize(&self.bytes, &self.scales);
+        }
+        let (kh, kw) = self.kernel;
+        let words = gemm_bf16::widened(&self.bytes)?;
+        let integers = gemm_bf16::unpack_conv_weight(&words, self.channels, kh, kw)?;
+        q8::dequantize(
+            &(integers.to_dtype(DType::F32)? + f64::from(q8::OFFSET))?,
+            &self.scales,
+        )
+    }
+}
+
+/// A convolution `cin -> cout` with a square kernel, read from `vb` (`weight`, `bias`): 8-bit
+/// where `vb` offers `weight_scale` beside the kernel (see `dense::linear`), else as stored.
+pub fn conv(
+    cin: usize,
+    cout: usize,
+    kernel: usize,
+    config: Conv2dConfig,
+    bias: bool,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    use crate::ops::q8::SCALE_NAME;
+    if vb.contains_tensor(SCALE_NAME) {
+        let hints = candle_nn::Init::Const(0.0);
+        let shape = (cout, cin / config.groups, kernel, kernel);
+        let bytes = vb.get_with_hints_dtype(shape, "weight", hints, DType::U8)?;
+        let scales = vb.get_with_hints_dtype(cout, SCALE_NAME, hints, DType::F32)?;
+        let bias = bias.then(|| vb.get(cout, "bias")).transpose()?;
+        return QuantizedConv::new(bytes, scales, bias, config, vb.dtype())
+            .map(|q| Conv2d::Quantized(Box::new(q)));
+    }
+    match bias {
+        true => conv2d(cin, cout, kernel, config, vb),
+        false => candle_nn::conv2d_no_bias(cin, cout, kernel, config, vb),
+    }
+    .map(Conv2d::from)
 }
 
 #[derive(Debug, Clone)]
@@ -120,6 +215,7 @@ impl Conv2d {
         match self {
             Self::Plain(conv) => conv.weight().dtype(),
             Self::PackedBf16(_) => DType::BF16,
+            Self::Quantized(q) => q.dtype,
         }
     }
 
@@ -134,6 +230,11 @@ impl Conv2d {
                         .to_device(p.words.device())?;
                 Ok(candle_nn::Conv2d::new(weight, p.bias.clone(), p.config))
             }
+            Self::Quantized(q) => Ok(candle_nn::Conv2d::new(
+                q.dequantized()?,
+                q.bias.clone(),
+                q.config,
+            )),
         }
     }
 }
@@ -153,10 +254,38 @@ impl Module for Conv2d {
                         kernel: p.kernel,
                         padding: p.config.padding,
                         bias: p.bias_values.clone(),
+                        scales: None,
+                    },
+                );
+            }
+            Self::Quantized(q)
+                if q.packed
+                    && x.device().is_cpu()
+                    && !x.track_op()
+                    && matches!(x.dtype(), DType::BF16 | DType::F32) =>
+            {
+                return x.contiguous()?.apply_op2_no_bwd(
+                    &q.bytes,
+                    &crate::ops::gemm_bf16::Conv2dBf16 {
+                        channels: q.channels,
+                        kernel: q.kernel,
+                        padding: q.config.padding,
+                        bias: q.bias_values.clone(),
+                        scales: Some(q.scale_values.clone()),
                     },
                 );
             }
             Self::Plain(conv) => std::borrow::Cow::Borrowed(conv),
+            // The dequantized kernel in the activations' dtype.
+            Self::Quantized(_) => {
+                let conv = self.plain()?;
+                let to_x = |t: &Tensor| t.to_dtype(x.dtype());
+                std::borrow::Cow::Owned(candle_nn::Conv2d::new(
+                    to_x(conv.weight())?,
+                    conv.bias().map(to_x).transpose()?,
+                    *conv.config(),
+                ))
+            }
             Self::PackedBf16(_) => std::borrow::Cow::Owned(self.plain()?),
         };
         let config = conv.config();
@@ -199,22 +328,16 @@ pub fn conv3x3(
     padding: usize,
     vb: VarBuilder,
 ) -> Result<Conv2d> {
-    conv2d(
-        cin,
-        cout,
-        3,
-        Conv2dConfig {
-            stride,
-            padding,
-            ..Default::default()
-        },
-        vb,
-    )
-    .map(Conv2d::from)
+    let config = Conv2dConfig {
+        stride,
+        padding,
+        ..Default::default()
+    };
+    conv(cin, cout, 3, config, true, vb)
 }
 
 pub fn conv1x1(cin: usize, cout: usize, vb: VarBuilder) -> Result<Conv2d> {
-    conv2d(cin, cout, 1, Default::default(), vb).map(Conv2d::from)
+    conv(cin, cout, 1, Default::default(), true, vb)
 }
 
 /// Multi-head scaled dot-product attention, softmax(Q K^T / sqrt(d)) V (Vaswani et al. 2017,
@@ -291,7 +414,7 @@ impl Attention {
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let cpu_inference = q.device().is_cpu() && !(q.track_op() || k.track_op() || v.track_op());
         let all_f32 = q.dtype() == DType::F32 && k.dtype() == DType::F32 && v.dtype() == DType::F32;
-        let per_head = if cpu_inference && all_f32 && self.to_q.packed_bf16() {
+        let per_head = if cpu_inference && all_f32 && self.to_q.bf16_products() {
             // A bf16 model keeping f32 activations: its attention products in bf16 as well.
             crate::ops::attention::attention_with_bf16_products(&q, &k, &v, scale)?
         } else if q.device().is_cpu() && all_f32 {

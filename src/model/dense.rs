@@ -1,15 +1,89 @@
 //! Linear layers, y = x W^T + b, holding their weight in the form the fastest product on this
 //! machine reads: as loaded, or packed once for the bf16 pair-dot kernel (`ops::gemm_bf16`)
-//! when a bf16 model runs on a CPU with AVX512_BF16, in place of the loaded weight.
+//! when a bf16 model runs on a CPU with AVX512_BF16, in place of the loaded weight; or as 8-bit
+//! integers with a scale per output (`ops::q8`) where the weights offer them.
 
-use crate::ops::gemm_bf16;
+use crate::ops::{gemm_bf16, q8};
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::Linear;
+use candle_nn::{Linear, VarBuilder};
 
 #[derive(Debug, Clone)]
 pub enum Dense {
     Plain(Linear),
     PackedBf16(PackedLinear),
+    Quantized(QuantizedLinear),
+}
+
+/// A linear layer `in_dim -> out_dim` with a bias, read from `vb` (`weight`, `bias`): 8-bit
+/// where `vb` offers `weight_scale` beside the weight (a q8 file, or any file loaded with
+/// `--dtype q8`), else as stored.
+pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Dense> {
+    let bias = vb.get(out_dim, "bias")?;
+    load(in_dim, out_dim, Some(bias), vb)
+}
+
+/// [`linear`] without a bias.
+pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Dense> {
+    load(in_dim, out_dim, None, vb)
+}
+
+fn load(in_dim: usize, out_dim: usize, bias: Option<Tensor>, vb: VarBuilder) -> Result<Dense> {
+    if vb.contains_tensor(q8::SCALE_NAME) {
+        let hints = candle_nn::Init::Const(0.0);
+        let bytes = vb.get_with_hints_dtype((out_dim, in_dim), "weight", hints, DType::U8)?;
+        let scales = vb.get_with_hints_dtype(out_dim, q8::SCALE_NAME, hints, DType::F32)?;
+        return QuantizedLinear::new(bytes, scales, bias).map(Dense::Quantized);
+    }
+    Ok(Linear::new(vb.get((out_dim, in_dim), "weight")?, bias).into())
+}
+
+/// A linear layer with q8 weights: offset bytes, packed for the bf16 kernels where the CPU has
+/// the pair dot product (widened per call), else as loaded (dequantized per call).
+#[derive(Debug, Clone)]
+pub struct QuantizedLinear {
+    bytes: Tensor,
+    packed: bool,
+    scales: Tensor,
+    scale_values: Vec<f32>,
+    bias: Option<Tensor>,
+    bias_values: Option<Vec<f32>>,
+    in_features: usize,
+    out_features: usize,
+}
+
+impl QuantizedLinear {
+    /// From offset bytes (out, in) and their per-output scales.
+    pub fn new(bytes: Tensor, scales: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let (out_features, in_features) = bytes.dims2()?;
+        let packed = bytes.device().is_cpu() && gemm_bf16::dot_available();
+        Ok(Self {
+            bytes: match packed {
+                true => gemm_bf16::pack_linear_weight_q8(&bytes)?,
+                false => bytes,
+            },
+            packed,
+            scale_values: scales.to_dtype(DType::F32)?.to_vec1()?,
+            scales,
+            bias_values: gemm_bf16::bias_values(bias.as_ref())?,
+            bias,
+            in_features,
+            out_features,
+        })
+    }
+
+    /// The f32 weight (out, in) the bytes and scales stand for.
+    fn dequantized(&self) -> Result<Tensor> {
+        let bytes = match self.packed {
+            false => std::borrow::Cow::Borrowed(&self.bytes),
+            true => {
+                let words = gemm_bf16::widened(&self.bytes)?;
+                let integers =
+                    gemm_bf16::unpack_linear_weight(&words, self.in_features, self.out_features)?;
+                std::borrow::Cow::Owned((integers.to_dtype(DType::F32)? + f64::from(q8::OFFSET))?)
+            }
+        };
+        q8::dequantize(&bytes, &self.scales)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -52,6 +126,16 @@ impl Dense {
         match self {
             Self::Plain(layer) => layer.weight().dims2(),
             Self::PackedBf16(p) => Ok((p.out_features, p.in_features)),
+            Self::Quantized(q) => Ok((q.out_features, q.in_features)),
+        }
+    }
+
+    /// Whether its products run in the bf16 pair-dot kernels (a packed bf16 or q8 weight).
+    pub fn bf16_products(&self) -> bool {
+        match self {
+            Self::Plain(_) => false,
+            Self::PackedBf16(_) => true,
+            Self::Quantized(q) => q.packed,
         }
     }
 
@@ -65,6 +149,7 @@ impl Dense {
                         .to_device(p.words.device())?;
                 Ok(Linear::new(weight, p.bias.clone()))
             }
+            Self::Quantized(q) => Ok(Linear::new(q.dequantized()?, q.bias.clone())),
         }
     }
 }
@@ -83,6 +168,23 @@ impl Module for Dense {
                         in_features: p.in_features,
                         out_features: p.out_features,
                         bias: p.bias_values.clone(),
+                        scales: None,
+                    },
+                )
+            }
+            Self::Quantized(q)
+                if q.packed
+                    && x.device().is_cpu()
+                    && !x.track_op()
+                    && matches!(x.dtype(), DType::BF16 | DType::F32) =>
+            {
+                x.contiguous()?.apply_op2_no_bwd(
+                    &q.bytes,
+                    &gemm_bf16::LinearBf16 {
+                        in_features: q.in_features,
+                        out_features: q.out_features,
+                        bias: q.bias_values.clone(),
+                        scales: Some(q.scale_values.clone()),
                     },
                 )
             }

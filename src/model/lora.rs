@@ -39,16 +39,16 @@ pub struct LoraLinear {
 }
 
 impl LoraLinear {
-    pub fn new(base: Linear, vb: &VarBuilder) -> candle_core::Result<Self> {
+    pub fn new(base: Dense, vb: &VarBuilder) -> candle_core::Result<Self> {
         if !vb.contains_tensor(DOWN) {
             return Ok(Self {
-                base: base.into(),
+                base,
                 adapter: None,
             });
         }
         let down = vb.get_unchecked(DOWN)?;
         let up = vb.get_unchecked(UP)?;
-        let (out_dim, in_dim) = base.weight().dims2()?;
+        let (out_dim, in_dim) = base.dims()?;
         let fits = matches!(
             (down.dims(), up.dims()),
             ([rank, i], [o, r]) if *i == in_dim && *o == out_dim && r == rank
@@ -62,17 +62,17 @@ impl LoraLinear {
             )
         }
         Ok(Self {
-            base: base.into(),
+            base,
             adapter: Some((Linear::new(down, None), Linear::new(up, None))),
         })
     }
 }
 
 impl LoraLinear {
-    /// Whether the base weight is packed for the bf16 pair-dot kernel (a bf16 model on a CPU
-    /// with AVX512_BF16).
-    pub fn packed_bf16(&self) -> bool {
-        matches!(self.base, Dense::PackedBf16(_))
+    /// Whether the base layer's products run in the bf16 pair-dot kernels (a bf16 or q8 model on
+    /// a CPU with AVX512_BF16), so that the attention around it may as well.
+    pub fn bf16_products(&self) -> bool {
+        self.base.bf16_products()
     }
 }
 

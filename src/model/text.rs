@@ -7,7 +7,8 @@ use super::blocks::LayerNorm;
 use super::config::ClipTextConfig;
 use super::dense::Dense;
 use candle_core::{Device, Module, Result, Tensor};
-use candle_nn::{embedding, linear, Embedding, Linear, VarBuilder};
+use super::dense::linear;
+use candle_nn::{embedding, Embedding, Linear, VarBuilder};
 
 #[derive(Debug, Clone)]
 struct ClipAttention {

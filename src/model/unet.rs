@@ -10,7 +10,8 @@ use super::config::UNetConfig;
 use super::dense::Dense;
 use crate::ops::norm::{group_norm, GroupNorm};
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{embedding, linear, Embedding, VarBuilder};
+use super::dense::linear;
+use candle_nn::{embedding, Embedding, VarBuilder};
 
 #[derive(Debug, Clone)]
 struct DownBlock {

@@ -8,7 +8,8 @@ use super::dense::Dense;
 use crate::ops::gemm_bf16::activation_dtype;
 use crate::ops::norm::{group_norm, GroupNorm};
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{linear, VarBuilder};
+use super::dense::linear;
+use candle_nn::VarBuilder;
 
 /// The VAE's mid-block attention: one head over all channels, with biases and a group norm
 /// (`attentions.0.{group_norm, to_q, to_k, to_v, to_out.0}`).

@@ -963,24 +963,98 @@ pub fn unpack_conv_weight(words: &Tensor, channels: usize, kh: usize, kw: usize)
     )
 }
 
+/// A q8 linear weight (N, K offset bytes, [`super::q8`]) packed as [`pack_linear_weight`]
+/// packs a bf16 one, one offset byte for each bf16: a U8 tensor (K / 2 rounded up,
+/// 2 x the words of a row).
+pub fn pack_linear_weight_q8(bytes: &Tensor) -> Result<Tensor> {
+    let words = pack_linear_weight(&integers(bytes)?)?;
+    narrowed(&words)
+}
+
+/// A q8 convolution kernel (O, C, kh, kw offset bytes) packed as [`pack_conv_weight`] packs a
+/// bf16 one: a U8 tensor (O, 2 kh kw (C / 2 rounded up)).
+pub fn pack_conv_weight_q8(bytes: &Tensor) -> Result<Tensor> {
+    let words = pack_conv_weight(&integers(bytes)?)?;
+    narrowed(&words)
+}
+
+/// The f32 integers that offset bytes hold (exact in bf16).
+fn integers(bytes: &Tensor) -> Result<Tensor> {
+    bytes.to_dtype(DType::F32)? - f64::from(super::q8::OFFSET)
+}
+
+/// Packed pair words of integers as offset bytes (rows twice as long).
+fn narrowed(words: &Tensor) -> Result<Tensor> {
+    let (rows, cols) = words.dims2()?;
+    let bytes = super::q8::narrow_pair_words(&words.flatten_all()?.to_vec1::<u32>()?);
+    Tensor::from_vec(bytes, (rows, 2 * cols), words.device())
+}
+
+/// The pair words that packed q8 offset bytes widen to (for unpacking).
+pub fn widened(bytes: &Tensor) -> Result<Tensor> {
+    let (rows, cols) = bytes.dims2()?;
+    let words = super::q8::widen_to_pair_words(&bytes.flatten_all()?.to_vec1::<u8>()?);
+    Tensor::from_vec(words, (rows, cols / 2), bytes.device())
+}
+
 /// Half `half` (0 low, 1 high) of a pair word.
 fn unpair(word: u32, half: usize) -> bf16 {
     bf16::from_bits((word >> (16 * half)) as u16)
 }
 
-fn contiguous_words<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [u32]> {
-    let CpuStorage::U32(data) = storage else {
-        candle_core::bail!("{op}: the weight must be packed (u32 pair words)")
-    };
-    contiguous(data, layout, op, "the packed weight")
+/// The pair words of a packed weight of `shape` (in words): as stored (U32), or widened from
+/// q8 offset bytes (U8, two bytes a word) for this call.
+fn packed_words<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    shape: [usize; 2],
+    op: &str,
+) -> Result<std::borrow::Cow<'a, [u32]>> {
+    let dims = layout.shape().dims();
+    match storage {
+        CpuStorage::U32(data) if dims == shape => {
+            Ok(std::borrow::Cow::Borrowed(contiguous(data, layout, op, "the packed weight")?))
+        }
+        CpuStorage::U8(data) if dims == [shape[0], 2 * shape[1]] => {
+            let bytes = contiguous(data, layout, op, "the packed weight")?;
+            Ok(std::borrow::Cow::Owned(super::q8::widen_to_pair_words(bytes)))
+        }
+        CpuStorage::U32(_) | CpuStorage::U8(_) => candle_core::bail!(
+            "{op}: the packed weight {dims:?} does not fit this layer ({shape:?} pair words)"
+        ),
+        _ => candle_core::bail!("{op}: the weight must be packed (u32 pair words or q8 bytes)"),
+    }
 }
 
-/// `y = x W^T + b` for `x` (..., K) in bf16 or f32 and `W` packed by [`pack_linear_weight`]:
+/// Each output channel's `sum * mul + add` (a q8 scale and the bias); None when both are absent.
+struct ChannelAffine(Option<(Vec<f32>, Vec<f32>)>);
+
+impl ChannelAffine {
+    fn new(scales: Option<&[f32]>, bias: Option<&[f32]>, channels: usize) -> Self {
+        if scales.is_none() && bias.is_none() {
+            return Self(None);
+        }
+        let mul = scales.map_or_else(|| vec![1.0; channels], <[f32]>::to_vec);
+        let add = bias.map_or_else(|| vec![0.0; channels], <[f32]>::to_vec);
+        Self(Some((mul, add)))
+    }
+
+    fn at(&self, channel: usize) -> (f32, f32) {
+        self.0
+            .as_ref()
+            .map_or((1.0, 0.0), |(mul, add)| (mul[channel], add[channel]))
+    }
+}
+
+/// `y = x W^T + b` for `x` (..., K) in bf16 or f32 and `W` packed by [`pack_linear_weight`]
+/// (or its q8 offset bytes by [`pack_linear_weight_q8`], with `scales`):
 /// `x.apply_op2_no_bwd(&words, &LinearBf16 { .. })`, `y` in `x`'s dtype. Inference only.
 pub struct LinearBf16 {
     pub in_features: usize,
     pub out_features: usize,
     pub bias: Option<Vec<f32>>,
+    /// Per output feature factors of the sums (a q8 weight's scales), applied before the bias.
+    pub scales: Option<Vec<f32>>,
 }
 
 impl CustomOp2 for LinearBf16 {
@@ -1002,18 +1076,15 @@ impl CustomOp2 for LinearBf16 {
         if x_k != k {
             candle_core::bail!("linear-bf16: input width {x_k} does not match the layer's {k}")
         }
-        if w_layout.shape().dims() != [k.div_ceil(2), row_stride(n)] {
-            candle_core::bail!(
-                "linear-bf16: the packed weight {:?} is not that of {k} -> {n}",
-                w_layout.shape()
-            )
+        let words_shape = [k.div_ceil(2), row_stride(n)];
+        if self.bias.as_ref().is_some_and(|b| b.len() != n)
+            || self.scales.as_ref().is_some_and(|s| s.len() != n)
+        {
+            candle_core::bail!("linear-bf16: bias or scales do not match the {n} outputs")
         }
-        if self.bias.as_ref().is_some_and(|b| b.len() != n) {
-            candle_core::bail!("linear-bf16: bias length does not match the {n} outputs")
-        }
-        let w = contiguous_words(w, w_layout, "linear-bf16")?;
+        let w = packed_words(w, w_layout, words_shape, "linear-bf16")?;
         let m: usize = lead.iter().product();
-        let y = with_activations!("linear-bf16", x, x_layout, |x| self.product(x, w, m)?);
+        let y = with_activations!("linear-bf16", x, x_layout, |x| self.product(x, &w, m)?);
         let mut shape = lead.to_vec();
         shape.push(n);
         Ok((y, Shape::from(shape)))
@@ -1029,6 +1100,7 @@ impl LinearBf16 {
         // output (a GEGLU layer's at 512x512 is 84 MB, which a second buffer would double).
         let in_place = T::IS_F32 && cols == n;
         let out_row = if in_place { n } else { row_stride(n) };
+        let affine = ChannelAffine::new(self.scales.as_deref(), self.bias.as_deref(), n);
         let lhs = pair_rows(x, m, k);
         let mut out = vec![0f32; m * out_row];
         PairProduct {
@@ -1044,9 +1116,11 @@ impl LinearBf16 {
         }
         .run(&mut out, out_row)?;
         if in_place {
-            if let Some(bias) = &self.bias {
+            if let Some((mul, add)) = &affine.0 {
                 out.par_chunks_mut(n.max(1)).for_each(|row| {
-                    row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+                    for ((v, m), a) in row.iter_mut().zip(mul).zip(add) {
+                        *v = *v * m + a;
+                    }
                 });
             }
             return Ok(CpuStorage::F32(out));
@@ -1054,10 +1128,10 @@ impl LinearBf16 {
         let mut y = vec![T::default(); m * n];
         y.par_chunks_mut(n.max(1))
             .zip(out.par_chunks(out_row))
-            .for_each(|(dst, src)| match &self.bias {
-                Some(bias) => {
-                    for ((d, s), b) in dst.iter_mut().zip(src).zip(bias) {
-                        *d = T::from_sum(s + b);
+            .for_each(|(dst, src)| match &affine.0 {
+                Some((mul, add)) => {
+                    for (((d, s), m), a) in dst.iter_mut().zip(src).zip(mul).zip(add) {
+                        *d = T::from_sum(s * m + a);
                     }
                 }
                 None => {
@@ -1071,13 +1145,16 @@ impl LinearBf16 {
 }
 
 /// A stride-1 convolution of `x` (B, C, H, W) in bf16 or f32 with a kernel (O, C, kh, kw) packed
-/// by [`pack_conv_weight`], zero padding `padding`, f32 bias, one group:
+/// by [`pack_conv_weight`] (or its q8 offset bytes by [`pack_conv_weight_q8`], with `scales`),
+/// zero padding `padding`, f32 bias, one group:
 /// `x.apply_op2_no_bwd(&words, &Conv2dBf16 { .. })`, the output in `x`'s dtype. Inference only.
 pub struct Conv2dBf16 {
     pub channels: usize,
     pub kernel: (usize, usize),
     pub padding: usize,
     pub bias: Option<Vec<f32>>,
+    /// Per output channel factors of the sums (a q8 kernel's scales), applied before the bias.
+    pub scales: Option<Vec<f32>>,
 }
 
 /// The shapes of one [`Conv2dBf16`] call.
@@ -1111,15 +1188,14 @@ impl CustomOp2 for Conv2dBf16 {
                 self.channels
             )
         }
-        let (out_channels, row_len) = w_layout.shape().dims2()?;
-        if row_len != kh * kw * channels.div_ceil(2) {
+        let out_channels = w_layout.shape().dims2()?.0;
+        let row_len = kh * kw * channels.div_ceil(2);
+        if self.bias.as_ref().is_some_and(|b| b.len() != out_channels)
+            || self.scales.as_ref().is_some_and(|s| s.len() != out_channels)
+        {
             candle_core::bail!(
-                "conv2d-bf16: the packed kernel {:?} is not {kh}x{kw} taps of {channels} channels",
-                w_layout.shape()
+                "conv2d-bf16: bias or scales do not match the {out_channels} outputs"
             )
-        }
-        if self.bias.as_ref().is_some_and(|b| b.len() != out_channels) {
-            candle_core::bail!("conv2d-bf16: bias length does not match the {out_channels} outputs")
         }
         let (padded_h, padded_w) = (height + 2 * self.padding, width + 2 * self.padding);
         if kh > padded_h || kw > padded_w {
@@ -1134,9 +1210,9 @@ impl CustomOp2 for Conv2dBf16 {
             out_w: padded_w - kw + 1,
             padded_w,
         };
-        let w = contiguous_words(w, w_layout, "conv2d-bf16")?;
+        let w = packed_words(w, w_layout, [out_channels, row_len], "conv2d-bf16")?;
         let y = with_activations!("conv2d-bf16", x, x_layout, |x| self
-            .product(x, w, &geometry)?);
+            .product(x, &w, &geometry)?);
         let shape = Shape::from((batch, out_channels, geometry.out_h, geometry.out_w));
         Ok((y, shape))
     }
@@ -1171,6 +1247,7 @@ impl Conv2dBf16 {
         let mut rhs = vec![0u32; pairs * rhs_row];
         let mut out = vec![0f32; out_channels * out_row];
         let mut y = vec![T::default(); batch * out_channels * out_h * out_w];
+        let affine = ChannelAffine::new(self.scales.as_deref(), self.bias.as_deref(), out_channels);
         for (image, y_image) in y.chunks_mut(out_channels * out_h * out_w).enumerate() {
             let x_image = &x[image * channels * plane..][..channels * plane];
             // B[p][pixel of the padded plane] = (x[2p][pixel], x[2p + 1][pixel]); the border
@@ -1216,10 +1293,10 @@ impl Conv2dBf16 {
                 .zip(out.par_chunks(out_row))
                 .enumerate()
                 .for_each(|(o, (dst, src))| {
-                    let bias = self.bias.as_ref().map_or(0.0, |b| b[o]);
+                    let (mul, add) = affine.at(o);
                     for (dst_row, src_row) in dst.chunks_mut(out_w).zip(src.chunks(padded_w)) {
                         for (d, s) in dst_row.iter_mut().zip(src_row) {
-                            *d = T::from_sum(s + bias);
+                            *d = T::from_sum(s * mul + add);
                         }
                     }
                 });
@@ -1274,6 +1351,7 @@ mod tests {
                 kernel: (kh, kw),
                 padding,
                 bias: bias_values(Some(&b)).unwrap(),
+                scales: None,
             };
             let got = x.apply_op2_no_bwd(&words, &op).unwrap();
             // f32 activations give the same values in f32.
@@ -1313,6 +1391,7 @@ mod tests {
                 } else {
                     None
                 },
+                scales: None,
             };
             let words = pack_linear_weight(&w).unwrap();
             let got = x.apply_op2_no_bwd(&words, &op).unwrap();
@@ -1331,6 +1410,67 @@ mod tests {
             assert!(err < BF16_OUTPUT, "linear {k}->{n}: {err}");
             let err = relative_error(&got_f32, &want);
             assert!(err < 1e-5, "linear, f32 activations {k}->{n}: {err}");
+        }
+    }
+
+    /// q8 weights (offset bytes packed for the kernels, widened per call) with their scales give
+    /// the f32 product with the dequantized weights, up to the activations' rounding to bf16.
+    #[test]
+    fn q8_layers_match_the_f32_product_of_the_dequantized_weights() {
+        use crate::ops::q8;
+        let widen = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        for (channels, out_channels, (kh, kw), padding, seed) in
+            [(5, 14, (3, 3), 1, 1), (64, 40, (1, 1), 0, 3)]
+        {
+            let x = bf16_tensor(&[2, channels, 7, 9], seed);
+            let w = seeded_randn(&[out_channels, channels, kh, kw], seed + 10);
+            let b = seeded_randn(&[out_channels], seed + 20);
+            let (bytes, scales) = q8::quantize(&w, "kernel").unwrap();
+            let op = Conv2dBf16 {
+                channels,
+                kernel: (kh, kw),
+                padding,
+                bias: bias_values(Some(&b)).unwrap(),
+                scales: Some(scales.to_vec1().unwrap()),
+            };
+            let got = widen(&x)
+                .apply_op2_no_bwd(&pack_conv_weight_q8(&bytes).unwrap(), &op)
+                .unwrap();
+            let want = widen(&x)
+                .conv2d(&q8::dequantize(&bytes, &scales).unwrap(), padding, 1, 1, 1)
+                .unwrap()
+                .broadcast_add(&b.reshape((1, out_channels, 1, 1)).unwrap())
+                .unwrap();
+            let err = relative_error(&got, &want);
+            assert!(err < 1e-5, "q8 conv {channels}->{out_channels}: {err}");
+        }
+        for (k, n, seed) in [(77, 45, 1), (320, 64, 2)] {
+            let x = bf16_tensor(&[2, 25, k], seed);
+            let w = seeded_randn(&[n, k], seed + 10);
+            let (bytes, scales) = q8::quantize(&w, "weight").unwrap();
+            let op = LinearBf16 {
+                in_features: k,
+                out_features: n,
+                bias: None,
+                scales: Some(scales.to_vec1().unwrap()),
+            };
+            let packed = pack_linear_weight_q8(&bytes).unwrap();
+            let got = widen(&x).apply_op2_no_bwd(&packed, &op).unwrap();
+            let dequantized = q8::dequantize(&bytes, &scales).unwrap();
+            let want = widen(&x)
+                .broadcast_matmul(&dequantized.t().unwrap())
+                .unwrap();
+            let err = relative_error(&got, &want);
+            assert!(err < 1e-5, "q8 linear {k}->{n}: {err}");
+            // A bf16 output rounds once more.
+            let got = x.apply_op2_no_bwd(&packed, &op).unwrap();
+            assert!(relative_error(&got, &want) < BF16_OUTPUT);
+            // The packing unpacks to the same integers.
+            let unpacked = unpack_linear_weight(&widened(&packed).unwrap(), k, n).unwrap();
+            assert_eq!(
+                widen(&unpacked).to_vec2::<f32>().unwrap(),
+                integers(&bytes).unwrap().to_vec2::<f32>().unwrap()
+            );
         }
     }
 
@@ -1447,6 +1587,7 @@ mod tests {
             kernel: (3, 3),
             padding: 1,
             bias: None,
+            scales: None,
         };
         let err = x.apply_op2_no_bwd(&words, &op(8)).unwrap_err().to_string();
         assert!(err.contains("6 channels, the kernel expects 8"), "{err}");

@@ -12,6 +12,7 @@ pub mod conv_gemm;
 pub mod gemm_bf16;
 pub mod im2col;
 pub mod norm;
+pub mod q8;
 pub mod ode;
 pub mod runtime;
 pub mod tensor;

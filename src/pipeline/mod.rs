@@ -30,6 +30,10 @@ use std::path::{Path, PathBuf};
 pub struct LoadOptions {
     /// Dtype of the text encoder and U-Net.
     pub dtype: DType,
+    /// Whether the text encoders' and U-Net's linear and convolution weights are held as 8-bit
+    /// integers with a scale per output channel (`ops::q8`; `--dtype q8`), their other weights
+    /// in `dtype`. A q8 file's layers are 8-bit either way.
+    pub q8: bool,
     /// Dtype of the VAE: f32 unless asked, since f16 SD VAEs overflow to black images.
     pub vae_dtype: DType,
     pub device: Device,
@@ -47,6 +51,7 @@ impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             dtype: DType::F32,
+            q8: false,
             vae_dtype: DType::F32,
             device: Device::Cpu,
             loras: Vec::new(),
@@ -322,6 +327,7 @@ impl StableDiffusion {
         let text_encoder = load_component(
             &text_weights,
             options.dtype,
+            options.q8,
             device,
             take(Component::TextEncoder),
             |vb| ClipTextModel::new(text_config, vb),
@@ -329,6 +335,7 @@ impl StableDiffusion {
         let unet = load_component(
             &unet_weights,
             options.dtype,
+            options.q8,
             device,
             take(Component::Unet),
             |vb| UNet2DConditionModel::new(unet_config, vb),
@@ -345,6 +352,7 @@ impl StableDiffusion {
         let vae = load_component(
             &vae_weights,
             vae_dtype,
+            false,
             device,
             Attachments::default(),
             |vb| AutoencoderKL::new(vae_config, vb),
@@ -354,6 +362,7 @@ impl StableDiffusion {
             Some((config, weights)) => Some(load_component(
                 &weights,
                 options.dtype,
+                options.q8,
                 device,
                 take(Component::TextEncoder2),
                 |vb| ClipTextModel::new(config, vb),
