@@ -66,17 +66,35 @@ pub fn save(
     tensors: &[(String, Tensor)],
     metadata: &BTreeMap<String, String>,
 ) -> Result<()> {
-    let bytes: Vec<Vec<u8>> = tensors
-        .iter()
-        .map(|(_, t)| tensor_bytes(t))
-        .collect::<Result<_>>()?;
+    save_with_q8(path, tensors, metadata, &Default::default())
+}
+
+/// [`save`], the tensors named in `q8` (offset bytes, `ops::q8`) written as safetensors I8.
+pub fn save_with_q8(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    metadata: &BTreeMap<String, String>,
+    q8: &std::collections::BTreeSet<String>,
+) -> Result<()> {
+    let stored = |(name, tensor): &(String, Tensor)| -> Result<(safetensors::Dtype, Vec<u8>)> {
+        if !q8.contains(name) {
+            return Ok((safetensors_dtype(tensor.dtype())?, tensor_bytes(tensor)?));
+        }
+        if tensor.dtype() != DType::U8 {
+            return Err(Error::Msg(format!(
+                "tensor {name}: q8 weights are offset bytes (U8), not {:?}",
+                tensor.dtype()
+            )));
+        }
+        let bytes = tensor_bytes(tensor)?;
+        let bits = bytes.into_iter().map(crate::ops::q8::offset_byte).collect();
+        Ok((safetensors::Dtype::I8, bits))
+    };
+    let bytes: Vec<(safetensors::Dtype, Vec<u8>)> =
+        tensors.iter().map(stored).collect::<Result<_>>()?;
     let mut views = Vec::with_capacity(tensors.len());
-    for ((name, tensor), data) in tensors.iter().zip(&bytes) {
-        let view = safetensors::tensor::TensorView::new(
-            safetensors_dtype(tensor.dtype())?,
-            tensor.dims().to_vec(),
-            data,
-        )
+    for ((name, tensor), (dtype, data)) in tensors.iter().zip(&bytes) {
+        let view = safetensors::tensor::TensorView::new(*dtype, tensor.dims().to_vec(), data)
         .map_err(|e| Error::Msg(format!("tensor {name}: {e}")))?;
         views.push((name.clone(), view));
     }

@@ -145,6 +145,21 @@ impl ComponentWeights {
     }
 }
 
+/// The tensor `key` of a mapped file on `dev`; i8 tensors (q8 weights, which candle has no
+/// dtype for) as offset bytes (`ops::q8`).
+fn load_stored(
+    file: &candle_core::safetensors::MmapedSafetensors,
+    key: &str,
+    dev: &Device,
+) -> candle_core::Result<candle_core::Tensor> {
+    let view = file.get(key)?;
+    if view.dtype() != safetensors::Dtype::I8 {
+        return file.load(key, dev);
+    }
+    let bytes: Vec<u8> = view.data().iter().map(|&b| q8::offset_byte(b)).collect();
+    candle_core::Tensor::from_vec(bytes, view.shape(), dev)
+}
+
 /// Every weight of a component as stored (its dtype kept) under the names the model reads,
 /// transforms applied: what a conversion writes.
 pub fn read_all(
@@ -160,12 +175,12 @@ pub fn read_all(
         ComponentWeights::File(_) => file
             .tensors()
             .into_iter()
-            .map(|(name, _)| Ok((name.clone(), file.load(&name, &cpu)?)))
+            .map(|(name, _)| Ok((name.clone(), load_stored(&file, &name, &cpu)?)))
             .collect(),
         ComponentWeights::Mapped { names, .. } => names
             .iter()
             .map(|(name, source)| {
-                let stored = file.load(&source.key, &cpu)?;
+                let stored = load_stored(&file, &source.key, &cpu)?;
                 Ok((name.clone(), source.transform.apply(stored)?))
             })
             .collect(),
@@ -202,17 +217,10 @@ impl CheckedSafetensors {
         let Some(source) = self.source(name) else {
             return Ok(None);
         };
-        let Ok(view) = self.inner.get(&source.key) else {
+        if self.inner.get(&source.key).is_err() {
             return Ok(None);
-        };
-        let stored = match view.dtype() {
-            // candle has no i8: q8 integers are held as offset bytes (`ops::q8`).
-            safetensors::Dtype::I8 => {
-                let bytes: Vec<u8> = view.data().iter().map(|&b| q8::offset_byte(b)).collect();
-                candle_core::Tensor::from_vec(bytes, view.shape(), dev)?
-            }
-            _ => self.inner.load(&source.key, dev)?,
-        };
+        }
+        let stored = load_stored(&self.inner, &source.key, dev)?;
         Ok(Some(source.transform.apply(stored)?))
     }
 

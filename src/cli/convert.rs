@@ -16,13 +16,29 @@ pub struct ConvertArgs {
     /// Single file to folder only: how to read it.
     #[command(flatten)]
     pub single_file: SingleFileArgs,
+    /// q8: write a diffusers folder whose text encoders' and U-Net's linear and convolution
+    /// weights are 8-bit (i8 with an f32 scale per output channel), as `--dtype q8` quantizes
+    /// them while loading; the input must be a folder and the output a new folder.
+    #[arg(long)]
+    pub dtype: Option<String>,
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
 }
 
 pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
-    let converted = if args.input.is_dir() {
+    let converted = if let Some(dtype) = &args.dtype {
+        anyhow::ensure!(
+            dtype == "q8",
+            "--dtype = {dtype} is not allowed; expected q8 (the float dtypes are converted as they load)"
+        );
+        anyhow::ensure!(
+            args.input.is_dir(),
+            "--dtype q8 quantizes a diffusers folder; {} is not one (convert it to a folder first)",
+            args.input.display()
+        );
+        crate::pipeline::convert::quantize_folder(&args.input, &args.output)?
+    } else if args.input.is_dir() {
         anyhow::ensure!(
             !args.single_file.given(),
             "--config, --vae and --prediction-type apply to a single-file input; {} is a folder",

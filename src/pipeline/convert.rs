@@ -1,6 +1,7 @@
 //! `diffuse convert`: a single-file checkpoint to a diffusers folder and back. Weights are
 //! copied bit for bit (the layouts differ only by names, 1x1-convolution reshapes, a
-//! transpose and OpenCLIP's fused q/k/v), in their stored dtype.
+//! transpose and OpenCLIP's fused q/k/v), in their stored dtype. A folder can also be written
+//! with 8-bit text encoder and U-Net weights (`--dtype q8`, [`quantize_folder`]).
 
 use super::source::{
     builtin_text, folder_parts, shipped_tokenizer, single_file_parts, Architecture, PipelineParts,
@@ -327,4 +328,80 @@ pub fn folder_to_single_file(dir: &Path, out: &Path) -> Result<Converted> {
         bytes,
         recognised: None,
     })
+}
+
+/// Writes the diffusers folder at `dir` to the new folder `out` with its text encoders' and
+/// U-Net's linear and convolution weights as q8 (`ops::q8`: i8 `weight` and f32
+/// `weight_scale`), exactly as `--dtype q8` quantizes them while loading; every other file is
+/// copied. The folder loads directly, at about a quarter of those weights' f32 size.
+pub fn quantize_folder(dir: &Path, out: &Path) -> Result<Converted> {
+    use crate::model::{text::ClipTextModel, unet::UNet2DConditionModel};
+    use crate::weights::quantized_tensors;
+    refuse_existing(out)?;
+    let parts = folder_parts(dir)?;
+    let mut rewritten: Vec<(std::path::PathBuf, BTreeMap<String, Tensor>)> = Vec::new();
+    let (unet_config, unet) = &parts.unet;
+    let q8 = quantized_tensors(unet, |vb| {
+        UNet2DConditionModel::new(unet_config.clone(), vb).map(|_| ())
+    })?;
+    rewritten.push((unet.path().to_path_buf(), q8));
+    for (config, weights) in std::iter::once(&parts.text_encoder).chain(&parts.text_encoder_2) {
+        let q8 = quantized_tensors(weights, |vb| {
+            ClipTextModel::new(config.clone(), vb).map(|_| ())
+        })?;
+        rewritten.push((weights.path().to_path_buf(), q8));
+    }
+    let staging = out.with_extension("partial");
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).map_err(|e| file_error(&staging, e.to_string()))?;
+    }
+    let skip: Vec<&Path> = rewritten.iter().map(|(path, _)| path.as_path()).collect();
+    copy_tree(dir, &staging, &skip)?;
+    let (mut tensors, mut bytes) = (0, 0);
+    for (path, q8) in &rewritten {
+        let stored = read_all(&crate::weights::ComponentWeights::File(path.clone()))?;
+        let mut all: BTreeMap<String, Tensor> = stored;
+        all.extend(q8.iter().map(|(name, t)| (name.clone(), t.clone())));
+        let q8_names = q8
+            .iter()
+            .filter(|(_, t)| t.dtype() == candle_core::DType::U8)
+            .map(|(name, _)| name.clone())
+            .collect();
+        let relative = path.strip_prefix(dir).map_err(|_| {
+            file_error(path, format!("is not inside the folder {}", dir.display()))
+        })?;
+        let target = staging.join(relative);
+        let list: Vec<(String, Tensor)> = all.into_iter().collect();
+        tensors += list.len();
+        bytes += list
+            .iter()
+            .map(|(_, t)| t.elem_count() * t.dtype().size_in_bytes())
+            .sum::<usize>();
+        crate::checkpoint::save_with_q8(&target, &list, &Default::default(), &q8_names)?;
+    }
+    std::fs::rename(&staging, out).map_err(|e| file_error(out, e.to_string()))?;
+    Ok(Converted {
+        tensors,
+        bytes,
+        recognised: None,
+    })
+}
+
+/// Copies the folder `from` to `to` (files and folders, links followed), leaving out `skip`.
+fn copy_tree(from: &Path, to: &Path, skip: &[&Path]) -> Result<()> {
+    std::fs::create_dir_all(to).map_err(|e| file_error(to, e.to_string()))?;
+    let entries = std::fs::read_dir(from).map_err(|e| file_error(from, e.to_string()))?;
+    for entry in entries {
+        let path = entry.map_err(|e| file_error(from, e.to_string()))?.path();
+        let target = to.join(path.file_name().unwrap_or_default());
+        if skip.contains(&path.as_path()) {
+            continue;
+        }
+        if path.is_dir() {
+            copy_tree(&path, &target, skip)?;
+        } else {
+            std::fs::copy(&path, &target).map_err(|e| file_error(&path, e.to_string()))?;
+        }
+    }
+    Ok(())
 }
