@@ -95,7 +95,7 @@ pub fn save_with_q8(
     let mut views = Vec::with_capacity(tensors.len());
     for ((name, tensor), (dtype, data)) in tensors.iter().zip(&bytes) {
         let view = safetensors::tensor::TensorView::new(*dtype, tensor.dims().to_vec(), data)
-        .map_err(|e| Error::Msg(format!("tensor {name}: {e}")))?;
+            .map_err(|e| Error::Msg(format!("tensor {name}: {e}")))?;
         views.push((name.clone(), view));
     }
     let metadata: HashMap<String, String> = metadata.clone().into_iter().collect();

@@ -48,7 +48,8 @@ fn relative_l2(got: &Tensor, want: &Tensor) -> f64 {
 }
 
 /// Per-channel 8-bit weights keep the U-Net's prediction within 2% (relative L2) of f32's on
-/// the fixture's inputs at a noisy and a clean timestep. Measured: 0.4-0.5%.
+/// the fixture's inputs at a noisy and a clean timestep. Measured: 1.5% with the products in
+/// bf16 (AVX512_BF16), of which bf16 alone makes 1.0%.
 #[test]
 fn unet_output_stays_within_two_percent_of_f32() {
     let fx = Fixture::load("model_reference.safetensors");
@@ -107,11 +108,14 @@ fn psnr(got: &Tensor, want: &Tensor) -> f64 {
 }
 
 /// The embedded default draws the same pictures in q8 as in f32, to at least 30 dB (measured
-/// 44-50 dB), for prompts of both its datasets.
+/// 47-49 dB), for prompts of both its datasets.
 #[test]
 fn embedded_model_pictures_keep_30_db() {
     let weights = Path::new(env!("CARGO_MANIFEST_DIR")).join("weights");
-    for (prompt, seed) in [("a photo of a sneaker", 3), ("a handwritten digit seven", 4)] {
+    for (prompt, seed) in [
+        ("a photo of a sneaker", 3),
+        ("a handwritten digit seven", 4),
+    ] {
         let want = generate(&weights, DType::F32, false, prompt, seed);
         let got = generate(&weights, DType::BF16, true, prompt, seed);
         let db = psnr(&got, &want);
@@ -189,19 +193,27 @@ fn mismatched_q8_files_are_refused_by_name() {
         diffuse::checkpoint::save_with_q8(&file, &list, &Default::default(), &names).unwrap();
     };
     // Scales of the wrong length.
-    let scale = "conv_in.weight_scale";
+    let scale = tensors
+        .keys()
+        .find(|name| name.ends_with("weight_scale"))
+        .expect("a q8 layer")
+        .clone();
     rewrite(&|t| {
-        let short = t[scale].narrow(0, 0, 3).unwrap();
-        t.insert(scale.to_string(), short);
+        let short = t[&scale].narrow(0, 0, 3).unwrap();
+        t.insert(scale.clone(), short);
     });
     let err = load_unet(&out, DType::F32, false).unwrap_err().to_string();
-    assert!(err.contains("conv_in.weight_scale"), "{err}");
+    assert!(err.contains(&scale) && err.contains("shape [3]"), "{err}");
     // A float tensor (a norm's weight) stored as integers.
     let norm = "conv_norm_out.weight";
     let mut names = q8_names.clone();
     names.insert(norm.to_string());
     let mut edited = tensors.clone();
-    let bytes = edited[norm].ones_like().unwrap().to_dtype(DType::U8).unwrap();
+    let bytes = edited[norm]
+        .ones_like()
+        .unwrap()
+        .to_dtype(DType::U8)
+        .unwrap();
     edited.insert(norm.to_string(), bytes);
     let list: Vec<(String, Tensor)> = edited.into_iter().collect();
     diffuse::checkpoint::save_with_q8(&file, &list, &Default::default(), &names).unwrap();

@@ -76,6 +76,11 @@ pub struct BenchArgs {
     /// VAE.
     #[arg(long, value_parser = ["taesd"])]
     pub vae_decoder: Option<String>,
+    /// unet, vae-decode, taesd-decode, text-encoder: also draw the weights in f32, run one step of
+    /// an f32 model of the same weights and inputs, and print the relative L2 error of the
+    /// `--dtype` model's output against it.
+    #[arg(long)]
+    pub error_against_f32: bool,
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
@@ -103,26 +108,60 @@ fn random_weights<T, E: std::error::Error + Send + Sync + 'static>(
     device: &Device,
     build: impl FnOnce(VarBuilder) -> Result<T, E>,
 ) -> anyhow::Result<(VarBuilder<'static>, usize)> {
+    let weights = random_tensors(dtype, device, build)?;
+    Ok((weights.var_builder(dtype, q8, device), weights.count))
+}
+
+/// The tensors of [`random_weights`].
+struct RandomTensors {
+    tensors: std::collections::HashMap<String, Tensor>,
+    count: usize,
+}
+
+fn random_tensors<T, E: std::error::Error + Send + Sync + 'static>(
+    dtype: DType,
+    device: &Device,
+    build: impl FnOnce(VarBuilder) -> Result<T, E>,
+) -> anyhow::Result<RandomTensors> {
     let varmap = VarMap::new();
     build(VarBuilder::from_varmap(&varmap, dtype, device))?;
-    let weights: std::collections::HashMap<String, Tensor> = varmap
+    let tensors: std::collections::HashMap<String, Tensor> = varmap
         .data()
         .lock()
         .expect("VarMap lock")
         .iter()
         .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
         .collect();
-    let count = weights.values().map(|t| t.elem_count()).sum();
-    let vb = match q8 {
-        // As `--dtype q8` loads a file: linear and convolution weights quantized.
-        true => VarBuilder::from_backend(
-            Box::new(crate::weights::QuantizingBackend::wrapping(Box::new(weights))),
-            dtype,
-            device.clone(),
-        ),
-        false => VarBuilder::from_tensors(weights, dtype, device),
+    let count = tensors.values().map(|t| t.elem_count()).sum();
+    Ok(RandomTensors { tensors, count })
+}
+
+impl RandomTensors {
+    /// The tensors read in `dtype`; with `q8`, as `--dtype q8` loads a file (linear and
+    /// convolution weights quantized).
+    fn var_builder(&self, dtype: DType, q8: bool, device: &Device) -> VarBuilder<'static> {
+        let tensors = self.tensors.clone();
+        match q8 {
+            true => VarBuilder::from_backend(
+                Box::new(crate::weights::QuantizingBackend::wrapping(Box::new(
+                    tensors,
+                ))),
+                dtype,
+                device.clone(),
+            ),
+            false => VarBuilder::from_tensors(tensors, dtype, device),
+        }
+    }
+}
+
+/// |got - want| / |want| over all elements (L2 norms), in f64.
+fn relative_l2(got: &Tensor, want: &Tensor) -> candle_core::Result<f64> {
+    let want = want.to_dtype(DType::F64)?;
+    let diff = (got.to_dtype(DType::F64)? - &want)?;
+    let norm = |t: &Tensor| -> candle_core::Result<f64> {
+        Ok(t.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt())
     };
-    Ok((vb, count))
+    Ok(norm(&diff)? / norm(&want)?)
 }
 
 /// A memory figure of this process from `/proc/self/status` in MiB (0 where there is none).
@@ -418,8 +457,9 @@ fn bench_txt2img(args: &BenchArgs) -> anyhow::Result<()> {
     let (tiny_vae, tiny_params) = match args.vae_decoder.as_deref() {
         Some(_) => {
             let config: TinyAutoencoderConfig = serde_json::from_str("{}")?;
-            let (vb, params) =
-                random_weights(DType::F32, false, &device, |vb| TinyAutoencoder::new(&config, vb))?;
+            let (vb, params) = random_weights(DType::F32, false, &device, |vb| {
+                TinyAutoencoder::new(&config, vb)
+            })?;
             (Some(TinyAutoencoder::new(&config, vb)?), params)
         }
         None => (None, 0),
@@ -563,27 +603,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         },
     };
     let build_start = Instant::now();
-    let (vb, params) = match args.component {
-        Component::Unet => {
-            let config: UNetConfig = serde_json::from_str(&config_text)?;
-            random_weights(dtype, q8, &device, |vb| UNet2DConditionModel::new(config, vb))?
-        }
-        Component::VaeDecode => {
-            let config: VaeConfig = serde_json::from_str(&config_text)?;
-            random_weights(dtype, q8, &device, |vb| AutoencoderKL::new(config, vb))?
-        }
-        Component::TaesdDecode => {
-            let config: TinyAutoencoderConfig = serde_json::from_str(&config_text)?;
-            random_weights(dtype, q8, &device, |vb| TinyAutoencoder::new(&config, vb))?
-        }
-        Component::TextEncoder => {
-            let config: ClipTextConfig = serde_json::from_str(&config_text)?;
-            random_weights(dtype, q8, &device, |vb| ClipTextModel::new(config, vb))?
-        }
-        _ => unreachable!("handled above"),
-    };
     let latent = args.size / 8;
-    let mut step: Box<dyn FnMut() -> candle_core::Result<Tensor>> = match args.component {
+    type Step = Box<dyn FnMut() -> candle_core::Result<Tensor>>;
+    // The component built from a VarBuilder, with its inputs drawn once, as a step to time.
+    let make_step: Box<dyn Fn(VarBuilder) -> crate::Result<Step>> = match args.component {
         Component::Unet => {
             let config: UNetConfig = serde_json::from_str(&config_text)?;
             let context_dim = config.cross_attention_dim.unwrap_or(768);
@@ -596,7 +619,6 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 (Some(time_dim), Some(input_dim)) => Some(input_dim - 6 * time_dim),
                 _ => None,
             };
-            let unet = UNet2DConditionModel::new(config, vb)?;
             let x =
                 Tensor::randn(0f32, 1., (2, channels, latent, latent), &device)?.to_dtype(dtype)?;
             let context =
@@ -618,24 +640,34 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 text_time,
                 class_labels: None,
             };
-            Box::new(move || unet.forward(&x, &t, &conditioning))
+            Box::new(move |vb| {
+                let unet = UNet2DConditionModel::new(config.clone(), vb)?;
+                let (x, t, conditioning) = (x.clone(), t.clone(), conditioning.clone());
+                Ok(Box::new(move || unet.forward(&x, &t, &conditioning)) as Step)
+            })
         }
         Component::VaeDecode => {
             let config: VaeConfig = serde_json::from_str(&config_text)?;
             let channels = config.latent_channels;
-            let vae = AutoencoderKL::new(config, vb)?;
             let z =
                 Tensor::randn(0f32, 1., (1, channels, latent, latent), &device)?.to_dtype(dtype)?;
-            Box::new(move || vae.decode(&z))
+            Box::new(move |vb| {
+                let vae = AutoencoderKL::new(config.clone(), vb)?;
+                let z = z.clone();
+                Ok(Box::new(move || vae.decode(&z)) as Step)
+            })
         }
         Component::TaesdDecode => {
             let config: TinyAutoencoderConfig = serde_json::from_str(&config_text)?;
             let channels = config.latent_channels;
             let latent = args.size / config.scale_factor();
-            let taesd = TinyAutoencoder::new(&config, vb)?;
             let z =
                 Tensor::randn(0f32, 1., (1, channels, latent, latent), &device)?.to_dtype(dtype)?;
-            Box::new(move || taesd.decode(&z).map_err(candle_core::Error::wrap))
+            Box::new(move |vb| {
+                let taesd = TinyAutoencoder::new(&config, vb)?;
+                let z = z.clone();
+                Ok(Box::new(move || taesd.decode(&z).map_err(candle_core::Error::wrap)) as Step)
+            })
         }
         Component::TextEncoder => {
             let config: ClipTextConfig = serde_json::from_str(&config_text)?;
@@ -643,11 +675,34 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 .map(|i| (i * 7919 % config.vocab_size) as u32)
                 .collect();
             let ids = Tensor::from_vec(ids, (2, config.max_position_embeddings), &device)?;
-            let encoder = ClipTextModel::new(config, vb)?;
-            Box::new(move || encoder.forward(&ids))
+            Box::new(move |vb| {
+                let encoder = ClipTextModel::new(config.clone(), vb)?;
+                let ids = ids.clone();
+                Ok(Box::new(move || encoder.forward(&ids)) as Step)
+            })
         }
         _ => unreachable!("handled above"),
     };
+    // Against f32: the weights drawn in f32, and one output of each model compared.
+    let draw_dtype = if args.error_against_f32 {
+        DType::F32
+    } else {
+        dtype
+    };
+    let weights = random_tensors(draw_dtype, &device, |vb| make_step(vb).map(|_| ()))?;
+    let params = weights.count;
+    let error_against_f32 = match args.error_against_f32 {
+        true => {
+            let want = make_step(weights.var_builder(DType::F32, false, &device))?()?;
+            let got = make_step(weights.var_builder(dtype, q8, &device))?()?;
+            let error = relative_l2(&got, &want)?;
+            eprintln!("output against f32 of the same weights: relative L2 error {error:.5}");
+            Some(error)
+        }
+        false => None,
+    };
+    let mut step = make_step(weights.var_builder(dtype, q8, &device))?;
+    drop(weights);
     eprintln!(
         "{:?} at {size}x{size}: {:.1} M parameters, built in {:.1} s",
         args.component,
@@ -660,6 +715,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "size": args.size,
         "dtype": args.dtype,
         "parameters": params,
+        "relative_error_against_f32": error_against_f32,
     });
     time_runs(
         &match args.component {

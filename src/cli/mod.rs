@@ -102,7 +102,9 @@ pub fn parse_weights_dtype(flag: &str, name: &str) -> anyhow::Result<(candle_cor
         "q8" => Ok((candle_core::DType::BF16, true)),
         other => match parse_dtype(flag, other) {
             Ok(dtype) => Ok((dtype, false)),
-            Err(_) => anyhow::bail!("{flag} = {other} is not allowed; expected f32, f16, bf16 or q8"),
+            Err(_) => {
+                anyhow::bail!("{flag} = {other} is not allowed; expected f32, f16, bf16 or q8")
+            }
         },
     }
 }

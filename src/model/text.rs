@@ -5,9 +5,9 @@
 
 use super::blocks::LayerNorm;
 use super::config::ClipTextConfig;
+use super::dense::linear;
 use super::dense::Dense;
 use candle_core::{Device, Module, Result, Tensor};
-use super::dense::linear;
 use candle_nn::{embedding, Embedding, Linear, VarBuilder};
 
 #[derive(Debug, Clone)]

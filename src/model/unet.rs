@@ -3,14 +3,14 @@
 
 use super::blocks::Conv2d;
 use super::blocks::{
-    conv3x3, timestep_features, Downsample2D, ResnetBlock2D, ResnetSettings, Transformer2D,
-    TransformerSettings, Upsample2D,
+    conv3x3_with, timestep_features, Downsample2D, Precision, ResnetBlock2D, ResnetSettings,
+    Transformer2D, TransformerSettings, Upsample2D,
 };
 use super::config::UNetConfig;
+use super::dense::linear;
 use super::dense::Dense;
 use crate::ops::norm::{group_norm, GroupNorm};
 use candle_core::{Module, Result, Tensor};
-use super::dense::linear;
 use candle_nn::{embedding, Embedding, VarBuilder};
 
 #[derive(Debug, Clone)]
@@ -181,7 +181,14 @@ impl UNet2DConditionModel {
             upcast: config.upcast_attention,
         };
 
-        let conv_in = conv3x3(config.in_channels, channels[0], 1, 1, vb.pp("conv_in"))?;
+        let conv_in = conv3x3_with(
+            config.in_channels,
+            channels[0],
+            1,
+            1,
+            Precision::Float,
+            vb.pp("conv_in"),
+        )?;
         let time_linear_1 = linear(channels[0], temb_dim, vb.pp("time_embedding.linear_1"))?.into();
         let time_linear_2 = linear(temb_dim, temb_dim, vb.pp("time_embedding.linear_2"))?.into();
         let class_embedding = config
@@ -324,7 +331,14 @@ impl UNet2DConditionModel {
                 config.norm_eps,
                 vb.pp("conv_norm_out"),
             )?,
-            conv_out: conv3x3(channels[0], config.out_channels, 1, 1, vb.pp("conv_out"))?,
+            conv_out: conv3x3_with(
+                channels[0],
+                config.out_channels,
+                1,
+                1,
+                Precision::Float,
+                vb.pp("conv_out"),
+            )?,
             config,
         })
     }

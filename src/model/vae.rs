@@ -4,11 +4,11 @@
 use super::blocks::Conv2d;
 use super::blocks::{conv1x1, conv3x3, Downsample2D, ResnetBlock2D, ResnetSettings, Upsample2D};
 use super::config::VaeConfig;
+use super::dense::linear;
 use super::dense::Dense;
 use crate::ops::gemm_bf16::activation_dtype;
 use crate::ops::norm::{group_norm, GroupNorm};
 use candle_core::{Module, Result, Tensor};
-use super::dense::linear;
 use candle_nn::VarBuilder;
 
 /// The VAE's mid-block attention: one head over all channels, with biases and a group norm

@@ -1012,12 +1012,17 @@ fn packed_words<'a>(
 ) -> Result<std::borrow::Cow<'a, [u32]>> {
     let dims = layout.shape().dims();
     match storage {
-        CpuStorage::U32(data) if dims == shape => {
-            Ok(std::borrow::Cow::Borrowed(contiguous(data, layout, op, "the packed weight")?))
-        }
+        CpuStorage::U32(data) if dims == shape => Ok(std::borrow::Cow::Borrowed(contiguous(
+            data,
+            layout,
+            op,
+            "the packed weight",
+        )?)),
         CpuStorage::U8(data) if dims == [shape[0], 2 * shape[1]] => {
             let bytes = contiguous(data, layout, op, "the packed weight")?;
-            Ok(std::borrow::Cow::Owned(super::q8::widen_to_pair_words(bytes)))
+            Ok(std::borrow::Cow::Owned(super::q8::widen_to_pair_words(
+                bytes,
+            )))
         }
         CpuStorage::U32(_) | CpuStorage::U8(_) => candle_core::bail!(
             "{op}: the packed weight {dims:?} does not fit this layer ({shape:?} pair words)"
@@ -1191,7 +1196,10 @@ impl CustomOp2 for Conv2dBf16 {
         let out_channels = w_layout.shape().dims2()?.0;
         let row_len = kh * kw * channels.div_ceil(2);
         if self.bias.as_ref().is_some_and(|b| b.len() != out_channels)
-            || self.scales.as_ref().is_some_and(|s| s.len() != out_channels)
+            || self
+                .scales
+                .as_ref()
+                .is_some_and(|s| s.len() != out_channels)
         {
             candle_core::bail!(
                 "conv2d-bf16: bias or scales do not match the {out_channels} outputs"

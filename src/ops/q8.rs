@@ -158,7 +158,10 @@ mod tests {
     fn rounding_error_is_half_a_step_per_row() {
         let mut weight = seeded_randn(&[6, 50], 7);
         weight = weight
-            .slice_assign(&[5..6, 0..50], &Tensor::zeros((1, 50), DType::F32, &candle_core::Device::Cpu).unwrap())
+            .slice_assign(
+                &[5..6, 0..50],
+                &Tensor::zeros((1, 50), DType::F32, &candle_core::Device::Cpu).unwrap(),
+            )
             .unwrap();
         let (bytes, scales) = quantize(&weight, "w").unwrap();
         let back = dequantize(&bytes, &scales).unwrap();
@@ -168,7 +171,10 @@ mod tests {
         for (row, (wr, br)) in w.iter().zip(&b).enumerate() {
             let max = wr.iter().fold(0f32, |m, v| m.max(v.abs()));
             for (x, y) in wr.iter().zip(br) {
-                assert!((x - y).abs() <= scales[row] / 2.0 + 1e-6, "row {row}: {x} vs {y}");
+                assert!(
+                    (x - y).abs() <= scales[row] / 2.0 + 1e-6,
+                    "row {row}: {x} vs {y}"
+                );
             }
             let at = wr.iter().position(|v| v.abs() == max).unwrap();
             assert!((wr[at] - br[at]).abs() < 1e-6 * max.max(1.0));
@@ -192,7 +198,12 @@ mod tests {
     #[test]
     fn non_finite_weights_are_refused_by_name() {
         let weight = Tensor::new(&[[1f32, f32::NAN]], &candle_core::Device::Cpu).unwrap();
-        let err = quantize(&weight, "unet.conv_in.weight").unwrap_err().to_string();
-        assert!(err.contains("unet.conv_in.weight") && err.contains("NaN"), "{err}");
+        let err = quantize(&weight, "unet.conv_in.weight")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("unet.conv_in.weight") && err.contains("NaN"),
+            "{err}"
+        );
     }
 }

@@ -367,9 +367,9 @@ pub fn quantize_folder(dir: &Path, out: &Path) -> Result<Converted> {
             .filter(|(_, t)| t.dtype() == candle_core::DType::U8)
             .map(|(name, _)| name.clone())
             .collect();
-        let relative = path.strip_prefix(dir).map_err(|_| {
-            file_error(path, format!("is not inside the folder {}", dir.display()))
-        })?;
+        let relative = path
+            .strip_prefix(dir)
+            .map_err(|_| file_error(path, format!("is not inside the folder {}", dir.display())))?;
         let target = staging.join(relative);
         let list: Vec<(String, Tensor)> = all.into_iter().collect();
         tensors += list.len();
