@@ -34,6 +34,10 @@ CASES=(
     "U-Net CFG step 512x512 bf16|unet --size 512 --dtype bf16|unet --size 512 --dtype bf16"
     "VAE decode 512x512 bf16|vae-decode --size 512 --dtype bf16|vae-decode --size 512 --dtype bf16"
     "CLIP text encoder, 2 x 77 tokens bf16|text-encoder --dtype bf16|text-encoder --dtype bf16"
+    # diffuse's 8-bit weights (ops/q8.rs) beside PyTorch's bf16: PyTorch has no CPU int8 path
+    # for these models without a separate quantization toolkit.
+    "U-Net CFG step 512x512 q8 (PyTorch bf16)|unet --size 512 --dtype q8|unet --size 512 --dtype bf16"
+    "CLIP text encoder, 2 x 77 tokens q8 (PyTorch bf16)|text-encoder --dtype q8|text-encoder --dtype bf16"
 )
 if [ "$DEVICE" != cpu ]; then
     CASES=()

@@ -112,27 +112,36 @@ fn bf16_bits(byte: u8) -> u16 {
 /// byte per bf16) widened into those words: word `w` is bytes `2w` (low half) and `2w + 1`.
 pub fn widen_to_pair_words(bytes: &[u8]) -> Vec<u32> {
     let len = bytes.len().div_ceil(2);
-    // Every word is written below: the buffer is not zeroed first (a weight's worth of memset,
-    // a few percent of a q8 U-Net step).
     let mut words: Vec<u32> = Vec::with_capacity(len);
-    const CHUNK: usize = 1 << 14;
-    words.spare_capacity_mut()[..len]
+    // Little-endian words are their halves in order, so each byte maps to one u16 on its own: a
+    // plain map the compiler vectorizes (16 values an instruction with AVX-512). The buffer is
+    // not zeroed first, every half being written (a weight's worth of memset was a few percent
+    // of a q8 U-Net step).
+    let halves: &mut [std::mem::MaybeUninit<u16>] = {
+        let spare = &mut words.spare_capacity_mut()[..len];
+        // SAFETY: `len` u32 slots are `2 len` u16 slots of the same memory, u16's alignment
+        // dividing u32's.
+        unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast(), 2 * len) }
+    };
+    if let Some(last) = halves.get_mut(bytes.len()) {
+        // An odd count's last word pairs its value with bf16 zero.
+        last.write(0);
+    }
+    const CHUNK: usize = 1 << 15;
+    halves[..bytes.len()]
         .par_chunks_mut(CHUNK)
-        .zip(bytes.par_chunks(2 * CHUNK))
+        .zip(bytes.par_chunks(CHUNK))
         .for_each(|(dst, src)| {
             super::vector_math::with_wide_vectors(
                 #[inline(always)]
                 || {
-                    for (d, two) in dst.iter_mut().zip(src.chunks(2)) {
-                        let lo = u32::from(bf16_bits(two[0]));
-                        let hi = two.get(1).map_or(0, |&b| u32::from(bf16_bits(b)));
-                        d.write(lo | (hi << 16));
+                    for (d, &b) in dst.iter_mut().zip(src) {
+                        d.write(bf16_bits(b));
                     }
                 },
             )
         });
-    // SAFETY: the chunks cover all `len` words (two bytes each, the last possibly one) and
-    // every one was written.
+    // SAFETY: all `2 len` halves were written above.
     unsafe { words.set_len(len) };
     words
 }

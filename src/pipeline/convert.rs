@@ -15,7 +15,7 @@ use crate::single_file::{
     open_clip_destination, unapply, unet_original_name, vae_original_name, Destination,
 };
 use crate::weights::read_all;
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
@@ -331,8 +331,8 @@ pub fn folder_to_single_file(dir: &Path, out: &Path) -> Result<Converted> {
 }
 
 /// Writes the diffusers folder at `dir` to the new folder `out` with its text encoders' and
-/// U-Net's linear and convolution weights as q8 (`ops::q8`: i8 `weight` and f32
-/// `weight_scale`), exactly as `--dtype q8` quantizes them while loading; every other file is
+/// U-Net's weights as `--dtype q8` holds them: the linear and convolution weights it quantizes
+/// as q8 (`ops::q8`: i8 `weight` and f32 `weight_scale`), the rest bf16; every other file is
 /// copied. The folder loads directly, at about a quarter of those weights' f32 size.
 pub fn quantize_folder(dir: &Path, out: &Path) -> Result<Converted> {
     use crate::model::{text::ClipTextModel, unet::UNet2DConditionModel};
@@ -360,11 +360,21 @@ pub fn quantize_folder(dir: &Path, out: &Path) -> Result<Converted> {
     let (mut tensors, mut bytes) = (0, 0);
     for (path, q8) in &rewritten {
         let stored = read_all(&crate::weights::ComponentWeights::File(path.clone()))?;
-        let mut all: BTreeMap<String, Tensor> = stored;
+        // The float weights as `--dtype q8` holds them: bf16.
+        let mut all: BTreeMap<String, Tensor> = stored
+            .into_iter()
+            .map(|(name, t)| {
+                let t = match t.dtype() {
+                    DType::F32 | DType::F16 | DType::F64 => t.to_dtype(DType::BF16)?,
+                    _ => t,
+                };
+                Ok((name, t))
+            })
+            .collect::<Result<_>>()?;
         all.extend(q8.iter().map(|(name, t)| (name.clone(), t.clone())));
         let q8_names = q8
             .iter()
-            .filter(|(_, t)| t.dtype() == candle_core::DType::U8)
+            .filter(|(_, t)| t.dtype() == DType::U8)
             .map(|(name, _)| name.clone())
             .collect();
         let relative = path
