@@ -238,4 +238,30 @@ mod tests {
         let bf16_out = dense.forward(&x.to_dtype(DType::BF16).unwrap()).unwrap();
         assert_eq!(bf16_out.dtype(), DType::BF16);
     }
+
+    /// A q8 layer computes x W_q^T + b with its dequantized weight W_q, whether through the
+    /// packed bf16 kernels (CPUs with AVX512_BF16) or dequantized per call (an input that asks
+    /// for a gradient; every input on other CPUs).
+    #[test]
+    fn quantized_layers_compute_with_their_dequantized_weight() {
+        let weight = seeded_randn(&[40, 96], 4);
+        let bias = seeded_randn(&[40], 5);
+        let (bytes, scales) = q8::quantize(&weight, "weight").unwrap();
+        let layer = QuantizedLinear::new(bytes.clone(), scales.clone(), Some(bias.clone()));
+        let dense = Dense::Quantized(layer.unwrap());
+        assert_eq!(dense.bf16_products(), gemm_bf16::dot_available());
+        assert_eq!(dense.dims().unwrap(), (40, 96));
+        let dequantized = q8::dequantize(&bytes, &scales).unwrap();
+        let x = seeded_randn(&[3, 7, 96], 6);
+        let want = Linear::new(dequantized, Some(bias)).forward(&x).unwrap();
+        let scale = crate::ops::tensor::max_abs(&want).unwrap();
+        let tracked = candle_core::Var::from_tensor(&x).unwrap();
+        for (what, got, tolerance) in [
+            ("f32 input", dense.forward(&x).unwrap(), 1e-2),
+            ("tracked input", dense.forward(tracked.as_tensor()).unwrap(), 1e-5),
+        ] {
+            let err = crate::ops::tensor::max_abs(&(got - &want).unwrap()).unwrap() / scale;
+            assert!(err < tolerance, "{what}: {err}");
+        }
+    }
 }
