@@ -72,6 +72,9 @@ pub struct BenchArgs {
     /// sd-turbo does).
     #[arg(long, default_value_t = 7.5)]
     pub guidance: f64,
+    /// txt2img: the VAE's (and TAESD's) dtype, as txt2img's --vae-dtype.
+    #[arg(long, default_value = "f32")]
+    pub vae_dtype: String,
     /// txt2img: `taesd` decodes with random weights of madebyollin/taesd's shape instead of the
     /// VAE.
     #[arg(long, value_parser = ["taesd"])]
@@ -448,16 +451,17 @@ fn bench_txt2img(args: &BenchArgs) -> anyhow::Result<()> {
         UNet2DConditionModel::new(unet_config.clone(), vb)
     })?;
     let unet = UNet2DConditionModel::new(unet_config, vb)?;
-    // The VAE in f32 whatever --dtype says, as txt2img loads it by default.
+    // The VAE in --vae-dtype (f32 by default, whatever --dtype says), as txt2img loads it.
+    let vae_dtype = held_dtype(super::parse_dtype("--vae-dtype", &args.vae_dtype)?, &device);
     let vae_config: VaeConfig = serde_json::from_str(&read("vae", "config.json", SD15_VAE)?)?;
-    let (vb, vae_params) = random_weights(DType::F32, false, &device, |vb| {
+    let (vb, vae_params) = random_weights(vae_dtype, false, &device, |vb| {
         AutoencoderKL::new(vae_config.clone(), vb)
     })?;
     let vae = AutoencoderKL::new(vae_config, vb)?;
     let (tiny_vae, tiny_params) = match args.vae_decoder.as_deref() {
         Some(_) => {
             let config: TinyAutoencoderConfig = serde_json::from_str("{}")?;
-            let (vb, params) = random_weights(DType::F32, false, &device, |vb| {
+            let (vb, params) = random_weights(vae_dtype, false, &device, |vb| {
                 TinyAutoencoder::new(&config, vb)
             })?;
             (Some(TinyAutoencoder::new(&config, vb)?), params)
@@ -505,6 +509,7 @@ fn bench_txt2img(args: &BenchArgs) -> anyhow::Result<()> {
         options: LoadOptions {
             dtype,
             q8,
+            vae_dtype,
             device: device.clone(),
             ..Default::default()
         },
@@ -524,7 +529,7 @@ fn bench_txt2img(args: &BenchArgs) -> anyhow::Result<()> {
     // q8: about a byte a weight (norms, biases and embeddings, a few percent, are bf16).
     let held_bytes = if q8 { 1 } else { dtype.size_in_bytes() };
     let weights_mb = ((text_params + unet_params) * held_bytes
-        + (vae_params + tiny_params) * DType::F32.size_in_bytes()) as f64
+        + (vae_params + tiny_params) * vae_dtype.size_in_bytes()) as f64
         / (1024.0 * 1024.0);
     eprintln!(
         "txt2img at {size}x{size}, {} DDIM steps, guidance {}{}: {:.0} MiB of weights, built in {:.1} s",

@@ -258,7 +258,11 @@ mod tests {
         let tracked = candle_core::Var::from_tensor(&x).unwrap();
         for (what, got, tolerance) in [
             ("f32 input", dense.forward(&x).unwrap(), 1e-2),
-            ("tracked input", dense.forward(tracked.as_tensor()).unwrap(), 1e-5),
+            (
+                "tracked input",
+                dense.forward(tracked.as_tensor()).unwrap(),
+                1e-5,
+            ),
         ] {
             let err = crate::ops::tensor::max_abs(&(got - &want).unwrap()).unwrap() / scale;
             assert!(err < tolerance, "{what}: {err}");

@@ -185,8 +185,23 @@ impl Layer {
     }
 }
 
+/// The layers applied to `x`, in the dtype the first convolution's weights keep their
+/// activations in (`gemm_bf16::activation_dtype`: f32 between bf16 products on a CPU with the
+/// pair dot product, where candle's bf16 element-wise kernels took half a bf16 decode), the
+/// result in `x`'s dtype.
 fn run(layers: &[Layer], x: Tensor) -> Result<Tensor> {
-    layers.iter().try_fold(x, |h, layer| layer.forward(&h))
+    let weights = layers.iter().find_map(|layer| match layer {
+        Layer::Conv(conv) => Some(conv.dtype()),
+        _ => None,
+    });
+    let dtype = x.dtype();
+    let activations = weights.map_or(dtype, |w| {
+        crate::ops::gemm_bf16::activation_dtype(w, x.device())
+    });
+    let out = layers
+        .iter()
+        .try_fold(x.to_dtype(activations)?, |h, layer| layer.forward(&h))?;
+    Ok(out.to_dtype(dtype)?)
 }
 
 #[derive(Debug, Clone)]
