@@ -29,7 +29,7 @@ fn load_unet(dir: &Path, dtype: DType, q8: bool) -> diffuse::Result<UNet2DCondit
         q8,
         &Device::Cpu,
         Attachments::default(),
-        |vb| Ok(UNet2DConditionModel::new(config, vb)?),
+        |vb| UNet2DConditionModel::new(config, vb),
     )
 }
 
@@ -161,6 +161,20 @@ fn converted_folder_loads_as_quantized_while_loading() {
     let again = convert_q8(&tiny, &out);
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+    // Another 8-bit format, or a single file, is refused before anything is read.
+    let q4 = std::process::Command::new(env!("CARGO_BIN_EXE_diffuse"))
+        .arg("convert")
+        .arg(&tiny)
+        .arg(dir.join("q4"))
+        .args(["--dtype", "q4"])
+        .output()
+        .unwrap();
+    assert!(!q4.status.success());
+    assert!(String::from_utf8_lossy(&q4.stderr).contains("--dtype = q4"));
+    let file = convert_q8(&unet_file(&tiny), &dir.join("from-file"));
+    assert!(!file.status.success());
+    assert!(String::from_utf8_lossy(&file.stderr).contains("quantizes a diffusers folder"));
+    assert!(!dir.join("q4").exists() && !dir.join("from-file").exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

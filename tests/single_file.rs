@@ -81,6 +81,7 @@ fn read_component(weights: &diffuse::weights::ComponentWeights) -> HashMap<Strin
     diffuse::weights::load_component(
         weights,
         DType::F32,
+        false,
         &Device::Cpu,
         Default::default(),
         |vb| {

@@ -635,7 +635,7 @@ impl Transformer2D {
     pub fn new(channels: usize, s: &TransformerSettings, vb: VarBuilder) -> Result<Self> {
         let projection = |name: &str| -> Result<Projection> {
             Ok(if s.linear_projection {
-                Projection::Linear(linear(channels, channels, vb.pp(name))?.into())
+                Projection::Linear(linear(channels, channels, vb.pp(name))?)
             } else {
                 Projection::Conv(conv1x1(channels, channels, vb.pp(name))?)
             })
@@ -709,7 +709,7 @@ impl ResnetBlock2D {
             conv1: conv3x3(cin, cout, 1, 1, vb.pp("conv1"))?,
             time_emb_proj: s
                 .temb_channels
-                .map(|t| linear(t, cout, vb.pp("time_emb_proj")).map(Dense::from))
+                .map(|t| linear(t, cout, vb.pp("time_emb_proj")))
                 .transpose()?,
             norm2: group_norm(s.groups, cout, s.eps, vb.pp("norm2"))?,
             conv2: conv3x3(cout, cout, 1, 1, vb.pp("conv2"))?,

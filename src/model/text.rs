@@ -23,10 +23,10 @@ impl ClipAttention {
     fn new(c: &ClipTextConfig, vb: VarBuilder) -> Result<Self> {
         let d = c.hidden_size;
         Ok(Self {
-            q_proj: linear(d, d, vb.pp("q_proj"))?.into(),
-            k_proj: linear(d, d, vb.pp("k_proj"))?.into(),
-            v_proj: linear(d, d, vb.pp("v_proj"))?.into(),
-            out_proj: linear(d, d, vb.pp("out_proj"))?.into(),
+            q_proj: linear(d, d, vb.pp("q_proj"))?,
+            k_proj: linear(d, d, vb.pp("k_proj"))?,
+            v_proj: linear(d, d, vb.pp("v_proj"))?,
+            out_proj: linear(d, d, vb.pp("out_proj"))?,
             heads: c.num_attention_heads,
         })
     }
@@ -65,8 +65,8 @@ impl ClipLayer {
             layer_norm1: LayerNorm::new(c.hidden_size, c.layer_norm_eps, vb.pp("layer_norm1"))?,
             self_attn: ClipAttention::new(c, vb.pp("self_attn"))?,
             layer_norm2: LayerNorm::new(c.hidden_size, c.layer_norm_eps, vb.pp("layer_norm2"))?,
-            fc1: linear(c.hidden_size, c.intermediate_size, vb.pp("mlp.fc1"))?.into(),
-            fc2: linear(c.intermediate_size, c.hidden_size, vb.pp("mlp.fc2"))?.into(),
+            fc1: linear(c.hidden_size, c.intermediate_size, vb.pp("mlp.fc1"))?,
+            fc2: linear(c.intermediate_size, c.hidden_size, vb.pp("mlp.fc2"))?,
             quick_gelu: c.hidden_act == "quick_gelu",
         })
     }

@@ -189,8 +189,8 @@ impl UNet2DConditionModel {
             Precision::Float,
             vb.pp("conv_in"),
         )?;
-        let time_linear_1 = linear(channels[0], temb_dim, vb.pp("time_embedding.linear_1"))?.into();
-        let time_linear_2 = linear(temb_dim, temb_dim, vb.pp("time_embedding.linear_2"))?.into();
+        let time_linear_1 = linear(channels[0], temb_dim, vb.pp("time_embedding.linear_1"))?;
+        let time_linear_2 = linear(temb_dim, temb_dim, vb.pp("time_embedding.linear_2"))?;
         let class_embedding = config
             .num_class_embeds
             .map(|k| embedding(k, temb_dim, vb.pp("class_embedding")))
@@ -202,8 +202,8 @@ impl UNet2DConditionModel {
         ) {
             (Some("text_time"), Some(time_dim), Some(input_dim)) => Some(TextTimeEmbedding {
                 time_dim,
-                linear_1: linear(input_dim, temb_dim, vb.pp("add_embedding.linear_1"))?.into(),
-                linear_2: linear(temb_dim, temb_dim, vb.pp("add_embedding.linear_2"))?.into(),
+                linear_1: linear(input_dim, temb_dim, vb.pp("add_embedding.linear_1"))?,
+                linear_2: linear(temb_dim, temb_dim, vb.pp("add_embedding.linear_2"))?,
             }),
             _ => None,
         };

@@ -26,10 +26,10 @@ impl VaeAttention {
     fn new(channels: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             group_norm: group_norm(groups, channels, 1e-6, vb.pp("group_norm"))?,
-            to_q: linear(channels, channels, vb.pp("to_q"))?.into(),
-            to_k: linear(channels, channels, vb.pp("to_k"))?.into(),
-            to_v: linear(channels, channels, vb.pp("to_v"))?.into(),
-            to_out: linear(channels, channels, vb.pp("to_out.0"))?.into(),
+            to_q: linear(channels, channels, vb.pp("to_q"))?,
+            to_k: linear(channels, channels, vb.pp("to_k"))?,
+            to_v: linear(channels, channels, vb.pp("to_v"))?,
+            to_out: linear(channels, channels, vb.pp("to_out.0"))?,
         })
     }
 
