@@ -171,7 +171,7 @@ pub fn conv(
 ) -> Result<Conv2d> {
     use crate::ops::q8::SCALE_NAME;
     if precision == Precision::Quantizable && vb.contains_tensor(SCALE_NAME) {
-        let hints = candle_nn::Init::Const(0.0);
+        let hints = candle_nn::init::DEFAULT_KAIMING_NORMAL;
         let shape = (cout, cin / config.groups, kernel, kernel);
         let bytes = vb.get_with_hints_dtype(shape, "weight", hints, DType::U8)?;
         let scales = vb.get_with_hints_dtype(cout, SCALE_NAME, hints, DType::F32)?;

@@ -17,24 +17,36 @@ pub enum Dense {
 /// A linear layer `in_dim -> out_dim` with a bias, read from `vb` (`weight`, `bias`): 8-bit
 /// where `vb` offers `weight_scale` beside the weight (a q8 file, or any file loaded with
 /// `--dtype q8`), else as stored.
+/// A new layer's parameters (a training `VarMap`) start as `candle_nn::linear`'s do, drawn in
+/// the same order: Kaiming normal weights, then biases uniform in +-1/sqrt(in_dim).
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Dense> {
-    let bias = vb.get(out_dim, "bias")?;
-    load(in_dim, out_dim, Some(bias), vb)
+    load(in_dim, out_dim, true, vb)
 }
 
 /// [`linear`] without a bias.
 pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Dense> {
-    load(in_dim, out_dim, None, vb)
+    load(in_dim, out_dim, false, vb)
 }
 
-fn load(in_dim: usize, out_dim: usize, bias: Option<Tensor>, vb: VarBuilder) -> Result<Dense> {
+fn load(in_dim: usize, out_dim: usize, with_bias: bool, vb: VarBuilder) -> Result<Dense> {
+    let init = candle_nn::init::DEFAULT_KAIMING_NORMAL;
+    let bound = 1.0 / (in_dim as f64).sqrt();
+    let bias = |vb: &VarBuilder| -> Result<Option<Tensor>> {
+        let init = candle_nn::Init::Uniform {
+            lo: -bound,
+            up: bound,
+        };
+        with_bias
+            .then(|| vb.get_with_hints(out_dim, "bias", init))
+            .transpose()
+    };
     if vb.contains_tensor(q8::SCALE_NAME) {
-        let hints = candle_nn::Init::Const(0.0);
-        let bytes = vb.get_with_hints_dtype((out_dim, in_dim), "weight", hints, DType::U8)?;
-        let scales = vb.get_with_hints_dtype(out_dim, q8::SCALE_NAME, hints, DType::F32)?;
-        return QuantizedLinear::new(bytes, scales, bias).map(Dense::Quantized);
+        let bytes = vb.get_with_hints_dtype((out_dim, in_dim), "weight", init, DType::U8)?;
+        let scales = vb.get_with_hints_dtype(out_dim, q8::SCALE_NAME, init, DType::F32)?;
+        return QuantizedLinear::new(bytes, scales, bias(&vb)?).map(Dense::Quantized);
     }
-    Ok(Linear::new(vb.get((out_dim, in_dim), "weight")?, bias).into())
+    let weight = vb.get_with_hints((out_dim, in_dim), "weight", init)?;
+    Ok(Linear::new(weight, bias(&vb)?).into())
 }
 
 /// A linear layer with q8 weights: offset bytes, packed for the bf16 kernels where the CPU has
