@@ -9,6 +9,10 @@
 //! columns fold back onto the input (col2im); where the output has the input's size, the input
 //! gradient is instead the convolution of dout with the flipped, transposed kernel.
 //!
+//! A 3x3 convolution at stride 1 with one pixel of padding over large maps goes through
+//! Winograd's F(2x2, 3x3) instead ([`crate::ops::winograd`]), and so does its input gradient,
+//! which is such a convolution too.
+//!
 //! A batch of small maps (a training step) goes image by image, one image per thread, so that
 //! each image's columns are built, multiplied and used in one core's cache; one image or large
 //! maps go band by band, each product on all threads ([`Plan`]).
@@ -20,6 +24,7 @@
 
 use super::vector_math;
 use crate::ops::tensor::contiguous_f32;
+use crate::ops::winograd::SameConv3x3;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -334,6 +339,20 @@ impl Geometry {
         kernel
     }
 
+    /// A 3x3 "same" convolution large enough for Winograd's F(2x2, 3x3) to pay.
+    fn winograd(&self) -> Option<SameConv3x3> {
+        let same =
+            self.kernel_h == 3 && self.kernel_w == 3 && self.stride == 1 && self.padding == 1;
+        let conv = SameConv3x3 {
+            batch: self.batch,
+            channels: self.channels,
+            out_channels: self.out_channels,
+            height: self.height,
+            width: self.width,
+        };
+        (same && conv.pays()).then_some(conv)
+    }
+
     /// Output rows as wide as input rows at stride 1 (a "same" convolution): a tap then reads
     /// the input plane at one fixed offset from each output pixel, so a column row is one
     /// shifted copy of the plane.
@@ -620,6 +639,9 @@ impl Geometry {
 
     /// The convolution of `x` (B, C, H, W) plus `bias`, as (B, O, Ho, Wo).
     fn forward(&self, x: &[f32], weight: &[f32], bias: &[f32], plan: Plan) -> Vec<f32> {
+        if let Some(winograd) = self.winograd().filter(|_| plan == Plan::Bands) {
+            return winograd.forward(x, weight, bias);
+        }
         let image_floats = self.out_channels * self.out_pixels();
         let mut out = vec![0f32; self.batch * image_floats];
         let fill_bias = |planes: &mut [f32]| {
@@ -970,9 +992,10 @@ mod tests {
     /// (batch, channels, out_channels, kernel, stride, padding, height, width): 3x3 and 1x1
     /// kernels, strides 1 and 2, with and without padding, odd and even sizes, bands of several
     /// whole images (small images) and of some rows of one image (a depth of 4608 over 1000
-    /// pixels is past the band size).
+    /// pixels is past the band size), and same 3x3 convolutions of one image large enough for
+    /// Winograd's F(2x2, 3x3) (forward and input gradient).
     type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
-    const CASES: [Case; 12] = [
+    const CASES: [Case; 14] = [
         (3, 3, 5, 3, 1, 1, 7, 9),
         // Strided cases square: candle's own input gradient has the wrong width for non-square
         // inputs at stride 2.
@@ -989,7 +1012,28 @@ mod tests {
         (3, 3, 4, 3, 1, 1, 2, 2),
         (2, 512, 2, 3, 1, 1, 40, 25),
         (2, 512, 3, 1, 1, 0, 90, 100),
+        (1, 16, 24, 3, 1, 1, 30, 21),
+        (1, 9, 8, 3, 1, 1, 33, 64),
     ];
+
+    /// The last two cases are the ones Winograd's F(2x2, 3x3) takes, forward and backward.
+    #[test]
+    fn winograd_cases_take_winograd() {
+        for (index, case) in CASES.iter().enumerate() {
+            let (batch, channels, out_channels, kernel, stride, padding, height, width) = *case;
+            let g = Geometry::new(
+                &Conv2dGemm { stride, padding },
+                &Shape::from((batch, channels, height, width)),
+                &Shape::from((out_channels, channels, kernel, kernel)),
+            )
+            .unwrap();
+            let winograd = g.winograd().is_some() && g.plan(2) == Plan::Bands;
+            let transposed = g.transposed().is_some_and(|t| t.winograd().is_some());
+            let expected = index >= CASES.len() - 2;
+            assert_eq!(winograd, expected, "{g:?}");
+            assert_eq!(transposed, expected, "{g:?}");
+        }
+    }
 
     /// Values and all three gradients equal candle's own conv2d plus bias over [`CASES`].
     #[test]

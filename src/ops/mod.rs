@@ -4,7 +4,7 @@
 //! products (`conv_gemm`), convolution as shifted views for GPUs (`im2col`), blocked attention
 //! (`attention`), fused group norm (`norm`), and the vectorised element-wise functions they share
 //! (`vector_math`); bf16 products for inference (`gemm_bf16`) on AVX512_BF16 or AMX tiles
-//! (`amx`).
+//! (`amx`); 3x3 convolutions by Winograd's F(2x2, 3x3) (`winograd`).
 
 pub mod amx;
 pub mod attention;
@@ -17,3 +17,4 @@ pub mod q8;
 pub mod runtime;
 pub mod tensor;
 pub mod vector_math;
+pub mod winograd;
