@@ -33,9 +33,11 @@ impl SimpleBackend for ShapeCounter {
         candle_core::bail!("unexpected unchecked get of {name}")
     }
     fn contains_tensor(&self, name: &str) -> bool {
-        // Every weight of the config exists; LoRA adapters (which the model looks for) do not,
-        // nor a text projection unless asked for.
-        !name.contains(".lora_") && (self.1 || name != "text_projection.weight")
+        // Every weight of the config exists; LoRA adapters and 8-bit scales (which the model
+        // looks for) do not, nor a text projection unless asked for.
+        !name.contains(".lora_")
+            && !name.ends_with("weight_scale")
+            && (self.1 || name != "text_projection.weight")
     }
 }
 
