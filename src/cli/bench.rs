@@ -112,7 +112,8 @@ fn random_weights<T, E: std::error::Error + Send + Sync + 'static>(
     build: impl FnOnce(VarBuilder) -> Result<T, E>,
 ) -> anyhow::Result<(VarBuilder<'static>, usize)> {
     let weights = random_tensors(dtype, device, build)?;
-    Ok((weights.var_builder(dtype, q8, device), weights.count))
+    let count = weights.count;
+    Ok((weights.into_var_builder(dtype, q8, device), count))
 }
 
 /// The tensors of [`random_weights`].
@@ -154,6 +155,56 @@ impl RandomTensors {
             ),
             false => VarBuilder::from_tensors(tensors, dtype, device),
         }
+    }
+}
+
+impl RandomTensors {
+    /// [`Self::var_builder`], handing each tensor over as it is read (q8 reads some twice): a
+    /// layer that keeps its weight in another form (transposed, packed) then holds the only
+    /// copy, as when it loads from a file, and the peak memory is the model's.
+    fn into_var_builder(self, dtype: DType, q8: bool, device: &Device) -> VarBuilder<'static> {
+        if q8 {
+            return self.var_builder(dtype, q8, device);
+        }
+        let tensors = TakenTensors(std::sync::Mutex::new(self.tensors));
+        VarBuilder::from_backend(Box::new(tensors), dtype, device.clone())
+    }
+}
+
+/// Tensors that leave the map as the model reads them.
+struct TakenTensors(std::sync::Mutex<std::collections::HashMap<String, Tensor>>);
+
+impl candle_nn::var_builder::SimpleBackend for TakenTensors {
+    fn get(
+        &self,
+        shape: candle_core::Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let tensor = self.get_unchecked(name, dtype, device)?;
+        if tensor.shape() != &shape {
+            candle_core::bail!("{name}: {:?}, expected {shape:?}", tensor.shape())
+        }
+        Ok(tensor)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let tensor = self.0.lock().expect("tensor map lock").remove(name);
+        match tensor {
+            Some(tensor) => tensor.to_device(device)?.to_dtype(dtype),
+            None => candle_core::bail!("no tensor {name} (or read twice)"),
+        }
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.lock().expect("tensor map lock").contains_key(name)
     }
 }
 
@@ -706,8 +757,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
         false => None,
     };
-    let mut step = make_step(weights.var_builder(dtype, q8, &device))?;
-    drop(weights);
+    let mut step = make_step(weights.into_var_builder(dtype, q8, &device))?;
     eprintln!(
         "{:?} at {size}x{size}: {:.1} M parameters, built in {:.1} s",
         args.component,
