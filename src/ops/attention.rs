@@ -9,7 +9,7 @@
 
 use super::gemm_bf16::{HeadScratch, PackedHeads};
 use super::vector_math::{exp_nonpositive, with_wide_vectors};
-use crate::ops::tensor::contiguous_f32;
+use crate::ops::tensor::{contiguous_f32, single_thread_product};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
@@ -18,43 +18,6 @@ const MAX_SCORES: usize = 1 << 26;
 
 /// Query rows per task of the forward pass: 64 rows of 4096 scores are 1 MiB, cache-sized.
 const QUERY_BLOCK: usize = 64;
-
-/// `dst (m x n, row stride dst_rs) = lhs (m x k) rhs (k x n)` on this thread (the tasks around
-/// it are the parallel part), lhs and rhs given by their (row, column) strides.
-///
-/// # Safety
-/// Every matrix must hold the elements its shape and strides name.
-unsafe fn single_thread_product(
-    (m, n, k): (usize, usize, usize),
-    dst: &mut [f32],
-    dst_rs: usize,
-    lhs: &[f32],
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: &[f32],
-    (rhs_rs, rhs_cs): (usize, usize),
-) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst.as_mut_ptr(),
-        1,
-        dst_rs as isize,
-        false,
-        lhs.as_ptr(),
-        lhs_cs as isize,
-        lhs_rs as isize,
-        rhs.as_ptr(),
-        rhs_cs as isize,
-        rhs_rs as isize,
-        0.0,
-        1.0,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    )
-}
 
 /// Replaces a row of scores s by exp(scale (s - max s)), the numerators of softmax(scale s), and
 /// returns their sum.

@@ -71,3 +71,40 @@ pub fn seeded_randn(shape: &[usize], seed: u64) -> Tensor {
         .randn(shape)
         .expect("seeded noise")
 }
+
+/// `dst (m x n, row stride dst_rs) = lhs (m x k) rhs (k x n)` on this thread (the tasks around
+/// it are the parallel part: attention heads, convolution tile blocks), lhs and rhs given by their (row, column) strides.
+///
+/// # Safety
+/// Every matrix must hold the elements its shape and strides name.
+pub unsafe fn single_thread_product(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    dst_rs: usize,
+    lhs: &[f32],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[f32],
+    (rhs_rs, rhs_cs): (usize, usize),
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.as_mut_ptr(),
+        1,
+        dst_rs as isize,
+        false,
+        lhs.as_ptr(),
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs.as_ptr(),
+        rhs_cs as isize,
+        rhs_rs as isize,
+        0.0,
+        1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
+}

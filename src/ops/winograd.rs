@@ -15,6 +15,7 @@
 //! transformed patches are made, multiplied and consumed while they are still in its core's
 //! caches.
 
+use crate::ops::tensor::single_thread_product;
 use rayon::prelude::*;
 
 /// Tiles per block: enough columns that the products amortise packing the transformed filters
@@ -307,29 +308,17 @@ impl SameConv3x3 {
                     products.resize(POSITIONS * self.out_channels * tiles, 0.0);
                     self.transform_patches(x, block, tiles, patches);
                     for position in 0..POSITIONS {
-                        // SAFETY: U_ξ is O x C at row stride 16 C, V_ξ C x tiles and M_ξ O x tiles at
-                        // row stride `tiles`, all inside their buffers.
+                        // SAFETY: U_ξ is O x C at row stride 16 C, V_ξ C x tiles and M_ξ O x tiles
+                        // at row stride `tiles`, all inside their buffers.
                         unsafe {
-                            gemm::gemm(
-                                self.out_channels,
+                            single_thread_product(
+                                (self.out_channels, tiles, self.channels),
+                                &mut products[position * self.out_channels * tiles..],
                                 tiles,
-                                self.channels,
-                                products[position * self.out_channels * tiles..].as_mut_ptr(),
-                                1,
-                                tiles as isize,
-                                false,
-                                filters[position * self.channels..].as_ptr(),
-                                1,
-                                (POSITIONS * self.channels) as isize,
-                                patches[position * self.channels * tiles..].as_ptr(),
-                                1,
-                                tiles as isize,
-                                0.0,
-                                1.0,
-                                false,
-                                false,
-                                false,
-                                gemm::Parallelism::None,
+                                &filters[position * self.channels..],
+                                (POSITIONS * self.channels, 1),
+                                &patches[position * self.channels * tiles..],
+                                (tiles, 1),
                             )
                         };
                     }
