@@ -61,7 +61,7 @@ impl SameConv3x3 {
     /// Whether F(2x2, 3x3) pays here. The transformed filters (16 floats a filter, made at every
     /// call) must be cheap beside the products they save: always so with 256 tiles or more;
     /// with fewer, only while they fit in a cache (SD 1.5's 1280-channel layers at 16x16, 128
-    /// tiles and 105 MB of them, ran 1.3x slower than the direct product on a 2-core Xeon;
+    /// tiles and 105 MB of them, ran 1.25x slower than the direct product on a 2-core Xeon;
     /// its 640-channel ones at 16x16, 26 MB, 1.45x faster).
     pub fn pays(&self) -> bool {
         const CACHED_FILTER_BYTES: usize = 32 << 20;
