@@ -493,7 +493,7 @@ impl candle_nn::var_builder::SimpleBackend for QuantizingBackend {
             Some(layer) if !self.inner.contains_tensor(name) => {
                 let weight_name = format!("{layer}weight");
                 let weight = self.inner.get_unchecked(&weight_name, DType::F32, dev)?;
-                let (_, scales) = q8::quantize(&weight, &weight_name)?;
+                let scales = q8::scales(&weight, &weight_name)?;
                 if scales.dims() != shape.dims() {
                     candle_core::bail!(
                         "{weight_name}: {} output channels, the layer expects {:?}",

@@ -136,10 +136,7 @@ impl QuantizedConv {
         let (kh, kw) = self.kernel;
         let words = gemm_bf16::widened(&self.bytes)?;
         let integers = gemm_bf16::unpack_conv_weight(&words, self.channels, kh, kw)?;
-        q8::dequantize(
-            &(integers.to_dtype(DType::F32)? + f64::from(q8::OFFSET))?,
-            &self.scales,
-        )
+        q8::scale_rows(&integers, &self.scales)
     }
 }
 
@@ -255,42 +252,45 @@ impl Conv2d {
     }
 }
 
+impl Conv2d {
+    /// The packed kernel and the bf16 kernels' op of a convolution whose products run there (a
+    /// packed bf16 or q8 kernel).
+    fn bf16_op(&self) -> Option<(&Tensor, crate::ops::gemm_bf16::Conv2dBf16)> {
+        use crate::ops::gemm_bf16::Conv2dBf16;
+        match self {
+            Self::PackedBf16(p) => Some((
+                &p.words,
+                Conv2dBf16 {
+                    channels: p.channels,
+                    kernel: p.kernel,
+                    padding: p.config.padding,
+                    bias: p.bias_values.clone(),
+                    scales: None,
+                },
+            )),
+            Self::Quantized(q) if q.packed => Some((
+                &q.bytes,
+                Conv2dBf16 {
+                    channels: q.channels,
+                    kernel: q.kernel,
+                    padding: q.config.padding,
+                    bias: q.bias_values.clone(),
+                    scales: Some(q.scale_values.clone()),
+                },
+            )),
+            _ => None,
+        }
+    }
+}
+
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let bf16_input =
+            x.device().is_cpu() && !x.track_op() && matches!(x.dtype(), DType::BF16 | DType::F32);
+        if let Some((kernel, op)) = bf16_input.then(|| self.bf16_op()).flatten() {
+            return x.contiguous()?.apply_op2_no_bwd(kernel, &op);
+        }
         let conv = match self {
-            Self::PackedBf16(p)
-                if x.device().is_cpu()
-                    && !x.track_op()
-                    && matches!(x.dtype(), DType::BF16 | DType::F32) =>
-            {
-                return x.contiguous()?.apply_op2_no_bwd(
-                    &p.words,
-                    &crate::ops::gemm_bf16::Conv2dBf16 {
-                        channels: p.channels,
-                        kernel: p.kernel,
-                        padding: p.config.padding,
-                        bias: p.bias_values.clone(),
-                        scales: None,
-                    },
-                );
-            }
-            Self::Quantized(q)
-                if q.packed
-                    && x.device().is_cpu()
-                    && !x.track_op()
-                    && matches!(x.dtype(), DType::BF16 | DType::F32) =>
-            {
-                return x.contiguous()?.apply_op2_no_bwd(
-                    &q.bytes,
-                    &crate::ops::gemm_bf16::Conv2dBf16 {
-                        channels: q.channels,
-                        kernel: q.kernel,
-                        padding: q.config.padding,
-                        bias: q.bias_values.clone(),
-                        scales: Some(q.scale_values.clone()),
-                    },
-                );
-            }
             Self::Plain(conv) => std::borrow::Cow::Borrowed(conv),
             // The dequantized kernel in the activations' dtype.
             Self::Quantized(_) => {

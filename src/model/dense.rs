@@ -87,16 +87,13 @@ impl QuantizedLinear {
 
     /// The f32 weight (out, in) the bytes and scales stand for.
     fn dequantized(&self) -> Result<Tensor> {
-        let bytes = match self.packed {
-            false => std::borrow::Cow::Borrowed(&self.bytes),
-            true => {
-                let words = gemm_bf16::widened(&self.bytes)?;
-                let integers =
-                    gemm_bf16::unpack_linear_weight(&words, self.in_features, self.out_features)?;
-                std::borrow::Cow::Owned((integers.to_dtype(DType::F32)? + f64::from(q8::OFFSET))?)
-            }
-        };
-        q8::dequantize(&bytes, &self.scales)
+        if !self.packed {
+            return q8::dequantize(&self.bytes, &self.scales);
+        }
+        let words = gemm_bf16::widened(&self.bytes)?;
+        let integers =
+            gemm_bf16::unpack_linear_weight(&words, self.in_features, self.out_features)?;
+        q8::scale_rows(&integers, &self.scales)
     }
 }
 
@@ -216,40 +213,42 @@ impl Dense {
     }
 }
 
+impl Dense {
+    /// The packed weight and the bf16 kernels' op of a layer whose products run there (a packed
+    /// bf16 or q8 weight).
+    fn bf16_op(&self) -> Option<(&Tensor, gemm_bf16::LinearBf16)> {
+        match self {
+            Self::PackedBf16(p) => Some((
+                &p.words,
+                gemm_bf16::LinearBf16 {
+                    in_features: p.in_features,
+                    out_features: p.out_features,
+                    bias: p.bias_values.clone(),
+                    scales: None,
+                },
+            )),
+            Self::Quantized(q) if q.packed => Some((
+                &q.bytes,
+                gemm_bf16::LinearBf16 {
+                    in_features: q.in_features,
+                    out_features: q.out_features,
+                    bias: q.bias_values.clone(),
+                    scales: Some(q.scale_values.clone()),
+                },
+            )),
+            _ => None,
+        }
+    }
+}
+
 impl Module for Dense {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let bf16_input =
+            x.device().is_cpu() && !x.track_op() && matches!(x.dtype(), DType::BF16 | DType::F32);
+        if let Some((weight, op)) = bf16_input.then(|| self.bf16_op()).flatten() {
+            return x.contiguous()?.apply_op2_no_bwd(weight, &op);
+        }
         match self {
-            Self::PackedBf16(p)
-                if x.device().is_cpu()
-                    && !x.track_op()
-                    && matches!(x.dtype(), DType::BF16 | DType::F32) =>
-            {
-                x.contiguous()?.apply_op2_no_bwd(
-                    &p.words,
-                    &gemm_bf16::LinearBf16 {
-                        in_features: p.in_features,
-                        out_features: p.out_features,
-                        bias: p.bias_values.clone(),
-                        scales: None,
-                    },
-                )
-            }
-            Self::Quantized(q)
-                if q.packed
-                    && x.device().is_cpu()
-                    && !x.track_op()
-                    && matches!(x.dtype(), DType::BF16 | DType::F32) =>
-            {
-                x.contiguous()?.apply_op2_no_bwd(
-                    &q.bytes,
-                    &gemm_bf16::LinearBf16 {
-                        in_features: q.in_features,
-                        out_features: q.out_features,
-                        bias: q.bias_values.clone(),
-                        scales: Some(q.scale_values.clone()),
-                    },
-                )
-            }
             Self::Plain(layer) if layer.weight().dtype() == x.dtype() => layer.forward(x),
             Self::TransposedF32(t) if x.dtype() == DType::F32 => t.forward(x),
             // Weights of another dtype than the activations (a bf16 model keeping f32

@@ -63,9 +63,9 @@ pub fn quantize_rows(values: &[f32], len: usize, scales: &[f32]) -> Vec<u8> {
     bytes
 }
 
-/// A float weight whose first dimension is the output channel, as (offset bytes, scales): U8
-/// and F32 tensors on the weight's device. A non-finite weight is refused, naming `what`.
-pub fn quantize(weight: &Tensor, what: &str) -> Result<(Tensor, Tensor)> {
+/// The values of a float weight whose first dimension is the output channel, as (values,
+/// rows, row length); a non-finite weight is refused, naming `what`.
+fn finite_rows(weight: &Tensor, what: &str) -> Result<(Vec<f32>, usize, usize)> {
     let rows = weight.dim(0)?;
     let len = weight.elem_count() / rows.max(1);
     let values = weight
@@ -78,6 +78,13 @@ pub fn quantize(weight: &Tensor, what: &str) -> Result<(Tensor, Tensor)> {
             values[bad]
         )
     }
+    Ok((values, rows, len))
+}
+
+/// A float weight whose first dimension is the output channel, as (offset bytes, scales): U8
+/// and F32 tensors on the weight's device. A non-finite weight is refused, naming `what`.
+pub fn quantize(weight: &Tensor, what: &str) -> Result<(Tensor, Tensor)> {
+    let (values, rows, len) = finite_rows(weight, what)?;
     let scales = row_scales(&values, rows, len);
     let bytes = quantize_rows(&values, len, &scales);
     let device = weight.device();
@@ -87,14 +94,26 @@ pub fn quantize(weight: &Tensor, what: &str) -> Result<(Tensor, Tensor)> {
     ))
 }
 
+/// The per-output scales [`quantize`] gives `weight`, without its bytes.
+pub fn scales(weight: &Tensor, what: &str) -> Result<Tensor> {
+    let (values, rows, len) = finite_rows(weight, what)?;
+    Tensor::from_vec(row_scales(&values, rows, len), rows, weight.device())
+}
+
 /// The f32 weight that offset bytes (first dimension the output channel) and their per-row
 /// scales stand for, on their device.
 pub fn dequantize(bytes: &Tensor, scales: &Tensor) -> Result<Tensor> {
-    let rows = bytes.dim(0)?;
-    let mut scale_shape = vec![rows];
-    scale_shape.resize(bytes.rank(), 1);
-    let integers = (bytes.to_dtype(DType::F32)? - f64::from(OFFSET))?;
-    integers.broadcast_mul(&scales.to_dtype(DType::F32)?.reshape(scale_shape)?)
+    scale_rows(&(bytes.to_dtype(DType::F32)? - f64::from(OFFSET))?, scales)
+}
+
+/// The integers (any float dtype, first dimension the output channel) times their row's scale,
+/// in f32.
+pub fn scale_rows(integers: &Tensor, scales: &Tensor) -> Result<Tensor> {
+    let mut scale_shape = vec![integers.dim(0)?];
+    scale_shape.resize(integers.rank(), 1);
+    integers
+        .to_dtype(DType::F32)?
+        .broadcast_mul(&scales.to_dtype(DType::F32)?.reshape(scale_shape)?)
 }
 
 /// The offset byte of a stored i8 (its bit pattern with the top bit flipped), and back.
