@@ -317,42 +317,44 @@ impl ReduceSum<'_> {
         match src_l.contiguous_offsets() {
             Some((o1, o2)) => {
                 let src = &src[o1..o2];
-                // Handle the case where we reduce over the last dimensions separately as it is
-                // fairly common and easy to optimize. This rely on the layout being contiguous!
-                // reduce_dims is sorted, check if it is ranging from a to n-1.
-                let reduce_over_last_dims = self
-                    .reduce_dims
-                    .iter()
-                    .rev()
-                    .enumerate()
-                    .all(|(i, &v)| v == src_l.shape().rank() - 1 - i);
-                if reduce_over_last_dims {
-                    let reduce_sz = self
-                        .reduce_dims_and_stride
-                        .iter()
-                        .map(|(u, _)| u)
-                        .product::<usize>();
-                    for (dst_i, dst_v) in dst.iter_mut().enumerate() {
-                        let src_i = dst_i * reduce_sz;
-                        unsafe {
-                            T::vec_reduce_sum(
-                                src[src_i..src_i + reduce_sz].as_ptr(),
-                                dst_v,
-                                reduce_sz,
-                            )
-                        };
+                // diffuse patch: the source is walked in runs of its trailing dimensions that are
+                // all reduced or all kept, and the destination index is computed once per run
+                // instead of once per element (a divide and a modulo per reduced dimension). A
+                // run of reduced dimensions sums into one element; a run of kept ones adds
+                // element by element into a contiguous stretch of the destination.
+                let dims = src_l.shape().dims();
+                let is_reduced = |dim: usize| self.reduce_dims.contains(&dim);
+                let last_reduced = dims.is_empty() || is_reduced(dims.len() - 1);
+                let mut run = 1;
+                for dim in (0..dims.len()).rev() {
+                    if is_reduced(dim) != last_reduced {
+                        break;
                     }
+                    run *= dims[dim];
+                }
+                if run == 0 {
                     return Ok(dst);
-                };
-                for (unstr_index, &src) in src.iter().enumerate() {
+                }
+                let dst_start = |unstr_index: usize| {
                     let mut dst_index = unstr_index;
-                    // Set the reduce_dims indexes to 0.
                     for &(dim, stride) in self.reduce_dims_and_stride.iter() {
-                        // The compiler is able to optimize the following in a single divmod op.
                         let (pre, post) = (dst_index / stride, dst_index % stride);
                         dst_index = (pre / dim) * stride + post;
                     }
-                    dst[dst_index] += src;
+                    dst_index
+                };
+                for (run_index, chunk) in src.chunks_exact(run).enumerate() {
+                    let dst_index = dst_start(run_index * run);
+                    if last_reduced {
+                        let mut sum = T::zero();
+                        unsafe { T::vec_reduce_sum(chunk.as_ptr(), &mut sum, run) };
+                        dst[dst_index] += sum;
+                    } else {
+                        for (dst_v, &src_v) in dst[dst_index..dst_index + run].iter_mut().zip(chunk)
+                        {
+                            *dst_v += src_v;
+                        }
+                    }
                 }
             }
             None => {
@@ -1478,7 +1480,20 @@ impl Map2 for MatMul {
         let dst_rs = dst_strides[0];
         let dst_cs = dst_strides[1];
 
-        let mut dst = vec![T::zero(); b * m * n];
+        // diffuse patch: with `read_dst` false and k > 0 the product writes every element of
+        // `dst`, so the buffer is not zeroed first (a memset of every product's output).
+        let mut dst = if k > 0 {
+            let mut dst = Vec::with_capacity(b * m * n);
+            // SAFETY: `T` is a plain number type and every element is written by `gemm` below
+            // before anything reads it.
+            #[allow(clippy::uninit_vec)]
+            unsafe {
+                dst.set_len(b * m * n)
+            };
+            dst
+        } else {
+            vec![T::zero(); b * m * n]
+        };
         let num_threads = crate::utils::get_num_threads();
         let parallelism = if num_threads > 1 {
             Parallelism::Rayon(num_threads)
