@@ -3,18 +3,21 @@
 //! training alike). Composed of candle ops, softmax(Q K^T / sqrt(d)) V would hold its scores,
 //! their softmax and three intermediates per head until the backward pass: at SD 1.5's 64x64
 //! latent (4096 tokens, 8 heads) 537 MB each, 19 GB over the five such layers. Here the graph
-//! holds only Q, K, V and the output; the backward pass recomputes the probabilities a few heads
-//! at a time, as FlashAttention does (Dao et al. 2022, algorithm 4, with whole rows instead of
-//! tiles): one more Q K^T product for a fraction of the memory.
+//! holds only Q, K, V and the output; the backward pass recomputes the probabilities a block of
+//! query rows at a time, as FlashAttention does (Dao et al. 2022, algorithm 4, with whole rows
+//! instead of tiles): one more Q K^T product for a fraction of the memory.
 
 use super::gemm_bf16::{HeadScratch, PackedHeads};
 use super::vector_math::{exp_nonpositive, with_wide_vectors};
-use crate::ops::tensor::{contiguous_f32, single_thread_product};
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
+use crate::ops::tensor::{
+    contiguous_f32, single_thread_product, single_thread_product_into as product,
+};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-/// At most this many score values (heads x N x M) exist at once: 256 MB of f32.
-const MAX_SCORES: usize = 1 << 26;
+/// Query rows whose probabilities and score gradients one thread holds at once in the backward
+/// pass: 128 rows of 4096 keys are 2 MiB each.
+const BACKWARD_ROWS: usize = 128;
 
 /// Query rows per task of the forward pass: 64 rows of 4096 scores are 1 MiB, cache-sized.
 const QUERY_BLOCK: usize = 64;
@@ -55,22 +58,11 @@ fn softmax_numerators(row: &mut [f32], scale: f32) -> f32 {
 #[derive(Debug, Clone, Copy)]
 struct Attention {
     scale: f64,
-    max_scores: usize,
+    /// Query rows per block of the backward pass.
+    backward_rows: usize,
     /// Both products through the bf16 pair dot product (`gemm_bf16`), inference only: Q, K, V
     /// and the probabilities rounded to bf16, the sums in f32.
     bf16_products: bool,
-}
-
-impl Attention {
-    /// Heads per chunk: as many as keep the scores under `max_scores`, at least one.
-    fn chunk(&self, n: usize, m: usize) -> usize {
-        (self.max_scores / (n * m).max(1)).max(1)
-    }
-
-    /// softmax(Q K^T scale) for heads `q` (h, N, d) and `k` (h, M, d).
-    fn probabilities(&self, q: &Tensor, k: &Tensor) -> Result<Tensor> {
-        candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * self.scale)?)
-    }
 }
 
 impl CustomOp3 for Attention {
@@ -176,7 +168,9 @@ impl CustomOp3 for Attention {
     }
 
     /// With P = softmax(S), S = Q K^T scale and dO the output's gradient:
-    /// dV = P^T dO, dP = dO V^T, dS = P (dP - rowsum(dP P)), dQ = dS K scale, dK = dS^T Q scale.
+    /// dV = P^T dO, dP = dO V^T, dS = scale P (dP - rowsum(dP P)), dQ = dS K, dK = dS^T Q.
+    /// One task per head; within it, blocks of query rows whose P and dS stay in cache, dV and
+    /// dK summed over the blocks.
     fn bwd(
         &self,
         q: &Tensor,
@@ -185,29 +179,130 @@ impl CustomOp3 for Attention {
         _out: &Tensor,
         grad_out: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (q, k, v) = (q.detach(), k.detach(), v.detach());
+        let (heads, n, d) = q.dims3()?;
+        let (_, m, dv) = v.dims3()?;
         let grad_out = grad_out.contiguous()?;
-        let (heads, n, _) = q.dims3()?;
-        let chunk = self.chunk(n, k.dim(1)?);
-        let (mut dq, mut dk, mut dv) = (Vec::new(), Vec::new(), Vec::new());
-        for start in (0..heads).step_by(chunk) {
-            let len = chunk.min(heads - start);
-            let part = |t: &Tensor| t.narrow(0, start, len);
-            let (q, k, v, d_out) = (part(&q)?, part(&k)?, part(&v)?, part(&grad_out)?);
-            let p = self.probabilities(&q, &k)?;
-            dv.push(p.t()?.matmul(&d_out)?);
-            let dp = d_out.matmul(&v.t()?)?;
-            let row = (&dp * &p)?.sum_keepdim(D::Minus1)?;
-            let ds = ((p * dp.broadcast_sub(&row)?)? * self.scale)?;
-            dq.push(ds.matmul(&k)?);
-            dk.push(ds.t()?.matmul(&q)?);
-        }
+        let (q_storage, q_layout) = q.storage_and_layout();
+        let (k_storage, k_layout) = k.storage_and_layout();
+        let (v_storage, v_layout) = v.storage_and_layout();
+        let (g_storage, g_layout) = grad_out.storage_and_layout();
+        let (q, k, v, grad_out) = (
+            cpu_f32(&q_storage, q_layout, "the queries")?,
+            cpu_f32(&k_storage, k_layout, "the keys")?,
+            cpu_f32(&v_storage, v_layout, "the values")?,
+            cpu_f32(&g_storage, g_layout, "the output's gradient")?,
+        );
+        let mut dq = vec![0f32; heads * n * d];
+        let mut dk = vec![0f32; heads * m * d];
+        let mut dv_all = vec![0f32; heads * m * dv];
+        let scale = self.scale as f32;
+        let rows_per_block = self.backward_rows.max(1);
+        dq.par_chunks_mut(n * d)
+            .zip(dk.par_chunks_mut(m * d))
+            .zip(dv_all.par_chunks_mut(m * dv))
+            .enumerate()
+            .for_each_init(
+                || (Vec::new(), Vec::new()),
+                |(p, ds): &mut (Vec<f32>, Vec<f32>), (head, ((dq, dk), dv_head))| {
+                    let q = &q[head * n * d..][..n * d];
+                    let k = &k[head * m * d..][..m * d];
+                    let v = &v[head * m * dv..][..m * dv];
+                    let grad_out = &grad_out[head * n * dv..][..n * dv];
+                    for first in (0..n).step_by(rows_per_block) {
+                        let rows = rows_per_block.min(n - first);
+                        let accumulate = first > 0;
+                        let q_block = &q[first * d..][..rows * d];
+                        let g_block = &grad_out[first * dv..][..rows * dv];
+                        p.resize(rows * m, 0.0);
+                        ds.resize(rows * m, 0.0);
+                        // SAFETY (every product below): each matrix holds the elements its
+                        // shape and strides name.
+                        unsafe { product((rows, m, d), p, m, q_block, (d, 1), k, (1, d), false) };
+                        for row in p.chunks_exact_mut(m) {
+                            let inverse = 1.0 / softmax_numerators(row, scale);
+                            scale_in_place(row, inverse);
+                        }
+                        unsafe {
+                            product(
+                                (m, dv, rows),
+                                dv_head,
+                                dv,
+                                p,
+                                (1, m),
+                                g_block,
+                                (dv, 1),
+                                accumulate,
+                            );
+                            product((rows, m, dv), ds, m, g_block, (dv, 1), v, (1, dv), false);
+                        }
+                        for (ds_row, p_row) in ds.chunks_exact_mut(m).zip(p.chunks_exact(m)) {
+                            score_gradient(ds_row, p_row, scale);
+                        }
+                        let dq_block = &mut dq[first * d..][..rows * d];
+                        unsafe {
+                            product((rows, d, m), dq_block, d, ds, (m, 1), k, (d, 1), false);
+                            product((m, d, rows), dk, d, ds, (1, m), q_block, (d, 1), accumulate);
+                        }
+                    }
+                },
+            );
+        let shaped = |data: Vec<f32>, rows: usize, width: usize| {
+            Tensor::from_vec(data, (heads, rows, width), &candle_core::Device::Cpu)
+        };
         Ok((
-            Some(Tensor::cat(&dq, 0)?),
-            Some(Tensor::cat(&dk, 0)?),
-            Some(Tensor::cat(&dv, 0)?),
+            Some(shaped(dq, n, d)?),
+            Some(shaped(dk, m, d)?),
+            Some(shaped(dv_all, m, dv)?),
         ))
     }
+}
+
+/// The f32 values of a contiguous CPU tensor's storage.
+fn cpu_f32<'a>(
+    storage: &'a candle_core::Storage,
+    layout: &Layout,
+    what: &str,
+) -> Result<&'a [f32]> {
+    match storage {
+        candle_core::Storage::Cpu(cpu) => contiguous_f32(cpu, layout, "attention", what),
+        _ => candle_core::bail!("attention: {what} must be on the CPU"),
+    }
+}
+
+/// Multiplies every value of `row` by `factor`.
+fn scale_in_place(row: &mut [f32], factor: f32) {
+    with_wide_vectors(
+        #[inline(always)]
+        || row.iter_mut().for_each(|value| *value *= factor),
+    )
+}
+
+/// Turns a row of dP into the row of dS = scale P (dP - sum_j dP_j P_j): the gradient of the
+/// softmax's input (its Jacobian is diag(P) - P P^T) times the score scale.
+fn score_gradient(ds_row: &mut [f32], p_row: &[f32], scale: f32) {
+    with_wide_vectors(
+        #[inline(always)]
+        || {
+            // Eight running sums, kept in one vector register.
+            let mut lanes = [0f32; 8];
+            let mut chunks = ds_row.chunks_exact(8).zip(p_row.chunks_exact(8));
+            for (dp, p) in &mut chunks {
+                for ((lane, dp), p) in lanes.iter_mut().zip(dp).zip(p) {
+                    *lane += dp * p;
+                }
+            }
+            let tail = ds_row.len() / 8 * 8;
+            let row_sum = lanes.iter().sum::<f32>()
+                + ds_row[tail..]
+                    .iter()
+                    .zip(&p_row[tail..])
+                    .map(|(dp, p)| dp * p)
+                    .sum::<f32>();
+            for (dp, p) in ds_row.iter_mut().zip(p_row) {
+                *dp = scale * p * (*dp - row_sum);
+            }
+        },
+    )
 }
 
 /// softmax(Q K^T scale) V for f32 CPU tensors q (BH, N, d), k and v (BH, M, d), with a backward
@@ -220,7 +315,7 @@ pub fn memory_efficient_attention(
 ) -> Result<Tensor> {
     let op = Attention {
         scale,
-        max_scores: MAX_SCORES,
+        backward_rows: BACKWARD_ROWS,
         bf16_products: false,
     };
     q.contiguous()?
@@ -237,7 +332,7 @@ pub fn attention_with_bf16_products(
 ) -> Result<Tensor> {
     let op = Attention {
         scale,
-        max_scores: MAX_SCORES,
+        backward_rows: BACKWARD_ROWS,
         bf16_products: true,
     };
     q.contiguous()?
@@ -247,7 +342,7 @@ pub fn attention_with_bf16_products(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::{Device, Var, D};
 
     fn composed(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
         candle_nn::ops::softmax(&(q.matmul(&k.t()?)? * scale)?, D::Minus1)?.matmul(v)
@@ -293,46 +388,49 @@ mod tests {
         }
     }
 
-    /// Output and all three gradients match the composed attention, also when the heads are
-    /// split into chunks of one and two.
+    /// Output and all three gradients match the composed attention, also when the backward pass
+    /// works through blocks of one, two and three query rows (the last one partial); rows of
+    /// fewer keys than a vector and of several vectors and a tail, values of their own width.
     #[test]
     fn matches_the_composed_attention_and_its_gradients() {
         let device = Device::Cpu;
-        let q = Var::randn(0f32, 1., (3, 5, 4), &device).unwrap();
-        let k = Var::randn(0f32, 1., (3, 7, 4), &device).unwrap();
-        let v = Var::randn(0f32, 1., (3, 7, 4), &device).unwrap();
-        let probe = Tensor::randn(0f32, 1., (3, 5, 4), &device).unwrap();
-        let scale = 0.5;
-        let reference = composed(&q, &k, &v, scale).unwrap();
-        let reference_grads = (&reference * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for max_scores in [MAX_SCORES, 35, 70] {
-            let op = Attention {
-                scale,
-                max_scores,
-                bf16_products: false,
-            };
-            let out = q
-                .as_tensor()
-                .apply_op3(k.as_tensor(), v.as_tensor(), op)
-                .unwrap();
-            assert!(max_diff(&out, &reference) < 1e-5);
-            let grads = (&out * &probe)
+        for (heads, n, m, d, dv) in [(3, 5, 7, 4, 4), (2, 19, 21, 6, 5)] {
+            let q = Var::randn(0f32, 1., (heads, n, d), &device).unwrap();
+            let k = Var::randn(0f32, 1., (heads, m, d), &device).unwrap();
+            let v = Var::randn(0f32, 1., (heads, m, dv), &device).unwrap();
+            let probe = Tensor::randn(0f32, 1., (heads, n, dv), &device).unwrap();
+            let scale = 0.5;
+            let reference = composed(&q, &k, &v, scale).unwrap();
+            let reference_grads = (&reference * &probe)
                 .unwrap()
                 .sum_all()
                 .unwrap()
                 .backward()
                 .unwrap();
-            for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
-                let diff = max_diff(grads.get(var).unwrap(), reference_grads.get(var).unwrap());
-                assert!(
-                    diff < 1e-5,
-                    "d{name} differs by {diff} (max_scores {max_scores})"
-                );
+            for backward_rows in [BACKWARD_ROWS, 1, 2, 3] {
+                let op = Attention {
+                    scale,
+                    backward_rows,
+                    bf16_products: false,
+                };
+                let out = q
+                    .as_tensor()
+                    .apply_op3(k.as_tensor(), v.as_tensor(), op)
+                    .unwrap();
+                assert!(max_diff(&out, &reference) < 1e-5);
+                let grads = (&out * &probe)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
+                    let diff = max_diff(grads.get(var).unwrap(), reference_grads.get(var).unwrap());
+                    assert!(
+                        diff < 1e-5,
+                        "d{name} differs by {diff} ({heads}x{n}x{m}, {backward_rows} rows a block)"
+                    );
+                }
             }
         }
     }

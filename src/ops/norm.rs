@@ -1,5 +1,6 @@
-//! Group normalisation (Wu & He 2018, eq. 1-2 with groups of channels) as one fused op with a
-//! hand-written backward. candle-nn's GroupNorm is a chain of ten tensor ops, each a full pass
+//! Group normalisation (Wu & He 2018, eq. 1-2 with groups of channels) and layer normalisation
+//! (Ba et al. 2016, eq. 4, over the last dimension) as fused ops with hand-written backward
+//! passes. candle-nn's GroupNorm is a chain of ten tensor ops, each a full pass
 //! over the activation forward and two or more backward (its broadcast reductions are strided
 //! sums); in the pixel-DDPM U-Net that chain cost more than the convolutions.
 
@@ -318,6 +319,203 @@ impl CustomOp3 for GroupNormBackward {
     }
 }
 
+/// Layer normalisation of f32 CPU rows (the last dimension) with a per-feature scale and shift,
+/// y = (x - mean) rstd weight + bias, and its backward pass: composed from candle's ops it is
+/// seven passes forward and more than a dozen backward, two of them strided sums over the rows.
+pub fn layer_norm_rows(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3(weight, bias, FusedLayerNorm { eps })
+}
+
+#[derive(Debug, Clone, Copy)]
+struct FusedLayerNorm {
+    eps: f64,
+}
+
+/// Rows per task of the layer norm's backward pass, each task with its own partial sums of the
+/// weight and bias gradients.
+const LAYER_NORM_ROWS: usize = 64;
+
+impl FusedLayerNorm {
+    /// Mean and 1/sqrt(var + eps) of one row (biased variance, as PyTorch).
+    #[inline(always)]
+    fn moments(&self, row: &[f32]) -> (f32, f32) {
+        let n = row.len() as f64;
+        let mean = vector_math::sum(row) / n;
+        let var = vector_math::sum_squared_deviations(row, mean) / n;
+        (mean as f32, (1.0 / (var + self.eps).sqrt()) as f32)
+    }
+
+    /// The row width, which the weight and bias must match.
+    fn width(x: &Layout, weight: &Layout, bias: &Layout) -> Result<usize> {
+        let width = *x.shape().dims().last().unwrap_or(&1);
+        if weight.shape().elem_count() != width || bias.shape().elem_count() != width {
+            candle_core::bail!(
+                "layer norm: weight {:?} and bias {:?} must have the input's last dimension {width}",
+                weight.shape(),
+                bias.shape()
+            )
+        }
+        Ok(width)
+    }
+}
+
+impl CustomOp3 for FusedLayerNorm {
+    fn name(&self) -> &'static str {
+        "layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        weight: &CpuStorage,
+        weight_layout: &Layout,
+        bias: &CpuStorage,
+        bias_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let width = Self::width(x_layout, weight_layout, bias_layout)?;
+        let x = contiguous_f32(x, x_layout, "layer norm", "the input")?;
+        let weight = contiguous_f32(weight, weight_layout, "layer norm", "the weight")?;
+        let bias = contiguous_f32(bias, bias_layout, "layer norm", "the bias")?;
+        let mut out = vec![0f32; x.len()];
+        if width > 0 {
+            out.par_chunks_mut(width)
+                .zip(x.par_chunks(width))
+                .for_each(|(y, row)| {
+                    with_wide_vectors(
+                        #[inline(always)]
+                        || {
+                            let (mean, rstd) = self.moments(row);
+                            for (((y, v), w), b) in y.iter_mut().zip(row).zip(weight).zip(bias) {
+                                *y = (v - mean) * rstd * w + b;
+                            }
+                        },
+                    )
+                });
+        }
+        Ok((CpuStorage::F32(out), x_layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let width = weight.elem_count();
+        let grads = x.contiguous()?.apply_op3_no_bwd(
+            &grad.contiguous()?,
+            &weight.contiguous()?,
+            &LayerNormBackward { norm: *self },
+        )?;
+        let n = x.elem_count();
+        let dx = grads.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dweight = grads.narrow(0, n, width)?.reshape(weight.shape())?;
+        let dbias = grads.narrow(0, n + width, width)?.reshape(bias.shape())?;
+        Ok((Some(dx), Some(dweight), Some(dbias)))
+    }
+}
+
+/// The layer norm's backward pass on (x, dy, weight); returns [dx, dweight, dbias] flat. With
+/// xhat = (x - mean) rstd and g = dy weight over a row: dx = rstd (g - mean(g) - xhat
+/// mean(g xhat)); dweight = sum dy xhat and dbias = sum dy over the rows.
+struct LayerNormBackward {
+    norm: FusedLayerNorm,
+}
+
+impl CustomOp3 for LayerNormBackward {
+    fn name(&self) -> &'static str {
+        "layer-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        dy: &CpuStorage,
+        dy_layout: &Layout,
+        weight: &CpuStorage,
+        weight_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let width = FusedLayerNorm::width(x_layout, weight_layout, weight_layout)?;
+        let x = contiguous_f32(x, x_layout, "layer norm", "the input")?;
+        let dy = contiguous_f32(dy, dy_layout, "layer norm", "the output gradient")?;
+        let weight = contiguous_f32(weight, weight_layout, "layer norm", "the weight")?;
+        if dy.len() != x.len() {
+            candle_core::bail!(
+                "layer norm: output gradient {:?} does not fit the input {:?}",
+                dy_layout.shape(),
+                x_layout.shape()
+            )
+        }
+        let n = x.len();
+        let mut out = vec![0f32; n + 2 * width];
+        if width == 0 {
+            return Ok((CpuStorage::F32(out), Shape::from(n)));
+        }
+        let block = LAYER_NORM_ROWS * width;
+        // Per task: sum dy xhat and sum dy for each feature, added up afterwards.
+        let partials: Vec<Vec<f32>> = out[..n]
+            .par_chunks_mut(block)
+            .zip(x.par_chunks(block).zip(dy.par_chunks(block)))
+            .map(|(dx_block, (x_block, dy_block))| {
+                let mut sums = vec![0f32; 2 * width];
+                with_wide_vectors(
+                    #[inline(always)]
+                    || {
+                        let (dweight, dbias) = sums.split_at_mut(width);
+                        for ((dx, row), incoming) in dx_block
+                            .chunks_exact_mut(width)
+                            .zip(x_block.chunks_exact(width))
+                            .zip(dy_block.chunks_exact(width))
+                        {
+                            let (mean, rstd) = self.norm.moments(row);
+                            let (mut sum_g, mut sum_g_xhat) = (0f32, 0f32);
+                            for ((((v, d), w), dw), db) in row
+                                .iter()
+                                .zip(incoming)
+                                .zip(weight)
+                                .zip(dweight.iter_mut())
+                                .zip(dbias.iter_mut())
+                            {
+                                let xhat = (v - mean) * rstd;
+                                let g = d * w;
+                                sum_g += g;
+                                sum_g_xhat += g * xhat;
+                                *dw += d * xhat;
+                                *db += d;
+                            }
+                            let mean_g = sum_g / width as f32;
+                            let mean_g_xhat = sum_g_xhat / width as f32;
+                            for (((dx, v), d), w) in
+                                dx.iter_mut().zip(row).zip(incoming).zip(weight)
+                            {
+                                let xhat = (v - mean) * rstd;
+                                *dx = rstd * (d * w - mean_g - xhat * mean_g_xhat);
+                            }
+                        }
+                    },
+                );
+                sums
+            })
+            .collect();
+        let (dweight, dbias) = out[n..].split_at_mut(width);
+        for sums in &partials {
+            for (total, part) in dweight.iter_mut().zip(&sums[..width]) {
+                *total += part;
+            }
+            for (total, part) in dbias.iter_mut().zip(&sums[width..]) {
+                *total += part;
+            }
+        }
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(len)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -331,6 +529,51 @@ mod tests {
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
         crate::ops::tensor::max_abs(&(a - b).unwrap()).unwrap()
+    }
+
+    /// Forward values and all three gradients equal layer normalisation composed from candle's
+    /// ops, over rows wider than a vector with a tail and over more rows than one task.
+    #[test]
+    fn layer_norm_matches_composed_ops_forward_and_backward() {
+        for (shape, seed) in [(vec![2, 3, 21], 10u64), (vec![150, 9], 20)] {
+            let width = *shape.last().unwrap();
+            let x = Var::from_tensor(&seeded(&shape, seed).affine(3.0, 1.0).unwrap()).unwrap();
+            let weight = Var::from_tensor(&seeded(&[width], seed + 1)).unwrap();
+            let bias = Var::from_tensor(&seeded(&[width], seed + 2)).unwrap();
+            let eps = 1e-5;
+            let composed = {
+                let mean = x.mean_keepdim(candle_core::D::Minus1).unwrap();
+                let centred = x.broadcast_sub(&mean).unwrap();
+                let var = centred
+                    .sqr()
+                    .unwrap()
+                    .mean_keepdim(candle_core::D::Minus1)
+                    .unwrap();
+                centred
+                    .broadcast_div(&(var + eps).unwrap().sqrt().unwrap())
+                    .unwrap()
+                    .broadcast_mul(&weight)
+                    .unwrap()
+                    .broadcast_add(&bias)
+                    .unwrap()
+            };
+            let fused = layer_norm_rows(&x, &weight, &bias, eps).unwrap();
+            assert!(max_diff(&fused, &composed) < 1e-5);
+            let probe = seeded(&shape, seed + 3);
+            let grads = |out: &Tensor| {
+                (out * &probe)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap()
+            };
+            let (g_fused, g_composed) = (grads(&fused), grads(&composed));
+            for (name, var) in [("x", &x), ("weight", &weight), ("bias", &bias)] {
+                let d = max_diff(g_fused.get(var).unwrap(), g_composed.get(var).unwrap());
+                assert!(d < 1e-4, "d{name} differs by {d} for {shape:?}");
+            }
+        }
     }
 
     /// Forward values and all three gradients equal candle-nn's composed GroupNorm.

@@ -78,6 +78,32 @@ pub fn seeded_randn(shape: &[usize], seed: u64) -> Tensor {
 /// # Safety
 /// Every matrix must hold the elements its shape and strides name.
 pub unsafe fn single_thread_product(
+    shape: (usize, usize, usize),
+    dst: &mut [f32],
+    dst_rs: usize,
+    lhs: &[f32],
+    lhs_strides: (usize, usize),
+    rhs: &[f32],
+    rhs_strides: (usize, usize),
+) {
+    single_thread_product_into(
+        shape,
+        dst,
+        dst_rs,
+        lhs,
+        lhs_strides,
+        rhs,
+        rhs_strides,
+        false,
+    )
+}
+
+/// [`single_thread_product`], adding the product to `dst` when `accumulate` (sums over blocks).
+///
+/// # Safety
+/// Every matrix must hold the elements its shape and strides name.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn single_thread_product_into(
     (m, n, k): (usize, usize, usize),
     dst: &mut [f32],
     dst_rs: usize,
@@ -85,6 +111,7 @@ pub unsafe fn single_thread_product(
     (lhs_rs, lhs_cs): (usize, usize),
     rhs: &[f32],
     (rhs_rs, rhs_cs): (usize, usize),
+    accumulate: bool,
 ) {
     gemm::gemm(
         m,
@@ -93,14 +120,14 @@ pub unsafe fn single_thread_product(
         dst.as_mut_ptr(),
         1,
         dst_rs as isize,
-        false,
+        accumulate,
         lhs.as_ptr(),
         lhs_cs as isize,
         lhs_rs as isize,
         rhs.as_ptr(),
         rhs_cs as isize,
         rhs_rs as isize,
-        0.0,
+        if accumulate { 1.0 } else { 0.0 },
         1.0,
         false,
         false,

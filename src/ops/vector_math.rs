@@ -152,6 +152,14 @@ pub fn gelu(x: f32) -> f32 {
     0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
+/// d gelu / dx = Phi(x) + x phi(x), phi(x) = e^(-x^2 / 2) / sqrt(2 pi).
+#[inline(always)]
+pub fn gelu_derivative(x: f32) -> f32 {
+    const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
+    let cdf = 0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
+    cdf + x * FRAC_1_SQRT_2PI * exp_nonpositive(-0.5 * x * x)
+}
+
 /// The sum in f64 (eight running partial sums, which the compiler keeps in vector registers; a
 /// single running sum is one dependent addition per value).
 #[inline(always)]
