@@ -10,7 +10,7 @@
 use super::gemm_bf16::{HeadScratch, PackedHeads};
 use super::vector_math::{exp_nonpositive, with_wide_vectors};
 use crate::ops::tensor::{
-    contiguous_f32, single_thread_product, single_thread_product_into as product,
+    contiguous_f32, single_thread_product, single_thread_product_into as product, storage_f32,
 };
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -187,10 +187,10 @@ impl CustomOp3 for Attention {
         let (v_storage, v_layout) = v.storage_and_layout();
         let (g_storage, g_layout) = grad_out.storage_and_layout();
         let (q, k, v, grad_out) = (
-            cpu_f32(&q_storage, q_layout, "the queries")?,
-            cpu_f32(&k_storage, k_layout, "the keys")?,
-            cpu_f32(&v_storage, v_layout, "the values")?,
-            cpu_f32(&g_storage, g_layout, "the output's gradient")?,
+            storage_f32(&q_storage, q_layout, "attention", "the queries")?,
+            storage_f32(&k_storage, k_layout, "attention", "the keys")?,
+            storage_f32(&v_storage, v_layout, "attention", "the values")?,
+            storage_f32(&g_storage, g_layout, "attention", "the output's gradient")?,
         );
         let mut dq = vec![0f32; heads * n * d];
         let mut dk = vec![0f32; heads * m * d];
@@ -254,18 +254,6 @@ impl CustomOp3 for Attention {
             Some(shaped(dk, m, d)?),
             Some(shaped(dv_all, m, dv)?),
         ))
-    }
-}
-
-/// The f32 values of a contiguous CPU tensor's storage.
-fn cpu_f32<'a>(
-    storage: &'a candle_core::Storage,
-    layout: &Layout,
-    what: &str,
-) -> Result<&'a [f32]> {
-    match storage {
-        candle_core::Storage::Cpu(cpu) => contiguous_f32(cpu, layout, "attention", what),
-        _ => candle_core::bail!("attention: {what} must be on the CPU"),
     }
 }
 

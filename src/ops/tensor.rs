@@ -50,6 +50,25 @@ pub fn contiguous_f32<'a>(
     }
 }
 
+/// The f32 values of a contiguous tensor's CPU storage, from `tensor.storage_and_layout()`;
+/// errors name the op and the input.
+pub fn storage_f32<'a>(
+    storage: &'a candle_core::Storage,
+    layout: &Layout,
+    op: &str,
+    what: &str,
+) -> Result<&'a [f32]> {
+    match storage {
+        candle_core::Storage::Cpu(cpu) => contiguous_f32(cpu, layout, op, what),
+        _ => candle_core::bail!("{op}: {what} must be on the CPU"),
+    }
+}
+
+/// Whether `tensor` is an f32 tensor on the CPU (what the fused CPU kernels take).
+pub fn is_cpu_f32(tensor: &Tensor) -> bool {
+    tensor.device().is_cpu() && tensor.dtype() == candle_core::DType::F32
+}
+
 /// A standard-normal tensor of `shape` from `seed` (tests).
 /// The VarMap's variables sorted by name (a VarMap is a HashMap, whose order changes between
 /// runs; every loop over parameters that touches an RNG or a file goes through this order).

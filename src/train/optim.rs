@@ -60,10 +60,26 @@ impl AdamW {
         let t = self.updates as i32;
         let correction1 = 1.0 - p.beta1.powi(t);
         let correction2 = 1.0 - p.beta2.powi(t);
+        let coefficients = AdamWUpdate {
+            beta1: p.beta1 as f32,
+            beta2: p.beta2 as f32,
+            eps: p.eps as f32,
+            grad_scale: grad_scale as f32,
+            inverse_correction1: (1.0 / correction1) as f32,
+            inverse_correction2: (1.0 / correction2) as f32,
+            learning_rate: learning_rate as f32,
+            decay: (1.0 - learning_rate * p.weight_decay) as f32,
+        };
         for (i, var) in vars.iter().enumerate() {
             let Some(grad) = grads.get(var) else {
                 continue;
             };
+            let moments = (&self.first_moments[i], &self.second_moments[i]);
+            if let Some((m, v)) = coefficients.fused(var, grad, moments)? {
+                self.first_moments[i] = m;
+                self.second_moments[i] = v;
+                continue;
+            }
             // A variable's gradient can still hold the op that made it (and through it the step's
             // activations); moments built on it would chain every step's graph to the next.
             let grad = grad.detach().affine(grad_scale, 0.0)?;
@@ -82,6 +98,100 @@ impl AdamW {
             self.second_moments[i] = v;
         }
         Ok(())
+    }
+}
+
+/// One AdamW update's coefficients, for the fused CPU pass.
+#[derive(Debug, Clone, Copy)]
+struct AdamWUpdate {
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    grad_scale: f32,
+    inverse_correction1: f32,
+    inverse_correction2: f32,
+    learning_rate: f32,
+    /// 1 - lr wd.
+    decay: f32,
+}
+
+/// Values per task of the fused update.
+const UPDATE_CHUNK: usize = 1 << 14;
+
+impl AdamWUpdate {
+    /// The update of [`AdamW::step`] in one pass over f32 CPU tensors (composed, it is thirteen
+    /// passes, each with a fresh tensor): sets the variable and returns the new moments, or
+    /// `None` for other devices and dtypes.
+    fn fused(
+        &self,
+        var: &Var,
+        grad: &Tensor,
+        (m, v): (&Tensor, &Tensor),
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        use crate::ops::tensor::{is_cpu_f32, storage_f32};
+        use crate::ops::vector_math::with_wide_vectors;
+        use rayon::prelude::*;
+        if ![var.as_tensor(), grad, m, v].into_iter().all(is_cpu_f32) {
+            return Ok(None);
+        }
+        let (grad, m, v) = (grad.contiguous()?, m.contiguous()?, v.contiguous()?);
+        let weights = var.as_tensor().contiguous()?;
+        let count = weights.elem_count();
+        let (mut new_w, mut new_m, mut new_v) =
+            (vec![0f32; count], vec![0f32; count], vec![0f32; count]);
+        {
+            let (w_storage, w_layout) = weights.storage_and_layout();
+            let (g_storage, g_layout) = grad.storage_and_layout();
+            let (m_storage, m_layout) = m.storage_and_layout();
+            let (v_storage, v_layout) = v.storage_and_layout();
+            let w = storage_f32(&w_storage, w_layout, "adamw", "the weights")?;
+            let g = storage_f32(&g_storage, g_layout, "adamw", "the gradient")?;
+            let m = storage_f32(&m_storage, m_layout, "adamw", "the first moments")?;
+            let v = storage_f32(&v_storage, v_layout, "adamw", "the second moments")?;
+            if g.len() != count || m.len() != count || v.len() != count {
+                candle_core::bail!(
+                    "adamw: gradient or moments do not have the weights' {count} values"
+                )
+            }
+            let c = *self;
+            new_w
+                .par_chunks_mut(UPDATE_CHUNK)
+                .zip(new_m.par_chunks_mut(UPDATE_CHUNK))
+                .zip(new_v.par_chunks_mut(UPDATE_CHUNK))
+                .enumerate()
+                .for_each(|(chunk, ((new_w, new_m), new_v))| {
+                    let at = chunk * UPDATE_CHUNK;
+                    let len = new_w.len();
+                    let (w, g, m, v) = (
+                        &w[at..][..len],
+                        &g[at..][..len],
+                        &m[at..][..len],
+                        &v[at..][..len],
+                    );
+                    with_wide_vectors(
+                        #[inline(always)]
+                        || {
+                            for i in 0..len {
+                                let g = g[i] * c.grad_scale;
+                                let m = c.beta1 * m[i] + (1.0 - c.beta1) * g;
+                                let v = c.beta2 * v[i] + (1.0 - c.beta2) * (g * g);
+                                let m_hat = m * c.inverse_correction1;
+                                let v_hat = v * c.inverse_correction2;
+                                let update = m_hat / (v_hat.sqrt() + c.eps);
+                                new_w[i] = w[i] * c.decay - c.learning_rate * update;
+                                new_m[i] = m;
+                                new_v[i] = v;
+                            }
+                        },
+                    )
+                });
+        }
+        let shape = weights.shape();
+        var.set(&Tensor::from_vec(new_w, shape, weights.device())?)?;
+        Ok(Some((
+            Tensor::from_vec(new_m, shape, weights.device())?,
+            Tensor::from_vec(new_v, shape, weights.device())?,
+        )))
     }
 }
 
@@ -128,9 +238,21 @@ impl AdamW {
 /// The global L2 norm of the gradients of `vars` (absent gradients count as zero).
 pub fn grad_norm(vars: &[Var], grads: &GradStore) -> Result<f64> {
     // One read-back for all the parameters: on a GPU each read waits for the queue to drain.
-    let squares = vars
-        .iter()
-        .filter_map(|var| grads.get(var))
+    let gradients: Vec<&Tensor> = vars.iter().filter_map(|var| grads.get(var)).collect();
+    if gradients.iter().all(|g| crate::ops::tensor::is_cpu_f32(g)) {
+        // f32 CPU gradients: squares summed in f64 in one pass each.
+        let mut total = 0f64;
+        for g in gradients {
+            let g = g.contiguous()?;
+            let (storage, layout) = g.storage_and_layout();
+            let values =
+                crate::ops::tensor::storage_f32(&storage, layout, "grad norm", "a gradient")?;
+            total += crate::ops::vector_math::sum_squared_deviations(values, 0.0);
+        }
+        return Ok(total.sqrt());
+    }
+    let squares = gradients
+        .into_iter()
         .map(|g| g.to_dtype(DType::F64)?.sqr()?.sum_all())
         .collect::<Result<Vec<_>>>()?;
     if squares.is_empty() {
@@ -222,6 +344,67 @@ mod tests {
         let got = var.as_tensor().to_vec1::<f32>().unwrap();
         for i in 0..2 {
             assert!((got[i] as f64 - x[i]).abs() < 1e-6, "{got:?} vs {x:?}");
+        }
+    }
+
+    /// The fused f32 pass (taken for f32 CPU variables) equals the composed update (taken for
+    /// f64 ones) over three steps with clipping and weight decay, on more values than one task;
+    /// the gradient norm likewise.
+    #[test]
+    fn fused_update_matches_the_composed_one() {
+        let count = 2 * UPDATE_CHUNK + 77;
+        let start = crate::ops::tensor::seeded_randn(&[count], 5);
+        let target = crate::ops::tensor::seeded_randn(&[count], 6);
+        let params = AdamWParams {
+            weight_decay: 0.05,
+            ..Default::default()
+        };
+        let run = |dtype: DType| {
+            let var = Var::from_tensor(&start.to_dtype(dtype).unwrap()).unwrap();
+            let target = target.to_dtype(dtype).unwrap();
+            let mut opt = AdamW::new(std::slice::from_ref(&var), params).unwrap();
+            let mut norms = Vec::new();
+            for _ in 0..3 {
+                let loss = (var.as_tensor() - &target)
+                    .unwrap()
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap();
+                let grads = loss.backward().unwrap();
+                let norm = grad_norm(std::slice::from_ref(&var), &grads).unwrap();
+                norms.push(norm);
+                opt.step(
+                    std::slice::from_ref(&var),
+                    &grads,
+                    0.01,
+                    clip_factor(norm, 50.0),
+                )
+                .unwrap();
+            }
+            let as_f64 = |t: &Tensor| t.to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
+            (
+                as_f64(var.as_tensor()),
+                as_f64(&opt.first_moments[0]),
+                as_f64(&opt.second_moments[0]),
+                norms,
+            )
+        };
+        let (fused, composed) = (run(DType::F32), run(DType::F64));
+        for (name, a, b) in [
+            ("weights", &fused.0, &composed.0),
+            ("first moments", &fused.1, &composed.1),
+            ("second moments", &fused.2, &composed.2),
+        ] {
+            let worst = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs() / (1.0 + y.abs()))
+                .fold(0.0, f64::max);
+            assert!(worst < 1e-5, "{name} differ by {worst}");
+        }
+        for (a, b) in fused.3.iter().zip(&composed.3) {
+            assert!((a - b).abs() < 1e-5 * b, "gradient norms {a} and {b}");
         }
     }
 
