@@ -6,7 +6,9 @@ use candle_core::{Device, Tensor};
 
 /// Pseudo-random values with a fixed seed, so a failure names one reproducible case.
 fn values(count: usize, seed: u64) -> Vec<f32> {
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..count)
         .map(|_| {
             state = state
@@ -91,9 +93,22 @@ fn strided_and_contiguous_sums_agree() -> candle_core::Result<()> {
     let tensor = Tensor::from_vec(values(6 * 10 * 4, 9), (6, 10, 4), &Device::Cpu)?;
     let strided = tensor.transpose(0, 2)?;
     let contiguous = strided.contiguous()?;
-    for reduced in [vec![0], vec![1], vec![2], vec![0, 1], vec![0, 2], vec![1, 2]] {
-        let a = strided.sum_keepdim(reduced.clone())?.flatten_all()?.to_vec1::<f32>()?;
-        let b = contiguous.sum_keepdim(reduced.clone())?.flatten_all()?.to_vec1::<f32>()?;
+    for reduced in [
+        vec![0],
+        vec![1],
+        vec![2],
+        vec![0, 1],
+        vec![0, 2],
+        vec![1, 2],
+    ] {
+        let a = strided
+            .sum_keepdim(reduced.clone())?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let b = contiguous
+            .sum_keepdim(reduced.clone())?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         for (x, y) in a.iter().zip(&b) {
             assert!((x - y).abs() <= 1e-5, "over {reduced:?}: {x} against {y}");
         }
