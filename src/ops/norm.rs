@@ -190,19 +190,29 @@ impl CustomOp3 for FusedGroupNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let channels = weight.dim(0)?;
         let affine = Tensor::cat(&[weight, bias], 0)?;
         let grads = x.contiguous()?.apply_op3_no_bwd(
             &grad.contiguous()?,
             &affine,
             &GroupNormBackward { norm: *self },
         )?;
-        let n = x.elem_count();
-        let dx = grads.narrow(0, 0, n)?.reshape(x.shape())?;
-        let dweight = grads.narrow(0, n, channels)?;
-        let dbias = grads.narrow(0, n + channels, channels)?;
-        Ok((Some(dx), Some(dweight), Some(dbias)))
+        split_gradients(&grads, x, weight, bias)
     }
+}
+
+/// The three gradients of a norm from its backward op's flat [dx, dweight, dbias], each shaped
+/// as its tensor.
+fn split_gradients(
+    grads: &Tensor,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let (n, width) = (x.elem_count(), weight.elem_count());
+    let dx = grads.narrow(0, 0, n)?.reshape(x.shape())?;
+    let dweight = grads.narrow(0, n, width)?.reshape(weight.shape())?;
+    let dbias = grads.narrow(0, n + width, width)?.reshape(bias.shape())?;
+    Ok((Some(dx), Some(dweight), Some(dbias)))
 }
 
 /// The backward pass on (x, dy, [weight, bias]); returns [dx, dweight, dbias] flat. With SiLU
@@ -405,17 +415,12 @@ impl CustomOp3 for FusedLayerNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let width = weight.elem_count();
         let grads = x.contiguous()?.apply_op3_no_bwd(
             &grad.contiguous()?,
             &weight.contiguous()?,
             &LayerNormBackward { norm: *self },
         )?;
-        let n = x.elem_count();
-        let dx = grads.narrow(0, 0, n)?.reshape(x.shape())?;
-        let dweight = grads.narrow(0, n, width)?.reshape(weight.shape())?;
-        let dbias = grads.narrow(0, n + width, width)?.reshape(bias.shape())?;
-        Ok((Some(dx), Some(dweight), Some(dbias)))
+        split_gradients(&grads, x, weight, bias)
     }
 }
 
