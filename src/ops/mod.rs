@@ -2,9 +2,10 @@
 //! the process's numeric settings and memory readings (`runtime`), the adaptive ODE integrator
 //! (`ode`), and the CPU ops with their own backward passes: convolution as in-place matrix
 //! products (`conv_gemm`), convolution as shifted views for GPUs (`im2col`), blocked attention
-//! (`attention`), fused group and layer norm (`norm`), and the vectorised element-wise functions
-//! they share (`vector_math`); bf16 products for inference (`gemm_bf16`) on AVX512_BF16 or AMX
-//! tiles (`amx`); 3x3 convolutions by Winograd's F(2x2, 3x3) (`winograd`).
+//! (`attention`), fused group and layer norm (`norm`), activations with their derivatives
+//! (`pointwise`), and the vectorised element-wise functions they share (`vector_math`); bf16
+//! products for inference (`gemm_bf16`) on AVX512_BF16 or AMX tiles (`amx`); 3x3 convolutions by
+//! Winograd's F(2x2, 3x3) (`winograd`).
 
 pub mod amx;
 pub mod attention;
@@ -13,6 +14,7 @@ pub mod gemm_bf16;
 pub mod im2col;
 pub mod norm;
 pub mod ode;
+pub mod pointwise;
 pub mod q8;
 pub mod runtime;
 pub mod tensor;
