@@ -78,7 +78,7 @@ impl ClipLayer {
             + x)?;
         let h = self.fc1.forward(&self.layer_norm2.forward(&x)?)?;
         // quick_gelu(x) = x sigmoid(1.702 x), CLIP's approximation of GELU.
-        let h = if self.quick_gelu && crate::ops::tensor::is_cpu_f32(&h) {
+        let h = if self.quick_gelu && crate::ops::pointwise::applies_to(&h) {
             crate::ops::pointwise::apply(&h, crate::ops::pointwise::QuickGelu)?
         } else if self.quick_gelu {
             (&h * candle_nn::ops::sigmoid(&(&h * 1.702)?)?)?

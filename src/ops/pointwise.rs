@@ -1,10 +1,12 @@
 //! Element-wise activations as single-pass ops with their derivative for the backward pass:
 //! composed from candle's ops, CLIP's quick GELU is three passes forward (a scale, a sigmoid
-//! through libm's expf, a product) and more than that backward.
+//! through libm's expf, a product) and more than that backward. f32 or bf16 values (a bf16
+//! model's activations), computed in f32.
 
 use super::tensor::contiguous_f32;
 use super::vector_math::{sigmoid, with_wide_vectors};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use half::bf16;
 use rayon::prelude::*;
 
 /// Values per task.
@@ -37,7 +39,17 @@ impl Activation for QuickGelu {
     }
 }
 
-/// `A` applied to every value of an f32 CPU tensor, with a backward pass.
+/// Whether [`apply`] takes `x`: f32 or bf16 on the CPU.
+pub fn applies_to(x: &Tensor) -> bool {
+    x.device().is_cpu()
+        && matches!(
+            x.dtype(),
+            candle_core::DType::F32 | candle_core::DType::BF16
+        )
+}
+
+/// `A` applied to every value of an f32 or bf16 CPU tensor ([`applies_to`]), with a backward
+/// pass.
 pub fn apply<A: Activation>(x: &Tensor, activation: A) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Forward(activation))
 }
@@ -53,21 +65,21 @@ impl<A: Activation> CustomOp1 for Forward<A> {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(storage, layout, A::NAME, "the input")?;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .for_each(|(out, x)| {
-                with_wide_vectors(
-                    #[inline(always)]
-                    || {
-                        for (y, x) in out.iter_mut().zip(x) {
-                            *y = A::value(*x);
-                        }
-                    },
-                )
-            });
-        Ok((CpuStorage::F32(out), layout.shape().clone()))
+        let out = match storage {
+            CpuStorage::BF16(values) => {
+                let Some((start, end)) = layout.contiguous_offsets() else {
+                    candle_core::bail!("{}: the input must be contiguous", A::NAME)
+                };
+                CpuStorage::BF16(map_values(&values[start..end], |x: bf16| {
+                    bf16::from_f32(A::value(x.to_f32()))
+                }))
+            }
+            _ => {
+                let x = contiguous_f32(storage, layout, A::NAME, "the input")?;
+                CpuStorage::F32(map_values(x, A::value))
+            }
+        };
+        Ok((out, layout.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -117,6 +129,18 @@ impl<A: Activation> CustomOp2 for Backward<A> {
     }
 }
 
+/// `f` of every value, in parallel chunks, each compiled for the CPU's widest vectors.
+fn map_values<T: Copy + Send + Sync>(values: &[T], f: impl Fn(T) -> T + Send + Sync) -> Vec<T> {
+    let mut out = values.to_vec();
+    out.par_chunks_mut(CHUNK).for_each(|chunk| {
+        with_wide_vectors(
+            #[inline(always)]
+            || chunk.iter_mut().for_each(|value| *value = f(*value)),
+        )
+    });
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,5 +172,29 @@ mod tests {
         let scale = max_abs(&composed).unwrap();
         let diff = max_abs(&(fused - composed).unwrap()).unwrap();
         assert!(diff < 1e-5 * scale, "gradient differs by {diff}");
+    }
+
+    /// bf16 values give the f32 result rounded to bf16 (within one bf16 rounding).
+    #[test]
+    fn quick_gelu_of_bf16_values_is_the_f32_result_rounded() {
+        let x = (seeded_randn(&[4, 301], 3) * 4.0).unwrap();
+        let x16 = x.to_dtype(candle_core::DType::BF16).unwrap();
+        let from_f32 = apply(&x16.to_dtype(candle_core::DType::F32).unwrap(), QuickGelu).unwrap();
+        let from_bf16 = apply(&x16, QuickGelu).unwrap();
+        assert_eq!(from_bf16.dtype(), candle_core::DType::BF16);
+        let from_bf16 = from_bf16.to_dtype(candle_core::DType::F32).unwrap();
+        let diff = (&from_bf16 - &from_f32).unwrap().abs().unwrap();
+        let bound = (from_f32.abs().unwrap() * (1.0 / 256.0)).unwrap();
+        let over = diff
+            .gt(&bound)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<u8>()
+            .unwrap();
+        assert_eq!(
+            over, 0,
+            "values further than one bf16 rounding from the f32 result"
+        );
     }
 }
