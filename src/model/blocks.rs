@@ -41,8 +41,8 @@ impl Module for LayerNorm {
                 self.eps as f32,
             );
         }
-        let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
-        if f32_cpu(x) && f32_cpu(&self.weight) && f32_cpu(&self.bias) {
+        use crate::ops::tensor::is_cpu_f32;
+        if is_cpu_f32(x) && is_cpu_f32(&self.weight) && is_cpu_f32(&self.bias) {
             return crate::ops::norm::layer_norm_rows(x, &self.weight, &self.bias, self.eps);
         }
         let dtype = x.dtype();
@@ -505,7 +505,7 @@ impl GegluFeedForward {
 impl Module for GegluFeedForward {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.proj_in.forward(x)?;
-        let gated = if h.device().is_cpu() && h.dtype() == DType::F32 {
+        let gated = if crate::ops::tensor::is_cpu_f32(&h) {
             h.contiguous()?.apply_op1(Geglu)?
         } else {
             let half = h.dim(D::Minus1)? / 2;

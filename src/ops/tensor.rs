@@ -69,7 +69,6 @@ pub fn is_cpu_f32(tensor: &Tensor) -> bool {
     tensor.device().is_cpu() && tensor.dtype() == candle_core::DType::F32
 }
 
-/// A standard-normal tensor of `shape` from `seed` (tests).
 /// The VarMap's variables sorted by name (a VarMap is a HashMap, whose order changes between
 /// runs; every loop over parameters that touches an RNG or a file goes through this order).
 pub fn named_vars(varmap: &candle_nn::VarMap) -> Vec<(String, candle_core::Var)> {
@@ -84,6 +83,7 @@ pub fn named_vars(varmap: &candle_nn::VarMap) -> Vec<(String, candle_core::Var)>
     named
 }
 
+/// A standard-normal tensor of `shape` from `seed` (tests).
 #[cfg(test)]
 pub fn seeded_randn(shape: &[usize], seed: u64) -> Tensor {
     crate::sampler::noise::SeededNoise::new(seed)
@@ -92,7 +92,8 @@ pub fn seeded_randn(shape: &[usize], seed: u64) -> Tensor {
 }
 
 /// `dst (m x n, row stride dst_rs) = lhs (m x k) rhs (k x n)` on this thread (the tasks around
-/// it are the parallel part: attention heads, convolution tile blocks), lhs and rhs given by their (row, column) strides.
+/// it are the parallel part: attention heads, convolution tile blocks), lhs and rhs given by
+/// their (row, column) strides.
 ///
 /// # Safety
 /// Every matrix must hold the elements its shape and strides name.
