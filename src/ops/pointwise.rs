@@ -144,7 +144,7 @@ fn map_values<T: Copy + Send + Sync>(values: &[T], f: impl Fn(T) -> T + Send + S
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::tensor::{max_abs, seeded_randn};
+    use crate::ops::tensor::{max_abs, probe_gradient, seeded_randn};
     use candle_core::Var;
 
     /// Quick GELU and its gradient equal the composed x sigmoid(1.702 x) of candle's ops, over
@@ -159,15 +159,7 @@ mod tests {
         .unwrap();
         let scale = max_abs(&composed).unwrap();
         assert!(max_abs(&(&fused - &composed).unwrap()).unwrap() < 1e-6 * scale);
-        let gradient = |out: &Tensor| {
-            let grads = (out * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            grads.get(x.as_tensor()).unwrap().clone()
-        };
+        let gradient = |out: &Tensor| probe_gradient(out, &probe, &x);
         let (fused, composed) = (gradient(&fused), gradient(&composed));
         let scale = max_abs(&composed).unwrap();
         let diff = max_abs(&(fused - composed).unwrap()).unwrap();

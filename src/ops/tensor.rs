@@ -83,6 +83,17 @@ pub fn named_vars(varmap: &candle_nn::VarMap) -> Vec<(String, candle_core::Var)>
     named
 }
 
+/// The gradient of sum(out * probe) with respect to `var` (tests comparing a fused op's backward
+/// pass with composed ops').
+#[cfg(test)]
+pub fn probe_gradient(out: &Tensor, probe: &Tensor, var: &candle_core::Var) -> Tensor {
+    let grads = (out * probe)
+        .and_then(|product| product.sum_all())
+        .and_then(|total| total.backward())
+        .expect("backward pass");
+    grads.get(var.as_tensor()).expect("a gradient").clone()
+}
+
 /// A standard-normal tensor of `shape` from `seed` (tests).
 #[cfg(test)]
 pub fn seeded_randn(shape: &[usize], seed: u64) -> Tensor {
