@@ -804,25 +804,15 @@ unsafe fn product(
     } else {
         gemm::Parallelism::None
     };
-    gemm::gemm(
-        m,
-        n,
-        k,
+    crate::ops::tensor::matrix_product(
+        (m, n, k),
         dst,
-        dst_cs as isize,
-        dst_rs as isize,
+        (dst_rs, dst_cs),
         accumulate,
         lhs,
-        lhs_cs as isize,
-        lhs_rs as isize,
+        (lhs_rs, lhs_cs),
         rhs,
-        rhs_cs as isize,
-        rhs_rs as isize,
-        if accumulate { 1.0 } else { 0.0 },
-        1.0,
-        false,
-        false,
-        false,
+        (rhs_rs, rhs_cs),
         parallelism,
     )
 }

@@ -144,18 +144,49 @@ pub unsafe fn single_thread_product_into(
     (rhs_rs, rhs_cs): (usize, usize),
     accumulate: bool,
 ) {
+    matrix_product(
+        (m, n, k),
+        dst.as_mut_ptr(),
+        (dst_rs, 1),
+        accumulate,
+        lhs.as_ptr(),
+        (lhs_rs, lhs_cs),
+        rhs.as_ptr(),
+        (rhs_rs, rhs_cs),
+        gemm::Parallelism::None,
+    )
+}
+
+/// `dst (m x n) = [dst +] lhs (m x k) rhs (k x n)` through the gemm crate, every matrix given by
+/// its data and (row, column) strides, adding to `dst` when `accumulate`.
+///
+/// # Safety
+/// Every matrix must hold its elements at those strides, and nothing else may touch `dst`
+/// meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn matrix_product(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    (dst_rs, dst_cs): (usize, usize),
+    accumulate: bool,
+    lhs: *const f32,
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: *const f32,
+    (rhs_rs, rhs_cs): (usize, usize),
+    parallelism: gemm::Parallelism,
+) {
     gemm::gemm(
         m,
         n,
         k,
-        dst.as_mut_ptr(),
-        1,
+        dst,
+        dst_cs as isize,
         dst_rs as isize,
         accumulate,
-        lhs.as_ptr(),
+        lhs,
         lhs_cs as isize,
         lhs_rs as isize,
-        rhs.as_ptr(),
+        rhs,
         rhs_cs as isize,
         rhs_rs as isize,
         if accumulate { 1.0 } else { 0.0 },
@@ -163,6 +194,6 @@ pub unsafe fn single_thread_product_into(
         false,
         false,
         false,
-        gemm::Parallelism::None,
+        parallelism,
     )
 }
