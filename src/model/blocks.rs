@@ -441,6 +441,23 @@ impl Attention {
 
     /// `x`: (B, N, dim); `context`: (B, M, context_dim) or `None`.
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        self.to_out.forward(&self.heads_joined(x, context)?)
+    }
+
+    /// `self.forward(x, context) + residual`, the residual joining the output projection's
+    /// sums.
+    pub fn forward_plus(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        residual: &Tensor,
+    ) -> Result<Tensor> {
+        self.to_out
+            .forward_plus(&self.heads_joined(x, context)?, residual)
+    }
+
+    /// The heads' outputs side by side, (B, N, heads x head_dim), before the output projection.
+    fn heads_joined(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let context = context.unwrap_or(x);
         let (b, n, _) = x.dims3()?;
         let q = self.split_heads(&self.to_q.forward(x)?)?;
@@ -475,11 +492,10 @@ impl Attention {
             let scores = (q.matmul(&k.t()?)? * scale)?;
             softmax_last_dim(&scores)?.to_dtype(dtype)?.matmul(&v)?
         };
-        let out = per_head
+        per_head
             .reshape((b, self.heads, n, self.head_dim))?
             .transpose(1, 2)?
-            .reshape((b, n, self.heads * self.head_dim))?;
-        self.to_out.forward(&out)
+            .reshape((b, n, self.heads * self.head_dim))
     }
 }
 
@@ -502,8 +518,14 @@ impl GegluFeedForward {
     }
 }
 
-impl Module for GegluFeedForward {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+impl GegluFeedForward {
+    /// `self.forward(x) + residual`, the residual joining the output projection's sums.
+    pub fn forward_plus(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        self.proj_out.forward_plus(&self.gated(x)?, residual)
+    }
+
+    /// The gated hidden units, before the output projection.
+    fn gated(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.proj_in.forward(x)?;
         let gated = if crate::ops::tensor::is_cpu_f32(&h) {
             h.contiguous()?.apply_op1(Geglu)?
@@ -513,7 +535,13 @@ impl Module for GegluFeedForward {
             let gate = h.narrow(D::Minus1, half, half)?;
             (hidden * gate.gelu_erf()?)?
         };
-        self.proj_out.forward(&gated)
+        Ok(gated)
+    }
+}
+
+impl Module for GegluFeedForward {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.proj_out.forward(&self.gated(x)?)
     }
 }
 
@@ -669,12 +697,11 @@ impl BasicTransformerBlock {
     }
 
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
-        let x = (self
+        let x = self.attn1.forward_plus(&self.norm1.forward(x)?, None, x)?;
+        let x = self
             .attn2
-            .forward(&self.norm2.forward(&x)?, Some(context))?
-            + &x)?;
-        self.ff.forward(&self.norm3.forward(&x)?)? + &x
+            .forward_plus(&self.norm2.forward(&x)?, Some(context), &x)?;
+        self.ff.forward_plus(&self.norm3.forward(&x)?, &x)
     }
 }
 

@@ -4,6 +4,7 @@
 //! when a bf16 model runs on a CPU with AVX512_BF16, in place of the loaded weight; or as 8-bit
 //! integers with a scale per output (`ops::q8`) where the weights offer them.
 
+use crate::ops::linear::AffineF32;
 use crate::ops::{gemm_bf16, q8};
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
@@ -11,7 +12,7 @@ use candle_nn::{Linear, VarBuilder};
 #[derive(Debug, Clone)]
 pub enum Dense {
     Plain(Linear),
-    TransposedF32(TransposedLinear),
+    TransposedF32(AffineF32),
     PackedBf16(PackedLinear),
     Quantized(QuantizedLinear),
 }
@@ -107,33 +108,6 @@ pub struct PackedLinear {
     out_features: usize,
 }
 
-/// An f32 inference layer with its weight held transposed, (in, out) row by row: the gemm crate
-/// then reads it in place, where the loaded (out, in) weight is copied into panels at every
-/// call. For a short sequence (the text encoder's 2 x 77 tokens) that copy was a quarter of the
-/// time: a 154 x 3072 by 3072 x 768 product took 6.4 ms, 3.3 ms with the weight transposed.
-#[derive(Debug, Clone)]
-pub struct TransposedLinear {
-    weight_t: Tensor,
-    bias: Option<Tensor>,
-}
-
-impl TransposedLinear {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (in_features, out_features) = self.weight_t.dims2()?;
-        let mut dims = x.dims().to_vec();
-        let rows = x.elem_count() / in_features.max(1);
-        let y = x.reshape((rows, in_features))?.matmul(&self.weight_t)?;
-        let y = match &self.bias {
-            Some(bias) => y.broadcast_add(bias)?,
-            None => y,
-        };
-        if let Some(last) = dims.last_mut() {
-            *last = out_features;
-        }
-        y.reshape(dims)
-    }
-}
-
 /// Whether a loaded layer is held transposed: an f32 CPU weight that no optimiser updates.
 fn transposes_weight(weight: &Tensor) -> bool {
     weight.dtype() == DType::F32
@@ -149,7 +123,7 @@ impl From<Linear> for Dense {
         let weight = layer.weight();
         if transposes_weight(weight) {
             if let Ok(weight_t) = weight.t().and_then(|t| t.contiguous()) {
-                return Self::TransposedF32(TransposedLinear {
+                return Self::TransposedF32(AffineF32 {
                     weight_t,
                     bias: layer.bias().cloned(),
                 });
@@ -237,6 +211,19 @@ impl Dense {
                 },
             )),
             _ => None,
+        }
+    }
+}
+
+impl Dense {
+    /// `self.forward(x) + residual`: one pass for a layer held transposed (the residual and
+    /// bias are the sums gemm adds the product to), else the composed ops.
+    pub fn forward_plus(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::TransposedF32(t) if x.dtype() == DType::F32 && residual.dtype() == DType::F32 => {
+                t.forward_plus(x, residual)
+            }
+            _ => self.forward(x)? + residual,
         }
     }
 }

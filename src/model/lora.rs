@@ -76,6 +76,18 @@ impl LoraLinear {
     }
 }
 
+impl LoraLinear {
+    /// `self.forward(x) + residual`, the residual joining the base layer's sums
+    /// ([`Dense::forward_plus`]).
+    pub fn forward_plus(&self, x: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
+        let y = self.base.forward_plus(x, residual)?;
+        match &self.adapter {
+            Some((down, up)) => y + up.forward(&down.forward(x)?)?,
+            None => Ok(y),
+        }
+    }
+}
+
 impl Module for LoraLinear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = self.base.forward(x)?;

@@ -31,7 +31,14 @@ impl ClipAttention {
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    /// `self_attn(x) + residual`, the residual joining the output projection's sums.
+    fn forward_plus(&self, x: &Tensor, mask: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        self.out_proj
+            .forward_plus(&self.heads_joined(x, mask)?, residual)
+    }
+
+    /// The heads' outputs side by side, (B, N, hidden), before the output projection.
+    fn heads_joined(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let (b, n, d) = x.dims3()?;
         let head_dim = d / self.heads;
         let split = |t: Tensor| -> Result<Tensor> {
@@ -44,8 +51,7 @@ impl ClipAttention {
         let v = split(self.v_proj.forward(x)?)?;
         let scores = q.matmul(&k.t()?)?.broadcast_add(mask)?;
         let weights = super::blocks::softmax_last_dim(&scores)?;
-        let out = weights.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
-        self.out_proj.forward(&out)
+        weights.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))
     }
 }
 
@@ -72,10 +78,9 @@ impl ClipLayer {
     }
 
     fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let x = (self
+        let x = self
             .self_attn
-            .forward(&self.layer_norm1.forward(x)?, mask)?
-            + x)?;
+            .forward_plus(&self.layer_norm1.forward(x)?, mask, x)?;
         let h = self.fc1.forward(&self.layer_norm2.forward(&x)?)?;
         // quick_gelu(x) = x sigmoid(1.702 x), CLIP's approximation of GELU.
         let h = if self.quick_gelu && crate::ops::pointwise::applies_to(&h) {
@@ -85,7 +90,7 @@ impl ClipLayer {
         } else {
             h.gelu_erf()?
         };
-        self.fc2.forward(&h)? + x
+        self.fc2.forward_plus(&h, &x)
     }
 }
 
