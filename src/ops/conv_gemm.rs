@@ -643,7 +643,9 @@ impl Geometry {
             return winograd.forward(x, weight, bias);
         }
         let image_floats = self.out_channels * self.out_pixels();
-        let mut out = vec![0f32; self.batch * image_floats];
+        // SAFETY: every plane of every image is filled with its bias below (image by image or
+        // all at once) before any product adds to it.
+        let mut out = unsafe { crate::ops::tensor::unwritten_f32(self.batch * image_floats) };
         let fill_bias = |planes: &mut [f32]| {
             for (plane, channel_bias) in planes.chunks_mut(self.out_pixels()).zip(bias) {
                 plane.fill(*channel_bias);

@@ -69,16 +69,28 @@ impl AffineF32 {
         if bias.as_ref().is_some_and(|b| b.len() != out_features) {
             candle_core::bail!("{op}: the bias does not have the layer's {out_features} outputs")
         }
-        let mut y = match residual {
-            Some(residual) => residual.to_vec(),
-            None => vec![0f32; rows * out_features],
-        };
-        if let Some(bias) = &bias {
-            y.par_chunks_mut(out_features.max(1)).for_each(|row| {
-                for (value, b) in row.iter_mut().zip(bias) {
-                    *value += b;
-                }
-            });
+        // SAFETY: every row is written below (residual plus bias, either alone, or zeros when
+        // there is no product), or else by gemm, which writes every element when it does not
+        // add to them and k > 0.
+        let mut y = unsafe { super::tensor::unwritten_f32(rows * out_features) };
+        let accumulate = residual.is_some() || bias.is_some();
+        if accumulate || in_features == 0 {
+            y.par_chunks_mut(out_features.max(1))
+                .enumerate()
+                .for_each(|(r, row)| {
+                    let residual_row =
+                        residual.map(|values| &values[r * out_features..][..row.len()]);
+                    match (residual_row, &bias) {
+                        (Some(values), Some(bias)) => {
+                            for ((y, value), b) in row.iter_mut().zip(values).zip(bias) {
+                                *y = value + b;
+                            }
+                        }
+                        (Some(values), None) => row.copy_from_slice(values),
+                        (None, Some(bias)) => row.copy_from_slice(bias),
+                        (None, None) => row.fill(0.0),
+                    }
+                });
         }
         let threads = candle_core::utils::get_num_threads();
         let parallelism = if threads > 1 {
@@ -93,7 +105,7 @@ impl AffineF32 {
                 (rows, out_features, in_features),
                 y.as_mut_ptr(),
                 (out_features, 1),
-                residual.is_some() || bias.is_some(),
+                accumulate,
                 x.as_ptr(),
                 (in_features, 1),
                 weight_t.as_ptr(),

@@ -149,7 +149,8 @@ impl CustomOp3 for FusedGroupNorm {
         let bias = contiguous_f32(bias, bias_layout, "group norm", "the bias")?;
         let per_group = g.channels / self.groups;
         let group_len = per_group * g.spatial;
-        let mut out = vec![0f32; x.len()];
+        // SAFETY: each group's chunk is written channel by channel below.
+        let mut out = unsafe { super::tensor::unwritten_f32(x.len()) };
         out.par_chunks_mut(group_len)
             .zip(x.par_chunks(group_len))
             .enumerate()
@@ -388,7 +389,8 @@ impl CustomOp3 for FusedLayerNorm {
         let x = contiguous_f32(x, x_layout, "layer norm", "the input")?;
         let weight = contiguous_f32(weight, weight_layout, "layer norm", "the weight")?;
         let bias = contiguous_f32(bias, bias_layout, "layer norm", "the bias")?;
-        let mut out = vec![0f32; x.len()];
+        // SAFETY: each row of `width` values is written below (no rows when `width` is 0).
+        let mut out = unsafe { super::tensor::unwritten_f32(x.len()) };
         if width > 0 {
             out.par_chunks_mut(width)
                 .zip(x.par_chunks(width))

@@ -64,6 +64,24 @@ pub fn storage_f32<'a>(
     }
 }
 
+/// A buffer of `len` floats for an op that writes every element before anything reads it, not
+/// zeroed first: zeroing is a pass over the whole output on the calling thread alone (tens of
+/// megabytes a layer at 512x512) while the other cores wait. Unit tests get NaN in place of the
+/// old contents, so that an element an op misses fails them.
+///
+/// # Safety
+/// Every element must be written before it is read or the vector is handed on.
+pub unsafe fn unwritten_f32(len: usize) -> Vec<f32> {
+    if cfg!(test) {
+        return vec![f32::NAN; len];
+    }
+    let mut values = Vec::with_capacity(len);
+    // SAFETY: the capacity is `len`; f32 has no invalid bit patterns, and the caller writes
+    // every element before reading it.
+    unsafe { values.set_len(len) };
+    values
+}
+
 /// Whether `tensor` is an f32 tensor on the CPU (what the fused CPU kernels take).
 pub fn is_cpu_f32(tensor: &Tensor) -> bool {
     tensor.device().is_cpu() && tensor.dtype() == candle_core::DType::F32

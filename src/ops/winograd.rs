@@ -296,7 +296,10 @@ impl SameConv3x3 {
     /// The convolution of `x` (B, C, H, W) with `weight` (O, C, 3, 3), plus `bias` (O).
     pub fn forward(&self, x: &[f32], weight: &[f32], bias: &[f32]) -> Vec<f32> {
         let filters = self.transform_filters(weight);
-        let mut out = vec![0f32; self.batch * self.out_channels * self.height * self.width];
+        let len = self.batch * self.out_channels * self.height * self.width;
+        // SAFETY: the blocks' tiles cover every pixel of every output plane, and
+        // `transform_outputs` writes each pixel of its tiles.
+        let mut out = unsafe { crate::ops::tensor::unwritten_f32(len) };
         let target = OutputPointer(out.as_mut_ptr());
         self.blocks(rayon::current_num_threads())
             .par_iter()
