@@ -71,6 +71,7 @@ pub fn storage_f32<'a>(
 ///
 /// # Safety
 /// Every element must be written before it is read or the vector is handed on.
+#[allow(clippy::uninit_vec)] // The point: the caller's kernel initialises it (as candle's own).
 pub unsafe fn unwritten_f32(len: usize) -> Vec<f32> {
     if cfg!(test) {
         return vec![f32::NAN; len];
