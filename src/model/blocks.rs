@@ -3,6 +3,7 @@
 use super::dense::Dense;
 use super::dense::{linear, linear_no_bias};
 use super::lora::LoraLinear;
+use crate::ops::copy::contiguous;
 pub use crate::ops::norm::{group_norm, GroupNorm};
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{conv2d, Conv2dConfig, VarBuilder};
@@ -434,9 +435,10 @@ impl Attention {
     /// (B, N, heads * d) -> (B * heads, N, d)
     fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
         let (b, n, _) = x.dims3()?;
-        x.reshape((b, n, self.heads, self.head_dim))?
-            .transpose(1, 2)?
-            .reshape((b * self.heads, n, self.head_dim))
+        let heads = x
+            .reshape((b, n, self.heads, self.head_dim))?
+            .transpose(1, 2)?;
+        contiguous(&heads)?.reshape((b * self.heads, n, self.head_dim))
     }
 
     /// `x`: (B, N, dim); `context`: (B, M, context_dim) or `None`.
@@ -492,10 +494,10 @@ impl Attention {
             let scores = (q.matmul(&k.t()?)? * scale)?;
             softmax_last_dim(&scores)?.to_dtype(dtype)?.matmul(&v)?
         };
-        per_head
+        let tokens = per_head
             .reshape((b, self.heads, n, self.head_dim))?
-            .transpose(1, 2)?
-            .reshape((b, n, self.heads * self.head_dim))
+            .transpose(1, 2)?;
+        contiguous(&tokens)?.reshape((b, n, self.heads * self.head_dim))
     }
 }
 
@@ -765,8 +767,9 @@ impl Transformer2D {
         let (b, c, h, w) = x.dims4()?;
         let residual = x;
         let normed = self.norm.forward(x)?;
-        let to_tokens =
-            |t: &Tensor| -> Result<Tensor> { t.permute((0, 2, 3, 1))?.reshape((b, h * w, c)) };
+        let to_tokens = |t: &Tensor| -> Result<Tensor> {
+            contiguous(&t.permute((0, 2, 3, 1))?)?.reshape((b, h * w, c))
+        };
         let mut tokens = match &self.proj_in {
             Projection::Conv(conv) => to_tokens(&conv.forward(&normed)?)?,
             Projection::Linear(lin) => lin.forward(&to_tokens(&normed)?)?,
@@ -777,7 +780,7 @@ impl Transformer2D {
         let to_image =
             |t: &Tensor| -> Result<Tensor> { t.reshape((b, h, w, c))?.permute((0, 3, 1, 2)) };
         let out = match &self.proj_out {
-            Projection::Conv(conv) => conv.forward(&to_image(&tokens)?.contiguous()?)?,
+            Projection::Conv(conv) => conv.forward(&contiguous(&to_image(&tokens)?)?)?,
             Projection::Linear(lin) => to_image(&lin.forward(&tokens)?)?,
         };
         out + residual

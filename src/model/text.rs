@@ -42,16 +42,14 @@ impl ClipAttention {
         let (b, n, d) = x.dims3()?;
         let head_dim = d / self.heads;
         let split = |t: Tensor| -> Result<Tensor> {
-            t.reshape((b, n, self.heads, head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
+            crate::ops::copy::contiguous(&t.reshape((b, n, self.heads, head_dim))?.transpose(1, 2)?)
         };
         let q = split((self.q_proj.forward(x)? * (1.0 / (head_dim as f64).sqrt()))?)?;
         let k = split(self.k_proj.forward(x)?)?;
         let v = split(self.v_proj.forward(x)?)?;
         let scores = q.matmul(&k.t()?)?.broadcast_add(mask)?;
         let weights = super::blocks::softmax_last_dim(&scores)?;
-        weights.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))
+        crate::ops::copy::contiguous(&weights.matmul(&v)?.transpose(1, 2)?)?.reshape((b, n, d))
     }
 }
 

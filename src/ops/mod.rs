@@ -10,6 +10,7 @@
 pub mod amx;
 pub mod attention;
 pub mod conv_gemm;
+pub mod copy;
 pub mod gemm_bf16;
 pub mod im2col;
 pub mod linear;

@@ -113,7 +113,10 @@ impl SameConv3x3 {
     /// at offset ξ C with row stride 16 C. G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2],
     /// [0, 0, 1]].
     fn transform_filters(&self, weight: &[f32]) -> Vec<f32> {
-        let mut filters = vec![0f32; POSITIONS * self.out_channels * self.channels];
+        // SAFETY: each output channel's row holds, for every input channel, the 16 positions
+        // written below.
+        let mut filters =
+            unsafe { super::tensor::unwritten_f32(POSITIONS * self.out_channels * self.channels) };
         filters
             .par_chunks_mut(POSITIONS * self.channels)
             .zip(weight.par_chunks(9 * self.channels))
