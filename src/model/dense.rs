@@ -199,6 +199,7 @@ impl Dense {
                     out_features: p.out_features,
                     bias: p.bias_values.clone(),
                     scales: None,
+                    residual: None,
                 },
             )),
             Self::Quantized(q) if q.packed => Some((
@@ -208,6 +209,7 @@ impl Dense {
                     out_features: q.out_features,
                     bias: q.bias_values.clone(),
                     scales: Some(q.scale_values.clone()),
+                    residual: None,
                 },
             )),
             _ => None,
@@ -216,12 +218,28 @@ impl Dense {
 }
 
 impl Dense {
+    /// Whether `x` is an input the packed bf16 and q8 layers take: bf16 or f32 on the CPU,
+    /// during inference.
+    fn packed_input(x: &Tensor) -> bool {
+        x.device().is_cpu() && !x.track_op() && matches!(x.dtype(), DType::BF16 | DType::F32)
+    }
+
     /// `self.forward(x) + residual`: one pass for a layer held transposed (the residual and
-    /// bias are the sums gemm adds the product to), else the composed ops.
+    /// bias are the sums gemm adds the product to) or packed (the residual added where the
+    /// sums are written out), else the composed ops.
     pub fn forward_plus(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         match self {
             Self::TransposedF32(t) if x.dtype() == DType::F32 && residual.dtype() == DType::F32 => {
                 t.forward_plus(x, residual)
+            }
+            _ if Self::packed_input(x) && !residual.track_op() && residual.dtype() == x.dtype() => {
+                match self.bf16_op() {
+                    Some((weight, mut op)) => {
+                        op.residual = Some(residual.contiguous()?);
+                        x.contiguous()?.apply_op2_no_bwd(weight, &op)
+                    }
+                    None => self.forward(x)? + residual,
+                }
             }
             _ => self.forward(x)? + residual,
         }
@@ -230,9 +248,7 @@ impl Dense {
 
 impl Module for Dense {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let bf16_input =
-            x.device().is_cpu() && !x.track_op() && matches!(x.dtype(), DType::BF16 | DType::F32);
-        if let Some((weight, op)) = bf16_input.then(|| self.bf16_op()).flatten() {
+        if let Some((weight, op)) = Self::packed_input(x).then(|| self.bf16_op()).flatten() {
             return x.contiguous()?.apply_op2_no_bwd(weight, &op);
         }
         match self {
@@ -326,6 +342,54 @@ mod tests {
         }
         let bf16_out = dense.forward(&x.to_dtype(DType::BF16).unwrap()).unwrap();
         assert_eq!(bf16_out.dtype(), DType::BF16);
+    }
+
+    /// `forward_plus` adds the residual as `forward` and an add do, for every way a layer is
+    /// held: transposed f32, packed bf16 (f32 and bf16 activations), q8, and a trained layer.
+    #[test]
+    fn residuals_join_every_kind_of_layer() {
+        let weight = seeded_randn(&[40, 96], 11);
+        let bias = seeded_randn(&[40], 12);
+        let (bytes, scales) = q8::quantize(&weight, "weight").unwrap();
+        let to_bf16 = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+        let trained = candle_core::Var::from_tensor(&weight).unwrap();
+        let layers = [
+            Dense::from(Linear::new(weight.clone(), Some(bias.clone()))),
+            Dense::from(Linear::new(to_bf16(&weight), Some(to_bf16(&bias)))),
+            Dense::Quantized(QuantizedLinear::new(bytes, scales, Some(bias.clone())).unwrap()),
+            Dense::from(Linear::new(trained.as_tensor().clone(), Some(bias.clone()))),
+        ];
+        let x = seeded_randn(&[3, 7, 96], 13);
+        let residual = seeded_randn(&[3, 7, 40], 14);
+        for (index, layer) in layers.iter().enumerate() {
+            for dtype in [DType::F32, DType::BF16] {
+                if dtype == DType::BF16 && index != 1 {
+                    continue;
+                }
+                let (x, residual) = (
+                    x.to_dtype(dtype).unwrap(),
+                    residual.to_dtype(dtype).unwrap(),
+                );
+                let want = (layer.forward(&x).unwrap() + &residual).unwrap();
+                let got = layer.forward_plus(&x, &residual).unwrap();
+                assert_eq!(got.dtype(), dtype);
+                let want = want.to_dtype(DType::F32).unwrap();
+                let err = crate::ops::tensor::max_abs(
+                    &(got.to_dtype(DType::F32).unwrap() - &want).unwrap(),
+                )
+                .unwrap()
+                    / crate::ops::tensor::max_abs(&want).unwrap();
+                // bf16 outputs round once where the composed ops round twice.
+                let tolerance = if dtype == DType::BF16 { 1e-2 } else { 1e-5 };
+                assert!(err < tolerance, "layer {index} {dtype:?}: {err}");
+            }
+        }
+        for layer in &layers[..3] {
+            let err = layer
+                .forward_plus(&x, &seeded_randn(&[3, 7, 41], 15))
+                .unwrap_err();
+            assert!(err.to_string().contains("residual"), "{err}");
+        }
     }
 
     /// A q8 layer computes x W_q^T + b with its dequantized weight W_q, whether through the

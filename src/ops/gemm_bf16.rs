@@ -175,6 +175,10 @@ trait ProductOutput: ProductInput + Default {
     const IS_F32: bool;
     fn from_sum(sum: f32) -> Self;
     fn storage(values: Vec<Self>) -> CpuStorage;
+    /// The value as f32 (exact for both types).
+    fn widen(self) -> f32;
+    /// The values of a storage of this dtype.
+    fn values(storage: &CpuStorage) -> Option<&[Self]>;
 }
 
 impl ProductOutput for bf16 {
@@ -186,6 +190,16 @@ impl ProductOutput for bf16 {
     fn storage(values: Vec<Self>) -> CpuStorage {
         CpuStorage::BF16(values)
     }
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    fn values(storage: &CpuStorage) -> Option<&[Self]> {
+        match storage {
+            CpuStorage::BF16(values) => Some(values),
+            _ => None,
+        }
+    }
 }
 
 impl ProductOutput for f32 {
@@ -196,6 +210,16 @@ impl ProductOutput for f32 {
     }
     fn storage(values: Vec<Self>) -> CpuStorage {
         CpuStorage::F32(values)
+    }
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+    fn values(storage: &CpuStorage) -> Option<&[Self]> {
+        match storage {
+            CpuStorage::F32(values) => Some(values),
+            _ => None,
+        }
     }
 }
 
@@ -698,6 +722,20 @@ fn pair_rows<T: ProductInput>(values: &[T], rows: usize, len: usize) -> Vec<u32>
     words
 }
 
+/// A residual's values in the activations' dtype `T`, contiguous.
+fn residual_values<'a, T: ProductOutput>(
+    storage: &'a candle_core::Storage,
+    layout: &Layout,
+) -> Result<&'a [T]> {
+    let candle_core::Storage::Cpu(cpu) = storage else {
+        candle_core::bail!("linear-bf16: the residual must be on the CPU")
+    };
+    let Some(values) = T::values(cpu) else {
+        candle_core::bail!("linear-bf16: the residual must have the input's dtype")
+    };
+    contiguous(values, layout, "linear-bf16", "the residual")
+}
+
 fn contiguous<'a, T>(data: &'a [T], layout: &Layout, op: &str, what: &str) -> Result<&'a [T]> {
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
@@ -1060,6 +1098,9 @@ pub struct LinearBf16 {
     pub bias: Option<Vec<f32>>,
     /// Per output feature factors of the sums (a q8 weight's scales), applied before the bias.
     pub scales: Option<Vec<f32>>,
+    /// A tensor of the output's shape and dtype added to it (the residual the layer's output
+    /// joins), in the pass that writes the output.
+    pub residual: Option<Tensor>,
 }
 
 impl CustomOp2 for LinearBf16 {
@@ -1089,15 +1130,38 @@ impl CustomOp2 for LinearBf16 {
         }
         let w = packed_words(w, w_layout, words_shape, "linear-bf16")?;
         let m: usize = lead.iter().product();
-        let y = with_activations!("linear-bf16", x, x_layout, |x| self.product(x, &w, m)?);
         let mut shape = lead.to_vec();
         shape.push(n);
-        Ok((y, Shape::from(shape)))
+        let shape = Shape::from(shape);
+        let residual = self.residual.as_ref().map(|r| r.storage_and_layout());
+        if let Some((_, layout)) = &residual {
+            if layout.shape() != &shape {
+                candle_core::bail!(
+                    "linear-bf16: the residual {:?} is not the output's shape {:?}",
+                    layout.shape().dims(),
+                    shape.dims()
+                )
+            }
+        }
+        let y = with_activations!("linear-bf16", x, x_layout, |x| {
+            let residual = match &residual {
+                Some((storage, layout)) => Some(residual_values(storage, layout)?),
+                None => None,
+            };
+            self.product(x, &w, m, residual)?
+        });
+        Ok((y, shape))
     }
 }
 
 impl LinearBf16 {
-    fn product<T: ProductOutput>(&self, x: &[T], rhs: &[u32], m: usize) -> Result<CpuStorage> {
+    fn product<T: ProductOutput>(
+        &self,
+        x: &[T],
+        rhs: &[u32],
+        m: usize,
+        residual: Option<&[T]>,
+    ) -> Result<CpuStorage> {
         let (n, k) = (self.out_features, self.in_features);
         let pairs = k.div_ceil(2);
         let cols = round_up(n, STRIP);
@@ -1107,7 +1171,9 @@ impl LinearBf16 {
         let out_row = if in_place { n } else { row_stride(n) };
         let affine = ChannelAffine::new(self.scales.as_deref(), self.bias.as_deref(), n);
         let lhs = pair_rows(x, m, k);
-        let mut out = vec![0f32; m * out_row];
+        // SAFETY: the product writes every computed column of every row (zeros when k is 0);
+        // the columns past `cols` are never read.
+        let mut out = unsafe { super::tensor::unwritten_f32(m * out_row) };
         PairProduct {
             rows: m,
             cols,
@@ -1120,26 +1186,49 @@ impl LinearBf16 {
             shifts: &[0],
         }
         .run(&mut out, out_row)?;
+        let residual_row = |r: usize| residual.map(|values| &values[r * n..][..n]);
         if in_place {
-            if let Some((mul, add)) = &affine.0 {
-                out.par_chunks_mut(n.max(1)).for_each(|row| {
-                    for ((v, m), a) in row.iter_mut().zip(mul).zip(add) {
-                        *v = *v * m + a;
-                    }
-                });
+            if affine.0.is_some() || residual.is_some() {
+                out.par_chunks_mut(n.max(1))
+                    .enumerate()
+                    .for_each(|(r, row)| {
+                        if let Some((mul, add)) = &affine.0 {
+                            for ((v, m), a) in row.iter_mut().zip(mul).zip(add) {
+                                *v = *v * m + a;
+                            }
+                        }
+                        if let Some(values) = residual_row(r) {
+                            for (v, value) in row.iter_mut().zip(values) {
+                                *v += value.widen();
+                            }
+                        }
+                    });
             }
             return Ok(CpuStorage::F32(out));
         }
         let mut y = vec![T::default(); m * n];
         y.par_chunks_mut(n.max(1))
             .zip(out.par_chunks(out_row))
-            .for_each(|(dst, src)| match &affine.0 {
-                Some((mul, add)) => {
+            .enumerate()
+            .for_each(|(r, (dst, src))| match (&affine.0, residual_row(r)) {
+                (Some((mul, add)), Some(values)) => {
+                    for ((((d, s), m), a), value) in
+                        dst.iter_mut().zip(src).zip(mul).zip(add).zip(values)
+                    {
+                        *d = T::from_sum(s * m + a + value.widen());
+                    }
+                }
+                (Some((mul, add)), None) => {
                     for (((d, s), m), a) in dst.iter_mut().zip(src).zip(mul).zip(add) {
                         *d = T::from_sum(s * m + a);
                     }
                 }
-                None => {
+                (None, Some(values)) => {
+                    for ((d, s), value) in dst.iter_mut().zip(src).zip(values) {
+                        *d = T::from_sum(s + value.widen());
+                    }
+                }
+                (None, None) => {
                     for (d, s) in dst.iter_mut().zip(src) {
                         *d = T::from_sum(*s);
                     }
@@ -1392,6 +1481,7 @@ mod tests {
             let w = bf16_tensor(&[n, k], seed + 10);
             let b = bf16_tensor(&[n], seed + 20);
             let op = LinearBf16 {
+                residual: None,
                 in_features: k,
                 out_features: n,
                 bias: if bias {
@@ -1457,6 +1547,7 @@ mod tests {
             let w = seeded_randn(&[n, k], seed + 10);
             let (bytes, scales) = q8::quantize(&w, "weight").unwrap();
             let op = LinearBf16 {
+                residual: None,
                 in_features: k,
                 out_features: n,
                 bias: None,
