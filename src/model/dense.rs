@@ -215,9 +215,7 @@ impl Dense {
             _ => None,
         }
     }
-}
 
-impl Dense {
     /// Whether `x` is an input the packed bf16 and q8 layers take: bf16 or f32 on the CPU,
     /// during inference.
     fn packed_input(x: &Tensor) -> bool {

@@ -74,9 +74,7 @@ impl LoraLinear {
     pub fn bf16_products(&self) -> bool {
         self.base.bf16_products()
     }
-}
 
-impl LoraLinear {
     /// `self.forward(x) + residual`, the residual joining the base layer's sums
     /// ([`Dense::forward_plus`]).
     pub fn forward_plus(&self, x: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
