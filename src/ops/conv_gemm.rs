@@ -85,6 +85,16 @@ enum Threads {
     All,
 }
 
+impl Threads {
+    /// gemm's parallelism for a product run by these threads.
+    fn parallelism(self) -> gemm::Parallelism {
+        match self {
+            Threads::One => gemm::Parallelism::None,
+            Threads::All => crate::ops::tensor::all_threads(),
+        }
+    }
+}
+
 /// Output rows `first_row..first_row + rows` of images `first_image..first_image + images`: a
 /// run of whole images when one image's columns fit the band size, else rows of one image.
 #[derive(Debug, Clone, Copy)]
@@ -547,7 +557,7 @@ impl Geometry {
         // SAFETY: the band's rows of every output plane lie inside `planes`, and `scratch`
         // holds out_channels rows of `pixels` floats.
         unsafe {
-            product(
+            crate::ops::tensor::matrix_product(
                 (self.out_channels, pixels, self.depth()),
                 dst,
                 (dst_row_stride, 1),
@@ -556,7 +566,7 @@ impl Geometry {
                 (self.depth(), 1),
                 rhs.data,
                 (rhs.row_stride, 1),
-                threads,
+                threads.parallelism(),
             )
         };
         if single {
@@ -592,7 +602,7 @@ impl Geometry {
         columns.resize(self.depth() * pixels, 0.0);
         // SAFETY: `columns` holds depth rows of `pixels` floats.
         unsafe {
-            product(
+            crate::ops::tensor::matrix_product(
                 (self.depth(), pixels, self.out_channels),
                 columns.as_mut_ptr(),
                 (pixels, 1),
@@ -601,7 +611,7 @@ impl Geometry {
                 (1, self.depth()),
                 dout.data,
                 (dout.row_stride, 1),
-                threads,
+                threads.parallelism(),
             )
         };
         self.fold_columns(columns, band, planes, threads);
@@ -623,7 +633,7 @@ impl Geometry {
         // SAFETY: `dweight` holds out_channels rows of depth floats; the columns are read
         // transposed (pixels x depth).
         unsafe {
-            product(
+            crate::ops::tensor::matrix_product(
                 (self.out_channels, self.depth(), pixels),
                 dweight.as_mut_ptr(),
                 (self.depth(), 1),
@@ -632,7 +642,7 @@ impl Geometry {
                 (dout.row_stride, 1),
                 cols.data,
                 (1, cols.row_stride),
-                threads,
+                threads.parallelism(),
             )
         };
     }
@@ -780,43 +790,6 @@ fn zero_few(values: &mut [f32]) {
         [value] => *value = 0.0,
         _ => values.fill(0.0),
     }
-}
-
-/// `dst (m x n) = alpha dst + lhs (m x k) rhs (k x n)`, every matrix given by its data and
-/// (row, column) strides, on the calling thread or on the gemm crate's threads.
-///
-/// # Safety
-/// Every matrix must hold its m, n, k elements at those strides, and nothing else may touch
-/// `dst` meanwhile.
-#[allow(clippy::too_many_arguments)]
-unsafe fn product(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut f32,
-    (dst_rs, dst_cs): (usize, usize),
-    accumulate: bool,
-    lhs: *const f32,
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: *const f32,
-    (rhs_rs, rhs_cs): (usize, usize),
-    threads: Threads,
-) {
-    let available = candle_core::utils::get_num_threads();
-    let parallelism = if threads == Threads::All && available > 1 {
-        gemm::Parallelism::Rayon(available)
-    } else {
-        gemm::Parallelism::None
-    };
-    crate::ops::tensor::matrix_product(
-        (m, n, k),
-        dst,
-        (dst_rs, dst_cs),
-        accumulate,
-        lhs,
-        (lhs_rs, lhs_cs),
-        rhs,
-        (rhs_rs, rhs_cs),
-        parallelism,
-    )
 }
 
 /// The plan for this machine's thread count.

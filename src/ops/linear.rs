@@ -62,8 +62,9 @@ impl AffineF32 {
         let (in_features, out_features) = self.features()?;
         let (w_storage, w_layout) = self.weight_t.storage_and_layout();
         let weight_t = storage_f32(&w_storage, w_layout, op, "the weight")?;
-        let bias = match &self.bias {
-            Some(bias) => Some(bias.flatten_all()?.to_vec1::<f32>()?),
+        let bias_storage = self.bias.as_ref().map(|b| b.storage_and_layout());
+        let bias = match &bias_storage {
+            Some((storage, layout)) => Some(storage_f32(storage, layout, op, "the bias")?),
             None => None,
         };
         if bias.as_ref().is_some_and(|b| b.len() != out_features) {
@@ -80,9 +81,9 @@ impl AffineF32 {
                 .for_each(|(r, row)| {
                     let residual_row =
                         residual.map(|values| &values[r * out_features..][..row.len()]);
-                    match (residual_row, &bias) {
+                    match (residual_row, bias) {
                         (Some(values), Some(bias)) => {
-                            for ((y, value), b) in row.iter_mut().zip(values).zip(bias) {
+                            for ((y, value), b) in row.iter_mut().zip(values).zip(bias.iter()) {
                                 *y = value + b;
                             }
                         }
@@ -92,12 +93,6 @@ impl AffineF32 {
                     }
                 });
         }
-        let threads = candle_core::utils::get_num_threads();
-        let parallelism = if threads > 1 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
-        };
         // SAFETY: x holds rows x in_features, weight_t in_features x out_features and y
         // rows x out_features floats, all row-major; y is borrowed mutably for the call.
         unsafe {
@@ -110,7 +105,7 @@ impl AffineF32 {
                 (in_features, 1),
                 weight_t.as_ptr(),
                 (out_features, 1),
-                parallelism,
+                super::tensor::all_threads(),
             )
         };
         Ok(y)

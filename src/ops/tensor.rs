@@ -176,6 +176,14 @@ pub unsafe fn single_thread_product_into(
     )
 }
 
+/// gemm's parallelism for a product shared by every thread candle uses (none on one thread).
+pub fn all_threads() -> gemm::Parallelism {
+    match candle_core::utils::get_num_threads() {
+        threads if threads > 1 => gemm::Parallelism::Rayon(threads),
+        _ => gemm::Parallelism::None,
+    }
+}
+
 /// `dst (m x n) = [dst +] lhs (m x k) rhs (k x n)` through the gemm crate, every matrix given by
 /// its data and (row, column) strides, adding to `dst` when `accumulate`.
 ///
