@@ -411,20 +411,27 @@ impl Attention {
     ) -> Result<Self> {
         let inner = heads * head_dim;
         let kv_in = context_dim.unwrap_or(dim);
-        let proj = |i: usize, name: &str| {
+        // Cross-attention's keys and values come from the text tokens, a few hundred rows.
+        let short_kv = context_dim.is_some();
+        let proj = |i: usize, name: &str, short: bool| {
             let vb = vb.pp(name);
             let base = if qkv_bias {
                 linear(i, inner, vb.clone())?
             } else {
                 linear_no_bias(i, inner, vb.clone())?
             };
+            let base = if short {
+                base.for_short_inputs()?
+            } else {
+                base
+            };
             LoraLinear::new(base, &vb)
         };
         let out_vb = vb.pp("to_out.0");
         Ok(Self {
-            to_q: proj(dim, "to_q")?,
-            to_k: proj(kv_in, "to_k")?,
-            to_v: proj(kv_in, "to_v")?,
+            to_q: proj(dim, "to_q", false)?,
+            to_k: proj(kv_in, "to_k", short_kv)?,
+            to_v: proj(kv_in, "to_v", short_kv)?,
             to_out: LoraLinear::new(linear(inner, dim, out_vb.clone())?, &out_vb)?,
             heads,
             head_dim,

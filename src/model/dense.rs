@@ -122,11 +122,8 @@ impl From<Linear> for Dense {
     fn from(layer: Linear) -> Self {
         let weight = layer.weight();
         if transposes_weight(weight) {
-            if let Ok(weight_t) = weight.t().and_then(|t| t.contiguous()) {
-                return Self::TransposedF32(AffineF32 {
-                    weight_t,
-                    bias: layer.bias().cloned(),
-                });
+            if let Ok(affine) = AffineF32::new(weight, layer.bias().cloned()) {
+                return Self::TransposedF32(affine);
             }
         }
         if !gemm_bf16::packs_weight(weight) {
@@ -154,7 +151,7 @@ impl Dense {
     pub fn dims(&self) -> Result<(usize, usize)> {
         match self {
             Self::Plain(layer) => layer.weight().dims2(),
-            Self::TransposedF32(t) => t.weight_t.dims2().map(|(i, o)| (o, i)),
+            Self::TransposedF32(t) => t.features().map(|(i, o)| (o, i)),
             Self::PackedBf16(p) => Ok((p.out_features, p.in_features)),
             Self::Quantized(q) => Ok((q.out_features, q.in_features)),
         }
@@ -173,9 +170,7 @@ impl Dense {
     fn plain(&self) -> Result<Linear> {
         match self {
             Self::Plain(layer) => Ok(layer.clone()),
-            Self::TransposedF32(t) => {
-                Ok(Linear::new(t.weight_t.t()?.contiguous()?, t.bias.clone()))
-            }
+            Self::TransposedF32(t) => Ok(Linear::new(t.weight()?, t.bias.clone())),
             Self::PackedBf16(p) => {
                 let weight =
                     gemm_bf16::unpack_linear_weight(&p.words, p.in_features, p.out_features)?
@@ -188,6 +183,16 @@ impl Dense {
 }
 
 impl Dense {
+    /// The layer for inputs of a few hundred rows at most (a text encoder's tokens, the keys and
+    /// values of cross-attention): an f32 inference layer's weight goes into strips for
+    /// `ops::gemm_f32` where the CPU runs it ([`AffineF32::in_strips`]); others stay as they are.
+    pub fn for_short_inputs(self) -> Result<Self> {
+        match self {
+            Self::TransposedF32(t) => Ok(Self::TransposedF32(t.in_strips()?)),
+            other => Ok(other),
+        }
+    }
+
     /// The packed weight and the bf16 kernels' op of a layer whose products run there (a packed
     /// bf16 or q8 weight).
     fn bf16_op(&self) -> Option<(&Tensor, gemm_bf16::LinearBf16)> {

@@ -10,6 +10,11 @@ use super::dense::Dense;
 use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::{embedding, Embedding, Linear, VarBuilder};
 
+/// A layer of the encoder, whose inputs are at most 77 tokens a prompt.
+fn short_linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Dense> {
+    linear(in_dim, out_dim, vb)?.for_short_inputs()
+}
+
 #[derive(Debug, Clone)]
 struct ClipAttention {
     q_proj: Dense,
@@ -23,10 +28,10 @@ impl ClipAttention {
     fn new(c: &ClipTextConfig, vb: VarBuilder) -> Result<Self> {
         let d = c.hidden_size;
         Ok(Self {
-            q_proj: linear(d, d, vb.pp("q_proj"))?,
-            k_proj: linear(d, d, vb.pp("k_proj"))?,
-            v_proj: linear(d, d, vb.pp("v_proj"))?,
-            out_proj: linear(d, d, vb.pp("out_proj"))?,
+            q_proj: short_linear(d, d, vb.pp("q_proj"))?,
+            k_proj: short_linear(d, d, vb.pp("k_proj"))?,
+            v_proj: short_linear(d, d, vb.pp("v_proj"))?,
+            out_proj: short_linear(d, d, vb.pp("out_proj"))?,
             heads: c.num_attention_heads,
         })
     }
@@ -69,8 +74,8 @@ impl ClipLayer {
             layer_norm1: LayerNorm::new(c.hidden_size, c.layer_norm_eps, vb.pp("layer_norm1"))?,
             self_attn: ClipAttention::new(c, vb.pp("self_attn"))?,
             layer_norm2: LayerNorm::new(c.hidden_size, c.layer_norm_eps, vb.pp("layer_norm2"))?,
-            fc1: linear(c.hidden_size, c.intermediate_size, vb.pp("mlp.fc1"))?,
-            fc2: linear(c.intermediate_size, c.hidden_size, vb.pp("mlp.fc2"))?,
+            fc1: short_linear(c.hidden_size, c.intermediate_size, vb.pp("mlp.fc1"))?,
+            fc2: short_linear(c.intermediate_size, c.hidden_size, vb.pp("mlp.fc2"))?,
             quick_gelu: c.hidden_act == "quick_gelu",
         })
     }

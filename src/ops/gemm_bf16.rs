@@ -328,32 +328,18 @@ impl PairProduct<'_> {
     fn run_on(&self, out: &mut [f32], out_row: usize, kernel: Kernel) -> Result<()> {
         self.check(out, out_row)?;
         let kernel = kernel.min(Kernel::best());
-        // Tasks are blocks of whole tiles by runs of strips: split by columns first, so that a
-        // task's strips are reused by all its tiles (a layer of few output channels over a large
-        // map would otherwise give each task one tile and read B from memory once a tile).
         let tile_rows = kernel.tile_rows();
-        let tiles = self.rows.div_ceil(tile_rows);
-        let strips = self.cols / STRIP;
-        let target = 4 * rayon::current_num_threads();
-        let column_tasks = strips.clamp(1, target);
-        let row_tasks = target.div_ceil(column_tasks).clamp(1, tiles.max(1));
-        let (tiles_per_task, strips_per_task) =
-            (tiles.div_ceil(row_tasks), strips.div_ceil(column_tasks));
+        let split = split_tasks(self.rows.div_ceil(tile_rows), self.cols / STRIP);
         let out = OutPtr(out.as_mut_ptr());
-        (0..row_tasks * column_tasks)
-            .into_par_iter()
-            .for_each(|task| {
-                let (row_task, column_task) = (task / column_tasks, task % column_tasks);
-                let first_row = row_task * tiles_per_task * tile_rows;
-                let rows = first_row..((row_task + 1) * tiles_per_task * tile_rows).min(self.rows);
-                let first_strip = column_task * strips_per_task;
-                let strips = first_strip..((column_task + 1) * strips_per_task).min(strips);
-                if !rows.is_empty() && !strips.is_empty() {
-                    // SAFETY: `check` bounds every index of the product; the tasks' blocks of
-                    // rows and columns are disjoint, so no two threads write one element.
-                    unsafe { self.run_block(rows, strips, out, out_row, kernel) };
-                }
-            });
+        (0..split.tasks()).into_par_iter().for_each(|task| {
+            let (tiles, strips) = split.task(task);
+            let rows = tiles.start * tile_rows..(tiles.end * tile_rows).min(self.rows);
+            if !rows.is_empty() && !strips.is_empty() {
+                // SAFETY: `check` bounds every index of the product; the tasks' blocks of rows
+                // and columns are disjoint, so no two threads write one element.
+                unsafe { self.run_block(rows, strips, out, out_row, kernel) };
+            }
+        });
         Ok(())
     }
 
@@ -497,9 +483,69 @@ impl PairProduct<'_> {
     }
 }
 
+/// A product's micro-tiles (of rows) and strips (of columns) as rayon tasks: blocks of whole
+/// tiles by runs of strips, about four a thread, split by columns first so that a task's strips
+/// are reused by all its tiles (a layer of few output channels over a large map would otherwise
+/// give each task one tile and read B from memory once a tile).
+#[derive(Clone, Copy)]
+pub(super) struct TaskSplit {
+    tiles: usize,
+    strips: usize,
+    column_tasks: usize,
+    row_tasks: usize,
+    tiles_per_task: usize,
+    strips_per_task: usize,
+}
+
+/// [`TaskSplit`] of `tiles` by `strips` over rayon's threads.
+pub(super) fn split_tasks(tiles: usize, strips: usize) -> TaskSplit {
+    let target = 4 * rayon::current_num_threads();
+    // As many strips in every column task (10 strips over 8 tasks would be 5 tasks of 2).
+    let strips_per_task = strips.div_ceil(target).max(1);
+    let column_tasks = strips.div_ceil(strips_per_task).max(1);
+    let row_tasks = target.div_ceil(column_tasks).clamp(1, tiles.max(1));
+    TaskSplit {
+        tiles,
+        strips,
+        column_tasks,
+        row_tasks,
+        tiles_per_task: tiles.div_ceil(row_tasks),
+        strips_per_task,
+    }
+}
+
+impl TaskSplit {
+    /// Tasks of whole rows of tiles, each over every strip.
+    pub(super) fn by_rows(tiles: usize, strips: usize) -> Self {
+        let row_tasks = (4 * rayon::current_num_threads()).clamp(1, tiles.max(1));
+        Self {
+            tiles,
+            strips,
+            column_tasks: 1,
+            row_tasks,
+            tiles_per_task: tiles.div_ceil(row_tasks),
+            strips_per_task: strips,
+        }
+    }
+
+    pub(super) fn tasks(&self) -> usize {
+        self.row_tasks * self.column_tasks
+    }
+
+    /// Task `task`'s tiles and strips (either may be empty).
+    pub(super) fn task(&self, task: usize) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
+        let (row_task, column_task) = (task / self.column_tasks, task % self.column_tasks);
+        let tiles = (row_task * self.tiles_per_task).min(self.tiles)
+            ..((row_task + 1) * self.tiles_per_task).min(self.tiles);
+        let strips = (column_task * self.strips_per_task).min(self.strips)
+            ..((column_task + 1) * self.strips_per_task).min(self.strips);
+        (tiles, strips)
+    }
+}
+
 /// The output of a product, shared by the tasks that write disjoint blocks of it.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(super) struct OutPtr(pub *mut f32);
 
 // SAFETY: the tasks of one product write disjoint elements (see `PairProduct::run_on`).
 unsafe impl Send for OutPtr {}

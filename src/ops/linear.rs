@@ -1,26 +1,82 @@
-//! `y = x W^T + b (+ r)` for f32 CPU inference layers held as `W^T` (`model::dense`'s
-//! transposed layers): the bias, and the residual the layer's output joins, are written into
-//! the output first and gemm adds the product to them. Composed ops would run the product into a
+//! `y = x W^T + b (+ r)` for f32 CPU inference layers (`model::dense`'s transposed layers): the
+//! bias, and the residual the layer's output joins, are written into the output first and the
+//! product (the gemm crate's, or `gemm_f32`'s strips) is added to them. Composed ops would run the product into a
 //! fresh buffer and then one or two element-wise passes over it, each a new buffer and each a
 //! wake-up of candle's worker pool, whose spinning afterwards takes a core from the next product
 //! (11-12% of the CLIP text encoder's profile on two cores).
 
+use super::gemm_f32::StripsF32;
 use super::tensor::{contiguous_f32, storage_f32};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::sync::Arc;
 
-/// An f32 inference layer: `W^T` (in x out, contiguous f32) and its bias (out). Held
-/// transposed, the weight is read by gemm where it lies, where the loaded (out, in) weight would
-/// be copied into panels at every call: for a short sequence (the text encoder's 2 x 77 tokens)
-/// that copy was a quarter of the time (a 154 x 3072 by 3072 x 768 product 6.4 ms, 3.3 ms
-/// transposed).
+/// An f32 inference layer: its weight in the form its product reads, and its bias (out).
 #[derive(Debug, Clone)]
 pub struct AffineF32 {
-    pub weight_t: Tensor,
+    weight: AffineWeight,
     pub bias: Option<Tensor>,
 }
 
+#[derive(Debug, Clone)]
+enum AffineWeight {
+    /// `W^T` (in x out, contiguous), read by the gemm crate where it lies, where the loaded
+    /// (out, in) weight would be copied into panels at every call: for a short sequence (the
+    /// text encoder's 2 x 77 tokens) that copy was a quarter of the time (a 154 x 3072 by
+    /// 3072 x 768 product 6.4 ms, 3.3 ms transposed).
+    Transposed(Tensor),
+    /// `W^T` in strips for `ops::gemm_f32`, which reads the input in place.
+    Strips(Arc<StripsF32>),
+}
+
 impl AffineF32 {
+    /// The layer `x W^T + b` of a weight (out, in), held transposed.
+    pub fn new(weight: &Tensor, bias: Option<Tensor>) -> Result<Self> {
+        Ok(Self {
+            weight: AffineWeight::Transposed(weight.t()?.contiguous()?),
+            bias,
+        })
+    }
+
+    /// The same layer with its weight in strips for `ops::gemm_f32` where the CPU runs that
+    /// kernel, else as it is. For inputs of a few hundred rows (text tokens) the strip kernel
+    /// runs 10-25% faster than the gemm crate, which copies such an input into panels with a
+    /// strided gather at every call; over thousands of rows (an image's tokens) gemm is faster
+    /// (2-core Xeon with AVX-512: 154 x 768 by 768 x 3072 2.19 ms against 2.34 ms, 8192 x 320
+    /// by 320 x 1280 20.4 ms against 18.1 ms).
+    pub fn in_strips(self) -> Result<Self> {
+        let AffineWeight::Transposed(weight_t) = &self.weight else {
+            return Ok(self);
+        };
+        if !super::gemm_f32::available() {
+            return Ok(self);
+        }
+        let (in_features, out_features) = weight_t.dims2()?;
+        let weight = weight_t.t()?.contiguous()?;
+        let (storage, layout) = weight.storage_and_layout();
+        let values = storage_f32(&storage, layout, "affine-f32", "the weight")?;
+        let strips = StripsF32::from_weight(values, out_features, in_features)?;
+        Ok(Self {
+            weight: AffineWeight::Strips(Arc::new(strips)),
+            bias: self.bias,
+        })
+    }
+
+    /// The weight (out, in).
+    pub fn weight(&self) -> Result<Tensor> {
+        match &self.weight {
+            AffineWeight::Transposed(weight_t) => weight_t.t()?.contiguous(),
+            AffineWeight::Strips(strips) => {
+                let (in_features, out_features) = strips.dims();
+                Tensor::from_vec(
+                    strips.weight(),
+                    (out_features, in_features),
+                    &candle_core::Device::Cpu,
+                )
+            }
+        }
+    }
+
     /// `x W^T + b` for `x` (..., in) f32 on the CPU, with its gradient for `x`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         x.contiguous()?.apply_op1(self.clone())
@@ -32,8 +88,12 @@ impl AffineF32 {
             .apply_op2(&residual.contiguous()?, ResidualAffineF32(self.clone()))
     }
 
-    fn features(&self) -> Result<(usize, usize)> {
-        self.weight_t.dims2()
+    /// (in features, out features).
+    pub fn features(&self) -> Result<(usize, usize)> {
+        match &self.weight {
+            AffineWeight::Transposed(weight_t) => weight_t.dims2(),
+            AffineWeight::Strips(strips) => Ok(strips.dims()),
+        }
     }
 
     /// The output shape for an input of `shape`, checked against the layer.
@@ -60,8 +120,6 @@ impl AffineF32 {
         op: &str,
     ) -> Result<Vec<f32>> {
         let (in_features, out_features) = self.features()?;
-        let (w_storage, w_layout) = self.weight_t.storage_and_layout();
-        let weight_t = storage_f32(&w_storage, w_layout, op, "the weight")?;
         let bias_storage = self.bias.as_ref().map(|b| b.storage_and_layout());
         let bias = match &bias_storage {
             Some((storage, layout)) => Some(storage_f32(storage, layout, op, "the bias")?),
@@ -93,21 +151,28 @@ impl AffineF32 {
                     }
                 });
         }
-        // SAFETY: x holds rows x in_features, weight_t in_features x out_features and y
-        // rows x out_features floats, all row-major; y is borrowed mutably for the call.
-        unsafe {
-            super::tensor::matrix_product(
-                (rows, out_features, in_features),
-                y.as_mut_ptr(),
-                (out_features, 1),
-                accumulate,
-                x.as_ptr(),
-                (in_features, 1),
-                weight_t.as_ptr(),
-                (out_features, 1),
-                super::tensor::all_threads(),
-            )
-        };
+        match &self.weight {
+            AffineWeight::Strips(strips) => strips.product(x, rows, &mut y, accumulate)?,
+            AffineWeight::Transposed(weight_t) => {
+                let (w_storage, w_layout) = weight_t.storage_and_layout();
+                let weight_t = storage_f32(&w_storage, w_layout, op, "the weight")?;
+                // SAFETY: x holds rows x in_features, weight_t in_features x out_features and y
+                // rows x out_features floats, all row-major; y is borrowed mutably for the call.
+                unsafe {
+                    super::tensor::matrix_product(
+                        (rows, out_features, in_features),
+                        y.as_mut_ptr(),
+                        (out_features, 1),
+                        accumulate,
+                        x.as_ptr(),
+                        (in_features, 1),
+                        weight_t.as_ptr(),
+                        (out_features, 1),
+                        super::tensor::all_threads(),
+                    )
+                };
+            }
+        }
         Ok(y)
     }
 
@@ -120,8 +185,12 @@ impl AffineF32 {
             *last = in_features;
         }
         let rows = grad.elem_count() / out_features.max(1);
+        let weight = match &self.weight {
+            AffineWeight::Transposed(weight_t) => weight_t.t()?,
+            AffineWeight::Strips(_) => self.weight()?,
+        };
         grad.reshape((rows, out_features))?
-            .matmul(&self.weight_t.t()?)?
+            .matmul(&weight)?
             .reshape(dims)
     }
 }
@@ -198,16 +267,22 @@ mod tests {
             .expect("difference")
     }
 
-    /// Output and gradients of the fused layer against the composed `x.matmul(W^T) + b (+ r)`,
-    /// with and without a bias, for inputs of rank 2 and 3.
+    /// Output and gradients of the fused layer, its weight transposed or in strips, against the
+    /// composed `x.matmul(W^T) + b (+ r)`, with and without a bias, for inputs of rank 2 and 3.
     #[test]
     fn matches_the_composed_layer_and_its_gradients() {
         let weight_t = seeded_randn(&[40, 24], 1);
-        for bias in [Some(seeded_randn(&[24], 2)), None] {
-            let layer = AffineF32 {
-                weight_t: weight_t.clone(),
-                bias: bias.clone(),
-            };
+        let weight = weight_t.t().and_then(|w| w.contiguous()).expect("weight");
+        let layers = [Some(seeded_randn(&[24], 2)), None]
+            .into_iter()
+            .flat_map(|bias| {
+                let layer = AffineF32::new(&weight, bias.clone()).expect("layer");
+                let strips = layer.clone().in_strips().expect("strips");
+                [(layer, bias.clone()), (strips, bias)]
+            });
+        for (layer, bias) in layers {
+            assert_eq!(layer.features().expect("dims"), (40, 24));
+            assert!(max_diff(&layer.weight().expect("weight"), &weight) == 0.0);
             for shape in [vec![5, 40], vec![3, 7, 40]] {
                 let x = candle_core::Var::from_tensor(&seeded_randn(&shape, 3)).expect("var");
                 let mut out_shape = shape.clone();
@@ -258,10 +333,7 @@ mod tests {
     /// error naming what was expected.
     #[test]
     fn names_mismatched_inputs() {
-        let layer = AffineF32 {
-            weight_t: seeded_randn(&[8, 4], 1),
-            bias: None,
-        };
+        let layer = AffineF32::new(&seeded_randn(&[4, 8], 1), None).expect("layer");
         let err = layer.forward(&seeded_randn(&[2, 7], 2)).unwrap_err();
         assert!(err.to_string().contains("8 features"), "{err}");
         let err = layer

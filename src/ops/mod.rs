@@ -12,6 +12,7 @@ pub mod attention;
 pub mod conv_gemm;
 pub mod copy;
 pub mod gemm_bf16;
+pub mod gemm_f32;
 pub mod im2col;
 pub mod linear;
 pub mod norm;
