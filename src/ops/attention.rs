@@ -8,7 +8,7 @@
 //! instead of tiles): one more Q K^T product for a fraction of the memory.
 
 use super::gemm_bf16::{HeadScratch, PackedHeads};
-use super::vector_math::{exp_nonpositive, with_wide_vectors};
+use super::vector_math::{self, with_wide_vectors};
 use crate::ops::tensor::{
     contiguous_f32, single_thread_product, single_thread_product_into as product, storage_f32,
 };
@@ -25,34 +25,12 @@ const QUERY_BLOCK: usize = 64;
 /// Replaces a row of scores s by exp(scale (s - max s)), the numerators of softmax(scale s), and
 /// returns their sum.
 fn softmax_numerators(row: &mut [f32], scale: f32) -> f32 {
-    with_wide_vectors(
-        #[inline(always)]
-        || {
-            // Eight running maxima and sums, which the compiler keeps in one vector register each.
-            let mut lanes = [f32::NEG_INFINITY; 8];
-            let mut chunks = row.chunks_exact(8);
-            for chunk in &mut chunks {
-                for (lane, &value) in lanes.iter_mut().zip(chunk) {
-                    *lane = if value > *lane { value } else { *lane };
-                }
-            }
-            let max = lanes
-                .iter()
-                .chain(chunks.remainder())
-                .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
-            for value in row.iter_mut() {
-                *value = exp_nonpositive((*value - max) * scale);
-            }
-            let mut lanes = [0f32; 8];
-            let mut chunks = row.chunks_exact(8);
-            for chunk in &mut chunks {
-                for (lane, value) in lanes.iter_mut().zip(chunk) {
-                    *lane += value;
-                }
-            }
-            lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
-        },
-    )
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512 Foundation.
+        return unsafe { vector_math::softmax_numerators_avx512(row, scale) };
+    }
+    vector_math::softmax_numerators(row, scale)
 }
 
 #[derive(Debug, Clone, Copy)]
