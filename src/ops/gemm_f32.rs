@@ -210,6 +210,7 @@ impl StripsF32 {
                                 b: values.as_ptr().add((strip * self.k + k0) * STRIP),
                                 depth,
                                 a_row: self.k,
+                                a_col: 1,
                                 out_row: self.n,
                                 cols: STRIP.min(self.n - col),
                                 accumulate: accumulate || k0 > 0,
@@ -235,13 +236,87 @@ impl StripsF32 {
     }
 }
 
+/// One strip of a right-hand matrix built per call (K x 64, `[k][64]`, 64-byte aligned), reused
+/// from call to call.
+#[derive(Default)]
+pub struct Strip {
+    lines: Vec<Line>,
+    k: usize,
+}
+
+impl Strip {
+    /// The strip's k rows of 64 floats, resized to `k` rows (values left as they were).
+    pub fn rows_mut(&mut self, k: usize) -> &mut [f32] {
+        self.lines.resize(k * (STRIP / 16), Line::default());
+        self.k = k;
+        StripsF32::floats_mut(&mut self.lines)
+    }
+
+    pub fn values(&self) -> &[f32] {
+        StripsF32::floats(&self.lines)
+    }
+
+    /// `y = A B` for this strip B (K x 64) and `rows` rows of A, element (r, p) at
+    /// `a[r * a_row + p * a_col]`: y is `rows` rows of 64 floats, `y_row` apart. On the calling
+    /// thread (callers whose tasks are the parallel part), with AVX-512.
+    pub fn product(
+        &self,
+        a: &[f32],
+        (a_row, a_col): (usize, usize),
+        rows: usize,
+        y: &mut [f32],
+        y_row: usize,
+    ) -> Result<()> {
+        let a_needed = match (rows, self.k) {
+            (0, _) | (_, 0) => 0,
+            _ => (rows - 1) * a_row + (self.k - 1) * a_col + 1,
+        };
+        let y_needed = rows.saturating_sub(1) * y_row + STRIP;
+        if a.len() < a_needed || (rows > 0 && (y.len() < y_needed || y_row < STRIP)) {
+            candle_core::bail!("f32 strip: operands too short for {rows} rows x {}", self.k)
+        }
+        if !available() {
+            candle_core::bail!("f32 strips: this CPU has no AVX-512")
+        }
+        if self.k == 0 {
+            for row in y.chunks_mut(y_row).take(rows) {
+                row[..STRIP].fill(0.0);
+            }
+            return Ok(());
+        }
+        for k0 in (0..self.k).step_by(K_BLOCK) {
+            let tile = Tile {
+                b: self.values()[k0 * STRIP..].as_ptr(),
+                depth: K_BLOCK.min(self.k - k0),
+                a_row,
+                a_col,
+                out_row: y_row,
+                cols: STRIP,
+                accumulate: k0 > 0,
+            };
+            for row in (0..rows).step_by(TILE_ROWS) {
+                // SAFETY: the lengths are checked above and the CPU has AVX-512.
+                unsafe {
+                    tile.run(
+                        (rows - row).min(TILE_ROWS),
+                        a.as_ptr().add(row * a_row + k0 * a_col),
+                        y.as_mut_ptr().add(row * y_row),
+                    )
+                };
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What the micro-tiles of one strip and k block share.
 struct Tile {
     /// The strip's first k row of the block.
     b: *const f32,
     depth: usize,
-    /// Floats from one row of x to the next.
+    /// Floats from one row of x to the next, and from one k to the next.
     a_row: usize,
+    a_col: usize,
     /// Floats from one row of y to the next.
     out_row: usize,
     /// The strip's columns inside y (32 but in the last strip).
@@ -282,7 +357,7 @@ impl Tile {
                 *b_vector = _mm512_load_ps(b.add(16 * v));
             }
             for (r, acc_row) in acc.iter_mut().enumerate() {
-                let a_value = _mm512_set1_ps(*a.add(r * self.a_row + p));
+                let a_value = _mm512_set1_ps(*a.add(r * self.a_row + p * self.a_col));
                 for (sum, &b_vector) in acc_row.iter_mut().zip(&b_vectors) {
                     *sum = _mm512_fmadd_ps(a_value, b_vector, *sum);
                 }
@@ -371,6 +446,39 @@ mod tests {
                 );
             }
         }
+        Ok(())
+    }
+
+    /// A strip built per call times a strided A (here A^T of a row-major matrix) against a
+    /// direct sum, over several k blocks and a partial tile.
+    #[test]
+    fn a_strip_multiplies_strided_rows() -> Result<()> {
+        if !available() {
+            return Ok(());
+        }
+        let (rows, k) = (15, 200);
+        // A (rows x k) read from its transpose: element (r, p) at p * rows + r.
+        let a_t = values(k * rows, 3);
+        let b = values(k * STRIP, 4);
+        let mut strip = Strip::default();
+        strip.rows_mut(k).copy_from_slice(&b);
+        let mut y = vec![f32::NAN; rows * 80];
+        strip.product(&a_t, (1, rows), rows, &mut y, 80)?;
+        for r in 0..rows {
+            for c in 0..STRIP {
+                let want: f64 = (0..k)
+                    .map(|p| a_t[p * rows + r] as f64 * b[p * STRIP + c] as f64)
+                    .sum();
+                assert!((y[r * 80 + c] as f64 - want).abs() < 1e-4, "({r}, {c})");
+            }
+        }
+        assert!(strip
+            .product(&a_t[1..], (1, rows), rows, &mut y, 80)
+            .is_err());
+        let short = (rows - 1) * 80 + STRIP - 1;
+        assert!(strip
+            .product(&a_t, (1, rows), rows, &mut y[..short], 80)
+            .is_err());
         Ok(())
     }
 

@@ -120,8 +120,6 @@ pub fn softmax_numerators(row: &mut [f32], scale: f32) -> f32 {
 #[target_feature(enable = "avx512f")]
 pub unsafe fn softmax_numerators_avx512(row: &mut [f32], scale: f32) -> f32 {
     use std::arch::x86_64::*;
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
     let len = row.len();
     let data = row.as_mut_ptr();
     let tail_mask = |i: usize| -> __mmask16 { ((1u32 << (len - i).min(16)) - 1) as __mmask16 };
@@ -143,30 +141,8 @@ pub unsafe fn softmax_numerators_avx512(row: &mut [f32], scale: f32) -> f32 {
         _mm512_max_ps(maxima[2], maxima[3]),
     ));
     let (max, scale) = (_mm512_set1_ps(max), _mm512_set1_ps(scale));
-    let exp = |values: __m512| -> __m512 {
-        let x = _mm512_mul_ps(_mm512_sub_ps(values, max), scale);
-        // Below -87 (e^x under f32's smallest normal) the result is 0, as is NaN's.
-        let kept = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, _mm512_set1_ps(-87.0));
-        let x = _mm512_max_ps(x, _mm512_set1_ps(-87.0));
-        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-            _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
-        );
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
-        let mut p = _mm512_set1_ps(1.0 / 5040.0);
-        for c in [
-            1.0 / 720.0,
-            1.0 / 120.0,
-            1.0 / 24.0,
-            1.0 / 6.0,
-            0.5,
-            1.0,
-            1.0,
-        ] {
-            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-        }
-        _mm512_maskz_scalef_ps(kept, p, n)
-    };
+    let exp =
+        |values: __m512| exp_nonpositive_avx512(_mm512_mul_ps(_mm512_sub_ps(values, max), scale));
     let mut sums = [_mm512_setzero_ps(); 4];
     let mut i = 0;
     while i + 64 <= len {
@@ -188,6 +164,71 @@ pub unsafe fn softmax_numerators_avx512(row: &mut [f32], scale: f32) -> f32 {
         _mm512_add_ps(sums[0], sums[1]),
         _mm512_add_ps(sums[2], sums[3]),
     ))
+}
+
+/// [`exp_nonpositive`] of 16 lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn exp_nonpositive_avx512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    // Below -87 (e^x under f32's smallest normal) the result is 0, as is NaN's.
+    let kept = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, _mm512_set1_ps(-87.0));
+    let x = _mm512_max_ps(x, _mm512_set1_ps(-87.0));
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+        _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+    );
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+    let mut p = _mm512_set1_ps(1.0 / 5040.0);
+    for c in [
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ] {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    }
+    _mm512_maskz_scalef_ps(kept, p, n)
+}
+
+/// Columns of softmax numerators: `block` holds `keys` rows of 64 scores, one column per
+/// query (attention's scores transposed, `ops::attention`); each column s becomes
+/// exp(scale (s - max s)) as in [`softmax_numerators_avx512`], and the column sums are returned.
+///
+/// # Safety
+/// The CPU must have AVX-512 Foundation.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub unsafe fn softmax_columns_avx512(block: &mut [f32], keys: usize, scale: f32) -> [f32; 64] {
+    use std::arch::x86_64::*;
+    let mut maxima = [_mm512_set1_ps(f32::NEG_INFINITY); 4];
+    for row in block[..keys * 64].chunks_exact(64) {
+        for (j, lane) in maxima.iter_mut().enumerate() {
+            *lane = _mm512_max_ps(*lane, _mm512_loadu_ps(row.as_ptr().add(16 * j)));
+        }
+    }
+    let scale = _mm512_set1_ps(scale);
+    let mut sums = [_mm512_setzero_ps(); 4];
+    for row in block[..keys * 64].chunks_exact_mut(64) {
+        for (j, (sum, &max)) in sums.iter_mut().zip(&maxima).enumerate() {
+            let at = row.as_mut_ptr().add(16 * j);
+            let x = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(at), max), scale);
+            let numerators = exp_nonpositive_avx512(x);
+            _mm512_storeu_ps(at, numerators);
+            *sum = _mm512_add_ps(*sum, numerators);
+        }
+    }
+    let mut out = [0f32; 64];
+    for (j, sum) in sums.iter().enumerate() {
+        _mm512_storeu_ps(out.as_mut_ptr().add(16 * j), *sum);
+    }
+    out
 }
 
 /// The logistic function 1 / (1 + e^-h), through e^-|h| so that the exponential never
@@ -392,6 +433,34 @@ mod tests {
                 }
                 let err = (sum as f64 - want_sum).abs() / want_sum;
                 assert!(err < 1e-6, "{name} {len}: sum {sum} against {want_sum}");
+            }
+        }
+    }
+
+    /// Column softmax numerators equal the row kernel's on the transposed scores.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn softmax_columns_match_the_rows() {
+        if !is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let keys = 77;
+        let scores: Vec<f32> = (0..keys * 64)
+            .map(|i| ((i * 53) % 97) as f32 / 5.0 - 9.0)
+            .collect();
+        let mut block = scores.clone();
+        // SAFETY: the CPU has AVX-512 Foundation.
+        let sums = unsafe { softmax_columns_avx512(&mut block, keys, 0.3) };
+        for column in 0..64 {
+            let mut row: Vec<f32> = (0..keys).map(|k| scores[k * 64 + column]).collect();
+            // SAFETY: as above.
+            let sum = unsafe { softmax_numerators_avx512(&mut row, 0.3) };
+            assert!(
+                (sum - sums[column]).abs() <= 1e-6 * sum,
+                "column {column} sum"
+            );
+            for (k, value) in row.iter().enumerate() {
+                assert_eq!(*value, block[k * 64 + column], "column {column}, key {k}");
             }
         }
     }
