@@ -70,12 +70,12 @@ impl std::fmt::Debug for StripsF32 {
 }
 
 impl StripsF32 {
-    /// Packs `B = W^T` from a weight `W` (N x K, row-major: a linear layer's (out, in)).
-    pub fn from_weight(weight: &[f32], n: usize, k: usize) -> Result<Self> {
-        if weight.len() != n * k {
+    /// Packs `B` (K x N, row-major: a linear layer's `W^T`, (in, out)).
+    pub fn new(b: &[f32], k: usize, n: usize) -> Result<Self> {
+        if b.len() != n * k {
             candle_core::bail!(
-                "f32 strips: a weight of {} values is not {n} x {k}",
-                weight.len()
+                "f32 strips: a matrix of {} values is not {k} x {n}",
+                b.len()
             )
         }
         let strips = n.div_ceil(STRIP);
@@ -84,12 +84,13 @@ impl StripsF32 {
             .par_chunks_mut((k * STRIP / 16).max(1))
             .enumerate()
             .for_each(|(strip, block)| {
-                let values = Self::floats_mut(block);
-                for c in 0..STRIP.min(n - strip * STRIP) {
-                    let row = &weight[(strip * STRIP + c) * k..][..k];
-                    for (p, &w) in row.iter().enumerate() {
-                        values[p * STRIP + c] = w;
-                    }
+                let first = strip * STRIP;
+                let width = STRIP.min(n - first);
+                for (dst, src) in Self::floats_mut(block)
+                    .chunks_exact_mut(STRIP)
+                    .zip(b.chunks_exact(n.max(1)))
+                {
+                    dst[..width].copy_from_slice(&src[first..first + width]);
                 }
             });
         Ok(Self { lines, k, n })
@@ -422,7 +423,8 @@ mod tests {
         ] {
             let x = values(rows * k, 1);
             let weight = values(n * k, 2);
-            let strips = StripsF32::from_weight(&weight, n, k)?;
+            let weight_t: Vec<f32> = (0..k * n).map(|i| weight[(i % n) * k + i / n]).collect();
+            let strips = StripsF32::new(&weight_t, k, n)?;
             assert_eq!(strips.weight(), weight, "{rows} x {n} x {k}: round trip");
             if !available() {
                 continue;
@@ -484,8 +486,8 @@ mod tests {
 
     #[test]
     fn short_operands_are_errors() -> Result<()> {
-        assert!(StripsF32::from_weight(&[0.0; 5], 2, 3).is_err());
-        let strips = StripsF32::from_weight(&[0.0; 6], 2, 3)?;
+        assert!(StripsF32::new(&[0.0; 5], 3, 2).is_err());
+        let strips = StripsF32::new(&[0.0; 6], 3, 2)?;
         let mut y = vec![0f32; 4];
         assert!(strips.product(&[0.0; 5], 2, &mut y, false).is_err());
         assert!(strips.product(&[0.0; 6], 2, &mut y[..3], false).is_err());

@@ -52,10 +52,9 @@ impl AffineF32 {
             return Ok(self);
         }
         let (in_features, out_features) = weight_t.dims2()?;
-        let weight = weight_t.t()?.contiguous()?;
-        let (storage, layout) = weight.storage_and_layout();
+        let (storage, layout) = weight_t.storage_and_layout();
         let values = storage_f32(&storage, layout, "affine-f32", "the weight")?;
-        let strips = StripsF32::from_weight(values, out_features, in_features)?;
+        let strips = StripsF32::new(values, in_features, out_features)?;
         Ok(Self {
             weight: AffineWeight::Strips(Arc::new(strips)),
             bias: self.bias,
