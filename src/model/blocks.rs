@@ -382,6 +382,18 @@ pub fn conv1x1(cin: usize, cout: usize, vb: VarBuilder) -> Result<Conv2d> {
     )
 }
 
+/// softmax(scale q k^T) v for (heads, n, d) tensors, the probabilities in `dtype` before the
+/// product with v: the blocked kernel (`ops::attention`, which never holds the scores) for f32
+/// on the CPU, composed ops elsewhere.
+pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, dtype: DType) -> Result<Tensor> {
+    let all_f32 = [q, k, v].iter().all(|t| t.dtype() == DType::F32);
+    if q.device().is_cpu() && all_f32 {
+        return crate::ops::attention::memory_efficient_attention(q, k, v, scale);
+    }
+    let scores = (q.matmul(&k.t()?)? * scale)?;
+    softmax_last_dim(&scores)?.to_dtype(dtype)?.matmul(v)
+}
+
 /// Multi-head scaled dot-product attention, softmax(Q K^T / sqrt(d)) V (Vaswani et al. 2017,
 /// eq. 1), as diffusers' `Attention` with `to_q`, `to_k`, `to_v`, `to_out.0`. Each projection
 /// takes a LoRA adapter when the weights offer one (see [`LoraLinear`]).
@@ -484,8 +496,6 @@ impl Attention {
         let per_head = if cpu_inference && all_f32 && self.to_q.bf16_products() {
             // A bf16 model keeping f32 activations: its attention products in bf16 as well.
             crate::ops::attention::attention_with_bf16_products(&q, &k, &v, scale)?
-        } else if q.device().is_cpu() && all_f32 {
-            crate::ops::attention::memory_efficient_attention(&q, &k, &v, scale)?
         } else if cpu_inference && v.dtype() == DType::BF16 {
             // candle's bf16 products widen element by element and its composed attention holds
             // the whole score matrix: the f32 blocked kernel is faster on both counts.
@@ -498,8 +508,7 @@ impl Attention {
             )?
             .to_dtype(DType::BF16)?
         } else {
-            let scores = (q.matmul(&k.t()?)? * scale)?;
-            softmax_last_dim(&scores)?.to_dtype(dtype)?.matmul(&v)?
+            attend(&q, &k, &v, scale, dtype)?
         };
         let tokens = per_head
             .reshape((b, self.heads, n, self.head_dim))?

@@ -43,8 +43,8 @@ impl VaeAttention {
         let q = self.to_q.forward(&tokens)?;
         let k = self.to_k.forward(&tokens)?;
         let v = self.to_v.forward(&tokens)?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (c as f64).sqrt()))?;
-        let attended = super::blocks::softmax_last_dim(&scores)?.matmul(&v)?;
+        let scale = 1.0 / (c as f64).sqrt();
+        let attended = super::blocks::attend(&q, &k, &v, scale, v.dtype())?;
         let out = self
             .to_out
             .forward(&attended)?
