@@ -7,7 +7,7 @@ use super::blocks::LayerNorm;
 use super::config::ClipTextConfig;
 use super::dense::linear;
 use super::dense::Dense;
-use candle_core::{Device, Module, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{embedding, Embedding, Linear, VarBuilder};
 
 /// A layer of the encoder, whose inputs are at most 77 tokens a prompt.
@@ -49,12 +49,25 @@ impl ClipAttention {
         let split = |t: Tensor| -> Result<Tensor> {
             crate::ops::copy::contiguous(&t.reshape((b, n, self.heads, head_dim))?.transpose(1, 2)?)
         };
-        let q = split((self.q_proj.forward(x)? * (1.0 / (head_dim as f64).sqrt()))?)?;
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let q = self.q_proj.forward(x)?;
         let k = split(self.k_proj.forward(x)?)?;
         let v = split(self.v_proj.forward(x)?)?;
-        let scores = q.matmul(&k.t()?)?.broadcast_add(mask)?;
-        let weights = super::blocks::softmax_last_dim(&scores)?;
-        crate::ops::copy::contiguous(&weights.matmul(&v)?.transpose(1, 2)?)?.reshape((b, n, d))
+        let per_head = if crate::ops::tensor::is_cpu_f32(&q) && v.dtype() == DType::F32 {
+            // The mask is causal: the blocked kernel applies it without a score matrix.
+            let heads = |t: &Tensor| t.reshape((b * self.heads, n, head_dim));
+            let out = crate::ops::attention::causal_attention(
+                &heads(&split(q)?)?,
+                &heads(&k)?,
+                &heads(&v)?,
+                scale,
+            )?;
+            out.reshape((b, self.heads, n, head_dim))?
+        } else {
+            let scores = split((q * scale)?)?.matmul(&k.t()?)?.broadcast_add(mask)?;
+            super::blocks::softmax_last_dim(&scores)?.matmul(&v)?
+        };
+        crate::ops::copy::contiguous(&per_head.transpose(1, 2)?)?.reshape((b, n, d))
     }
 }
 

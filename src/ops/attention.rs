@@ -36,6 +36,15 @@ fn softmax_numerators(row: &mut [f32], scale: f32) -> f32 {
     vector_math::softmax_numerators(row, scale)
 }
 
+/// Sets the scores of keys past their query to -inf in rows of scores for the queries
+/// `first..`, one row a query (`row_len` apart, M keys each): their numerators become 0.
+fn mask_future_rows(scores: &mut [f32], row_len: usize, m: usize, first: usize) {
+    for (r, row) in scores.chunks_mut(row_len).enumerate() {
+        let allowed = (first + r + 1).min(m);
+        row[allowed..m].fill(f32::NEG_INFINITY);
+    }
+}
+
 /// A thread's buffers for the forward pass through `gemm_f32`'s strips, which works on the
 /// transposed scores of a block of (at most 64) queries: S^T = K Q^T with the block's Q^T as the
 /// one strip (K read where it lies), the softmax down its columns, and O^T = V^T P^T with P^T,
@@ -50,7 +59,9 @@ struct TransposedScratch {
 }
 
 impl TransposedScratch {
-    /// softmax(scale q_block K^T) V into `out_block` (rows x dv).
+    /// softmax(scale q_block K^T) V into `out_block` (rows x dv); with `causal`, the block's
+    /// first query being query `first`, each query sees only the keys up to its own index.
+    #[allow(clippy::too_many_arguments)]
     fn block(
         &mut self,
         q_block: &[f32],
@@ -58,6 +69,7 @@ impl TransposedScratch {
         v_head: &[f32],
         (d, dv): (usize, usize),
         scale: f32,
+        causal: Option<usize>,
         out_block: &mut [f32],
     ) -> Result<()> {
         const WIDTH: usize = gemm_f32::STRIP;
@@ -73,6 +85,12 @@ impl TransposedScratch {
         }
         let scores = self.scores.rows_mut(m);
         self.queries.product(k_head, (d, 1), m, scores, WIDTH)?;
+        if let Some(first) = causal {
+            // Key j is hidden from the block's columns c with first + c < j.
+            for (j, row) in scores.chunks_exact_mut(WIDTH).enumerate().skip(first + 1) {
+                row[..(j - first).min(WIDTH)].fill(f32::NEG_INFINITY);
+            }
+        }
         // SAFETY: `gemm_f32::available` (checked by the caller) is AVX-512 Foundation.
         let sums = unsafe { vector_math::softmax_columns_avx512(scores, m, scale) };
         self.out_t.resize(dv * WIDTH, 0.0);
@@ -101,6 +119,8 @@ struct Attention {
     /// Both products through the bf16 pair dot product (`gemm_bf16`), inference only: Q, K, V
     /// and the probabilities rounded to bf16, the sums in f32.
     bf16_products: bool,
+    /// Query i attends to keys 0..=i only (a text encoder's causal mask).
+    causal: bool,
 }
 
 impl CustomOp3 for Attention {
@@ -149,6 +169,9 @@ impl CustomOp3 for Attention {
                     let rows = out_block.len() / dv;
                     let q_block = &q[(head * n + first) * d..][..rows * d];
                     packed.scores(head, q_block, scratch, scores)?;
+                    if self.causal {
+                        mask_future_rows(scores, score_row, m, first);
+                    }
                     sums.clear();
                     sums.extend(
                         scores
@@ -173,7 +196,8 @@ impl CustomOp3 for Attention {
                     let q_block = &q[(head * n + first) * d..][..rows * d];
                     let k_head = &k[head * m * d..][..m * d];
                     let v_head = &v[head * m * dv..][..m * dv];
-                    scratch.block(q_block, k_head, v_head, (d, dv), scale, out_block)
+                    let causal = self.causal.then_some(first);
+                    scratch.block(q_block, k_head, v_head, (d, dv), scale, causal, out_block)
                 },
             )?;
             return Ok((CpuStorage::F32(out), Shape::from((heads, n, dv))));
@@ -191,6 +215,9 @@ impl CustomOp3 for Attention {
                 unsafe {
                     single_thread_product((rows, m, d), scores, m, q_block, (d, 1), k_head, (1, d))
                 };
+                if self.causal {
+                    mask_future_rows(scores, m, m, first);
+                }
                 sums.clear();
                 sums.extend(
                     scores
@@ -269,6 +296,9 @@ impl CustomOp3 for Attention {
                         // SAFETY (every product below): each matrix holds the elements its
                         // shape and strides name.
                         unsafe { product((rows, m, d), p, m, q_block, (d, 1), k, (1, d), false) };
+                        if self.causal {
+                            mask_future_rows(p, m, m, first);
+                        }
                         for row in p.chunks_exact_mut(m) {
                             let inverse = 1.0 / softmax_numerators(row, scale);
                             scale_in_place(row, inverse);
@@ -356,6 +386,20 @@ pub fn memory_efficient_attention(
         scale,
         backward_rows: BACKWARD_ROWS,
         bf16_products: false,
+        causal: false,
+    };
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+/// [`memory_efficient_attention`] under a causal mask: query i attends to keys 0..=i only (the
+/// CLIP text encoder's self-attention), with its backward pass.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let op = Attention {
+        scale,
+        backward_rows: BACKWARD_ROWS,
+        bf16_products: false,
+        causal: true,
     };
     q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
@@ -373,6 +417,7 @@ pub fn attention_with_bf16_products(
         scale,
         backward_rows: BACKWARD_ROWS,
         bf16_products: true,
+        causal: false,
     };
     q.contiguous()?
         .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)
@@ -451,6 +496,7 @@ mod tests {
                     scale,
                     backward_rows,
                     bf16_products: false,
+                    causal: false,
                 };
                 let out = q
                     .as_tensor()
@@ -471,6 +517,55 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// Causal attention equals the composed attention with -inf above the diagonal, forward and
+    /// gradients, over several query blocks (and through backward blocks of a few rows).
+    #[test]
+    fn causal_attention_matches_the_masked_composed_attention() {
+        let device = Device::Cpu;
+        let (heads, n, d) = (2, QUERY_BLOCK + 13, 8);
+        let q = Var::randn(0f32, 1., (heads, n, d), &device).unwrap();
+        let k = Var::randn(0f32, 1., (heads, n, d), &device).unwrap();
+        let v = Var::randn(0f32, 1., (heads, n, 6), &device).unwrap();
+        let probe = Tensor::randn(0f32, 1., (heads, n, 6), &device).unwrap();
+        let mask: Vec<f32> = (0..n * n)
+            .map(|i| {
+                if i % n > i / n {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (n, n), &device).unwrap();
+        let scale = 0.4;
+        let scores = (q.matmul(&k.t().unwrap()).unwrap() * scale)
+            .unwrap()
+            .broadcast_add(&mask)
+            .unwrap();
+        let reference = candle_nn::ops::softmax(&scores, D::Minus1)
+            .unwrap()
+            .matmul(&v)
+            .unwrap();
+        let reference_grads = (&reference * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let out = causal_attention(&q, &k, &v, scale).unwrap();
+        assert!(max_diff(&out, &reference) < 1e-5);
+        let grads = (&out * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
+            let diff = max_diff(grads.get(var).unwrap(), reference_grads.get(var).unwrap());
+            assert!(diff < 1e-5, "d{name} differs by {diff}");
         }
     }
 
