@@ -1,10 +1,12 @@
 //! f32 products `y = [y +] x B` for CPU inference layers whose right-hand matrix B (K x N, a
-//! linear layer's `W^T`) is packed once, when the layer loads, into strips of 32 columns stored
-//! one after another, `[strip][k][32]`. A micro-tile of 12 rows by one strip keeps its 24 sums in
-//! AVX-512 registers; each k step loads the strip's two vectors and broadcasts one float from
-//! each of the 12 rows of x, read where it lies. Nothing is copied per call: the gemm crate,
+//! linear layer's `W^T`) is packed once, when the layer loads, into strips of 64 columns stored
+//! one after another, `[strip][k][64]`. A micro-tile of 6 rows by one strip keeps its 24 sums in
+//! AVX-512 registers; each k step loads the strip's four vectors and broadcasts one float from
+//! each of the 6 rows of x, read where it lies. Nothing is copied per call: the gemm crate,
 //! given the same product, packed x into panels (a strided gather, a quarter of its time for the
-//! CLIP text encoder's 154 rows) and re-read B's strips from rows 3-12 KiB apart.
+//! CLIP text encoder's 154 rows) and re-read B's columns from rows 3-12 KiB apart. [`Strip`] is
+//! one such strip built per call (attention's queries or probabilities, `ops::attention`), times
+//! a left operand read at any strides.
 //!
 //! Only where the CPU has AVX-512 ([`available`]); elsewhere layers keep `W^T` for the gemm
 //! crate.
@@ -56,7 +58,7 @@ pub fn available() -> bool {
 #[repr(C, align(64))]
 struct Line([f32; 16]);
 
-/// B (K x N) as strips of 32 columns, `[strip][k][32]`, the last strip's columns past N zero.
+/// B (K x N) as strips of 64 columns, `[strip][k][64]`, the last strip's columns past N zero.
 pub struct StripsF32 {
     lines: Vec<Line>,
     k: usize,
@@ -320,7 +322,7 @@ struct Tile {
     a_col: usize,
     /// Floats from one row of y to the next.
     out_row: usize,
-    /// The strip's columns inside y (32 but in the last strip).
+    /// The strip's columns inside y (64 but in the last strip).
     cols: usize,
     accumulate: bool,
 }
@@ -354,7 +356,9 @@ impl Tile {
         for p in 0..self.depth {
             let mut b_vectors = [_mm512_setzero_ps(); VECTORS];
             for (v, b_vector) in b_vectors.iter_mut().enumerate() {
-                _mm_prefetch::<_MM_HINT_T0>(b.add(PREFETCH * STRIP + 16 * v).cast());
+                // A prefetch past the strip's end is dropped, not a fault.
+                let ahead = b.wrapping_add(PREFETCH * STRIP + 16 * v);
+                _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
                 *b_vector = _mm512_load_ps(b.add(16 * v));
             }
             for (r, acc_row) in acc.iter_mut().enumerate() {
@@ -372,8 +376,8 @@ impl Tile {
         let masks: [__mmask16; VECTORS] = std::array::from_fn(|v| mask(16 * v));
         for (r, acc_row) in acc.iter().enumerate() {
             let dst = y.add(r * self.out_row);
-            for (half, (&value, &mask)) in acc_row.iter().zip(&masks).enumerate() {
-                let dst = dst.add(16 * half);
+            for (v, (&value, &mask)) in acc_row.iter().zip(&masks).enumerate() {
+                let dst = dst.add(16 * v);
                 let value = if self.accumulate {
                     _mm512_add_ps(_mm512_maskz_loadu_ps(mask, dst), value)
                 } else {

@@ -1,9 +1,9 @@
 //! `y = x W^T + b (+ r)` for f32 CPU inference layers (`model::dense`'s transposed layers): the
 //! bias, and the residual the layer's output joins, are written into the output first and the
-//! product (the gemm crate's, or `gemm_f32`'s strips) is added to them. Composed ops would run the product into a
-//! fresh buffer and then one or two element-wise passes over it, each a new buffer and each a
-//! wake-up of candle's worker pool, whose spinning afterwards takes a core from the next product
-//! (11-12% of the CLIP text encoder's profile on two cores).
+//! product (the gemm crate's, or `gemm_f32`'s strips) is added to them. Composed ops would run
+//! the product into a fresh buffer and then one or two element-wise passes over it, each a new
+//! buffer and each a wake-up of candle's worker pool, whose spinning afterwards takes a core
+//! from the next product (11-12% of the CLIP text encoder's profile on two cores).
 
 use super::gemm_f32::StripsF32;
 use super::tensor::{contiguous_f32, storage_f32};
