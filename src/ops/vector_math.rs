@@ -396,8 +396,8 @@ mod tests {
     }
 
     /// Both softmax kernels give the numerators exp(scale (s - max s)) within two roundings of
-    /// the exponential of that f32 argument, and their sum, for rows with tails, ties, far-below-max values and -inf (masked
-    /// scores).
+    /// the exponential of that f32 argument, and their sum, for rows with tails, ties,
+    /// far-below-max values and -inf (masked scores).
     #[test]
     fn softmax_numerators_match_libm() {
         for len in [1, 15, 16, 17, 64, 100, 4096] {
