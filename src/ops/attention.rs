@@ -121,6 +121,9 @@ struct Attention {
     bf16_products: bool,
     /// Query i attends to keys 0..=i only (a text encoder's causal mask).
     causal: bool,
+    /// The f32 forward pass through `gemm_f32`'s strips (where the CPU has AVX-512), else
+    /// through the gemm crate.
+    strips: bool,
 }
 
 impl CustomOp3 for Attention {
@@ -188,7 +191,7 @@ impl CustomOp3 for Attention {
             )?;
             return Ok((CpuStorage::F32(out), Shape::from((heads, n, dv))));
         }
-        if gemm_f32::available() {
+        if self.strips && gemm_f32::available() {
             tasks.into_par_iter().try_for_each_init(
                 TransposedScratch::default,
                 |scratch, (head, first, out_block)| {
@@ -387,6 +390,7 @@ pub fn memory_efficient_attention(
         backward_rows: BACKWARD_ROWS,
         bf16_products: false,
         causal: false,
+        strips: true,
     };
     q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
@@ -400,6 +404,7 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
         backward_rows: BACKWARD_ROWS,
         bf16_products: false,
         causal: true,
+        strips: true,
     };
     q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
@@ -418,6 +423,7 @@ pub fn attention_with_bf16_products(
         backward_rows: BACKWARD_ROWS,
         bf16_products: true,
         causal: false,
+        strips: true,
     };
     q.contiguous()?
         .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)
@@ -491,12 +497,15 @@ mod tests {
                 .unwrap()
                 .backward()
                 .unwrap();
-            for backward_rows in [BACKWARD_ROWS, 1, 2, 3] {
+            for (backward_rows, strips) in
+                [(BACKWARD_ROWS, true), (1, false), (2, true), (3, false)]
+            {
                 let op = Attention {
                     scale,
                     backward_rows,
                     bf16_products: false,
                     causal: false,
+                    strips,
                 };
                 let out = q
                     .as_tensor()
@@ -555,18 +564,32 @@ mod tests {
             .unwrap()
             .backward()
             .unwrap();
+        for strips in [true, false] {
+            let op = Attention {
+                scale,
+                backward_rows: BACKWARD_ROWS,
+                bf16_products: false,
+                causal: true,
+                strips,
+            };
+            let out = q
+                .as_tensor()
+                .apply_op3(k.as_tensor(), v.as_tensor(), op)
+                .unwrap();
+            assert!(max_diff(&out, &reference) < 1e-5, "strips: {strips}");
+            let grads = (&out * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
+                let diff = max_diff(grads.get(var).unwrap(), reference_grads.get(var).unwrap());
+                assert!(diff < 1e-5, "d{name} differs by {diff}");
+            }
+        }
         let out = causal_attention(&q, &k, &v, scale).unwrap();
         assert!(max_diff(&out, &reference) < 1e-5);
-        let grads = (&out * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
-            let diff = max_diff(grads.get(var).unwrap(), reference_grads.get(var).unwrap());
-            assert!(diff < 1e-5, "d{name} differs by {diff}");
-        }
     }
 
     /// The blocked forward pass equals the composed attention where query blocks are cut at a
