@@ -478,6 +478,33 @@ mod tests {
         }
     }
 
+    /// The op's output, and the gradients of q, k and v through `probe`, against the
+    /// reference's.
+    fn assert_op_matches(
+        op: Attention,
+        [q, k, v]: [&Var; 3],
+        probe: &Tensor,
+        reference: &Tensor,
+        reference_grads: &candle_core::backprop::GradStore,
+        what: &str,
+    ) {
+        let out = q
+            .as_tensor()
+            .apply_op3(k.as_tensor(), v.as_tensor(), op)
+            .unwrap();
+        assert!(max_diff(&out, reference) < 1e-5, "{what}: output");
+        let grads = (&out * probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (name, var) in [("q", q), ("k", k), ("v", v)] {
+            let diff = max_diff(grads.get(var).unwrap(), reference_grads.get(var).unwrap());
+            assert!(diff < 1e-5, "{what}: d{name} differs by {diff}");
+        }
+    }
+
     /// Output and all three gradients match the composed attention, also when the backward pass
     /// works through blocks of one, two and three query rows (the last one partial); rows of
     /// fewer keys than a vector and of several vectors and a tail, values of their own width.
@@ -507,24 +534,15 @@ mod tests {
                     causal: false,
                     strips,
                 };
-                let out = q
-                    .as_tensor()
-                    .apply_op3(k.as_tensor(), v.as_tensor(), op)
-                    .unwrap();
-                assert!(max_diff(&out, &reference) < 1e-5);
-                let grads = (&out * &probe)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
-                for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
-                    let diff = max_diff(grads.get(var).unwrap(), reference_grads.get(var).unwrap());
-                    assert!(
-                        diff < 1e-5,
-                        "d{name} differs by {diff} ({heads}x{n}x{m}, {backward_rows} rows a block)"
-                    );
-                }
+                let what = format!("{heads}x{n}x{m}, {backward_rows} rows a block");
+                assert_op_matches(
+                    op,
+                    [&q, &k, &v],
+                    &probe,
+                    &reference,
+                    &reference_grads,
+                    &what,
+                );
             }
         }
     }
@@ -572,21 +590,15 @@ mod tests {
                 causal: true,
                 strips,
             };
-            let out = q
-                .as_tensor()
-                .apply_op3(k.as_tensor(), v.as_tensor(), op)
-                .unwrap();
-            assert!(max_diff(&out, &reference) < 1e-5, "strips: {strips}");
-            let grads = (&out * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
-                let diff = max_diff(grads.get(var).unwrap(), reference_grads.get(var).unwrap());
-                assert!(diff < 1e-5, "d{name} differs by {diff}");
-            }
+            let what = format!("causal, strips: {strips}");
+            assert_op_matches(
+                op,
+                [&q, &k, &v],
+                &probe,
+                &reference,
+                &reference_grads,
+                &what,
+            );
         }
         let out = causal_attention(&q, &k, &v, scale).unwrap();
         assert!(max_diff(&out, &reference) < 1e-5);
