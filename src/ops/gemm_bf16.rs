@@ -515,19 +515,6 @@ pub(super) fn split_tasks(tiles: usize, strips: usize) -> TaskSplit {
 }
 
 impl TaskSplit {
-    /// Tasks of whole rows of tiles, each over every strip.
-    pub(super) fn by_rows(tiles: usize, strips: usize) -> Self {
-        let row_tasks = (4 * rayon::current_num_threads()).clamp(1, tiles.max(1));
-        Self {
-            tiles,
-            strips,
-            column_tasks: 1,
-            row_tasks,
-            tiles_per_task: tiles.div_ceil(row_tasks),
-            strips_per_task: strips,
-        }
-    }
-
     pub(super) fn tasks(&self) -> usize {
         self.row_tasks * self.column_tasks
     }

@@ -11,7 +11,7 @@
 //! Only where the CPU has AVX-512 ([`available`]); elsewhere layers keep `W^T` for the gemm
 //! crate.
 
-use super::gemm_bf16::{split_tasks, OutPtr, TaskSplit};
+use super::gemm_bf16::{split_tasks, OutPtr};
 use candle_core::Result;
 use rayon::prelude::*;
 
@@ -33,8 +33,6 @@ const GROUP_STRIPS: usize = 8;
 /// Multiply-adds below which a product stays on the calling thread (waking another costs
 /// about 10 microseconds).
 const SERIAL_WORK: usize = 1 << 18;
-/// Products of at least this many rows split between tasks by rows alone.
-const ROWS_SPLIT_ALONE: usize = 1024;
 /// The most rows of x a task works through at once.
 const CHUNK_ROWS: usize = 24 * TILE_ROWS;
 /// Bytes of x a task keeps in L2 while every strip of the task passes over them (whole rows: a
@@ -144,12 +142,7 @@ impl StripsF32 {
         }
         let strips = self.n.div_ceil(STRIP);
         let tiles = rows.div_ceil(TILE_ROWS);
-        // Many rows go to the tasks by rows alone, each task reading every strip: a tile's x then
-        // serves all of them from L1.
-        let split = match rows >= ROWS_SPLIT_ALONE {
-            true => TaskSplit::by_rows(tiles, strips),
-            false => split_tasks(tiles, strips),
-        };
+        let split = split_tasks(tiles, strips);
         let out = OutPtr(y.as_mut_ptr());
         if rows * self.n * self.k < SERIAL_WORK {
             // SAFETY: as below, with one task.
