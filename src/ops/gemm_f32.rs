@@ -306,18 +306,18 @@ impl Strip {
 }
 
 /// What the micro-tiles of one strip and k block share.
-struct Tile {
-    /// The strip's first k row of the block.
-    b: *const f32,
-    depth: usize,
+pub(super) struct Tile {
+    /// The strip's first k row of the block (64-byte aligned, rows [`STRIP`] floats apart).
+    pub b: *const f32,
+    pub depth: usize,
     /// Floats from one row of x to the next, and from one k to the next.
-    a_row: usize,
-    a_col: usize,
+    pub a_row: usize,
+    pub a_col: usize,
     /// Floats from one row of y to the next.
-    out_row: usize,
+    pub out_row: usize,
     /// The strip's columns inside y (64 but in the last strip).
-    cols: usize,
-    accumulate: bool,
+    pub cols: usize,
+    pub accumulate: bool,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -326,7 +326,7 @@ impl Tile {
     /// The CPU must have AVX-512; `a` must hold `rows` rows of `depth` floats, `y` `rows` rows of
     /// `cols` floats at the tile's strides.
     #[target_feature(enable = "avx512f")]
-    unsafe fn run(&self, rows: usize, a: *const f32, y: *mut f32) {
+    pub(super) unsafe fn run(&self, rows: usize, a: *const f32, y: *mut f32) {
         macro_rules! rows {
             ($($n:literal)*) => {
                 match rows {

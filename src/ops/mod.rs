@@ -5,12 +5,13 @@
 //! (`attention`), fused group and layer norm (`norm`), activations with their derivatives
 //! (`pointwise`), and the vectorised element-wise functions they share (`vector_math`); bf16
 //! products for inference (`gemm_bf16`) on AVX512_BF16 or AMX tiles (`amx`); 3x3 convolutions by
-//! Winograd's F(2x2, 3x3) (`winograd`).
+//! Winograd's F(2x2, 3x3) (`winograd`) and, over batches of small maps, directly (`direct_conv`).
 
 pub mod amx;
 pub mod attention;
 pub mod conv_gemm;
 pub mod copy;
+pub mod direct_conv;
 pub mod gemm_bf16;
 pub mod gemm_f32;
 pub mod im2col;
