@@ -111,6 +111,27 @@ pub fn seeded_init(
     Ok(())
 }
 
+/// The mean over the batch of each example's mean squared error, each weighted by `weights`
+/// where given: L_simple (DDPM eq. 14) or its min-SNR-gamma weighting (Hang et al. 2023).
+pub fn weighted_mse(
+    prediction: &Tensor,
+    target: &Tensor,
+    weights: Option<&[f64]>,
+) -> crate::Result<Tensor> {
+    let per_example = (prediction - target)?.sqr()?.flatten_from(1)?.mean(1)?;
+    Ok(match weights {
+        None => per_example.mean_all()?,
+        Some(weights) => {
+            let weights = Tensor::from_vec(
+                weights.iter().map(|w| *w as f32).collect::<Vec<_>>(),
+                weights.len(),
+                prediction.device(),
+            )?;
+            (per_example * weights)?.mean_all()?
+        }
+    })
+}
+
 /// The loss's value and its gradients, or an error naming step `step` (0-based) when the loss
 /// is not finite.
 pub fn checked_loss_backward(
@@ -219,7 +240,22 @@ impl Ema {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Var};
+    use candle_core::{DType, Device, Var};
+
+    /// Each example's mean squared error counts with its own weight; without weights, the
+    /// plain mean over every element.
+    #[test]
+    fn weighted_mse_weights_each_example() {
+        let device = Device::Cpu;
+        let prediction = Tensor::new(&[[1f32, 3.0], [0.0, 0.0]], &device).unwrap();
+        let target = Tensor::new(&[[0f32, 0.0], [2.0, 4.0]], &device).unwrap();
+        let scalar = |loss: Tensor| loss.to_scalar::<f32>().unwrap();
+        // Per example: (1 + 9) / 2 = 5 and (4 + 16) / 2 = 10.
+        let plain = scalar(weighted_mse(&prediction, &target, None).unwrap());
+        assert_eq!(plain, 7.5);
+        let weighted = scalar(weighted_mse(&prediction, &target, Some(&[1.0, 0.25])).unwrap());
+        assert_eq!(weighted, (5.0 + 2.5) / 2.0);
+    }
 
     /// The fused blend (f32 CPU weights) equals the composed one (f64 weights) over a few updates
     /// through the warm-up decay, and the average holds no graph.

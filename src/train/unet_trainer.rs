@@ -158,21 +158,7 @@ impl UnetTrainer {
             &noised.t,
             &UNetConditioning::text(context.clone()),
         )?;
-        let per_image = (prediction - &noised.target)?
-            .sqr()?
-            .flatten_from(1)?
-            .mean(1)?;
-        Ok(match weights {
-            None => per_image.mean_all()?,
-            Some(w) => {
-                let w = Tensor::from_vec(
-                    w.iter().map(|v| *v as f32).collect::<Vec<_>>(),
-                    w.len(),
-                    x0.device(),
-                )?;
-                (per_image * w)?.mean_all()?
-            }
-        })
+        super::weighted_mse(&prediction, &noised.target, weights)
     }
 
     /// The unweighted denoising loss on every training image at four fixed timesteps (spread

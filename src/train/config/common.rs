@@ -35,6 +35,27 @@ pub struct OptimConfig {
     pub sample_every: usize,
     #[serde(default = "log_every")]
     pub log_every: usize,
+    /// Min-SNR-gamma weighting of the loss (Hang et al. 2023, `min_snr_weights`): the nearly
+    /// clean timesteps, whose many small errors otherwise take most of the gradient, count at
+    /// most as much as SNR = gamma; the noisy ones, where a prompt's layout and concept are
+    /// decided, keep their full weight. Unset: L_simple's equal weights. May change on
+    /// `--resume`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_snr_gamma: Option<f64>,
+}
+
+impl OptimConfig {
+    /// A min-SNR gamma that is not a positive number is an error naming the field.
+    pub fn validate_loss_weighting(&self) -> Result<()> {
+        match self.min_snr_gamma {
+            Some(gamma) if !(gamma > 0.0 && gamma.is_finite()) => Err(Error::bad_value(
+                "train.min_snr_gamma",
+                gamma,
+                "a positive number",
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 fn batch() -> usize {

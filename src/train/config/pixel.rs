@@ -69,6 +69,7 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         self.description().validate()?;
         let t = &self.train;
+        t.validate_loss_weighting()?;
         if t.batch_size == 0 || t.steps == 0 {
             return Err(Error::bad_value(
                 "train.batch_size / train.steps",
@@ -112,6 +113,11 @@ steps = 10
         assert_eq!(config.diffusion.num_train_timesteps, 1000);
         let again = TrainConfig::from_toml_str(&config.to_toml()).unwrap();
         assert_eq!(again, config);
+        let weighted = MINIMAL.replace("steps = 10", "steps = 10\nmin_snr_gamma = 5.0");
+        let weighted = TrainConfig::from_toml_str(&weighted).unwrap();
+        assert_eq!(weighted.train.min_snr_gamma, Some(5.0));
+        let again = TrainConfig::from_toml_str(&weighted.to_toml()).unwrap();
+        assert_eq!(again, weighted);
         let unet = config.description().unet_config().unwrap();
         assert_eq!((unet.in_channels, unet.out_channels), (1, 1));
     }
@@ -138,5 +144,13 @@ steps = 10
             .unwrap_err()
             .to_string();
         assert!(err.contains("48"), "{err}");
+        for gamma in ["0.0", "-1.0", "inf"] {
+            let bad = MINIMAL.replace(
+                "steps = 10",
+                &format!("steps = 10\nmin_snr_gamma = {gamma}"),
+            );
+            let err = TrainConfig::from_toml_str(&bad).unwrap_err().to_string();
+            assert!(err.contains("train.min_snr_gamma"), "{err}");
+        }
     }
 }
