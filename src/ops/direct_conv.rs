@@ -4,11 +4,11 @@
 //!
 //! Forward: `out[o, p] = bias[o] + sum over c, ky, kx of w[o, c, ky, kx] x[c, p + s(ky, kx)]`
 //! with the tap's shift `s = (ky - 1) W + kx - 1`, zero where the tap falls outside the image. A
-//! micro-tile keeps 6 output channels by 64 output pixels (four runs of 16 pixels, each run
+//! micro-tile keeps 8 output channels by 48 output pixels (three runs of 16 pixels, each run
 //! inside one image, so that one tile can span the small maps of several images) in 24 AVX-512
-//! registers. Each (channel, tap) step loads the four runs of the input at the tap's shift, with
+//! registers. Each (channel, tap) step loads the three runs of the input at the tap's shift, with
 //! masks that zero the lanes whose tap lies in the padding (a masked-off lane is never read, so
-//! the shifted address may lie outside the plane), and broadcasts 6 filter values, which are
+//! the shifted address may lie outside the plane), and broadcasts 8 filter values, which are
 //! packed per call in the order the tile reads them. The im2col path this replaces wrote nine
 //! shifted copies of the input and had the gemm crate pack them again.
 //!
@@ -30,10 +30,13 @@ use rayon::prelude::*;
 /// Pixels of one run: one 16-lane register.
 const RUN: usize = 16;
 /// Runs per micro-tile.
-const RUNS: usize = 4;
-/// Output channels per micro-tile: 6 x 4 = 24 accumulators, with the four runs and a broadcast
-/// 29 of the 32 vector registers.
-const TILE_CHANNELS: usize = 6;
+const RUNS: usize = 3;
+/// Output channels per micro-tile: 8 x 3 = 24 accumulators, with the three runs and a broadcast
+/// 28 of the 32 vector registers; 8 divides the channel counts of the models here (6 x 4 left a
+/// third of the last block of 32 or 64 channels empty).
+const TILE_CHANNELS: usize = 8;
+/// Rows of `gemm_f32`'s micro-tile, which the weight gradient runs.
+const GRADIENT_TILE_ROWS: usize = 6;
 const TAPS: usize = 9;
 /// Images whose weight gradients are summed into one matrix before the groups are summed in
 /// order: the same sums in the same order however rayon shares the groups out, so a training run
@@ -44,7 +47,7 @@ const IMAGES_PER_GROUP: usize = 8;
 /// block is 24 KiB of L1).
 const K_BLOCK: usize = 96;
 /// Input channels whose weight-gradient sums are finished before the next ones start.
-const CHUNK_CHANNELS: usize = 2 * TILE_CHANNELS;
+const CHUNK_CHANNELS: usize = 2 * GRADIENT_TILE_ROWS;
 
 /// Whether this CPU runs these kernels (AVX-512 Foundation).
 pub fn available() -> bool {
@@ -70,7 +73,7 @@ struct Run {
     len: usize,
 }
 
-/// Where the four runs of a micro-tile read and write, and which of their lanes each tap reads.
+/// Where the runs of a micro-tile read and write, and which of their lanes each tap reads.
 struct TileRuns {
     /// Offsets of each run's first pixel in the batch's input (channel 0) and output (channel 0).
     input: [usize; RUNS],
@@ -139,7 +142,7 @@ impl Same3x3 {
     }
 
     /// The kernel (O, C, 3, 3) as blocks of [`TILE_CHANNELS`] output channels, each
-    /// `[c][tap][6]`, the last block's channels past O zero.
+    /// `[c][tap][8]`, the last block's channels past O zero.
     fn packed_filters(&self, weight: &[f32]) -> Vec<f32> {
         let depth = self.channels * TAPS;
         let blocks = self.out_channels.div_ceil(TILE_CHANNELS);
@@ -225,7 +228,7 @@ impl Same3x3 {
                     }
                 };
             }
-            rows!(1 2 3 4 5 6)
+            rows!(1 2 3 4 5 6 7 8)
         }
     }
 
@@ -342,8 +345,8 @@ impl Same3x3 {
                     };
                     for tap in 0..TAPS {
                         let first_read = (margin + k0) as isize + Self::shift(tap, pitch);
-                        for c in chunk.clone().step_by(TILE_CHANNELS) {
-                            let rows = TILE_CHANNELS.min(chunk.end - c);
+                        for c in chunk.clone().step_by(GRADIENT_TILE_ROWS) {
+                            let rows = GRADIENT_TILE_ROWS.min(chunk.end - c);
                             let a = &grid[c * row + first_read as usize..];
                             let y = &mut sums[(tap * self.channels + c) * padded_out + s * STRIP..];
                             // SAFETY: A's rows lie inside the grid (the margins cover every
@@ -364,14 +367,14 @@ impl Same3x3 {
     }
 }
 
-/// One block of output channels over a tile's four runs.
+/// One block of output channels over a tile's runs.
 struct Block<'a> {
     sources: [*const f32; RUNS],
     reads: &'a [[u16; RUNS]; TAPS],
     shifts: &'a [isize; TAPS],
     plane: usize,
     channels: usize,
-    /// The block's packed filters, `[c][tap][6]`.
+    /// The block's packed filters, `[c][tap][8]`.
     filters: *const f32,
     bias: &'a [f32],
     outputs: [*mut f32; RUNS],
