@@ -25,7 +25,7 @@
 //! backward pass computes the input gradient with a direct transposed-convolution loop.
 
 use super::vector_math;
-use crate::ops::direct_conv::{self, Same3x3};
+use crate::ops::direct_conv;
 use crate::ops::tensor::contiguous_f32;
 use crate::ops::winograd::SameConv3x3;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
@@ -352,18 +352,22 @@ impl Geometry {
         kernel
     }
 
-    /// A 3x3 "same" convolution large enough for Winograd's F(2x2, 3x3) to pay.
-    fn winograd(&self) -> Option<SameConv3x3> {
+    /// This convolution's shapes if it is a 3x3 "same" one (stride 1, one pixel of padding).
+    fn same_3x3(&self) -> Option<SameConv3x3> {
         let same =
             self.kernel_h == 3 && self.kernel_w == 3 && self.stride == 1 && self.padding == 1;
-        let conv = SameConv3x3 {
+        same.then_some(SameConv3x3 {
             batch: self.batch,
             channels: self.channels,
             out_channels: self.out_channels,
             height: self.height,
             width: self.width,
-        };
-        (same && conv.pays()).then_some(conv)
+        })
+    }
+
+    /// A 3x3 "same" convolution large enough for Winograd's F(2x2, 3x3) to pay.
+    fn winograd(&self) -> Option<SameConv3x3> {
+        self.same_3x3().filter(SameConv3x3::pays)
     }
 
     /// Output rows as wide as input rows at stride 1 (a "same" convolution): a tap then reads
@@ -655,23 +659,15 @@ impl Geometry {
     /// channels or more (on a 2-core Xeon, 1.05-1.75x faster than the columns over SD-style
     /// U-Net shapes from 4x4 to 28x28; the 1-channel input layer of a pixel model ran 15%
     /// slower).
-    fn direct(&self, plan: Plan) -> Option<Same3x3> {
-        let same =
-            self.kernel_h == 3 && self.kernel_w == 3 && self.stride == 1 && self.padding == 1;
-        (same && plan == Plan::PerImage && self.channels >= 8 && direct_conv::available())
-            .then_some(Same3x3 {
-                batch: self.batch,
-                channels: self.channels,
-                out_channels: self.out_channels,
-                height: self.height,
-                width: self.width,
-            })
+    fn direct(&self, plan: Plan) -> Option<SameConv3x3> {
+        let taken = plan == Plan::PerImage && self.channels >= 8 && direct_conv::available();
+        self.same_3x3().filter(|_| taken)
     }
 
     /// Whether the direct weight gradient pays: its output-gradient strips are one whole strip
     /// of 64 channels and the maps 7x7 or more (1.05-1.4x faster than the columns there; 32
     /// channels half fill the strip, and at 8x8 and below with 128 or more the columns won).
-    fn direct_weight_gradient(&self, plan: Plan) -> Option<Same3x3> {
+    fn direct_weight_gradient(&self, plan: Plan) -> Option<SameConv3x3> {
         self.direct(plan)
             .filter(|_| self.out_channels == direct_conv::STRIP && self.out_pixels() >= 49)
     }
@@ -682,7 +678,7 @@ impl Geometry {
             return winograd.forward(x, weight, bias);
         }
         if let Some(direct) = self.direct(plan) {
-            return direct.forward(x, weight, bias);
+            return direct.direct_forward(x, weight, bias);
         }
         let image_floats = self.out_channels * self.out_pixels();
         // SAFETY: every plane of every image is filled with its bias below (image by image or
@@ -748,7 +744,7 @@ impl Geometry {
     /// The weight gradient (O, C kh kw) from the input `x` and the output gradient `grad`.
     fn weight_gradient(&self, x: &[f32], grad: &[f32], plan: Plan) -> Vec<f32> {
         if let Some(direct) = self.direct_weight_gradient(plan) {
-            return direct.weight_gradient(x, grad);
+            return direct.direct_weight_gradient(x, grad);
         }
         let weight_count = self.out_channels * self.depth();
         match plan {
@@ -1019,17 +1015,21 @@ mod tests {
         (1, 9, 8, 3, 1, 1, 33, 64),
     ];
 
+    fn case_geometry(case: &Case) -> Geometry {
+        let (batch, channels, out_channels, kernel, stride, padding, height, width) = *case;
+        Geometry::new(
+            &Conv2dGemm { stride, padding },
+            &Shape::from((batch, channels, height, width)),
+            &Shape::from((out_channels, channels, kernel, kernel)),
+        )
+        .unwrap()
+    }
+
     /// The last two cases are the ones Winograd's F(2x2, 3x3) takes, forward and backward.
     #[test]
     fn winograd_cases_take_winograd() {
         for (index, case) in CASES.iter().enumerate() {
-            let (batch, channels, out_channels, kernel, stride, padding, height, width) = *case;
-            let g = Geometry::new(
-                &Conv2dGemm { stride, padding },
-                &Shape::from((batch, channels, height, width)),
-                &Shape::from((out_channels, channels, kernel, kernel)),
-            )
-            .unwrap();
+            let g = case_geometry(case);
             let winograd = g.winograd().is_some() && g.plan(2) == Plan::Bands;
             let transposed = g.transposed().is_some_and(|t| t.winograd().is_some());
             let expected = index >= CASES.len() - 2;
@@ -1043,13 +1043,7 @@ mod tests {
     #[test]
     fn direct_cases_take_the_direct_kernels() {
         for (index, case) in CASES.iter().enumerate() {
-            let (batch, channels, out_channels, kernel, stride, padding, height, width) = *case;
-            let g = Geometry::new(
-                &Conv2dGemm { stride, padding },
-                &Shape::from((batch, channels, height, width)),
-                &Shape::from((out_channels, channels, kernel, kernel)),
-            )
-            .unwrap();
+            let g = case_geometry(case);
             let direct_case = (CASES.len() - 4..CASES.len() - 2).contains(&index);
             let expected = direct_case && direct_conv::available();
             assert_eq!(g.direct(g.plan(2)).is_some(), expected, "{g:?}");

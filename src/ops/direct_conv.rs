@@ -25,6 +25,7 @@
 use super::gemm_bf16::OutPtr;
 pub use super::gemm_f32::STRIP;
 use super::gemm_f32::{Strip, Tile};
+use super::winograd::SameConv3x3;
 use rayon::prelude::*;
 
 /// Pixels of one run: one 16-lane register.
@@ -54,17 +55,6 @@ pub fn available() -> bool {
     super::gemm_f32::available()
 }
 
-/// The shapes of one convolution: input (batch, channels, height, width), output
-/// (batch, out_channels, height, width), kernel (out_channels, channels, 3, 3).
-#[derive(Debug, Clone, Copy)]
-pub struct Same3x3 {
-    pub batch: usize,
-    pub channels: usize,
-    pub out_channels: usize,
-    pub height: usize,
-    pub width: usize,
-}
-
 /// Pixels `first..first + len` (at most [`RUN`]) of one image's planes.
 #[derive(Debug, Clone, Copy)]
 struct Run {
@@ -83,7 +73,9 @@ struct TileRuns {
     writes: [u16; RUNS],
 }
 
-impl Same3x3 {
+/// The direct kernels of a same 3x3 convolution, beside Winograd's (`ops::winograd`) on the same
+/// shapes.
+impl SameConv3x3 {
     fn plane(&self) -> usize {
         self.height * self.width
     }
@@ -156,22 +148,29 @@ impl Same3x3 {
         packed
     }
 
+    /// Panics unless `x` holds the batch's input and each other operand its length, on a CPU
+    /// with AVX-512: the callers check the tensors' shapes, so a mismatch here is a bug.
+    fn check_operands(&self, x: &[f32], operands: &[(&[f32], usize, &str)]) {
+        let input = self.batch * self.channels * self.plane();
+        assert_eq!(x.len(), input, "direct conv: the input");
+        for (values, len, what) in operands {
+            assert_eq!(values.len(), *len, "direct conv: the {what}");
+        }
+        assert!(available(), "direct conv: this CPU has no AVX-512");
+    }
+
     /// The convolution of `x` (B, C, H, W) plus `bias`, as (B, O, H, W), on all threads. Panics
     /// on operands of other lengths or a CPU without AVX-512 (see [`available`]).
-    pub fn forward(&self, x: &[f32], weight: &[f32], bias: &[f32]) -> Vec<f32> {
+    pub fn direct_forward(&self, x: &[f32], weight: &[f32], bias: &[f32]) -> Vec<f32> {
         let plane = self.plane();
-        assert_eq!(
-            x.len(),
-            self.batch * self.channels * plane,
-            "direct conv: input"
+        let filters = self.out_channels * self.channels * TAPS;
+        self.check_operands(
+            x,
+            &[
+                (weight, filters, "weight"),
+                (bias, self.out_channels, "bias"),
+            ],
         );
-        assert_eq!(
-            weight.len(),
-            self.out_channels * self.channels * TAPS,
-            "direct conv: weight"
-        );
-        assert_eq!(bias.len(), self.out_channels, "direct conv: bias");
-        assert!(available(), "direct conv: this CPU has no AVX-512");
         let filters = self.packed_filters(weight);
         let runs = self.runs();
         // SAFETY: every output pixel lies in exactly one run, and each run's tile writes all of
@@ -241,24 +240,14 @@ impl Same3x3 {
         _tile: &TileRuns,
         _out: OutPtr,
     ) {
-        unreachable!("`forward` refuses CPUs without AVX-512")
+        unreachable!("`direct_forward` refuses CPUs without AVX-512")
     }
 
     /// The weight gradient (O, C, 3, 3) from the input `x` (B, C, H, W) and the output gradient
-    /// `dout` (B, O, H, W), on all threads. Panics as [`Self::forward`].
-    pub fn weight_gradient(&self, x: &[f32], dout: &[f32]) -> Vec<f32> {
-        let plane = self.plane();
-        assert_eq!(
-            x.len(),
-            self.batch * self.channels * plane,
-            "direct conv: input"
-        );
-        assert_eq!(
-            dout.len(),
-            self.batch * self.out_channels * plane,
-            "direct conv: gradient"
-        );
-        assert!(available(), "direct conv: this CPU has no AVX-512");
+    /// `dout` (B, O, H, W), on all threads. Panics as [`Self::direct_forward`].
+    pub fn direct_weight_gradient(&self, x: &[f32], dout: &[f32]) -> Vec<f32> {
+        let gradient = self.batch * self.out_channels * self.plane();
+        self.check_operands(x, &[(dout, gradient, "output gradient")]);
         let groups: Vec<std::ops::Range<usize>> = (0..self.batch)
             .step_by(IMAGES_PER_GROUP)
             .map(|first| first..(first + IMAGES_PER_GROUP).min(self.batch))
@@ -363,7 +352,7 @@ impl Same3x3 {
 
     #[cfg(not(target_arch = "x86_64"))]
     fn group_weight_gradient(&self, _: &[f32], _: &[f32], _: std::ops::Range<usize>) -> Vec<f32> {
-        unreachable!("`weight_gradient` refuses CPUs without AVX-512")
+        unreachable!("`direct_weight_gradient` refuses CPUs without AVX-512")
     }
 }
 
@@ -424,18 +413,11 @@ impl Block<'_> {
 mod tests {
     use super::*;
 
-    fn values(len: usize, seed: u32) -> Vec<f32> {
-        (0..len)
-            .map(|i| {
-                let h = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8;
-                h as f32 / (1 << 24) as f32 - 0.5
-            })
-            .collect()
-    }
+    use crate::ops::tensor::hashed_values as values;
 
     /// x[image, c, y + dy, x + dx], zero outside the plane.
     fn tap_value(
-        conv: &Same3x3,
+        conv: &SameConv3x3,
         x: &[f32],
         (image, c, y, xx): (usize, usize, usize, usize),
         tap: usize,
@@ -451,7 +433,7 @@ mod tests {
             as f64
     }
 
-    fn reference_forward(conv: &Same3x3, x: &[f32], weight: &[f32], bias: &[f32]) -> Vec<f32> {
+    fn reference_forward(conv: &SameConv3x3, x: &[f32], weight: &[f32], bias: &[f32]) -> Vec<f32> {
         let mut out = Vec::new();
         for image in 0..conv.batch {
             for o in 0..conv.out_channels {
@@ -472,7 +454,7 @@ mod tests {
         out
     }
 
-    fn reference_weight_gradient(conv: &Same3x3, x: &[f32], dout: &[f32]) -> Vec<f32> {
+    fn reference_weight_gradient(conv: &SameConv3x3, x: &[f32], dout: &[f32]) -> Vec<f32> {
         let plane = conv.height * conv.width;
         let mut dweight = Vec::new();
         for o in 0..conv.out_channels {
@@ -503,50 +485,50 @@ mod tests {
 
     /// Shapes with runs across images (maps under 16 pixels), partial runs and tiles, partial
     /// channel blocks, one-pixel and one-column maps, several gradient groups and strips.
-    const CASES: [Same3x3; 7] = [
-        Same3x3 {
+    const CASES: [SameConv3x3; 7] = [
+        SameConv3x3 {
             batch: 3,
             channels: 5,
             out_channels: 7,
             height: 5,
             width: 6,
         },
-        Same3x3 {
+        SameConv3x3 {
             batch: 2,
             channels: 16,
             out_channels: 13,
             height: 16,
             width: 16,
         },
-        Same3x3 {
+        SameConv3x3 {
             batch: 11,
             channels: 3,
             out_channels: 70,
             height: 4,
             width: 4,
         },
-        Same3x3 {
+        SameConv3x3 {
             batch: 2,
             channels: 1,
             out_channels: 1,
             height: 1,
             width: 1,
         },
-        Same3x3 {
+        SameConv3x3 {
             batch: 3,
             channels: 8,
             out_channels: 6,
             height: 7,
             width: 1,
         },
-        Same3x3 {
+        SameConv3x3 {
             batch: 9,
             channels: 7,
             out_channels: 9,
             height: 3,
             width: 9,
         },
-        Same3x3 {
+        SameConv3x3 {
             batch: 1,
             channels: 12,
             out_channels: 130,
@@ -565,7 +547,7 @@ mod tests {
             let x = values(conv.batch * conv.channels * plane, 1);
             let weight = values(conv.out_channels * conv.channels * TAPS, 2);
             let bias = values(conv.out_channels, 3);
-            let got = conv.forward(&x, &weight, &bias);
+            let got = conv.direct_forward(&x, &weight, &bias);
             assert_close(
                 &got,
                 &reference_forward(&conv, &x, &weight, &bias),
@@ -583,7 +565,7 @@ mod tests {
             let plane = conv.height * conv.width;
             let x = values(conv.batch * conv.channels * plane, 4);
             let dout = values(conv.batch * conv.out_channels * plane, 5);
-            let got = conv.weight_gradient(&x, &dout);
+            let got = conv.direct_weight_gradient(&x, &dout);
             let expected = reference_weight_gradient(&conv, &x, &dout);
             assert_close(&got, &expected, &format!("{conv:?}"));
         }

@@ -386,14 +386,7 @@ impl Tile {
 mod tests {
     use super::*;
 
-    fn values(len: usize, seed: u32) -> Vec<f32> {
-        (0..len)
-            .map(|i| {
-                let h = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8;
-                h as f32 / (1 << 24) as f32 - 0.5
-            })
-            .collect()
-    }
+    use crate::ops::tensor::hashed_values as values;
 
     /// `x W^T` in f64.
     fn reference(x: &[f32], weight: &[f32], rows: usize, n: usize, k: usize) -> Vec<f32> {

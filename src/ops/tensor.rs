@@ -224,3 +224,15 @@ pub unsafe fn matrix_product(
         parallelism,
     )
 }
+
+/// Values in [-0.5, 0.5) from a multiplicative hash of the index and `seed`: test operands that
+/// need no random number generator.
+#[cfg(test)]
+pub fn hashed_values(len: usize, seed: u32) -> Vec<f32> {
+    (0..len)
+        .map(|i| {
+            let h = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8;
+            h as f32 / (1 << 24) as f32 - 0.5
+        })
+        .collect()
+}

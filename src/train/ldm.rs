@@ -18,7 +18,7 @@ use super::optim::AdamWParams;
 use super::state::{TrainerKind, TrainerState, UpdateRule};
 use super::{named_vars, seeded_init, NoisedBatch};
 use crate::checkpoint;
-use crate::diffusion::schedule::{min_snr_weights, NoiseSchedule};
+use crate::diffusion::schedule::NoiseSchedule;
 use crate::error::{Error, Result};
 use crate::model::config::{ClipTextConfig, UNetConfig};
 use crate::model::text::ClipTextModel;
@@ -216,15 +216,13 @@ impl LdmTrainer {
         let prediction =
             self.unet
                 .forward(&noised.xt, &noised.t, &UNetConditioning::text(context))?;
-        let weights = cfg.train.min_snr_gamma.map(|gamma| {
-            min_snr_weights(
-                &self.schedule,
-                cfg.diffusion.prediction_type,
-                gamma,
-                &timesteps,
-            )
-        });
-        let loss = super::weighted_mse(&prediction, &noised.target, weights.as_deref())?;
+        let loss = super::denoising_loss(
+            &prediction,
+            &noised.target,
+            (&self.schedule, cfg.diffusion.prediction_type),
+            &timesteps,
+            cfg.train.min_snr_gamma,
+        )?;
         let (value, grads) = super::checked_loss_backward(&loss, self.state.step)?;
         let applied = self.state.apply(&grads)?;
         Ok(LdmStepStats {

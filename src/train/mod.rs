@@ -17,7 +17,9 @@ pub mod state;
 pub mod unet_trainer;
 pub mod vae;
 
-use crate::diffusion::schedule::{q_sample, training_target, NoiseSchedule, PredictionType};
+use crate::diffusion::schedule::{
+    min_snr_weights, q_sample, training_target, NoiseSchedule, PredictionType,
+};
 pub use crate::ops::tensor::named_vars;
 use crate::sampler::noise::SeededNoise;
 use candle_core::{Tensor, Var};
@@ -130,6 +132,20 @@ pub fn weighted_mse(
             (per_example * weights)?.mean_all()?
         }
     })
+}
+
+/// L_simple over a batch noised at `timesteps`, or its min-SNR weighting (Hang et al. 2023)
+/// when `min_snr_gamma` is set.
+pub fn denoising_loss(
+    prediction: &Tensor,
+    target: &Tensor,
+    (schedule, prediction_type): (&NoiseSchedule, PredictionType),
+    timesteps: &[usize],
+    min_snr_gamma: Option<f64>,
+) -> crate::Result<Tensor> {
+    let weights =
+        min_snr_gamma.map(|gamma| min_snr_weights(schedule, prediction_type, gamma, timesteps));
+    weighted_mse(prediction, target, weights.as_deref())
 }
 
 /// The loss's value and its gradients, or an error naming step `step` (0-based) when the loss

@@ -13,7 +13,7 @@ use crate::checkpoint;
 use crate::data::idx::LabelledImages;
 use crate::diffusion::config::Loss;
 use crate::diffusion::likelihood::DiffusionTables;
-use crate::diffusion::schedule::{min_snr_weights, NoiseSchedule};
+use crate::diffusion::schedule::NoiseSchedule;
 use crate::error::Result;
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::unet::UNetConditioning;
@@ -160,15 +160,13 @@ impl PixelTrainer {
             .forward(xt, &noised.t, &UNetConditioning::classes(labels))?;
         let channels = x0.dim(1)?;
         let prediction = output.narrow(1, 0, channels)?;
-        let weights = cfg.train.min_snr_gamma.map(|gamma| {
-            min_snr_weights(
-                &self.schedule,
-                cfg.diffusion.prediction_type,
-                gamma,
-                &timesteps,
-            )
-        });
-        let mse = super::weighted_mse(&prediction, target, weights.as_deref())?;
+        let mse = super::denoising_loss(
+            &prediction,
+            target,
+            (&self.schedule, cfg.diffusion.prediction_type),
+            &timesteps,
+            cfg.train.min_snr_gamma,
+        )?;
         let (loss, vb_value) = if cfg.diffusion.loss == Loss::Hybrid {
             // The bound's term with the mean's gradient stopped: it trains only the variance
             // (Nichol & Dhariwal, section 3.1). lambda T L_t estimates lambda L_vlb.

@@ -9,7 +9,7 @@ use super::finetune_data::TrainingData;
 use super::optim::AdamWParams;
 use super::state::{TrainerKind, TrainerState, UpdateRule};
 use crate::checkpoint;
-use crate::diffusion::schedule::{min_snr_weights, NoiseSchedule, PredictionType};
+use crate::diffusion::schedule::{NoiseSchedule, PredictionType};
 use crate::error::{Error, Result};
 use crate::model::config::UNetConfig;
 use crate::model::lora::{DOWN, META_ALPHA, META_RANK, UP};
@@ -141,15 +141,15 @@ impl UnetTrainer {
     }
 
     /// The denoising loss of latents `x0` under captions `context` at the given timesteps and
-    /// noise: the mean squared error against the prediction type's target, each image weighted
-    /// by `weights` when given.
+    /// noise: the mean squared error against the prediction type's target, min-SNR weighted
+    /// when `min_snr_gamma` is given.
     fn loss(
         &self,
         x0: &Tensor,
         context: &Tensor,
         timesteps: &[usize],
         noise: &Tensor,
-        weights: Option<&[f64]>,
+        min_snr_gamma: Option<f64>,
     ) -> Result<Tensor> {
         let noised =
             super::NoisedBatch::new(&self.schedule, self.prediction, x0, timesteps, noise)?;
@@ -158,7 +158,13 @@ impl UnetTrainer {
             &noised.t,
             &UNetConditioning::text(context.clone()),
         )?;
-        super::weighted_mse(&prediction, &noised.target, weights)
+        super::denoising_loss(
+            &prediction,
+            &noised.target,
+            (&self.schedule, self.prediction),
+            timesteps,
+            min_snr_gamma,
+        )
     }
 
     /// The unweighted denoising loss on every training image at four fixed timesteps (spread
@@ -240,12 +246,9 @@ impl UnetTrainer {
             let context = rows(&data.text, None)?;
             let timesteps = &draws.timesteps[range.clone()];
             let noise = draws.noise.narrow(0, range.start, batch)?;
-            let weights = self
-                .settings
-                .min_snr_gamma
-                .map(|gamma| min_snr_weights(&self.schedule, self.prediction, gamma, timesteps));
+            let gamma = self.settings.min_snr_gamma;
             let loss = self
-                .loss(&x0, &context, timesteps, &noise, weights.as_deref())?
+                .loss(&x0, &context, timesteps, &noise, gamma)?
                 .affine(1.0 / passes as f64, 0.0)?;
             let (value, grads) = super::checked_loss_backward(&loss, self.state.step)?;
             total_loss += value;
