@@ -656,7 +656,7 @@ impl Geometry {
 
     /// A 3x3 "same" convolution of a batch of small maps that the direct kernels
     /// ([`crate::ops::direct_conv`]) take, image by image, on a CPU with AVX-512: with 8 input
-    /// channels or more (on a 2-core Xeon, 1.05-1.75x faster than the columns over SD-style
+    /// channels or more (on a 2-core Xeon, 1.05-1.65x faster than the columns over SD-style
     /// U-Net shapes from 4x4 to 28x28; the 1-channel input layer of a pixel model ran 15%
     /// slower).
     fn direct(&self, plan: Plan) -> Option<SameConv3x3> {

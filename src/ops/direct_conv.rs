@@ -9,8 +9,8 @@
 //! registers. Each (channel, tap) step loads the three runs of the input at the tap's shift, with
 //! masks that zero the lanes whose tap lies in the padding (a masked-off lane is never read, so
 //! the shifted address may lie outside the plane), and broadcasts 8 filter values, which are
-//! packed per call in the order the tile reads them. The im2col path this replaces wrote nine
-//! shifted copies of the input and had the gemm crate pack them again.
+//! packed per call in the order the tile reads them (im2col instead writes nine shifted copies of
+//! the input, which the gemm crate then packs again).
 //!
 //! The input gradient of such a convolution is the same convolution of the output gradient with
 //! the kernel transposed on its channels and flipped (`conv_gemm`), so the forward kernel serves
@@ -163,11 +163,11 @@ impl SameConv3x3 {
     /// on operands of other lengths or a CPU without AVX-512 (see [`available`]).
     pub fn direct_forward(&self, x: &[f32], weight: &[f32], bias: &[f32]) -> Vec<f32> {
         let plane = self.plane();
-        let filters = self.out_channels * self.channels * TAPS;
+        let weight_len = self.out_channels * self.channels * TAPS;
         self.check_operands(
             x,
             &[
-                (weight, filters, "weight"),
+                (weight, weight_len, "weight"),
                 (bias, self.out_channels, "bias"),
             ],
         );
