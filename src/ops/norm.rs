@@ -249,7 +249,8 @@ impl CustomOp3 for GroupNormBackward {
         let group_len = per_group * g.spatial;
         // Per (batch, channel): sum dy and sum dy xhat, reduced over the batch afterwards.
         let mut partial = vec![0f64; 2 * g.batch * g.channels];
-        let mut out = vec![0f32; n + 2 * g.channels];
+        // SAFETY: every group's dx is written below, and both affine gradients after it.
+        let mut out = unsafe { super::tensor::unwritten_f32(n + 2 * g.channels) };
         out[..n]
             .par_chunks_mut(group_len)
             .zip(partial.par_chunks_mut(2 * per_group))
@@ -459,10 +460,13 @@ impl CustomOp3 for LayerNormBackward {
             )
         }
         let n = x.len();
-        let mut out = vec![0f32; n + 2 * width];
         if width == 0 {
-            return Ok((CpuStorage::F32(out), Shape::from(n)));
+            return Ok((CpuStorage::F32(Vec::new()), Shape::from(n)));
         }
+        // SAFETY: every row's dx is written below; the affine gradients are zeroed here and
+        // summed into.
+        let mut out = unsafe { super::tensor::unwritten_f32(n + 2 * width) };
+        out[n..].fill(0.0);
         let block = LAYER_NORM_ROWS * width;
         // Per task: sum dy xhat and sum dy for each feature, added up afterwards.
         let partials: Vec<Vec<f32>> = out[..n]
