@@ -5,6 +5,7 @@
 use crate::model::blocks::upsample_nearest_2x;
 use crate::ops::im2col::conv2d_taps;
 use crate::ops::norm::GroupNorm;
+use crate::ops::planes;
 use crate::sampler::SeededNoise;
 use crate::train::config::TrainConfig;
 use candle_core::{Device, Tensor, Var};
@@ -51,6 +52,7 @@ pub fn run(config: &TrainConfig, device: &Device, runs: usize, json: bool) -> an
     let weight = Var::from_tensor(&randn(&[channels, channels, 3, 3], 0.05)?)?;
     let bias = Var::from_tensor(&randn(&[channels], 1.0)?)?;
     let half = Var::from_tensor(&randn(&[batch, channels, size / 2, size / 2], 1.0)?)?;
+    let shifts = Var::from_tensor(&randn(&[batch, channels], 1.0)?)?;
     let columns = randn(&[batch * size * size, 9 * channels], 1.0)?;
     let kernel = randn(&[9 * channels, channels], 0.05)?;
     let norm = GroupNorm::new(
@@ -110,13 +112,24 @@ pub fn run(config: &TrainConfig, device: &Device, runs: usize, json: bool) -> an
             "bias broadcast add forward+backward",
             Box::new(|| backward(&x.broadcast_add(&bias.reshape((1, channels, 1, 1))?)?)),
         ),
+        (
+            "time-embedding shift forward+backward (as training runs)",
+            Box::new(|| {
+                let shifted = if planes::applies_to(&x) {
+                    planes::add_plane_shifts(&x, &shifts)?
+                } else {
+                    x.broadcast_add(&shifts.unsqueeze(2)?.unsqueeze(3)?)?
+                };
+                backward(&shifted)
+            }),
+        ),
         ("SiLU forward+backward", Box::new(|| backward(&x.silu()?))),
         (
             "cat on channels (skip connection)",
             Box::new(|| Tensor::cat(&[&plain, &plain], 1).map(|_| ())),
         ),
         (
-            "nearest upsample x2 forward+backward",
+            "nearest upsample x2 forward+backward (as training runs)",
             Box::new(|| backward(&upsample_nearest_2x(&half)?)),
         ),
     ];

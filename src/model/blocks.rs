@@ -5,6 +5,7 @@ use super::dense::{linear, linear_no_bias};
 use super::lora::LoraLinear;
 use crate::ops::copy::contiguous;
 pub use crate::ops::norm::{group_norm, GroupNorm};
+use crate::ops::planes;
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{conv2d, Conv2dConfig, VarBuilder};
 
@@ -848,8 +849,12 @@ impl ResnetBlock2D {
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
         let mut h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
-            let t = proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
-            h = h.broadcast_add(&t)?;
+            let t = proj.forward(&temb.silu()?)?;
+            h = if planes::applies_to(&h) && t.rank() == 2 {
+                planes::add_plane_shifts(&h, &t)?
+            } else {
+                h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?
+            };
         }
         let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let shortcut = match &self.conv_shortcut {
@@ -902,14 +907,17 @@ impl Module for Downsample2D {
     }
 }
 
-/// Nearest-neighbour 2x upsampling as a reshape and broadcast (its gradient is a sum, with no
-/// convolution), for (B, C, H, W).
+/// Nearest-neighbour 2x upsampling for (B, C, H, W). In training its gradient sums each 2x2
+/// block: one pass on an f32 CPU tensor (`ops::planes`), a reshape and broadcast elsewhere
+/// (candle's own op has a grouped convolution for its backward pass).
 pub fn upsample_nearest_2x(x: &Tensor) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     if !x.track_op() {
-        // Inference: candle's kernel writes the output in one pass (its backward is a grouped
-        // convolution, which is why training takes the reshape path).
+        // Inference: candle's kernel writes the output in one pass.
         return x.upsample_nearest2d(2 * h, 2 * w);
+    }
+    if planes::applies_to(x) {
+        return planes::upsample_nearest_2x(x);
     }
     x.reshape((b, c, h, 1, w, 1))?
         .broadcast_as((b, c, h, 2, w, 2))?

@@ -3,9 +3,10 @@
 //! (`ode`), and the CPU ops with their own backward passes: convolution as in-place matrix
 //! products (`conv_gemm`), convolution as shifted views for GPUs (`im2col`), blocked attention
 //! (`attention`), fused group and layer norm (`norm`), activations with their derivatives
-//! (`pointwise`), and the vectorised element-wise functions they share (`vector_math`); bf16
-//! products for inference (`gemm_bf16`) on AVX512_BF16 or AMX tiles (`amx`); 3x3 convolutions by
-//! Winograd's F(2x2, 3x3) (`winograd`) and, over batches of small maps, directly (`direct_conv`).
+//! (`pointwise`), upsampling and per-plane shifts (`planes`), and the vectorised element-wise
+//! functions they share (`vector_math`); bf16 products for inference (`gemm_bf16`) on
+//! AVX512_BF16 or AMX tiles (`amx`); 3x3 convolutions by Winograd's F(2x2, 3x3) (`winograd`) and,
+//! over batches of small maps, directly (`direct_conv`).
 
 pub mod amx;
 pub mod attention;
@@ -18,6 +19,7 @@ pub mod im2col;
 pub mod linear;
 pub mod norm;
 pub mod ode;
+pub mod planes;
 pub mod pointwise;
 pub mod q8;
 pub mod runtime;
