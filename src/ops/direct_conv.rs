@@ -99,9 +99,35 @@ impl SameConv3x3 {
             .collect()
     }
 
-    fn tile_runs(&self, runs: &[Run]) -> TileRuns {
-        let plane = self.plane();
+    /// The lanes of a run of `len` pixels from plane pixel `first` whose tap reads inside the
+    /// plane, by tap: the same for the runs at one place of every image, so made once a call.
+    fn run_reads(&self, first: usize, len: usize) -> [u16; TAPS] {
         let (h, w) = (self.height as isize, self.width as isize);
+        let mut reads = [0u16; TAPS];
+        for lane in 0..len {
+            let pixel = first + lane;
+            let (y, x) = ((pixel / self.width) as isize, (pixel % self.width) as isize);
+            for (tap, read) in reads.iter_mut().enumerate() {
+                let (dy, dx) = ((tap / 3) as isize - 1, (tap % 3) as isize - 1);
+                if (0..h).contains(&(y + dy)) && (0..w).contains(&(x + dx)) {
+                    *read |= 1 << lane;
+                }
+            }
+        }
+        reads
+    }
+
+    /// `run_reads` for the runs of one image, in order.
+    fn image_run_reads(&self) -> Vec<[u16; TAPS]> {
+        let plane = self.plane();
+        (0..plane)
+            .step_by(RUN)
+            .map(|first| self.run_reads(first, RUN.min(plane - first)))
+            .collect()
+    }
+
+    fn tile_runs(&self, runs: &[Run], image_reads: &[[u16; TAPS]]) -> TileRuns {
+        let plane = self.plane();
         let mut tile = TileRuns {
             input: [0; RUNS],
             output: [0; RUNS],
@@ -112,22 +138,8 @@ impl SameConv3x3 {
             tile.input[slot] = run.image * self.channels * plane + run.first;
             tile.output[slot] = run.image * self.out_channels * plane + run.first;
             tile.writes[slot] = ((1u32 << run.len) - 1) as u16;
-            // Each lane's row and column, counted rather than divided (this runs for every tile).
-            let (mut y, mut x) = (
-                (run.first / self.width) as isize,
-                (run.first % self.width) as isize,
-            );
-            for lane in 0..run.len {
-                for (tap, reads) in tile.reads.iter_mut().enumerate() {
-                    let (dy, dx) = ((tap / 3) as isize - 1, (tap % 3) as isize - 1);
-                    if (0..h).contains(&(y + dy)) && (0..w).contains(&(x + dx)) {
-                        reads[slot] |= 1 << lane;
-                    }
-                }
-                x += 1;
-                if x == w {
-                    (y, x) = (y + 1, 0);
-                }
+            for (reads, read) in tile.reads.iter_mut().zip(image_reads[run.first / RUN]) {
+                reads[slot] = read;
             }
         }
         tile
@@ -173,13 +185,14 @@ impl SameConv3x3 {
         );
         let filters = self.packed_filters(weight);
         let runs = self.runs();
+        let image_reads = self.image_run_reads();
         // SAFETY: every output pixel lies in exactly one run, and each run's tile writes all of
         // its output channels.
         let mut out =
             unsafe { super::tensor::unwritten_f32(self.batch * self.out_channels * plane) };
         let out_ptr = OutPtr(out.as_mut_ptr());
         runs.par_chunks(RUNS).with_min_len(4).for_each(|runs| {
-            let tile = self.tile_runs(runs);
+            let tile = self.tile_runs(runs, &image_reads);
             // SAFETY: the lengths are checked above and the CPU has AVX-512; no two tiles write
             // the same output pixel.
             unsafe { self.tile_all_channels(x, &filters, bias, &tile, out_ptr) };
@@ -308,8 +321,11 @@ impl SameConv3x3 {
             for (index, image) in images.clone().enumerate() {
                 for o in channels.clone() {
                     let source = &dout[(image * self.out_channels + o) * plane..][..plane];
-                    for (p, value) in source.iter().enumerate() {
-                        values[at(index, p / width, p % width) * STRIP + o % STRIP] = *value;
+                    for (y, line) in source.chunks_exact(width).enumerate() {
+                        let row_start = at(index, y, 0);
+                        for (x, value) in line.iter().enumerate() {
+                            values[(row_start + x) * STRIP + o % STRIP] = *value;
+                        }
                     }
                 }
             }
