@@ -19,12 +19,13 @@
 //! Weight gradient: `dw[o, c, tap] = sum over images and p of dout[o, p] x[c, p + s(tap)]`, a
 //! product over pixels. For each group of images x is copied once onto a grid with a zero
 //! border (rows W + 1 wide, so that one zero column pads both sides, and one zero row between
-//! images), dout once into strips of 64 output channels on the same grid, and for each tap the
-//! `gemm_f32` micro-tile multiplies the strips by x's channel rows read at the tap's shift.
+//! images), dout once into strips of 64 output channels (32 where a layer has no more) on the
+//! same grid, and for each tap the `gemm_f32` micro-tile multiplies the strips by x's channel
+//! rows read at the tap's shift.
 
 use super::gemm_bf16::OutPtr;
-pub use super::gemm_f32::STRIP;
-use super::gemm_f32::{Strip, Tile};
+use super::gemm_f32::{AlignedFloats, Tile, HALF_TILE_ROWS};
+pub use super::gemm_f32::{HALF_STRIP, STRIP};
 use super::winograd::SameConv3x3;
 use rayon::prelude::*;
 
@@ -47,8 +48,37 @@ const IMAGES_PER_GROUP: usize = 8;
 /// Grid positions per k block of the weight gradient's products (as `gemm_f32`'s: a strip's
 /// block is 24 KiB of L1).
 const K_BLOCK: usize = 96;
-/// Input channels whose weight-gradient sums are finished before the next ones start.
-const CHUNK_CHANNELS: usize = 2 * GRADIENT_TILE_ROWS;
+/// Micro-tiles of input channels whose weight-gradient sums are finished before the next ones
+/// start.
+const CHUNK_TILES: usize = 2;
+
+/// The output-gradient strips of a weight gradient: 64 channels wide, or 32 where a layer has
+/// 32 (a 64-wide strip would multiply zeros half the time).
+#[derive(Clone, Copy)]
+struct GradientStrips {
+    width: usize,
+    tile_rows: usize,
+}
+
+impl GradientStrips {
+    fn for_channels(out_channels: usize) -> Self {
+        if out_channels <= HALF_STRIP {
+            Self {
+                width: HALF_STRIP,
+                tile_rows: HALF_TILE_ROWS,
+            }
+        } else {
+            Self {
+                width: STRIP,
+                tile_rows: GRADIENT_TILE_ROWS,
+            }
+        }
+    }
+
+    fn padded(&self, out_channels: usize) -> usize {
+        out_channels.div_ceil(self.width) * self.width
+    }
+}
 
 /// Whether this CPU runs these kernels (AVX-512 Foundation).
 pub fn available() -> bool {
@@ -270,7 +300,7 @@ impl SameConv3x3 {
             .map(|images| self.group_weight_gradient(x, dout, images))
             .collect();
         // Sums are [tap][c][o] rows of whole strips; the gradient is [o][c][tap].
-        let padded_out = self.out_channels.div_ceil(STRIP) * STRIP;
+        let padded_out = GradientStrips::for_channels(self.out_channels).padded(self.out_channels);
         let mut dweight = vec![0f32; self.out_channels * self.channels * TAPS];
         dweight
             .par_chunks_mut(self.channels * TAPS)
@@ -312,52 +342,64 @@ impl SameConv3x3 {
                 }
             }
         }
-        let strips = self.out_channels.div_ceil(STRIP);
-        let mut gradient_strips: Vec<Strip> = (0..strips).map(|_| Strip::default()).collect();
+        let layout = GradientStrips::for_channels(self.out_channels);
+        let strip_width = layout.width;
+        let strips = self.out_channels.div_ceil(strip_width);
+        let mut gradient_strips: Vec<AlignedFloats> =
+            (0..strips).map(|_| AlignedFloats::default()).collect();
         for (s, strip) in gradient_strips.iter_mut().enumerate() {
-            let values = strip.rows_mut(positions);
+            let values = strip.resized(positions * strip_width);
             values.fill(0.0);
-            let channels = s * STRIP..(s * STRIP + STRIP).min(self.out_channels);
+            let channels = s * strip_width..(s * strip_width + strip_width).min(self.out_channels);
             for (index, image) in images.clone().enumerate() {
                 for o in channels.clone() {
                     let source = &dout[(image * self.out_channels + o) * plane..][..plane];
                     for (y, line) in source.chunks_exact(width).enumerate() {
                         let row_start = at(index, y, 0);
                         for (x, value) in line.iter().enumerate() {
-                            values[(row_start + x) * STRIP + o % STRIP] = *value;
+                            values[(row_start + x) * strip_width + o % strip_width] = *value;
                         }
                     }
                 }
             }
         }
-        let padded_out = strips * STRIP;
+        let padded_out = strips * strip_width;
         let mut sums = vec![0f32; TAPS * self.channels * padded_out];
+        let tile_rows = layout.tile_rows;
+        let chunk_channels = CHUNK_TILES * tile_rows;
         // Channels in chunks whose sums (9 x 24 x O floats) stay in L2 while the k blocks pass;
         // within a k block each strip's block stays in L1 across the taps and channel tiles.
-        for chunk in (0..self.channels).step_by(CHUNK_CHANNELS) {
-            let chunk = chunk..(chunk + CHUNK_CHANNELS).min(self.channels);
+        for chunk in (0..self.channels).step_by(chunk_channels) {
+            let chunk = chunk..(chunk + chunk_channels).min(self.channels);
             for (s, strip) in gradient_strips.iter().enumerate() {
                 for k0 in (0..positions).step_by(K_BLOCK) {
                     let depth = K_BLOCK.min(positions - k0);
                     let tile = Tile {
-                        b: strip.values()[k0 * STRIP..].as_ptr(),
+                        b: strip.values()[k0 * strip_width..].as_ptr(),
                         depth,
                         a_row: row,
                         a_col: 1,
                         out_row: padded_out,
-                        cols: STRIP,
+                        cols: strip_width,
                         accumulate: k0 > 0,
                     };
                     for tap in 0..TAPS {
                         let first_read = (margin + k0) as isize + Self::shift(tap, pitch);
-                        for c in chunk.clone().step_by(GRADIENT_TILE_ROWS) {
-                            let rows = GRADIENT_TILE_ROWS.min(chunk.end - c);
+                        for c in chunk.clone().step_by(tile_rows) {
+                            let rows = tile_rows.min(chunk.end - c);
                             let a = &grid[c * row + first_read as usize..];
-                            let y = &mut sums[(tap * self.channels + c) * padded_out + s * STRIP..];
+                            let y = &mut sums
+                                [(tap * self.channels + c) * padded_out + s * strip_width..];
                             // SAFETY: A's rows lie inside the grid (the margins cover every
                             // shift), y's inside `sums`; the CPU has AVX-512 (checked by the
                             // caller).
-                            unsafe { tile.run(rows, a.as_ptr(), y.as_mut_ptr()) };
+                            unsafe {
+                                if strip_width == HALF_STRIP {
+                                    tile.run_half(rows, a.as_ptr(), y.as_mut_ptr())
+                                } else {
+                                    tile.run(rows, a.as_ptr(), y.as_mut_ptr())
+                                }
+                            };
                         }
                     }
                 }
@@ -501,7 +543,7 @@ mod tests {
 
     /// Shapes with runs across images (maps under 16 pixels), partial runs and tiles, partial
     /// channel blocks, one-pixel and one-column maps, several gradient groups and strips.
-    const CASES: [SameConv3x3; 7] = [
+    const CASES: [SameConv3x3; 8] = [
         SameConv3x3 {
             batch: 3,
             channels: 5,
@@ -550,6 +592,14 @@ mod tests {
             out_channels: 130,
             height: 9,
             width: 13,
+        },
+        // Half strips: two groups of images, a chunk of channels and a partial one.
+        SameConv3x3 {
+            batch: 9,
+            channels: 30,
+            out_channels: 32,
+            height: 6,
+            width: 5,
         },
     ];
 

@@ -22,6 +22,10 @@ const VECTORS: usize = 4;
 /// and a broadcast 29 of the 32 vector registers; each k step is 24 FMAs to 10 loads (12 rows
 /// by two registers measured the same, 14 loads).
 const TILE_ROWS: usize = 6;
+/// A half strip's columns and registers, and the rows of its micro-tile (12 x 2 = 24 sums).
+pub const HALF_STRIP: usize = 16 * HALF_VECTORS;
+const HALF_VECTORS: usize = 2;
+pub const HALF_TILE_ROWS: usize = 12;
 /// k steps per cache block: a strip's block (96 x 64 x 4 bytes = 24 KiB) and a tile's rows of
 /// x (6 x 96 x 4 = 2.3 KiB) share the 48 KiB L1.
 const K_BLOCK: usize = 96;
@@ -232,6 +236,26 @@ impl StripsF32 {
     }
 }
 
+/// Floats on whole 64-byte lines: a strip of any width built per call (a [`Tile`] reads its rows
+/// with aligned loads).
+#[derive(Default)]
+pub(super) struct AlignedFloats {
+    lines: Vec<Line>,
+}
+
+impl AlignedFloats {
+    /// `len` floats (a multiple of 16), values left as they were.
+    pub(super) fn resized(&mut self, len: usize) -> &mut [f32] {
+        debug_assert_eq!(len % 16, 0, "aligned floats come in lines of 16");
+        self.lines.resize(len / 16, Line::default());
+        StripsF32::floats_mut(&mut self.lines)
+    }
+
+    pub(super) fn values(&self) -> &[f32] {
+        StripsF32::floats(&self.lines)
+    }
+}
+
 /// One strip of a right-hand matrix built per call (K x 64, `[k][64]`, 64-byte aligned), reused
 /// from call to call.
 #[derive(Default)]
@@ -307,7 +331,8 @@ impl Strip {
 
 /// What the micro-tiles of one strip and k block share.
 pub(super) struct Tile {
-    /// The strip's first k row of the block (64-byte aligned, rows [`STRIP`] floats apart).
+    /// The strip's first k row of the block (64-byte aligned, rows [`STRIP`] floats apart, or
+    /// [`HALF_STRIP`] for [`Tile::run_half`]).
     pub b: *const f32,
     pub depth: usize,
     /// Floats from one row of x to the next, and from one k to the next.
@@ -330,7 +355,7 @@ impl Tile {
         macro_rules! rows {
             ($($n:literal)*) => {
                 match rows {
-                    $($n => self.rows::<$n>(a, y),)*
+                    $($n => self.rows::<$n, VECTORS>(a, y),)*
                     _ => unreachable!("a tile has 1 to {TILE_ROWS} rows"),
                 }
             };
@@ -338,19 +363,38 @@ impl Tile {
         rows!(1 2 3 4 5 6)
     }
 
+    /// As [`Self::run`] over a strip of [`HALF_STRIP`] columns (rows that many floats apart)
+    /// and up to [`HALF_TILE_ROWS`] rows: the same 24 accumulators where only 32 columns exist.
+    ///
     /// # Safety
-    /// As [`Self::run`], with `R` rows.
+    /// As [`Self::run`].
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn run_half(&self, rows: usize, a: *const f32, y: *mut f32) {
+        macro_rules! rows {
+            ($($n:literal)*) => {
+                match rows {
+                    $($n => self.rows::<$n, HALF_VECTORS>(a, y),)*
+                    _ => unreachable!("a half tile has 1 to {HALF_TILE_ROWS} rows"),
+                }
+            };
+        }
+        rows!(1 2 3 4 5 6 7 8 9 10 11 12)
+    }
+
+    /// # Safety
+    /// As [`Self::run`], with `R` rows and a strip of `V` registers.
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn rows<const R: usize>(&self, a: *const f32, y: *mut f32) {
+    unsafe fn rows<const R: usize, const V: usize>(&self, a: *const f32, y: *mut f32) {
         use std::arch::x86_64::*;
-        let mut acc = [[_mm512_setzero_ps(); VECTORS]; R];
+        let width = 16 * V;
+        let mut acc = [[_mm512_setzero_ps(); V]; R];
         let mut b = self.b;
         for p in 0..self.depth {
-            let mut b_vectors = [_mm512_setzero_ps(); VECTORS];
+            let mut b_vectors = [_mm512_setzero_ps(); V];
             for (v, b_vector) in b_vectors.iter_mut().enumerate() {
                 // A prefetch past the strip's end is dropped, not a fault.
-                let ahead = b.wrapping_add(PREFETCH * STRIP + 16 * v);
+                let ahead = b.wrapping_add(PREFETCH * width + 16 * v);
                 _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
                 *b_vector = _mm512_load_ps(b.add(16 * v));
             }
@@ -360,13 +404,13 @@ impl Tile {
                     *sum = _mm512_fmadd_ps(a_value, b_vector, *sum);
                 }
             }
-            b = b.add(STRIP);
+            b = b.add(width);
         }
         let mask = |first: usize| -> __mmask16 {
             let valid = self.cols.saturating_sub(first).min(16);
             ((1u32 << valid) - 1) as __mmask16
         };
-        let masks: [__mmask16; VECTORS] = std::array::from_fn(|v| mask(16 * v));
+        let masks: [__mmask16; V] = std::array::from_fn(|v| mask(16 * v));
         for (r, acc_row) in acc.iter().enumerate() {
             let dst = y.add(r * self.out_row);
             for (v, (&value, &mask)) in acc_row.iter().zip(&masks).enumerate() {
