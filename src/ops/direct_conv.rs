@@ -351,13 +351,22 @@ impl SameConv3x3 {
             let values = strip.resized(positions * strip_width);
             values.fill(0.0);
             let channels = s * strip_width..(s * strip_width + strip_width).min(self.out_channels);
+            // A transpose, 16 pixels of a row at a time: the strip rows they land in (2-4 KiB)
+            // stay in L1 while every channel writes its column.
             for (index, image) in images.clone().enumerate() {
-                for o in channels.clone() {
-                    let source = &dout[(image * self.out_channels + o) * plane..][..plane];
-                    for (y, line) in source.chunks_exact(width).enumerate() {
-                        let row_start = at(index, y, 0);
-                        for (x, value) in line.iter().enumerate() {
-                            values[(row_start + x) * strip_width + o % strip_width] = *value;
+                let planes = &dout[image * self.out_channels * plane..];
+                for y in 0..height {
+                    for x0 in (0..width).step_by(RUN) {
+                        let run = RUN.min(width - x0);
+                        let first = at(index, y, x0) * strip_width;
+                        let rows = &mut values[first..first + run * strip_width];
+                        for o in channels.clone() {
+                            let source = &planes[o * plane + y * width + x0..][..run];
+                            for (value, row) in
+                                source.iter().zip(rows.chunks_exact_mut(strip_width))
+                            {
+                                row[o % strip_width] = *value;
+                            }
                         }
                     }
                 }
