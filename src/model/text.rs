@@ -191,14 +191,20 @@ impl ClipTextModel {
         self.final_layer_norm.forward(&h)
     }
 
-    /// Token embeddings plus positions, and the causal mask for them.
+    /// Token embeddings plus positions, and the causal mask for them, in the dtype the layers
+    /// keep activations in (`gemm_bf16::activation_dtype`: f32 between bf16 products where the
+    /// CPU has the pair dot product, so that attention and the norms run in the f32 kernels).
     fn embed(&self, input_ids: &Tensor) -> Result<(Tensor, Tensor)> {
         let (_, n) = input_ids.dims2()?;
         let positions = Tensor::arange(0u32, n as u32, input_ids.device())?;
-        let x = self
-            .token_embedding
-            .forward(input_ids)?
-            .broadcast_add(&self.position_embedding.forward(&positions)?)?;
+        let tokens = self.token_embedding.forward(input_ids)?;
+        let dtype = crate::ops::gemm_bf16::activation_dtype(tokens.dtype(), input_ids.device());
+        let x = tokens.to_dtype(dtype)?.broadcast_add(
+            &self
+                .position_embedding
+                .forward(&positions)?
+                .to_dtype(dtype)?,
+        )?;
         let mask = Self::causal_mask(n, input_ids.device())?.to_dtype(x.dtype())?;
         Ok((x, mask))
     }
