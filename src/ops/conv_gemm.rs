@@ -667,9 +667,9 @@ impl Geometry {
         self.same_3x3().filter(|_| taken)
     }
 
-    /// Whether the direct weight gradient pays: its output-gradient strips are one whole strip
-    /// of 64 channels and the maps 7x7 or more (1.05-1.4x faster than the columns there; 32
-    /// channels half fill the strip, and at 8x8 and below with 128 or more the columns won).
+    /// Whether the direct weight gradient pays: its output gradient is one whole strip of 64
+    /// channels or one half strip of 32, and the maps 7x7 or more (1.05-1.6x faster than the
+    /// columns there; at 8x8 and below with 128 channels or more the columns won).
     fn direct_weight_gradient(&self, plan: Plan) -> Option<SameConv3x3> {
         self.direct(plan).filter(|_| {
             matches!(
@@ -830,13 +830,13 @@ fn zero_few(values: &mut [f32]) {
     }
 }
 
-/// The plan for this machine's thread count.
 /// Output pixels of a whole call below which the direct kernels are not taken: they pack the
 /// filters per call (O x C x 9 floats), which a batch of so few pixels does not pay back. An
 /// inference step's 8x8 and 4x4 maps at 1280 channels (59 MB of filters for 128 or 32 pixels)
 /// ran a 256x256 U-Net step at twice im2col's time; a training batch has 1,024 or more.
 const DIRECT_MIN_PIXELS: usize = 1024;
 
+/// The plan for this machine's thread count.
 fn plan(g: &Geometry) -> Plan {
     g.plan(candle_core::utils::get_num_threads())
 }
