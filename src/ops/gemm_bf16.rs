@@ -32,6 +32,8 @@ const TILE_ROWS: usize = 12;
 const PAIRS_PER_BLOCK: usize = 128;
 /// Output rows and columns of an AMX block: 2 x 2 tiles of 16 x 16 sums.
 const TILE_BLOCK: usize = 32;
+/// Words of one AMX tile (16 rows of 16 pair words).
+const TILE_SIZE_WORDS: usize = amx::TILE_ROWS * amx::TILE_WORDS;
 /// k pairs per cache block of the AMX kernel. The sums go back to memory once a block, which at
 /// AMX's speed costs more than re-reading A from L2: SD 1.5's 512 U-Net step took 3.81 s with
 /// blocks of 256 pairs, 3.41-3.60 with 768, 3.31-3.39 with 1536 and 3.33-3.39 with 4096 (2-core
@@ -296,6 +298,9 @@ pub struct PairProduct<'a> {
     pub rhs_strip: usize,
     /// The column offset into B of each tap.
     pub shifts: &'a [usize],
+    /// A is stored in AMX tile order ([`tile_ordered`]) rather than row by row; only for the
+    /// tile kernel, with whole blocks of rows and taps of whole tiles of pairs.
+    pub lhs_tiled: bool,
 }
 
 impl PairProduct<'_> {
@@ -314,6 +319,17 @@ impl PairProduct<'_> {
             + self.pairs.saturating_sub(1) * self.rhs_row
             + STRIP
             + max_shift;
+        let tile_order_fits = self.rows.is_multiple_of(TILE_BLOCK)
+            && self.lhs_row.is_multiple_of(amx::TILE_WORDS)
+            && self.lhs_tap.is_multiple_of(amx::TILE_WORDS)
+            && self.pairs.is_multiple_of(amx::TILE_WORDS);
+        if self.lhs_tiled && !tile_order_fits {
+            candle_core::bail!(
+                "bf16 product: a tile-ordered A needs whole blocks of rows and of pairs, not {} rows x {} pairs",
+                self.rows,
+                self.pairs
+            )
+        }
         if !self.cols.is_multiple_of(STRIP)
             || out_row < self.cols
             || out.len() < self.rows * out_row
@@ -340,6 +356,9 @@ impl PairProduct<'_> {
     fn run_on(&self, out: &mut [f32], out_row: usize, kernel: Kernel) -> Result<()> {
         self.check(out, out_row)?;
         let kernel = kernel.min(Kernel::best());
+        if self.lhs_tiled && kernel != Kernel::Tiles {
+            candle_core::bail!("bf16 product: a tile-ordered A is read by the AMX tiles only")
+        }
         let tile_rows = kernel.tile_rows();
         let split = split_tasks(self.rows.div_ceil(tile_rows), self.cols / STRIP);
         let out = OutPtr(out.as_mut_ptr());
@@ -773,14 +792,31 @@ unsafe fn amx_block(
         amx_zero!(2);
         amx_zero!(3);
     }
-    let (lhs_stride, rhs_stride) = (p.lhs_row * 4, p.rhs_row * 4);
+    let rhs_stride = p.rhs_row * 4;
+    // Row-major A: a tile's rows a row of A apart, the next 16 pairs 16 words on. Tile order:
+    // each tile one 1 KiB run, the next 16 pairs one tile (256 words) on.
+    let (lhs_stride, pair_step) = if p.lhs_tiled {
+        (STEP * 4, TILE_SIZE_WORDS / STEP)
+    } else {
+        (p.lhs_row * 4, 1)
+    };
     for segment in p.segments(block.row, block.k.clone()) {
-        let a = p.lhs.as_ptr().add(segment.lhs);
+        let (a, a_low) = if p.lhs_tiled {
+            let k = segment.lhs - block.row * p.lhs_row;
+            let tile = |row: usize| tile_ordered(row, k, p.lhs_row);
+            (
+                p.lhs.as_ptr().add(tile(block.row)),
+                p.lhs.as_ptr().add(tile(block.row + half)),
+            )
+        } else {
+            let a = p.lhs.as_ptr().add(segment.lhs);
+            (a, a.add(half * p.lhs_row))
+        };
         let b = p.rhs.as_ptr().add(segment.rhs + p.rhs_column(block.col));
         let whole = segment.pairs / STEP * STEP;
         for i in (0..whole).step_by(STEP) {
-            amx_load!(4, a.add(i), lhs_stride);
-            amx_load!(5, a.add(half * p.lhs_row + i), lhs_stride);
+            amx_load!(4, a.add(i * pair_step), lhs_stride);
+            amx_load!(5, a_low.add(i * pair_step), lhs_stride);
             amx_load!(6, b.add(i * p.rhs_row), rhs_stride);
             amx_load!(7, b.add(i * p.rhs_row + half), rhs_stride);
             amx_dot_bf16!(0, 4, 6);
@@ -789,7 +825,8 @@ unsafe fn amx_block(
             amx_dot_bf16!(3, 5, 7);
         }
         let tail = segment.pairs - whole;
-        if tail > 0 {
+        // A tile-ordered A comes in whole tiles of pairs (`PairProduct::check`).
+        if tail > 0 && !p.lhs_tiled {
             for (r, dst) in scratch.lhs.chunks_exact_mut(STEP).enumerate() {
                 let src = std::slice::from_raw_parts(a.add(r * p.lhs_row + whole), tail);
                 dst[..tail].copy_from_slice(src);
@@ -1008,6 +1045,7 @@ impl PackedHeads {
             rhs_row: self.score_row(),
             rhs_strip: STRIP,
             shifts: &[0],
+            lhs_tiled: false,
         }
         .run_here(scores, self.score_row())
     }
@@ -1044,6 +1082,7 @@ impl PackedHeads {
             rhs_row: out_row,
             rhs_strip: STRIP,
             shifts: &[0],
+            lhs_tiled: false,
         }
         .run_here(&mut scratch.product, out_row)?;
         for (dst, src) in out
@@ -1103,7 +1142,51 @@ pub fn pack_conv_weight(weight: &Tensor) -> Result<Tensor> {
                 }
             }
         });
+    let words = match conv_kernel_tiled(out_channels, pairs) {
+        true => to_tile_order(&words, taps * pairs),
+        false => words,
+    };
     Tensor::from_vec(words, (out_channels, taps * pairs), weight.device())
+}
+
+/// Whether a packed convolution kernel of `out_channels` rows of taps of `pairs` is stored in
+/// AMX tile order: where the tiles will read it, and its rows and taps come in whole tiles (every
+/// U-Net and VAE layer but the first and last). A tile of a row-major kernel has its 16 rows a
+/// kernel row (5.6-23 KiB) apart.
+fn conv_kernel_tiled(out_channels: usize, pairs: usize) -> bool {
+    Kernel::best() == Kernel::Tiles
+        && out_channels.is_multiple_of(TILE_BLOCK)
+        && pairs.is_multiple_of(amx::TILE_WORDS)
+}
+
+/// Where word `k` of row `row` of a (rows x `row_len`) matrix lies in tile order: 16 x 16 tiles
+/// one after another along each band of 16 rows, each tile row-major (`row_len` a multiple of
+/// 16).
+fn tile_ordered(row: usize, k: usize, row_len: usize) -> usize {
+    let tile = (row / amx::TILE_ROWS) * (row_len / amx::TILE_WORDS) + k / amx::TILE_WORDS;
+    tile * TILE_SIZE_WORDS + (row % amx::TILE_ROWS) * amx::TILE_WORDS + k % amx::TILE_WORDS
+}
+
+/// A row-major matrix of rows `row_len` words long in tile order.
+fn to_tile_order(words: &[u32], row_len: usize) -> Vec<u32> {
+    let mut tiled = vec![0u32; words.len()];
+    for (row, values) in words.chunks(row_len.max(1)).enumerate() {
+        for (k, &word) in values.iter().enumerate() {
+            tiled[tile_ordered(row, k, row_len)] = word;
+        }
+    }
+    tiled
+}
+
+/// The row-major matrix that [`to_tile_order`] reordered.
+fn from_tile_order(tiled: &[u32], row_len: usize) -> Vec<u32> {
+    let mut words = vec![0u32; tiled.len()];
+    for (row, values) in words.chunks_mut(row_len.max(1)).enumerate() {
+        for (k, word) in values.iter_mut().enumerate() {
+            *word = tiled[tile_ordered(row, k, row_len)];
+        }
+    }
+    words
 }
 
 /// The bf16 kernel (O, C, kh, kw) that [`pack_conv_weight`] packed.
@@ -1114,6 +1197,10 @@ pub fn unpack_conv_weight(words: &Tensor, channels: usize, kh: usize, kw: usize)
         candle_core::bail!("conv2d-bf16: a packed kernel row of {row_len} words is not {kh}x{kw} taps of {channels} channels")
     }
     let words = words.flatten_all()?.to_vec1::<u32>()?;
+    let words = match conv_kernel_tiled(out_channels, pairs) {
+        true => from_tile_order(&words, row_len),
+        false => words,
+    };
     let mut weight = vec![bf16::ZERO; out_channels * channels * taps];
     for (o, kernel) in weight.chunks_mut((channels * taps).max(1)).enumerate() {
         for c in 0..channels {
@@ -1313,6 +1400,7 @@ impl LinearBf16 {
             rhs_row: STRIP,
             rhs_strip: pairs * STRIP,
             shifts: &[0],
+            lhs_tiled: false,
         }
         .run(&mut out, out_row)?;
         let residual_row = |r: usize| residual.map(|values| &values[r * n..][..n]);
@@ -1513,6 +1601,7 @@ impl Conv2dBf16 {
                 rhs_row,
                 rhs_strip: STRIP,
                 shifts: &shifts,
+                lhs_tiled: conv_kernel_tiled(out_channels, pairs),
             }
             .run(&mut out, out_row)?;
             y_image
@@ -1715,6 +1804,8 @@ mod tests {
             (33, 7),
             (40, 600),
             (90, 300),
+            (64, 32),
+            (96, 544),
         ] {
             pair_products_agree(rows, 64, pairs, &[0, 3, 40]);
         }
@@ -1741,6 +1832,7 @@ mod tests {
             rhs_row,
             rhs_strip: STRIP,
             shifts,
+            lhs_tiled: false,
         };
         let mut reference = vec![0f64; rows * cols];
         for r in 0..rows {
@@ -1755,8 +1847,32 @@ mod tests {
             }
         }
         let scale = reference.iter().fold(0f64, |m, v| m.max(v.abs()));
+        // A in tile order, where the shape allows it: the tiles alone read it.
+        let tile_order_fits = rows % TILE_BLOCK == 0 && pairs % amx::TILE_WORDS == 0;
+        let tiled_lhs = match tile_order_fits {
+            true => to_tile_order(&lhs, product.lhs_row),
+            false => Vec::new(),
+        };
+        let tiled = PairProduct {
+            lhs: &tiled_lhs,
+            lhs_tiled: true,
+            ..product
+        };
         let kernels = [Kernel::Scalar, Kernel::Dot, Kernel::Tiles];
-        for kernel in kernels.into_iter().filter(|&k| k <= Kernel::best()) {
+        let runs = kernels
+            .into_iter()
+            .filter(|&k| k <= Kernel::best())
+            .map(|k| (k, &product))
+            .chain(
+                (tile_order_fits && Kernel::best() == Kernel::Tiles)
+                    .then_some((Kernel::Tiles, &tiled)),
+            );
+        if tile_order_fits && Kernel::best() >= Kernel::Dot {
+            let mut out = vec![0f32; rows * cols];
+            let refused = tiled.run_on(&mut out, cols, Kernel::Dot).unwrap_err();
+            assert!(refused.to_string().contains("tile-ordered"), "{refused}");
+        }
+        for (kernel, product) in runs {
             let mut out = vec![f32::NAN; rows * (cols + 8)];
             product.run_on(&mut out, cols + 8, kernel).unwrap();
             for r in 0..rows {
@@ -1769,6 +1885,35 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn tile_order_round_trips_and_refuses_partial_blocks() {
+        let words: Vec<u32> = (0..64 * 48).collect();
+        let tiled = to_tile_order(&words, 48);
+        assert_ne!(tiled, words);
+        assert_eq!(tiled[..16], words[..16]);
+        assert_eq!(
+            tiled[16], words[48],
+            "a tile's second row is A's second row"
+        );
+        assert_eq!(from_tile_order(&tiled, 48), words);
+        let rhs = vec![0u32; 64 * 32];
+        let partial = PairProduct {
+            rows: 40,
+            cols: 32,
+            pairs: 48,
+            lhs: &tiled,
+            lhs_row: 48,
+            lhs_tap: 0,
+            rhs: &rhs,
+            rhs_row: 32,
+            rhs_strip: STRIP,
+            shifts: &[0],
+            lhs_tiled: true,
+        };
+        let err = partial.run(&mut vec![0f32; 40 * 32], 32).unwrap_err();
+        assert!(err.to_string().contains("whole blocks"), "{err}");
     }
 
     #[test]
@@ -1878,6 +2023,7 @@ mod tests {
             rhs_row: 32,
             rhs_strip: STRIP,
             shifts: &[0],
+            lhs_tiled: false,
         };
         let mut out = vec![0f32; 64];
         let err = product.run(&mut out, 32).unwrap_err().to_string();
