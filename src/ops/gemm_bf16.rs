@@ -1848,7 +1848,8 @@ mod tests {
         }
         let scale = reference.iter().fold(0f64, |m, v| m.max(v.abs()));
         // A in tile order, where the shape allows it: the tiles alone read it.
-        let tile_order_fits = rows % TILE_BLOCK == 0 && pairs % amx::TILE_WORDS == 0;
+        let tile_order_fits =
+            rows.is_multiple_of(TILE_BLOCK) && pairs.is_multiple_of(amx::TILE_WORDS);
         let tiled_lhs = match tile_order_fits {
             true => to_tile_order(&lhs, product.lhs_row),
             false => Vec::new(),
