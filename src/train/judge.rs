@@ -4,7 +4,7 @@
 //! never saw, which is what reading a generated picture asks of it.
 
 use super::config::judge::{JudgeData, JudgeTrainConfig};
-use super::optim::AdamWParams;
+use super::optim::{AdamWParams, LrSchedule};
 use super::state::{TrainerKind, TrainerState, UpdateRule};
 use super::{named_vars, seeded_init};
 use crate::data::idx::Split;
@@ -115,8 +115,7 @@ impl JudgeTrainer {
         )?;
         let t = &config.train;
         let rule = UpdateRule {
-            learning_rate: t.learning_rate,
-            warmup_steps: t.warmup_steps,
+            learning_rate: LrSchedule::constant(t.learning_rate, t.warmup_steps),
             grad_clip: t.grad_clip,
             adamw: AdamWParams::default(),
         };

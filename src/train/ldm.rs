@@ -116,8 +116,7 @@ impl LdmTrainer {
         }
         let t = &config.train;
         let rule = UpdateRule {
-            learning_rate: t.learning_rate,
-            warmup_steps: t.warmup_steps,
+            learning_rate: t.learning_rate_schedule(),
             grad_clip: t.grad_clip,
             adamw: AdamWParams {
                 weight_decay: t.weight_decay,

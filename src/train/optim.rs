@@ -283,6 +283,45 @@ pub fn warmup_lr(peak: f64, step: usize, warmup_steps: usize) -> f64 {
     }
 }
 
+/// The learning rate at each step: warm-up-stable-decay (Hu et al. 2024, MiniCPM, section 4):
+/// the linear warm-up of [`warmup_lr`], the peak held, then a linear fall to `final_rate` over
+/// the last `decay_steps` of `total_steps`. The cool-down lowers the loss that a constant rate
+/// plateaus at, and since the rate is constant until it starts, a run can be continued with
+/// `--resume` and cooled down only when it ends.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LrSchedule {
+    pub peak: f64,
+    pub warmup_steps: usize,
+    pub total_steps: usize,
+    /// 0: no cool-down, the peak to the end.
+    pub decay_steps: usize,
+    pub final_rate: f64,
+}
+
+impl LrSchedule {
+    /// Warm-up, then the peak to the end.
+    pub fn constant(peak: f64, warmup_steps: usize) -> Self {
+        Self {
+            peak,
+            warmup_steps,
+            total_steps: 0,
+            decay_steps: 0,
+            final_rate: peak,
+        }
+    }
+
+    /// The rate of step `step` (0-based).
+    pub fn at(&self, step: usize) -> f64 {
+        let warmed = warmup_lr(self.peak, step, self.warmup_steps);
+        let decay_start = self.total_steps.saturating_sub(self.decay_steps);
+        if self.decay_steps == 0 || step < decay_start {
+            return warmed;
+        }
+        let progress = ((step - decay_start + 1) as f64 / self.decay_steps as f64).min(1.0);
+        warmed * (1.0 - progress) + self.final_rate * progress
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -416,5 +455,23 @@ mod tests {
         assert_eq!(warmup_lr(1.0, 0, 4), 0.25);
         assert_eq!(warmup_lr(1.0, 3, 4), 1.0);
         assert_eq!(warmup_lr(1.0, 100, 4), 1.0);
+    }
+
+    #[test]
+    fn cool_down_falls_linearly_over_the_last_steps() {
+        let schedule = LrSchedule {
+            peak: 1.0,
+            warmup_steps: 2,
+            total_steps: 10,
+            decay_steps: 4,
+            final_rate: 0.2,
+        };
+        let rates: Vec<f64> = (0..12).map(|step| schedule.at(step)).collect();
+        let expected = [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 0.8, 0.6, 0.4, 0.2, 0.2, 0.2];
+        for (rate, want) in rates.iter().zip(expected) {
+            assert!((rate - want).abs() < 1e-12, "{rates:?}");
+        }
+        let constant = LrSchedule::constant(3.0, 0);
+        assert!((0..100).all(|step| constant.at(step) == 3.0));
     }
 }

@@ -64,8 +64,7 @@ impl PixelTrainer {
         seeded_init(&named, &mut SeededNoise::new(config.train.seed), &zero_init)?;
         let t = &config.train;
         let rule = UpdateRule {
-            learning_rate: t.learning_rate,
-            warmup_steps: t.warmup_steps,
+            learning_rate: t.learning_rate_schedule(),
             grad_clip: t.grad_clip,
             adamw: AdamWParams {
                 weight_decay: t.weight_decay,

@@ -8,7 +8,7 @@
 //! `diffuse.config` (the run's config as TOML). A trainer with more than one optimiser (the VAE's
 //! discriminator) gives the second one a name prefix.
 
-use super::optim::{clip_factor, warmup_lr, AdamW, AdamWParams};
+use super::optim::{clip_factor, AdamW, AdamWParams, LrSchedule};
 use super::Ema;
 use crate::checkpoint::{self, Loaded};
 use crate::error::{file_error, Result};
@@ -70,8 +70,7 @@ impl TrainerKind {
 /// Learning rate, warm-up and clipping: what turns gradients into an update.
 #[derive(Debug, Clone, Copy)]
 pub struct UpdateRule {
-    pub learning_rate: f64,
-    pub warmup_steps: usize,
+    pub learning_rate: LrSchedule,
     /// Global gradient-norm clipping; 0 turns it off.
     pub grad_clip: f64,
     pub adamw: AdamWParams,
@@ -140,9 +139,9 @@ impl TrainerState {
         self.vars.iter().map(|v| v.elem_count()).sum()
     }
 
-    /// The learning rate of the current step (linear warm-up to the peak).
+    /// The learning rate of the current step.
     pub fn learning_rate(&self) -> f64 {
-        warmup_lr(self.rule.learning_rate, self.step, self.rule.warmup_steps)
+        self.rule.learning_rate.at(self.step)
     }
 
     /// One update from `grads`: the global norm (an error when it is not finite, before anything

@@ -6,7 +6,7 @@
 
 pub use super::config::FinetuneSettings;
 use super::finetune_data::TrainingData;
-use super::optim::AdamWParams;
+use super::optim::{AdamWParams, LrSchedule};
 use super::state::{TrainerKind, TrainerState, UpdateRule};
 use crate::checkpoint;
 use crate::diffusion::schedule::{NoiseSchedule, PredictionType};
@@ -116,8 +116,7 @@ impl UnetTrainer {
             }
         };
         let rule = UpdateRule {
-            learning_rate: settings.learning_rate,
-            warmup_steps: settings.warmup_steps,
+            learning_rate: LrSchedule::constant(settings.learning_rate, settings.warmup_steps),
             grad_clip: settings.grad_clip,
             adamw: AdamWParams::default(),
         };

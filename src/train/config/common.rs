@@ -3,6 +3,7 @@
 //! from the file's folder).
 
 use crate::error::{Error, Result};
+use crate::train::optim::LrSchedule;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -17,6 +18,14 @@ pub struct OptimConfig {
     /// Linear warm-up of the learning rate over this many steps.
     #[serde(default)]
     pub warmup_steps: usize,
+    /// The last this many of `steps` cool the learning rate down linearly to
+    /// `final_learning_rate` (warm-up-stable-decay, `optim::LrSchedule`); 0 keeps it constant.
+    /// Both may change on `--resume`: a run trained at a constant rate is cooled down by
+    /// resuming it with `steps` where it should end.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub decay_steps: usize,
+    #[serde(default, skip_serializing_if = "is_zero_rate")]
+    pub final_learning_rate: f64,
     #[serde(default)]
     pub weight_decay: f64,
     /// Global gradient-norm clip; 0 turns it off.
@@ -45,8 +54,34 @@ pub struct OptimConfig {
 }
 
 impl OptimConfig {
-    /// A min-SNR gamma that is not a positive number is an error naming the field.
-    pub fn validate_loss_weighting(&self) -> Result<()> {
+    /// The learning rate of every step.
+    pub fn learning_rate_schedule(&self) -> LrSchedule {
+        LrSchedule {
+            peak: self.learning_rate,
+            warmup_steps: self.warmup_steps,
+            total_steps: self.steps,
+            decay_steps: self.decay_steps,
+            final_rate: self.final_learning_rate,
+        }
+    }
+
+    /// A cool-down longer than the run, a final rate outside [0, learning_rate] or a min-SNR
+    /// gamma that is not a positive number is an error naming the field.
+    pub fn validate_schedule_and_weighting(&self) -> Result<()> {
+        if self.decay_steps > self.steps {
+            return Err(Error::bad_value(
+                "train.decay_steps",
+                self.decay_steps,
+                &format!("at most train.steps ({})", self.steps),
+            ));
+        }
+        if !(0.0..=self.learning_rate).contains(&self.final_learning_rate) {
+            return Err(Error::bad_value(
+                "train.final_learning_rate",
+                self.final_learning_rate,
+                &format!("between 0 and train.learning_rate ({})", self.learning_rate),
+            ));
+        }
         match self.min_snr_gamma {
             Some(gamma) if !(gamma > 0.0 && gamma.is_finite()) => Err(Error::bad_value(
                 "train.min_snr_gamma",
@@ -58,6 +93,12 @@ impl OptimConfig {
     }
 }
 
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+fn is_zero_rate(rate: &f64) -> bool {
+    *rate == 0.0
+}
 fn batch() -> usize {
     64
 }

@@ -170,7 +170,7 @@ impl LdmTrainConfig {
             ));
         }
         let t = &self.train;
-        t.validate_loss_weighting()?;
+        t.validate_schedule_and_weighting()?;
         if t.batch_size == 0 || t.steps == 0 || t.checkpoint_every == 0 {
             return Err(Error::bad_value(
                 "train.batch_size / train.steps / train.checkpoint_every",

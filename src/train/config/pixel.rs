@@ -69,7 +69,7 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         self.description().validate()?;
         let t = &self.train;
-        t.validate_loss_weighting()?;
+        t.validate_schedule_and_weighting()?;
         if t.batch_size == 0 || t.steps == 0 {
             return Err(Error::bad_value(
                 "train.batch_size / train.steps",
@@ -118,6 +118,14 @@ steps = 10
         assert_eq!(weighted.train.min_snr_gamma, Some(5.0));
         let again = TrainConfig::from_toml_str(&weighted.to_toml()).unwrap();
         assert_eq!(again, weighted);
+        let cooled = MINIMAL.replace(
+            "steps = 10",
+            "steps = 10\ndecay_steps = 4\nfinal_learning_rate = 1e-5",
+        );
+        let cooled = TrainConfig::from_toml_str(&cooled).unwrap();
+        assert_eq!(cooled.train.learning_rate_schedule().at(9), 1e-5);
+        let again = TrainConfig::from_toml_str(&cooled.to_toml()).unwrap();
+        assert_eq!(again, cooled);
         let unet = config.description().unet_config().unwrap();
         assert_eq!((unet.in_channels, unet.out_channels), (1, 1));
     }
@@ -151,6 +159,15 @@ steps = 10
             );
             let err = TrainConfig::from_toml_str(&bad).unwrap_err().to_string();
             assert!(err.contains("train.min_snr_gamma"), "{err}");
+        }
+        for (key, line) in [
+            ("train.decay_steps", "decay_steps = 11"),
+            ("train.final_learning_rate", "final_learning_rate = 1.0"),
+            ("train.final_learning_rate", "final_learning_rate = -1e-5"),
+        ] {
+            let bad = MINIMAL.replace("steps = 10", &format!("steps = 10\n{line}"));
+            let err = TrainConfig::from_toml_str(&bad).unwrap_err().to_string();
+            assert!(err.contains(key), "{err}");
         }
     }
 }

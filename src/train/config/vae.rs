@@ -5,7 +5,7 @@ use super::common::{config_dir, parse_toml, read_config, relative_to};
 use crate::data::image_set::ImageSources;
 use crate::error::{Error, Result};
 use crate::model::config::VaeConfig;
-use crate::train::optim::AdamWParams;
+use crate::train::optim::{AdamWParams, LrSchedule};
 use crate::train::state::UpdateRule;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -166,8 +166,7 @@ impl VaeTrainConfig {
     /// How the autoencoder's (and the discriminator's) gradients become updates.
     pub fn update_rule(&self) -> UpdateRule {
         UpdateRule {
-            learning_rate: self.train.learning_rate,
-            warmup_steps: self.train.warmup_steps,
+            learning_rate: LrSchedule::constant(self.train.learning_rate, self.train.warmup_steps),
             grad_clip: self.train.grad_clip,
             adamw: AdamWParams::default(),
         }
