@@ -980,6 +980,9 @@ pub struct PackedHeads {
     values: Vec<Vec<u32>>,
     /// The queries' and keys' width, the keys' count, the values' width.
     dims: (usize, usize, usize),
+    /// The pair rows of `K^T` and of `V` the products run over (see [`contraction_pairs`]).
+    key_pairs: usize,
+    value_pairs: usize,
 }
 
 /// One thread's scratch space for [`PackedHeads`], kept from block to block.
@@ -989,24 +992,48 @@ pub struct HeadScratch {
     product: Vec<f32>,
 }
 
+/// The pairs a product over `len` values runs over: on AMX tiles a whole number of tiles, the
+/// padding zero in both operands, so that no tail of fewer than 16 pairs is copied through
+/// scratch at every block (SD's head width of 40 is 20 pairs: one tile and a tail of 4); the
+/// other kernels step pair by pair and take them as they are.
+fn contraction_pairs(len: usize) -> usize {
+    let pairs = len.div_ceil(2);
+    if Kernel::best() == Kernel::Tiles {
+        round_up(pairs, amx::TILE_WORDS)
+    } else {
+        pairs
+    }
+}
+
+/// `dst` = `src` as pair words, zero past them (a row of a product's left operand).
+fn padded_pair_row(src: &[f32], dst: &mut [u32]) {
+    let pairs = src.len().div_ceil(2);
+    f32::pair_row(src, &mut dst[..pairs]);
+    dst[pairs..].fill(0);
+}
+
 impl PackedHeads {
     /// `k` (heads, M, d) and `v` (heads, M, dv), contiguous.
     pub fn new(k: &[f32], v: &[f32], heads: usize, m: usize, d: usize, dv: usize) -> Self {
+        let (key_pairs, value_pairs) = (contraction_pairs(d), contraction_pairs(m));
         let (keys, values) = (0..heads)
             .into_par_iter()
             .map(|head| {
                 let k_head = &k[head * m * d..][..m * d];
                 let v_head = &v[head * m * dv..][..m * dv];
-                (
-                    transposed_pair_rows(k_head, m, d, row_stride(m)),
-                    interleaved_pair_rows(v_head, m, dv, row_stride(dv)),
-                )
+                let mut keys = transposed_pair_rows(k_head, m, d, row_stride(m));
+                keys.resize(key_pairs * row_stride(m), 0);
+                let mut values = interleaved_pair_rows(v_head, m, dv, row_stride(dv));
+                values.resize(value_pairs * row_stride(dv), 0);
+                (keys, values)
             })
             .unzip();
         Self {
             keys,
             values,
             dims: (d, m, dv),
+            key_pairs,
+            value_pairs,
         }
     }
 
@@ -1024,14 +1051,14 @@ impl PackedHeads {
         scores: &mut Vec<f32>,
     ) -> Result<()> {
         let (d, m, _) = self.dims;
-        let pairs = d.div_ceil(2);
+        let pairs = self.key_pairs;
         let rows = q_block.len() / d.max(1);
         scratch.lhs.resize(rows * pairs, 0);
         for (src, dst) in q_block
             .chunks(d.max(1))
             .zip(scratch.lhs.chunks_mut(pairs.max(1)))
         {
-            f32::pair_row(src, dst);
+            padded_pair_row(src, dst);
         }
         scores.resize(rows * self.score_row(), 0.0);
         PairProduct {
@@ -1061,13 +1088,13 @@ impl PackedHeads {
     ) -> Result<()> {
         let (_, m, dv) = self.dims;
         let rows = out.len() / dv.max(1);
-        let pairs = m.div_ceil(2);
+        let pairs = self.value_pairs;
         scratch.lhs.resize(rows * pairs, 0);
         for (src, dst) in weights
             .chunks(self.score_row())
             .zip(scratch.lhs.chunks_mut(pairs.max(1)))
         {
-            f32::pair_row(&src[..m], dst);
+            padded_pair_row(&src[..m], dst);
         }
         let out_row = row_stride(dv);
         scratch.product.resize(rows * out_row, 0.0);
