@@ -25,17 +25,6 @@ const QUERY_BLOCK: usize = 64;
 // The strips' forward pass holds a block's queries as one strip.
 const _: () = assert!(QUERY_BLOCK == gemm_f32::STRIP);
 
-/// Replaces a row of scores s by exp(scale (s - max s)), the numerators of softmax(scale s), and
-/// returns their sum.
-fn softmax_numerators(row: &mut [f32], scale: f32) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512 Foundation.
-        return unsafe { vector_math::softmax_numerators_avx512(row, scale) };
-    }
-    vector_math::softmax_numerators(row, scale)
-}
-
 /// Sets the scores of keys past their query to -inf in rows of scores for the queries
 /// `first..`, one row a query (`row_len` apart, M keys each): their numerators become 0.
 fn mask_future_rows(scores: &mut [f32], row_len: usize, m: usize, first: usize) {
@@ -175,13 +164,8 @@ impl CustomOp3 for Attention {
                     if self.causal {
                         mask_future_rows(scores, score_row, m, first);
                     }
-                    sums.clear();
-                    sums.extend(
-                        scores
-                            .chunks_exact_mut(score_row)
-                            .map(|row| softmax_numerators(&mut row[..m], scale)),
-                    );
-                    packed.weighted_values(head, scores, scratch, out_block)?;
+                    packed.softmax_numerators(scores, scale, scratch, sums);
+                    packed.weighted_values(head, scratch, out_block)?;
                     for (row, sum) in out_block.chunks_exact_mut(dv).zip(sums.iter()) {
                         let inverse = 1.0 / sum;
                         row.iter_mut().for_each(|value| *value *= inverse);
@@ -225,7 +209,7 @@ impl CustomOp3 for Attention {
                 sums.extend(
                     scores
                         .chunks_exact_mut(m)
-                        .map(|row| softmax_numerators(row, scale)),
+                        .map(|row| vector_math::softmax_numerators(row, scale)),
                 );
                 // SAFETY: as above.
                 unsafe {
@@ -303,7 +287,7 @@ impl CustomOp3 for Attention {
                             mask_future_rows(p, m, m, first);
                         }
                         for row in p.chunks_exact_mut(m) {
-                            let inverse = 1.0 / softmax_numerators(row, scale);
+                            let inverse = 1.0 / vector_math::softmax_numerators(row, scale);
                             scale_in_place(row, inverse);
                         }
                         unsafe {

@@ -17,7 +17,7 @@
 //! Without AVX512_BF16 the same packed operands go through a scalar loop (tests, and any caller
 //! that asks); the models instead widen to f32 there, whose kernels are faster than that loop.
 
-use super::amx;
+use super::{amx, vector_math};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use half::bf16;
 use rayon::prelude::*;
@@ -1077,25 +1077,54 @@ impl PackedHeads {
         .run_here(scores, self.score_row())
     }
 
-    /// `out` (rows x dv) = `weights` (rows x [`Self::score_row`], the first M of each row
-    /// used) V of head `head`.
+    /// The softmax numerators exp(scale (s - max s)) of each row of `scores` (rows x
+    /// [`Self::score_row`], the first M of each row used) as pair words in `scratch`, the left
+    /// operand of [`Self::weighted_values`]; their sums in `sums`. With AVX512_BF16 the
+    /// numerators go to bf16 as they are computed, and `scores` is left as it is.
+    pub fn softmax_numerators(
+        &self,
+        scores: &mut [f32],
+        scale: f32,
+        scratch: &mut HeadScratch,
+        sums: &mut Vec<f32>,
+    ) {
+        let (_, m, _) = self.dims;
+        let pairs = self.value_pairs;
+        let rows = scores.len() / self.score_row();
+        scratch.lhs.resize(rows * pairs, 0);
+        sums.clear();
+        for (row, dst) in scores
+            .chunks_mut(self.score_row())
+            .zip(scratch.lhs.chunks_mut(pairs.max(1)))
+        {
+            let row = &mut row[..m];
+            #[cfg(target_arch = "x86_64")]
+            if dot_available() {
+                dst.fill(0);
+                // SAFETY: the CPU has AVX512F and AVX512_BF16; `dst` holds 2 * pairs >= M
+                // bf16 values.
+                let sum = unsafe {
+                    vector_math::softmax_numerators_bf16_avx512(row, scale, dst.as_mut_ptr().cast())
+                };
+                sums.push(sum);
+                continue;
+            }
+            sums.push(vector_math::softmax_numerators(row, scale));
+            padded_pair_row(row, dst);
+        }
+    }
+
+    /// `out` (rows x dv) = the numerators that [`Self::softmax_numerators`] left in `scratch`
+    /// (rows x M) times V of head `head`.
     pub fn weighted_values(
         &self,
         head: usize,
-        weights: &[f32],
         scratch: &mut HeadScratch,
         out: &mut [f32],
     ) -> Result<()> {
-        let (_, m, dv) = self.dims;
+        let (_, _, dv) = self.dims;
         let rows = out.len() / dv.max(1);
         let pairs = self.value_pairs;
-        scratch.lhs.resize(rows * pairs, 0);
-        for (src, dst) in weights
-            .chunks(self.score_row())
-            .zip(scratch.lhs.chunks_mut(pairs.max(1)))
-        {
-            padded_pair_row(&src[..m], dst);
-        }
         let out_row = row_stride(dv);
         scratch.product.resize(rows * out_row, 0.0);
         PairProduct {

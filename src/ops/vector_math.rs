@@ -71,8 +71,18 @@ pub fn exp_nonpositive(x: f32) -> f32 {
 }
 
 /// Replaces a row of values s by exp(scale (s - max s)), the numerators of softmax(scale s), and
-/// returns their sum; `scale` > 0.
+/// returns their sum; `scale` > 0. In AVX-512 where the CPU has it.
 pub fn softmax_numerators(row: &mut [f32], scale: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512 Foundation.
+        return unsafe { softmax_numerators_avx512(row, scale) };
+    }
+    softmax_numerators_portable(row, scale)
+}
+
+/// [`softmax_numerators`] in portable code (vectorised by the compiler).
+fn softmax_numerators_portable(row: &mut [f32], scale: f32) -> f32 {
     // Running maxima and sums in four 16-lane registers: one register's chain of dependent
     // max or add instructions would wait out each one's latency.
     const LANES: usize = 64;
@@ -123,24 +133,7 @@ pub unsafe fn softmax_numerators_avx512(row: &mut [f32], scale: f32) -> f32 {
     let len = row.len();
     let data = row.as_mut_ptr();
     let tail_mask = |i: usize| -> __mmask16 { ((1u32 << (len - i).min(16)) - 1) as __mmask16 };
-    let mut maxima = [_mm512_set1_ps(f32::NEG_INFINITY); 4];
-    let mut i = 0;
-    while i + 64 <= len {
-        for (j, lane) in maxima.iter_mut().enumerate() {
-            *lane = _mm512_max_ps(*lane, _mm512_loadu_ps(data.add(i + 16 * j)));
-        }
-        i += 64;
-    }
-    while i < len {
-        let values = _mm512_mask_loadu_ps(maxima[0], tail_mask(i), data.add(i));
-        maxima[0] = _mm512_max_ps(maxima[0], values);
-        i += 16;
-    }
-    let max = _mm512_reduce_max_ps(_mm512_max_ps(
-        _mm512_max_ps(maxima[0], maxima[1]),
-        _mm512_max_ps(maxima[2], maxima[3]),
-    ));
-    let (max, scale) = (_mm512_set1_ps(max), _mm512_set1_ps(scale));
+    let (max, scale) = (_mm512_set1_ps(row_max_avx512(row)), _mm512_set1_ps(scale));
     let exp =
         |values: __m512| exp_nonpositive_avx512(_mm512_mul_ps(_mm512_sub_ps(values, max), scale));
     let mut sums = [_mm512_setzero_ps(); 4];
@@ -163,6 +156,77 @@ pub unsafe fn softmax_numerators_avx512(row: &mut [f32], scale: f32) -> f32 {
     _mm512_reduce_add_ps(_mm512_add_ps(
         _mm512_add_ps(sums[0], sums[1]),
         _mm512_add_ps(sums[2], sums[3]),
+    ))
+}
+
+/// [`softmax_numerators_avx512`] that leaves the row as it is and writes the numerators rounded
+/// to bf16 (nearest even, `vcvtne2ps2bf16`) to `dst`, for a product that reads them as bf16:
+/// one pass over the row fewer than the numerators in place and their conversion after. The
+/// sum is of the unrounded numerators, as there.
+///
+/// # Safety
+/// The CPU must have AVX-512 Foundation and AVX512_BF16; `dst` must hold `row.len()` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+pub unsafe fn softmax_numerators_bf16_avx512(row: &[f32], scale: f32, dst: *mut u16) -> f32 {
+    use std::arch::x86_64::*;
+    let len = row.len();
+    let data = row.as_ptr();
+    let (max, scale) = (_mm512_set1_ps(row_max_avx512(row)), _mm512_set1_ps(scale));
+    let exp =
+        |values: __m512| exp_nonpositive_avx512(_mm512_mul_ps(_mm512_sub_ps(values, max), scale));
+    let mut sums = [_mm512_setzero_ps(); 2];
+    let mut i = 0;
+    while i + 32 <= len {
+        let low = exp(_mm512_loadu_ps(data.add(i)));
+        let high = exp(_mm512_loadu_ps(data.add(i + 16)));
+        sums[0] = _mm512_add_ps(sums[0], low);
+        sums[1] = _mm512_add_ps(sums[1], high);
+        // The second operand fills the low 16 values.
+        let both: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(high, low));
+        _mm512_storeu_si512(dst.add(i).cast(), both);
+        i += 32;
+    }
+    while i < len {
+        let count = (len - i).min(16);
+        let mask = ((1u32 << count) - 1) as __mmask16;
+        let numerators = _mm512_maskz_mov_ps(mask, exp(_mm512_maskz_loadu_ps(mask, data.add(i))));
+        sums[0] = _mm512_add_ps(sums[0], numerators);
+        let mut values = [0f32; 16];
+        _mm512_storeu_ps(values.as_mut_ptr(), numerators);
+        for (k, value) in values[..count].iter().enumerate() {
+            *dst.add(i + k) = half::bf16::from_f32(*value).to_bits();
+        }
+        i += 16;
+    }
+    _mm512_reduce_add_ps(_mm512_add_ps(sums[0], sums[1]))
+}
+
+/// The largest value of `row` (-inf when empty), in four running maxima.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn row_max_avx512(row: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let len = row.len();
+    let data = row.as_ptr();
+    let mut maxima = [_mm512_set1_ps(f32::NEG_INFINITY); 4];
+    let mut i = 0;
+    while i + 64 <= len {
+        for (j, lane) in maxima.iter_mut().enumerate() {
+            *lane = _mm512_max_ps(*lane, _mm512_loadu_ps(data.add(i + 16 * j)));
+        }
+        i += 64;
+    }
+    while i < len {
+        let mask = ((1u32 << (len - i).min(16)) - 1) as __mmask16;
+        let values = _mm512_mask_loadu_ps(maxima[0], mask, data.add(i));
+        maxima[0] = _mm512_max_ps(maxima[0], values);
+        i += 16;
+    }
+    _mm512_reduce_max_ps(_mm512_max_ps(
+        _mm512_max_ps(maxima[0], maxima[1]),
+        _mm512_max_ps(maxima[2], maxima[3]),
     ))
 }
 
@@ -417,7 +481,7 @@ mod tests {
             let want_sum: f64 = want.iter().sum();
             let mut kernels: Vec<(&str, Vec<f32>, f32)> = Vec::new();
             let mut portable = row.clone();
-            let sum = softmax_numerators(&mut portable, scale);
+            let sum = softmax_numerators_portable(&mut portable, scale);
             kernels.push(("portable", portable, sum));
             #[cfg(target_arch = "x86_64")]
             if is_x86_feature_detected!("avx512f") {
@@ -425,6 +489,26 @@ mod tests {
                 // SAFETY: the CPU has AVX-512 Foundation.
                 let sum = unsafe { softmax_numerators_avx512(&mut wide, scale) };
                 kernels.push(("avx512", wide, sum));
+            }
+            #[cfg(target_arch = "x86_64")]
+            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16") {
+                let mut bits = vec![0u16; len];
+                // SAFETY: the CPU has AVX512F and AVX512_BF16; `bits` holds a value per score.
+                let sum = unsafe { softmax_numerators_bf16_avx512(&row, scale, bits.as_mut_ptr()) };
+                let rounded: Vec<f32> = bits
+                    .iter()
+                    .map(|&b| half::bf16::from_bits(b).to_f32())
+                    .collect();
+                // Each value rounded to bf16 as well: the nearest of its two neighbours.
+                for (r, w) in rounded.iter().zip(&want) {
+                    let err = (*r as f64 - w).abs();
+                    assert!(
+                        err <= 2f64.powi(-8) * w + 1e-37,
+                        "bf16 {len}: {r} against {w}"
+                    );
+                }
+                let err = (sum as f64 - want_sum).abs() / want_sum;
+                assert!(err < 1e-6, "bf16 {len}: sum {sum} against {want_sum}");
             }
             for (name, got, sum) in kernels {
                 for (g, w) in got.iter().zip(&want) {
