@@ -108,6 +108,23 @@ pub trait ProductInput: Copy + Send + Sync + 'static {
             *d = pair(last.to_bf16(), bf16::ZERO);
         }
     }
+
+    /// `dst[i]` = the pair word (lo[i], hi[i]) of two rows of equal length (hi zero when
+    /// absent): a row of B whose pairs run across two channels or two keys.
+    fn interleave_rows(lo: &[Self], hi: Option<&[Self]>, dst: &mut [u32]) {
+        match hi {
+            Some(hi) => {
+                for ((d, &l), &h) in dst.iter_mut().zip(lo).zip(hi) {
+                    *d = pair(l.to_bf16(), h.to_bf16());
+                }
+            }
+            None => {
+                for (d, &l) in dst.iter_mut().zip(lo) {
+                    *d = pair(l.to_bf16(), bf16::ZERO);
+                }
+            }
+        }
+    }
 }
 
 impl ProductInput for bf16 {
@@ -144,6 +161,64 @@ impl ProductInput for f32 {
         if let ([last], Some(d)) = (chunks.remainder(), dst.get_mut(src.len() / 2)) {
             *d = pair(last.to_bf16(), bf16::ZERO);
         }
+    }
+
+    /// Rounded 16 at a time by `vcvtneps2bf16` where the CPU has it (the half crate's scalar
+    /// rounding of a convolution's input and of attention's values was 2% of SD's bf16 step).
+    fn interleave_rows(lo: &[f32], hi: Option<&[f32]>, dst: &mut [u32]) {
+        let len = lo.len().min(dst.len());
+        let hi = hi.map(|hi| &hi[..len]);
+        #[cfg(target_arch = "x86_64")]
+        if dot_available() {
+            // SAFETY: the CPU has AVX512F and AVX512_BF16; every slice holds `len` values.
+            unsafe { interleave_rows_avx512(&lo[..len], hi, &mut dst[..len]) };
+            return;
+        }
+        let words = dst[..len].iter_mut();
+        match hi {
+            Some(hi) => {
+                for ((d, &l), &h) in words.zip(lo).zip(hi) {
+                    *d = pair(l.to_bf16(), h.to_bf16());
+                }
+            }
+            None => {
+                for (d, &l) in words.zip(lo) {
+                    *d = pair(l.to_bf16(), bf16::ZERO);
+                }
+            }
+        }
+    }
+}
+
+/// [`ProductInput::interleave_rows`] of f32 rows in AVX-512.
+///
+/// # Safety
+/// The CPU must have AVX512F and AVX512_BF16; `lo`, `hi` and `dst` must have one length.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn interleave_rows_avx512(lo: &[f32], hi: Option<&[f32]>, dst: &mut [u32]) {
+    use std::arch::x86_64::*;
+    let len = dst.len();
+    let words = |lo: __m512, hi: __m512| -> __m512i {
+        let lo: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(lo));
+        let hi: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(hi));
+        _mm512_or_si512(
+            _mm512_cvtepu16_epi32(lo),
+            _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(hi)),
+        )
+    };
+    let mut i = 0;
+    while i + 16 <= len {
+        let high = hi.map_or(_mm512_setzero_ps(), |hi| {
+            _mm512_loadu_ps(hi.as_ptr().add(i))
+        });
+        let both = words(_mm512_loadu_ps(lo.as_ptr().add(i)), high);
+        _mm512_storeu_si512(dst.as_mut_ptr().add(i).cast(), both);
+        i += 16;
+    }
+    for j in i..len {
+        let high = hi.map_or(half::bf16::ZERO, |hi| half::bf16::from_f32(hi[j]));
+        dst[j] = pair(half::bf16::from_f32(lo[j]), high);
     }
 }
 
@@ -965,9 +1040,7 @@ fn interleaved_pair_rows(values: &[f32], rows: usize, cols: usize, stride: usize
     for (p, dst) in words.chunks_mut(stride.max(1)).enumerate() {
         let lo = &values[2 * p * cols..][..cols];
         let hi = values.get((2 * p + 1) * cols..(2 * p + 2) * cols);
-        for (c, d) in dst[..cols].iter_mut().enumerate() {
-            *d = pair(lo[c].to_bf16(), hi.map_or(bf16::ZERO, |hi| hi[c].to_bf16()));
-        }
+        f32::interleave_rows(lo, hi, &mut dst[..cols]);
     }
     words
 }
@@ -1100,12 +1173,17 @@ impl PackedHeads {
             let row = &mut row[..m];
             #[cfg(target_arch = "x86_64")]
             if dot_available() {
-                dst.fill(0);
                 // SAFETY: the CPU has AVX512F and AVX512_BF16; `dst` holds 2 * pairs >= M
                 // bf16 values.
                 let sum = unsafe {
                     vector_math::softmax_numerators_bf16_avx512(row, scale, dst.as_mut_ptr().cast())
                 };
+                // An odd M's last word pairs its numerator with 0 (its low half, the first
+                // value); the padding pairs are 0.
+                if m % 2 == 1 {
+                    dst[m / 2] &= 0xffff;
+                }
+                dst[m.div_ceil(2)..].fill(0);
                 sums.push(sum);
                 continue;
             }
@@ -1615,7 +1693,8 @@ impl Conv2dBf16 {
         let out_row = row_stride(cols);
         let plane = height * width;
         let mut rhs = vec![0u32; pairs * rhs_row];
-        let mut out = vec![0f32; out_channels * out_row];
+        // SAFETY: the product writes every column of every row (`cols` is whole strips).
+        let mut out = unsafe { super::tensor::unwritten_f32(out_channels * out_row) };
         let mut y = vec![T::default(); batch * out_channels * out_h * out_w];
         let affine = ChannelAffine::new(self.scales.as_deref(), self.bias.as_deref(), out_channels);
         for (image, y_image) in y.chunks_mut(out_channels * out_h * out_w).enumerate() {
@@ -1631,19 +1710,8 @@ impl Conv2dBf16 {
                     for y in 0..height {
                         let dst = &mut row[(y + self.padding) * padded_w + self.padding..][..width];
                         let lo = &lo_plane[y * width..][..width];
-                        match hi_plane {
-                            Some(hi_plane) => {
-                                let hi = &hi_plane[y * width..][..width];
-                                for ((d, &l), &h) in dst.iter_mut().zip(lo).zip(hi) {
-                                    *d = pair(l.to_bf16(), h.to_bf16());
-                                }
-                            }
-                            None => {
-                                for (d, &l) in dst.iter_mut().zip(lo) {
-                                    *d = pair(l.to_bf16(), bf16::ZERO);
-                                }
-                            }
-                        }
+                        let hi = hi_plane.map(|hi_plane| &hi_plane[y * width..][..width]);
+                        T::interleave_rows(lo, hi, dst);
                     }
                 });
             PairProduct {
@@ -2062,6 +2130,28 @@ mod tests {
                 *w = pair(lo, hi);
             }
             assert_eq!(got, want, "length {len}");
+        }
+    }
+
+    /// Two rows interleaved into pair words, through whichever kernel the CPU has, equal the
+    /// values rounded one by one (the half crate's nearest even), tails and a missing second
+    /// row included.
+    #[test]
+    fn interleaved_rows_are_the_rounded_pairs() {
+        for len in [0, 1, 15, 16, 17, 50] {
+            let lo: Vec<f32> = (0..len).map(|i| (i as f32 * 0.731).sin() * 3.3).collect();
+            let hi: Vec<f32> = (0..len).map(|i| (i as f32 * 1.37).cos() / 7.0).collect();
+            for second in [Some(&hi[..]), None] {
+                let mut got = vec![u32::MAX; len];
+                f32::interleave_rows(&lo, second, &mut got);
+                let want: Vec<u32> = (0..len)
+                    .map(|i| {
+                        let high = second.map_or(bf16::ZERO, |h| bf16::from_f32(h[i]));
+                        pair(bf16::from_f32(lo[i]), high)
+                    })
+                    .collect();
+                assert_eq!(got, want, "length {len}, second row {}", second.is_some());
+            }
         }
     }
 
