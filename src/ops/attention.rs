@@ -24,6 +24,10 @@ const BACKWARD_ROWS: usize = 128;
 const QUERY_BLOCK: usize = 64;
 // The strips' forward pass holds a block's queries as one strip.
 const _: () = assert!(QUERY_BLOCK == gemm_f32::STRIP);
+/// Query rows per task with bf16 products: 32 rows of 4096 scores (512 KiB, and their bf16
+/// numerators) stay in L2 between the product that writes them and the softmax that reads
+/// them.
+const BF16_QUERY_BLOCK: usize = 32;
 
 /// Sets the scores of keys past their query to -inf in rows of scores for the queries
 /// `first..`, one row a query (`row_len` apart, M keys each): their numerators become 0.
@@ -142,12 +146,17 @@ impl CustomOp3 for Attention {
         );
         let mut out = vec![0f32; heads * n * dv];
         // Blocks per head, so that no block straddles two heads.
-        let blocks_per_head = n.div_ceil(QUERY_BLOCK);
+        let block_rows = if self.bf16_products {
+            BF16_QUERY_BLOCK
+        } else {
+            QUERY_BLOCK
+        };
+        let blocks_per_head = n.div_ceil(block_rows);
         let mut tasks: Vec<(usize, usize, &mut [f32])> =
             Vec::with_capacity(heads * blocks_per_head);
         for (head, head_out) in out.chunks_mut(n * dv).enumerate() {
-            for (block, block_out) in head_out.chunks_mut(QUERY_BLOCK * dv).enumerate() {
-                tasks.push((head, block * QUERY_BLOCK, block_out));
+            for (block, block_out) in head_out.chunks_mut(block_rows * dv).enumerate() {
+                tasks.push((head, block * block_rows, block_out));
             }
         }
         let scale = self.scale as f32;
