@@ -1010,7 +1010,8 @@ unsafe fn amx_block(
 /// an even length.
 fn pair_rows<T: ProductInput>(values: &[T], rows: usize, len: usize) -> Vec<u32> {
     let pairs = len.div_ceil(2);
-    let mut words = vec![0u32; rows * pairs];
+    // SAFETY: `pair_row` writes every word of its row (an odd row's last one paired with 0).
+    let mut words = unsafe { super::tensor::unwritten(rows * pairs, u32::MAX) };
     words
         .par_chunks_mut(pairs.max(1))
         .zip(values.par_chunks(len.max(1)))
@@ -1643,7 +1644,8 @@ impl LinearBf16 {
             return Ok(CpuStorage::F32(out));
         }
         product.run(&mut out, out_row)?;
-        let mut y = vec![T::default(); m * n];
+        // SAFETY: every row of `y` is written below.
+        let mut y = unsafe { super::tensor::unwritten(m * n, T::from_sum(f32::NAN)) };
         y.par_chunks_mut(n.max(1))
             .zip(out.par_chunks(out_row))
             .enumerate()
@@ -1781,7 +1783,10 @@ impl Conv2dBf16 {
         let mut rhs = vec![0u32; pairs * rhs_row];
         // SAFETY: the product writes every column of every row (`cols` is whole strips).
         let mut out = unsafe { super::tensor::unwritten_f32(out_channels * out_row) };
-        let mut y = vec![T::default(); batch * out_channels * out_h * out_w];
+        // SAFETY: every pixel of every channel is copied from the sums below.
+        let mut y = unsafe {
+            super::tensor::unwritten(batch * out_channels * out_h * out_w, T::from_sum(f32::NAN))
+        };
         let affine = ChannelAffine::new(self.scales.as_deref(), self.bias.as_deref(), out_channels);
         for (image, y_image) in y.chunks_mut(out_channels * out_h * out_w).enumerate() {
             let x_image = &x[image * channels * plane..][..channels * plane];

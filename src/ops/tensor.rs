@@ -71,14 +71,25 @@ pub fn storage_f32<'a>(
 ///
 /// # Safety
 /// Every element must be written before it is read or the vector is handed on.
-#[allow(clippy::uninit_vec)] // The point: the caller's kernel initialises it (as candle's own).
 pub unsafe fn unwritten_f32(len: usize) -> Vec<f32> {
+    // SAFETY: as the caller's.
+    unsafe { unwritten(len, f32::NAN) }
+}
+
+/// [`unwritten_f32`] of any plain element type (words, bf16), with `poison` in every element
+/// under unit tests.
+///
+/// # Safety
+/// Every element must be written before it is read or the vector is handed on; `T` must have
+/// no invalid bit patterns (u32, f32, bf16 and the like).
+#[allow(clippy::uninit_vec)] // The point: the caller's kernel initialises it (as candle's own).
+pub unsafe fn unwritten<T: Copy>(len: usize, poison: T) -> Vec<T> {
     if cfg!(test) {
-        return vec![f32::NAN; len];
+        return vec![poison; len];
     }
     let mut values = Vec::with_capacity(len);
-    // SAFETY: the capacity is `len`; f32 has no invalid bit patterns, and the caller writes
-    // every element before reading it.
+    // SAFETY: the capacity is `len`; the element type has no invalid bit patterns, and the
+    // caller writes every element before reading it.
     unsafe { values.set_len(len) };
     values
 }
