@@ -67,7 +67,7 @@ impl TrainerKind {
     }
 }
 
-/// Learning rate, warm-up and clipping: what turns gradients into an update.
+/// The learning rate of each step, clipping and AdamW: what turns gradients into an update.
 #[derive(Debug, Clone, Copy)]
 pub struct UpdateRule {
     pub learning_rate: LrSchedule,
@@ -145,7 +145,7 @@ impl TrainerState {
     }
 
     /// One update from `grads`: the global norm (an error when it is not finite, before anything
-    /// changes), the warm-up learning rate, clipping, AdamW, the average; then the step counts.
+    /// changes), the step's learning rate, clipping, AdamW, the average; then the step counts.
     pub fn apply(&mut self, grads: &GradStore) -> Result<Applied> {
         let grad_norm = super::checked_grad_norm(&self.vars, grads, self.step)?;
         let learning_rate = self.learning_rate();
