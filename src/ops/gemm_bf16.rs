@@ -112,16 +112,21 @@ pub trait ProductInput: Copy + Send + Sync + 'static {
     /// `dst[i]` = the pair word (lo[i], hi[i]) of two rows of equal length (hi zero when
     /// absent): a row of B whose pairs run across two channels or two keys.
     fn interleave_rows(lo: &[Self], hi: Option<&[Self]>, dst: &mut [u32]) {
-        match hi {
-            Some(hi) => {
-                for ((d, &l), &h) in dst.iter_mut().zip(lo).zip(hi) {
-                    *d = pair(l.to_bf16(), h.to_bf16());
-                }
+        interleave_rows_scalar(lo, hi, dst);
+    }
+}
+
+/// [`ProductInput::interleave_rows`] one value at a time (the half crate's rounding).
+fn interleave_rows_scalar<T: ProductInput>(lo: &[T], hi: Option<&[T]>, dst: &mut [u32]) {
+    match hi {
+        Some(hi) => {
+            for ((d, &l), &h) in dst.iter_mut().zip(lo).zip(hi) {
+                *d = pair(l.to_bf16(), h.to_bf16());
             }
-            None => {
-                for (d, &l) in dst.iter_mut().zip(lo) {
-                    *d = pair(l.to_bf16(), bf16::ZERO);
-                }
+        }
+        None => {
+            for (d, &l) in dst.iter_mut().zip(lo) {
+                *d = pair(l.to_bf16(), bf16::ZERO);
             }
         }
     }
@@ -174,19 +179,7 @@ impl ProductInput for f32 {
             unsafe { interleave_rows_avx512(&lo[..len], hi, &mut dst[..len]) };
             return;
         }
-        let words = dst[..len].iter_mut();
-        match hi {
-            Some(hi) => {
-                for ((d, &l), &h) in words.zip(lo).zip(hi) {
-                    *d = pair(l.to_bf16(), h.to_bf16());
-                }
-            }
-            None => {
-                for (d, &l) in words.zip(lo) {
-                    *d = pair(l.to_bf16(), bf16::ZERO);
-                }
-            }
-        }
+        interleave_rows_scalar(lo, hi, dst);
     }
 }
 
@@ -216,10 +209,7 @@ unsafe fn interleave_rows_avx512(lo: &[f32], hi: Option<&[f32]>, dst: &mut [u32]
         _mm512_storeu_si512(dst.as_mut_ptr().add(i).cast(), both);
         i += 16;
     }
-    for j in i..len {
-        let high = hi.map_or(half::bf16::ZERO, |hi| half::bf16::from_f32(hi[j]));
-        dst[j] = pair(half::bf16::from_f32(lo[j]), high);
-    }
+    interleave_rows_scalar(&lo[i..], hi.map(|hi| &hi[i..]), &mut dst[i..]);
 }
 
 /// `dst[i]` = the bf16 bits of `src[i]`, rounded to nearest even.
