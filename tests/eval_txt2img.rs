@@ -103,6 +103,28 @@ fn listed_prompts_are_read_against_their_own_class() {
 }
 
 #[test]
+fn a_list_without_doodle_classes_judges_only_emoji() {
+    let dir = temp_dir("no-doodles");
+    write_constant_judge(&dir.join("emoji"), &["cat face", "dog face"], 0);
+    write_constant_judge(&dir.join("doodles"), &["cat"], 0);
+    let output = eval(&dir, "cat face\tcat face\t-\ndog face\tdog face\t-\n");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let json: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let sets = json["sets"].as_array().unwrap();
+    assert_eq!(sets.len(), 1);
+    assert_eq!(sets[0]["set"], "emoji");
+    assert_eq!(
+        sets[0]["per_prompt_accuracy"],
+        serde_json::json!([1.0, 0.0])
+    );
+}
+
+#[test]
 fn a_class_the_judge_lacks_is_named_before_drawing() {
     let dir = temp_dir("unknown");
     write_constant_judge(&dir.join("emoji"), &["cat face"], 0);

@@ -280,6 +280,17 @@ fn a_run_can_start_from_an_earlier_pipeline() {
     earlier
         .write_pipeline(&pipeline, candle_core::DType::F16)
         .unwrap();
+    // The autoencoder is written in the export's dtype too, its weights rounded from the config's.
+    let vae_file = "vae/diffusion_pytorch_model.safetensors";
+    let source = candle_core::safetensors::load(dir.join(vae_file), &Device::Cpu).unwrap();
+    let exported = candle_core::safetensors::load(pipeline.join(vae_file), &Device::Cpu).unwrap();
+    assert_eq!(source.len(), exported.len());
+    for (key, tensor) in &source {
+        let half = &exported[key];
+        assert_eq!(half.dtype(), candle_core::DType::F16, "{key}");
+        let rounded = tensor.to_dtype(candle_core::DType::F16).unwrap();
+        assert_eq!(common::max_abs_diff(half, &rounded), 0.0, "{key}");
+    }
     let init = format!("init = \"{}\"", pipeline.display());
     let later_config = LdmTrainConfig::from_toml_str(&config_text(&dir, &init)).unwrap();
     let later = LdmTrainer::new(later_config, dims, &Device::Cpu).unwrap();

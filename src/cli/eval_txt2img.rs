@@ -239,7 +239,7 @@ fn judged_sets(args: &EvalTxt2imgArgs) -> anyhow::Result<Vec<JudgedSet>> {
             .clone()
             .or_else(|| shipped_judge("doodles"))
         {
-            sets.push(listed_set(
+            let doodles = listed_set(
                 "doodles",
                 &list,
                 path,
@@ -247,7 +247,11 @@ fn judged_sets(args: &EvalTxt2imgArgs) -> anyhow::Result<Vec<JudgedSet>> {
                 DOODLE_SUFFIX,
                 |p| p.doodle.as_deref(),
                 args.per_listed_prompt,
-            )?);
+            )?;
+            // A list whose every doodle column is '-' asks for no doodles.
+            if !doodles.prompts.is_empty() {
+                sets.push(doodles);
+            }
         }
     }
     anyhow::ensure!(

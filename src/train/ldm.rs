@@ -255,8 +255,9 @@ impl LdmTrainer {
     }
 
     /// The whole pipeline as a diffusers folder from the averaged weights in `dtype`:
-    /// `model_index.json`, `scheduler/`, `tokenizer/` and `vae/` (copied from the config's),
-    /// `text_encoder/`, `unet/`. Each file is written atomically.
+    /// `model_index.json`, `scheduler/`, `tokenizer/` (copied from the config's), `vae/` (the
+    /// config's, its weights in `dtype`), `text_encoder/`, `unet/`. Each file is written
+    /// atomically.
     pub fn write_pipeline(&self, dir: &Path, dtype: DType) -> Result<()> {
         let io = |path: &Path, e: std::io::Error| Error::File {
             path: path.display().to_string(),
@@ -296,12 +297,15 @@ impl LdmTrainer {
                 checkpoint::write_atomically(&dir.join("tokenizer").join(name), &bytes)?;
             }
         }
-        for name in ["config.json", "diffusion_pytorch_model.safetensors"] {
-            let from = self.config.model.vae.join(name);
-            let bytes = std::fs::read(&from).map_err(|e| io(&from, e))?;
-            checkpoint::write_atomically(&dir.join("vae").join(name), &bytes)?;
-        }
+        let vae_config = self.config.model.vae.join("config.json");
+        let bytes = std::fs::read(&vae_config).map_err(|e| io(&vae_config, e))?;
+        checkpoint::write_atomically(&dir.join("vae/config.json"), &bytes)?;
         let pt = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+        checkpoint::save(
+            &dir.join("vae/diffusion_pytorch_model.safetensors"),
+            &vae_weights_in(&self.config.model.vae, dtype)?,
+            &pt,
+        )?;
         let mut text_json = self.config.text_config_json();
         text_json["torch_dtype"] = dtype_name(dtype).into();
         checkpoint::write_atomically(
@@ -333,6 +337,26 @@ impl LdmTrainer {
     pub fn weights(&self) -> Result<HashMap<String, Tensor>> {
         Ok(self.state.weights()?.into_iter().collect())
     }
+}
+
+/// The autoencoder's weights from its folder `vae_dir`, floating-point tensors in `dtype`, so
+/// that an f16 export stores the whole pipeline at half the bytes.
+fn vae_weights_in(vae_dir: &Path, dtype: DType) -> Result<Vec<(String, Tensor)>> {
+    let path = vae_dir.join("diffusion_pytorch_model.safetensors");
+    let mut weights: Vec<(String, Tensor)> = checkpoint::load(&path, &Device::Cpu)?
+        .tensors
+        .into_iter()
+        .map(|(name, tensor)| {
+            let tensor = if tensor.dtype().is_float() {
+                tensor.to_dtype(dtype)?
+            } else {
+                tensor
+            };
+            Ok((name, tensor))
+        })
+        .collect::<Result<_>>()?;
+    weights.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(weights)
 }
 
 fn dtype_name(dtype: DType) -> &'static str {
