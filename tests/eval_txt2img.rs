@@ -56,6 +56,18 @@ fn eval(dir: &Path, list: &str) -> std::process::Output {
         .unwrap()
 }
 
+/// The `sets` of a successful run's JSON line.
+fn judged_sets(output: &std::process::Output) -> Vec<serde_json::Value> {
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let json: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    json["sets"].as_array().unwrap().clone()
+}
+
 #[test]
 fn listed_prompts_are_read_against_their_own_class() {
     let dir = temp_dir("listed");
@@ -69,14 +81,7 @@ fn listed_prompts_are_read_against_their_own_class() {
         &dir,
         "# prompt\temoji\tdoodle\na cat\tcat face\tcat\na dog\tdog face\tdog\nan apple\tred apple\t-\n",
     );
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let json: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
-    let sets = json["sets"].as_array().unwrap();
+    let sets = judged_sets(&output);
     assert_eq!(sets.len(), 2);
     // The emoji judge always says "dog face": only "a dog, emoji" is read as asked.
     assert_eq!(sets[0]["set"], "emoji");
@@ -108,14 +113,7 @@ fn a_list_without_doodle_classes_judges_only_emoji() {
     write_constant_judge(&dir.join("emoji"), &["cat face", "dog face"], 0);
     write_constant_judge(&dir.join("doodles"), &["cat"], 0);
     let output = eval(&dir, "cat face\tcat face\t-\ndog face\tdog face\t-\n");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let json: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
-    let sets = json["sets"].as_array().unwrap();
+    let sets = judged_sets(&output);
     assert_eq!(sets.len(), 1);
     assert_eq!(sets[0]["set"], "emoji");
     assert_eq!(
