@@ -343,7 +343,7 @@ impl LdmTrainer {
 /// that an f16 export stores the whole pipeline at half the bytes.
 fn vae_weights_in(vae_dir: &Path, dtype: DType) -> Result<Vec<(String, Tensor)>> {
     let path = vae_dir.join("diffusion_pytorch_model.safetensors");
-    let mut weights: Vec<(String, Tensor)> = checkpoint::load(&path, &Device::Cpu)?
+    checkpoint::load(&path, &Device::Cpu)?
         .tensors
         .into_iter()
         .map(|(name, tensor)| {
@@ -354,9 +354,7 @@ fn vae_weights_in(vae_dir: &Path, dtype: DType) -> Result<Vec<(String, Tensor)>>
             };
             Ok((name, tensor))
         })
-        .collect::<Result<_>>()?;
-    weights.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(weights)
+        .collect()
 }
 
 fn dtype_name(dtype: DType) -> &'static str {
