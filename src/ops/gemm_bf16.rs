@@ -23,7 +23,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 /// Output columns per micro-tile: two 16-lane registers.
-const STRIP: usize = 32;
+pub(super) const STRIP: usize = 32;
 /// Output rows per micro-tile: 12 rows x 2 registers = 24 accumulators, with the two B loads and
 /// the broadcast A pair 27 of the 32 vector registers.
 const TILE_ROWS: usize = 12;
@@ -1352,7 +1352,7 @@ pub fn pack_conv_weight(weight: &Tensor) -> Result<Tensor> {
 /// AMX tile order: where the tiles will read it, and its rows and taps come in whole tiles (every
 /// U-Net and VAE layer but the first and last). A tile of a row-major kernel has its 16 rows a
 /// kernel row (5.6-23 KiB) apart.
-fn conv_kernel_tiled(out_channels: usize, pairs: usize) -> bool {
+pub(super) fn conv_kernel_tiled(out_channels: usize, pairs: usize) -> bool {
     Kernel::best() == Kernel::Tiles
         && out_channels.is_multiple_of(TILE_BLOCK)
         && pairs.is_multiple_of(amx::TILE_WORDS)
@@ -1367,7 +1367,7 @@ fn tile_ordered(row: usize, k: usize, row_len: usize) -> usize {
 }
 
 /// A row-major matrix of rows `row_len` words long in tile order.
-fn to_tile_order(words: &[u32], row_len: usize) -> Vec<u32> {
+pub(super) fn to_tile_order(words: &[u32], row_len: usize) -> Vec<u32> {
     let mut tiled = vec![0u32; words.len()];
     for (row, values) in words.chunks(row_len.max(1)).enumerate() {
         for (k, &word) in values.iter().enumerate() {

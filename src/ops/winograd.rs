@@ -15,7 +15,9 @@
 //! transformed patches are made, multiplied and consumed while they are still in its core's
 //! caches.
 
+use crate::ops::gemm_bf16::{self, PairProduct, ProductInput, STRIP};
 use crate::ops::tensor::single_thread_product;
+use candle_core::Result;
 use rayon::prelude::*;
 
 /// Tiles per block: enough columns that the products amortise packing the transformed filters
@@ -149,6 +151,20 @@ impl SameConv3x3 {
     /// with B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]; taps outside the
     /// image read zero.
     fn transform_patches(&self, x: &[f32], block: &[Segment], tiles: usize, patches: &mut [f32]) {
+        let matrix = self.channels * tiles;
+        self.transform_channels(x, block, 0..self.channels, (matrix, tiles), patches);
+    }
+
+    /// [`Self::transform_patches`] of `channels` only, `V_ξ[c][t]` written at `ξ strides.0 + (c
+    /// - channels.start) strides.1 + t`.
+    fn transform_channels(
+        &self,
+        x: &[f32],
+        block: &[Segment],
+        channels: std::ops::Range<usize>,
+        (position_stride, channel_stride): (usize, usize),
+        patches: &mut [f32],
+    ) {
         let plane = self.height * self.width;
         let longest = block.iter().map(|s| s.len).max().unwrap_or(0);
         // Four input rows of a segment, two columns wider on each side than its tiles need.
@@ -156,8 +172,7 @@ impl SameConv3x3 {
         let mut rows = vec![0f32; 4 * span];
         let mut vertical = vec![0f32; 4 * span];
         let (mut even, mut odd) = (vec![0f32; longest + 1], vec![0f32; longest + 1]);
-        let matrix = self.channels * tiles;
-        for channel in 0..self.channels {
+        for channel in channels.clone() {
             let mut column = 0;
             for segment in block {
                 let source = &x[(segment.image * self.channels + channel) * plane..][..plane];
@@ -200,7 +215,11 @@ impl SameConv3x3 {
                         even[j] = line[2 * j];
                         odd[j] = line[2 * j + 1];
                     }
-                    let at = |position: usize| position * matrix + channel * tiles + column;
+                    let at = |position: usize| {
+                        position * position_stride
+                            + (channel - channels.start) * channel_stride
+                            + column
+                    };
                     let n = segment.len;
                     let (a, b) = (&even[..n], &odd[..n]);
                     let (c, d) = (&even[1..=n], &odd[1..=n]);
@@ -296,6 +315,254 @@ impl SameConv3x3 {
         }
     }
 
+    /// The block's `V_ξ` as pair words, strip by strip (`[ξ][strip][pair][32]`), through
+    /// [`Self::transform_channels`] one pair of channels at a time.
+    fn pair_words(
+        &self,
+        x: &[f32],
+        block: &[Segment],
+        tiles: usize,
+        cols: usize,
+        patches: &mut Vec<f32>,
+        words: &mut [u32],
+    ) {
+        let (channels, pairs) = (self.channels, self.channels.div_ceil(2));
+        let strip_words = pairs * STRIP;
+        patches.resize(2 * POSITIONS * tiles, 0.0);
+        for p in 0..pairs {
+            let pair_channels = 2 * p..(2 * p + 2).min(channels);
+            let two = pair_channels.len() == 2;
+            let strides = (tiles, POSITIONS * tiles);
+            self.transform_channels(x, block, pair_channels, strides, patches);
+            let (lo_rows, hi_rows) = patches.split_at(POSITIONS * tiles);
+            for position in 0..POSITIONS {
+                let lo = &lo_rows[position * tiles..][..tiles];
+                let hi = two.then(|| &hi_rows[position * tiles..][..tiles]);
+                let matrix = &mut words[position * pairs * cols..][..pairs * cols];
+                for (strip, first) in (0..tiles).step_by(STRIP).enumerate() {
+                    let n = (tiles - first).min(STRIP);
+                    let dst = &mut matrix[strip * strip_words + p * STRIP..][..n];
+                    let hi = hi.map(|hi| &hi[first..first + n]);
+                    f32::interleave_rows(&lo[first..first + n], hi, dst);
+                }
+            }
+        }
+    }
+
+    /// [`Self::pair_words`] of channel pair `pair` in AVX-512, sixteen tiles of a tile row a
+    /// step: each of the four input rows is loaded as its tiles' four columns (even and odd
+    /// lanes of two loads, and of the same two moved on by two columns), `B^T d B` is 32 vector
+    /// additions, and each position's two channels go out as one vector of pair words.
+    ///
+    /// # Safety
+    /// The CPU must have AVX512F and AVX512_BF16; `x` must hold the whole input and `words` the
+    /// sixteen (pairs x `cols`) matrices.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn pair_words_avx512(
+        &self,
+        x: &[f32],
+        block: &[Segment],
+        pair: usize,
+        cols: usize,
+        words: &mut [u32],
+    ) {
+        use std::arch::x86_64::*;
+        let plane = self.height * self.width;
+        let pairs = self.channels.div_ceil(2);
+        let strip_words = pairs * STRIP;
+        let matrix = pairs * cols;
+        let has_hi = 2 * pair + 1 < self.channels;
+        let mut column = 0;
+        for segment in block {
+            let image = segment.image * self.channels;
+            let lo_plane = x.as_ptr().add((image + 2 * pair) * plane);
+            let hi_plane = x.as_ptr().add((image + 2 * pair + has_hi as usize) * plane);
+            let mut done = 0;
+            while done < segment.len {
+                let col = column + done;
+                let n = (segment.len - done).min(16).min(STRIP - col % STRIP);
+                let tile = segment.first + done;
+                let lo = self.patch_vectors_avx512(lo_plane, segment.row, tile);
+                let hi = match has_hi {
+                    true => self.patch_vectors_avx512(hi_plane, segment.row, tile),
+                    false => [_mm512_setzero_ps(); POSITIONS],
+                };
+                let mask: __mmask16 = ((1u32 << n) - 1) as u16;
+                let offset = (col / STRIP) * strip_words + pair * STRIP + col % STRIP;
+                for position in 0..POSITIONS {
+                    let word = pair_words_of(lo[position], hi[position]);
+                    let dst = words.as_mut_ptr().add(position * matrix + offset);
+                    _mm512_mask_storeu_epi32(dst.cast(), mask, word);
+                }
+                done += n;
+            }
+            column += segment.len;
+        }
+    }
+
+    /// `V = B^T d B` of tiles `first..first + 16` of tile row `row` of one channel's plane,
+    /// position ξ in vector ξ, a tile a lane (taps outside the plane read zero).
+    ///
+    /// # Safety
+    /// The CPU must have AVX512F; `plane` must hold `height x width` values.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn patch_vectors_avx512(
+        &self,
+        plane: *const f32,
+        row: usize,
+        first: usize,
+    ) -> [std::arch::x86_64::__m512; POSITIONS] {
+        use std::arch::x86_64::*;
+        let (height, width) = (self.height as isize, self.width as isize);
+        let even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+        let odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+        // Input columns start - 1 .. start + 33 of the tiles' four columns.
+        let start = 2 * first as isize - 1;
+        let load = |line: *const f32, from: isize| -> __m512 {
+            let valid_from = (-from).clamp(0, 16);
+            let valid_to = (width - from).clamp(0, 16);
+            if valid_to <= valid_from {
+                return _mm512_setzero_ps();
+            }
+            let mask = (((1u32 << valid_to) - 1) & !((1u32 << valid_from) - 1)) as u16;
+            _mm512_maskz_loadu_ps(mask, line.wrapping_offset(from))
+        };
+        // d[k][m]: input row k of the tiles' 4 x 4 patches, column m.
+        let mut d = [[_mm512_setzero_ps(); 4]; 4];
+        for (k, columns) in d.iter_mut().enumerate() {
+            let y = 2 * row as isize - 1 + k as isize;
+            if !(0..height).contains(&y) {
+                continue;
+            }
+            let line = plane.wrapping_offset(y * width);
+            let (a, b, c) = (
+                load(line, start),
+                load(line, start + 16),
+                load(line, start + 32),
+            );
+            let (a2, b2) = (
+                _mm512_castsi512_ps(_mm512_alignr_epi32::<2>(
+                    _mm512_castps_si512(b),
+                    _mm512_castps_si512(a),
+                )),
+                _mm512_castsi512_ps(_mm512_alignr_epi32::<2>(
+                    _mm512_castps_si512(c),
+                    _mm512_castps_si512(b),
+                )),
+            );
+            columns[0] = _mm512_permutex2var_ps(a, even, b);
+            columns[1] = _mm512_permutex2var_ps(a, odd, b);
+            columns[2] = _mm512_permutex2var_ps(a2, even, b2);
+            columns[3] = _mm512_permutex2var_ps(a2, odd, b2);
+        }
+        // B^T d down the columns, then (B^T d) B along the rows.
+        let [d0, d1, d2, d3] = d;
+        let rows = [
+            std::array::from_fn::<_, 4, _>(|m| _mm512_sub_ps(d0[m], d2[m])),
+            std::array::from_fn::<_, 4, _>(|m| _mm512_add_ps(d1[m], d2[m])),
+            std::array::from_fn::<_, 4, _>(|m| _mm512_sub_ps(d2[m], d1[m])),
+            std::array::from_fn::<_, 4, _>(|m| _mm512_sub_ps(d1[m], d3[m])),
+        ];
+        let mut v = [_mm512_setzero_ps(); POSITIONS];
+        for (i, t) in rows.iter().enumerate() {
+            v[4 * i] = _mm512_sub_ps(t[0], t[2]);
+            v[4 * i + 1] = _mm512_add_ps(t[1], t[2]);
+            v[4 * i + 2] = _mm512_sub_ps(t[2], t[1]);
+            v[4 * i + 3] = _mm512_sub_ps(t[1], t[3]);
+        }
+        v
+    }
+
+    /// [`Self::transform_outputs`], in AVX-512 where the CPU has it.
+    ///
+    /// # Safety
+    /// As [`Self::transform_outputs`].
+    unsafe fn outputs(
+        &self,
+        products: &[f32],
+        bias: &[f32],
+        block: &[Segment],
+        tiles: usize,
+        out: *mut f32,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: as the caller's; the CPU has AVX512F.
+            unsafe { self.transform_outputs_avx512(products, bias, block, tiles, out) };
+            return;
+        }
+        // SAFETY: as the caller's.
+        unsafe { self.transform_outputs(products, bias, block, tiles, out) }
+    }
+
+    /// [`Self::transform_outputs`] sixteen tiles a step: `A^T M A` in vector additions, the
+    /// tiles' two output columns interleaved by two permutes into a row of 32 pixels.
+    ///
+    /// # Safety
+    /// As [`Self::transform_outputs`]; the CPU must have AVX512F.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn transform_outputs_avx512(
+        &self,
+        products: &[f32],
+        bias: &[f32],
+        block: &[Segment],
+        tiles: usize,
+        out: *mut f32,
+    ) {
+        use std::arch::x86_64::*;
+        let plane = self.height * self.width;
+        let matrix = self.out_channels * tiles;
+        let first_half = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+        let second_half =
+            _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+        let lanes = |count: usize| -> __mmask16 { ((1u32 << count.min(16)) - 1) as u16 };
+        for (channel, &channel_bias) in bias.iter().enumerate().take(self.out_channels) {
+            let b = _mm512_set1_ps(channel_bias);
+            let mut column = 0;
+            for segment in block {
+                let base = (segment.image * self.out_channels + channel) * plane;
+                let mut done = 0;
+                while done < segment.len {
+                    let n = (segment.len - done).min(16);
+                    let at = products.as_ptr().add(channel * tiles + column + done);
+                    let m = |position: usize| {
+                        _mm512_maskz_loadu_ps(lanes(n), at.add(position * matrix))
+                    };
+                    // A^T M: two rows of four.
+                    let columns: [[__m512; 4]; 4] =
+                        std::array::from_fn(|j| [m(j), m(4 + j), m(8 + j), m(12 + j)]);
+                    let s = [
+                        columns.map(|[m0, m1, m2, _]| _mm512_add_ps(_mm512_add_ps(m0, m1), m2)),
+                        columns.map(|[_, m1, m2, m3]| _mm512_sub_ps(_mm512_sub_ps(m1, m2), m3)),
+                    ];
+                    let x0 = 2 * (segment.first + done);
+                    let width = (2 * n).min(self.width - x0);
+                    for (k, r) in s.iter().enumerate() {
+                        let y = 2 * segment.row + k;
+                        if y >= self.height {
+                            continue;
+                        }
+                        let left = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(r[0], r[1]), r[2]), b);
+                        let right =
+                            _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(r[1], r[2]), r[3]), b);
+                        let target = out.add(base + y * self.width + x0);
+                        let low = _mm512_permutex2var_ps(left, first_half, right);
+                        let high = _mm512_permutex2var_ps(left, second_half, right);
+                        _mm512_mask_storeu_ps(target, lanes(width), low);
+                        if width > 16 {
+                            _mm512_mask_storeu_ps(target.add(16), lanes(width - 16), high);
+                        }
+                    }
+                    done += n;
+                }
+                column += segment.len;
+            }
+        }
+    }
+
     /// The convolution of `x` (B, C, H, W) with `weight` (O, C, 3, 3), plus `bias` (O).
     pub fn forward(&self, x: &[f32], weight: &[f32], bias: &[f32]) -> Vec<f32> {
         let filters = self.transform_filters(weight);
@@ -330,10 +597,212 @@ impl SameConv3x3 {
                     }
                     let target = &target;
                     // SAFETY: blocks hold disjoint tiles, so no two threads write the same pixel.
-                    unsafe { self.transform_outputs(products, bias, block, tiles, target.0) };
+                    unsafe { self.outputs(products, bias, block, tiles, target.0) };
                 },
             );
         out
+    }
+}
+
+impl SameConv3x3 {
+    /// The transformed filters `U_ξ` as the left operands of bf16 pair products
+    /// ([`gemm_bf16::PairProduct`]): sixteen (O x C / 2) matrices of pair words one after another,
+    /// each in AMX tile order where the tiles read it. Made once, when a model loads: 16 words a
+    /// filter pair where the direct kernel keeps 9.
+    pub fn pack_filters_bf16(&self, weight: &[f32]) -> Vec<u32> {
+        let filters = self.transform_filters(weight);
+        let (channels, out_channels) = (self.channels, self.out_channels);
+        let pairs = channels.div_ceil(2);
+        let tiled = gemm_bf16::conv_kernel_tiled(out_channels, pairs);
+        let mut words = vec![0u32; POSITIONS * out_channels * pairs];
+        words
+            .par_chunks_mut((out_channels * pairs).max(1))
+            .enumerate()
+            .for_each(|(position, matrix)| {
+                for (o, row) in matrix.chunks_mut(pairs.max(1)).enumerate() {
+                    let u = &filters[(o * POSITIONS + position) * channels..][..channels];
+                    f32::pair_row(u, row);
+                }
+                if tiled {
+                    let ordered = gemm_bf16::to_tile_order(matrix, pairs);
+                    matrix.copy_from_slice(&ordered);
+                }
+            });
+        words
+    }
+
+    /// [`Self::forward`] with the sixteen products `M_ξ = U_ξ V_ξ` in bf16 with f32 sums: the
+    /// transformed patches are rounded to bf16 pair words, stored strip by strip so that the
+    /// rows of an AMX tile of `V_ξ` lie in one aligned run, and `filters` are
+    /// [`Self::pack_filters_bf16`]'s. Every tile of every product is then read from aligned
+    /// rows, where the direct convolution's shifted inputs start off the cache lines for 8 of
+    /// the 9 taps.
+    pub fn forward_bf16(&self, x: &[f32], filters: &[u32], bias: &[f32]) -> Result<Vec<f32>> {
+        let (channels, out_channels) = (self.channels, self.out_channels);
+        let pairs = channels.div_ceil(2);
+        if filters.len() != POSITIONS * out_channels * pairs
+            || bias.len() != out_channels
+            || x.len() != self.batch * channels * self.height * self.width
+        {
+            candle_core::bail!(
+                "winograd-bf16: operands do not match {channels} -> {out_channels} channels"
+            )
+        }
+        let tiled = gemm_bf16::conv_kernel_tiled(out_channels, pairs);
+        let len = self.batch * out_channels * self.height * self.width;
+        // SAFETY: the blocks' tiles cover every pixel of every output plane, and
+        // `transform_outputs` writes each pixel of its tiles.
+        let mut out = unsafe { crate::ops::tensor::unwritten_f32(len) };
+        let target = OutputPointer(out.as_mut_ptr());
+        self.blocks(rayon::current_num_threads())
+            .par_iter()
+            .try_for_each_init(
+                || (Vec::new(), AlignedWords::default(), Vec::new()),
+                |(patches, words, products): &mut (Vec<f32>, AlignedWords, Vec<f32>),
+                 block|
+                 -> Result<()> {
+                    let tiles: usize = block.iter().map(|s| s.len).sum();
+                    let cols = tiles.next_multiple_of(STRIP);
+                    let words = words.aligned(POSITIONS * pairs * cols);
+                    #[cfg(target_arch = "x86_64")]
+                    if gemm_bf16::dot_available() {
+                        for p in 0..pairs {
+                            // SAFETY: the CPU has AVX512F and AVX512_BF16; `words` holds the
+                            // sixteen (pairs x cols) matrices, `x` the whole input.
+                            unsafe { self.pair_words_avx512(x, block, p, cols, words) };
+                        }
+                    } else {
+                        self.pair_words(x, block, tiles, cols, patches, words);
+                    }
+                    #[cfg(not(target_arch = "x86_64"))]
+                    self.pair_words(x, block, tiles, cols, patches, words);
+                    pad_strips(words, pairs, tiles, cols);
+                    products.resize(POSITIONS * out_channels * cols, 0.0);
+                    for position in 0..POSITIONS {
+                        PairProduct {
+                            rows: out_channels,
+                            cols,
+                            pairs,
+                            lhs: &filters[position * out_channels * pairs..]
+                                [..out_channels * pairs],
+                            lhs_row: pairs,
+                            lhs_tap: pairs,
+                            rhs: &words[position * pairs * cols..][..pairs * cols],
+                            rhs_row: STRIP,
+                            rhs_strip: pairs * STRIP,
+                            shifts: &[0],
+                            lhs_tiled: tiled,
+                        }
+                        .run_here(&mut products[position * out_channels * cols..], cols)?;
+                    }
+                    let target = &target;
+                    // SAFETY: blocks hold disjoint tiles, so no two threads write the same pixel;
+                    // the products' rows are `cols` apart.
+                    unsafe { self.outputs(products, bias, block, cols, target.0) };
+                    Ok(())
+                },
+            )?;
+        Ok(out)
+    }
+}
+
+/// Zero pair words in the columns past the last tile of the last strip of each pair row.
+fn pad_strips(words: &mut [u32], pairs: usize, tiles: usize, cols: usize) {
+    if tiles == cols {
+        return;
+    }
+    let (last_strip, used) = (tiles / STRIP, tiles % STRIP);
+    for matrix in words.chunks_exact_mut(pairs * cols) {
+        let strip = &mut matrix[last_strip * pairs * STRIP..][..pairs * STRIP];
+        for row in strip.chunks_exact_mut(STRIP) {
+            row[used..].fill(0);
+        }
+    }
+}
+
+/// Two channels' values as pair words (the first channel in the low halves).
+///
+/// # Safety
+/// The CPU must have AVX512F and AVX512_BF16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn pair_words_of(
+    lo: std::arch::x86_64::__m512,
+    hi: std::arch::x86_64::__m512,
+) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    let lo: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(lo));
+    let hi: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(hi));
+    _mm512_or_si512(
+        _mm512_cvtepu16_epi32(lo),
+        _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(hi)),
+    )
+}
+
+/// Pair words whose first lies on a cache line (an AMX tile load of rows that straddle two
+/// lines costs several times one that does not).
+#[derive(Default)]
+struct AlignedWords(Vec<u32>);
+
+impl AlignedWords {
+    const LINE_WORDS: usize = 16;
+
+    /// `len` words starting on a 64-byte boundary, holding what they held before.
+    fn aligned(&mut self, len: usize) -> &mut [u32] {
+        self.0.resize(len + Self::LINE_WORDS, 0);
+        let offset = self.0.as_ptr().align_offset(64).min(Self::LINE_WORDS);
+        &mut self.0[offset..offset + len]
+    }
+}
+
+/// A "same" 3x3 convolution of f32 activations by Winograd's F(2x2, 3x3) with bf16 products
+/// (CPU, inference): `x.apply_op2_no_bwd(&filters, &WinogradBf16 { .. })` with `filters` the U32
+/// tensor of [`SameConv3x3::pack_filters_bf16`]; the output f32.
+pub struct WinogradBf16 {
+    pub channels: usize,
+    pub out_channels: usize,
+    /// One per output channel (zeros for none).
+    pub bias: Vec<f32>,
+}
+
+impl candle_core::CustomOp2 for WinogradBf16 {
+    fn name(&self) -> &'static str {
+        "winograd-bf16"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &candle_core::CpuStorage,
+        x_layout: &candle_core::Layout,
+        w: &candle_core::CpuStorage,
+        w_layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage;
+        let (batch, channels, height, width) = x_layout.shape().dims4()?;
+        if channels != self.channels {
+            candle_core::bail!(
+                "winograd-bf16: the input has {channels} channels, the filters expect {}",
+                self.channels
+            )
+        }
+        let conv = SameConv3x3 {
+            batch,
+            channels,
+            out_channels: self.out_channels,
+            height,
+            width,
+        };
+        let (CpuStorage::F32(x), CpuStorage::U32(w)) = (x, w) else {
+            candle_core::bail!("winograd-bf16: the input must be f32 and the filters u32 words")
+        };
+        let (Some((x0, x1)), Some((w0, w1))) =
+            (x_layout.contiguous_offsets(), w_layout.contiguous_offsets())
+        else {
+            candle_core::bail!("winograd-bf16: the input and filters must be contiguous")
+        };
+        let y = conv.forward_bf16(&x[x0..x1], &w[w0..w1], &self.bias)?;
+        let shape = candle_core::Shape::from((batch, self.out_channels, height, width));
+        Ok((CpuStorage::F32(y), shape))
     }
 }
 
@@ -421,5 +890,65 @@ mod tests {
                 .fold(0.0, f64::max);
             assert!(worst < 1e-5, "{conv:?}: max |diff| {worst}");
         }
+    }
+
+    /// The bf16 products against the f64 sum: every output within what rounding the transformed
+    /// filters and patches to bf16 allows (2^-8 of each product's magnitude, summed), with and
+    /// without AMX tile order (64 -> 64 channels is tiled where the CPU has AMX), odd channel
+    /// counts, maps that split tile rows between blocks and blocks that end inside a strip.
+    #[test]
+    fn bf16_products_match_the_direct_convolution() {
+        for (batch, channels, out_channels, height, width) in [
+            (2, 64, 64, 12, 10),
+            (1, 5, 7, 9, 11),
+            (1, 32, 96, 3, 600),
+            (3, 6, 4, 17, 33),
+        ] {
+            let conv = SameConv3x3 {
+                batch,
+                channels,
+                out_channels,
+                height,
+                width,
+            };
+            let x = values(batch * channels * height * width, 4);
+            let weight = values(out_channels * channels * 9, 5);
+            let bias = values(out_channels, 6);
+            let filters = conv.pack_filters_bf16(&weight);
+            let got = conv.forward_bf16(&x, &filters, &bias).unwrap();
+            let want = direct(&conv, &x, &weight, &bias);
+            // |x| and |w| are at most 1: a transformed patch value is at most 4, a filter's 2.25,
+            // each rounded within 2^-9; an output sums 16 products of 9 C terms' worth.
+            let bound = 4.0 * 2.25 * 2.0 * 2f64.powi(-9) * (channels as f64).sqrt() * 4.0;
+            let worst = got
+                .iter()
+                .zip(&want)
+                .map(|(g, w)| (*g as f64 - w).abs())
+                .fold(0.0, f64::max);
+            assert!(
+                worst < bound,
+                "{conv:?}: max |diff| {worst} (bound {bound})"
+            );
+            let scale = want.iter().map(|w| w.abs()).fold(0.0, f64::max);
+            assert!(
+                worst < 0.02 * scale,
+                "{conv:?}: max |diff| {worst} of {scale}"
+            );
+        }
+    }
+
+    /// A filter tensor of the wrong size is refused, not read past its end.
+    #[test]
+    fn bf16_products_refuse_mismatched_filters() {
+        let conv = SameConv3x3 {
+            batch: 1,
+            channels: 4,
+            out_channels: 4,
+            height: 4,
+            width: 4,
+        };
+        let x = values(64, 1);
+        let error = conv.forward_bf16(&x, &[0; 10], &[0.0; 4]).unwrap_err();
+        assert!(error.to_string().contains("winograd-bf16"), "{error}");
     }
 }
