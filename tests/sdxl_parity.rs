@@ -76,6 +76,45 @@ fn tokens_and_text_embeddings_match_diffusers() {
     }
 }
 
+/// Both text encoders with bf16 weights: the prompt and pooled embeddings stay within bf16's
+/// rounding of diffusers' f32 ones (where the CPU has AVX512_BF16 the activations stay f32 around
+/// bf16 products, the second encoder's projection included).
+#[test]
+fn bf16_text_encoders_stay_near_diffusers() {
+    let fx = fixture();
+    let options = LoadOptions {
+        dtype: DType::BF16,
+        ..Default::default()
+    };
+    let sd = StableDiffusion::load_dir(&fixture_path("tiny-sdxl"), options).unwrap();
+    for (row, prompt) in prompts(&fx).iter().enumerate() {
+        let (embeds, _) = sd.encode_prompt(prompt).unwrap();
+        let pooled = embeds.pooled.expect("SDXL has a pooled embedding");
+        for (name, got) in [
+            ("prompt_embeds", embeds.context),
+            ("pooled_prompt_embeds", pooled),
+        ] {
+            let expected = fx.tensor(&format!("text/{name}")).get(row).unwrap();
+            let expected = expected.unsqueeze(0).unwrap();
+            let got = got.to_dtype(DType::F32).unwrap();
+            let scale = f64::from(
+                expected
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap(),
+            );
+            let error = max_abs_diff(&got, &expected);
+            assert!(
+                error < 0.05 * scale,
+                "{prompt:?}: bf16 {name} off by {error} (largest value {scale})"
+            );
+        }
+    }
+}
+
 #[test]
 fn unet_with_added_conditions_matches_diffusers() {
     let fx = fixture();

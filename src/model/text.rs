@@ -8,7 +8,7 @@ use super::config::ClipTextConfig;
 use super::dense::linear;
 use super::dense::Dense;
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{embedding, Embedding, Linear, VarBuilder};
+use candle_nn::{embedding, Embedding, VarBuilder};
 
 /// A layer of the encoder, whose inputs are at most 77 tokens a prompt.
 fn short_linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Dense> {
@@ -117,7 +117,7 @@ pub struct ClipTextModel {
     position_embedding: Embedding,
     layers: Vec<ClipLayer>,
     final_layer_norm: LayerNorm,
-    text_projection: Option<Linear>,
+    text_projection: Option<Dense>,
 }
 
 /// What SDXL reads from a text encoder.
@@ -142,7 +142,7 @@ impl ClipTextModel {
         };
         let text_projection = if root.contains_tensor("text_projection.weight") {
             let width = config.projection_dim.unwrap_or(config.hidden_size);
-            Some(candle_nn::linear_no_bias(
+            Some(super::dense::linear_no_bias(
                 config.hidden_size,
                 width,
                 root.pp("text_projection"),
