@@ -1067,6 +1067,64 @@ mod tests {
     use super::*;
     use crate::ops::tensor::{max_abs, seeded_randn};
 
+    /// A packed bf16 "same" 3x3 convolution (Winograd's on a CPU with AMX, the direct products
+    /// elsewhere) against candle's f32 convolution of the same bf16 kernel, for f32 and bf16
+    /// inputs; where it holds Winograd filters, a tracked input is refused with a message that
+    /// names the layer and the way out.
+    #[test]
+    fn packed_bf16_same_convolution_matches_f32() {
+        if !crate::ops::gemm_bf16::packs_weight(
+            &Tensor::zeros(1, DType::BF16, &candle_core::Device::Cpu).unwrap(),
+        ) {
+            return;
+        }
+        let weight = (seeded_randn(&[32, 64, 3, 3], 1) * 0.05)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let bias = seeded_randn(&[32], 2).to_dtype(DType::BF16).unwrap();
+        let config = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        let conv = Conv2d::from(candle_nn::Conv2d::new(
+            weight.clone(),
+            Some(bias.clone()),
+            config,
+        ));
+        let x = seeded_randn(&[2, 64, 9, 12], 3);
+        let want = x
+            .conv2d(&weight.to_dtype(DType::F32).unwrap(), 1, 1, 1, 1)
+            .unwrap()
+            .broadcast_add(
+                &bias
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .reshape((1, 32, 1, 1))
+                    .unwrap(),
+            )
+            .unwrap();
+        let scale = max_abs(&want).unwrap();
+        for input in [x.clone(), x.to_dtype(DType::BF16).unwrap()] {
+            let got = conv.forward(&input).unwrap();
+            assert_eq!(got.dtype(), input.dtype());
+            let error = max_abs(&(got.to_dtype(DType::F32).unwrap() - &want).unwrap()).unwrap();
+            assert!(
+                error < 0.02 * scale,
+                "{:?} input: max error {error} of {scale}",
+                input.dtype()
+            );
+        }
+        if crate::ops::amx::tiles_available() {
+            let tracked = candle_core::Var::from_tensor(&x).unwrap();
+            let error = conv.forward(tracked.as_tensor()).unwrap_err().to_string();
+            assert!(
+                error.contains("64 -> 32") && error.contains("f32"),
+                "{error}"
+            );
+        }
+    }
+
     /// The fused gating equals hidden * gelu(gate) composed from candle's ops (libm's erf), and
     /// an odd last dimension is refused.
     #[test]

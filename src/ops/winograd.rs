@@ -951,4 +951,54 @@ mod tests {
         let error = conv.forward_bf16(&x, &[0; 10], &[0.0; 4]).unwrap_err();
         assert!(error.to_string().contains("winograd-bf16"), "{error}");
     }
+
+    /// The AVX-512 transforms against the portable ones they stand in for, block by block:
+    /// the same pair words (both round to nearest even) and the same outputs, on odd sizes,
+    /// odd channel counts and blocks that split tile rows.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vector_transforms_match_the_portable_ones() {
+        if !gemm_bf16::dot_available() {
+            return;
+        }
+        for (batch, channels, out_channels, height, width) in
+            [(2, 6, 5, 9, 13), (1, 3, 4, 7, 600), (3, 8, 3, 4, 4)]
+        {
+            let conv = SameConv3x3 {
+                batch,
+                channels,
+                out_channels,
+                height,
+                width,
+            };
+            let pairs = channels.div_ceil(2);
+            let x = values(batch * channels * height * width, 7);
+            let bias = values(out_channels, 8);
+            let len = batch * out_channels * height * width;
+            let (mut portable_out, mut vector_out) = (vec![0f32; len], vec![0f32; len]);
+            for block in conv.blocks(2) {
+                let tiles: usize = block.iter().map(|s| s.len).sum();
+                let cols = tiles.next_multiple_of(STRIP);
+                let mut portable = vec![u32::MAX; POSITIONS * pairs * cols];
+                let mut vector = portable.clone();
+                conv.pair_words(&x, &block, tiles, cols, &mut Vec::new(), &mut portable);
+                for p in 0..pairs {
+                    // SAFETY: the CPU has AVX512F and AVX512_BF16; `vector` holds the matrices.
+                    unsafe { conv.pair_words_avx512(&x, &block, p, cols, &mut vector) };
+                }
+                pad_strips(&mut portable, pairs, tiles, cols);
+                pad_strips(&mut vector, pairs, tiles, cols);
+                assert_eq!(portable, vector, "{conv:?}: pair words of a block");
+                let products = values(POSITIONS * out_channels * cols, 9);
+                // SAFETY: the outputs hold the whole (B, O, H, W) map; one thread writes.
+                unsafe {
+                    let portable = portable_out.as_mut_ptr();
+                    conv.transform_outputs(&products, &bias, &block, cols, portable);
+                    let vector = vector_out.as_mut_ptr();
+                    conv.transform_outputs_avx512(&products, &bias, &block, cols, vector);
+                }
+            }
+            assert_eq!(portable_out, vector_out, "{conv:?}: output transform");
+        }
+    }
 }
