@@ -13,7 +13,8 @@
 //! Tiles go in blocks of [`TILES_PER_BLOCK`] (whole tile rows, or pieces of one tile row),
 //! one block per thread at a time with its sixteen products on that thread, so that a block's
 //! transformed patches are made, multiplied and consumed while they are still in its core's
-//! caches.
+//! caches. The products are f32 ([`SameConv3x3::forward`]) or bf16 pair products with f32 sums
+//! ([`SameConv3x3::forward_bf16`], a bf16 model's convolutions where the CPU has AMX tiles).
 
 use crate::ops::gemm_bf16::{self, PairProduct, ProductInput, STRIP};
 use crate::ops::tensor::single_thread_product;
