@@ -192,24 +192,35 @@ impl ProductInput for f32 {
 unsafe fn interleave_rows_avx512(lo: &[f32], hi: Option<&[f32]>, dst: &mut [u32]) {
     use std::arch::x86_64::*;
     let len = dst.len();
-    let words = |lo: __m512, hi: __m512| -> __m512i {
-        let lo: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(lo));
-        let hi: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(hi));
-        _mm512_or_si512(
-            _mm512_cvtepu16_epi32(lo),
-            _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(hi)),
-        )
-    };
     let mut i = 0;
     while i + 16 <= len {
         let high = hi.map_or(_mm512_setzero_ps(), |hi| {
             _mm512_loadu_ps(hi.as_ptr().add(i))
         });
-        let both = words(_mm512_loadu_ps(lo.as_ptr().add(i)), high);
+        let both = pair_words_of(_mm512_loadu_ps(lo.as_ptr().add(i)), high);
         _mm512_storeu_si512(dst.as_mut_ptr().add(i).cast(), both);
         i += 16;
     }
     interleave_rows_scalar(&lo[i..], hi.map(|hi| &hi[i..]), &mut dst[i..]);
+}
+
+/// Sixteen pair words of two vectors rounded to bf16 (nearest even), `lo` in the low halves.
+///
+/// # Safety
+/// The CPU must have AVX512F and AVX512_BF16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+pub(super) unsafe fn pair_words_of(
+    lo: std::arch::x86_64::__m512,
+    hi: std::arch::x86_64::__m512,
+) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    let lo: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(lo));
+    let hi: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(hi));
+    _mm512_or_si512(
+        _mm512_cvtepu16_epi32(lo),
+        _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(hi)),
+    )
 }
 
 /// `dst[i]` = the bf16 bits of `src[i]`, rounded to nearest even.

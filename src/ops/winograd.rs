@@ -392,7 +392,7 @@ impl SameConv3x3 {
                 let mask: __mmask16 = ((1u32 << n) - 1) as u16;
                 let offset = (col / STRIP) * strip_words + pair * STRIP + col % STRIP;
                 for position in 0..POSITIONS {
-                    let word = pair_words_of(lo[position], hi[position]);
+                    let word = gemm_bf16::pair_words_of(lo[position], hi[position]);
                     let dst = words.as_mut_ptr().add(position * matrix + offset);
                     _mm512_mask_storeu_epi32(dst.cast(), mask, word);
                 }
@@ -721,25 +721,6 @@ fn pad_strips(words: &mut [u32], pairs: usize, tiles: usize, cols: usize) {
     }
 }
 
-/// Two channels' values as pair words (the first channel in the low halves).
-///
-/// # Safety
-/// The CPU must have AVX512F and AVX512_BF16.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn pair_words_of(
-    lo: std::arch::x86_64::__m512,
-    hi: std::arch::x86_64::__m512,
-) -> std::arch::x86_64::__m512i {
-    use std::arch::x86_64::*;
-    let lo: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(lo));
-    let hi: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(hi));
-    _mm512_or_si512(
-        _mm512_cvtepu16_epi32(lo),
-        _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(hi)),
-    )
-}
-
 /// Pair words whose first lies on a cache line (an AMX tile load of rows that straddle two
 /// lines costs several times one that does not).
 #[derive(Default)]
@@ -845,6 +826,29 @@ mod tests {
         out
     }
 
+    /// A convolution of these shapes with input, kernel and bias drawn from seeds `seed`,
+    /// `seed + 1` and `seed + 2`.
+    fn case(
+        batch: usize,
+        channels: usize,
+        out_channels: usize,
+        height: usize,
+        width: usize,
+        seed: u64,
+    ) -> (SameConv3x3, Vec<f32>, Vec<f32>, Vec<f32>) {
+        let conv = SameConv3x3 {
+            batch,
+            channels,
+            out_channels,
+            height,
+            width,
+        };
+        let x = values(batch * channels * height * width, seed);
+        let weight = values(out_channels * channels * 9, seed + 1);
+        let bias = values(out_channels, seed + 2);
+        (conv, x, weight, bias)
+    }
+
     /// The largest |got - want|.
     fn worst_difference(got: &[f32], want: &[f64]) -> f64 {
         got.iter()
@@ -876,16 +880,7 @@ mod tests {
             (3, 5, 6, 33, 17),
             (1, 2, 2, 1, 1),
         ] {
-            let conv = SameConv3x3 {
-                batch,
-                channels,
-                out_channels,
-                height,
-                width,
-            };
-            let x = values(batch * channels * height * width, 1);
-            let weight = values(out_channels * channels * 9, 2);
-            let bias = values(out_channels, 3);
+            let (conv, x, weight, bias) = case(batch, channels, out_channels, height, width, 1);
             let got = conv.forward(&x, &weight, &bias);
             let want = direct(&conv, &x, &weight, &bias);
             let worst = worst_difference(&got, &want);
@@ -907,16 +902,7 @@ mod tests {
             (1, 32, 96, 3, 600),
             (3, 6, 4, 17, 33),
         ] {
-            let conv = SameConv3x3 {
-                batch,
-                channels,
-                out_channels,
-                height,
-                width,
-            };
-            let x = values(batch * channels * height * width, 4);
-            let weight = values(out_channels * channels * 9, 5);
-            let bias = values(out_channels, 6);
+            let (conv, x, weight, bias) = case(batch, channels, out_channels, height, width, 4);
             let filters = conv.pack_filters_bf16(&weight);
             let got = conv.forward_bf16(&x, &filters, &bias).unwrap();
             let want = direct(&conv, &x, &weight, &bias);
